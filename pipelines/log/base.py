@@ -1,0 +1,193 @@
+"""The log backend interface: what every backend (``memory``, ``embedded``, ``kafka``) provides.
+
+The interface is Kafka-shaped: named topics of numbered partitions, each an append-only sequence
+of records addressed by offset; producers that append batches; consumers that join a *group*,
+receive an exclusive assignment of partitions (with callbacks on assignment and revocation),
+fetch batches from their position and commit the offset to resume from. A committed offset is
+the offset of the *next* record to read, as on Kafka.
+
+Records travel through the log as :class:`RawBatch` columns of bytes: serialisation and
+deserialisation happen above the log (see :mod:`pipelines.serde`), once per record.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+from pipelines.record import Headers
+
+__all__ = [
+    "Consumer",
+    "FetchedBatch",
+    "LogBackend",
+    "Producer",
+    "RawBatch",
+    "RebalanceListener",
+    "TopicPartition",
+    "TopicSpec",
+]
+
+
+class TopicPartition(NamedTuple):
+    """One partition of a topic."""
+
+    topic: str
+    partition: int
+
+    def __str__(self) -> str:
+        return f"{self.topic}[{self.partition}]"
+
+
+@dataclass(frozen=True, slots=True)
+class TopicSpec:
+    """What the log needs to know about a topic (no serdes: the log stores bytes)."""
+
+    name: str
+    partitions: int
+    compacted: bool = False
+    retention_ms: int | None = None
+
+
+@dataclass(slots=True)
+class RawBatch:
+    """Records as parallel columns of bytes; the unit of produce and fetch.
+
+    ``timestamps`` are event times in milliseconds since the epoch. ``headers`` is ``None``
+    when no record in the batch has headers, which is the common, cheap case.
+    """
+
+    keys: list[bytes | None]
+    values: list[bytes | None]
+    timestamps: list[int]
+    headers: list[Headers] | None = None
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def header_at(self, index: int) -> Headers:
+        """The headers of record ``index`` (empty when the batch has none)."""
+        return () if self.headers is None else self.headers[index]
+
+    def take(self, indices: Sequence[int]) -> RawBatch:
+        """A new batch of the records at ``indices``, in that order."""
+        keys, values, stamps = self.keys, self.values, self.timestamps
+        return RawBatch(
+            [keys[i] for i in indices],
+            [values[i] for i in indices],
+            [stamps[i] for i in indices],
+            None if self.headers is None else [self.headers[i] for i in indices],
+        )
+
+
+@dataclass(slots=True)
+class FetchedBatch:
+    """Records read from one partition: the offset of each, and where reading goes on."""
+
+    topic: str
+    partition: int
+    records: RawBatch
+    offsets: Sequence[int]
+    next_offset: int = field(default=0)
+
+    @property
+    def topic_partition(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+
+class RebalanceListener(Protocol):
+    """Told by a consumer when partitions are assigned to it or taken away.
+
+    Both callbacks run inside :meth:`Consumer.poll`, between batches. ``on_revoked`` is the
+    last chance to flush and commit: the partition is handed over when it returns.
+    """
+
+    async def on_assigned(self, partitions: frozenset[TopicPartition]) -> None: ...
+
+    async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None: ...
+
+
+class Producer(ABC):
+    """Appends batches to partitions. Records are acknowledged when :meth:`flush` returns."""
+
+    @abstractmethod
+    async def send(self, topic: str, partition: int, batch: RawBatch) -> None:
+        """Queue (or write) ``batch`` at the end of ``topic[partition]``, in order."""
+
+    @abstractmethod
+    async def flush(self) -> None:
+        """Return once every record sent so far is durable on the log."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Flush and release the producer."""
+
+
+class Consumer(ABC):
+    """A member of a consumer group that fetches batches from its assigned partitions."""
+
+    @abstractmethod
+    async def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
+        """Join the group for ``topics``; assignments arrive through ``listener`` in poll."""
+
+    @abstractmethod
+    async def poll(self, max_records: int, timeout: float) -> list[FetchedBatch]:
+        """Fetch up to ``max_records`` from the assigned partitions, waiting up to ``timeout``
+        seconds for data; runs rebalance callbacks first when the group changed."""
+
+    @abstractmethod
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Durably record, per partition, the offset of the next record to read."""
+
+    @abstractmethod
+    def assignment(self) -> frozenset[TopicPartition]:
+        """The partitions this member owns now."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Revoke every partition (through the listener) and leave the group."""
+
+
+class LogBackend(ABC):
+    """Topics, producers and consumer groups on one storage."""
+
+    name: str
+
+    @abstractmethod
+    async def create_topics(self, specs: Sequence[TopicSpec]) -> None:
+        """Create the topics that do not exist. A topic that exists with another partition
+        count raises :class:`~pipelines.errors.TopicError`."""
+
+    @abstractmethod
+    async def describe_topics(self) -> dict[str, TopicSpec]:
+        """Every topic on the log, by name."""
+
+    @abstractmethod
+    async def end_offsets(
+        self, partitions: Sequence[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        """The offset the next record appended to each partition will get."""
+
+    @abstractmethod
+    async def committed_offsets(
+        self, group: str, partitions: Sequence[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        """The offsets ``group`` committed (partitions it never committed are left out)."""
+
+    @abstractmethod
+    async def read(self, tp: TopicPartition, offset: int, max_records: int) -> FetchedBatch:
+        """Read outside any group, from ``offset``; an empty batch at the end of the log."""
+
+    @abstractmethod
+    def producer(self) -> Producer:
+        """A new producer."""
+
+    @abstractmethod
+    def consumer(self, group: str) -> Consumer:
+        """A new consumer that joins ``group`` when it subscribes."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the backend's resources."""

@@ -1,0 +1,588 @@
+#!/usr/bin/env bash
+# A real single-node Apache Kafka broker for Headwater's tests, without Docker.
+#
+# The broker is one JVM running KRaft in combined mode (broker + controller)
+# on 127.0.0.1. Its jars come from Maven Central through Maven, using the
+# dependency list in scripts/kafka-pom.xml, and are cached between runs.
+#
+# Usage: scripts/kafka.sh COMMAND
+#
+#   fetch                   resolve and cache the broker jars (no-op when cached)
+#   start                   format fresh storage and start the broker; waits until
+#                           it answers a real client (no-op if already running)
+#   stop                    stop the broker (SIGTERM, then SIGKILL) and delete its data
+#   status                  report whether the broker runs and answers
+#                           (exit 0 ready, 1 running but not answering, 3 stopped)
+#   restart-broker [--kill] stop the broker process (SIGKILL with --kill, to mimic
+#                           a crash) and start it again on the SAME data
+#
+# Environment (defaults in brackets):
+#   KAFKA_HOME              jar and Maven cache [${XDG_CACHE_HOME:-$HOME/.cache}/headwater-kafka]
+#   KAFKA_STATE_DIR         pid, logs, config, data [/tmp/headwater-kafka-$KAFKA_PORT]
+#   KAFKA_PORT              client (PLAINTEXT) port [9092]
+#   KAFKA_CONTROLLER_PORT   KRaft controller port [9093]
+#   KAFKA_HEAP_OPTS         JVM heap flags [-Xms512m -Xmx512m]
+#   KAFKA_START_TIMEOUT     seconds to wait for readiness [60]
+#   KAFKA_STOP_TIMEOUT      seconds between SIGTERM and SIGKILL [30]
+#   JAVA_HOME               Java 17+ to use [java on PATH]
+#   PYTHON                  interpreter with aiokafka for the readiness probe [python3]
+#
+# Files in KAFKA_STATE_DIR: kafka.pid, broker.log (stdout/stderr of the
+# broker, kept after stop for post-mortems), format.log, server.properties,
+# log4j2.properties, cluster.id and data/ (the Kafka log dirs).
+
+set -euo pipefail
+
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+POM="$SCRIPT_DIR/kafka-pom.xml"
+
+KAFKA_HOME="${KAFKA_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/headwater-kafka}"
+KAFKA_PORT="${KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
+KAFKA_STATE_DIR="${KAFKA_STATE_DIR:-/tmp/headwater-kafka-$KAFKA_PORT}"
+KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms512m -Xmx512m}"
+KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-60}"
+KAFKA_STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
+PYTHON="${PYTHON:-python3}"
+HOST=127.0.0.1
+[[ "$KAFKA_STATE_DIR" == /* ]] || KAFKA_STATE_DIR="$PWD/$KAFKA_STATE_DIR"
+[[ "$KAFKA_HOME" == /* ]] || KAFKA_HOME="$PWD/$KAFKA_HOME"
+
+if [[ -n "${JAVA_HOME:-}" && -x "$JAVA_HOME/bin/java" ]]; then
+  JAVA="$JAVA_HOME/bin/java"
+else
+  JAVA=java
+fi
+
+PID_FILE="$KAFKA_STATE_DIR/kafka.pid"
+BROKER_LOG="$KAFKA_STATE_DIR/broker.log"
+FORMAT_LOG="$KAFKA_STATE_DIR/format.log"
+SERVER_PROPS="$KAFKA_STATE_DIR/server.properties"
+LOG4J_CONF="$KAFKA_STATE_DIR/log4j2.properties"
+DATA_DIR="$KAFKA_STATE_DIR/data"
+
+# ---------------------------------------------------------------- helpers
+
+say() { printf 'kafka.sh: %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+need() {
+  command -v "$1" >/dev/null 2>&1 || die "'$1' is required but not on PATH${2:+ ($2)}"
+}
+
+check_settings() {
+  local v
+  for v in KAFKA_PORT KAFKA_CONTROLLER_PORT KAFKA_START_TIMEOUT KAFKA_STOP_TIMEOUT; do
+    [[ "${!v}" =~ ^[0-9]+$ ]] || die "$v must be a number, got '${!v}'"
+  done
+  [[ "$KAFKA_PORT" != "$KAFKA_CONTROLLER_PORT" ]] ||
+    die "KAFKA_PORT and KAFKA_CONTROLLER_PORT must differ"
+}
+
+kafka_version() {
+  sed -n 's:.*<kafka.version>\([^<]*\)</kafka.version>.*:\1:p' "$POM" | head -n 1
+}
+
+# The jar set lives in a directory named after the Kafka version and a hash
+# of the POM, so editing the POM never mixes old and new jars.
+lib_dir() {
+  local hash
+  hash="$(sha256 "$POM" | cut -c1-12)"
+  printf '%s/kafka-%s-%s/lib' "$KAFKA_HOME" "$(kafka_version)" "$hash"
+}
+
+check_java() {
+  need "$JAVA" "install a Java 17+ runtime or set JAVA_HOME"
+  local line major
+  line="$("$JAVA" -version 2>&1 | head -n 1)"
+  major="$(printf '%s\n' "$line" | sed -n 's/.*version "\([0-9]*\)[."].*/\1/p')"
+  [[ "$major" == 1 ]] && major=8
+  [[ -n "$major" ]] || die "cannot read the Java version from: $line"
+  (( major >= 17 )) || die "Kafka $(kafka_version) needs Java 17 or newer, found: $line"
+}
+
+# True when something accepts TCP connections on 127.0.0.1:$1.
+port_open() {
+  if command -v timeout >/dev/null 2>&1; then
+    timeout 3 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$HOST" "$1" 2>/dev/null
+  else
+    (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null
+  fi
+}
+
+sha256() {
+  if command -v sha256sum >/dev/null 2>&1; then
+    sha256sum "$1" | cut -d' ' -f1
+  else
+    shasum -a 256 "$1" | cut -d' ' -f1
+  fi
+}
+
+read_pid() {
+  [[ -f "$PID_FILE" ]] || return 1
+  local pid
+  pid="$(tr -dc '0-9' <"$PID_FILE")"
+  [[ -n "$pid" ]] || return 1
+  printf '%s\n' "$pid"
+}
+
+# True when $1 is alive and is the broker started from this state dir
+# (guards against a recycled pid belonging to some other process).
+is_our_broker() {
+  local pid="$1" args
+  kill -0 "$pid" 2>/dev/null || return 1
+  if [[ -r "/proc/$pid/cmdline" ]]; then
+    args="$(tr '\0' ' ' <"/proc/$pid/cmdline")"
+  else
+    args="$(ps -p "$pid" -o args= 2>/dev/null || true)"
+  fi
+  [[ "$args" == *kafka.Kafka* && "$args" == *"$SERVER_PROPS"* ]]
+}
+
+# Prints the pid of the running broker of this state dir, or fails.
+running_pid() {
+  local pid
+  pid="$(read_pid)" || return 1
+  is_our_broker "$pid" || return 1
+  printf '%s\n' "$pid"
+}
+
+show_log_tail() {
+  local file="${1:-$BROKER_LOG}" n="${2:-60}"
+  if [[ -s "$file" ]]; then
+    say "last $n lines of $file:"
+    tail -n "$n" "$file" | sed 's/^/  | /' >&2
+  else
+    say "($file is empty or missing)"
+  fi
+}
+
+# A random Kafka Uuid in its string form: 16 random bytes, URL-safe base64
+# without padding (22 chars). Like Kafka's Uuid.randomUuid(), avoid ids that
+# start with '-' since they look like command-line flags.
+new_cluster_id() {
+  local id
+  while :; do
+    id="$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | cut -c1-22)"
+    # (the two reserved ids, ZERO and METADATA_TOPIC_ID, are excluded too)
+    [[ ${#id} -eq 22 && "$id" != -* && "$id" != AAAAAAAAAAAAAAAAAAAAA[AQ] ]] && break
+  done
+  printf '%s\n' "$id"
+}
+
+# ---------------------------------------------------------------- fetch
+
+cmd_fetch() {
+  check_settings
+  need mvn "install Apache Maven 3.6.3+"
+  check_java
+  [[ -f "$POM" ]] || die "missing $POM"
+
+  local lib version stamp
+  lib="$(lib_dir)"
+  version="$(kafka_version)"
+  stamp="$lib/.complete"
+  if [[ -f "$stamp" ]]; then
+    say "Kafka $version jars already in $lib"
+    return 0
+  fi
+
+  mkdir -p "$KAFKA_HOME"
+  # Several jobs may share one cache: serialise fetches.
+  exec 8>"$KAFKA_HOME/.fetch.lock"
+  if command -v flock >/dev/null 2>&1; then
+    flock 8
+  fi
+  if [[ -f "$stamp" ]]; then
+    say "Kafka $version jars already in $lib"
+    return 0
+  fi
+
+  local work="${lib%/lib}" started=$SECONDS
+  local tmp_lib="$work/lib.partial.$$"
+  local settings="$KAFKA_HOME/maven-settings.xml"
+  mkdir -p "$work"
+  rm -rf "$tmp_lib"
+  cp "$POM" "$work/pom.xml"
+  # An empty settings file for both user and global settings: no mirrors or
+  # extra repositories from the machine, so only Maven Central is used.
+  printf '<settings/>\n' >"$settings"
+
+  say "resolving Kafka $version from Maven Central into $lib (Maven log: $work/mvn.log)"
+  if ! mvn -B -ntp \
+      -s "$settings" -gs "$settings" \
+      -Dmaven.repo.local="$KAFKA_HOME/m2" \
+      -f "$work/pom.xml" \
+      dependency:copy-dependencies \
+      -DoutputDirectory="$tmp_lib" \
+      -DincludeScope=runtime \
+      >"$work/mvn.log" 2>&1; then
+    show_log_tail "$work/mvn.log" 40
+    rm -rf "$tmp_lib"
+    die "mvn dependency:copy-dependencies failed"
+  fi
+
+  local jar
+  for jar in "kafka_2.13-$version.jar" "kafka-clients-$version.jar" \
+             "log4j-slf4j-impl-*.jar" "log4j-core-*.jar" "slf4j-api-1.*.jar"; do
+    compgen -G "$tmp_lib/$jar" >/dev/null || { rm -rf "$tmp_lib"; die "expected $jar after fetch, not found"; }
+  done
+  if compgen -G "$tmp_lib/slf4j-api-2.*.jar" >/dev/null; then
+    rm -rf "$tmp_lib"
+    die "slf4j-api 2.x on the classpath would silence the SLF4J 1.x log4j binding"
+  fi
+
+  # Cheap smoke test that the class path is complete enough to boot.
+  local got
+  if ! got="$("$JAVA" -cp "$tmp_lib/*" kafka.Kafka --version 2>&1)"; then
+    printf '%s\n' "$got" | tail -n 20 >&2
+    rm -rf "$tmp_lib"
+    die "'kafka.Kafka --version' failed on the fetched jars"
+  fi
+  [[ "$got" == *"$version"* ]] || say "warning: 'kafka.Kafka --version' printed: $got"
+
+  rm -rf "$lib"
+  mv "$tmp_lib" "$lib"
+  touch "$stamp"
+  say "fetched $(find "$lib" -name '*.jar' | wc -l) jars ($(du -sh "$lib" | cut -f1)) in $((SECONDS - started))s"
+}
+
+ensure_jars() {
+  [[ -f "$(lib_dir)/.complete" ]] || cmd_fetch
+}
+
+# ---------------------------------------------------------------- config
+
+write_config() {
+  mkdir -p "$KAFKA_STATE_DIR"
+  cat >"$SERVER_PROPS" <<EOF
+# Generated by scripts/kafka.sh; rewritten on every start.
+# One KRaft node acting as broker and controller, with a static voter set,
+# so storage is formatted with just a cluster id (no --standalone).
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@$HOST:$KAFKA_CONTROLLER_PORT
+controller.listener.names=CONTROLLER
+listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+log.dirs=$DATA_DIR
+
+# A single broker cannot satisfy the default replication of internal topics.
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+
+# Test ergonomics: no join delay, explicit topic creation only.
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+num.partitions=1
+default.replication.factor=1
+min.insync.replicas=1
+
+# Keep a small footprint (the log cleaner reserves 128 MiB of heap by default).
+log.cleaner.dedupe.buffer.size=33554432
+num.network.threads=2
+num.io.threads=4
+EOF
+
+  cat >"$LOG4J_CONF" <<'EOF'
+# Generated by scripts/kafka.sh: everything to stdout, which goes to broker.log.
+status = warn
+appender.out.type = Console
+appender.out.name = STDOUT
+appender.out.layout.type = PatternLayout
+appender.out.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = info
+rootLogger.appenderRef.out.ref = STDOUT
+logger.statechange.name = state.change.logger
+logger.statechange.level = warn
+logger.kafkarequest.name = kafka.request.logger
+logger.kafkarequest.level = warn
+EOF
+}
+
+jvm_opts() {
+  # Roughly what Kafka's own start scripts pass, with a small heap.
+  # shellcheck disable=SC2206
+  local heap=($KAFKA_HEAP_OPTS)
+  printf '%s\n' "${heap[@]}" \
+    -server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 \
+    -XX:InitiatingHeapOccupancyPercent=35 -XX:+ExplicitGCInvokesConcurrent \
+    -XX:+ExitOnOutOfMemoryError -Djava.awt.headless=true \
+    "-Dlog4j2.configurationFile=$LOG4J_CONF"
+}
+
+format_storage() {
+  local cluster_id
+  cluster_id="$(new_cluster_id)"
+  printf '%s\n' "$cluster_id" >"$KAFKA_STATE_DIR/cluster.id"
+  if ! "$JAVA" -Xmx256m "-Dlog4j2.configurationFile=$LOG4J_CONF" -cp "$(lib_dir)/*" \
+      kafka.tools.StorageTool format -t "$cluster_id" -c "$SERVER_PROPS" \
+      >"$FORMAT_LOG" 2>&1 </dev/null; then
+    show_log_tail "$FORMAT_LOG" 30
+    die "formatting $DATA_DIR failed"
+  fi
+  [[ -f "$DATA_DIR/meta.properties" ]] || { show_log_tail "$FORMAT_LOG" 30; die "format did not write $DATA_DIR/meta.properties"; }
+  say "formatted $DATA_DIR (cluster id $cluster_id)"
+}
+
+# ---------------------------------------------------------------- process control
+
+launch_broker() {
+  local -a opts
+  mapfile -t opts < <(jvm_opts)
+  local -a detach=()
+  # Own session: a Ctrl-C or a CI step ending the caller's process group does
+  # not take the broker down half-way; `stop` ends it by pid.
+  command -v setsid >/dev/null 2>&1 && detach=(setsid)
+
+  printf '\n===== kafka.sh: launching broker at %s =====\n' "$(date '+%Y-%m-%d %H:%M:%S')" >>"$BROKER_LOG"
+  # The subshell execs (setsid execs too, as it is not a group leader here),
+  # so $! is the java process itself.
+  ( cd "$KAFKA_STATE_DIR" && exec ${detach[@]+"${detach[@]}"} nohup "$JAVA" "${opts[@]}" \
+      -cp "$(lib_dir)/*" kafka.Kafka "$SERVER_PROPS" >>"$BROKER_LOG" 2>&1 </dev/null ) &
+  local pid=$!
+  printf '%s\n' "$pid" >"$PID_FILE"
+  say "broker launched (pid $pid), log: $BROKER_LOG"
+}
+
+# Sends $2 (TERM or KILL) to broker pid $1 and waits for it to go away;
+# escalates to SIGKILL after KAFKA_STOP_TIMEOUT seconds.
+end_process() {
+  local pid="$1" sig="${2:-TERM}" waited=0
+  kill "-$sig" "$pid" 2>/dev/null || true
+  if [[ "$sig" == TERM ]]; then
+    while kill -0 "$pid" 2>/dev/null && (( waited < KAFKA_STOP_TIMEOUT * 10 )); do
+      sleep 0.1; waited=$((waited + 1))
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+      say "broker (pid $pid) still alive after ${KAFKA_STOP_TIMEOUT}s, sending SIGKILL"
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  fi
+  waited=0
+  while kill -0 "$pid" 2>/dev/null && (( waited < 100 )); do
+    sleep 0.1; waited=$((waited + 1))
+  done
+  ! kill -0 "$pid" 2>/dev/null || die "broker (pid $pid) did not exit"
+}
+
+wait_ports_free() {
+  local waited=0 p
+  for p in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+    while port_open "$p"; do
+      (( waited < 50 )) || die "port $p on $HOST is in use by another process"
+      sleep 0.2; waited=$((waited + 1))
+    done
+  done
+}
+
+# The real client check: metadata over the PLAINTEXT listener with aiokafka,
+# then FindCoordinator, which makes the broker create and load
+# __consumer_offsets so the first consumer group of a test does not race it.
+PROBE_PY='
+import asyncio, os, sys, time
+
+async def main(bootstrap, timeout, pid):
+    from aiokafka.admin import AIOKafkaAdminClient
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        if pid:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                print("broker process exited", file=sys.stderr)
+                return 2
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
+                                    client_id="headwater-kafka-probe",
+                                    request_timeout_ms=5000)
+        try:
+            async def probe():
+                await admin.start()
+                cluster = await admin.describe_cluster()
+                if not cluster.get("brokers"):
+                    raise RuntimeError("metadata lists no brokers")
+                await admin.list_topics()
+                await admin.find_coordinator("headwater-kafka-probe")
+            await asyncio.wait_for(probe(), timeout=min(max(remaining, 1), 10))
+            return 0
+        except Exception as exc:  # not ready yet: refused, coordinator loading, ...
+            last = exc
+        finally:
+            try:
+                await admin.close()
+            except Exception:
+                pass
+        await asyncio.sleep(0.5)
+    print(f"no answer from Kafka at {bootstrap} within {timeout:.0f}s: {last!r}",
+          file=sys.stderr)
+    return 1
+
+sys.exit(asyncio.run(main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]))))
+'
+
+client_probe() {
+  # $1 timeout seconds, $2 broker pid (0: do not watch a process)
+  "$PYTHON" -c "$PROBE_PY" "$HOST:$KAFKA_PORT" "$1" "$2"
+}
+
+check_probe_deps() {
+  need "$PYTHON" "set PYTHON to an interpreter with aiokafka"
+  "$PYTHON" -c 'import aiokafka' 2>/dev/null ||
+    die "$PYTHON cannot import aiokafka (needed for the readiness check); pip install aiokafka or set PYTHON"
+}
+
+# Waits until broker $1 accepts connections and answers a client, or fails.
+wait_ready() {
+  local pid="$1" started=$SECONDS deadline=$((SECONDS + KAFKA_START_TIMEOUT))
+  # Kafka opens the client port only once the broker is unfenced and RUNNING.
+  until port_open "$KAFKA_PORT"; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      show_log_tail
+      rm -f "$PID_FILE"
+      die "broker exited during startup"
+    fi
+    if (( SECONDS >= deadline )); then
+      show_log_tail
+      end_process "$pid" TERM
+      rm -f "$PID_FILE"
+      die "port $HOST:$KAFKA_PORT not open after ${KAFKA_START_TIMEOUT}s; broker stopped"
+    fi
+    sleep 0.2
+  done
+  local rc=0 left=$((deadline - SECONDS))
+  (( left > 5 )) || left=5
+  client_probe "$left" "$pid" || rc=$?
+  if (( rc != 0 )); then
+    show_log_tail
+    if kill -0 "$pid" 2>/dev/null; then end_process "$pid" TERM; fi
+    rm -f "$PID_FILE"
+    die "broker did not answer a client within ${KAFKA_START_TIMEOUT}s; broker stopped"
+  fi
+  say "Kafka $(kafka_version) ready on $HOST:$KAFKA_PORT (pid $pid, $((SECONDS - started))s after launch)"
+}
+
+# ---------------------------------------------------------------- commands
+
+cmd_start() {
+  check_settings
+  check_java
+  check_probe_deps
+  ensure_jars
+
+  local pid
+  if pid="$(running_pid)"; then
+    if port_open "$KAFKA_PORT" && client_probe 10 "$pid" 2>/dev/null; then
+      say "already running and ready on $HOST:$KAFKA_PORT (pid $pid)"
+      return 0
+    fi
+    say "broker (pid $pid) is running but not ready yet; waiting"
+    wait_ready "$pid"
+    return 0
+  fi
+  rm -f "$PID_FILE"
+
+  local p
+  for p in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+    ! port_open "$p" || die "port $p on $HOST is already in use by another process (set KAFKA_PORT / KAFKA_CONTROLLER_PORT)"
+  done
+
+  local started=$SECONDS
+  mkdir -p "$KAFKA_STATE_DIR"
+  rm -rf "$DATA_DIR"
+  : >"$BROKER_LOG"
+  write_config
+  format_storage
+  launch_broker
+  wait_ready "$(read_pid)"
+  say "start took $((SECONDS - started))s in total"
+}
+
+cmd_stop() {
+  check_settings
+  local pid
+  if pid="$(running_pid)"; then
+    say "stopping broker (pid $pid)"
+    end_process "$pid" TERM
+    say "broker stopped"
+  elif [[ -f "$PID_FILE" ]]; then
+    say "broker not running (removing stale pid file)"
+  else
+    say "broker not running"
+  fi
+  rm -f "$PID_FILE" "$KAFKA_STATE_DIR/cluster.id"
+  rm -rf "$DATA_DIR"
+}
+
+cmd_status() {
+  check_settings
+  local pid
+  if ! pid="$(running_pid)"; then
+    say "stopped (state dir $KAFKA_STATE_DIR)"
+    return 3
+  fi
+  if port_open "$KAFKA_PORT" && client_probe 5 "$pid" 2>/dev/null; then
+    say "running and ready: pid $pid, $HOST:$KAFKA_PORT (controller $KAFKA_CONTROLLER_PORT), log $BROKER_LOG"
+    return 0
+  fi
+  say "running but not answering: pid $pid, $HOST:$KAFKA_PORT, log $BROKER_LOG"
+  return 1
+}
+
+cmd_restart_broker() {
+  local sig=TERM
+  case "${1:-}" in
+    "") ;;
+    --kill) sig=KILL ;;
+    *) die "restart-broker: unknown option '$1' (expected --kill)" ;;
+  esac
+  check_settings
+  check_java
+  check_probe_deps
+  [[ -f "$DATA_DIR/meta.properties" && -f "$SERVER_PROPS" ]] ||
+    die "no formatted broker data in $DATA_DIR; use 'start' first"
+  ensure_jars
+
+  local pid started=$SECONDS
+  if pid="$(running_pid)"; then
+    say "stopping broker (pid $pid, SIG$sig), keeping $DATA_DIR"
+    end_process "$pid" "$sig"
+  else
+    say "broker was not running; starting it on the existing data"
+  fi
+  rm -f "$PID_FILE"
+  wait_ports_free
+  launch_broker
+  wait_ready "$(read_pid)"
+  say "restart took $((SECONDS - started))s in total"
+}
+
+usage() {
+  sed -n '2,/^$/p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+}
+
+main() {
+  local cmd="${1:-}"
+  [[ $# -gt 0 ]] && shift
+  case "$cmd" in
+    fetch) cmd_fetch "$@" ;;
+    start) cmd_start "$@" ;;
+    stop) cmd_stop "$@" ;;
+    status) cmd_status "$@" ;;
+    restart-broker) cmd_restart_broker "$@" ;;
+    -h|--help|help) usage ;;
+    *) usage; [[ -z "$cmd" ]] && die "missing command"; die "unknown command '$cmd'" ;;
+  esac
+}
+
+main "$@"
