@@ -9,7 +9,8 @@
 #
 #   fetch                   resolve and cache the broker jars (no-op when cached)
 #   start                   format fresh storage and start the broker; waits until
-#                           it answers a real client (no-op if already running)
+#                           it answers a real client (no-op if already running);
+#                           prints the bootstrap address (127.0.0.1:PORT) on stdout
 #   stop                    stop the broker (SIGTERM, then SIGKILL) and delete its data
 #   status                  report whether the broker runs and answers
 #                           (exit 0 ready, 1 running but not answering, 3 stopped)
@@ -26,6 +27,8 @@
 #   KAFKA_STOP_TIMEOUT      seconds between SIGTERM and SIGKILL [30]
 #   JAVA_HOME               Java 17+ to use [java on PATH]
 #   PYTHON                  interpreter with aiokafka for the readiness probe [python3]
+#
+# Messages go to stderr; every failure exits non-zero.
 #
 # Files in KAFKA_STATE_DIR: kafka.pid, broker.log (stdout/stderr of the
 # broker, kept after stop for post-mortems), format.log, server.properties,
@@ -104,6 +107,7 @@ check_java() {
 # True when something accepts TCP connections on 127.0.0.1:$1.
 port_open() {
   if command -v timeout >/dev/null 2>&1; then
+    # shellcheck disable=SC2016  # $0/$1 expand in the child bash
     timeout 3 bash -c 'exec 3<>"/dev/tcp/$0/$1"' "$HOST" "$1" 2>/dev/null
   else
     (exec 3<>"/dev/tcp/$HOST/$1") 2>/dev/null
@@ -284,6 +288,12 @@ auto.create.topics.enable=false
 num.partitions=1
 default.replication.factor=1
 min.insync.replicas=1
+
+# After an unclean stop (restart-broker --kill) the restarted controller keeps
+# the old broker incarnation registered until its session times out (default
+# 9 s); a shorter session makes crash-restarts in tests quicker.
+broker.heartbeat.interval.ms=1000
+broker.session.timeout.ms=4000
 
 # Keep a small footprint (the log cleaner reserves 128 MiB of heap by default).
 log.cleaner.dedupe.buffer.size=33554432
@@ -484,10 +494,12 @@ cmd_start() {
   if pid="$(running_pid)"; then
     if port_open "$KAFKA_PORT" && client_probe 10 "$pid" 2>/dev/null; then
       say "already running and ready on $HOST:$KAFKA_PORT (pid $pid)"
+      printf '%s:%s\n' "$HOST" "$KAFKA_PORT"
       return 0
     fi
     say "broker (pid $pid) is running but not ready yet; waiting"
     wait_ready "$pid"
+    printf '%s:%s\n' "$HOST" "$KAFKA_PORT"
     return 0
   fi
   rm -f "$PID_FILE"
@@ -506,6 +518,7 @@ cmd_start() {
   launch_broker
   wait_ready "$(read_pid)"
   say "start took $((SECONDS - started))s in total"
+  printf '%s:%s\n' "$HOST" "$KAFKA_PORT"
 }
 
 cmd_stop() {
@@ -531,11 +544,13 @@ cmd_status() {
     say "stopped (state dir $KAFKA_STATE_DIR)"
     return 3
   fi
+  local listeners
+  listeners="$(sed -n 's/^listeners=//p' "$SERVER_PROPS" 2>/dev/null || true)"
   if port_open "$KAFKA_PORT" && client_probe 5 "$pid" 2>/dev/null; then
-    say "running and ready: pid $pid, $HOST:$KAFKA_PORT (controller $KAFKA_CONTROLLER_PORT), log $BROKER_LOG"
+    say "running and ready: pid $pid, listeners $listeners, log $BROKER_LOG"
     return 0
   fi
-  say "running but not answering: pid $pid, $HOST:$KAFKA_PORT, log $BROKER_LOG"
+  say "running but not answering on $HOST:$KAFKA_PORT: pid $pid, listeners $listeners, log $BROKER_LOG"
   return 1
 }
 
