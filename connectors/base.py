@@ -1,0 +1,88 @@
+"""The connector contracts: a :class:`Source` feeds a topic, a :class:`Sink` takes a stream.
+
+Sources run in the runner (one task per source step) and write into the topic the pipeline
+declares for them. Each :class:`SourceBatch` carries the source's *position* after it; the
+runtime stores that position once the batch is durable on the log and hands it back to
+:meth:`Source.read` on restart, so a restarted pipeline does not emit the same input again
+(a crash between the two replays at most one batch: at-least-once).
+
+Sinks run in the workers: :meth:`Sink.open` gives each worker its own :class:`SinkWriter`.
+``write`` takes whole batches and only buffers; ``flush`` makes them durable, and the runtime
+calls it before it commits the input offsets those records came from.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipelines.batch import Batch
+
+__all__ = ["Sink", "SinkContext", "SinkWriter", "Source", "SourceBatch"]
+
+Position = Any
+"""A JSON-serialisable value that tells a source where to resume (a byte offset, a count...)."""
+
+
+@dataclass(slots=True)
+class SourceBatch:
+    """Values read by a source, and the position after them.
+
+    ``raw`` means the values are already bytes in the topic's value format (a JSON Lines file
+    passes its lines through untouched; the workers validate them). ``keys`` and
+    ``timestamps`` (ms since the epoch) are optional; missing timestamps are the time of reading.
+    """
+
+    values: list[Any]
+    position: Position
+    keys: list[Any] | None = None
+    timestamps: list[int] | None = None
+    raw: bool = False
+
+
+class Source(ABC):
+    """Where records come from."""
+
+    name: str = "source"
+
+    @abstractmethod
+    def read(self, position: Position | None) -> AsyncIterator[SourceBatch]:
+        """Batches from ``position`` (``None``: the beginning) on; ends when the input does."""
+
+
+@dataclass(frozen=True, slots=True)
+class SinkContext:
+    """Where a sink writer runs: which pipeline and step, in which worker."""
+
+    pipeline: str
+    step_id: str
+    worker: int
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class SinkWriter(ABC):
+    """One worker's handle on a sink."""
+
+    @abstractmethod
+    def write(self, batch: Batch) -> None:
+        """Take a batch (buffer it; do not block)."""
+
+    @abstractmethod
+    async def flush(self) -> None:
+        """Make everything written so far durable."""
+
+    async def close(self) -> None:
+        """Flush and release."""
+        await self.flush()
+
+
+class Sink(ABC):
+    """Where records go."""
+
+    name: str = "sink"
+
+    @abstractmethod
+    def open(self, ctx: SinkContext) -> SinkWriter:
+        """A writer for one worker."""

@@ -1,0 +1,95 @@
+"""The operator contract: ``open(ctx)`` / ``process(batch)`` / ``close()``.
+
+``process`` is synchronous and works on a whole :class:`~pipelines.batch.Batch`; async belongs
+to connectors. An operator never decides what happens to a record whose user function raised:
+it reports it with :meth:`StepContext.reject` and the runtime applies the step's error policy
+(fail, skip, or dead-letter with the original bytes).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from itertools import islice
+from typing import Any, Protocol
+
+from pipelines.batch import Batch
+from pipelines.errors import RecordError, StepError
+
+__all__ = ["Operator", "StepContext", "call_each", "describe_function"]
+
+
+class StepContext(Protocol):
+    """What the runtime gives an operator for one task (one sub-topology on one partition)."""
+
+    @property
+    def step_id(self) -> str: ...
+
+    @property
+    def partition(self) -> int: ...
+
+    def reject(self, batch: Batch, index: int, error: RecordError) -> None:
+        """Apply the step's error policy to record ``index`` of ``batch`` (may raise)."""
+
+
+class Operator(ABC):
+    """One step's processing for one task."""
+
+    def __init__(self, step_id: str) -> None:
+        self.step_id = step_id
+        self._ctx: StepContext | None = None
+
+    @property
+    def ctx(self) -> StepContext:
+        if self._ctx is None:
+            raise RuntimeError(f"operator {self.step_id!r} used before open()")
+        return self._ctx
+
+    def open(self, ctx: StepContext) -> None:
+        """Called once before the first batch of a task."""
+        self._ctx = ctx
+
+    @abstractmethod
+    def process(self, batch: Batch) -> Batch:
+        """The batch this step passes on."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
+        """Called once when the task ends (revocation or shutdown)."""
+
+
+def describe_function(fn: Callable[..., Any]) -> str:
+    """A short name for a user function, for error messages."""
+    name = getattr(fn, "__qualname__", None) or repr(fn)
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if module and module != "builtins" else name
+
+
+def call_each(
+    ctx: StepContext,
+    fn: Callable[[Any], Any],
+    batch: Batch,
+    items: Sequence[Any] | None = None,
+) -> tuple[list[Any], set[int]]:
+    """``fn`` applied to every value of ``batch`` (or to ``items``, one per record), and the
+    indices where it raised, which are already rejected through ``ctx``.
+
+    Each item is passed to ``fn`` exactly once, also when some of them fail.
+    """
+    results: list[Any] = []
+    append = results.append
+    failed: set[int] = set()
+    values = batch.values if items is None else items
+    while True:
+        try:
+            for value in islice(values, len(results), None):
+                append(fn(value))
+        except Exception as error:  # noqa: BLE001 - any user error is routed by the policy
+            index = len(results)
+            failed.add(index)
+            append(None)
+            message = f"{describe_function(fn)} raised {type(error).__name__}: {error}"
+            rejection = StepError(message, step=ctx.step_id, source=batch.source_of(index))
+            rejection.__cause__ = error
+            ctx.reject(batch, index, rejection)
+        else:
+            return results, failed

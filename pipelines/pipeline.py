@@ -1,0 +1,338 @@
+"""The ``Pipeline`` DSL: an immutable graph of steps, built fluently; nothing runs here.
+
+Every method returns a new ``Pipeline`` that shares the steps declared so far and whose *tail*
+is the step just added, so a chain reads top to bottom::
+
+    pipeline = (
+        Pipeline("clicks")
+        .source(connectors.JsonLines("clicks.jsonl"), into=Topic("clicks", partitions=4))
+        .filter("only-products", lambda c: c["url"].startswith("/p/"))
+        .key_by("by-user", lambda c: c["user"])
+        .sink(connectors.Stdout())
+    )
+
+Each step has a ``step_id`` unique in the pipeline; it names the step in metrics and errors and
+names the internal topics a step owns (``key_by`` repartitions through ``<pipeline>.<step>``),
+so it must keep its meaning across deployments. Mistakes in the graph raise
+:class:`~pipelines.errors.PipelineDefinitionError` naming the step, when it is declared.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from connectors.base import Sink, Source
+from connectors.topic import LogTopic
+from operators.base import Operator
+from operators.routing import Branch, Merge
+from operators.stateless import Filter, FlatMap, KeyBy, Map, Peek
+from pipelines.errors import ErrorPolicy, PipelineDefinitionError
+from pipelines.serde import Serde
+from pipelines.topic import Topic
+
+__all__ = ["Pipeline", "Port", "Step"]
+
+StepKind = Literal["source", "read", "operator", "key_by", "branch", "merge", "sink"]
+Port = tuple[str, str]
+"""An output of a step: (step id, output name). Branches have "matched" and "rest"."""
+
+OUT = "out"
+_STEP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Step:
+    """One node of the graph."""
+
+    step_id: str
+    kind: StepKind
+    inputs: tuple[Port, ...] = ()
+    operator: Callable[[], Operator] | None = None
+    topic: Topic | None = None
+    source: Source | None = None
+    sink: Sink | None = None
+    error_policy: ErrorPolicy | None = None
+
+
+class Pipeline:
+    """A declared pipeline: its name, its steps, and the tail new steps attach to."""
+
+    __slots__ = ("_tail", "error_policy", "name", "steps")
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        error_policy: ErrorPolicy = ErrorPolicy.DEAD_LETTER,
+        _steps: tuple[Step, ...] = (),
+        _tail: Port | None = None,
+    ) -> None:
+        if not _STEP_ID.match(name):
+            raise PipelineDefinitionError(
+                f"pipeline name {name!r} must start with a letter or digit and use only "
+                "letters, digits, '.', '_' or '-' (at most 100)"
+            )
+        self.name = name
+        self.error_policy = ErrorPolicy(error_policy)
+        self.steps = _steps
+        self._tail = _tail
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.name!r}, steps={[s.step_id for s in self.steps]})"
+
+    @property
+    def tail(self) -> Port | None:
+        """The output the next step attaches to (``None`` before the first source)."""
+        return self._tail
+
+    def step(self, step_id: str) -> Step:
+        """The step called ``step_id``."""
+        for step in self.steps:
+            if step.step_id == step_id:
+                return step
+        raise KeyError(step_id)
+
+    # -- building ---------------------------------------------------------------------------
+
+    def _with(self, step: Step, tail: Port | None = None) -> Pipeline:
+        if not _STEP_ID.match(step.step_id):
+            raise PipelineDefinitionError(
+                f"step id {step.step_id!r} must start with a letter or digit and use only "
+                "letters, digits, '.', '_' or '-' (at most 100)",
+                step=step.step_id,
+            )
+        if any(s.step_id == step.step_id for s in self.steps):
+            raise PipelineDefinitionError(
+                f"step id {step.step_id!r} is used twice in pipeline {self.name!r}; "
+                "every step needs its own id",
+                step=step.step_id,
+            )
+        return Pipeline(
+            self.name,
+            error_policy=self.error_policy,
+            _steps=(*self.steps, step),
+            _tail=tail if tail is not None else (step.step_id, OUT),
+        )
+
+    def _require_tail(self, step_id: str) -> Port:
+        if self._tail is None:
+            raise PipelineDefinitionError(
+                f"step {step_id!r} has no input: start the pipeline with .source(...)",
+                step=step_id,
+            )
+        return self._tail
+
+    def source(
+        self, source: Source | LogTopic, *, into: Topic | None = None, step_id: str | None = None
+    ) -> Pipeline:
+        """Read ``source`` into the topic ``into`` and continue from that topic.
+
+        ``connectors.LogTopic(topic)`` reads a topic already on the log (no ``into``).
+        """
+        if isinstance(source, LogTopic):
+            if into is not None:
+                raise PipelineDefinitionError(
+                    "a LogTopic source reads its own topic; leave out into=",
+                    step=step_id or source.topic.name,
+                )
+            return self._with(Step(step_id or source.topic.name, "read", topic=source.topic))
+        if not isinstance(source, Source):
+            raise PipelineDefinitionError(
+                f"source() needs a connectors Source, got {type(source).__name__}",
+                step=step_id,
+            )
+        if into is None:
+            raise PipelineDefinitionError(
+                f"source {source.name!r} needs a topic to write into: "
+                "source(..., into=Topic('name', partitions=N))",
+                step=step_id,
+            )
+        return self._with(Step(step_id or into.name, "source", topic=into, source=source))
+
+    def _operator(
+        self, step_id: str, build: Callable[[], Operator], policy: ErrorPolicy | None
+    ) -> Pipeline:
+        tail = self._require_tail(step_id)
+        return self._with(
+            Step(step_id, "operator", inputs=(tail,), operator=build, error_policy=policy)
+        )
+
+    def map(
+        self, step_id: str, fn: Callable[[Any], Any], *, on_error: ErrorPolicy | None = None
+    ) -> Pipeline:
+        """Replace each value with ``fn(value)``."""
+        _check_callable(step_id, fn)
+        return self._operator(step_id, lambda: Map(step_id, fn), on_error)
+
+    def filter(
+        self,
+        step_id: str,
+        predicate: Callable[[Any], object],
+        *,
+        on_error: ErrorPolicy | None = None,
+    ) -> Pipeline:
+        """Keep the records for which ``predicate(value)`` is true."""
+        _check_callable(step_id, predicate)
+        return self._operator(step_id, lambda: Filter(step_id, predicate), on_error)
+
+    def flat_map(
+        self,
+        step_id: str,
+        fn: Callable[[Any], Iterable[Any]],
+        *,
+        on_error: ErrorPolicy | None = None,
+    ) -> Pipeline:
+        """Replace each value with every value of ``fn(value)`` (none, one or many)."""
+        _check_callable(step_id, fn)
+        return self._operator(step_id, lambda: FlatMap(step_id, fn), on_error)
+
+    def peek(
+        self, step_id: str, fn: Callable[[Any], object], *, on_error: ErrorPolicy | None = None
+    ) -> Pipeline:
+        """Call ``fn(value)`` for its side effect; records pass unchanged."""
+        _check_callable(step_id, fn)
+        return self._operator(step_id, lambda: Peek(step_id, fn), on_error)
+
+    def key_by(
+        self,
+        step_id: str,
+        fn: Callable[[Any], Any],
+        *,
+        partitions: int | None = None,
+        key: Serde | type[Any] | None = None,
+        on_error: ErrorPolicy | None = None,
+    ) -> Pipeline:
+        """Re-key each record with ``fn(value)`` and repartition by the new key.
+
+        Records travel through the internal topic ``<pipeline>.<step_id>`` (``partitions``
+        defaults to the largest input topic's), so every record with one key is processed by one
+        task downstream. Values keep the serde of the topic they were read from.
+        """
+        _check_callable(step_id, fn)
+        tail = self._require_tail(step_id)
+        upstream_topic = self._topic_of(tail)
+        topic = Topic(
+            f"{self.name}.{step_id}",
+            partitions=partitions or max(t.partitions for t in self._topics()),
+            value=upstream_topic.value_serde,
+            key=key,
+        )
+        return self._with(
+            Step(
+                step_id,
+                "key_by",
+                inputs=(tail,),
+                operator=lambda: KeyBy(step_id, fn),
+                topic=topic,
+                error_policy=on_error,
+            )
+        )
+
+    def branch(
+        self,
+        step_id: str,
+        predicate: Callable[[Any], object],
+        then: Callable[[Pipeline], Pipeline],
+        *,
+        on_error: ErrorPolicy | None = None,
+    ) -> Pipeline:
+        """Send the records matching ``predicate`` down the chain ``then`` builds; the chain
+        this returns goes on with the records that did not match."""
+        _check_callable(step_id, predicate)
+        tail = self._require_tail(step_id)
+        split = self._with(
+            Step(
+                step_id,
+                "branch",
+                inputs=(tail,),
+                operator=lambda: Branch(step_id, predicate),
+                error_policy=on_error,
+            )
+        )
+        matched = Pipeline(
+            self.name, error_policy=self.error_policy, _steps=split.steps, _tail=(step_id, "matched")
+        )
+        built = then(matched)
+        if not isinstance(built, Pipeline) or built.steps[: len(split.steps)] != split.steps:
+            raise PipelineDefinitionError(
+                "then= must return the pipeline it was given, extended with more steps",
+                step=step_id,
+            )
+        return Pipeline(
+            self.name, error_policy=self.error_policy, _steps=built.steps, _tail=(step_id, "rest")
+        )
+
+    def merge(self, step_id: str, *others: Pipeline) -> Pipeline:
+        """One stream of the records of this chain and of each of ``others``."""
+        tails = [self._require_tail(step_id)]
+        steps = list(self.steps)
+        known = {s.step_id: s for s in steps}
+        for other in others:
+            if other.name != self.name:
+                raise PipelineDefinitionError(
+                    f"cannot merge pipeline {other.name!r} into {self.name!r}", step=step_id
+                )
+            tails.append(other._require_tail(step_id))
+            for step in other.steps:
+                mine = known.get(step.step_id)
+                if mine is None:
+                    steps.append(step)
+                    known[step.step_id] = step
+                elif mine is not step:
+                    raise PipelineDefinitionError(
+                        f"step id {step.step_id!r} means different steps in the merged chains",
+                        step=step_id,
+                    )
+        merged = Pipeline(self.name, error_policy=self.error_policy, _steps=tuple(steps))
+        return merged._with(
+            Step(step_id, "merge", inputs=tuple(tails), operator=lambda: Merge(step_id))
+        )
+
+    def sink(self, sink: Sink | LogTopic, *, step_id: str | None = None) -> Pipeline:
+        """Send the stream to ``sink``; the chain goes on, so a stream can feed several sinks.
+
+        ``connectors.LogTopic(topic)`` writes to a topic on the log, with its serdes.
+        """
+        if isinstance(sink, LogTopic):
+            step_id = step_id or f"to.{sink.topic.name}"
+            tail = self._require_tail(step_id)
+            return self._with(Step(step_id, "sink", inputs=(tail,), topic=sink.topic), tail=tail)
+        step_id = step_id or f"sink.{getattr(sink, 'name', 'sink')}"
+        if not isinstance(sink, Sink):
+            raise PipelineDefinitionError(
+                f"sink() needs a connectors Sink or LogTopic, got {type(sink).__name__}",
+                step=step_id,
+            )
+        tail = self._require_tail(step_id)
+        return self._with(Step(step_id, "sink", inputs=(tail,), sink=sink), tail=tail)
+
+    # -- graph facts --------------------------------------------------------------------------
+
+    def _topics(self) -> list[Topic]:
+        """The topics the pipeline reads."""
+        return [s.topic for s in self.steps if s.topic is not None and s.kind != "sink"]
+
+    def _topic_of(self, port: Port) -> Topic:
+        """The topic the records at ``port`` were last read from."""
+        step = self.step(port[0])
+        while step.kind not in ("source", "read", "key_by"):
+            step = self.step(step.inputs[0][0])
+        if step.topic is None:
+            raise PipelineDefinitionError("a topic-reading step has no topic", step=step.step_id)
+        return step.topic
+
+    @property
+    def dead_letter_topic(self) -> Topic:
+        """Where records go that fail under the ``DEAD_LETTER`` policy: original bytes, and the
+        error, step and source position in headers."""
+        return Topic(f"{self.name}.dead-letters", value=bytes, key=bytes)
+
+
+def _check_callable(step_id: str, fn: object) -> None:
+    if not callable(fn):
+        raise PipelineDefinitionError(
+            f"step {step_id!r} needs a function, got {type(fn).__name__} {fn!r}", step=step_id
+        )

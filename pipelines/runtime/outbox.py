@@ -1,0 +1,77 @@
+"""What a worker writes to topics, buffered per partition and sent in batches."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from pipelines.log.base import Producer, RawBatch
+from pipelines.partitioner import partition_batch
+from pipelines.record import Headers
+from pipelines.topic import Topic
+
+__all__ = ["Outbox"]
+
+
+class Outbox:
+    """Serialised records on their way to the log, grouped by partition.
+
+    Keys pick the partition with Kafka's partitioner; records without a key go round-robin.
+    Nothing is on the log until :meth:`send`; nothing is acknowledged until the producer
+    flushes.
+    """
+
+    def __init__(self, producer: Producer) -> None:
+        self._producer = producer
+        self._pending: dict[tuple[str, int], RawBatch] = {}
+        self._rotation: dict[str, int] = defaultdict(int)
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self._pending.values())
+
+    def add(
+        self,
+        topic: Topic,
+        keys: list[bytes | None],
+        values: list[bytes | None],
+        timestamps: list[int],
+        headers: list[Headers] | None = None,
+    ) -> None:
+        """Queue records for ``topic``, partitioned by key."""
+        if not values:
+            return
+        if topic.partitions == 1:
+            self._extend(topic.name, 0, RawBatch(keys, values, timestamps, headers))
+            return
+        start = self._rotation[topic.name]
+        partitions = partition_batch(keys, topic.partitions, start)
+        self._rotation[topic.name] = start + len(values)
+        chunks: dict[int, list[int]] = defaultdict(list)
+        for index, partition in enumerate(partitions):
+            chunks[partition].append(index)
+        whole = RawBatch(keys, values, timestamps, headers)
+        for partition, indices in chunks.items():
+            self._extend(topic.name, partition, whole.take(indices))
+
+    def _extend(self, topic: str, partition: int, batch: RawBatch) -> None:
+        pending = self._pending.get((topic, partition))
+        if pending is None:  # copy: the caller's lists must not grow with later records
+            self._pending[(topic, partition)] = RawBatch(
+                list(batch.keys),
+                list(batch.values),
+                list(batch.timestamps),
+                None if batch.headers is None else list(batch.headers),
+            )
+            return
+        if pending.headers is None and batch.headers is not None:
+            pending.headers = [()] * len(pending)
+        pending.keys.extend(batch.keys)
+        pending.values.extend(batch.values)
+        pending.timestamps.extend(batch.timestamps)
+        if pending.headers is not None:
+            pending.headers.extend(batch.headers or [()] * len(batch))
+
+    async def send(self) -> None:
+        """Hand every queued batch to the producer."""
+        pending, self._pending = self._pending, {}
+        for (topic, partition), batch in pending.items():
+            await self._producer.send(topic, partition, batch)

@@ -1,0 +1,207 @@
+"""A task: one sub-topology of a pipeline processing one partition, a batch at a time.
+
+:meth:`Task.process` takes a batch fetched from one of the sub-topology's input topics,
+deserialises it once, pushes it through the steps (each operator called once per batch) and
+hands what leaves the sub-topology to the worker's :class:`~pipelines.runtime.outbox.Outbox`
+(repartition and output topics, the dead-letter topic) or to its sink writers. It never awaits:
+the worker that owns the consume loop does the I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from connectors.base import SinkWriter
+from operators.base import Operator, call_each
+from operators.routing import Branch
+from pipelines.batch import Batch
+from pipelines.errors import ErrorPolicy, RecordError
+from pipelines.log.base import FetchedBatch
+from pipelines.pipeline import OUT, Port, Step
+from pipelines.record import Headers
+from pipelines.runtime.outbox import Outbox
+from pipelines.runtime.topology import SubTopology, Topology
+from pipelines.topic import Topic
+
+__all__ = ["StepStats", "Task", "error_headers"]
+
+
+@dataclass(slots=True)
+class StepStats:
+    """Counters of one step in one worker."""
+
+    records_in: int = 0
+    records_out: int = 0
+    skipped: int = 0
+    dead_lettered: int = 0
+
+    def as_list(self) -> list[int]:
+        return [self.records_in, self.records_out, self.skipped, self.dead_lettered]
+
+
+def error_headers(error: RecordError) -> Headers:
+    """The headers a dead-letter record carries to say what went wrong, where."""
+    headers = [
+        ("headwater.error", str(error.message).encode()),
+        ("headwater.error.type", type(error.__cause__ or error).__name__.encode()),
+    ]
+    if error.step is not None:
+        headers.append(("headwater.step", error.step.encode()))
+    if error.source is not None:
+        headers += [
+            ("headwater.source.topic", error.source.topic.encode()),
+            ("headwater.source.partition", str(error.source.partition).encode()),
+            ("headwater.source.offset", str(error.source.offset).encode()),
+        ]
+    return tuple(headers)
+
+
+class _StepContext:
+    """The :class:`~operators.base.StepContext` of one step in one task."""
+
+    __slots__ = ("_task", "partition", "policy", "stats", "step_id")
+
+    def __init__(self, task: Task, step: Step, stats: StepStats) -> None:
+        self._task = task
+        self.step_id = step.step_id
+        self.partition = task.partition
+        self.policy = step.error_policy or task.topology.pipeline.error_policy
+        self.stats = stats
+
+    def reject(self, batch: Batch, index: int, error: RecordError) -> None:
+        if self.policy is ErrorPolicy.FAIL:
+            raise error
+        if self.policy is ErrorPolicy.SKIP:
+            self.stats.skipped += 1
+            return
+        self.stats.dead_lettered += 1
+        self._task.outbox.add(
+            self._task.topology.pipeline.dead_letter_topic,
+            [batch.raw_key_at(index)],
+            [batch.raw_value_at(index)],
+            [batch.timestamps[index]],
+            [batch.headers_at(index) + error_headers(error)],
+        )
+
+
+class Task:
+    """One sub-topology on one partition (see the module docstring)."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        sub: SubTopology,
+        partition: int,
+        outbox: Outbox,
+        writers: dict[str, SinkWriter],
+        stats: dict[str, StepStats],
+    ) -> None:
+        self.topology = topology
+        self.sub = sub
+        self.partition = partition
+        self.outbox = outbox
+        self._writers = writers
+        self._contexts: dict[str, _StepContext] = {}
+        self._operators: dict[str, Operator] = {}
+        for step in sub.steps:
+            stats.setdefault(step.step_id, StepStats())
+            ctx = self._contexts[step.step_id] = _StepContext(self, step, stats[step.step_id])
+            if step.operator is not None:
+                operator = self._operators[step.step_id] = step.operator()
+                operator.open(ctx)
+        for entry in sub.entries.values():
+            if entry.step_id not in self._contexts:  # a key_by read here, run upstream
+                stats.setdefault(entry.step_id, StepStats())
+                self._contexts[entry.step_id] = _StepContext(self, entry, stats[entry.step_id])
+
+    def close(self) -> None:
+        for operator in self._operators.values():
+            operator.close()
+
+    def process(self, fetched: FetchedBatch) -> None:
+        """Run one fetched batch through the sub-topology."""
+        entry = self.sub.entries[fetched.topic]
+        ctx = self._contexts[entry.step_id]
+        batch = self._decode(ctx, entry, fetched)
+        if entry.kind != "key_by":
+            ctx.stats.records_in += len(fetched.records)
+            ctx.stats.records_out += len(batch)
+        self._emit((entry.step_id, OUT), batch)
+
+    def _decode(self, ctx: _StepContext, entry: Step, fetched: FetchedBatch) -> Batch:
+        topic = entry.topic
+        assert topic is not None
+        raw = fetched.records
+        count = len(raw)
+        batch = Batch([None] * count, [None] * count, raw.timestamps, list(range(count)), fetched)
+        values, value_errors = topic.value_serde.deserialize_many(raw.values)
+        keys, key_errors = (
+            (batch.keys, {})
+            if all(k is None for k in raw.keys)
+            else topic.key_serde.deserialize_many(raw.keys)
+        )
+        batch = Batch(keys, values, raw.timestamps, batch.origins, fetched)
+        errors = value_errors | key_errors
+        if not errors:
+            return batch
+        for index, error in sorted(errors.items()):
+            error.step = entry.step_id
+            error.source = batch.source_of(index)
+            ctx.reject(batch, index, error)
+        return batch.take([i for i in range(count) if i not in errors])
+
+    def _emit(self, port: Port, batch: Batch) -> None:
+        if not batch:
+            return
+        for child in self.topology.children.get(port, ()):
+            self._run(child, batch)
+
+    def _run(self, step: Step, batch: Batch) -> None:
+        stats = self._contexts[step.step_id].stats
+        stats.records_in += len(batch)
+        if step.kind == "sink":
+            if step.topic is not None:
+                self._write_topic(step, step.topic, batch)
+            else:
+                self._writers[step.step_id].write(batch)
+            stats.records_out += len(batch)
+            return
+        operator = self._operators[step.step_id]
+        if isinstance(operator, Branch):
+            matched, rest = operator.split(batch)
+            stats.records_out += len(matched) + len(rest)
+            self._emit((step.step_id, "matched"), matched)
+            self._emit((step.step_id, "rest"), rest)
+            return
+        out = operator.process(batch)
+        stats.records_out += len(out)
+        if step.kind == "key_by":
+            assert step.topic is not None
+            self._write_topic(step, step.topic, out)
+        else:
+            self._emit((step.step_id, OUT), out)
+
+    def _write_topic(self, step: Step, topic: Topic, batch: Batch) -> None:
+        """Serialise ``batch`` with ``topic``'s serdes into the outbox."""
+        ctx = self._contexts[step.step_id]
+        values, failed = call_each(ctx, topic.value_serde.serialize, batch)
+        keys: Sequence[Any] = batch.keys
+        if any(k is not None for k in keys):
+            keys, failed_keys = call_each(ctx, _nullable(topic.key_serde.serialize), batch, keys)
+            failed |= failed_keys
+        kept = batch
+        if failed:
+            indices = [i for i in range(len(batch)) if i not in failed]
+            kept = batch.take(indices)
+            values = [values[i] for i in indices]
+            keys = [keys[i] for i in indices]
+        headers = None
+        if batch.fetched.records.headers is not None:
+            headers = [kept.headers_at(i) for i in range(len(kept))]
+        self.outbox.add(topic, list(keys), values, kept.timestamps, headers)
+
+
+def _nullable(serialize: Any) -> Any:
+    return lambda key: None if key is None else serialize(key)

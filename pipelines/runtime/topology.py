@@ -1,0 +1,149 @@
+"""A pipeline compiled for running: its sub-topologies, topics and the links between steps.
+
+As in Kafka Streams, the graph is cut into sub-topologies at every topic it reads: the topic a
+source writes into, a ``LogTopic`` it reads, and each ``key_by`` repartition topic. A *task* is
+one sub-topology on one partition number; it reads that partition of each of the
+sub-topology's input topics (more than one only where ``merge`` joins streams from different
+topics, which must then have equal partition counts).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from pipelines.errors import PipelineDefinitionError
+from pipelines.pipeline import OUT, Pipeline, Port, Step
+from pipelines.topic import Topic
+
+__all__ = ["SubTopology", "Topology", "compile_pipeline"]
+
+_ENTRY_KINDS = ("source", "read", "key_by")
+
+
+@dataclass(slots=True)
+class SubTopology:
+    """Steps that run together in one task, fed by ``topics``."""
+
+    index: int
+    topics: list[Topic] = field(default_factory=list)
+    entries: dict[str, Step] = field(default_factory=dict)  # topic name -> step that reads it
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def partitions(self) -> int:
+        return self.topics[0].partitions
+
+
+@dataclass(slots=True)
+class Topology:
+    """Everything the runtime needs to know about a pipeline's graph."""
+
+    pipeline: Pipeline
+    children: dict[Port, list[Step]]
+    subtopologies: list[SubTopology]
+    by_topic: dict[str, SubTopology]
+    topics: list[Topic]
+    """Every topic the pipeline writes or reads, in declaration (= topological) order."""
+    input_topics: list[Topic]
+    """The topics the workers consume, upstream first."""
+
+    @property
+    def group(self) -> str:
+        """The consumer group of the pipeline's workers."""
+        return self.pipeline.name
+
+    @property
+    def source_steps(self) -> list[Step]:
+        return [s for s in self.pipeline.steps if s.kind == "source"]
+
+    @property
+    def sink_steps(self) -> list[Step]:
+        return [s for s in self.pipeline.steps if s.kind == "sink"]
+
+    @property
+    def positions_topic(self) -> Topic:
+        """Where source steps keep their positions (key: step id, value: JSON position)."""
+        return Topic(f"{self.pipeline.name}.source-positions", compacted=True, value=dict)
+
+
+def compile_pipeline(pipeline: Pipeline) -> Topology:
+    """Check ``pipeline`` as a whole and cut it into sub-topologies."""
+    steps = pipeline.steps
+    if not any(s.kind in ("source", "read") for s in steps):
+        raise PipelineDefinitionError(f"pipeline {pipeline.name!r} has no source")
+    children: dict[Port, list[Step]] = defaultdict(list)
+    for step in steps:
+        for port in step.inputs:
+            children[port].append(step)
+
+    # Union-find over the topic-reading steps: each starts a sub-topology; a step that takes
+    # streams of several of them (merge) joins theirs into one.
+    parent = {s.step_id: s.step_id for s in steps if s.kind in _ENTRY_KINDS}
+
+    def find(key: str) -> str:
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    anchor: dict[str, str] = {}  # step id -> an entry step of the sub-topology it runs in
+
+    def produced_in(step_id: str) -> str:
+        """The sub-topology (an entry step id) whose task emits this step's output."""
+        return step_id if step_id in parent else anchor[step_id]
+
+    for step in steps:
+        if step.kind in ("source", "read"):
+            anchor[step.step_id] = step.step_id
+            continue
+        homes = [produced_in(upstream_id) for upstream_id, _ in step.inputs]
+        for other in homes[1:]:
+            parent[find(other)] = find(homes[0])
+        anchor[step.step_id] = homes[0]
+
+    subs: dict[str, SubTopology] = {}
+    by_topic: dict[str, SubTopology] = {}
+    for root in parent:
+        subs.setdefault(find(root), SubTopology(len(subs)))
+    for step in steps:
+        subs[find(anchor[step.step_id])].steps.append(step)
+        if step.kind in _ENTRY_KINDS and step.topic is not None:
+            entry_sub = subs[find(step.step_id)]
+            entry_sub.topics.append(step.topic)
+            entry_sub.entries[step.topic.name] = step
+            by_topic[step.topic.name] = entry_sub
+    for sub in subs.values():
+        counts = {t.name: t.partitions for t in sub.topics}
+        if len(set(counts.values())) > 1:
+            merge = next((s.step_id for s in sub.steps if s.kind == "merge"), None)
+            raise PipelineDefinitionError(
+                f"merged streams come from topics with different partition counts {counts}; "
+                "give them the same number of partitions or key_by before merging",
+                step=merge,
+            )
+
+    topics: dict[str, Topic] = {}
+    declared = [s.topic for s in steps if s.topic is not None]
+    for topic in [*declared, pipeline.dead_letter_topic]:
+        known = topics.setdefault(topic.name, topic)
+        if known.partitions != topic.partitions:
+            raise PipelineDefinitionError(
+                f"topic {topic.name!r} is declared with {known.partitions} and with "
+                f"{topic.partitions} partitions"
+            )
+    input_topics = [s.topic for s in steps if s.kind in _ENTRY_KINDS and s.topic is not None]
+    ordered = sorted(subs.values(), key=lambda s: s.index)
+    return Topology(
+        pipeline=pipeline,
+        children=dict(children),
+        subtopologies=ordered,
+        by_topic=by_topic,
+        topics=list(topics.values()),
+        input_topics=input_topics,
+    )
+
+
+def entry_port(step: Step) -> Port:
+    """The port whose children receive what a topic-reading step reads."""
+    return (step.step_id, OUT)

@@ -1,0 +1,166 @@
+"""The worker: **the one component that owns the consume loop.**
+
+A worker is one member of the pipeline's consumer group. It subscribes to the input topics of
+every sub-topology, builds a :class:`~pipelines.runtime.task.Task` for each (sub-topology,
+partition) the group assigns it, and loops::
+
+    poll a batch per partition -> task.process (deserialise -> operators -> outbox / sinks)
+    -> send the outbox -> every commit interval (and when idle, revoked or stopping): checkpoint
+
+Checkpoint order, which makes the default guarantee at-least-once: flush the sink writers ->
+send the outbox and flush the producer -> commit the offsets after the processed batches. A
+crash at any point replays from the last commit and loses nothing. A batch whose records were
+all filtered out still advances its partition's offset.
+
+Stopping (``stop`` is set, e.g. on SIGTERM) finishes the batch in hand, checkpoints, revokes and
+leaves the group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from connectors.base import SinkContext, SinkWriter
+from pipelines.log.base import LogBackend, TopicPartition
+from pipelines.runtime.outbox import Outbox
+from pipelines.runtime.task import StepStats, Task
+from pipelines.runtime.topology import Topology
+
+__all__ = ["Worker", "WorkerReport"]
+
+MAX_BATCH = 2000
+"""Records fetched per poll, across the worker's partitions."""
+COMMIT_INTERVAL = 0.5
+"""Seconds between checkpoints while records keep coming."""
+REPORT_INTERVAL = 0.5
+
+
+@dataclass(slots=True)
+class WorkerReport:
+    """What a worker tells the runner about itself now."""
+
+    worker: int
+    steps: dict[str, list[int]]
+    partitions: list[str]
+    records: int
+    done: bool = False
+    error: str | None = None
+    at: float = field(default_factory=time.time)
+
+
+class Worker:
+    """One consumer-group member running the pipeline's tasks (see the module docstring)."""
+
+    def __init__(
+        self,
+        topology: Topology,
+        log: LogBackend,
+        *,
+        index: int = 0,
+        report: Callable[[WorkerReport], None] | None = None,
+        max_batch: int = MAX_BATCH,
+        commit_interval: float = COMMIT_INTERVAL,
+    ) -> None:
+        self.topology = topology
+        self.index = index
+        self.stop = asyncio.Event()
+        self._log = log
+        self._report = report
+        self._max_batch = max_batch
+        self._commit_interval = commit_interval
+        self._producer = log.producer()
+        self._consumer = log.consumer(topology.group)
+        self._outbox = Outbox(self._producer)
+        self._writers: dict[str, SinkWriter] = {}
+        self._stats: dict[str, StepStats] = {}
+        self._tasks: dict[tuple[int, int], Task] = {}
+        self._positions: dict[TopicPartition, int] = {}  # processed, not yet committed
+        self._records = 0
+
+    async def run(self) -> None:
+        """Consume until :attr:`stop` is set; then checkpoint and leave the group."""
+        pipeline = self.topology.pipeline
+        for step in self.topology.sink_steps:
+            if step.sink is not None:
+                ctx = SinkContext(pipeline.name, step.step_id, self.index)
+                self._writers[step.step_id] = step.sink.open(ctx)
+        await self._consumer.subscribe([t.name for t in self.topology.input_topics], self)
+        next_checkpoint = time.monotonic() + self._commit_interval
+        next_report = 0.0
+        try:
+            while not self.stop.is_set():
+                fetched = await self._consumer.poll(self._max_batch, timeout=0.1)
+                for batch in fetched:
+                    sub = self.topology.by_topic[batch.topic]
+                    self._tasks[(sub.index, batch.partition)].process(batch)
+                    self._positions[batch.topic_partition] = batch.next_offset
+                    self._records += len(batch.records)
+                await self._outbox.send()
+                now = time.monotonic()
+                if now >= next_checkpoint or (not fetched and self._positions):
+                    await self._checkpoint()
+                    next_checkpoint = now + self._commit_interval
+                if now >= next_report:
+                    self._send_report()
+                    next_report = now + REPORT_INTERVAL
+        finally:
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        try:
+            await self._consumer.close()  # revokes everything: checkpoints through on_revoked
+        finally:
+            for writer in self._writers.values():
+                await writer.close()
+            await self._producer.close()
+            self._send_report(done=True)
+
+    async def _checkpoint(self, partitions: frozenset[TopicPartition] | None = None) -> None:
+        """Make the outputs durable, then commit the offsets after them."""
+        for writer in self._writers.values():
+            await writer.flush()
+        await self._outbox.send()
+        await self._producer.flush()
+        chosen = {
+            tp: offset
+            for tp, offset in self._positions.items()
+            if partitions is None or tp in partitions
+        }
+        if chosen:
+            await self._consumer.commit(chosen)
+            for tp in chosen:
+                del self._positions[tp]
+
+    async def on_assigned(self, partitions: frozenset[TopicPartition]) -> None:
+        for tp in partitions:
+            sub = self.topology.by_topic[tp.topic]
+            key = (sub.index, tp.partition)
+            if key not in self._tasks:
+                self._tasks[key] = Task(
+                    self.topology, sub, tp.partition, self._outbox, self._writers, self._stats
+                )
+
+    async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
+        await self._checkpoint(partitions)
+        still_owned = self._consumer.assignment() - partitions
+        for key in list(self._tasks):
+            sub_index, partition = key
+            sub = self.topology.subtopologies[sub_index]
+            if not any(TopicPartition(t.name, partition) in still_owned for t in sub.topics):
+                self._tasks.pop(key).close()
+
+    def _send_report(self, *, done: bool = False) -> None:
+        if self._report is None:
+            return
+        self._report(
+            WorkerReport(
+                worker=self.index,
+                steps={step_id: s.as_list() for step_id, s in self._stats.items()},
+                partitions=sorted(str(tp) for tp in self._consumer.assignment()),
+                records=self._records,
+                done=done,
+            )
+        )

@@ -1,0 +1,163 @@
+"""Bytes <-> values: the one place that serialises and deserialises.
+
+A serde works on whole batches (one call per batch from the runtime, a tight loop inside), and
+reports a record that does not decode as an :class:`~pipelines.errors.InvalidRecord` by index,
+so that one bad record is routed by the error policy and the rest of its batch passes.
+
+Joining a batch into one JSON array and decoding it with one call is measurably faster (about
+0.1 µs/record for JSON, 0.3 µs for pydantic), but a malformed record can then merge with its
+neighbours into valid JSON and shift every value after it, so each record is decoded alone.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any, Generic, TypeVar
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from pipelines.errors import InvalidRecord, PipelineDefinitionError
+
+__all__ = ["Bytes", "Json", "Model", "Serde", "Str", "serde_for"]
+
+M = TypeVar("M", bound=BaseModel)
+
+Decoded = tuple[list[Any], dict[int, InvalidRecord]]
+"""Decoded values (``None`` where invalid) and the errors by index."""
+
+
+class Serde(ABC):
+    """Turns values into bytes and back."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+    @abstractmethod
+    def serialize(self, value: Any) -> bytes:
+        """The bytes of one value."""
+
+    @abstractmethod
+    def deserialize(self, data: bytes) -> Any:
+        """The value of one record's bytes; raises :class:`InvalidRecord`."""
+
+    def serialize_many(self, values: Sequence[Any]) -> list[bytes]:
+        """The bytes of each value."""
+        serialize = self.serialize
+        return [serialize(v) for v in values]
+
+    def deserialize_many(self, data: Sequence[bytes | None]) -> Decoded:
+        """Each value, with the records that failed reported by index instead of raised."""
+        values: list[Any] = []
+        errors: dict[int, InvalidRecord] = {}
+        for index, item in enumerate(data):
+            try:
+                values.append(None if item is None else self.deserialize(item))
+            except InvalidRecord as error:
+                values.append(None)
+                errors[index] = error
+        return values, errors
+
+
+class Bytes(Serde):
+    """Raw bytes, untouched."""
+
+    def serialize(self, value: Any) -> bytes:
+        if not isinstance(value, bytes | bytearray | memoryview):
+            raise TypeError(f"the Bytes serde needs bytes, got {type(value).__name__}")
+        return bytes(value)
+
+    def deserialize(self, data: bytes) -> bytes:
+        return data
+
+    def deserialize_many(self, data: Sequence[bytes | None]) -> Decoded:
+        return list(data), {}
+
+
+class Str(Serde):
+    """UTF-8 text. The default key serde."""
+
+    def serialize(self, value: Any) -> bytes:
+        if not isinstance(value, str):
+            raise TypeError(
+                f"the Str serde needs str, got {type(value).__name__} {value!r}; return a str "
+                "from the key function or give the topic another key serde (e.g. key=Json())"
+            )
+        return value.encode()
+
+    def deserialize(self, data: bytes) -> str:
+        try:
+            return data.decode()
+        except UnicodeDecodeError as error:
+            raise InvalidRecord(f"not UTF-8 text: {error}") from error
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+class Json(Serde):
+    """JSON through orjson: dicts, lists, numbers, strings (pydantic models are dumped)."""
+
+    def serialize(self, value: Any) -> bytes:
+        return orjson.dumps(value, default=_json_default)
+
+    def deserialize(self, data: bytes) -> Any:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError as error:
+            raise InvalidRecord(f"malformed JSON: {error}") from error
+
+    def deserialize_many(self, data: Sequence[bytes | None]) -> Decoded:
+        loads = orjson.loads
+        try:
+            return [None if item is None else loads(item) for item in data], {}
+        except orjson.JSONDecodeError:
+            return super().deserialize_many(data)  # find out which, record by record
+
+
+class Model(Serde, Generic[M]):
+    """A pydantic model as JSON, validated when read."""
+
+    def __init__(self, model: type[M]) -> None:
+        self.model = model
+
+    def __repr__(self) -> str:
+        return f"Model({self.model.__name__})"
+
+    def serialize(self, value: Any) -> bytes:
+        if isinstance(value, BaseModel):
+            return value.__pydantic_serializer__.to_json(value)
+        return orjson.dumps(value)
+
+    def deserialize(self, data: bytes) -> M:
+        try:
+            return self.model.model_validate_json(data)
+        except ValidationError as error:
+            raise InvalidRecord(_describe(self.model, error)) from error
+
+
+def _describe(model: type[BaseModel], error: ValidationError) -> str:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in error.errors()
+    )
+    return f"does not validate as {model.__name__}: {problems}"
+
+
+def serde_for(spec: Serde | type[Any] | None, *, default: Serde) -> Serde:
+    """The serde a topic declares: a serde, a pydantic model class, ``bytes``, ``str``, ``dict``."""
+    if spec is None:
+        return default
+    if isinstance(spec, Serde):
+        return spec
+    if isinstance(spec, type) and issubclass(spec, BaseModel):
+        return Model(spec)
+    simple: dict[type[Any], Serde] = {bytes: Bytes(), str: Str(), dict: Json(), list: Json()}
+    if spec in simple:
+        return simple[spec]
+    raise PipelineDefinitionError(
+        f"no serde for {spec!r}: use a pydantic model, bytes, str, dict or a Serde instance"
+    )
