@@ -106,6 +106,13 @@ class MemoryLog(LocalLog):
     async def describe_topics(self) -> dict[str, TopicSpec]:
         return dict(self._specs)
 
+    def spec(self, name: str) -> TopicSpec:
+        """The spec of topic ``name`` (synchronously: this log is in memory)."""
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise TopicError(f"no topic {name!r} on the memory log") from None
+
     def _partition(self, tp: TopicPartition) -> _Partition:
         try:
             return self._partitions[tp]

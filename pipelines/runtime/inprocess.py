@@ -1,0 +1,71 @@
+"""Run a whole pipeline inside this process: sources and N workers on one event loop.
+
+This is how the ``memory`` backend runs (notebooks, ``pipelines.testing``, ``headwater run
+--backend memory``); it works on any backend, but only the runner's worker processes use more
+than one core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pipelines.log.base import LogBackend
+from pipelines.runtime.engine import is_drained, prepare_topics, start_sources
+from pipelines.runtime.sources import SourceProgress
+from pipelines.runtime.topology import Topology
+from pipelines.runtime.worker import Worker, WorkerReport
+
+__all__ = ["InProcessRun", "run_in_process"]
+
+_CHECK_SECONDS = 0.02
+
+
+@dataclass(slots=True)
+class InProcessRun:
+    """What a finished in-process run reports."""
+
+    sources: list[SourceProgress]
+    reports: dict[int, WorkerReport] = field(default_factory=dict)
+
+
+async def run_in_process(
+    topology: Topology,
+    log: LogBackend,
+    *,
+    workers: int = 1,
+    stop: asyncio.Event | None = None,
+    on_report: Callable[[WorkerReport], None] | None = None,
+) -> InProcessRun:
+    """Run until the sources are exhausted and every record is processed, or until ``stop``."""
+    await prepare_topics(log, topology)
+    run = InProcessRun(sources=[])
+
+    def report(item: WorkerReport) -> None:
+        run.reports[item.worker] = item
+        if on_report is not None:
+            on_report(item)
+
+    members = [Worker(topology, log, index=i, report=report) for i in range(workers)]
+    worker_tasks = [asyncio.create_task(w.run(), name=f"worker {w.index}") for w in members]
+    source_tasks, run.sources = await start_sources(log, topology)
+    everything = [*worker_tasks, *source_tasks]
+    try:
+        while stop is None or not stop.is_set():
+            failed = [t for t in everything if t.done() and t.exception() is not None]
+            if failed:
+                failed[0].result()  # raises the first error
+            if all(t.done() for t in source_tasks) and await is_drained(log, topology):
+                break
+            await asyncio.sleep(_CHECK_SECONDS)
+    finally:
+        for member in members:
+            member.stop.set()
+        for task in source_tasks:
+            task.cancel()
+        results = await asyncio.gather(*everything, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
+    if errors:
+        raise errors[0]
+    return run

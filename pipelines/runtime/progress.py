@@ -1,0 +1,148 @@
+"""Live progress of a run, for a person: per-step counts, per-partition lag, records/s.
+
+On a terminal it is a table redrawn in place (rich, on stderr, so sink output on stdout stays
+clean); elsewhere (CI logs, pipes) one summary line every few seconds.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from pipelines.log.base import TopicPartition
+from pipelines.runtime.sources import SourceProgress
+from pipelines.runtime.topology import Topology
+from pipelines.runtime.worker import WorkerReport
+
+__all__ = ["Progress", "RunState"]
+
+_PLAIN_EVERY = 5.0
+
+
+@dataclass(slots=True)
+class RunState:
+    """Everything the progress view shows, gathered by whoever supervises the run."""
+
+    topology: Topology
+    backend: str
+    workers: int
+    sources: list[SourceProgress] = field(default_factory=list)
+    reports: dict[int, WorkerReport] = field(default_factory=dict)
+    lag: dict[TopicPartition, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+    _rate_mark: tuple[float, int] = (0.0, 0)
+    rate: float = 0.0
+
+    @property
+    def records(self) -> int:
+        """Records the workers have processed so far."""
+        return sum(r.records for r in self.reports.values())
+
+    def update_rate(self) -> None:
+        now, total = time.monotonic(), self.records
+        then, before = self._rate_mark
+        if then and now - then >= 1.0:
+            self.rate = (total - before) / (now - then)
+            self._rate_mark = (now, total)
+        elif not then:
+            self._rate_mark = (now, total)
+
+    def step_totals(self) -> dict[str, list[int]]:
+        """Per step: records in, out, skipped, dead-lettered, summed over workers."""
+        totals: dict[str, list[int]] = {}
+        for report in self.reports.values():
+            for step_id, counts in report.steps.items():
+                into = totals.setdefault(step_id, [0, 0, 0, 0])
+                for i, count in enumerate(counts):
+                    into[i] += count
+        return totals
+
+
+def render(state: RunState) -> Group:
+    """The progress view as rich renderables."""
+    elapsed = time.monotonic() - state.started
+    title = Text.assemble(
+        ("headwater ", "bold"),
+        (state.topology.pipeline.name, "bold cyan"),
+        f" · {state.backend} · {state.workers} worker(s) · {elapsed:,.1f}s · ",
+        (f"{state.rate:,.0f} records/s", "bold green"),
+    )
+    steps = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("step", "in", "out", "skipped", "dead-lettered"):
+        steps.add_column(column, justify="left" if column == "step" else "right")
+    for source in state.sources:
+        status = "done" if source.done else "reading"
+        steps.add_row(f"{source.step_id} (source, {status})", "", f"{source.records:,}", "", "")
+    totals = state.step_totals()
+    for step in state.topology.pipeline.steps:
+        counts = totals.get(step.step_id)
+        if counts is not None:
+            steps.add_row(step.step_id, *(f"{c:,}" for c in counts))
+    lag = Table(box=None, header_style="bold", pad_edge=False)
+    lag.add_column("partition")
+    lag.add_column("lag", justify="right")
+    for tp, behind in sorted(state.lag.items()):
+        lag.add_row(str(tp), f"{behind:,}")
+    parts: list[Text | Table] = [title, steps, lag]
+    parts += [Text(note, style="yellow") for note in state.notes[-5:]]
+    return Group(*parts)
+
+
+def plain_line(state: RunState) -> str:
+    """A one-line summary for logs."""
+    elapsed = time.monotonic() - state.started
+    read = sum(s.records for s in state.sources)
+    behind = sum(state.lag.values())
+    return (
+        f"[{elapsed:7.1f}s] {state.topology.pipeline.name}: read {read:,} · processed "
+        f"{state.records:,} · lag {behind:,} · {state.rate:,.0f} records/s"
+    )
+
+
+class Progress:
+    """Shows a :class:`RunState` while a run goes on."""
+
+    def __init__(self, state: RunState, *, enabled: bool = True, stream: TextIO | None = None):
+        self.state = state
+        self._stream = stream or sys.stderr
+        self._enabled = enabled
+        self._live: Live | None = None
+        self._last_plain = 0.0
+
+    def __enter__(self) -> Progress:
+        if self._enabled and self._stream.isatty():
+            self._live = Live(
+                render(self.state),
+                console=Console(file=self._stream),
+                refresh_per_second=4,
+                transient=False,
+            )
+            self._live.__enter__()
+        return self
+
+    def refresh(self) -> None:
+        self.state.update_rate()
+        if self._live is not None:
+            self._live.update(render(self.state))
+        elif self._enabled and time.monotonic() - self._last_plain >= _PLAIN_EVERY:
+            self._last_plain = time.monotonic()
+            print(plain_line(self.state), file=self._stream, flush=True)
+
+    def note(self, message: str) -> None:
+        """Show ``message`` (a worker died, a partition moved ...)."""
+        self.state.notes.append(message)
+        if self._live is None:
+            print(message, file=self._stream, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.update(render(self.state))
+            self._live.__exit__(None, None, None)

@@ -1,0 +1,222 @@
+"""``headwater run``: source tasks in this process, N worker processes in one consumer group.
+
+Each worker process loads the pipeline module by path itself and runs one
+:class:`~pipelines.runtime.worker.Worker`; it reports to the runner over its own pipe (one pipe
+per worker, so a worker killed mid-message cannot jam the others). The runner shows progress,
+notices dead workers (their partitions move to the survivors through the group), stops when the
+sources are exhausted and every record is processed, and on Ctrl-C/SIGTERM stops the workers
+cleanly: each finishes its batch, commits and leaves.
+
+With the ``memory`` backend everything runs in this one process instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import signal
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from pipelines.errors import PipelineError
+from pipelines.loader import load_pipeline
+from pipelines.log import open_log
+from pipelines.log.base import LogBackend
+from pipelines.runtime.engine import is_drained, lag, prepare_topics, start_sources
+from pipelines.runtime.inprocess import run_in_process
+from pipelines.runtime.progress import Progress, RunState
+from pipelines.runtime.topology import Topology, compile_pipeline
+from pipelines.runtime.worker import Worker, WorkerReport
+
+__all__ = ["RunOptions", "run", "worker_main"]
+
+_TICK = 0.25
+_STOP_GRACE = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RunOptions:
+    """How to run a pipeline module."""
+
+    spec: str
+    workers: int = 1
+    backend: str = "embedded"
+    data_dir: Path = Path(".headwater")
+    progress: bool = True
+
+
+class RunFailed(PipelineError):
+    """A worker stopped with an error, or every worker died."""
+
+
+def worker_main(options: RunOptions, index: int, channel: Connection) -> None:
+    """The body of a worker process."""
+    try:
+        topology = compile_pipeline(load_pipeline(options.spec))
+        asyncio.run(_work(options, topology, index, channel))
+    except PipelineError as error:
+        channel.send(WorkerReport(index, {}, [], 0, done=True, error=str(error)))
+        raise SystemExit(1) from None
+
+
+async def _work(
+    options: RunOptions, topology: Topology, index: int, channel: Connection
+) -> None:
+    log = open_log(options.backend, data_dir=options.data_dir)
+    worker = Worker(topology, log, index=index, report=channel.send)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, worker.stop.set)
+    try:
+        await worker.run()
+    finally:
+        await log.close()
+
+
+@dataclass
+class _WorkerProcess:
+    index: int
+    process: BaseProcess
+    channel: Connection
+    gone: bool = False
+    noted: bool = False
+
+
+def run(options: RunOptions) -> RunState:
+    """Run the pipeline module ``options.spec`` to the end of its input (or until stopped)."""
+    topology = compile_pipeline(load_pipeline(options.spec))
+    state = RunState(topology, options.backend, options.workers)
+    return asyncio.run(_run(options, topology, state))
+
+
+async def _run(options: RunOptions, topology: Topology, state: RunState) -> RunState:
+    log = open_log(options.backend, data_dir=options.data_dir)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        with Progress(state, enabled=options.progress) as progress:
+            if options.backend == "memory":
+                await _run_here(options, topology, log, state, progress, stop)
+            else:
+                await _supervise(options, topology, log, state, progress, stop)
+    finally:
+        await log.close()
+    return state
+
+
+async def _run_here(
+    options: RunOptions,
+    topology: Topology,
+    log: LogBackend,
+    state: RunState,
+    progress: Progress,
+    stop: asyncio.Event,
+) -> None:
+    def on_report(report: WorkerReport) -> None:
+        state.reports[report.worker] = report
+        progress.refresh()
+
+    result = await run_in_process(
+        topology, log, workers=options.workers, stop=stop, on_report=on_report
+    )
+    state.sources = result.sources
+    state.lag = await lag(log, topology)
+
+
+async def _supervise(
+    options: RunOptions,
+    topology: Topology,
+    log: LogBackend,
+    state: RunState,
+    progress: Progress,
+    stop: asyncio.Event,
+) -> None:
+    await prepare_topics(log, topology)
+    workers = [_spawn(options, i) for i in range(options.workers)]
+    sources, state.sources = await start_sources(log, topology)
+    try:
+        while not stop.is_set():
+            _collect_reports(workers, state, progress)
+            if all(w.process.exitcode is not None for w in workers):
+                raise RunFailed("every worker has stopped before the input was processed")
+            for task in sources:
+                if task.done() and task.exception() is not None:
+                    task.result()
+            state.lag = await lag(log, topology)
+            progress.refresh()
+            if all(t.done() for t in sources) and await is_drained(log, topology):
+                break
+            await asyncio.sleep(_TICK)
+        else:
+            progress.note("stopping: the workers finish their batch, commit and leave")
+    finally:
+        for task in sources:
+            task.cancel()
+        await asyncio.gather(*sources, return_exceptions=True)
+        await _stop_workers(workers, state, progress)
+        state.lag = await lag(log, topology)
+    _collect_reports(workers, state, progress)
+
+
+def _spawn(options: RunOptions, index: int) -> _WorkerProcess:
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(
+        target=worker_main, args=(options, index, sender), name=f"headwater-worker-{index}"
+    )
+    process.start()
+    sender.close()
+    return _WorkerProcess(index, process, receiver)
+
+
+def _collect_reports(workers: list[_WorkerProcess], state: RunState, progress: Progress) -> None:
+    for worker in workers:
+        try:
+            while not worker.gone and worker.channel.poll():
+                report: WorkerReport = worker.channel.recv()
+                state.reports[report.worker] = report
+                if report.error is not None:
+                    raise RunFailed(f"worker {worker.index} stopped: {report.error}")
+        except (EOFError, OSError):
+            worker.gone = True
+        code = worker.process.exitcode
+        if code is None or worker.noted:
+            continue
+        worker.gone = worker.noted = True
+        if code < 0:
+            progress.note(
+                f"worker {worker.index} was killed by signal {-code}; "
+                "its partitions move to the other workers"
+            )
+        elif code > 0:
+            raise RunFailed(f"worker {worker.index} exited with status {code}")
+
+
+async def _stop_workers(
+    workers: list[_WorkerProcess], state: RunState, progress: Progress
+) -> None:
+    for worker in workers:
+        if worker.process.is_alive():
+            worker.process.terminate()  # SIGTERM: finish the batch, commit, leave
+    deadline = asyncio.get_running_loop().time() + _STOP_GRACE
+    while any(w.process.is_alive() for w in workers):
+        if asyncio.get_running_loop().time() > deadline:
+            for worker in workers:
+                if worker.process.is_alive():
+                    progress.note(f"worker {worker.index} did not stop in time; killing it")
+                    worker.process.kill()
+            break
+        for worker in workers:
+            try:
+                while worker.channel.poll():
+                    report: WorkerReport = worker.channel.recv()
+                    state.reports[report.worker] = report
+            except (EOFError, OSError):
+                pass
+        await asyncio.sleep(0.05)
+    for worker in workers:
+        worker.process.join(timeout=5)
