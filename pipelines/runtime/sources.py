@@ -52,12 +52,19 @@ async def load_positions(log: LogBackend, topic: Topic) -> dict[str, Any]:
         offset = fetched.next_offset
 
 
+def _values(topic: Topic, values: list[Any]) -> list[bytes | None]:
+    """Serialised values; ``bytes`` are taken as already in the topic's format (so a test can
+    feed a malformed record) and ``None`` stays a null value."""
+    serialize = topic.value_serde.serialize
+    return [v if v is None or isinstance(v, bytes) else serialize(v) for v in values]
+
+
 def _serialise(step: Step, topic: Topic, batch: SourceBatch) -> RawBatch:
     count = len(batch.values)
     now = int(time.time() * 1000)
     timestamps = batch.timestamps if batch.timestamps is not None else [now] * count
     try:
-        values = batch.values if batch.raw else topic.value_serde.serialize_many(batch.values)
+        values = batch.values if batch.raw else _values(topic, batch.values)
         keys: list[bytes | None] = (
             [None] * count
             if batch.keys is None
