@@ -76,17 +76,16 @@ def call_each(
     Each item is passed to ``fn`` exactly once, also when some of them fail.
     """
     results: list[Any] = []
-    append = results.append
     failed: set[int] = set()
     values = batch.values if items is None else items
     while True:
         try:
-            for value in islice(values, len(results), None):
-                append(fn(value))
+            # list.extend keeps what map produced before an exception: C speed, one call each
+            results.extend(map(fn, islice(values, len(results), None)))
         except Exception as error:  # noqa: BLE001 - any user error is routed by the policy
             index = len(results)
             failed.add(index)
-            append(None)
+            results.append(None)
             message = f"{describe_function(fn)} raised {type(error).__name__}: {error}"
             rejection = StepError(message, step=ctx.step_id, source=batch.source_of(index))
             rejection.__cause__ = error

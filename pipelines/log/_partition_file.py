@@ -84,7 +84,7 @@ def encode_frame(base_offset: int, batch: RawBatch) -> bytes:
     count = len(batch)
     flags = 0
     parts = [_ints("q", count).pack(*batch.timestamps)]
-    if all(k is None for k in batch.keys):
+    if batch.keys.count(None) == count:
         flags |= _NO_KEYS
     else:
         parts.append(_ints("i", count).pack(*_lengths(batch.keys)))

@@ -15,7 +15,9 @@ __all__ = ["Outbox"]
 class Outbox:
     """Serialised records on their way to the log, grouped by partition.
 
-    Keys pick the partition with Kafka's partitioner; records without a key go round-robin.
+    Keys pick the partition with Kafka's partitioner. A batch without keys goes whole to one
+    partition, the next such batch to the next partition (Kafka's sticky partitioning): fewer,
+    bigger frames, and no per-record work.
     Nothing is on the log until :meth:`send`; nothing is acknowledged until the producer
     flushes.
     """
@@ -39,12 +41,13 @@ class Outbox:
         """Queue records for ``topic``, partitioned by key."""
         if not values:
             return
-        if topic.partitions == 1:
-            self._extend(topic.name, 0, RawBatch(keys, values, timestamps, headers))
+        if topic.partitions == 1 or keys.count(None) == len(keys):
+            rotation = self._rotation[topic.name]
+            self._rotation[topic.name] = rotation + 1
+            batch = RawBatch(keys, values, timestamps, headers)
+            self._extend(topic.name, rotation % topic.partitions, batch)
             return
-        start = self._rotation[topic.name]
-        partitions = partition_batch(keys, topic.partitions, start)
-        self._rotation[topic.name] = start + len(values)
+        partitions = partition_batch(keys, topic.partitions)
         chunks: dict[int, list[int]] = defaultdict(list)
         for index, partition in enumerate(partitions):
             chunks[partition].append(index)

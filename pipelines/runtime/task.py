@@ -139,7 +139,7 @@ class Task:
         values, value_errors = topic.value_serde.deserialize_many(raw.values)
         keys, key_errors = (
             (batch.keys, {})
-            if all(k is None for k in raw.keys)
+            if raw.keys.count(None) == count
             else topic.key_serde.deserialize_many(raw.keys)
         )
         batch = Batch(keys, values, raw.timestamps, batch.origins, fetched)
@@ -188,7 +188,7 @@ class Task:
         ctx = self._contexts[step.step_id]
         values, failed = call_each(ctx, topic.value_serde.serialize, batch)
         keys: Sequence[Any] = batch.keys
-        if any(k is not None for k in keys):
+        if batch.keys.count(None) != len(batch.keys):
             keys, failed_keys = call_each(ctx, _nullable(topic.key_serde.serialize), batch, keys)
             failed |= failed_keys
         kept = batch
