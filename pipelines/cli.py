@@ -2,7 +2,8 @@
 
 ::
 
-    headwater run path/to/module.py[:attr] [--workers N] [--backend memory|embedded] [--data-dir DIR]
+    headwater run path/to/module.py[:attr] [--workers N] [--backend memory|embedded]
+                  [--data-dir DIR] [--no-progress]
     headwater topics list|describe NAME|tail NAME [--data-dir DIR]
 
 Every error a user can cause (a bad module path, a missing attribute, an invalid pipeline, an
@@ -116,11 +117,12 @@ async def _topics(args: argparse.Namespace) -> int:
                 total = sum((await log.end_offsets(tps)).values())
                 print(f"{name}\t{spec.partitions} partitions\t{total:,} records")
             return 0
-        spec = specs.get(args.name)
-        if spec is None:
+        found = specs.get(args.name)
+        if found is None:
             raise PipelineError(
                 f"no topic {args.name!r} in {args.data_dir}; `headwater topics list` shows them"
             )
+        spec = found
         tps = [TopicPartition(spec.name, p) for p in range(spec.partitions)]
         ends = await log.end_offsets(tps)
         if args.topics_command == "describe":

@@ -51,7 +51,11 @@ def _import(path: Path) -> ModuleType:
     except Exception as error:
         del sys.modules[name]
         where = next(
-            (f for f in reversed(traceback.extract_tb(error.__traceback__)) if f.filename == str(path)),
+            (
+                f
+                for f in reversed(traceback.extract_tb(error.__traceback__))
+                if f.filename == str(path)
+            ),
             None,
         )
         line = f" at line {where.lineno}" if where is not None else ""
@@ -76,19 +80,20 @@ def load_pipeline(spec: str) -> Pipeline:
         if callable(candidate) and not isinstance(candidate, Pipeline):
             candidate = candidate()
         if not isinstance(candidate, Pipeline):
-            raise LoadError(
-                f"{path}:{attribute} is a {type(candidate).__name__}, not a Pipeline"
-            )
+            raise LoadError(f"{path}:{attribute} is a {type(candidate).__name__}, not a Pipeline")
         return candidate
     found = _pipelines_in(module)
     if "pipeline" in found:
         found = ["pipeline"]
-    if len(found) != 1:
-        problem = "defines no Pipeline" if not found else f"defines several: {', '.join(found)}"
+    if not found:
         raise LoadError(
-            f"{path} {problem}; name the one to run as {path}:<attribute>"
-            if found
-            else f"{path} {problem}; assign one to a module-level name, e.g. `pipeline = Pipeline(...)...`"
+            f"{path} defines no Pipeline; assign one to a module-level name, "
+            "e.g. `pipeline = Pipeline(...)...`"
+        )
+    if len(found) > 1:
+        raise LoadError(
+            f"{path} defines several pipelines ({', '.join(found)}); "
+            f"name the one to run as {path}:<attribute>"
         )
     pipeline = getattr(module, found[0])
     assert isinstance(pipeline, Pipeline)

@@ -253,7 +253,10 @@ class Pipeline:
             )
         )
         matched = Pipeline(
-            self.name, error_policy=self.error_policy, _steps=split.steps, _tail=(step_id, "matched")
+            self.name,
+            error_policy=self.error_policy,
+            _steps=split.steps,
+            _tail=(step_id, "matched"),
         )
         built = then(matched)
         if not isinstance(built, Pipeline) or built.steps[: len(split.steps)] != split.steps:

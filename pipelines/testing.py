@@ -98,7 +98,8 @@ def _prepared(
         )
     sinks: dict[str, Collect] = {}
     steps: list[Step] = []
-    for step in pipeline.steps:
+    for declared in pipeline.steps:
+        step = declared
         if step.step_id in inputs:
             step = replace(step, source=IterableSource(list(inputs[step.step_id])))
         elif step.kind == "sink" and step.sink is not None:
@@ -136,7 +137,7 @@ def run_pipeline(
     def target() -> None:
         try:
             outcome.append(asyncio.run(coroutine))
-        except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+        except BaseException as error:
             outcome.append(error)
 
     thread = threading.Thread(target=target, name="headwater-testing")

@@ -1,6 +1,6 @@
 """Print clicks per user and page from the pipeline's output: the busiest pairs and totals.
 
-    python examples/clickstream/report.py [out/product-views.jsonl]
+python examples/clickstream/report.py [out/product-views.jsonl]
 """
 
 from __future__ import annotations

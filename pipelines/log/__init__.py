@@ -43,6 +43,4 @@ def open_log(backend: str = "embedded", *, data_dir: Path | str = DEFAULT_DATA_D
         return MemoryLog()
     if backend == "embedded":
         return EmbeddedLog(data_dir)
-    raise PipelineDefinitionError(
-        f"unknown log backend {backend!r}; choose 'memory' or 'embedded'"
-    )
+    raise PipelineDefinitionError(f"unknown log backend {backend!r}; choose 'memory' or 'embedded'")

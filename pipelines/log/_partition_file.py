@@ -33,7 +33,7 @@ import struct
 import zlib
 from bisect import bisect_right
 from functools import lru_cache
-from itertools import accumulate
+from itertools import accumulate, pairwise
 from pathlib import Path
 
 import orjson
@@ -68,7 +68,7 @@ def _slices(buffer: bytes, start: int, lengths: list[int]) -> tuple[list[bytes |
     """Cut consecutive pieces of ``lengths`` out of ``buffer`` (-1 is None)."""
     if min(lengths, default=0) >= 0:
         ends = list(accumulate(lengths, initial=start))
-        return [buffer[a:b] for a, b in zip(ends, ends[1:], strict=False)], ends[-1]
+        return [buffer[a:b] for a, b in pairwise(ends)], ends[-1]
     pieces: list[bytes | None] = []
     for length in lengths:
         if length < 0:
@@ -124,12 +124,15 @@ def decode_frame(frame: bytes) -> tuple[int, RawBatch]:
     headers: list[Headers] | None = None
     if flags & _HEADERS:
         headers = [
-            tuple((n, v.encode("latin-1")) for n, v in record) for record in orjson.loads(frame[pos:])
+            tuple((n, v.encode("latin-1")) for n, v in record)
+            for record in orjson.loads(frame[pos:])
         ]
     return base, RawBatch(keys, values, timestamps, headers)
 
 
 def _checksum_ok(frame: bytes) -> bool:
+    length: int
+    crc: int
     length, crc = struct.unpack_from("<II", frame)
     return len(frame) == _HEADER.size + length and zlib.crc32(frame[_CRC_FROM:]) == crc
 
@@ -153,25 +156,43 @@ class PartitionFile:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def _frame_at(self, position: int, size: int) -> bytes | None:
-        """The whole frame at ``position``, or None while it is incomplete or a torn tail."""
-        if size - position < _HEADER.size:
-            return None
-        head = os.pread(self._fd, _HEADER.size, position)
-        length = struct.unpack_from("<I", head)[0]
-        if position + _HEADER.size + length > size:
-            return None
-        frame = head + os.pread(self._fd, length, position + _HEADER.size)
-        if _checksum_ok(frame):
+    def _frame_at(self, position: int, size: int, *, locked: bool = False) -> bytes | None:
+        """The whole frame at ``position``, or None while it is incomplete or a torn tail.
+
+        ``size`` is the file size the caller saw. Unless the caller holds the write lock
+        (``locked``), a writer may since have cut a torn tail at ``position`` and be writing a
+        new frame there, so a frame that fails its checksum is looked at again under a shared
+        lock, with the size then, before the log is called corrupt.
+        """
+        frame = self._read_frame(position, size)
+        if frame is None or _checksum_ok(frame):
             return frame
+        if not locked:
+            fcntl.flock(self._fd, fcntl.LOCK_SH)
+            try:
+                return self._frame_at(position, os.fstat(self._fd).st_size, locked=True)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
         if position + len(frame) < size:
             raise CorruptLogError(f"{self.path}: frame at byte {position} fails its checksum")
         return None  # a torn last frame: the next writer cuts it off
 
-    def _index_new_frames(self) -> None:
+    def _read_frame(self, position: int, size: int) -> bytes | None:
+        """The bytes of the frame at ``position`` (unchecked), or None if it ends after ``size``."""
+        if size - position < _HEADER.size:
+            return None
+        head = os.pread(self._fd, _HEADER.size, position)
+        if len(head) < _HEADER.size:
+            return None  # the file shrank since ``size``: a torn tail was cut
+        length = struct.unpack_from("<I", head)[0]
+        if position + _HEADER.size + length > size:
+            return None
+        return head + os.pread(self._fd, length, position + _HEADER.size)
+
+    def _index_new_frames(self, *, locked: bool = False) -> None:
         size = os.fstat(self._fd).st_size
         while self._indexed_end < size:
-            frame = self._frame_at(self._indexed_end, size)
+            frame = self._frame_at(self._indexed_end, size, locked=locked)
             if frame is None:
                 return  # incomplete (being written, or torn until the next writer cuts it)
             _, _, base, count, _ = _HEADER.unpack_from(frame)
@@ -245,7 +266,7 @@ class PartitionFile:
 
     def _recover_tail(self) -> None:
         """Under the write lock: index what others appended and cut off a torn tail."""
-        self._index_new_frames()
+        self._index_new_frames(locked=True)
         size = os.fstat(self._fd).st_size
         if size > self._indexed_end:
             log.warning(

@@ -165,9 +165,7 @@ class LogBackend(ABC):
         """Every topic on the log, by name."""
 
     @abstractmethod
-    async def end_offsets(
-        self, partitions: Sequence[TopicPartition]
-    ) -> dict[TopicPartition, int]:
+    async def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         """The offset the next record appended to each partition will get."""
 
     @abstractmethod

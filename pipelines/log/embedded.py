@@ -182,9 +182,7 @@ class EmbeddedLog(LocalLog):
             )
         return found
 
-    async def end_offsets(
-        self, partitions: Sequence[TopicPartition]
-    ) -> dict[TopicPartition, int]:
+    async def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: self._file(tp).end_offset() for tp in partitions}
 
     def _offsets_dir(self, group: str) -> Path:

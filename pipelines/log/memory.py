@@ -119,9 +119,7 @@ class MemoryLog(LocalLog):
         except KeyError:
             raise TopicError(f"no partition {tp} on the memory log") from None
 
-    async def end_offsets(
-        self, partitions: Sequence[TopicPartition]
-    ) -> dict[TopicPartition, int]:
+    async def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         return {tp: len(self._partition(tp).values) for tp in partitions}
 
     async def committed_offsets(

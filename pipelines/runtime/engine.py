@@ -38,9 +38,7 @@ async def start_sources(
 
 
 def _partitions(topology: Topology) -> list[list[TopicPartition]]:
-    return [
-        [TopicPartition(t.name, p) for p in range(t.partitions)] for t in topology.input_topics
-    ]
+    return [[TopicPartition(t.name, p) for p in range(t.partitions)] for t in topology.input_topics]
 
 
 async def lag(log: LogBackend, topology: Topology) -> dict[TopicPartition, int]:

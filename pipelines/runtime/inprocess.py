@@ -65,7 +65,11 @@ async def run_in_process(
         for task in source_tasks:
             task.cancel()
         results = await asyncio.gather(*everything, return_exceptions=True)
-    errors = [r for r in results if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)]
+    errors = [
+        r
+        for r in results
+        if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError)
+    ]
     if errors:
         raise errors[0]
     return run

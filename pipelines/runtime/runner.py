@@ -61,9 +61,7 @@ def worker_main(options: RunOptions, index: int, channel: Connection) -> None:
         raise SystemExit(1) from None
 
 
-async def _work(
-    options: RunOptions, topology: Topology, index: int, channel: Connection
-) -> None:
+async def _work(options: RunOptions, topology: Topology, index: int, channel: Connection) -> None:
     log = open_log(options.backend, data_dir=options.data_dir)
     worker = Worker(topology, log, index=index, report=channel.send)
     loop = asyncio.get_running_loop()
@@ -196,9 +194,7 @@ def _collect_reports(workers: list[_WorkerProcess], state: RunState, progress: P
             raise RunFailed(f"worker {worker.index} exited with status {code}")
 
 
-async def _stop_workers(
-    workers: list[_WorkerProcess], state: RunState, progress: Progress
-) -> None:
+async def _stop_workers(workers: list[_WorkerProcess], state: RunState, progress: Progress) -> None:
     for worker in workers:
         if worker.process.is_alive():
             worker.process.terminate()  # SIGTERM: finish the batch, commit, leave

@@ -100,7 +100,11 @@ async def run_source(
             await producer.send(
                 positions.name,
                 0,
-                RawBatch([step.step_id.encode()], [orjson.dumps(batch.position)], [int(time.time() * 1000)]),
+                RawBatch(
+                    [step.step_id.encode()],
+                    [orjson.dumps(batch.position)],
+                    [int(time.time() * 1000)],
+                ),
             )
             await producer.flush()
             progress.records += len(raw)
@@ -108,5 +112,7 @@ async def run_source(
         error.step = error.step or step.step_id
         raise
     except OSError as error:
-        raise ConnectorError(f"source {source.name!r} failed: {error}", step=step.step_id) from error
+        raise ConnectorError(
+            f"source {source.name!r} failed: {error}", step=step.step_id
+        ) from error
     progress.done = True

@@ -123,15 +123,7 @@ def compile_pipeline(pipeline: Pipeline) -> Topology:
                 step=merge,
             )
 
-    topics: dict[str, Topic] = {}
-    declared = [s.topic for s in steps if s.topic is not None]
-    for topic in [*declared, pipeline.dead_letter_topic]:
-        known = topics.setdefault(topic.name, topic)
-        if known.partitions != topic.partitions:
-            raise PipelineDefinitionError(
-                f"topic {topic.name!r} is declared with {known.partitions} and with "
-                f"{topic.partitions} partitions"
-            )
+    topics = _declared_topics(pipeline)
     input_topics = [s.topic for s in steps if s.kind in _ENTRY_KINDS and s.topic is not None]
     ordered = sorted(subs.values(), key=lambda s: s.index)
     return Topology(
@@ -139,7 +131,7 @@ def compile_pipeline(pipeline: Pipeline) -> Topology:
         children=dict(children),
         subtopologies=ordered,
         by_topic=by_topic,
-        topics=list(topics.values()),
+        topics=topics,
         input_topics=input_topics,
     )
 
@@ -147,3 +139,17 @@ def compile_pipeline(pipeline: Pipeline) -> Topology:
 def entry_port(step: Step) -> Port:
     """The port whose children receive what a topic-reading step reads."""
     return (step.step_id, OUT)
+
+
+def _declared_topics(pipeline: Pipeline) -> list[Topic]:
+    """Every topic of the pipeline once, refusing one name declared with two partition counts."""
+    topics: dict[str, Topic] = {}
+    declared = [s.topic for s in pipeline.steps if s.topic is not None]
+    for topic in [*declared, pipeline.dead_letter_topic]:
+        known = topics.setdefault(topic.name, topic)
+        if known.partitions != topic.partitions:
+            raise PipelineDefinitionError(
+                f"topic {topic.name!r} is declared with {known.partitions} and with "
+                f"{topic.partitions} partitions"
+            )
+    return list(topics.values())
