@@ -30,7 +30,7 @@ from operators.base import Operator
 from operators.routing import Branch, Merge
 from operators.stateless import Filter, FlatMap, KeyBy, Map, Peek
 from pipelines.errors import ErrorPolicy, PipelineDefinitionError
-from pipelines.serde import Serde
+from pipelines.serde import Json, Serde
 from pipelines.topic import Topic
 
 __all__ = ["Pipeline", "Port", "Step"]
@@ -55,6 +55,9 @@ class Step:
     source: Source | None = None
     sink: Sink | None = None
     error_policy: ErrorPolicy | None = None
+    transforms: bool = False
+    """Whether the step replaces values (map, flat_map), so they may no longer fit the serde
+    of the topic they were read from."""
 
 
 class Pipeline:
@@ -153,19 +156,30 @@ class Pipeline:
         return self._with(Step(step_id or into.name, "source", topic=into, source=source))
 
     def _operator(
-        self, step_id: str, build: Callable[[], Operator], policy: ErrorPolicy | None
+        self,
+        step_id: str,
+        build: Callable[[], Operator],
+        policy: ErrorPolicy | None,
+        *,
+        transforms: bool = False,
     ) -> Pipeline:
         tail = self._require_tail(step_id)
-        return self._with(
-            Step(step_id, "operator", inputs=(tail,), operator=build, error_policy=policy)
+        step = Step(
+            step_id,
+            "operator",
+            inputs=(tail,),
+            operator=build,
+            error_policy=policy,
+            transforms=transforms,
         )
+        return self._with(step)
 
     def map(
         self, step_id: str, fn: Callable[[Any], Any], *, on_error: ErrorPolicy | None = None
     ) -> Pipeline:
         """Replace each value with ``fn(value)``."""
         _check_callable(step_id, fn)
-        return self._operator(step_id, lambda: Map(step_id, fn), on_error)
+        return self._operator(step_id, lambda: Map(step_id, fn), on_error, transforms=True)
 
     def filter(
         self,
@@ -187,7 +201,7 @@ class Pipeline:
     ) -> Pipeline:
         """Replace each value with every value of ``fn(value)`` (none, one or many)."""
         _check_callable(step_id, fn)
-        return self._operator(step_id, lambda: FlatMap(step_id, fn), on_error)
+        return self._operator(step_id, lambda: FlatMap(step_id, fn), on_error, transforms=True)
 
     def peek(
         self, step_id: str, fn: Callable[[Any], object], *, on_error: ErrorPolicy | None = None
@@ -203,21 +217,23 @@ class Pipeline:
         *,
         partitions: int | None = None,
         key: Serde | type[Any] | None = None,
+        value: Serde | type[Any] | None = None,
         on_error: ErrorPolicy | None = None,
     ) -> Pipeline:
         """Re-key each record with ``fn(value)`` and repartition by the new key.
 
         Records travel through the internal topic ``<pipeline>.<step_id>`` (``partitions``
         defaults to the largest input topic's), so every record with one key is processed by one
-        task downstream. Values keep the serde of the topic they were read from.
+        task downstream. ``key`` and ``value`` are that topic's serdes: keys default to text, and
+        values to the serde of the topic they were read from when no ``map``/``flat_map`` has
+        changed them since, else to JSON (pass ``value=SomeModel`` to get models back).
         """
         _check_callable(step_id, fn)
         tail = self._require_tail(step_id)
-        upstream_topic = self._topic_of(tail)
         topic = Topic(
             f"{self.name}.{step_id}",
             partitions=partitions or max(t.partitions for t in self._topics()),
-            value=upstream_topic.value_serde,
+            value=value or self._value_serde_at(tail),
             key=key,
         )
         return self._with(
@@ -318,14 +334,16 @@ class Pipeline:
         """The topics the pipeline reads."""
         return [s.topic for s in self.steps if s.topic is not None and s.kind != "sink"]
 
-    def _topic_of(self, port: Port) -> Topic:
-        """The topic the records at ``port`` were last read from."""
+    def _value_serde_at(self, port: Port) -> Serde:
+        """The serde that fits the values at ``port``: the serde of the topic they were read
+        from, unless a step has replaced them since (then JSON)."""
         step = self.step(port[0])
-        while step.kind not in ("source", "read", "key_by"):
-            step = self.step(step.inputs[0][0])
-        if step.topic is None:
-            raise PipelineDefinitionError("a topic-reading step has no topic", step=step.step_id)
-        return step.topic
+        if step.kind in ("source", "read", "key_by") and step.topic is not None:
+            return step.topic.value_serde
+        if step.transforms:
+            return Json()
+        found = {id(serde): serde for serde in (self._value_serde_at(p) for p in step.inputs)}
+        return next(iter(found.values())) if len(found) == 1 else Json()
 
     @property
     def dead_letter_topic(self) -> Topic:

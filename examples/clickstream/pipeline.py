@@ -39,5 +39,8 @@ pipeline = (
     .filter("product-pages", lambda click: click.url.startswith("/p/"))
     .map("to-view", product_view)
     .key_by("by-user", lambda view: view["user"])
-    .sink(connectors.JsonLinesSink(os.environ.get("CLICKS_OUTPUT", "out/product-views.jsonl")))
+    .sink(
+        connectors.JsonLinesSink(os.environ.get("CLICKS_OUTPUT", "out/product-views.jsonl")),
+        step_id="views-file",
+    )
 )
