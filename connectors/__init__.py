@@ -1,0 +1,36 @@
+"""Connectors: where records come from (sources) and where they go (sinks).
+
+* :class:`Iterable` and :class:`Collect`: Python values in, lists out (tests, notebooks);
+* :class:`JsonLines` and :class:`Csv`: files in, optionally tailing them;
+  :class:`JsonLinesSink` and :class:`CsvSink`: append-only files out;
+* :class:`Stdout`: one line per record on standard output;
+* :class:`LogTopic`: a topic on the pipeline's log, in or out.
+
+The contracts every connector follows are in :mod:`connectors.base`.
+"""
+
+# ``pipelines`` first: its package imports the pipeline DSL, which imports connectors.base, and
+# connectors.base imports pipelines.batch; entering the cycle from this side would find
+# connectors.base half-initialised.
+import pipelines  # noqa: F401  # isort: skip
+from connectors.base import Sink, SinkContext, SinkWriter, Source, SourceBatch
+from connectors.files import Csv, CsvSink, JsonLines, JsonLinesSink
+from connectors.memory import Collect, Iterable
+from connectors.stdout import Stdout
+from connectors.topic import LogTopic
+
+__all__ = [
+    "Collect",
+    "Csv",
+    "CsvSink",
+    "Iterable",
+    "JsonLines",
+    "JsonLinesSink",
+    "LogTopic",
+    "Sink",
+    "SinkContext",
+    "SinkWriter",
+    "Source",
+    "SourceBatch",
+    "Stdout",
+]
