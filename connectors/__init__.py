@@ -9,11 +9,7 @@
 The contracts every connector follows are in :mod:`connectors.base`.
 """
 
-# ``pipelines`` first: its package imports the pipeline DSL, which imports connectors.base, and
-# connectors.base imports pipelines.batch; entering the cycle from this side would find
-# connectors.base half-initialised.
-import pipelines  # noqa: F401  # isort: skip
-from connectors.base import Sink, SinkContext, SinkWriter, Source, SourceBatch
+from connectors.base import Position, Sink, SinkContext, SinkWriter, Source, SourceBatch
 from connectors.files import Csv, CsvSink, JsonLines, JsonLinesSink
 from connectors.memory import Collect, Iterable
 from connectors.stdout import Stdout
@@ -27,6 +23,7 @@ __all__ = [
     "JsonLines",
     "JsonLinesSink",
     "LogTopic",
+    "Position",
     "Sink",
     "SinkContext",
     "SinkWriter",

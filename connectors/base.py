@@ -15,12 +15,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-from pipelines.batch import Batch
+if TYPE_CHECKING:  # pipelines imports this module: a runtime import would be circular
+    from pipelines.batch import Batch
 
-__all__ = ["Sink", "SinkContext", "SinkWriter", "Source", "SourceBatch"]
+__all__ = ["Position", "Sink", "SinkContext", "SinkWriter", "Source", "SourceBatch"]
 
 Position = Any
 """A JSON-serialisable value that tells a source where to resume (a byte offset, a count...)."""
@@ -59,7 +60,6 @@ class SinkContext:
     pipeline: str
     step_id: str
     worker: int
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class SinkWriter(ABC):

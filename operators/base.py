@@ -11,10 +11,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from itertools import islice
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from pipelines.batch import Batch
-from pipelines.errors import RecordError, StepError
+if TYPE_CHECKING:  # the pipelines package imports this module: no runtime import back
+    from pipelines.batch import Batch
+    from pipelines.errors import RecordError
 
 __all__ = ["Operator", "StepContext", "call_each", "describe_function"]
 
@@ -82,7 +83,9 @@ def call_each(
         try:
             # list.extend keeps what map produced before an exception: C speed, one call each
             results.extend(map(fn, islice(values, len(results), None)))
-        except Exception as error:
+        except Exception as error:  # any user error: routed by the step's policy
+            from pipelines.errors import StepError
+
             index = len(results)
             failed.add(index)
             results.append(None)

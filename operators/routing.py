@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from operators.base import Operator, call_each
-from pipelines.batch import Batch
+
+if TYPE_CHECKING:
+    from pipelines.batch import Batch
 
 __all__ = ["Branch", "Merge"]
 

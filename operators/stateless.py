@@ -7,10 +7,12 @@ and drops the records whose call failed (the runtime has already routed them).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from operators.base import Operator, call_each
-from pipelines.batch import Batch
+
+if TYPE_CHECKING:
+    from pipelines.batch import Batch
 
 __all__ = ["Filter", "FlatMap", "KeyBy", "Map", "Peek"]
 

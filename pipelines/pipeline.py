@@ -73,7 +73,7 @@ class Pipeline:
         _steps: tuple[Step, ...] = (),
         _tail: Port | None = None,
     ) -> None:
-        if not _STEP_ID.match(name):
+        if not _STEP_ID.fullmatch(name):
             raise PipelineDefinitionError(
                 f"pipeline name {name!r} must start with a letter or digit and use only "
                 "letters, digits, '.', '_' or '-' (at most 100)"
@@ -101,7 +101,7 @@ class Pipeline:
     # -- building ---------------------------------------------------------------------------
 
     def _with(self, step: Step, tail: Port | None = None) -> Pipeline:
-        if not _STEP_ID.match(step.step_id):
+        if not _STEP_ID.fullmatch(step.step_id):
             raise PipelineDefinitionError(
                 f"step id {step.step_id!r} must start with a letter or digit and use only "
                 "letters, digits, '.', '_' or '-' (at most 100)",
@@ -223,7 +223,7 @@ class Pipeline:
         """Re-key each record with ``fn(value)`` and repartition by the new key.
 
         Records travel through the internal topic ``<pipeline>.<step_id>`` (``partitions``
-        defaults to the largest input topic's), so every record with one key is processed by one
+        defaults to that of the topic the stream was read from), so every record with one key is processed by one
         task downstream. ``key`` and ``value`` are that topic's serdes: keys default to text, and
         values to the serde of the topic they were read from when no ``map``/``flat_map`` has
         changed them since, else to JSON (pass ``value=SomeModel`` to get models back).
@@ -232,7 +232,7 @@ class Pipeline:
         tail = self._require_tail(step_id)
         topic = Topic(
             f"{self.name}.{step_id}",
-            partitions=partitions or max(t.partitions for t in self._topics()),
+            partitions=partitions or self._partitions_at(tail),
             value=value or self._value_serde_at(tail),
             key=key,
         )
@@ -330,9 +330,15 @@ class Pipeline:
 
     # -- graph facts --------------------------------------------------------------------------
 
-    def _topics(self) -> list[Topic]:
-        """The topics the pipeline reads."""
-        return [s.topic for s in self.steps if s.topic is not None and s.kind != "sink"]
+    def _read_from(self, port: Port) -> list[Topic]:
+        """The topics the records at ``port`` were last read from."""
+        step = self.step(port[0])
+        if step.kind in ("source", "read", "key_by") and step.topic is not None:
+            return [step.topic]
+        return [topic for p in step.inputs for topic in self._read_from(p)]
+
+    def _partitions_at(self, port: Port) -> int:
+        return max(t.partitions for t in self._read_from(port))
 
     def _value_serde_at(self, port: Port) -> Serde:
         """The serde that fits the values at ``port``: the serde of the topic they were read

@@ -34,7 +34,7 @@ class Topic:
         compacted: bool = False,
         retention_ms: int | None = None,
     ) -> None:
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise PipelineDefinitionError(
                 f"topic name {name!r} must be 1-200 letters, digits, '.', '_' or '-'"
             )
