@@ -1,0 +1,188 @@
+"""The test harness: ``run_pipeline`` on the memory backend and what its result gives access to."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from connectors.memory import Collect, Iterable
+from connectors.topic import LogTopic
+from pipelines import Pipeline, Topic
+from pipelines.errors import ErrorPolicy, PipelineDefinitionError, StepError
+from pipelines.partitioner import partition_for
+from pipelines.serde import Json
+from pipelines.testing import run_pipeline, run_pipeline_async
+
+
+def two_sources() -> Pipeline:
+    clicks = Pipeline("p").source(
+        Iterable(["declared click"]), into=Topic("clicks"), step_id="clicks"
+    )
+    views = clicks.source(Iterable(["declared view"]), into=Topic("views"), step_id="views")
+    return clicks.merge("all", views).map("upper", str.upper).sink(Collect(), step_id="out")
+
+
+# -- inputs= ---------------------------------------------------------------------------------------
+
+
+def test_inputs_replace_a_source_by_step_id_and_leave_the_others() -> None:
+    result = run_pipeline(two_sources(), inputs={"clicks": ["a", "b"]})
+    assert sorted(result.values("out")) == ["A", "B", "DECLARED VIEW"]
+
+
+def test_inputs_can_replace_every_source() -> None:
+    result = run_pipeline(two_sources(), inputs={"clicks": ["a"], "views": ("v1", "v2")})
+    assert sorted(result.values("out")) == ["A", "V1", "V2"]
+
+
+def test_inputs_may_be_a_one_shot_generator() -> None:
+    result = run_pipeline(two_sources(), inputs={"clicks": (c for c in "xyz"), "views": []})
+    assert sorted(result.values("out")) == ["X", "Y", "Z"]
+
+
+def test_without_inputs_the_declared_sources_are_read() -> None:
+    assert sorted(run_pipeline(two_sources()).values("out")) == ["DECLARED CLICK", "DECLARED VIEW"]
+
+
+def test_inputs_naming_an_unknown_step_raise_with_the_source_steps() -> None:
+    with pytest.raises(PipelineDefinitionError) as caught:
+        run_pipeline(two_sources(), inputs={"click": ["a"], "upper": ["b"], "views": []})
+    message = str(caught.value)
+    assert "['click', 'upper']" in message  # the unknown ids; a map step is not a source
+    assert "['clicks', 'views']" in message  # and what would have been accepted
+
+
+def test_run_pipeline_does_not_touch_the_declared_sinks() -> None:
+    declared = Collect()
+    pipeline = Pipeline("p").source(Iterable([1, 2]), into=Topic("in")).sink(declared, step_id="o")
+    result = run_pipeline(pipeline)
+    assert result.values("o") == [1, 2]
+    assert declared.values == []
+    assert result.sinks["o"] is not declared
+
+
+# -- what the result holds -------------------------------------------------------------------------
+
+
+def keyed_pipeline() -> Pipeline:
+    return (
+        Pipeline("p")
+        .source(Iterable([{"user": "ann", "n": 1}, {"user": "bob", "n": 2}]), into=Topic("in"))
+        .sink(Collect(), step_id="raw")
+        .key_by("by-user", lambda v: v["user"], partitions=2)
+        .map("n", lambda v: v["n"])
+        .sink(Collect(), step_id="numbers")
+        .sink(LogTopic(Topic("numbers", partitions=1)))
+    )
+
+
+def test_result_values_and_records_per_sink() -> None:
+    result = run_pipeline(keyed_pipeline())
+
+    assert result.values("raw") == [{"user": "ann", "n": 1}, {"user": "bob", "n": 2}]
+    raw = result.records("raw")
+    assert [(r.topic, r.partition, r.offset, r.key) for r in raw] == [
+        ("in", 0, 0, None),
+        ("in", 0, 1, None),
+    ]
+    assert sorted(result.values("numbers")) == [1, 2]
+    numbers = {r.key: r for r in result.records("numbers")}
+    assert sorted(numbers) == ["ann", "bob"]
+    for key, record in numbers.items():
+        assert record.topic == "p.by-user"
+        assert record.partition == partition_for(key.encode(), 2)
+    assert sorted(result.sinks) == ["numbers", "raw"]  # LogTopic sinks are not collected
+
+
+def test_result_topic_lists_the_raw_records_of_a_topic() -> None:
+    result = run_pipeline(keyed_pipeline())
+
+    inputs = result.topic("in")
+    assert [r.value for r in inputs] == [b'{"user":"ann","n":1}', b'{"user":"bob","n":2}']
+    assert [(r.topic, r.partition, r.offset) for r in inputs] == [("in", 0, 0), ("in", 0, 1)]
+
+    repartitioned = result.topic("p.by-user")
+    assert sorted(r.key for r in repartitioned if r.key is not None) == [b"ann", b"bob"]
+    assert [r.partition for r in repartitioned] == sorted(r.partition for r in repartitioned)
+
+    written = result.topic("numbers")
+    assert sorted((r.key, Json().deserialize(r.value)) for r in written) == [
+        (b"ann", 1),
+        (b"bob", 2),
+    ]
+    assert result.dead_letters == []
+
+
+def test_result_dead_letters_is_the_dead_letter_topic() -> None:
+    pipeline = (
+        Pipeline("p")
+        .source(Iterable([1, 0]), into=Topic("in"))
+        .map("inverse", lambda v: 1 / v)
+        .sink(Collect(), step_id="out")
+    )
+    result = run_pipeline(pipeline)
+    assert result.dead_letters == result.topic("p.dead-letters")
+    assert [r.value for r in result.dead_letters] == [b"0"]
+
+
+def test_unknown_sink_id_raises_key_error_listing_the_sinks() -> None:
+    result = run_pipeline(keyed_pipeline())
+    with pytest.raises(KeyError, match=r"no sink step 'nummbers'") as caught:
+        result.values("nummbers")
+    assert "['numbers', 'raw']" in str(caught.value)
+    with pytest.raises(KeyError, match="no sink step 'by-user'"):
+        result.records("by-user")  # a step, but not a sink
+
+
+# -- event loops -----------------------------------------------------------------------------------
+
+
+async def test_run_pipeline_works_inside_a_running_event_loop() -> None:
+    threads: list[threading.Thread] = []
+
+    def remember_thread(_: Any) -> None:
+        threads.append(threading.current_thread())
+
+    pipeline = (
+        Pipeline("p")
+        .source(Iterable([1, 2, 3]), into=Topic("in"))
+        .peek("where", remember_thread)
+        .map("double", lambda v: v * 2)
+        .sink(Collect(), step_id="out")
+    )
+    result = run_pipeline(pipeline)  # synchronous call from a coroutine
+
+    assert result.values("out") == [2, 4, 6]
+    assert len(threads) == 3
+    assert all(t is not threading.current_thread() for t in threads)  # ran in a helper thread
+
+
+async def test_run_pipeline_inside_an_event_loop_raises_the_pipeline_error() -> None:
+    pipeline = (
+        Pipeline("p", error_policy=ErrorPolicy.FAIL)
+        .source(Iterable([1, 0]), into=Topic("in"))
+        .map("inverse", lambda v: 1 / v)
+        .sink(Collect(), step_id="out")
+    )
+    with pytest.raises(StepError) as caught:
+        run_pipeline(pipeline)
+    assert caught.value.step == "inverse"
+
+
+def test_run_pipeline_from_plain_code_runs_in_the_calling_thread() -> None:
+    threads: list[threading.Thread] = []
+    pipeline = (
+        Pipeline("p")
+        .source(Iterable([1]), into=Topic("in"))
+        .peek("where", lambda _: threads.append(threading.current_thread()))
+        .sink(Collect(), step_id="out")
+    )
+    assert run_pipeline(pipeline).values("out") == [1]
+    assert threads == [threading.current_thread()]
+
+
+async def test_run_pipeline_async_from_async_code() -> None:
+    result = await run_pipeline_async(two_sources(), inputs={"clicks": ["q"], "views": []})
+    assert result.values("out") == ["Q"]
