@@ -70,9 +70,12 @@ def call_each(
     fn: Callable[[Any], Any],
     batch: Batch,
     items: Sequence[Any] | None = None,
+    *,
+    name: str | None = None,
 ) -> tuple[list[Any], set[int]]:
     """``fn`` applied to every value of ``batch`` (or to ``items``, one per record), and the
-    indices where it raised, which are already rejected through ``ctx``.
+    indices where it raised, which are already rejected through ``ctx``. ``name`` is what error
+    messages call ``fn`` (default: its qualified name).
 
     Each item is passed to ``fn`` exactly once, also when some of them fail.
     """
@@ -89,7 +92,7 @@ def call_each(
             index = len(results)
             failed.add(index)
             results.append(None)
-            message = f"{describe_function(fn)} raised {type(error).__name__}: {error}"
+            message = f"{name or describe_function(fn)} raised {type(error).__name__}: {error}"
             rejection = StepError(message, step=ctx.step_id, source=batch.source_of(index))
             rejection.__cause__ = error
             ctx.reject(batch, index, rejection)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from operators.base import Operator, call_each
+from operators.base import Operator, call_each, describe_function
 
 if TYPE_CHECKING:
     from pipelines.batch import Batch
@@ -57,7 +57,10 @@ class FlatMap(Operator):
         self.fn = fn
 
     def process(self, batch: Batch) -> Batch:
-        expanded, failed = call_each(self.ctx, lambda value: list(self.fn(value)), batch)
+        fn = self.fn
+        expanded, failed = call_each(
+            self.ctx, lambda value: list(fn(value)), batch, name=describe_function(fn)
+        )
         indices = [i for i, items in enumerate(expanded) if i not in failed for _ in items]
         values = [item for i, items in enumerate(expanded) if i not in failed for item in items]
         return batch.take(indices).with_values(values)

@@ -223,8 +223,8 @@ class Pipeline:
         """Re-key each record with ``fn(value)`` and repartition by the new key.
 
         Records travel through the internal topic ``<pipeline>.<step_id>`` (``partitions``
-        defaults to that of the topic the stream was read from), so every record with one key is processed by one
-        task downstream. ``key`` and ``value`` are that topic's serdes: keys default to text, and
+        defaults to that of the topic the stream was read from), so every record with one key
+        is processed by one task downstream. ``key`` and ``value`` are that topic's serdes: keys default to text, and
         values to the serde of the topic they were read from when no ``map``/``flat_map`` has
         changed them since, else to JSON (pass ``value=SomeModel`` to get models back).
         """

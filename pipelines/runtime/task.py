@@ -186,10 +186,21 @@ class Task:
     def _write_topic(self, step: Step, topic: Topic, batch: Batch) -> None:
         """Serialise ``batch`` with ``topic``'s serdes into the outbox."""
         ctx = self._contexts[step.step_id]
-        values, failed = call_each(ctx, topic.value_serde.serialize, batch)
+        values, failed = call_each(
+            ctx,
+            topic.value_serde.serialize,
+            batch,
+            name=f"the value serde {topic.value_serde!r} of topic {topic.name!r}",
+        )
         keys: Sequence[Any] = batch.keys
         if batch.keys.count(None) != len(batch.keys):
-            keys, failed_keys = call_each(ctx, _nullable(topic.key_serde.serialize), batch, keys)
+            keys, failed_keys = call_each(
+                ctx,
+                _nullable(topic.key_serde.serialize),
+                batch,
+                keys,
+                name=f"the key serde {topic.key_serde!r} of topic {topic.name!r}",
+            )
             failed |= failed_keys
         kept = batch
         if failed:
