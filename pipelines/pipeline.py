@@ -224,9 +224,10 @@ class Pipeline:
 
         Records travel through the internal topic ``<pipeline>.<step_id>`` (``partitions``
         defaults to that of the topic the stream was read from), so every record with one key
-        is processed by one task downstream. ``key`` and ``value`` are that topic's serdes: keys default to text, and
-        values to the serde of the topic they were read from when no ``map``/``flat_map`` has
-        changed them since, else to JSON (pass ``value=SomeModel`` to get models back).
+        is processed by one task downstream. ``key`` and ``value`` are that topic's serdes: keys
+        default to text, and values to the serde of the topic they were read from when no
+        ``map``/``flat_map`` has changed them since, else to JSON (``value=SomeModel`` gives
+        models back).
         """
         _check_callable(step_id, fn)
         tail = self._require_tail(step_id)
