@@ -2,9 +2,14 @@
 
 ::
 
-    headwater run path/to/module.py[:attr] [--workers N] [--backend memory|embedded]
-                  [--data-dir DIR] [--no-progress]
-    headwater topics list|describe NAME|tail NAME [--data-dir DIR]
+    headwater run path/to/module.py[:attr] [--workers N] [--backend embedded|memory|kafka]
+                  [--data-dir DIR] [--bootstrap-servers HOST:PORT] [--no-progress]
+    headwater worker path/to/module.py[:attr] --backend kafka [--workers N] ...
+    headwater topics list|describe NAME|tail NAME [--backend embedded|kafka] ...
+
+Kafka connection settings come from the flags or from ``HEADWATER_*`` environment variables
+(see :class:`pipelines.settings.KafkaSettings`); the SASL password only from
+``HEADWATER_SASL_PASSWORD``, so that it never shows in a process list.
 
 Every error a user can cause (a bad module path, a missing attribute, an invalid pipeline, an
 unreadable input) prints one paragraph that says what to fix, and exits with status 2.
@@ -20,16 +25,54 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import orjson
+from pydantic import ValidationError
 
 from pipelines.errors import PipelineError
-from pipelines.log import open_log
+from pipelines.log import BACKENDS, open_log
 from pipelines.log.base import TopicPartition
 from pipelines.runtime.progress import RunState
-from pipelines.runtime.runner import RunOptions, run
+from pipelines.runtime.runner import RunOptions, quiet_clients, run
+from pipelines.settings import KafkaSettings
 
 __all__ = ["main"]
 
-_BACKENDS = ("embedded", "memory")
+_KAFKA_FLAGS = (
+    "bootstrap_servers",
+    "client_id",
+    "group_id",
+    "security_protocol",
+    "sasl_mechanism",
+    "sasl_username",
+)
+
+
+def _log_arguments(parser: argparse.ArgumentParser, backends: Sequence[str]) -> None:
+    parser.add_argument("--backend", choices=backends, default="embedded")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".headwater"),
+        help="where the embedded log lives (default .headwater)",
+    )
+    kafka = parser.add_argument_group("Kafka (or HEADWATER_* environment variables)")
+    kafka.add_argument("--bootstrap-servers", metavar="HOST:PORT[,HOST:PORT]")
+    kafka.add_argument("--client-id")
+    kafka.add_argument("--group-id", help="consumer group (default: the pipeline's name)")
+    kafka.add_argument(
+        "--security-protocol", choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+    )
+    kafka.add_argument("--sasl-mechanism", choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
+    kafka.add_argument("--sasl-username")
+
+
+def _kafka_settings(args: argparse.Namespace) -> KafkaSettings | None:
+    if args.backend != "kafka":
+        return None
+    given = {flag: getattr(args, flag) for flag in _KAFKA_FLAGS if getattr(args, flag)}
+    try:
+        return KafkaSettings(**given)
+    except ValidationError as error:
+        raise PipelineError(f"invalid Kafka settings: {error}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,29 +82,35 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run_cmd = commands.add_parser("run", help="run a pipeline module until its input is processed")
-    run_cmd.add_argument("module", help="path/to/module.py or path/to/module.py:attribute")
-    run_cmd.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    run_cmd.add_argument("--backend", choices=_BACKENDS, default="embedded")
-    run_cmd.add_argument("--data-dir", type=Path, default=Path(".headwater"))
-    run_cmd.add_argument("--no-progress", action="store_true", help="do not show live progress")
+    worker_cmd = commands.add_parser(
+        "worker", help="join the consumer group of a pipeline running elsewhere (Kafka)"
+    )
+    for command in (run_cmd, worker_cmd):
+        command.add_argument("module", help="path/to/module.py or path/to/module.py:attribute")
+        command.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+        command.add_argument("--no-progress", action="store_true", help="no live progress")
+    _log_arguments(run_cmd, BACKENDS)
+    _log_arguments(worker_cmd, ("kafka", "embedded"))
 
     topics = commands.add_parser("topics", help="list, describe and read topics on the log")
-    topics.add_argument("--data-dir", type=Path, default=Path(".headwater"))
     topic_commands = topics.add_subparsers(dest="topics_command", required=True)
-    topic_commands.add_parser("list", help="every topic with its partitions and record counts")
+    listing = topic_commands.add_parser("list", help="every topic, its partitions and records")
     describe = topic_commands.add_parser("describe", help="one topic, partition by partition")
     describe.add_argument("name")
     tail = topic_commands.add_parser("tail", help="print a topic's last records")
     tail.add_argument("name")
     tail.add_argument("-n", "--lines", type=int, default=10, help="records per partition")
+    for command in (listing, describe, tail):
+        _log_arguments(command, ("embedded", "kafka"))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``headwater`` console script."""
     args = _parser().parse_args(argv)
+    quiet_clients()
     try:
-        if args.command == "run":
+        if args.command in ("run", "worker"):
             return _run(args)
         return asyncio.run(_topics(args))
     except PipelineError as error:
@@ -80,6 +129,8 @@ def _run(args: argparse.Namespace) -> int:
         backend=args.backend,
         data_dir=args.data_dir,
         progress=not args.no_progress,
+        kafka=_kafka_settings(args),
+        sources=args.command == "run",
     )
     state = run(options)
     _summary(state)
@@ -104,11 +155,11 @@ def _summary(state: RunState) -> None:
 
 
 async def _topics(args: argparse.Namespace) -> int:
-    if not (args.data_dir / "topics").is_dir():
+    if args.backend == "embedded" and not (args.data_dir / "topics").is_dir():
         raise PipelineError(
             f"no embedded log at {args.data_dir}: run a pipeline first, or pass --data-dir"
         )
-    log = open_log("embedded", data_dir=args.data_dir)
+    log = open_log(args.backend, data_dir=args.data_dir, kafka=_kafka_settings(args))
     try:
         specs = await log.describe_topics()
         if args.topics_command == "list":
@@ -120,7 +171,8 @@ async def _topics(args: argparse.Namespace) -> int:
         found = specs.get(args.name)
         if found is None:
             raise PipelineError(
-                f"no topic {args.name!r} in {args.data_dir}; `headwater topics list` shows them"
+                f"no topic {args.name!r} on the {args.backend} log; "
+                "`headwater topics list` shows them"
             )
         spec = found
         tps = [TopicPartition(spec.name, p) for p in range(spec.partitions)]

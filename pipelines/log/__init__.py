@@ -1,4 +1,4 @@
-"""Log backends: ``memory``, ``embedded`` (the default) and, with its issue, ``kafka``."""
+"""Log backends: ``memory``, ``embedded`` (the default) and ``kafka``."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from pipelines.log.base import (
 )
 from pipelines.log.embedded import DEFAULT_DATA_DIR, EmbeddedLog
 from pipelines.log.memory import MemoryLog
+from pipelines.settings import KafkaSettings
 
 __all__ = [
+    "BACKENDS",
     "BackendName",
     "Consumer",
     "EmbeddedLog",
@@ -34,13 +36,25 @@ __all__ = [
     "open_log",
 ]
 
-BackendName = Literal["memory", "embedded"]
+BackendName = Literal["memory", "embedded", "kafka"]
+BACKENDS: tuple[BackendName, ...] = ("embedded", "memory", "kafka")
 
 
-def open_log(backend: str = "embedded", *, data_dir: Path | str = DEFAULT_DATA_DIR) -> LogBackend:
-    """The log backend called ``backend``."""
+def open_log(
+    backend: str = "embedded",
+    *,
+    data_dir: Path | str = DEFAULT_DATA_DIR,
+    kafka: KafkaSettings | None = None,
+) -> LogBackend:
+    """The log backend called ``backend`` (``kafka`` connects lazily, on first use)."""
     if backend == "memory":
         return MemoryLog()
     if backend == "embedded":
         return EmbeddedLog(data_dir)
-    raise PipelineDefinitionError(f"unknown log backend {backend!r}; choose 'memory' or 'embedded'")
+    if backend == "kafka":
+        from pipelines.log.kafka import KafkaLog
+
+        return KafkaLog(kafka)
+    raise PipelineDefinitionError(
+        f"unknown log backend {backend!r}; choose one of {', '.join(BACKENDS)}"
+    )

@@ -10,7 +10,7 @@ from pipelines.log.base import LogBackend, TopicPartition
 from pipelines.runtime.sources import SourceProgress, load_positions, run_source
 from pipelines.runtime.topology import Topology
 
-__all__ = ["is_drained", "lag", "prepare_topics", "start_sources"]
+__all__ = ["Sources", "is_drained", "lag", "prepare_topics"]
 
 
 async def prepare_topics(log: LogBackend, topology: Topology) -> None:
@@ -18,23 +18,47 @@ async def prepare_topics(log: LogBackend, topology: Topology) -> None:
     await log.create_topics([t.spec for t in [*topology.topics, topology.positions_topic]])
 
 
-async def start_sources(
-    log: LogBackend, topology: Topology
-) -> tuple[list[asyncio.Task[None]], list[SourceProgress]]:
-    """One asyncio task per source step, resuming from its stored position."""
-    positions = await load_positions(log, topology.positions_topic)
-    producer = log.producer()
-    tasks, progress = [], []
-    for step in topology.source_steps:
-        state = SourceProgress(step.step_id)
-        progress.append(state)
-        tasks.append(
-            asyncio.create_task(
-                run_source(topology, step, log, producer, state, positions.get(step.step_id)),
-                name=f"source {step.step_id}",
+class Sources:
+    """The source tasks of a run, sharing one producer."""
+
+    def __init__(self, log: LogBackend, topology: Topology) -> None:
+        self._log = log
+        self._topology = topology
+        self._producer = log.producer()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.progress: list[SourceProgress] = []
+
+    async def start(self) -> None:
+        """One asyncio task per source step, resuming from its stored position."""
+        positions = await load_positions(self._log, self._topology.positions_topic)
+        for step in self._topology.source_steps:
+            state = SourceProgress(step.step_id)
+            self.progress.append(state)
+            start = positions.get(step.step_id)
+            self.tasks.append(
+                asyncio.create_task(
+                    run_source(self._topology, step, self._log, self._producer, state, start),
+                    name=f"source {step.step_id}",
+                )
             )
-        )
-    return tasks, progress
+
+    @property
+    def done(self) -> bool:
+        """Whether every source has read its input to the end."""
+        return all(t.done() for t in self.tasks)
+
+    def raise_failure(self) -> None:
+        """Raise the error of a source that failed, if one did."""
+        for task in self.tasks:
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                task.result()
+
+    async def stop(self) -> None:
+        """Cancel the sources that are still reading and close the producer."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self._producer.close()
 
 
 def _partitions(topology: Topology) -> list[list[TopicPartition]]:

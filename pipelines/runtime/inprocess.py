@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pipelines.log.base import LogBackend
-from pipelines.runtime.engine import is_drained, prepare_topics, start_sources
+from pipelines.runtime.engine import Sources, is_drained, prepare_topics
 from pipelines.runtime.sources import SourceProgress
 from pipelines.runtime.topology import Topology
 from pipelines.runtime.worker import Worker, WorkerReport
@@ -49,22 +49,23 @@ async def run_in_process(
 
     members = [Worker(topology, log, index=i, report=report) for i in range(workers)]
     worker_tasks = [asyncio.create_task(w.run(), name=f"worker {w.index}") for w in members]
-    source_tasks, run.sources = await start_sources(log, topology)
-    everything = [*worker_tasks, *source_tasks]
+    sources = Sources(log, topology)
+    run.sources = sources.progress
     try:
+        await sources.start()
         while stop is None or not stop.is_set():
-            failed = [t for t in everything if t.done() and t.exception() is not None]
-            if failed:
-                failed[0].result()  # raises the first error
-            if all(t.done() for t in source_tasks) and await is_drained(log, topology):
+            sources.raise_failure()
+            for task in worker_tasks:
+                if task.done():
+                    task.result()  # a worker only ends early by raising
+            if sources.done and await is_drained(log, topology):
                 break
             await asyncio.sleep(_CHECK_SECONDS)
     finally:
         for member in members:
             member.stop.set()
-        for task in source_tasks:
-            task.cancel()
-        results = await asyncio.gather(*everything, return_exceptions=True)
+        await sources.stop()
+        results = await asyncio.gather(*worker_tasks, return_exceptions=True)
     errors = [
         r
         for r in results

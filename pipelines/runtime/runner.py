@@ -1,5 +1,8 @@
 """``headwater run``: source tasks in this process, N worker processes in one consumer group.
 
+``headwater worker`` (Kafka) starts only worker processes, which join the group of a pipeline
+that runs elsewhere, and keeps them running until it is stopped.
+
 Each worker process loads the pipeline module by path itself and runs one
 :class:`~pipelines.runtime.worker.Worker`; it reports to the runner over its own pipe (one pipe
 per worker, so a worker killed mid-message cannot jam the others). The runner shows progress,
@@ -13,6 +16,7 @@ With the ``memory`` backend everything runs in this one process instead.
 from __future__ import annotations
 
 import asyncio
+import logging
 import multiprocessing
 import signal
 from dataclasses import dataclass
@@ -24,13 +28,14 @@ from pipelines.errors import PipelineError
 from pipelines.loader import load_pipeline
 from pipelines.log import open_log
 from pipelines.log.base import LogBackend
-from pipelines.runtime.engine import is_drained, lag, prepare_topics, start_sources
+from pipelines.runtime.engine import Sources, is_drained, lag, prepare_topics
 from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.progress import Progress, RunState
 from pipelines.runtime.topology import Topology, compile_pipeline
 from pipelines.runtime.worker import Worker, WorkerReport
+from pipelines.settings import KafkaSettings
 
-__all__ = ["RunOptions", "run", "worker_main"]
+__all__ = ["RunOptions", "quiet_clients", "run", "worker_main"]
 
 _TICK = 0.25
 _STOP_GRACE = 30.0
@@ -45,24 +50,39 @@ class RunOptions:
     backend: str = "embedded"
     data_dir: Path = Path(".headwater")
     progress: bool = True
+    kafka: KafkaSettings | None = None
+    sources: bool = True
+    """False for ``headwater worker``: join the group, run no sources, never stop on drain."""
+
+    def open_log(self) -> LogBackend:
+        return open_log(self.backend, data_dir=self.data_dir, kafka=self.kafka)
+
+    def compile(self) -> Topology:
+        group = self.kafka.group_id if self.kafka is not None else None
+        return compile_pipeline(load_pipeline(self.spec), group=group)
 
 
 class RunFailed(PipelineError):
     """A worker stopped with an error, or every worker died."""
 
 
+def quiet_clients() -> None:
+    """Keep the Kafka client's routine rebalance chatter out of the user's terminal."""
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+
+
 def worker_main(options: RunOptions, index: int, channel: Connection) -> None:
     """The body of a worker process."""
+    quiet_clients()
     try:
-        topology = compile_pipeline(load_pipeline(options.spec))
-        asyncio.run(_work(options, topology, index, channel))
+        asyncio.run(_work(options, options.compile(), index, channel))
     except PipelineError as error:
         channel.send(WorkerReport(index, {}, [], 0, done=True, error=str(error)))
         raise SystemExit(1) from None
 
 
 async def _work(options: RunOptions, topology: Topology, index: int, channel: Connection) -> None:
-    log = open_log(options.backend, data_dir=options.data_dir)
+    log = options.open_log()
     worker = Worker(topology, log, index=index, report=channel.send)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -84,13 +104,13 @@ class _WorkerProcess:
 
 def run(options: RunOptions) -> RunState:
     """Run the pipeline module ``options.spec`` to the end of its input (or until stopped)."""
-    topology = compile_pipeline(load_pipeline(options.spec))
+    topology = options.compile()
     state = RunState(topology, options.backend, options.workers)
     return asyncio.run(_run(options, topology, state))
 
 
 async def _run(options: RunOptions, topology: Topology, state: RunState) -> RunState:
-    log = open_log(options.backend, data_dir=options.data_dir)
+    log = options.open_log()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -135,26 +155,25 @@ async def _supervise(
 ) -> None:
     await prepare_topics(log, topology)
     workers = [_spawn(options, i) for i in range(options.workers)]
-    sources, state.sources = await start_sources(log, topology)
+    sources = Sources(log, topology)
+    state.sources = sources.progress
     try:
+        if options.sources:
+            await sources.start()
         while not stop.is_set():
             _collect_reports(workers, state, progress)
             if all(w.process.exitcode is not None for w in workers):
                 raise RunFailed("every worker has stopped before the input was processed")
-            for task in sources:
-                if task.done() and task.exception() is not None:
-                    task.result()
+            sources.raise_failure()
             state.lag = await lag(log, topology)
             progress.refresh()
-            if all(t.done() for t in sources) and await is_drained(log, topology):
+            if options.sources and sources.done and await is_drained(log, topology):
                 break
             await asyncio.sleep(_TICK)
         else:
             progress.note("stopping: the workers finish their batch, commit and leave")
     finally:
-        for task in sources:
-            task.cancel()
-        await asyncio.gather(*sources, return_exceptions=True)
+        await sources.stop()
         await _stop_workers(workers, state, progress)
         state.lag = await lag(log, topology)
     _collect_reports(workers, state, progress)

@@ -47,11 +47,8 @@ class Topology:
     """Every topic the pipeline writes or reads, in declaration (= topological) order."""
     input_topics: list[Topic]
     """The topics the workers consume, upstream first."""
-
-    @property
-    def group(self) -> str:
-        """The consumer group of the pipeline's workers."""
-        return self.pipeline.name
+    group: str
+    """The consumer group of the pipeline's workers (the pipeline's name unless overridden)."""
 
     @property
     def source_steps(self) -> list[Step]:
@@ -67,7 +64,7 @@ class Topology:
         return Topic(f"{self.pipeline.name}.source-positions", compacted=True, value=dict)
 
 
-def compile_pipeline(pipeline: Pipeline) -> Topology:
+def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topology:
     """Check ``pipeline`` as a whole and cut it into sub-topologies."""
     steps = pipeline.steps
     if not any(s.kind in ("source", "read") for s in steps):
@@ -133,6 +130,7 @@ def compile_pipeline(pipeline: Pipeline) -> Topology:
         by_topic=by_topic,
         topics=topics,
         input_topics=input_topics,
+        group=group or pipeline.name,
     )
 
 

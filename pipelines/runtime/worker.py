@@ -14,6 +14,11 @@ all filtered out still advances its partition's offset.
 
 Stopping (``stop`` is set, e.g. on SIGTERM) finishes the batch in hand, checkpoints, revokes and
 leaves the group.
+
+Rebalance callbacks run inside ``poll`` on the local backends but in aiokafka's coordinator task
+on Kafka, so a lock makes a callback wait until the batch in hand is processed, sent and
+checkpointed; batches of a partition revoked in the meantime are dropped unprocessed (their
+offsets were not committed, so the partition's next owner reads them).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from connectors.base import SinkContext, SinkWriter
-from pipelines.log.base import LogBackend, TopicPartition
+from pipelines.log.base import FetchedBatch, LogBackend, TopicPartition
 from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.task import StepStats, Task
 from pipelines.runtime.topology import Topology
@@ -79,6 +84,7 @@ class Worker:
         self._tasks: dict[tuple[int, int], Task] = {}
         self._positions: dict[TopicPartition, int] = {}  # processed, not yet committed
         self._records = 0
+        self._lock = asyncio.Lock()
 
     async def run(self) -> None:
         """Consume until :attr:`stop` is set; then checkpoint and leave the group."""
@@ -93,21 +99,29 @@ class Worker:
         try:
             while not self.stop.is_set():
                 fetched = await self._consumer.poll(self._max_batch, timeout=0.1)
-                for batch in fetched:
-                    sub = self.topology.by_topic[batch.topic]
-                    self._tasks[(sub.index, batch.partition)].process(batch)
-                    self._positions[batch.topic_partition] = batch.next_offset
-                    self._records += len(batch.records)
-                await self._outbox.send()
-                now = time.monotonic()
-                if now >= next_checkpoint or (not fetched and self._positions):
-                    await self._checkpoint()
-                    next_checkpoint = now + self._commit_interval
+                async with self._lock:
+                    self._process(fetched)
+                    await self._outbox.send()
+                    now = time.monotonic()
+                    if now >= next_checkpoint or (not fetched and self._positions):
+                        await self._checkpoint()
+                        next_checkpoint = now + self._commit_interval
                 if now >= next_report:
                     self._send_report()
                     next_report = now + REPORT_INTERVAL
         finally:
             await self._shutdown()
+
+    def _process(self, fetched: list[FetchedBatch]) -> None:
+        owned = self._consumer.assignment()
+        for batch in fetched:
+            tp = batch.topic_partition
+            if tp not in owned:
+                continue  # revoked while this batch was on its way
+            sub = self.topology.by_topic[batch.topic]
+            self._tasks[(sub.index, batch.partition)].process(batch)
+            self._positions[tp] = batch.next_offset
+            self._records += len(batch.records)
 
     async def _shutdown(self) -> None:
         try:
@@ -135,6 +149,10 @@ class Worker:
                 del self._positions[tp]
 
     async def on_assigned(self, partitions: frozenset[TopicPartition]) -> None:
+        async with self._lock:
+            self._open_tasks(partitions)
+
+    def _open_tasks(self, partitions: frozenset[TopicPartition]) -> None:
         for tp in partitions:
             sub = self.topology.by_topic[tp.topic]
             key = (sub.index, tp.partition)
@@ -144,7 +162,11 @@ class Worker:
                 )
 
     async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
-        await self._checkpoint(partitions)
+        async with self._lock:
+            await self._checkpoint(partitions)
+            self._close_tasks(partitions)
+
+    def _close_tasks(self, partitions: frozenset[TopicPartition]) -> None:
         still_owned = self._consumer.assignment() - partitions
         for key in list(self._tasks):
             sub_index, partition = key

@@ -8,6 +8,7 @@ broker); every contract test then runs on it too. Tests take their topic and gro
 from __future__ import annotations
 
 import itertools
+import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -16,9 +17,15 @@ import pytest
 
 from pipelines.log.base import LogBackend
 from pipelines.log.embedded import EmbeddedLog
+from pipelines.log.kafka import KafkaLog
 from pipelines.log.memory import MemoryLog
+from pipelines.settings import KafkaSettings
 
 BackendFactory = Callable[[Path], Awaitable[LogBackend]]
+
+KAFKA_BOOTSTRAP = os.environ.get("HEADWATER_TEST_KAFKA", "127.0.0.1:9092")
+"""The test broker (``bash scripts/kafka.sh start``; scripts/test.sh starts it). Kafka tests fail
+rather than skip when it is down: a skipped Kafka test would hide a broken backend."""
 
 
 async def _memory(_tmp_path: Path) -> LogBackend:
@@ -29,9 +36,14 @@ async def _embedded(tmp_path: Path) -> LogBackend:
     return EmbeddedLog(tmp_path / "embedded")
 
 
+async def _kafka(_tmp_path: Path) -> LogBackend:
+    return KafkaLog(KafkaSettings(bootstrap_servers=KAFKA_BOOTSTRAP))
+
+
 BACKENDS: dict[str, BackendFactory] = {
     "memory": _memory,
     "embedded": _embedded,
+    "kafka": _kafka,
 }
 """Backend name -> an async factory of a fresh, empty backend (given a per-test directory)."""
 

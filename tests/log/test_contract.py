@@ -396,12 +396,19 @@ async def test_a_leaving_member_hands_its_partitions_over(log: LogBackend, names
             and len(staying.seen) >= before + 8
         ),
     )
-    assert staying.listener.events[-1] == ("assigned", handed_over)
-    assert not staying.listener.calls("revoked")
     for tp in handed_over:
         assert staying.offsets(tp) == [6, 7, 8, 9]
-    for tp in kept:
-        assert staying.offsets(tp) == list(range(10))
+    if log.name == "kafka":
+        # Kafka's eager protocol revokes every partition and assigns the new set: the staying
+        # member replays what it had not committed of the partitions it kept
+        assert staying.listener.events[-1] == ("assigned", all_partitions(topic, 4))
+        for tp in kept:
+            assert set(staying.offsets(tp)) == set(range(10))
+    else:
+        assert staying.listener.events[-1] == ("assigned", handed_over)
+        assert not staying.listener.calls("revoked")
+        for tp in kept:
+            assert staying.offsets(tp) == list(range(10))
     assert await staying.poll(timeout=0.1) == 0
     await staying.consumer.close()
     assert staying.listener.events[-1] == ("revoked", all_partitions(topic, 4))

@@ -1,0 +1,391 @@
+"""The ``kafka`` backend: topics, producers and consumer groups on Apache Kafka, via aiokafka.
+
+- Topics are created through the admin client with the pipeline's partition counts
+  (``cleanup.policy=compact`` for compacted topics); a topic that exists with another partition
+  count is refused with a message that says so.
+- Producers are idempotent with ``acks=all`` and append whole batches through aiokafka's batch
+  API (one ``BatchBuilder`` per partition and send: about ten times cheaper per record than
+  ``send()``); :meth:`KafkaProducer.flush` waits for the broker's acknowledgements.
+- Consumers use manual commits, ``read_committed`` isolation and Kafka's range assignor, so the
+  same partition number of co-partitioned topics lands on the same member (aiokafka implements
+  only the eager rebalance protocol). Rebalance callbacks come from aiokafka's coordinator task;
+  the worker serialises them with its loop (see :mod:`pipelines.runtime.worker`).
+
+Connection problems surface as :class:`~pipelines.errors.LogError` within
+``KafkaSettings.connect_timeout`` seconds, naming the bootstrap servers, never a secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import TopicPartition as KafkaPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.coordinator.assignors.range import RangePartitionAssignor
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.structs import OffsetAndMetadata
+
+from pipelines.errors import LogError, TopicError
+from pipelines.log.base import (
+    Consumer,
+    FetchedBatch,
+    LogBackend,
+    Producer,
+    RawBatch,
+    RebalanceListener,
+    TopicPartition,
+    TopicSpec,
+)
+from pipelines.record import Headers
+from pipelines.settings import KafkaSettings
+
+__all__ = ["KafkaConsumer", "KafkaLog", "KafkaProducer"]
+
+T = TypeVar("T")
+_READ_TIMEOUT_MS = 2000
+_TOPIC_CONFIG = 1  # DescribeConfigs config_source: set on the topic itself
+
+
+async def _reach(settings: KafkaSettings, what: str, action: Awaitable[T]) -> T:
+    """``action``, or a clear LogError when the cluster does not answer in time."""
+    try:
+        return await asyncio.wait_for(action, settings.connect_timeout)
+    except (TimeoutError, KafkaError, OSError) as error:
+        detail = str(error) or type(error).__name__
+        raise LogError(
+            f"cannot {what} on Kafka at {settings.bootstrap_servers} within "
+            f"{settings.connect_timeout:g}s ({detail}); check --bootstrap-servers "
+            "(HEADWATER_BOOTSTRAP_SERVERS) and that the brokers are up",
+            retriable=True,
+        ) from error
+
+
+def _partitions(tps: Sequence[TopicPartition]) -> list[KafkaPartition]:
+    return [KafkaPartition(tp.topic, tp.partition) for tp in tps]
+
+
+def _fetched(tp: KafkaPartition, messages: Sequence[Any]) -> FetchedBatch:
+    """aiokafka's ConsumerRecords of one partition as one columnar batch."""
+    headers: list[Headers] | None = None
+    if any(m.headers for m in messages):
+        headers = [tuple((k, v or b"") for k, v in m.headers) for m in messages]
+    batch = RawBatch(
+        [m.key for m in messages],
+        [m.value for m in messages],
+        [m.timestamp for m in messages],
+        headers,
+    )
+    offsets = [m.offset for m in messages]
+    return FetchedBatch(tp.topic, tp.partition, batch, offsets, offsets[-1] + 1)
+
+
+class KafkaProducer(Producer):
+    """An idempotent aiokafka producer that sends batches (see the module docstring)."""
+
+    def __init__(self, settings: KafkaSettings) -> None:
+        self._settings = settings
+        self._client: AIOKafkaProducer | None = None  # created on first send
+        self._pending: list[asyncio.Future[Any]] = []
+
+    async def _start(self) -> AIOKafkaProducer:
+        if self._client is None:
+            client = AIOKafkaProducer(
+                **self._settings.client_options(),
+                acks="all",
+                enable_idempotence=True,
+                linger_ms=5,
+                max_batch_size=1 << 20,
+                max_request_size=4 << 20,
+            )
+            try:
+                await _reach(self._settings, "start a producer", client.start())
+            except LogError:
+                await client.stop()
+                raise
+            self._client = client
+        return self._client
+
+    async def send(self, topic: str, partition: int, batch: RawBatch) -> None:
+        if not len(batch):
+            return
+        producer = await self._start()
+        builder = producer.create_batch()
+        headers = batch.headers
+        for i, (key, value, stamp) in enumerate(
+            zip(batch.keys, batch.values, batch.timestamps, strict=True)
+        ):
+            record_headers = [] if headers is None else list(headers[i])
+            if builder.append(key=key, value=value, timestamp=stamp, headers=record_headers):
+                continue
+            self._pending.append(await producer.send_batch(builder, topic, partition=partition))
+            builder = producer.create_batch()
+            if (
+                builder.append(key=key, value=value, timestamp=stamp, headers=record_headers)
+                is None
+            ):
+                raise LogError(f"a record of {len(value or b'')} bytes does not fit a Kafka batch")
+        self._pending.append(await producer.send_batch(builder, topic, partition=partition))
+
+    async def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        try:
+            await asyncio.gather(*pending)
+        except KafkaError as error:
+            raise LogError(f"Kafka did not acknowledge a batch: {error}", retriable=True) from error
+
+    async def close(self) -> None:
+        if self._client is not None:
+            try:
+                await self.flush()
+            finally:
+                await self._client.stop()
+                self._client = None
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, listener: RebalanceListener, consumer: KafkaConsumer) -> None:
+        self._listener = listener
+        self._consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: Sequence[KafkaPartition]) -> None:
+        gone = frozenset(TopicPartition(tp.topic, tp.partition) for tp in revoked)
+        if gone:
+            await self._listener.on_revoked(gone)  # may still commit them
+        self._consumer.owned -= gone
+
+    async def on_partitions_assigned(self, assigned: Sequence[KafkaPartition]) -> None:
+        new = frozenset(TopicPartition(tp.topic, tp.partition) for tp in assigned)
+        self._consumer.owned |= new
+        if new:
+            await self._listener.on_assigned(new)
+
+
+class KafkaConsumer(Consumer):
+    """A member of a Kafka consumer group with manual commits (see the module docstring)."""
+
+    def __init__(self, log: KafkaLog, group: str) -> None:
+        self._log = log
+        self._settings = log.settings
+        self._consumer = AIOKafkaConsumer(
+            **self._settings.client_options(),
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            partition_assignment_strategy=(RangePartitionAssignor,),
+            max_partition_fetch_bytes=4 << 20,
+            fetch_max_bytes=32 << 20,
+            session_timeout_ms=10_000,
+            heartbeat_interval_ms=2_000,
+        )
+        self._listener: _Listener | None = None
+        self.owned: frozenset[TopicPartition] = frozenset()
+
+    async def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
+        existing = await self._log.describe_topics()
+        missing = [t for t in topics if t not in existing]
+        if missing:
+            raise TopicError(f"cannot subscribe to missing topic(s) {', '.join(missing)}")
+        await _reach(self._settings, "join the consumer group", self._consumer.start())
+        self._listener = _Listener(listener, self)
+        self._consumer.subscribe(list(topics), listener=self._listener)
+
+    async def poll(self, max_records: int, timeout: float) -> list[FetchedBatch]:
+        if self._listener is None:
+            raise LogError("poll() before subscribe()")
+        data = await self._consumer.getmany(timeout_ms=int(timeout * 1000), max_records=max_records)
+        return [_fetched(tp, messages) for tp, messages in data.items() if messages]
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        foreign = [str(tp) for tp in offsets if tp not in self.owned]
+        if foreign:
+            raise LogError(f"cannot commit partitions this member does not own: {foreign}")
+        try:
+            await self._consumer.commit(
+                {
+                    KafkaPartition(tp.topic, tp.partition): OffsetAndMetadata(o, "")
+                    for tp, o in offsets.items()
+                }
+            )
+        except KafkaError as error:
+            raise LogError(f"committing offsets failed: {error}", retriable=True) from error
+
+    def assignment(self) -> frozenset[TopicPartition]:
+        return self.owned
+
+    async def close(self) -> None:
+        if self._listener is not None and self.owned:
+            await self._listener.on_partitions_revoked(
+                [KafkaPartition(tp.topic, tp.partition) for tp in self.owned]
+            )
+        await self._consumer.stop()
+
+
+class KafkaLog(LogBackend):
+    """Apache Kafka as the pipeline's log."""
+
+    name = "kafka"
+
+    def __init__(self, settings: KafkaSettings | None = None) -> None:
+        self.settings = settings or KafkaSettings()
+        self._admin: AIOKafkaAdminClient | None = None
+        self._reader: AIOKafkaConsumer | None = None
+
+    async def _admin_client(self) -> AIOKafkaAdminClient:
+        if self._admin is None:
+            admin = AIOKafkaAdminClient(**self.settings.client_options())
+            await _reach(self.settings, "connect", admin.start())
+            self._admin = admin
+        return self._admin
+
+    async def _reader_client(self) -> AIOKafkaConsumer:
+        if self._reader is None:
+            reader = AIOKafkaConsumer(
+                **self.settings.client_options(),
+                group_id=None,
+                enable_auto_commit=False,
+                isolation_level="read_committed",
+            )
+            await _reach(self.settings, "connect", reader.start())
+            self._reader = reader
+        return self._reader
+
+    async def create_topics(self, specs: Sequence[TopicSpec]) -> None:
+        admin = await self._admin_client()
+        existing = await self.describe_topics()
+        for spec in specs:
+            found = existing.get(spec.name)
+            if found is not None and found.partitions != spec.partitions:
+                raise TopicError(
+                    f"topic {spec.name!r} exists on Kafka with {found.partitions} partitions, "
+                    f"not {spec.partitions}; give the topic another name, or change its "
+                    "declared partition count to match"
+                )
+            if spec.partitions < 1:
+                raise TopicError(f"topic {spec.name!r} needs at least one partition")
+        new = [
+            NewTopic(
+                spec.name,
+                spec.partitions,
+                self.settings.replication_factor,
+                topic_configs=_topic_configs(spec),
+            )
+            for spec in specs
+            if spec.name not in existing
+        ]
+        if not new:
+            return
+        try:
+            response = await _reach(self.settings, "create topics", admin.create_topics(new))
+        except TopicAlreadyExistsError:
+            response = None
+        for name, code, *_ in getattr(response, "topic_errors", ()):
+            if code not in (0, TopicAlreadyExistsError.errno):
+                raise TopicError(f"Kafka refused to create topic {name!r} (error code {code})")
+        await self._wait_for_topics([s.name for s in specs])
+
+    async def _wait_for_topics(self, names: Sequence[str]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.connect_timeout
+        while loop.time() < deadline:
+            if set(names) <= set(await self.describe_topics()):
+                return
+            await asyncio.sleep(0.1)
+        raise TopicError(f"topics {list(names)} did not appear on Kafka in time")
+
+    async def describe_topics(self) -> dict[str, TopicSpec]:
+        admin = await self._admin_client()
+        topics = await _reach(self.settings, "describe topics", admin.describe_topics())
+        counts = {
+            t["topic"]: len(t["partitions"])
+            for t in topics
+            if not t.get("error_code") and not t["topic"].startswith("__")
+        }
+        if not counts:
+            return {}
+        wanted = {"cleanup.policy": None, "retention.ms": None}
+        resources = [ConfigResource(ConfigResourceType.TOPIC, name, wanted) for name in counts]
+        responses = await _reach(
+            self.settings, "describe topics", admin.describe_configs(resources)
+        )
+        specs = {}
+        for response in responses:
+            for resource in response.to_object()["resources"]:
+                name = resource["resource_name"]
+                overrides = {
+                    entry["config_names"]: entry["config_value"]
+                    for entry in resource["config_entries"]
+                    if entry.get("config_source") == _TOPIC_CONFIG
+                }
+                specs[name] = TopicSpec(
+                    name,
+                    counts[name],
+                    compacted="compact" in overrides.get("cleanup.policy", ""),
+                    retention_ms=int(overrides["retention.ms"])
+                    if "retention.ms" in overrides
+                    else None,
+                )
+        return specs
+
+    async def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
+        reader = await self._reader_client()
+        ends = await _reach(
+            self.settings, "read end offsets", reader.end_offsets(_partitions(partitions))
+        )
+        return {TopicPartition(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+
+    async def committed_offsets(
+        self, group: str, partitions: Sequence[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        admin = await self._admin_client()
+        found = await _reach(
+            self.settings,
+            "read committed offsets",
+            admin.list_consumer_group_offsets(group, partitions=_partitions(partitions)),
+        )
+        return {
+            TopicPartition(tp.topic, tp.partition): meta.offset
+            for tp, meta in found.items()
+            if meta.offset >= 0
+        }
+
+    async def read(self, tp: TopicPartition, offset: int, max_records: int) -> FetchedBatch:
+        reader = await self._reader_client()
+        kafka_tp = KafkaPartition(tp.topic, tp.partition)
+        end = (await self.end_offsets([tp]))[tp]
+        if offset >= end:
+            return FetchedBatch(tp.topic, tp.partition, RawBatch([], [], []), [], offset)
+        reader.assign([kafka_tp])
+        reader.seek(kafka_tp, offset)
+        data = await reader.getmany(kafka_tp, timeout_ms=_READ_TIMEOUT_MS, max_records=max_records)
+        messages = data.get(kafka_tp, [])
+        if not messages:
+            return FetchedBatch(tp.topic, tp.partition, RawBatch([], [], []), [], offset)
+        return _fetched(kafka_tp, messages)
+
+    def producer(self) -> Producer:
+        return KafkaProducer(self.settings)
+
+    def consumer(self, group: str) -> Consumer:
+        return KafkaConsumer(self, group)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            await self._reader.stop()
+            self._reader = None
+        if self._admin is not None:
+            await self._admin.close()
+            self._admin = None
+
+
+def _topic_configs(spec: TopicSpec) -> dict[str, str]:
+    configs = {"cleanup.policy": "compact" if spec.compacted else "delete"}
+    if spec.retention_ms is not None:
+        configs["retention.ms"] = str(spec.retention_ms)
+    return configs
