@@ -1,0 +1,436 @@
+"""``headwater run`` with real worker processes on the embedded log: ``kill -9`` of a worker,
+SIGTERM / Ctrl-C of the runner, and resuming a stopped run.
+
+Each test writes a pipeline module into its temporary directory, starts the runner as a
+subprocess (``python -m pipelines.cli run``) in a new session, and checks what ends up on the
+log record by record against a reference computed here in plain Python.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+
+from pipelines.log import EmbeddedLog
+from pipelines.log.base import TopicPartition
+
+RUN_TIMEOUT = 60.0
+"""Seconds any one ``headwater run`` may take before the test gives up (and kills it)."""
+
+N = 100_000
+"""Input records."""
+
+INPUT_TOPIC = "numbers"
+OUTPUT_TOPIC = "out"
+
+FAST_UNTIL = 80_000
+"""The source emits this many records at full speed; after them it may trickle (see below)."""
+
+# The pipeline under test. The map sleeps WORK_PAUSE seconds on every 25th record it maps, to
+# keep the workers busy long enough to be killed or stopped mid-stream. When the runner's
+# environment sets NUMBERS_TRICKLE, the source sleeps that long every 1,000 records after the
+# first FAST_UNTIL: the input is then still being read when the test stops the run.
+PIPELINE_MODULE = """
+import asyncio
+import os
+import time
+
+from connectors.memory import Iterable
+from connectors.topic import LogTopic
+from pipelines import Pipeline, Topic
+
+N = {n}
+FAST_UNTIL = {fast_until}
+TRICKLE = float(os.environ.get("NUMBERS_TRICKLE", "0"))
+WORK_PAUSE = {work_pause}
+
+
+async def numbers():
+    for n in range(N):
+        if n >= FAST_UNTIL and n % 1000 == 0 and TRICKLE:
+            await asyncio.sleep(TRICKLE)
+        yield {{"n": n, "tag": "abcdefg"[: n % 8]}}
+
+
+def keep(value):
+    return value["n"] % 3 != 0
+
+
+def square(value):
+    if value["n"] % 25 == 1:
+        time.sleep(WORK_PAUSE)
+    return {{"n": value["n"], "square": value["n"] * value["n"], "tag": value["tag"]}}
+
+
+pipeline = (
+    Pipeline("numbers")
+    .source(
+        Iterable(numbers, batch_size=1000, key=lambda value: str(value["n"])),
+        into=Topic("{input_topic}", partitions=6),
+    )
+    .filter("keep", keep)
+    .map("square", square)
+    .sink(LogTopic(Topic("{output_topic}", partitions=3)))
+)
+"""
+
+
+@functools.cache
+def expected_input() -> Counter[bytes]:
+    """The input topic's values: each input record once."""
+    return Counter(orjson.dumps({"n": n, "tag": "abcdefg"[: n % 8]}) for n in range(N))
+
+
+@functools.cache
+def expected_output() -> Counter[bytes]:
+    """Every output value the pipeline must produce (each exactly once on a clean run)."""
+    return Counter(
+        orjson.dumps({"n": n, "square": n * n, "tag": "abcdefg"[: n % 8]})
+        for n in range(N)
+        if n % 3 != 0
+    )
+
+
+def write_module(directory: Path, *, work_pause: float) -> Path:
+    path = directory / "numbers_pipeline.py"
+    path.write_text(
+        textwrap.dedent(
+            PIPELINE_MODULE.format(
+                n=N,
+                fast_until=FAST_UNTIL,
+                work_pause=work_pause,
+                input_topic=INPUT_TOPIC,
+                output_topic=OUTPUT_TOPIC,
+            )
+        )
+    )
+    return path
+
+
+# -- running headwater -------------------------------------------------------------------------
+
+
+@dataclass
+class Runner:
+    """A ``headwater run`` subprocess in its own session (its workers are in its group)."""
+
+    process: subprocess.Popen[bytes]
+    stdout_path: Path
+    stderr_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def wait(self, timeout: float = RUN_TIMEOUT) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            pytest.fail(f"headwater run did not finish in {timeout:.0f}s:\n{self.stderr()}")
+
+    def kill_all(self) -> None:
+        """SIGKILL the runner's process group (the runner and its workers)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+
+@contextlib.contextmanager
+def headwater_run(
+    module: Path,
+    data_dir: Path,
+    *,
+    workers: int,
+    name: str,
+    env: dict[str, str] | None = None,
+) -> Iterator[Runner]:
+    """Start ``headwater run`` in the background; never leave it running after the block."""
+    out = module.parent / f"{name}.stdout"
+    err = module.parent / f"{name}.stderr"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "pipelines.cli",
+                "run",
+                str(module),
+                "--workers",
+                str(workers),
+                "--data-dir",
+                str(data_dir),
+            ],
+            cwd=module.parent,
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
+    runner = Runner(process, out, err)
+    try:
+        yield runner
+    finally:
+        if process.poll() is None:
+            runner.kill_all()
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def worker_pids(runner_pid: int) -> list[int]:
+    """The live worker processes of a runner: its spawned multiprocessing children."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or _ppid(int(entry.name)) != runner_pid:
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"spawn_main" in cmdline and state != "Z":
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_until(condition: Callable[[], bool], runner: Runner, *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if runner.process.poll() is not None:
+            pytest.fail(
+                f"headwater run ended (status {runner.process.returncode}) before {what}:\n"
+                + runner.stderr()
+            )
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}:\n{runner.stderr()}")
+        time.sleep(0.02)
+
+
+# -- reading the log -------------------------------------------------------------------------
+
+
+async def _read_topic(data_dir: Path, name: str) -> list[tuple[bytes | None, bytes | None]]:
+    log = EmbeddedLog(data_dir)
+    try:
+        spec = (await log.describe_topics())[name]
+        records: list[tuple[bytes | None, bytes | None]] = []
+        for partition in range(spec.partitions):
+            tp = TopicPartition(name, partition)
+            offset = 0
+            while True:
+                fetched = await log.read(tp, offset, 50_000)
+                if not len(fetched.records):
+                    break
+                records += zip(fetched.records.keys, fetched.records.values, strict=True)
+                offset = fetched.next_offset
+        return records
+    finally:
+        await log.close()
+
+
+def read_topic(data_dir: Path, name: str) -> list[tuple[bytes | None, bytes | None]]:
+    """Every (key, value) on topic ``name``, partition by partition."""
+    return asyncio.run(_read_topic(data_dir, name))
+
+
+async def _count(data_dir: Path, name: str) -> int:
+    log = EmbeddedLog(data_dir)
+    try:
+        specs = await log.describe_topics()
+        if name not in specs:
+            return 0
+        tps = [TopicPartition(name, p) for p in range(specs[name].partitions)]
+        return sum((await log.end_offsets(tps)).values())
+    finally:
+        await log.close()
+
+
+def count_records(data_dir: Path, name: str) -> int:
+    """Records on topic ``name`` now (0 while it does not exist yet)."""
+    return asyncio.run(_count(data_dir, name))
+
+
+async def _lag(data_dir: Path, name: str, group: str) -> int:
+    log = EmbeddedLog(data_dir)
+    try:
+        spec = (await log.describe_topics())[name]
+        tps = [TopicPartition(name, p) for p in range(spec.partitions)]
+        ends = await log.end_offsets(tps)
+        committed = await log.committed_offsets(group, tps)
+        return sum(ends[tp] - committed.get(tp, 0) for tp in tps)
+    finally:
+        await log.close()
+
+
+def input_lag(data_dir: Path) -> int:
+    """Records of the input topic the pipeline's group has not committed."""
+    return asyncio.run(_lag(data_dir, INPUT_TOPIC, "numbers"))
+
+
+def check_output(data_dir: Path, *, exactly_once: bool) -> Counter[bytes]:
+    """Every expected output is on the output topic, and nothing else; returns what is."""
+    expected = expected_output()
+    found = Counter(value for _, value in read_topic(data_dir, OUTPUT_TOPIC))
+    unexpected = found.keys() - expected.keys()
+    missing = expected.keys() - found.keys()
+    assert not unexpected, f"{len(unexpected)} unexpected outputs, e.g. {sorted(unexpected)[:3]}"
+    assert not missing, f"{len(missing)} outputs lost, e.g. {sorted(missing)[:3]}"
+    if exactly_once:
+        duplicated = {v: c for v, c in found.items() if c > 1}
+        assert not duplicated, (
+            f"{len(duplicated)} outputs written more than once after a clean stop and restart, "
+            f"e.g. {sorted(duplicated)[:3]}"
+        )
+    return found
+
+
+def check_input(data_dir: Path) -> None:
+    """The input topic holds each input record exactly once."""
+    records = read_topic(data_dir, INPUT_TOPIC)
+    assert len(records) == N
+    assert Counter(value for _, value in records) == expected_input()
+    keys = {key for key, _ in records}
+    assert keys == {str(n).encode() for n in range(N)}
+
+
+# -- tests -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_worker_loses_nothing(tmp_path: Path) -> None:
+    """At-least-once: a worker killed mid-stream costs duplicates at most, never a record."""
+    module = write_module(tmp_path, work_pause=0.003)
+    data_dir = tmp_path / "log"
+    total = sum(expected_output().values())
+    with headwater_run(module, data_dir, workers=3, name="run") as runner:
+        wait_until(lambda: len(worker_pids(runner.pid)) == 3, runner, timeout=20, what="3 workers")
+        wait_until(
+            lambda: count_records(data_dir, OUTPUT_TOPIC) >= total // 10,
+            runner,
+            timeout=30,
+            what="some output",
+        )
+        victims = worker_pids(runner.pid)
+        os.kill(victims[0], signal.SIGKILL)
+        written_at_kill = count_records(data_dir, OUTPUT_TOPIC)
+        assert written_at_kill < total * 0.7, "the run was almost over: make the workers slower"
+        wait_until(
+            lambda: victims[0] not in worker_pids(runner.pid),
+            runner,
+            timeout=10,
+            what="the killed worker to go",
+        )
+        assert worker_pids(runner.pid) == victims[1:]
+        code = runner.wait()
+    stderr = runner.stderr()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    assert "killed by signal 9" in stderr
+    assert "its partitions move to the other workers" in stderr
+    assert "lag: 0 records" in stderr
+    assert input_lag(data_dir) == 0
+    check_input(data_dir)
+    found = check_output(data_dir, exactly_once=False)
+    assert sum(found.values()) >= total
+
+
+def _interrupt(runner: Runner, signum: int) -> None:
+    if signum == signal.SIGINT:
+        os.killpg(runner.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
+    else:
+        os.kill(runner.pid, signum)  # e.g. a service manager stopping the runner
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_mid_stream_then_resume(tmp_path: Path, signum: int) -> None:
+    """A stopped run stops cleanly and soon; the same command then resumes where it stopped,
+    without re-emitting input."""
+    module = write_module(tmp_path, work_pause=0.003)
+    data_dir = tmp_path / "log"
+
+    # First run: the input trickles after FAST_UNTIL records, and the workers are far behind.
+    trickle = {"NUMBERS_TRICKLE": "0.25"}
+    with headwater_run(module, data_dir, workers=3, name="first", env=trickle) as runner:
+        wait_until(lambda: len(worker_pids(runner.pid)) == 3, runner, timeout=20, what="3 workers")
+        wait_until(
+            lambda: (
+                count_records(data_dir, INPUT_TOPIC) > FAST_UNTIL
+                and count_records(data_dir, OUTPUT_TOPIC) > 0
+            ),
+            runner,
+            timeout=30,
+            what="the run to get going",
+        )
+        backlog = input_lag(data_dir)
+        assert backlog > N // 4, "the workers are not behind: make them slower"
+        workers = worker_pids(runner.pid)
+        _interrupt(runner, signum)
+        stopped_at = time.monotonic()
+        code = runner.wait(timeout=40)
+        stop_seconds = time.monotonic() - stopped_at
+        assert not [pid for pid in workers if _alive(pid)], "workers outlived the runner"
+    stderr = runner.stderr()
+    # Documented (runner module): on Ctrl-C/SIGTERM the runner stops the workers cleanly, each
+    # finishes its batch, commits and leaves; the runner then exits normally after its summary.
+    assert code in (0, 130, 143), stderr
+    assert "Traceback" not in stderr, stderr
+    assert "stopping: the workers finish their batch, commit and leave" in stderr
+    assert "did not stop in time" not in stderr
+    first_input = count_records(data_dir, INPUT_TOPIC)
+    assert FAST_UNTIL < first_input < N, "the source was not stopped mid-stream"
+    # Each worker finishes the batch in hand (at most MAX_BATCH records), not its whole backlog.
+    left = input_lag(data_dir)
+    assert left > 0, (
+        f"the workers processed their whole backlog of {backlog:,} records before stopping "
+        f"({stop_seconds:.1f}s) instead of stopping after the batch in hand"
+    )
+    assert stop_seconds < 5.0
+
+    with headwater_run(module, data_dir, workers=3, name="second") as runner:
+        code = runner.wait()
+    stderr = runner.stderr()
+    assert code == 0, stderr
+    assert "Traceback" not in stderr
+    # The source resumes from its stored position: it writes only what it had not written.
+    assert f"source {INPUT_TOPIC}: {N - first_input:,} records written" in stderr
+    assert "lag: 0 records" in stderr
+    assert input_lag(data_dir) == 0
+    check_input(data_dir)
+    # Nothing crashed: every stop checkpointed, so each record was processed exactly once.
+    check_output(data_dir, exactly_once=True)

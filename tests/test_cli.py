@@ -1,0 +1,449 @@
+"""The ``headwater`` command line: every user error exits with status 2 and one paragraph that
+says what to fix (never a traceback); ``headwater topics`` shows what a run left on the log."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+import pytest
+
+TIMEOUT = 60.0
+
+GOOD_MODULE = """
+import connectors
+from pipelines import Pipeline, Topic
+
+LETTERS = [{"letter": c, "n": i} for i, c in enumerate("abcdefghij" * 3)]
+
+
+def key(value):
+    return value["letter"] if isinstance(value, dict) else None
+
+
+pipeline = (
+    Pipeline("letters")
+    .source(
+        connectors.Iterable(LETTERS + [b"not json"], key=key),
+        into=Topic("letters", partitions=3),
+    )
+    .map("upper", lambda v: {"letter": v["letter"].upper(), "n": v["n"]})
+    .sink(connectors.LogTopic(Topic("upper", partitions=2)))
+)
+"""
+
+LETTERS = [{"letter": c, "n": i} for i, c in enumerate("abcdefghij" * 3)]
+
+
+def headwater(
+    *args: str | Path, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``headwater ARGS`` in ``cwd``, as ``python -m pipelines.cli``."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *map(str, args)],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+
+
+def write(path: Path, source: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """Status 2 and one paragraph on stderr, starting ``headwater:``, containing ``needles``;
+    returns the paragraph joined into one line."""
+    stderr = result.stderr
+    assert result.returncode == 2, (result.returncode, stderr)
+    assert "Traceback" not in stderr, stderr
+    text = stderr.strip()
+    assert text, "nothing on stderr"
+    assert "\n\n" not in text, f"more than one paragraph:\n{stderr}"
+    assert text.startswith("headwater: "), stderr
+    starts = [line for line in text.splitlines() if line.startswith("headwater:")]
+    assert len(starts) == 1, stderr
+    assert result.stdout == ""
+    paragraph = " ".join(text.split())
+    for needle in needles:
+        assert needle in paragraph, f"{needle!r} not in:\n{stderr}"
+    return paragraph
+
+
+# -- headwater run: loading the module -------------------------------------------------------
+
+
+def test_missing_module_path(tmp_path: Path) -> None:
+    result = headwater("run", "nowhere/pipeline.py", cwd=tmp_path)
+    assert_user_error(
+        result, "no pipeline module at nowhere/pipeline.py", "give the path of a Python file"
+    )
+
+
+def test_a_directory_instead_of_a_module(tmp_path: Path) -> None:
+    (tmp_path / "pipelines_dir").mkdir()
+    result = headwater("run", "pipelines_dir", cwd=tmp_path)
+    assert_user_error(result, "pipelines_dir", "did you mean a .py file?")
+
+
+def test_a_module_with_a_syntax_error(tmp_path: Path) -> None:
+    write(
+        tmp_path / "broken.py",
+        """
+        from pipelines import Pipeline
+
+        pipeline = Pipeline("broken"
+        def oops(:
+            pass
+        """,
+    )
+    result = headwater("run", "broken.py", cwd=tmp_path)
+    assert_user_error(result, "importing broken.py failed", "SyntaxError", "line 5")
+
+
+RAISES = """
+import connectors
+from pipelines import Pipeline, Topic
+
+SETTINGS = {}
+
+
+def setting(name):
+    return SETTINGS[name]
+
+
+pipeline = (
+    Pipeline("raises")
+    .source(connectors.Iterable([1]), into=Topic(setting("topic")))
+    .sink(connectors.Stdout())
+)
+"""
+
+
+@pytest.mark.parametrize("spelled", ["relative", "absolute"])
+def test_a_module_that_raises_on_import(tmp_path: Path, spelled: str) -> None:
+    module = write(tmp_path / "jobs" / "raises.py", RAISES)
+    spec = "jobs/raises.py" if spelled == "relative" else str(module)
+    result = headwater("run", spec, cwd=tmp_path)
+    # the innermost line of the module that raised: `return SETTINGS[name]`
+    assert_user_error(result, f"importing {spec} failed at line 9", "KeyError: 'topic'")
+
+
+def test_a_module_that_imports_a_missing_package(tmp_path: Path) -> None:
+    write(tmp_path / "needs.py", "import no_such_package_anywhere\n")
+    result = headwater("run", "needs.py", cwd=tmp_path)
+    assert_user_error(result, "ModuleNotFoundError", "no_such_package_anywhere")
+
+
+def test_a_missing_attribute(tmp_path: Path) -> None:
+    write(tmp_path / "letters.py", GOOD_MODULE)
+    result = headwater("run", "letters.py:pipelin", cwd=tmp_path)
+    assert_user_error(result, "has no attribute 'pipelin'", "its pipelines are: pipeline")
+
+
+def test_an_attribute_that_is_not_a_pipeline(tmp_path: Path) -> None:
+    write(tmp_path / "letters.py", GOOD_MODULE)
+    result = headwater("run", "letters.py:LETTERS", cwd=tmp_path)
+    assert_user_error(result, "letters.py:LETTERS is a list, not a Pipeline")
+
+
+FACTORIES = """
+from pipelines import Pipeline
+
+
+def broken_factory():
+    raise RuntimeError("the factory needs a config file")
+
+
+def needs_an_argument(config):
+    return Pipeline("x")
+"""
+
+
+@pytest.mark.parametrize(
+    ("attribute", "needle"),
+    [
+        ("broken_factory", "the factory needs a config file"),
+        ("needs_an_argument", "config"),
+    ],
+)
+def test_an_attribute_whose_factory_fails(tmp_path: Path, attribute: str, needle: str) -> None:
+    """``module.py:attribute`` may name a function returning the pipeline; when calling it
+    fails, that is a user error like any other failure to load."""
+    write(tmp_path / "factories.py", FACTORIES)
+    result = headwater("run", f"factories.py:{attribute}", cwd=tmp_path)
+    assert_user_error(result, attribute, needle)
+
+
+def test_a_module_without_a_pipeline(tmp_path: Path) -> None:
+    write(tmp_path / "empty.py", "from pipelines import Pipeline\nNAME = 'x'\n")
+    result = headwater("run", "empty.py", cwd=tmp_path)
+    assert_user_error(result, "empty.py defines no Pipeline", "pipeline = Pipeline(")
+
+
+def test_a_module_with_several_pipelines(tmp_path: Path) -> None:
+    write(
+        tmp_path / "two.py",
+        """
+        import connectors
+        from pipelines import Pipeline, Topic
+
+        def make(name):
+            source = connectors.Iterable([1])
+            return Pipeline(name).source(source, into=Topic(name)).sink(connectors.Stdout())
+
+        first = make("a")
+        second = make("b")
+        """,
+    )
+    result = headwater("run", "two.py", cwd=tmp_path)
+    assert_user_error(result, "first, second", "two.py:<attribute>")
+
+
+def test_a_module_with_an_invalid_pipeline(tmp_path: Path) -> None:
+    write(
+        tmp_path / "dup.py",
+        """
+        import connectors
+        from pipelines import Pipeline, Topic
+
+        pipeline = (
+            Pipeline("dup")
+            .source(connectors.Iterable([1, 2]), into=Topic("numbers"))
+            .map("double", lambda n: 2 * n)
+            .map("double", lambda n: 4 * n)
+            .sink(connectors.Stdout())
+        )
+        """,
+    )
+    result = headwater("run", "dup.py", cwd=tmp_path)
+    assert_user_error(result, "dup.py declares an invalid pipeline", "'double' is used twice")
+
+
+# -- headwater run: options and inputs -------------------------------------------------------
+
+
+@pytest.mark.parametrize("workers", ["0", "-2"])
+def test_workers_must_be_positive(tmp_path: Path, workers: str) -> None:
+    write(tmp_path / "letters.py", GOOD_MODULE)
+    result = headwater("run", "letters.py", "--workers", workers, cwd=tmp_path)
+    assert_user_error(result, f"--workers must be at least 1, not {workers}")
+    assert not (tmp_path / ".headwater" / "topics" / "letters").exists()
+
+
+JSONLINES = """
+import connectors
+from pipelines import Pipeline, Topic
+
+pipeline = (
+    Pipeline("lines")
+    .source(connectors.JsonLines({path!r}), into=Topic("lines", partitions=2))
+    .map("same", lambda v: v)
+    .sink(connectors.Stdout())
+)
+"""
+
+
+def _missing(tmp_path: Path) -> tuple[str, list[str]]:
+    return "data/clicks.jsonl", ["no such file 'data/clicks.jsonl'", "fix the path"]
+
+
+def _directory(tmp_path: Path) -> tuple[str, list[str]]:
+    (tmp_path / "data").mkdir()
+    return "data", ["'data' is a directory", "give the path of a file"]
+
+
+def _no_permission(tmp_path: Path) -> tuple[str, list[str]]:
+    path = tmp_path / "secret.jsonl"
+    path.write_text('{"a": 1}\n')
+    path.chmod(0)
+    return "secret.jsonl", ["permission denied reading 'secret.jsonl'", "make it readable"]
+
+
+UNREADABLE: list[Callable[[Path], tuple[str, list[str]]]] = [_missing, _directory]
+if os.geteuid() != 0:  # root reads any file
+    UNREADABLE.append(_no_permission)
+
+
+@pytest.mark.parametrize("make", UNREADABLE, ids=lambda make: make.__name__.strip("_"))
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_unreadable_input_file(
+    tmp_path: Path, make: Callable[[Path], tuple[str, list[str]]], workers: str
+) -> None:
+    path, needles = make(tmp_path)
+    write(tmp_path / "lines.py", JSONLINES.format(path=path))
+    result = headwater("run", "lines.py", "--workers", workers, "--no-progress", cwd=tmp_path)
+    assert_user_error(result, "JsonLines source", *needles, "step 'lines'")
+
+
+def test_an_unreadable_input_file_with_progress_shown(tmp_path: Path) -> None:
+    """With progress on (the default), the error is still one paragraph, and the last thing."""
+    write(tmp_path / "lines.py", JSONLINES.format(path="missing.jsonl"))
+    result = headwater("run", "lines.py", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    error = result.stderr[result.stderr.index("headwater: ") :]
+    assert "\n\n" not in error.strip()
+    assert "no such file 'missing.jsonl'" in " ".join(error.split())
+
+
+def test_a_topic_redeclared_with_other_partitions(tmp_path: Path) -> None:
+    write(tmp_path / "letters.py", GOOD_MODULE)
+    first = headwater("run", "letters.py", "--no-progress", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    write(tmp_path / "letters.py", GOOD_MODULE.replace("partitions=3", "partitions=4"))
+    result = headwater("run", "letters.py", "--no-progress", cwd=tmp_path)
+    assert_user_error(result, "topic 'letters' exists", "3 partitions, not 4")
+
+
+# -- a good run, and headwater topics ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory where ``headwater run letters.py`` has run to the end (default data dir)."""
+    directory = tmp_path_factory.mktemp("cli-run")
+    write(directory / "letters.py", GOOD_MODULE)
+    result = headwater("run", "letters.py", "--workers", "2", cwd=directory)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "headwater: letters finished" in result.stderr
+    assert "source letters: 31 records written" in result.stderr
+    assert "letters: 31 in, 30 out, 1 to dead letters" in result.stderr
+    assert "lag: 0 records" in result.stderr
+    return directory
+
+
+def test_console_script(finished_run: Path) -> None:
+    script = shutil.which("headwater") or str(Path(sys.executable).parent / "headwater")
+    result = subprocess.run(
+        [script, "topics", "list"],
+        cwd=finished_run,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "letters\t3 partitions\t31 records" in result.stdout
+
+
+def test_topics_list(finished_run: Path) -> None:
+    result = headwater("topics", "list", cwd=finished_run)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "letters\t3 partitions\t31 records",
+        "letters.dead-letters\t1 partitions\t1 records",
+        "letters.source-positions\t1 partitions\t1 records",
+        "upper\t2 partitions\t30 records",
+    ]
+
+
+def test_topics_data_dir_option(finished_run: Path, tmp_path: Path) -> None:
+    """``--data-dir`` goes after the topics command, as for ``headwater run``."""
+    data_dir = tmp_path / "elsewhere"
+    shutil.copytree(finished_run / ".headwater", data_dir)
+    result = headwater("topics", "describe", "upper", "--data-dir", data_dir, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "upper: 2 partitions, compacted=False"
+    listed = headwater("topics", "list", "--data-dir", data_dir, cwd=tmp_path)
+    assert "upper\t2 partitions\t30 records" in listed.stdout.splitlines()
+
+
+def test_topics_describe(finished_run: Path) -> None:
+    result = headwater(
+        "topics", "describe", "letters", "--data-dir", ".headwater", cwd=finished_run
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "letters: 3 partitions, compacted=False"
+    counts = [int(line.split(":")[1].split()[0]) for line in lines[1:]]
+    assert [line.split(":")[0].strip() for line in lines[1:]] == [
+        "partition 0",
+        "partition 1",
+        "partition 2",
+    ]
+    assert sum(counts) == 31
+    positions = headwater("topics", "describe", "letters.source-positions", cwd=finished_run)
+    assert positions.stdout.splitlines()[0].endswith("1 partitions, compacted=True")
+
+
+def _tail(finished_run: Path, topic: str, *more: str) -> list[dict[str, object]]:
+    result = headwater("topics", "tail", topic, *more, cwd=finished_run)
+    assert result.returncode == 0, result.stderr
+    return [orjson.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_topics_tail(finished_run: Path) -> None:
+    everything = _tail(finished_run, "upper", "-n", "100")
+    assert len(everything) == 30
+    assert sorted((r["value"] for r in everything), key=lambda v: orjson.loads(v)["n"]) == [  # type: ignore[arg-type]
+        orjson.dumps({"letter": v["letter"].upper(), "n": v["n"]}).decode()  # type: ignore[attr-defined]
+        for v in LETTERS
+    ]
+    for record in everything:
+        assert record["key"] == orjson.loads(record["value"])["letter"].lower()  # type: ignore[arg-type]
+        assert record["headers"] == {}
+    # one key's records are all in one partition, in order
+    by_key: dict[str, set[object]] = {}
+    for record in everything:
+        by_key.setdefault(record["key"], set()).add(record["partition"])  # type: ignore[arg-type]
+    assert all(len(partitions) == 1 for partitions in by_key.values())
+
+    last = _tail(finished_run, "upper", "-n", "2")
+    for partition in (0, 1):
+        mine = [r for r in everything if r["partition"] == partition]
+        assert [r for r in last if r["partition"] == partition] == mine[-2:]
+        assert [r["offset"] for r in mine] == list(range(len(mine)))
+
+    default = _tail(finished_run, "upper")  # 10 per partition
+    assert len(default) == sum(
+        min(10, sum(r["partition"] == p for r in everything)) for p in (0, 1)
+    )
+
+
+def test_topics_tail_shows_dead_letter_headers(finished_run: Path) -> None:
+    (dead,) = _tail(finished_run, "letters.dead-letters")
+    assert dead["value"] == "not json"
+    assert dead["key"] is None
+    headers = dead["headers"]
+    assert isinstance(headers, dict)
+    assert headers["headwater.step"] == "letters"
+    assert headers["headwater.source.topic"] == "letters"
+    assert headers["headwater.error"]
+
+
+def test_topics_describe_an_unknown_topic(finished_run: Path) -> None:
+    result = headwater("topics", "describe", "uper", cwd=finished_run)
+    assert_user_error(result, "no topic 'uper'", "`headwater topics list` shows them")
+
+
+def test_topics_tail_an_unknown_topic(finished_run: Path) -> None:
+    result = headwater("topics", "tail", "nope", cwd=finished_run)
+    assert_user_error(result, "no topic 'nope'")
+
+
+def test_topics_without_a_log(tmp_path: Path) -> None:
+    result = headwater("topics", "list", cwd=tmp_path)
+    assert_user_error(result, "no embedded log at .headwater", "--data-dir")
+    assert not (tmp_path / ".headwater").exists()
+
+
+def test_run_on_the_memory_backend(tmp_path: Path) -> None:
+    write(tmp_path / "letters.py", GOOD_MODULE)
+    result = headwater("run", "letters.py", "--backend", "memory", "--workers", "2", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "letters: 31 in, 30 out, 1 to dead letters" in result.stderr
+    assert "upper: 30 in, 30 out" in result.stderr
+    assert not (tmp_path / ".headwater").exists()
