@@ -1,0 +1,579 @@
+"""Benchmark a stateless JSON filter + map pipeline on the embedded log, with worker processes.
+
+    python bench/stateless.py [--records N] [--workers 1 2] [--rate R] [--partitions P]
+
+The pipeline is ``bench/stateless_pipeline.py``: read a P-partition topic of JSON events, keep
+the clicks (half), map each to a smaller dict, write to a P-partition topic. Per worker count:
+
+throughput
+    N events are appended to the input topic first (``EmbeddedLog.producer()``, batches of 1000),
+    then the pipeline runs as ``headwater run`` runs it (``pipelines.runtime.runner.run``, real
+    spawned worker processes), which returns once the input is drained. A thread samples the
+    output topic's end offsets and the group's committed offsets, so besides start -> drained it
+    reports the processing window (first output record -> last output record), which leaves
+    out the fixed cost of starting the worker processes.
+latency
+    worker processes run the pipeline (``pipelines.runtime.worker.Worker`` on the embedded log,
+    as the runner's worker processes do; stopped with SIGTERM at the end) while a producer
+    appends at a steady ``--rate`` in small batches every ``--tick-ms``, each record's timestamp
+    set to the wall-clock ms when its batch is appended, and a reader tails the output topic.
+    Timestamps travel with records, so latency = time read - record timestamp. Records sent
+    during the ``--warmup`` seconds (workers starting, joining the group) are not measured.
+
+This is a benchmark, not a test: it prints numbers, and checks only that every record came out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import resource
+import shlex
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from workload import clicks_below, encoded_events
+
+from pipelines.loader import load_pipeline
+from pipelines.log import EmbeddedLog
+from pipelines.log.base import RawBatch, TopicPartition
+from pipelines.runtime.engine import prepare_topics
+from pipelines.runtime.runner import RunOptions, run
+from pipelines.runtime.topology import Topology, compile_pipeline
+from pipelines.runtime.worker import Worker
+
+PIPELINE = Path(__file__).resolve().with_name("stateless_pipeline.py")
+INPUT_TOPIC = "bench-in"
+OUTPUT_TOPIC = "bench-out"
+GROUP = "bench"
+PREFILL_BATCH = 1000
+SAMPLE_SECONDS = 0.005
+READ_BATCH = 10_000
+DRAIN_GRACE = 10.0
+"""Seconds the latency reader waits for the last records after the producer stops."""
+STOP_GRACE = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The command line."""
+
+    records: int
+    workers: list[int]
+    rate: int
+    partitions: int
+    seconds: float
+    warmup: float
+    tick_ms: float
+    repeat: int
+    phase: str
+    data_root: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class ThroughputRun:
+    """One timed ``runner.run`` over the pre-filled input."""
+
+    workers: int
+    records: int
+    output: int
+    total: float
+    """Seconds from calling ``run`` to the input found drained (every offset committed)."""
+    startup: float
+    """Seconds from calling ``run`` to the first output record."""
+    processing: float
+    """Seconds from the first output record to the last (appended)."""
+    committed_rate: float
+    """Records/s from the first commit seen to the input drained (sampling committed offsets)."""
+    worker_cpu: float
+    """CPU seconds (user + system) the worker processes used, start-up included."""
+    other_cores: float
+    """Cores the rest of the machine kept busy meanwhile, on average (not the workers, not this
+    process): how much the run had to share the CPU. NaN where ``/proc/stat`` is missing."""
+
+    @property
+    def rate(self) -> float:
+        return self.records / self.total
+
+    @property
+    def processing_rate(self) -> float:
+        return self.records / self.processing
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyRun:
+    """One steady-rate run: how late the output records were read."""
+
+    workers: int
+    sent: int
+    received: int
+    expected: int
+    rate: float
+    latencies_ms: list[float]
+
+    def percentile(self, q: float) -> float:
+        ordered = self.latencies_ms
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+# -- set-up ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--records", type=int, default=1_000_000, help="input records")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts")
+    parser.add_argument("--rate", type=int, default=50_000, help="latency phase, records/s")
+    parser.add_argument("--partitions", type=int, default=4, help="partitions per topic")
+    parser.add_argument("--seconds", type=float, default=10.0, help="latency phase, measured")
+    parser.add_argument("--warmup", type=float, default=3.0, help="latency phase, not measured")
+    parser.add_argument("--tick-ms", type=float, default=5.0, help="latency phase, send period")
+    parser.add_argument("--repeat", type=int, default=1, help="throughput runs per worker count")
+    parser.add_argument("--phase", choices=["all", "throughput", "latency"], default="all")
+    parser.add_argument("--data-root", type=Path, default=None, help="where data dirs go")
+    args = parser.parse_args(argv)
+    return Config(
+        records=args.records,
+        workers=args.workers,
+        rate=args.rate,
+        partitions=args.partitions,
+        seconds=args.seconds,
+        warmup=args.warmup,
+        tick_ms=args.tick_ms,
+        repeat=args.repeat,
+        phase=args.phase,
+        data_root=args.data_root,
+    )
+
+
+def load_topology(partitions: int) -> Topology:
+    """The pipeline, with its topic names and partitions exported for the worker processes."""
+    os.environ["BENCH_INPUT_TOPIC"] = INPUT_TOPIC
+    os.environ["BENCH_OUTPUT_TOPIC"] = OUTPUT_TOPIC
+    os.environ["BENCH_PARTITIONS"] = str(partitions)
+    return compile_pipeline(load_pipeline(str(PIPELINE)))
+
+
+def partitions_of(topic: str, partitions: int) -> list[TopicPartition]:
+    return [TopicPartition(topic, p) for p in range(partitions)]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def prefill(data_dir: Path, topology: Topology, records: int, partitions: int) -> None:
+    """Create the pipeline's topics and append ``records`` events to the input topic."""
+    log = EmbeddedLog(data_dir)
+    try:
+        await prepare_topics(log, topology)
+        producer = log.producer()
+        stamp = now_ms()
+        for index, start in enumerate(range(0, records, PREFILL_BATCH)):
+            count = min(PREFILL_BATCH, records - start)
+            batch = RawBatch([None] * count, encoded_events(start, count, stamp), [stamp] * count)
+            await producer.send(INPUT_TOPIC, index % partitions, batch)
+        await producer.close()
+    finally:
+        await log.close()
+
+
+async def output_count(data_dir: Path, partitions: int) -> int:
+    log = EmbeddedLog(data_dir)
+    try:
+        return sum((await log.end_offsets(partitions_of(OUTPUT_TOPIC, partitions))).values())
+    finally:
+        await log.close()
+
+
+# -- throughput -----------------------------------------------------------------------------
+
+
+class OffsetSampler(threading.Thread):
+    """Watches a throughput run from outside, on the wall clock: when the first output record
+    lands, when the first commit lands, and when every input offset is committed.
+
+    The output topic is watched through its partition files' sizes and modification times (the
+    layout ``pipelines/log/embedded.py`` documents), not by reading it: indexing the output as a
+    reader would costs CPU the workers need. Committed offsets come from the log's API.
+    """
+
+    def __init__(self, data_dir: Path, partitions: int, records: int) -> None:
+        super().__init__(name="offset-sampler", daemon=True)
+        self._data_dir = data_dir
+        self._inputs = partitions_of(INPUT_TOPIC, partitions)
+        self.output_files = [
+            data_dir / "topics" / OUTPUT_TOPIC / f"{p}.log" for p in range(partitions)
+        ]
+        self._records = records
+        self._halt = threading.Event()
+        self.first_output: float | None = None
+        self.first_commit: tuple[float, int] | None = None
+        self.drained: float | None = None
+
+    def run(self) -> None:
+        asyncio.run(self._watch())
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+    def last_output(self) -> float:
+        """When the last output record was appended (the newest output file's mtime)."""
+        return max(path.stat().st_mtime_ns for path in self.output_files) / 1e9
+
+    async def _watch(self) -> None:
+        log = EmbeddedLog(self._data_dir)
+        try:
+            while not self._halt.is_set() and self.drained is None:
+                await self._sample(log, time.time())
+                await asyncio.sleep(SAMPLE_SECONDS)
+        finally:
+            await log.close()
+
+    async def _sample(self, log: EmbeddedLog, now: float) -> None:
+        if self.first_output is None and any(map(_nonempty, self.output_files)):
+            self.first_output = now
+        committed = sum((await log.committed_offsets(GROUP, self._inputs)).values())
+        if committed and self.first_commit is None:
+            self.first_commit = (now, committed)
+        if committed >= self._records:
+            self.drained = now
+
+
+def _nonempty(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def throughput_run(
+    config: Config, template: Path, scratch: Path, workers: int, attempt: int
+) -> ThroughputRun:
+    """Copy the pre-filled log and run the pipeline over it until drained."""
+    data_dir = scratch / f"throughput-{workers}w-{attempt}"
+    shutil.copytree(template, data_dir)
+    os.sync()  # so writing back the copy does not overlap the timed run
+    sampler = OffsetSampler(data_dir, config.partitions, config.records)
+    sampler.start()
+    before = (children_cpu(), own_cpu(), machine_busy())
+    started = time.time()
+    try:
+        run(RunOptions(spec=str(PIPELINE), workers=workers, data_dir=data_dir, progress=False))
+    finally:
+        sampler.stop()
+    cpu = children_cpu() - before[0]  # the runner has joined its workers
+    other = machine_busy() - before[2] - cpu - (own_cpu() - before[1])
+    other /= time.time() - started
+    output = asyncio.run(output_count(data_dir, config.partitions))
+    result = summarize_throughput(config, workers, output, started, (cpu, other), sampler)
+    shutil.rmtree(data_dir)
+    return result
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def machine_busy() -> float:
+    """CPU seconds all cores have spent busy since boot (NaN without ``/proc/stat``)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return float("nan")
+    ticks = [int(f) for f in fields]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def summarize_throughput(
+    config: Config,
+    workers: int,
+    output: int,
+    started: float,
+    cpu: tuple[float, float],
+    sampler: OffsetSampler,
+) -> ThroughputRun:
+    first, drained = sampler.first_output, sampler.drained
+    if first is None or drained is None or sampler.first_commit is None:
+        raise RuntimeError("the run returned before the sampler saw the input drained")
+    last = sampler.last_output()
+    commit_time, commit_count = sampler.first_commit
+    return ThroughputRun(
+        workers=workers,
+        records=config.records,
+        output=output,
+        total=drained - started,
+        startup=first - started,
+        processing=last - first,
+        committed_rate=(config.records - commit_count) / max(drained - commit_time, 1e-9),
+        worker_cpu=cpu[0],
+        other_cores=cpu[1],
+    )
+
+
+def throughput_phase(config: Config, topology: Topology, scratch: Path) -> list[ThroughputRun]:
+    template = scratch / "template"
+    print(f"pre-filling {config.records:,} records ...", flush=True)
+    asyncio.run(prefill(template, topology, config.records, config.partitions))
+    runs = []
+    for workers in config.workers:
+        for attempt in range(config.repeat):
+            result = throughput_run(config, template, scratch, workers, attempt)
+            print(
+                f"  throughput {workers} worker(s): {result.rate:,.0f} rec/s start->drained "
+                f"({result.total:.2f} s), {result.processing_rate:,.0f} rec/s processing "
+                f"({result.processing:.2f} s), start-up {result.startup:.2f} s, "
+                f"commit-sampled {result.committed_rate:,.0f} rec/s, worker CPU "
+                f"{result.worker_cpu:.2f} s ({result.worker_cpu / config.records * 1e6:.2f} "
+                f"µs/record), other processes {result.other_cores:.2f} cores",
+                flush=True,
+            )
+            check_output("throughput", result.output, clicks_below(config.records))
+            runs.append(result)
+    shutil.rmtree(template)
+    return runs
+
+
+def check_output(phase: str, received: int, expected: int) -> None:
+    if received != expected:
+        print(f"  WARNING {phase}: {received:,} output records, expected {expected:,}")
+
+
+# -- latency --------------------------------------------------------------------------------
+
+
+def worker_main(data_dir: str, index: int) -> None:
+    """A worker process of the latency phase: one :class:`Worker` until SIGTERM."""
+    topology = compile_pipeline(load_pipeline(str(PIPELINE)))
+    asyncio.run(serve(topology, Path(data_dir), index))
+
+
+async def serve(topology: Topology, data_dir: Path, index: int) -> None:
+    log = EmbeddedLog(data_dir)
+    worker = Worker(topology, log, index=index)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, worker.stop.set)
+    try:
+        await worker.run()
+    finally:
+        await log.close()
+
+
+def start_workers(data_dir: Path, count: int) -> list[BaseProcess]:
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=worker_main, args=(str(data_dir), i), name=f"bench-worker-{i}")
+        for i in range(count)
+    ]
+    for process in processes:
+        process.start()
+    return processes
+
+
+def stop_workers(processes: list[BaseProcess]) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.terminate()  # SIGTERM: the worker finishes its batch, commits and leaves
+    for process in processes:
+        process.join(STOP_GRACE)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+async def produce(log: EmbeddedLog, config: Config) -> int:
+    """Append at ``config.rate`` for warm-up + measured seconds; returns the records sent."""
+    producer = log.producer()
+    start = time.monotonic()
+    end = start + config.warmup + config.seconds
+    sent = rotation = 0
+    while (now := time.monotonic()) < end:
+        due = int((now - start) * config.rate) - sent
+        if due > 0:
+            values = encoded_events(sent, due, now_ms())
+            stamp = now_ms()  # after encoding: the moment the batch is appended
+            batch = RawBatch([None] * due, values, [stamp] * due)
+            await producer.send(INPUT_TOPIC, rotation % config.partitions, batch)
+            rotation += 1
+            sent += due
+        await asyncio.sleep(config.tick_ms / 1000)
+    await producer.close()
+    return sent
+
+
+async def tail(
+    log: EmbeddedLog, config: Config, producing: asyncio.Task[int], measure_from: int
+) -> tuple[int, list[float]]:
+    """Read the output topic until every record the producer sent is out (or a grace period
+    after it stopped); the latency of each record stamped at or after ``measure_from``."""
+    offsets = dict.fromkeys(partitions_of(OUTPUT_TOPIC, config.partitions), 0)
+    latencies: list[float] = []
+    received = 0
+    deadline: float | None = None
+    while True:
+        got = 0
+        for tp, offset in offsets.items():
+            fetched = await log.read(tp, offset, READ_BATCH)
+            if len(fetched.records):
+                read_at = time.time() * 1000
+                stamps = fetched.records.timestamps
+                latencies.extend(read_at - ts for ts in stamps if ts >= measure_from)
+                offsets[tp] = fetched.next_offset
+                got += len(stamps)
+        received += got
+        if producing.done():
+            if received >= clicks_below(producing.result()):
+                return received, latencies
+            deadline = deadline or time.monotonic() + DRAIN_GRACE
+            if time.monotonic() > deadline:
+                return received, latencies
+        await asyncio.sleep(0 if got else 0.001)
+
+
+async def drive(config: Config, data_dir: Path, workers: int) -> LatencyRun:
+    log = EmbeddedLog(data_dir)
+    try:
+        measure_from = now_ms() + int(config.warmup * 1000)
+        producing = asyncio.create_task(produce(log, config))
+        received, latencies = await tail(log, config, producing, measure_from)
+        sent = producing.result()
+        latencies.sort()
+        return LatencyRun(
+            workers=workers,
+            sent=sent,
+            received=received,
+            expected=clicks_below(sent),
+            rate=sent / (config.warmup + config.seconds),
+            latencies_ms=latencies,
+        )
+    finally:
+        await log.close()
+
+
+def latency_run(config: Config, topology: Topology, scratch: Path, workers: int) -> LatencyRun:
+    data_dir = scratch / f"latency-{workers}w"
+    asyncio.run(prefill(data_dir, topology, 0, config.partitions))
+    processes = start_workers(data_dir, workers)
+    try:
+        result = asyncio.run(drive(config, data_dir, workers))
+    finally:
+        stop_workers(processes)
+    shutil.rmtree(data_dir)
+    print(
+        f"  latency {workers} worker(s): sent {result.sent:,} at {result.rate:,.0f} rec/s, "
+        f"{len(result.latencies_ms):,} measured: p50 {result.percentile(0.5):.1f} ms, "
+        f"p99 {result.percentile(0.99):.1f} ms, max {result.percentile(1.0):.1f} ms",
+        flush=True,
+    )
+    check_output("latency", result.received, result.expected)
+    return result
+
+
+def latency_phase(config: Config, topology: Topology, scratch: Path) -> list[LatencyRun]:
+    return [latency_run(config, topology, scratch, workers) for workers in config.workers]
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def best(runs: list[ThroughputRun], workers: int) -> ThroughputRun | None:
+    mine = [r for r in runs if r.workers == workers]
+    return max(mine, key=lambda r: r.processing_rate) if mine else None
+
+
+COLUMNS = (
+    "workers",
+    "rec/s processing",
+    "rec/s start->drained",
+    "start-up s",
+    "worker CPU µs/rec",
+    "others' cores",
+    "p50 ms",
+    "p99 ms",
+    "max ms",
+)
+
+
+def throughput_cells(result: ThroughputRun | None) -> list[str]:
+    if result is None:
+        return ["-"] * 5
+    return [
+        f"{result.processing_rate:,.0f}",
+        f"{result.rate:,.0f}",
+        f"{result.startup:.2f}",
+        f"{result.worker_cpu / result.records * 1e6:.2f}",
+        f"{result.other_cores:.2f}",
+    ]
+
+
+def latency_cells(result: LatencyRun | None) -> list[str]:
+    if result is None:
+        return ["-"] * 3
+    return [f"{result.percentile(q):.1f}" for q in (0.5, 0.99, 1.0)]
+
+
+def print_table(config: Config, throughput: list[ThroughputRun], latency: list[LatencyRun]) -> None:
+    """One row per worker count: the best throughput run (by processing rate) and latency."""
+    print()
+    if config.repeat > 1:
+        print(f"throughput: best of {config.repeat} runs")
+    print("  ".join(COLUMNS))
+    for workers in config.workers:
+        cells = [
+            str(workers),
+            *throughput_cells(best(throughput, workers)),
+            *latency_cells(next((r for r in latency if r.workers == workers), None)),
+        ]
+        print("  ".join(cell.rjust(len(name)) for cell, name in zip(cells, COLUMNS, strict=True)))
+    print_ratio(throughput)
+
+
+def print_ratio(throughput: list[ThroughputRun]) -> None:
+    one, two = best(throughput, 1), best(throughput, 2)
+    if one is not None and two is not None:
+        print(
+            f"2 workers / 1 worker: {two.processing_rate / one.processing_rate:.2f}x processing, "
+            f"{two.rate / one.rate:.2f}x start->drained"
+        )
+
+
+def main(argv: Sequence[str]) -> None:
+    config = parse_args(argv)
+    topology = load_topology(config.partitions)
+    print(
+        f"stateless filter+map on the embedded log: {config.records:,} records, "
+        f"{config.partitions} partitions, workers {config.workers}, latency at {config.rate:,} "
+        f"rec/s for {config.seconds:g} s (+{config.warmup:g} s warm-up)",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(prefix="headwater-bench-", dir=config.data_root) as tmp:
+        scratch = Path(tmp)
+        throughput = (
+            throughput_phase(config, topology, scratch) if config.phase != "latency" else []
+        )
+        latency = latency_phase(config, topology, scratch) if config.phase != "throughput" else []
+    print_table(config, throughput, latency)
+    print(f"command: python {shlex.join(sys.argv)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
