@@ -46,23 +46,42 @@ _KAFKA_FLAGS = (
 )
 
 
-def _log_arguments(parser: argparse.ArgumentParser, backends: Sequence[str]) -> None:
-    parser.add_argument("--backend", choices=backends, default="embedded")
+def _log_arguments(
+    parser: argparse.ArgumentParser, backends: Sequence[str], *, inherit: bool = False
+) -> None:
+    """The options that say which log to use. With ``inherit``, an option left out here keeps
+    the value its parent command parsed (``topics --data-dir D list`` = ``topics list
+    --data-dir D``)."""
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if inherit else value
+
+    parser.add_argument("--backend", choices=backends, default=default("embedded"))
     parser.add_argument(
         "--data-dir",
         type=Path,
-        default=Path(".headwater"),
+        default=default(Path(".headwater")),
         help="where the embedded log lives (default .headwater)",
     )
     kafka = parser.add_argument_group("Kafka (or HEADWATER_* environment variables)")
-    kafka.add_argument("--bootstrap-servers", metavar="HOST:PORT[,HOST:PORT]")
-    kafka.add_argument("--client-id")
-    kafka.add_argument("--group-id", help="consumer group (default: the pipeline's name)")
     kafka.add_argument(
-        "--security-protocol", choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+        "--bootstrap-servers", metavar="HOST:PORT[,HOST:PORT]", default=default(None)
     )
-    kafka.add_argument("--sasl-mechanism", choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"))
-    kafka.add_argument("--sasl-username")
+    kafka.add_argument("--client-id", default=default(None))
+    kafka.add_argument(
+        "--group-id", default=default(None), help="consumer group (default: the pipeline name)"
+    )
+    kafka.add_argument(
+        "--security-protocol",
+        choices=("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"),
+        default=default(None),
+    )
+    kafka.add_argument(
+        "--sasl-mechanism",
+        choices=("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"),
+        default=default(None),
+    )
+    kafka.add_argument("--sasl-username", default=default(None))
 
 
 def _kafka_settings(args: argparse.Namespace) -> KafkaSettings | None:
@@ -93,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     _log_arguments(worker_cmd, ("kafka", "embedded"))
 
     topics = commands.add_parser("topics", help="list, describe and read topics on the log")
+    _log_arguments(topics, ("embedded", "kafka"))
     topic_commands = topics.add_subparsers(dest="topics_command", required=True)
     listing = topic_commands.add_parser("list", help="every topic, its partitions and records")
     describe = topic_commands.add_parser("describe", help="one topic, partition by partition")
@@ -101,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument("name")
     tail.add_argument("-n", "--lines", type=int, default=10, help="records per partition")
     for command in (listing, describe, tail):
-        _log_arguments(command, ("embedded", "kafka"))
+        _log_arguments(command, ("embedded", "kafka"), inherit=True)
     return parser
 
 
@@ -134,12 +154,13 @@ def _run(args: argparse.Namespace) -> int:
     )
     state = run(options)
     _summary(state)
-    return 0
+    return 0 if state.stopped_by is None else 128 + state.stopped_by
 
 
 def _summary(state: RunState) -> None:
     totals = state.step_totals()
-    lines = [f"headwater: {state.topology.pipeline.name} finished"]
+    outcome = "finished" if state.stopped_by is None else "stopped before the end of its input"
+    lines = [f"headwater: {state.topology.pipeline.name} {outcome}"]
     for source in state.sources:
         lines.append(f"  source {source.step_id}: {source.records:,} records written")
     for step in state.topology.pipeline.steps:

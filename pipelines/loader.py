@@ -28,6 +28,7 @@ def split_spec(spec: str) -> tuple[Path, str | None]:
 
 
 def _import(path: Path) -> ModuleType:
+    resolved = path.absolute()
     if not path.is_file():
         hint = " (did you mean a .py file?)" if path.is_dir() else ""
         raise LoadError(
@@ -35,7 +36,7 @@ def _import(path: Path) -> ModuleType:
             "Pipeline, e.g. `headwater run examples/clickstream/pipeline.py`"
         )
     name = f"headwater_user_{abs(hash(str(path.resolve())))}"
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(name, resolved)
     if spec is None or spec.loader is None:
         raise LoadError(f"{path} is not a Python module; pipeline modules end in .py")
     module = importlib.util.module_from_spec(spec)
@@ -54,7 +55,7 @@ def _import(path: Path) -> ModuleType:
             (
                 f
                 for f in reversed(traceback.extract_tb(error.__traceback__))
-                if f.filename == str(path)
+                if f.filename == str(resolved)
             ),
             None,
         )
@@ -78,7 +79,13 @@ def load_pipeline(spec: str) -> Pipeline:
             )
         candidate = getattr(module, attribute)
         if callable(candidate) and not isinstance(candidate, Pipeline):
-            candidate = candidate()
+            try:
+                candidate = candidate()
+            except Exception as error:
+                raise LoadError(
+                    f"calling {path}:{attribute}() to build the pipeline failed: "
+                    f"{type(error).__name__}: {error}"
+                ) from error
         if not isinstance(candidate, Pipeline):
             raise LoadError(f"{path}:{attribute} is a {type(candidate).__name__}, not a Pipeline")
         return candidate

@@ -206,6 +206,8 @@ class KafkaConsumer(Consumer):
         foreign = [str(tp) for tp in offsets if tp not in self.owned]
         if foreign:
             raise LogError(f"cannot commit partitions this member does not own: {foreign}")
+        if not offsets:
+            return
         try:
             await self._consumer.commit(
                 {

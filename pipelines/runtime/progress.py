@@ -37,6 +37,8 @@ class RunState:
     reports: dict[int, WorkerReport] = field(default_factory=dict)
     lag: dict[TopicPartition, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    stopped_by: int | None = None
+    """The signal that stopped the run before its input was processed, if one did."""
     started: float = field(default_factory=time.monotonic)
     _rate_mark: tuple[float, int] = (0.0, 0)
     rate: float = 0.0

@@ -113,8 +113,13 @@ async def _run(options: RunOptions, topology: Topology, state: RunState) -> RunS
     log = options.open_log()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def interrupted(signum: int) -> None:
+        state.stopped_by = signum
+        stop.set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, interrupted, signum)
     try:
         with Progress(state, enabled=options.progress) as progress:
             if options.backend == "memory":

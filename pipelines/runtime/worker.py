@@ -109,6 +109,9 @@ class Worker:
                 if now >= next_report:
                     self._send_report()
                     next_report = now + REPORT_INTERVAL
+                # a local poll that finds data never suspends: yield once per batch so signal
+                # handlers, other workers and sources on this loop, and client heartbeats run
+                await asyncio.sleep(0)
         finally:
             await self._shutdown()
 
