@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:  # the pipelines package imports this module: no runtime import back
     from pipelines.batch import Batch
     from pipelines.errors import RecordError
+    from pipelines.state.store import KeyValueStore
 
 __all__ = ["Operator", "StepContext", "call_each", "describe_function"]
 
@@ -28,6 +29,11 @@ class StepContext(Protocol):
 
     @property
     def partition(self) -> int: ...
+
+    @property
+    def store(self) -> KeyValueStore:
+        """The step's keyed state on this partition (stateful steps only)."""
+        ...
 
     def reject(self, batch: Batch, index: int, error: RecordError) -> None:
         """Apply the step's error policy to record ``index`` of ``batch`` (may raise)."""

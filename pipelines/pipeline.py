@@ -20,14 +20,28 @@ so it must keep its meaning across deployments. Mistakes in the graph raise
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal
 
 from connectors.base import Sink, Source
 from connectors.topic import LogTopic
+from operators.aggregations import (
+    Aggregation,
+    Collect,
+    Count,
+    Fold,
+    Max,
+    Mean,
+    Min,
+    Reduce,
+    Sum,
+    as_aggregation,
+)
 from operators.base import Operator
 from operators.routing import Branch, Merge
+from operators.stateful import Aggregate, Dedupe
 from operators.stateless import Filter, FlatMap, KeyBy, Map, Peek
 from pipelines.errors import ErrorPolicy, PipelineDefinitionError
 from pipelines.serde import Json, Serde
@@ -58,6 +72,8 @@ class Step:
     transforms: bool = False
     """Whether the step replaces values (map, flat_map), so they may no longer fit the serde
     of the topic they were read from."""
+    stateful: bool = False
+    """Whether the step keeps keyed state (a store with a changelog topic)."""
 
 
 class Pipeline:
@@ -247,6 +263,103 @@ class Pipeline:
                 error_policy=on_error,
             )
         )
+
+    # -- stateful steps ---------------------------------------------------------------------
+
+    def _stateful(
+        self,
+        step_id: str,
+        build: Callable[[], Operator],
+        policy: ErrorPolicy | None,
+        *,
+        transforms: bool = True,
+    ) -> Pipeline:
+        tail = self._require_tail(step_id)
+        step = Step(
+            step_id,
+            "operator",
+            inputs=(tail,),
+            operator=build,
+            error_policy=policy,
+            transforms=transforms,
+            stateful=True,
+        )
+        return self._with(step)
+
+    def aggregate(
+        self,
+        step_id: str,
+        aggregation: Aggregation | Mapping[str, Aggregation] | None = None,
+        *,
+        initial: Any = None,
+        fold: Callable[[Any, Any], Any] | None = None,
+        on_error: ErrorPolicy | None = None,
+    ) -> Pipeline:
+        """Fold each key's records into an accumulator kept in fault-tolerant state, and emit
+        the key's new result for every record.
+
+        Give an aggregation (``Count()``, ``Sum(lambda o: o.amount)``, ...), a dict of them
+        (results come as a dict), or ``initial=`` and ``fold=(acc, value) -> acc``. Records
+        need keys: ``key_by`` first. Accumulators are stored as JSON.
+        """
+        if aggregation is None:
+            if fold is None:
+                raise PipelineDefinitionError(
+                    "aggregate needs an aggregation, or initial= and fold=", step=step_id
+                )
+            _check_callable(step_id, fold)
+            aggregation = Fold(initial, fold)
+        try:
+            chosen = as_aggregation(aggregation)
+        except TypeError as error:
+            raise PipelineDefinitionError(str(error), step=step_id) from None
+        return self._stateful(step_id, lambda: Aggregate(step_id, chosen), on_error)
+
+    def count(self, step_id: str) -> Pipeline:
+        """The number of records per key so far."""
+        return self.aggregate(step_id, Count())
+
+    def sum(self, step_id: str, of: Callable[[Any], Any] = lambda v: v) -> Pipeline:
+        """The sum of ``of(value)`` per key."""
+        return self.aggregate(step_id, Sum(of))
+
+    def min(self, step_id: str, of: Callable[[Any], Any] = lambda v: v) -> Pipeline:
+        """The smallest ``of(value)`` per key."""
+        return self.aggregate(step_id, Min(of))
+
+    def max(self, step_id: str, of: Callable[[Any], Any] = lambda v: v) -> Pipeline:
+        """The largest ``of(value)`` per key."""
+        return self.aggregate(step_id, Max(of))
+
+    def mean(self, step_id: str, of: Callable[[Any], Any] = lambda v: v) -> Pipeline:
+        """The mean of ``of(value)`` per key."""
+        return self.aggregate(step_id, Mean(of))
+
+    def collect(
+        self, step_id: str, of: Callable[[Any], Any] = lambda v: v, *, limit: int | None = None
+    ) -> Pipeline:
+        """The list of ``of(value)`` per key (the last ``limit``, if given)."""
+        return self.aggregate(step_id, Collect(of, limit=limit))
+
+    def reduce(self, step_id: str, fn: Callable[[Any, Any], Any]) -> Pipeline:
+        """``fn(previous, value)`` over each key's values."""
+        _check_callable(step_id, fn)
+        return self.aggregate(step_id, Reduce(fn))
+
+    def dedupe(
+        self,
+        step_id: str,
+        within: timedelta,
+        *,
+        key: Callable[[Any], Any] | None = None,
+    ) -> Pipeline:
+        """Drop a record if one with the same key came less than ``within`` earlier in event
+        time. ``key`` dedupes by ``key(value)`` instead of the record key (a ``key_by``)."""
+        chain = self.key_by(f"{step_id}.by-key", key) if key is not None else self
+        horizon = int(within.total_seconds() * 1000)
+        if horizon <= 0:
+            raise PipelineDefinitionError("dedupe needs a positive horizon", step=step_id)
+        return chain._stateful(step_id, lambda: Dedupe(step_id, horizon), None, transforms=False)
 
     def branch(
         self,

@@ -55,6 +55,11 @@ class Outbox:
         for partition, indices in chunks.items():
             self._extend(topic.name, partition, whole.take(indices))
 
+    def add_to_partition(self, topic: str, partition: int, batch: RawBatch) -> None:
+        """Queue serialised records for one given partition (a changelog's, say)."""
+        if len(batch):
+            self._extend(topic, partition, batch)
+
     def _extend(self, topic: str, partition: int, batch: RawBatch) -> None:
         pending = self._pending.get((topic, partition))
         if pending is None:  # copy: the caller's lists must not grow with later records

@@ -54,6 +54,11 @@ class RunOptions:
     sources: bool = True
     """False for ``headwater worker``: join the group, run no sources, never stop on drain."""
 
+    @property
+    def state_dir(self) -> Path | None:
+        """Where workers keep local copies of their state (none for the memory backend)."""
+        return None if self.backend == "memory" else self.data_dir / "state"
+
     def open_log(self) -> LogBackend:
         return open_log(self.backend, data_dir=self.data_dir, kafka=self.kafka)
 
@@ -83,7 +88,7 @@ def worker_main(options: RunOptions, index: int, channel: Connection) -> None:
 
 async def _work(options: RunOptions, topology: Topology, index: int, channel: Connection) -> None:
     log = options.open_log()
-    worker = Worker(topology, log, index=index, report=channel.send)
+    worker = Worker(topology, log, index=index, report=channel.send, state_dir=options.state_dir)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, worker.stop.set)

@@ -9,8 +9,9 @@ the worker that owns the consume loop does the I/O.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from connectors.base import SinkWriter
@@ -18,11 +19,13 @@ from operators.base import Operator, call_each
 from operators.routing import Branch
 from pipelines.batch import Batch
 from pipelines.errors import ErrorPolicy, RecordError
-from pipelines.log.base import FetchedBatch
+from pipelines.log.base import FetchedBatch, LogBackend, TopicPartition
 from pipelines.pipeline import OUT, Port, Step
 from pipelines.record import Headers
 from pipelines.runtime.outbox import Outbox
+from pipelines.runtime.state import TaskState
 from pipelines.runtime.topology import SubTopology, Topology
+from pipelines.state.store import KeyValueStore
 from pipelines.topic import Topic
 
 __all__ = ["StepStats", "Task", "error_headers"]
@@ -61,7 +64,7 @@ def error_headers(error: RecordError) -> Headers:
 class _StepContext:
     """The :class:`~operators.base.StepContext` of one step in one task."""
 
-    __slots__ = ("_task", "partition", "policy", "stats", "step_id")
+    __slots__ = ("_store", "_task", "partition", "policy", "stats", "step_id")
 
     def __init__(self, task: Task, step: Step, stats: StepStats) -> None:
         self._task = task
@@ -69,6 +72,13 @@ class _StepContext:
         self.partition = task.partition
         self.policy = step.error_policy or task.topology.pipeline.error_policy
         self.stats = stats
+        self._store = task.state.stores.get(step.step_id)
+
+    @property
+    def store(self) -> KeyValueStore:
+        if self._store is None:
+            raise RuntimeError(f"step {self.step_id!r} is not stateful: it has no store")
+        return self._store
 
     def reject(self, batch: Batch, index: int, error: RecordError) -> None:
         if self.policy is ErrorPolicy.FAIL:
@@ -97,11 +107,17 @@ class Task:
         outbox: Outbox,
         writers: dict[str, SinkWriter],
         stats: dict[str, StepStats],
+        state_dir: Path | None = None,
     ) -> None:
         self.topology = topology
         self.sub = sub
         self.partition = partition
         self.outbox = outbox
+        self.state = TaskState(topology, sub, partition, state_dir)
+        self.positions: dict[TopicPartition, int] = {
+            TopicPartition(t.name, partition): 0 for t in sub.topics
+        }
+        """The offset after the last record processed, per input partition."""
         self._writers = writers
         self._contexts: dict[str, _StepContext] = {}
         self._operators: dict[str, Operator] = {}
@@ -116,12 +132,25 @@ class Task:
                 stats.setdefault(entry.step_id, StepStats())
                 self._contexts[entry.step_id] = _StepContext(self, entry, stats[entry.step_id])
 
+    @property
+    def partitions(self) -> frozenset[TopicPartition]:
+        """The input partitions this task reads."""
+        return frozenset(self.positions)
+
+    async def restore(self, log: LogBackend, committed: Mapping[TopicPartition, int]) -> None:
+        """Start from the committed offsets and the state they reflect."""
+        for tp in self.positions:
+            self.positions[tp] = committed.get(tp, 0)
+        await self.state.restore(log, committed)
+
     def close(self) -> None:
         for operator in self._operators.values():
             operator.close()
+        self.state.close()
 
     def process(self, fetched: FetchedBatch) -> None:
         """Run one fetched batch through the sub-topology."""
+        self.positions[fetched.topic_partition] = fetched.next_offset
         entry = self.sub.entries[fetched.topic]
         ctx = self._contexts[entry.step_id]
         batch = self._decode(ctx, entry, fetched)

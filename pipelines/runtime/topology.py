@@ -49,6 +49,11 @@ class Topology:
     """The topics the workers consume, upstream first."""
     group: str
     """The consumer group of the pipeline's workers (the pipeline's name unless overridden)."""
+    changelogs: dict[str, Topic] = field(default_factory=dict)
+    """The changelog topic of each stateful step, one partition per task partition."""
+
+    def changelog_topic(self, step_id: str) -> Topic:
+        return self.changelogs[step_id]
 
     @property
     def source_steps(self) -> list[Step]:
@@ -120,7 +125,19 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
                 step=merge,
             )
 
-    topics = _declared_topics(pipeline)
+    changelogs = {
+        step.step_id: Topic(
+            f"{pipeline.name}.{step.step_id}.changelog",
+            partitions=sub.partitions,
+            compacted=True,
+            key=bytes,
+            value=bytes,
+        )
+        for sub in subs.values()
+        for step in sub.steps
+        if step.stateful and sub.topics
+    }
+    topics = _declared_topics(pipeline) + list(changelogs.values())
     input_topics = [s.topic for s in steps if s.kind in _ENTRY_KINDS and s.topic is not None]
     ordered = sorted(subs.values(), key=lambda s: s.index)
     return Topology(
@@ -131,6 +148,7 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
         topics=topics,
         input_topics=input_topics,
         group=group or pipeline.name,
+        changelogs=changelogs,
     )
 
 

@@ -27,6 +27,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from connectors.base import SinkContext, SinkWriter
 from pipelines.log.base import FetchedBatch, LogBackend, TopicPartition
@@ -68,8 +69,10 @@ class Worker:
         report: Callable[[WorkerReport], None] | None = None,
         max_batch: int = MAX_BATCH,
         commit_interval: float = COMMIT_INTERVAL,
+        state_dir: Path | None = None,
     ) -> None:
         self.topology = topology
+        self._state_dir = state_dir
         self.index = index
         self.stop = asyncio.Event()
         self._log = log
@@ -136,7 +139,15 @@ class Worker:
             self._send_report(done=True)
 
     async def _checkpoint(self, partitions: frozenset[TopicPartition] | None = None) -> None:
-        """Make the outputs durable, then commit the offsets after them."""
+        """Make the outputs and state changes durable, commit the offsets after them, then
+        copy the committed state to local disk."""
+        tasks = [
+            task
+            for task in self._tasks.values()
+            if partitions is None or task.partitions & partitions
+        ]
+        for task in tasks:
+            task.state.flush(self._outbox, task.positions)
         for writer in self._writers.values():
             await writer.flush()
         await self._outbox.send()
@@ -150,19 +161,37 @@ class Worker:
             await self._consumer.commit(chosen)
             for tp in chosen:
                 del self._positions[tp]
+        for task in tasks:
+            await task.state.persist(self._log)
 
     async def on_assigned(self, partitions: frozenset[TopicPartition]) -> None:
         async with self._lock:
-            self._open_tasks(partitions)
+            await self._open_tasks(partitions)
 
-    def _open_tasks(self, partitions: frozenset[TopicPartition]) -> None:
+    async def _open_tasks(self, partitions: frozenset[TopicPartition]) -> None:
+        """Build the tasks of newly assigned partitions and restore their state."""
+        opened = []
         for tp in partitions:
             sub = self.topology.by_topic[tp.topic]
             key = (sub.index, tp.partition)
             if key not in self._tasks:
-                self._tasks[key] = Task(
-                    self.topology, sub, tp.partition, self._outbox, self._writers, self._stats
+                task = Task(
+                    self.topology,
+                    sub,
+                    tp.partition,
+                    self._outbox,
+                    self._writers,
+                    self._stats,
+                    self._state_dir,
                 )
+                self._tasks[key] = task
+                opened.append(task)
+        if not opened:
+            return
+        inputs = [tp for task in opened for tp in task.partitions]
+        committed = await self._log.committed_offsets(self.topology.group, inputs)
+        for task in opened:
+            await task.restore(self._log, committed)
 
     async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
         async with self._lock:

@@ -1,0 +1,118 @@
+"""Keyed stateful operators: ``aggregate`` (and the ``count``/``sum``/... shorthands) and
+``dedupe``. Their state lives in the step's store, which the runtime restores after a crash or a
+rebalance; see :mod:`pipelines.state.store`."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import TYPE_CHECKING, Any
+
+from operators.aggregations import Aggregation
+from operators.base import Operator, describe_function
+
+if TYPE_CHECKING:
+    from pipelines.batch import Batch
+    from pipelines.errors import StepError
+
+__all__ = ["Aggregate", "Dedupe", "missing_key_error"]
+
+_MISSING = object()
+
+
+def missing_key_error(step_id: str, batch: Batch, index: int) -> StepError:
+    from pipelines.errors import StepError
+
+    return StepError(
+        "a keyed step got a record without a key; re-key the stream with key_by(...) first",
+        step=step_id,
+        source=batch.source_of(index),
+    )
+
+
+class Aggregate(Operator):
+    """Fold each key's records into its accumulator; emit the key's new result per record."""
+
+    def __init__(self, step_id: str, aggregation: Aggregation) -> None:
+        super().__init__(step_id)
+        self.aggregation = aggregation
+
+    def process(self, batch: Batch) -> Batch:
+        from pipelines.errors import StepError
+
+        ctx = self.ctx
+        store = ctx.store
+        aggregation = self.aggregation
+        results: list[Any] = []
+        kept: list[int] = []
+        for index, (key, value) in enumerate(zip(batch.keys, batch.values, strict=True)):
+            if key is None:
+                ctx.reject(batch, index, missing_key_error(self.step_id, batch, index))
+                continue
+            acc = store.get(key, _MISSING)
+            try:
+                if acc is _MISSING:
+                    acc = aggregation.initial()
+                acc = aggregation.fold(acc, value)
+                result = aggregation.result(acc)
+            except Exception as error:  # a user function failed: routed by the policy
+                name = describe_function(type(aggregation))
+                rejection = StepError(
+                    f"{name} raised {type(error).__name__}: {error}",
+                    step=self.step_id,
+                    source=batch.source_of(index),
+                )
+                rejection.__cause__ = error
+                ctx.reject(batch, index, rejection)
+                continue
+            store.put(key, acc)
+            results.append(result)
+            kept.append(index)
+        out = batch if len(kept) == len(batch) else batch.take(kept)
+        return out.with_values(results)
+
+
+class Dedupe(Operator):
+    """Pass the first record of each key, and drop the records of that key whose event time is
+    less than ``horizon_ms`` after it.
+
+    A key is forgotten once the event time seen passes its first record by the horizon: a heap
+    of (time, key) finds those keys without scanning the store (it is built once, from the
+    store, after a restore).
+    """
+
+    def __init__(self, step_id: str, horizon_ms: int) -> None:
+        super().__init__(step_id)
+        self.horizon_ms = horizon_ms
+        self._expiry: list[tuple[int, int, Any]] | None = None
+        self._tiebreak = itertools.count()
+
+    def process(self, batch: Batch) -> Batch:
+        ctx = self.ctx
+        store = ctx.store
+        if self._expiry is None:
+            self._expiry = [(t, next(self._tiebreak), k) for k, t in store.items()]
+            heapq.heapify(self._expiry)
+        horizon = self.horizon_ms
+        kept: list[int] = []
+        for index, (key, stamp) in enumerate(zip(batch.keys, batch.timestamps, strict=True)):
+            if key is None:
+                ctx.reject(batch, index, missing_key_error(self.step_id, batch, index))
+                continue
+            seen = store.get(key)
+            if seen is not None and 0 <= stamp - seen < horizon:
+                continue
+            store.put(key, stamp)
+            heapq.heappush(self._expiry, (stamp, next(self._tiebreak), key))
+            kept.append(index)
+        if batch.timestamps:
+            self._forget_before(max(batch.timestamps) - horizon)
+        return batch if len(kept) == len(batch) else batch.take(kept)
+
+    def _forget_before(self, cutoff: int) -> None:
+        expiry, store = self._expiry, self.ctx.store
+        assert expiry is not None
+        while expiry and expiry[0][0] < cutoff:
+            stamp, _, key = heapq.heappop(expiry)
+            if store.get(key) == stamp:
+                store.delete(key)

@@ -1,0 +1,103 @@
+"""The state of one task: its stores, restored before the task processes anything, turned into
+changelog batches at each checkpoint, and copied to local disk once the checkpoint committed.
+
+Checkpoint order (the worker drives it): ``flush`` (changelog batches into the outbox) ->
+producer flush -> commit input offsets -> ``persist`` (the local copy). See
+:mod:`pipelines.state.store` for why a restore skips updates whose input was never committed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from pipelines.log.base import LogBackend, RawBatch, TopicPartition
+from pipelines.runtime.outbox import Outbox
+from pipelines.runtime.topology import SubTopology, Topology
+from pipelines.state.local import LocalStore
+from pipelines.state.store import KeyValueStore
+
+__all__ = ["TaskState"]
+
+_RESTORE_CHUNK = 100_000
+
+
+class TaskState:
+    """The stores of the stateful steps of one task."""
+
+    def __init__(
+        self, topology: Topology, sub: SubTopology, partition: int, state_dir: Path | None
+    ) -> None:
+        self.partition = partition
+        self.stores: dict[str, KeyValueStore] = {}
+        self._changelogs: dict[str, TopicPartition] = {}
+        self._local: dict[str, LocalStore] = {}
+        self._unsaved: dict[str, RawBatch] = {}
+        self.restored = 0
+        for step in sub.steps:
+            if not step.stateful:
+                continue
+            self.stores[step.step_id] = KeyValueStore(step.step_id, partition)
+            topic = topology.changelog_topic(step.step_id)
+            self._changelogs[step.step_id] = TopicPartition(topic.name, partition)
+            if state_dir is not None:
+                path = state_dir / topology.group / step.step_id / f"{partition}.sqlite"
+                self._local[step.step_id] = LocalStore(path)
+
+    async def restore(self, log: LogBackend, committed: Mapping[TopicPartition, int]) -> None:
+        """Load each store: its local copy, then the changelog after it (committed updates)."""
+        if not self.stores:
+            return
+        by_name = {f"{tp.topic}/{tp.partition}": offset for tp, offset in committed.items()}
+        ends = await log.end_offsets(list(self._changelogs.values()))
+        for step_id, store in self.stores.items():
+            tp = self._changelogs[step_id]
+            offset = 0
+            local = self._local.get(step_id)
+            if local is not None:
+                entries, offset = local.load()
+                if offset > ends[tp]:  # the changelog was recreated: the copy is of no use
+                    local.reset()
+                    entries, offset = {}, 0
+                store.load(entries)
+            while offset < ends[tp]:
+                fetched = await log.read(tp, offset, _RESTORE_CHUNK)
+                if not len(fetched.records):
+                    break
+                self.restored += store.apply(fetched.records, by_name)
+                offset = fetched.next_offset
+
+    def flush(self, outbox: Outbox, positions: Mapping[TopicPartition, int]) -> None:
+        """Queue every store's changes since the last flush for its changelog."""
+        now_ms = int(time.time() * 1000)
+        for step_id, store in self.stores.items():
+            changes = store.changes(positions, now_ms)
+            if changes is None:
+                continue
+            tp = self._changelogs[step_id]
+            outbox.add_to_partition(tp.topic, tp.partition, changes)
+            if step_id in self._local:
+                _accumulate(self._unsaved, step_id, changes)
+
+    async def persist(self, log: LogBackend) -> None:
+        """Copy what the last checkpoint committed to local disk."""
+        if not self._unsaved:
+            return
+        unsaved, self._unsaved = self._unsaved, {}
+        ends = await log.end_offsets([self._changelogs[s] for s in unsaved])
+        for step_id, changes in unsaved.items():
+            self._local[step_id].save(changes, ends[self._changelogs[step_id]])
+
+    def close(self) -> None:
+        for local in self._local.values():
+            local.close()
+
+
+def _accumulate(unsaved: dict[str, RawBatch], step_id: str, changes: RawBatch) -> None:
+    earlier = unsaved.get(step_id)
+    if earlier is None:
+        unsaved[step_id] = RawBatch(list(changes.keys), list(changes.values), [], None)
+    else:
+        earlier.keys.extend(changes.keys)
+        earlier.values.extend(changes.values)
