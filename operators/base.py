@@ -38,6 +38,9 @@ class StepContext(Protocol):
     def reject(self, batch: Batch, index: int, error: RecordError) -> None:
         """Apply the step's error policy to record ``index`` of ``batch`` (may raise)."""
 
+    def late(self, batch: Batch, index: int) -> None:
+        """Send record ``index`` of ``batch`` to the step's late-data topic, and count it."""
+
 
 class Operator(ABC):
     """One step's processing for one task."""
@@ -59,6 +62,16 @@ class Operator(ABC):
     @abstractmethod
     def process(self, batch: Batch) -> Batch:
         """The batch this step passes on."""
+
+    @property
+    def pending(self) -> int:
+        """How many results wait for time to pass (open windows); the run waits for them."""
+        return 0
+
+    def tick(self, batch: Batch) -> Batch:
+        """Called about once a second, with an empty batch, whether records come or not;
+        returns what the step emits because time passed (windows that close, say)."""
+        return batch
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
         """Called once when the task ends (revocation or shutdown)."""

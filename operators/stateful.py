@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from operators.aggregations import Aggregation
-from operators.base import Operator, describe_function
+from operators.base import Operator, call_each, describe_function
 
 if TYPE_CHECKING:
     from pipelines.batch import Batch
     from pipelines.errors import StepError
 
-__all__ = ["Aggregate", "Dedupe", "missing_key_error"]
+__all__ = ["Aggregate", "Dedupe", "EventTime", "missing_key_error"]
 
 _MISSING = object()
 
@@ -116,3 +117,31 @@ class Dedupe(Operator):
             stamp, _, key = heapq.heappop(expiry)
             if store.get(key) == stamp:
                 store.delete(key)
+
+
+class EventTime(Operator):
+    """Set each record's timestamp to ``time(value)`` (a tz-aware datetime or epoch ms), the
+    event time windows and watermarks use; without ``time`` records keep their timestamps."""
+
+    def __init__(self, step_id: str, time: Callable[[Any], Any] | None) -> None:
+        super().__init__(step_id)
+        self.time = time
+
+    def process(self, batch: Batch) -> Batch:
+        if self.time is None:
+            return batch
+        time = self.time
+
+        def millis(value: Any) -> int:
+            when = time(value)
+            if isinstance(when, int):
+                return when
+            from pipelines.record import to_millis
+
+            return to_millis(when)
+
+        stamps, failed = call_each(self.ctx, millis, batch, name=describe_function(time))
+        timed = batch.with_timestamps(stamps)
+        if failed:
+            return timed.take([i for i in range(len(batch)) if i not in failed])
+        return timed

@@ -4,7 +4,9 @@ Columns, not objects: operators transform whole lists (``[f(v) for v in batch.va
 is several times cheaper than building a :class:`~pipelines.record.Record` per record and per
 step. ``origins`` maps each record back to its position in the fetched batch it came from, so
 the original bytes, headers and offset of any record (for the dead-letter topic, for sinks that
-want whole records) are one index away. :meth:`Batch.records` builds ``Record`` objects on demand.
+want whole records) are one index away. A record a step emits because time passed (a window
+closing on an idle partition) has origin -1: no bytes, no headers, offset -1.
+:meth:`Batch.records` builds ``Record`` objects on demand.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ class Batch:
         """The same records carrying ``values`` (one per record)."""
         return Batch(self.keys, values, self.timestamps, self.origins, self.fetched)
 
+    def with_timestamps(self, timestamps: list[int]) -> Batch:
+        """The same records at other event times (ms, one per record)."""
+        return Batch(self.keys, self.values, timestamps, self.origins, self.fetched)
+
     def with_keys(self, keys: list[Any]) -> Batch:
         """The same records carrying ``keys`` (one per record)."""
         return Batch(keys, self.values, self.timestamps, self.origins, self.fetched)
@@ -58,33 +64,40 @@ class Batch:
 
     def headers_at(self, index: int) -> Headers:
         """The headers record ``index`` was read with."""
-        return self.fetched.records.header_at(self.origins[index])
+        origin = self.origins[index]
+        return () if origin < 0 else self.fetched.records.header_at(origin)
+
+    def offset_at(self, index: int) -> int:
+        """The offset record ``index`` was read from (-1 for a record a step made on a timer)."""
+        origin = self.origins[index]
+        return -1 if origin < 0 else self.fetched.offsets[origin]
 
     def source_of(self, index: int) -> RecordSource:
         """The log position record ``index`` was read from."""
         fetched = self.fetched
-        return RecordSource(fetched.topic, fetched.partition, fetched.offsets[self.origins[index]])
+        return RecordSource(fetched.topic, fetched.partition, self.offset_at(index))
 
     def raw_value_at(self, index: int) -> bytes | None:
         """The bytes record ``index`` was read as, before any step changed it."""
-        return self.fetched.records.values[self.origins[index]]
+        origin = self.origins[index]
+        return None if origin < 0 else self.fetched.records.values[origin]
 
     def raw_key_at(self, index: int) -> bytes | None:
         """The key bytes record ``index`` was read with."""
-        return self.fetched.records.keys[self.origins[index]]
+        origin = self.origins[index]
+        return None if origin < 0 else self.fetched.records.keys[origin]
 
     def record(self, index: int) -> Record:
         """Record ``index`` as a :class:`Record`."""
         fetched = self.fetched
-        origin = self.origins[index]
         return Record(
             key=self.keys[index],
             value=self.values[index],
             timestamp=from_millis(self.timestamps[index]),
-            headers=fetched.records.header_at(origin),
+            headers=self.headers_at(index),
             topic=fetched.topic,
             partition=fetched.partition,
-            offset=fetched.offsets[origin],
+            offset=self.offset_at(index),
         )
 
     def records(self) -> Iterator[Record]:

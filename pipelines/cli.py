@@ -134,7 +134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         return asyncio.run(_topics(args))
     except PipelineError as error:
-        print(textwrap.fill(f"headwater: {error}", width=100), file=sys.stderr)
+        message = textwrap.fill(f"headwater: {error}", width=100, break_on_hyphens=False)
+        print(message, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -154,21 +155,29 @@ def _run(args: argparse.Namespace) -> int:
     )
     state = run(options)
     _summary(state)
-    return 0 if state.stopped_by is None else 128 + state.stopped_by
+    if state.stopped_by is None or not options.sources:
+        return 0  # a worker's normal end is being stopped
+    return 128 + state.stopped_by
 
 
 def _summary(state: RunState) -> None:
     totals = state.step_totals()
-    outcome = "finished" if state.stopped_by is None else "stopped before the end of its input"
+    if state.stopped_by is None:
+        outcome = "finished"
+    elif state.sources:
+        outcome = "stopped before the end of its input"
+    else:
+        outcome = "stopped"
     lines = [f"headwater: {state.topology.pipeline.name} {outcome}"]
     for source in state.sources:
         lines.append(f"  source {source.step_id}: {source.records:,} records written")
     for step in state.topology.pipeline.steps:
         counts = totals.get(step.step_id)
         if counts is not None:
-            records_in, records_out, skipped, dead = counts
+            records_in, records_out, skipped, dead, late = counts
             extra = f", {dead:,} to dead letters" if dead else ""
             extra += f", {skipped:,} skipped" if skipped else ""
+            extra += f", {late:,} late" if late else ""
             lines.append(f"  {step.step_id}: {records_in:,} in, {records_out:,} out{extra}")
     behind = sum(state.lag.values())
     lines.append(f"  lag: {behind:,} records")

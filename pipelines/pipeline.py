@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from connectors.base import Sink, Source
@@ -41,15 +41,17 @@ from operators.aggregations import (
 )
 from operators.base import Operator
 from operators.routing import Branch, Merge
-from operators.stateful import Aggregate, Dedupe
+from operators.stateful import Aggregate, Dedupe, EventTime
 from operators.stateless import Filter, FlatMap, KeyBy, Map, Peek
+from operators.windowed import EmitMode, WindowedAggregate
+from operators.windows import Windows
 from pipelines.errors import ErrorPolicy, PipelineDefinitionError
 from pipelines.serde import Json, Serde
 from pipelines.topic import Topic
 
 __all__ = ["Pipeline", "Port", "Step"]
 
-StepKind = Literal["source", "read", "operator", "key_by", "branch", "merge", "sink"]
+StepKind = Literal["source", "read", "operator", "key_by", "branch", "merge", "sink", "window"]
 Port = tuple[str, str]
 """An output of a step: (step id, output name). Branches have "matched" and "rest"."""
 
@@ -74,6 +76,21 @@ class Step:
     of the topic they were read from."""
     stateful: bool = False
     """Whether the step keeps keyed state (a store with a changelog topic)."""
+    window: WindowSpec | None = None
+    """For a ``window`` step: the windows the next ``aggregate`` folds into."""
+    windowed: bool = False
+    """Whether the step aggregates per window (it then has a late-data topic)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WindowSpec:
+    """How a ``window`` step cuts event time, for the ``aggregate`` that follows it."""
+
+    windows: Windows
+    lateness_ms: int
+    grace_ms: int
+    idle_ms: int
+    emit: EmitMode
 
 
 class Pipeline:
@@ -117,6 +134,13 @@ class Pipeline:
     # -- building ---------------------------------------------------------------------------
 
     def _with(self, step: Step, tail: Port | None = None) -> Pipeline:
+        pending = self._pending_window()
+        if pending is not None and not step.windowed:
+            raise PipelineDefinitionError(
+                f"window {pending.step_id!r} must be followed by an aggregation "
+                "(aggregate, count, sum, ...)",
+                step=step.step_id,
+            )
         if not _STEP_ID.fullmatch(step.step_id):
             raise PipelineDefinitionError(
                 f"step id {step.step_id!r} must start with a letter or digit and use only "
@@ -135,6 +159,13 @@ class Pipeline:
             _steps=(*self.steps, step),
             _tail=tail if tail is not None else (step.step_id, OUT),
         )
+
+    def _pending_window(self) -> Step | None:
+        """The window step at the tail, which only an aggregation may follow."""
+        if self._tail is None:
+            return None
+        step = self.step(self._tail[0])
+        return step if step.kind == "window" else None
 
     def _require_tail(self, step_id: str) -> Port:
         if self._tail is None:
@@ -273,6 +304,7 @@ class Pipeline:
         policy: ErrorPolicy | None,
         *,
         transforms: bool = True,
+        windowed: bool = False,
     ) -> Pipeline:
         tail = self._require_tail(step_id)
         step = Step(
@@ -283,6 +315,7 @@ class Pipeline:
             error_policy=policy,
             transforms=transforms,
             stateful=True,
+            windowed=windowed,
         )
         return self._with(step)
 
@@ -293,14 +326,16 @@ class Pipeline:
         *,
         initial: Any = None,
         fold: Callable[[Any, Any], Any] | None = None,
+        merge: Callable[[Any, Any], Any] | None = None,
         on_error: ErrorPolicy | None = None,
     ) -> Pipeline:
         """Fold each key's records into an accumulator kept in fault-tolerant state, and emit
         the key's new result for every record.
 
         Give an aggregation (``Count()``, ``Sum(lambda o: o.amount)``, ...), a dict of them
-        (results come as a dict), or ``initial=`` and ``fold=(acc, value) -> acc``. Records
-        need keys: ``key_by`` first. Accumulators are stored as JSON.
+        (results come as a dict), or ``initial=`` and ``fold=(acc, value) -> acc`` (and
+        ``merge=`` for session windows). Records need keys: ``key_by`` first. Accumulators are
+        stored as JSON. After ``window(...)``, it aggregates per key and window.
         """
         if aggregation is None:
             if fold is None:
@@ -308,12 +343,35 @@ class Pipeline:
                     "aggregate needs an aggregation, or initial= and fold=", step=step_id
                 )
             _check_callable(step_id, fold)
-            aggregation = Fold(initial, fold)
+            aggregation = Fold(initial, fold, merge)
         try:
             chosen = as_aggregation(aggregation)
         except TypeError as error:
             raise PipelineDefinitionError(str(error), step=step_id) from None
-        return self._stateful(step_id, lambda: Aggregate(step_id, chosen), on_error)
+        window = self._pending_window()
+        if window is None:
+            return self._stateful(step_id, lambda: Aggregate(step_id, chosen), on_error)
+        spec = window.window
+        assert spec is not None
+        if spec.windows.merging and type(chosen).merge is Aggregation.merge:
+            raise PipelineDefinitionError(
+                f"session windows merge accumulators, and {type(chosen).__name__} cannot: "
+                "pass merge= with initial= and fold=",
+                step=step_id,
+            )
+
+        def build() -> Operator:
+            return WindowedAggregate(
+                step_id,
+                spec.windows,
+                chosen,
+                emit=spec.emit,
+                grace_ms=spec.grace_ms,
+                lateness_ms=spec.lateness_ms,
+                idle_ms=spec.idle_ms,
+            )
+
+        return self._stateful(step_id, build, on_error, windowed=True)
 
     def count(self, step_id: str) -> Pipeline:
         """The number of records per key so far."""
@@ -345,6 +403,55 @@ class Pipeline:
         """``fn(previous, value)`` over each key's values."""
         _check_callable(step_id, fn)
         return self.aggregate(step_id, Reduce(fn))
+
+    def window(
+        self,
+        step_id: str,
+        windows: Windows,
+        *,
+        time: Callable[[Any], datetime | int] | None = None,
+        lateness: timedelta = timedelta(0),
+        grace: timedelta = timedelta(0),
+        idle: timedelta = timedelta(seconds=10),
+        emit: EmitMode = "close",
+    ) -> Pipeline:
+        """Cut the stream into event-time windows for the aggregation that must follow.
+
+        ``time(value)`` gives a record's event time (a tz-aware datetime or epoch ms; the
+        record's timestamp by default). Each partition's watermark is the largest event time
+        seen minus ``lateness``; a window closes when the watermark reaches its end plus
+        ``grace``, and records for closed windows go to ``<pipeline>.<step>.late``. A partition
+        with no records for ``idle`` lets its watermark follow the wall clock. ``emit="close"``
+        emits each window's final result once; ``emit="update"`` emits on every change.
+        """
+        if not isinstance(windows, Windows):
+            raise PipelineDefinitionError(
+                f"window() needs Tumbling, Hopping, Sliding or Session windows, got {windows!r}",
+                step=step_id,
+            )
+        if emit not in ("close", "update"):
+            raise PipelineDefinitionError(
+                f"emit must be 'close' or 'update', not {emit!r}", step=step_id
+            )
+        if time is not None:
+            _check_callable(step_id, time)
+        spec = WindowSpec(
+            windows,
+            lateness_ms=_span_ms(step_id, "lateness", lateness),
+            grace_ms=_span_ms(step_id, "grace", grace),
+            idle_ms=_span_ms(step_id, "idle", idle),
+            emit=emit,
+        )
+        tail = self._require_tail(step_id)
+        return self._with(
+            Step(
+                step_id,
+                "window",
+                inputs=(tail,),
+                operator=lambda: EventTime(step_id, time),
+                window=spec,
+            )
+        )
 
     def dedupe(
         self,
@@ -470,6 +577,13 @@ class Pipeline:
         """Where records go that fail under the ``DEAD_LETTER`` policy: original bytes, and the
         error, step and source position in headers."""
         return Topic(f"{self.name}.dead-letters", value=bytes, key=bytes)
+
+
+def _span_ms(step_id: str, what: str, span: timedelta) -> int:
+    millis = int(span.total_seconds() * 1000)
+    if millis < 0:
+        raise PipelineDefinitionError(f"{what} cannot be negative, got {span}", step=step_id)
+    return millis
 
 
 def _check_callable(step_id: str, fn: object) -> None:

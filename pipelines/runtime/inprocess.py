@@ -58,7 +58,8 @@ async def run_in_process(
             for task in worker_tasks:
                 if task.done():
                     task.result()  # a worker only ends early by raising
-            if sources.done and await is_drained(log, topology):
+            settled = all(member.pending == 0 for member in members)
+            if sources.done and settled and await is_drained(log, topology):
                 break
             await asyncio.sleep(_CHECK_SECONDS)
     finally:

@@ -58,11 +58,11 @@ class RunState:
             self._rate_mark = (now, total)
 
     def step_totals(self) -> dict[str, list[int]]:
-        """Per step: records in, out, skipped, dead-lettered, summed over workers."""
+        """Per step: records in, out, skipped, dead-lettered, late, summed over workers."""
         totals: dict[str, list[int]] = {}
         for report in self.reports.values():
             for step_id, counts in report.steps.items():
-                into = totals.setdefault(step_id, [0, 0, 0, 0])
+                into = totals.setdefault(step_id, [0, 0, 0, 0, 0])
                 for i, count in enumerate(counts):
                     into[i] += count
         return totals
@@ -78,11 +78,11 @@ def render(state: RunState) -> Group:
         (f"{state.rate:,.0f} records/s", "bold green"),
     )
     steps = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("step", "in", "out", "skipped", "dead-lettered"):
+    for column in ("step", "in", "out", "skipped", "dead-lettered", "late"):
         steps.add_column(column, justify="left" if column == "step" else "right")
     for source in state.sources:
         status = "done" if source.done else "reading"
-        steps.add_row(f"{source.step_id} (source, {status})", "", f"{source.records:,}", "", "")
+        steps.add_row(f"{source.step_id} (source, {status})", "", f"{source.records:,}", "", "", "")
     totals = state.step_totals()
     for step in state.topology.pipeline.steps:
         counts = totals.get(step.step_id)

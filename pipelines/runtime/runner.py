@@ -72,8 +72,10 @@ class RunFailed(PipelineError):
 
 
 def quiet_clients() -> None:
-    """Keep the Kafka client's routine rebalance chatter out of the user's terminal."""
-    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    """Keep the Kafka client's own logging out of the user's terminal: it reports every
+    rebalance, and during a broker outage thousands of reconnection attempts a second. What
+    matters reaches the user as Headwater's own errors (connection timeouts name the servers)."""
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
 def worker_main(options: RunOptions, index: int, channel: Connection) -> None:
@@ -167,6 +169,7 @@ async def _supervise(
     workers = [_spawn(options, i) for i in range(options.workers)]
     sources = Sources(log, topology)
     state.sources = sources.progress
+    finished_once = False  # the end is confirmed by two checks in a row (a report in flight)
     try:
         if options.sources:
             await sources.start()
@@ -177,8 +180,15 @@ async def _supervise(
             sources.raise_failure()
             state.lag = await lag(log, topology)
             progress.refresh()
-            if options.sources and sources.done and await is_drained(log, topology):
+            finished = (
+                options.sources
+                and sources.done
+                and await is_drained(log, topology)
+                and _settled(workers, state)
+            )
+            if finished and finished_once:
                 break
+            finished_once = bool(finished)
             await asyncio.sleep(_TICK)
         else:
             progress.note("stopping: the workers finish their batch, commit and leave")
@@ -187,6 +197,12 @@ async def _supervise(
         await _stop_workers(workers, state, progress)
         state.lag = await lag(log, topology)
     _collect_reports(workers, state, progress)
+
+
+def _settled(workers: list[_WorkerProcess], state: RunState) -> bool:
+    """Whether every live worker has reported, with nothing waiting for time (open windows)."""
+    live = [w for w in workers if not w.gone]
+    return all(w.index in state.reports and state.reports[w.index].pending == 0 for w in live)
 
 
 def _spawn(options: RunOptions, index: int) -> _WorkerProcess:

@@ -18,8 +18,8 @@ from connectors.base import SinkWriter
 from operators.base import Operator, call_each
 from operators.routing import Branch
 from pipelines.batch import Batch
-from pipelines.errors import ErrorPolicy, RecordError
-from pipelines.log.base import FetchedBatch, LogBackend, TopicPartition
+from pipelines.errors import ErrorPolicy, RecordError, RecordSource
+from pipelines.log.base import FetchedBatch, LogBackend, RawBatch, TopicPartition
 from pipelines.pipeline import OUT, Port, Step
 from pipelines.record import Headers
 from pipelines.runtime.outbox import Outbox
@@ -39,9 +39,10 @@ class StepStats:
     records_out: int = 0
     skipped: int = 0
     dead_lettered: int = 0
+    late: int = 0
 
     def as_list(self) -> list[int]:
-        return [self.records_in, self.records_out, self.skipped, self.dead_lettered]
+        return [self.records_in, self.records_out, self.skipped, self.dead_lettered, self.late]
 
 
 def error_headers(error: RecordError) -> Headers:
@@ -53,12 +54,17 @@ def error_headers(error: RecordError) -> Headers:
     if error.step is not None:
         headers.append(("headwater.step", error.step.encode()))
     if error.source is not None:
-        headers += [
-            ("headwater.source.topic", error.source.topic.encode()),
-            ("headwater.source.partition", str(error.source.partition).encode()),
-            ("headwater.source.offset", str(error.source.offset).encode()),
-        ]
+        headers += source_headers(error.source)
     return tuple(headers)
+
+
+def source_headers(source: RecordSource) -> Headers:
+    """The headers that say where a record was read from."""
+    return (
+        ("headwater.source.topic", source.topic.encode()),
+        ("headwater.source.partition", str(source.partition).encode()),
+        ("headwater.source.offset", str(source.offset).encode()),
+    )
 
 
 class _StepContext:
@@ -93,6 +99,23 @@ class _StepContext:
             [batch.raw_value_at(index)],
             [batch.timestamps[index]],
             [batch.headers_at(index) + error_headers(error)],
+        )
+
+    def late(self, batch: Batch, index: int) -> None:
+        self.stats.late += 1
+        source = batch.source_of(index)
+        self._task.outbox.add(
+            self._task.topology.late_topic(self.step_id),
+            [batch.raw_key_at(index)],
+            [batch.raw_value_at(index)],
+            [batch.timestamps[index]],
+            [
+                (
+                    *batch.headers_at(index),
+                    ("headwater.late", self.step_id.encode()),
+                    *source_headers(source),
+                )
+            ],
         )
 
 
@@ -147,6 +170,27 @@ class Task:
         for operator in self._operators.values():
             operator.close()
         self.state.close()
+
+    @property
+    def pending(self) -> int:
+        """Results that wait for time to pass (open windows), over every step."""
+        return sum(operator.pending for operator in self._operators.values())
+
+    def tick(self) -> int:
+        """Let every step emit what the passing of time produces (idle windows closing);
+        returns how many records that emitted."""
+        tp = next(iter(self.positions))
+        nothing = FetchedBatch(tp.topic, tp.partition, RawBatch([], [], []), [], -1)
+        empty = Batch([], [], [], [], nothing)
+        emitted = 0
+        for step_id, operator in self._operators.items():
+            out = operator.tick(empty)
+            if len(out):
+                stats = self._contexts[step_id].stats
+                stats.records_out += len(out)
+                emitted += len(out)
+                self._emit((step_id, OUT), out)
+        return emitted
 
     def process(self, fetched: FetchedBatch) -> None:
         """Run one fetched batch through the sub-topology."""

@@ -52,8 +52,14 @@ class Topology:
     changelogs: dict[str, Topic] = field(default_factory=dict)
     """The changelog topic of each stateful step, one partition per task partition."""
 
+    late_topics: dict[str, Topic] = field(default_factory=dict)
+    """The late-data topic of each windowed step."""
+
     def changelog_topic(self, step_id: str) -> Topic:
         return self.changelogs[step_id]
+
+    def late_topic(self, step_id: str) -> Topic:
+        return self.late_topics[step_id]
 
     @property
     def source_steps(self) -> list[Step]:
@@ -137,7 +143,12 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
         for step in sub.steps
         if step.stateful and sub.topics
     }
-    topics = _declared_topics(pipeline) + list(changelogs.values())
+    late_topics = {
+        step.step_id: Topic(f"{pipeline.name}.{step.step_id}.late", key=bytes, value=bytes)
+        for step in steps
+        if step.windowed
+    }
+    topics = _declared_topics(pipeline) + list(changelogs.values()) + list(late_topics.values())
     input_topics = [s.topic for s in steps if s.kind in _ENTRY_KINDS and s.topic is not None]
     ordered = sorted(subs.values(), key=lambda s: s.index)
     return Topology(
@@ -149,6 +160,7 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
         input_topics=input_topics,
         group=group or pipeline.name,
         changelogs=changelogs,
+        late_topics=late_topics,
     )
 
 

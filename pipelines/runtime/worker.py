@@ -42,6 +42,8 @@ MAX_BATCH = 2000
 COMMIT_INTERVAL = 0.5
 """Seconds between checkpoints while records keep coming."""
 REPORT_INTERVAL = 0.5
+TICK_INTERVAL = 0.5
+"""Seconds between the timer ticks that let idle windows close."""
 
 
 @dataclass(slots=True)
@@ -52,6 +54,8 @@ class WorkerReport:
     steps: dict[str, list[int]]
     partitions: list[str]
     records: int
+    pending: int = 0
+    """Results waiting for time to pass (open windows) in this worker's tasks."""
     done: bool = False
     error: str | None = None
     at: float = field(default_factory=time.time)
@@ -98,14 +102,18 @@ class Worker:
                 self._writers[step.step_id] = step.sink.open(ctx)
         await self._consumer.subscribe([t.name for t in self.topology.input_topics], self)
         next_checkpoint = time.monotonic() + self._commit_interval
-        next_report = 0.0
+        next_report = next_tick = 0.0
         try:
             while not self.stop.is_set():
                 fetched = await self._consumer.poll(self._max_batch, timeout=0.1)
                 async with self._lock:
                     self._process(fetched)
-                    await self._outbox.send()
                     now = time.monotonic()
+                    if now >= next_tick:
+                        for task in self._tasks.values():
+                            task.tick()
+                        next_tick = now + TICK_INTERVAL
+                    await self._outbox.send()
                     if now >= next_checkpoint or (not fetched and self._positions):
                         await self._checkpoint()
                         next_checkpoint = now + self._commit_interval
@@ -117,6 +125,11 @@ class Worker:
                 await asyncio.sleep(0)
         finally:
             await self._shutdown()
+
+    @property
+    def pending(self) -> int:
+        """Results waiting for time to pass (open windows) in this worker's tasks."""
+        return sum(task.pending for task in self._tasks.values())
 
     def _process(self, fetched: list[FetchedBatch]) -> None:
         owned = self._consumer.assignment()
@@ -215,6 +228,7 @@ class Worker:
                 steps={step_id: s.as_list() for step_id, s in self._stats.items()},
                 partitions=sorted(str(tp) for tp in self._consumer.assignment()),
                 records=self._records,
+                pending=self.pending,
                 done=done,
             )
         )

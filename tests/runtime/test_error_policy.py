@@ -241,10 +241,10 @@ async def test_skip_drops_bad_records_and_counts_them_per_step() -> None:
     assert [r.offset for r in sink.records] == [0, 1, 4]
     assert sink.values == [inverse(INPUT[i]) for i in (0, 1, 4)]
     (report,) = run.reports.values()
-    records_in, records_out, skipped, dead_lettered = report.steps["in"]
-    assert (records_in, records_out, skipped, dead_lettered) == (5, 4, 1, 0)
-    assert report.steps["inverse"] == [4, 3, 1, 0]
-    assert report.steps["out"] == [3, 3, 0, 0]
+    records_in, records_out, skipped, dead_lettered, late = report.steps["in"]
+    assert (records_in, records_out, skipped, dead_lettered, late) == (5, 4, 1, 0, 0)
+    assert report.steps["inverse"] == [4, 3, 1, 0, 0]
+    assert report.steps["out"] == [3, 3, 0, 0, 0]
     end = await log.end_offsets([TopicPartition(pipeline.dead_letter_topic.name, 0)])
     assert list(end.values()) == [0]  # nothing dead-lettered
 
@@ -253,8 +253,8 @@ async def test_dead_letter_counts_are_reported_per_step() -> None:
     pipeline = pipeline_with()
     run = await run_in_process(compile_pipeline(pipeline), MemoryLog())
     (report,) = run.reports.values()
-    assert report.steps["in"] == [5, 4, 0, 1]
-    assert report.steps["inverse"] == [4, 3, 0, 1]
+    assert report.steps["in"] == [5, 4, 0, 1, 0]
+    assert report.steps["inverse"] == [4, 3, 0, 1, 0]
 
 
 def test_skip_through_run_pipeline_leaves_no_dead_letters() -> None:

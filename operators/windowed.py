@@ -1,0 +1,257 @@
+"""Windowed aggregation on event time, with a watermark per partition.
+
+State, in the step's store: one entry per (key, window) holding the accumulator, and the
+partition's watermark. The watermark is the largest event time seen minus the allowed lateness,
+moved record by record (so lateness does not depend on how records are batched); when no record
+arrives for ``idle`` (wall clock), it moves up to the wall clock minus the lateness, so windows
+close without new data. A window closes once the watermark reaches ``end + grace``: with
+``emit="close"`` its final result is emitted then (once), and its state is deleted either way.
+A record whose every window is already closed is *late*: it goes to the late-data topic
+``<pipeline>.<step>.late`` (original bytes) and is counted, never folded in.
+
+Open windows are found for expiry through a heap of their ends, built once from the store after
+a restore, so closing windows never scans the store. Results are :class:`WindowResult` values
+keyed by the record key, timestamped with the window's end.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel
+
+from operators.aggregations import Aggregation
+from operators.base import Operator, describe_function
+from operators.stateful import missing_key_error
+from operators.windows import Window, Windows
+
+if TYPE_CHECKING:
+    from pipelines.batch import Batch
+
+__all__ = ["EmitMode", "WindowResult", "WindowedAggregate"]
+
+EmitMode = Literal["close", "update"]
+_WATERMARK = ("watermark",)  # a 1-tuple: never a (key, start, end) window entry
+
+
+class WindowResult(BaseModel):
+    """The aggregate of one key in one window."""
+
+    key: Any
+    start: datetime
+    end: datetime
+    value: Any
+    final: bool
+    """True when the window has closed (``emit="close"``, or the last update of a window)."""
+
+
+def _datetime(millis: int) -> datetime:
+    from pipelines.record import from_millis
+
+    return from_millis(millis)
+
+
+class WindowedAggregate(Operator):
+    """See the module docstring."""
+
+    def __init__(
+        self,
+        step_id: str,
+        windows: Windows,
+        aggregation: Aggregation,
+        *,
+        emit: EmitMode,
+        grace_ms: int,
+        lateness_ms: int,
+        idle_ms: int,
+    ) -> None:
+        super().__init__(step_id)
+        self.windows = windows
+        self.aggregation = aggregation
+        self.emit = emit
+        self.grace_ms = grace_ms
+        self.lateness_ms = lateness_ms
+        self.idle_ms = idle_ms
+        self._ends: list[tuple[int, int, Any]] | None = None  # (end, tiebreak, state key)
+        self._sessions: dict[Any, list[Window]] = {}
+        self._tiebreak = itertools.count()
+        self._last_arrival = time.monotonic()
+
+    # -- state helpers -------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        store = self.ctx.store
+        return len(store) - (store.get(_WATERMARK) is not None)
+
+    @property
+    def watermark(self) -> int:
+        value = self.ctx.store.get(_WATERMARK)
+        return -(1 << 62) if value is None else int(value)
+
+    def _index(self) -> list[tuple[int, int, Any]]:
+        """The heap of open windows' ends (and, for sessions, each key's windows)."""
+        if self._ends is None:
+            self._ends = []
+            for state_key, _ in self.ctx.store.items():
+                if len(state_key) != 3:
+                    continue
+                key, start, end = state_key
+                self._ends.append((end, next(self._tiebreak), state_key))
+                if self.windows.merging:
+                    self._sessions.setdefault(key, []).append(Window(start, end))
+            heapq.heapify(self._ends)
+        return self._ends
+
+    def _open(self, key: Any, window: Window) -> None:
+        entry = (window.end, next(self._tiebreak), (key, window.start, window.end))
+        heapq.heappush(self._index(), entry)
+
+    # -- processing ----------------------------------------------------------------------------
+
+    def process(self, batch: Batch) -> Batch:
+        self._index()
+        ctx = self.ctx
+        watermark = self.watermark
+        grace, lateness = self.grace_ms, self.lateness_ms
+        out_keys: list[Any] = []
+        out_values: list[Any] = []
+        out_stamps: list[int] = []
+        origins: list[int] = []
+        for index, (key, stamp, value) in enumerate(
+            zip(batch.keys, batch.timestamps, batch.values, strict=True)
+        ):
+            if key is None:
+                ctx.reject(batch, index, missing_key_error(self.step_id, batch, index))
+                continue
+            # the watermark moves record by record, so lateness does not depend on batching
+            windows = [w for w in self.windows.assign(stamp) if w.end + grace > watermark]
+            if not windows:
+                ctx.late(batch, index)
+                continue
+            watermark = max(watermark, stamp - lateness)
+            for window in windows:
+                updated = self._fold(batch, index, key, window, value)
+                if updated is not None and self.emit == "update":
+                    out_keys.append(key)
+                    out_values.append(self._result(key, updated[0], updated[1], final=False))
+                    out_stamps.append(updated[0].end)
+                    origins.append(index)
+        if len(batch):
+            self._last_arrival = time.monotonic()
+            self._advance(watermark)
+        self._close_windows(batch, out_keys, out_values, out_stamps, origins)
+        return _batch_like(batch, out_keys, out_values, out_stamps, origins)
+
+    def _fold(
+        self, batch: Batch, index: int, key: Any, window: Window, value: Any
+    ) -> tuple[Window, Any] | None:
+        store, aggregation = self.ctx.store, self.aggregation
+        try:
+            if self.windows.merging:
+                window, acc = self._merge_sessions(key, window)
+            else:
+                acc = store.get((key, window.start, window.end))
+                if acc is None:
+                    acc = aggregation.initial()
+                    self._open(key, window)
+            acc = aggregation.fold(acc, value)
+        except Exception as error:  # a user function failed: routed by the policy
+            from pipelines.errors import StepError
+
+            rejection = StepError(
+                f"{describe_function(type(aggregation))} raised {type(error).__name__}: {error}",
+                step=self.step_id,
+                source=batch.source_of(index),
+            )
+            rejection.__cause__ = error
+            self.ctx.reject(batch, index, rejection)
+            return None
+        store.put((key, window.start, window.end), acc)
+        return window, acc
+
+    def _merge_sessions(self, key: Any, window: Window) -> tuple[Window, Any]:
+        """The session ``window`` grows into by merging the key's sessions it touches."""
+        store, aggregation = self.ctx.store, self.aggregation
+        sessions = self._sessions.setdefault(key, [])
+        touching = [s for s in sessions if s.start <= window.end and window.start <= s.end]
+        acc = aggregation.initial()
+        start, end = window.start, window.end
+        for session in touching:
+            acc = aggregation.merge(acc, store.get((key, session.start, session.end)))
+            store.delete((key, session.start, session.end))
+            sessions.remove(session)
+            start, end = min(start, session.start), max(end, session.end)
+        merged = Window(start, end)
+        sessions.append(merged)
+        self._open(key, merged)
+        return merged, acc
+
+    def _advance(self, candidate: int) -> None:
+        if candidate > self.watermark:
+            self.ctx.store.put(_WATERMARK, candidate)
+
+    def _close_windows(
+        self,
+        batch: Batch,
+        out_keys: list[Any],
+        out_values: list[Any],
+        out_stamps: list[int],
+        origins: list[int],
+    ) -> None:
+        """Emit (with ``emit="close"``) and forget every window the watermark has passed."""
+        ends, store = self._index(), self.ctx.store
+        limit = self.watermark - self.grace_ms
+        origin = len(batch) - 1
+        while ends and ends[0][0] <= limit:
+            _, _, state_key = heapq.heappop(ends)
+            acc = store.get(state_key)
+            if acc is None:
+                continue  # merged into a larger session, or closed already
+            key, start, end = state_key
+            store.delete(state_key)
+            if self.windows.merging:
+                self._sessions[key].remove(Window(start, end))
+                if not self._sessions[key]:
+                    del self._sessions[key]
+            if self.emit == "close":
+                out_keys.append(key)
+                out_values.append(self._result(key, Window(start, end), acc, final=True))
+                out_stamps.append(end)
+                origins.append(origin)
+
+    def _result(self, key: Any, window: Window, acc: Any, *, final: bool) -> WindowResult:
+        return WindowResult(
+            key=key,
+            start=_datetime(window.start),
+            end=_datetime(window.end),
+            value=self.aggregation.result(acc),
+            final=final,
+        )
+
+    def tick(self, batch: Batch) -> Batch:
+        """Once a partition has been idle for ``idle``, move its watermark up to the wall clock
+        (minus the allowed lateness); close what that passes."""
+        self._index()
+        idle_for = (time.monotonic() - self._last_arrival) * 1000
+        if idle_for < self.idle_ms:
+            return batch
+        self._advance(int(time.time() * 1000) - self.lateness_ms)
+        out_keys: list[Any] = []
+        out_values: list[Any] = []
+        out_stamps: list[int] = []
+        origins: list[int] = []
+        self._close_windows(batch, out_keys, out_values, out_stamps, origins)
+        return _batch_like(batch, out_keys, out_values, out_stamps, origins)
+
+
+def _batch_like(
+    batch: Batch, keys: list[Any], values: list[Any], stamps: list[int], origins: list[int]
+) -> Batch:
+    from pipelines.batch import Batch as BatchType
+
+    return BatchType(keys, values, stamps, origins, batch.fetched)
