@@ -1,13 +1,24 @@
-"""Where a single worker's time goes in the stateless benchmark: cProfile of an in-process run.
+"""Where a single worker's time goes in the stateless benchmark.
 
-    python bench/profile_stateless.py [--records N] [--partitions P] [--top K] [--no-profile]
+    python bench/profile_stateless.py [--records N] [--partitions P] [--mode MODE] [--top K]
 
 Pre-fills the input topic as ``bench/stateless.py`` does, then runs the same pipeline with
 ``pipelines.runtime.inprocess.run_in_process`` (one worker, the embedded log, this process) to
-the end of its input. Prints records/s and minor page faults per record for the run, then the
-functions with the most own time (``tottime``) and the most cumulative time. cProfile slows
-Python-level calls down, so read the shares, not the absolute times; ``--no-profile`` gives the
-unprofiled rate of the same in-process run.
+the end of its input, and prints records/s, CPU µs per record (user and system) and minor page
+faults per record. Then, by ``--mode``:
+
+``timers`` (default)
+    wraps the runtime's per-batch functions (fetch, decode, operators, serialise, append, ...)
+    in CPU-time timers (``time.process_time``, so other load on the machine does not inflate
+    them) and prints each one's inclusive CPU time per input record, as a tree, with its share
+    of the run's CPU time. The functions run once per batch (2000 records), so the timers cost
+    about nothing, unlike a profiler's per-call hooks.
+``cprofile``
+    the functions with the most own time and the most cumulative time. cProfile makes every
+    Python-level call (the user functions, ``Json.serialize``: one per record) several times
+    dearer, so read it for what is called, not for the shares.
+``none``
+    just the run.
 """
 
 from __future__ import annotations
@@ -15,13 +26,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import functools
+import importlib
+import inspect
 import pstats
 import resource
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from stateless import load_topology, output_count, prefill
 from workload import clicks_below
@@ -29,6 +45,30 @@ from workload import clicks_below
 from pipelines.log import EmbeddedLog
 from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.topology import Topology
+
+Probe = tuple[int, str, str, str]
+"""(depth in the printed tree, module, attribute path in the module, label)."""
+
+PROBES: list[Probe] = [
+    (0, "pipelines.log._local", "GroupConsumer._fetch", "consumer fetch"),
+    (1, "pipelines.log._partition_file", "PartitionFile._index_new_frames", "index new frames"),
+    (1, "pipelines.log._partition_file", "PartitionFile._frame_containing", "read frame"),
+    (2, "pipelines.log._partition_file", "decode_frame", "decode_frame"),
+    (0, "pipelines.runtime.task", "Task.process", "Task.process"),
+    (1, "pipelines.runtime.task", "Task._decode", "Task._decode"),
+    (2, "pipelines.serde", "Json.deserialize_many", "Json.deserialize_many (orjson.loads)"),
+    (1, "operators.stateless", "Filter.process", "Filter.process"),
+    (2, "pipelines.batch", "Batch.compress", "Batch.compress"),
+    (1, "operators.stateless", "Map.process", "Map.process"),
+    (1, "pipelines.runtime.task", "Task._write_topic", "Task._write_topic"),
+    (2, "pipelines.runtime.task", "call_each", "call_each(Json.serialize)"),
+    (2, "pipelines.runtime.outbox", "Outbox.add", "Outbox.add"),
+    (0, "pipelines.runtime.outbox", "Outbox.send", "Outbox.send"),
+    (1, "pipelines.log._partition_file", "PartitionFile.append", "PartitionFile.append"),
+    (2, "pipelines.log._partition_file", "PartitionFile._recover_tail", "recover tail (index)"),
+    (2, "pipelines.log._partition_file", "encode_frame", "encode_frame"),
+    (0, "pipelines.runtime.worker", "Worker._checkpoint", "Worker._checkpoint"),
+]
 
 
 async def run_once(data_dir: Path, topology: Topology) -> None:
@@ -39,41 +79,102 @@ async def run_once(data_dir: Path, topology: Topology) -> None:
         await log.close()
 
 
-def timed(
-    data_dir: Path, topology: Topology, profiler: cProfile.Profile | None
-) -> tuple[float, int]:
-    """Seconds and minor page faults of the in-process run (profiled if ``profiler`` is given)."""
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def _timed(original: Callable[..., Any], totals: dict[str, float], label: str) -> Any:
+    if inspect.iscoroutinefunction(original):
+
+        @functools.wraps(original)
+        async def timed_async(*args: Any, **kwargs: Any) -> Any:
+            started = time.process_time()
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                totals[label] += time.process_time() - started
+
+        return timed_async
+
+    @functools.wraps(original)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.process_time()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals[label] += time.process_time() - started
+
+    return timed
+
+
+@contextmanager
+def timers(totals: dict[str, float]) -> Iterator[None]:
+    """Wrap every probe in a timer adding to ``totals``; unwrap on exit."""
+    undo = []
+    for _, module_name, path, label in PROBES:
+        owner: Any = importlib.import_module(module_name)
+        *parents, name = path.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent)
+        original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+        totals[label] = 0.0
+        setattr(owner, name, _timed(original, totals, label))
+        undo.append((owner, name, original))
+    try:
+        yield
+    finally:
+        for owner, name, original in reversed(undo):
+            setattr(owner, name, original)
+
+
+def print_timers(totals: dict[str, float], records: int, cpu: float) -> None:
+    print(f"\n{'inclusive CPU time per input record':<52} {'ns':>7} {'share':>6}")
+    for depth, _, _, label in PROBES:
+        spent = totals[label]
+        name = "  " * depth + label
+        print(f"{name:<52} {spent / records * 1e9:>7.0f} {spent / cpu:>6.1%}")
+    print(f"{'the whole run (CPU)':<52} {cpu / records * 1e9:>7.0f} {1:>6.1%}")
+
+
+def measured_run(data_dir: Path, topology: Topology, records: int) -> float:
+    """Run once; print rate, CPU and page faults per record; return the CPU seconds."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.perf_counter()
-    if profiler is not None:
-        profiler.enable()
     asyncio.run(run_once(data_dir, topology))
-    if profiler is not None:
-        profiler.disable()
     seconds = time.perf_counter() - started
-    return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    user = (after.ru_utime - before.ru_utime) / records * 1e6
+    system = (after.ru_stime - before.ru_stime) / records * 1e6
+    faults = (after.ru_minflt - before.ru_minflt) / records
+    print(
+        f"{records:,} records in {seconds:.2f} s: {records / seconds:,.0f} rec/s, "
+        f"{seconds / records * 1e6:.2f} µs/record wall, CPU {user:.2f} µs user + "
+        f"{system:.2f} µs system per record, {faults:.3f} minor faults/record"
+    )
+    return (user + system) * records / 1e6
 
 
 def main(argv: Sequence[str]) -> None:
-    parser = argparse.ArgumentParser(description="cProfile one in-process worker.")
+    parser = argparse.ArgumentParser(description="Where one in-process worker's time goes.")
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--top", type=int, default=25)
-    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--mode", choices=["timers", "cprofile", "none"], default="timers")
+    parser.add_argument("--top", type=int, default=25, help="cprofile: functions to list")
     args = parser.parse_args(argv)
     topology = load_topology(args.partitions)
-    profiler = None if args.no_profile else cProfile.Profile()
+    totals: dict[str, float] = {}
+    profiler = cProfile.Profile() if args.mode == "cprofile" else None
     with tempfile.TemporaryDirectory(prefix="headwater-profile-") as tmp:
         data_dir = Path(tmp)
         asyncio.run(prefill(data_dir, topology, args.records, args.partitions))
-        seconds, faults = timed(data_dir, topology, profiler)
+        if args.mode == "timers":
+            with timers(totals):
+                cpu = measured_run(data_dir, topology, args.records)
+        elif profiler is not None:
+            with profiler:
+                cpu = measured_run(data_dir, topology, args.records)
+        else:
+            cpu = measured_run(data_dir, topology, args.records)
         output = asyncio.run(output_count(data_dir, args.partitions))
-    print(
-        f"{args.records:,} records in {seconds:.2f} s: {args.records / seconds:,.0f} rec/s "
-        f"({seconds / args.records * 1e6:.2f} µs/record, {faults / args.records:.3f} minor "
-        f"faults/record){' under cProfile' if profiler else ''}; output {output:,} "
-        f"(expected {clicks_below(args.records):,})"
-    )
+    print(f"output {output:,} records (expected {clicks_below(args.records):,})")
+    if totals:
+        print_timers(totals, args.records, cpu)
     if profiler is not None:
         stats = pstats.Stats(profiler).strip_dirs()
         stats.sort_stats("tottime").print_stats(args.top)

@@ -8,10 +8,13 @@ the clicks (half), map each to a smaller dict, write to a P-partition topic. Per
 throughput
     N events are appended to the input topic first (``EmbeddedLog.producer()``, batches of 1000),
     then the pipeline runs as ``headwater run`` runs it (``pipelines.runtime.runner.run``, real
-    spawned worker processes), which returns once the input is drained. A thread samples the
-    output topic's end offsets and the group's committed offsets, so besides start -> drained it
-    reports the processing window (first output record -> last output record), which leaves
-    out the fixed cost of starting the worker processes.
+    spawned worker processes) on a fresh copy of that log, until the input is drained. A thread
+    watches the output files and the group's committed offsets, so besides start -> drained it
+    reports rates without the fixed costs: *processing* (first output record -> last) leaves out
+    starting the worker processes and noticing the end; *steady* (the middle half of the output)
+    also leaves out the group join and the tail. It also reports the CPU the workers and the
+    runner used, and how many cores the rest of the machine kept busy meanwhile (a run that had
+    to share the CPU is not comparable). Worker counts are interleaved over ``--repeat`` rounds.
 latency
     worker processes run the pipeline (``pipelines.runtime.worker.Worker`` on the embedded log,
     as the runner's worker processes do; stopped with SIGTERM at the end) while a producer
@@ -19,6 +22,8 @@ latency
     set to the wall-clock ms when its batch is appended, and a reader tails the output topic.
     Timestamps travel with records, so latency = time read - record timestamp. Records sent
     during the ``--warmup`` seconds (workers starting, joining the group) are not measured.
+    ``--poll-ms`` (an experiment) overrides the embedded log's idle poll interval in these
+    workers.
 
 This is a benchmark, not a test: it prints numbers, and checks only that every record came out.
 """
@@ -37,15 +42,15 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from workload import clicks_below, encoded_events
 
 from pipelines.loader import load_pipeline
-from pipelines.log import EmbeddedLog
+from pipelines.log import EmbeddedLog, embedded
 from pipelines.log.base import RawBatch, TopicPartition
 from pipelines.runtime.engine import prepare_topics
 from pipelines.runtime.runner import RunOptions, run
@@ -78,6 +83,7 @@ class Config:
     repeat: int
     phase: str
     data_root: Path | None
+    poll_ms: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,10 +99,14 @@ class ThroughputRun:
     """Seconds from calling ``run`` to the first output record."""
     processing: float
     """Seconds from the first output record to the last (appended)."""
+    steady: float
+    """Seconds the middle half of the output took (see :meth:`OffsetSampler.steady`)."""
     committed_rate: float
     """Records/s from the first commit seen to the input drained (sampling committed offsets)."""
     worker_cpu: float
     """CPU seconds (user + system) the worker processes used, start-up included."""
+    runner_cpu: float
+    """CPU seconds the runner's process used (this process: the benchmark's sampler too)."""
     other_cores: float
     """Cores the rest of the machine kept busy meanwhile, on average (not the workers, not this
     process): how much the run had to share the CPU. NaN where ``/proc/stat`` is missing."""
@@ -109,6 +119,10 @@ class ThroughputRun:
     def processing_rate(self) -> float:
         return self.records / self.processing
 
+    @property
+    def steady_rate(self) -> float:
+        return self.records / 2 / self.steady
+
 
 @dataclass(frozen=True, slots=True)
 class LatencyRun:
@@ -120,6 +134,8 @@ class LatencyRun:
     expected: int
     rate: float
     latencies_ms: list[float]
+    other_cores: float = float("nan")
+    """Cores the rest of the machine kept busy meanwhile, on average."""
 
     def percentile(self, q: float) -> float:
         ordered = self.latencies_ms
@@ -141,6 +157,12 @@ def parse_args(argv: Sequence[str]) -> Config:
     parser.add_argument("--repeat", type=int, default=1, help="throughput runs per worker count")
     parser.add_argument("--phase", choices=["all", "throughput", "latency"], default="all")
     parser.add_argument("--data-root", type=Path, default=None, help="where data dirs go")
+    parser.add_argument(
+        "--poll-ms",
+        type=float,
+        default=None,
+        help="experiment: override the embedded log's idle poll interval in the latency workers",
+    )
     args = parser.parse_args(argv)
     return Config(
         records=args.records,
@@ -153,6 +175,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         repeat=args.repeat,
         phase=args.phase,
         data_root=args.data_root,
+        poll_ms=args.poll_ms,
     )
 
 
@@ -218,6 +241,8 @@ class OffsetSampler(threading.Thread):
         self._records = records
         self._halt = threading.Event()
         self.first_output: float | None = None
+        self.output_sizes: list[tuple[float, int]] = []
+        """(time, bytes in the output files) at every sample."""
         self.first_commit: tuple[float, int] | None = None
         self.drained: float | None = None
 
@@ -242,7 +267,9 @@ class OffsetSampler(threading.Thread):
             await log.close()
 
     async def _sample(self, log: EmbeddedLog, now: float) -> None:
-        if self.first_output is None and any(map(_nonempty, self.output_files)):
+        size = sum(map(_size, self.output_files))
+        self.output_sizes.append((now, size))
+        if size and self.first_output is None:
             self.first_output = now
         committed = sum((await log.committed_offsets(GROUP, self._inputs)).values())
         if committed and self.first_commit is None:
@@ -250,12 +277,20 @@ class OffsetSampler(threading.Thread):
         if committed >= self._records:
             self.drained = now
 
+    def steady(self) -> float:
+        """Seconds between the output files reaching a quarter and three quarters of their
+        final size: the middle half of the run, without start-up, group join and tail."""
+        final = sum(map(_size, self.output_files))
+        quarter = next(t for t, size in self.output_sizes if size >= final / 4)
+        three_quarters = next(t for t, size in self.output_sizes if size >= final * 3 / 4)
+        return three_quarters - quarter
 
-def _nonempty(path: Path) -> bool:
+
+def _size(path: Path) -> int:
     try:
-        return path.stat().st_size > 0
+        return path.stat().st_size
     except FileNotFoundError:
-        return False
+        return 0
 
 
 def throughput_run(
@@ -267,29 +302,52 @@ def throughput_run(
     os.sync()  # so writing back the copy does not overlap the timed run
     sampler = OffsetSampler(data_dir, config.partitions, config.records)
     sampler.start()
-    before = (children_cpu(), own_cpu(), machine_busy())
+    before = CpuSnapshot.now()
     started = time.time()
     try:
         run(RunOptions(spec=str(PIPELINE), workers=workers, data_dir=data_dir, progress=False))
     finally:
         sampler.stop()
-    cpu = children_cpu() - before[0]  # the runner has joined its workers
-    other = machine_busy() - before[2] - cpu - (own_cpu() - before[1])
-    other /= time.time() - started
+    cpu = CpuSnapshot.now().minus(before)  # the runner has joined its workers: counted
     output = asyncio.run(output_count(data_dir, config.partitions))
-    result = summarize_throughput(config, workers, output, started, (cpu, other), sampler)
+    result = summarize_throughput(config, workers, output, started, cpu, sampler)
     shutil.rmtree(data_dir)
     return result
 
 
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+@dataclass(frozen=True, slots=True)
+class CpuSnapshot:
+    """CPU seconds used so far: by this process's reaped children (the workers), by this
+    process (the runner, and the sampler thread), and by the whole machine."""
 
+    workers: float
+    runner: float
+    machine: float
+    at: float
 
-def own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    @classmethod
+    def now(cls) -> CpuSnapshot:
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return cls(
+            workers=children.ru_utime + children.ru_stime,
+            runner=own.ru_utime + own.ru_stime,
+            machine=machine_busy(),
+            at=time.time(),
+        )
+
+    def minus(self, before: CpuSnapshot) -> CpuSnapshot:
+        return CpuSnapshot(
+            workers=self.workers - before.workers,
+            runner=self.runner - before.runner,
+            machine=self.machine - before.machine,
+            at=self.at - before.at,
+        )
+
+    @property
+    def other_cores(self) -> float:
+        """Cores the rest of the machine kept busy on average."""
+        return (self.machine - self.workers - self.runner) / self.at
 
 
 def machine_busy() -> float:
@@ -308,7 +366,7 @@ def summarize_throughput(
     workers: int,
     output: int,
     started: float,
-    cpu: tuple[float, float],
+    cpu: CpuSnapshot,
     sampler: OffsetSampler,
 ) -> ThroughputRun:
     first, drained = sampler.first_output, sampler.drained
@@ -323,33 +381,42 @@ def summarize_throughput(
         total=drained - started,
         startup=first - started,
         processing=last - first,
+        steady=sampler.steady(),
         committed_rate=(config.records - commit_count) / max(drained - commit_time, 1e-9),
-        worker_cpu=cpu[0],
-        other_cores=cpu[1],
+        worker_cpu=cpu.workers,
+        runner_cpu=cpu.runner,
+        other_cores=cpu.other_cores,
     )
 
 
 def throughput_phase(config: Config, topology: Topology, scratch: Path) -> list[ThroughputRun]:
+    """Runs for each worker count, interleaved (1, 2, 1, 2, ...) so that a slow spell of the
+    machine does not land on one worker count only."""
     template = scratch / "template"
     print(f"pre-filling {config.records:,} records ...", flush=True)
     asyncio.run(prefill(template, topology, config.records, config.partitions))
     runs = []
-    for workers in config.workers:
-        for attempt in range(config.repeat):
+    for attempt in range(config.repeat):
+        for workers in config.workers:
             result = throughput_run(config, template, scratch, workers, attempt)
-            print(
-                f"  throughput {workers} worker(s): {result.rate:,.0f} rec/s start->drained "
-                f"({result.total:.2f} s), {result.processing_rate:,.0f} rec/s processing "
-                f"({result.processing:.2f} s), start-up {result.startup:.2f} s, "
-                f"commit-sampled {result.committed_rate:,.0f} rec/s, worker CPU "
-                f"{result.worker_cpu:.2f} s ({result.worker_cpu / config.records * 1e6:.2f} "
-                f"µs/record), other processes {result.other_cores:.2f} cores",
-                flush=True,
-            )
-            check_output("throughput", result.output, clicks_below(config.records))
+            report_throughput(config, result)
             runs.append(result)
     shutil.rmtree(template)
     return runs
+
+
+def report_throughput(config: Config, result: ThroughputRun) -> None:
+    print(
+        f"  throughput {result.workers} worker(s): {result.rate:,.0f} rec/s start->drained "
+        f"({result.total:.2f} s), {result.processing_rate:,.0f} rec/s processing "
+        f"({result.processing:.2f} s), {result.steady_rate:,.0f} rec/s steady, "
+        f"start-up {result.startup:.2f} s, commit-sampled {result.committed_rate:,.0f} rec/s, "
+        f"worker CPU {result.worker_cpu:.2f} s ({result.worker_cpu / result.records * 1e6:.2f} "
+        f"µs/record), runner CPU {result.runner_cpu:.2f} s, "
+        f"other processes {result.other_cores:.2f} cores",
+        flush=True,
+    )
+    check_output("throughput", result.output, clicks_below(config.records))
 
 
 def check_output(phase: str, received: int, expected: int) -> None:
@@ -360,8 +427,15 @@ def check_output(phase: str, received: int, expected: int) -> None:
 # -- latency --------------------------------------------------------------------------------
 
 
-def worker_main(data_dir: str, index: int) -> None:
-    """A worker process of the latency phase: one :class:`Worker` until SIGTERM."""
+def worker_main(data_dir: str, index: int, poll_ms: float | None) -> None:
+    """A worker process of the latency phase: one :class:`Worker` until SIGTERM.
+
+    ``poll_ms`` is an experiment, not a setting: it overrides the embedded log's private poll
+    interval (how long an idle consumer sleeps before looking at the files again) to show how
+    much of the latency it accounts for.
+    """
+    if poll_ms is not None:
+        embedded._POLL_SECONDS = poll_ms / 1000
     topology = compile_pipeline(load_pipeline(str(PIPELINE)))
     asyncio.run(serve(topology, Path(data_dir), index))
 
@@ -378,10 +452,12 @@ async def serve(topology: Topology, data_dir: Path, index: int) -> None:
         await log.close()
 
 
-def start_workers(data_dir: Path, count: int) -> list[BaseProcess]:
+def start_workers(data_dir: Path, count: int, poll_ms: float | None) -> list[BaseProcess]:
     context = multiprocessing.get_context("spawn")
     processes = [
-        context.Process(target=worker_main, args=(str(data_dir), i), name=f"bench-worker-{i}")
+        context.Process(
+            target=worker_main, args=(str(data_dir), i, poll_ms), name=f"bench-worker-{i}"
+        )
         for i in range(count)
     ]
     for process in processes:
@@ -472,16 +548,19 @@ async def drive(config: Config, data_dir: Path, workers: int) -> LatencyRun:
 def latency_run(config: Config, topology: Topology, scratch: Path, workers: int) -> LatencyRun:
     data_dir = scratch / f"latency-{workers}w"
     asyncio.run(prefill(data_dir, topology, 0, config.partitions))
-    processes = start_workers(data_dir, workers)
+    before = CpuSnapshot.now()
+    processes = start_workers(data_dir, workers, config.poll_ms)
     try:
         result = asyncio.run(drive(config, data_dir, workers))
     finally:
         stop_workers(processes)
+    result = replace(result, other_cores=CpuSnapshot.now().minus(before).other_cores)
     shutil.rmtree(data_dir)
     print(
         f"  latency {workers} worker(s): sent {result.sent:,} at {result.rate:,.0f} rec/s, "
         f"{len(result.latencies_ms):,} measured: p50 {result.percentile(0.5):.1f} ms, "
-        f"p99 {result.percentile(0.99):.1f} ms, max {result.percentile(1.0):.1f} ms",
+        f"p99 {result.percentile(0.99):.1f} ms, max {result.percentile(1.0):.1f} ms, "
+        f"other processes {result.other_cores:.2f} cores",
         flush=True,
     )
     check_output("latency", result.received, result.expected)
@@ -497,11 +576,12 @@ def latency_phase(config: Config, topology: Topology, scratch: Path) -> list[Lat
 
 def best(runs: list[ThroughputRun], workers: int) -> ThroughputRun | None:
     mine = [r for r in runs if r.workers == workers]
-    return max(mine, key=lambda r: r.processing_rate) if mine else None
+    return max(mine, key=lambda r: r.steady_rate) if mine else None
 
 
 COLUMNS = (
     "workers",
+    "rec/s steady",
     "rec/s processing",
     "rec/s start->drained",
     "start-up s",
@@ -515,8 +595,9 @@ COLUMNS = (
 
 def throughput_cells(result: ThroughputRun | None) -> list[str]:
     if result is None:
-        return ["-"] * 5
+        return ["-"] * 6
     return [
+        f"{result.steady_rate:,.0f}",
         f"{result.processing_rate:,.0f}",
         f"{result.rate:,.0f}",
         f"{result.startup:.2f}",
@@ -532,7 +613,7 @@ def latency_cells(result: LatencyRun | None) -> list[str]:
 
 
 def print_table(config: Config, throughput: list[ThroughputRun], latency: list[LatencyRun]) -> None:
-    """One row per worker count: the best throughput run (by processing rate) and latency."""
+    """One row per worker count: the best throughput run (by steady rate) and latency."""
     print()
     if config.repeat > 1:
         print(f"throughput: best of {config.repeat} runs")
@@ -548,23 +629,41 @@ def print_table(config: Config, throughput: list[ThroughputRun], latency: list[L
 
 
 def print_ratio(throughput: list[ThroughputRun]) -> None:
-    one, two = best(throughput, 1), best(throughput, 2)
-    if one is not None and two is not None:
-        print(
-            f"2 workers / 1 worker: {two.processing_rate / one.processing_rate:.2f}x processing, "
-            f"{two.rate / one.rate:.2f}x start->drained"
+    """2 workers against 1, each measure taken from its best run."""
+    one = [r for r in throughput if r.workers == 1]
+    two = [r for r in throughput if r.workers == 2]
+    if not one or not two:
+        return
+    measures: dict[str, Callable[[ThroughputRun], float]] = {
+        "steady": lambda r: r.steady_rate,
+        "processing": lambda r: r.processing_rate,
+        "start->drained": lambda r: r.rate,
+    }
+    ratios = [
+        f"{max(map(rate, two)) / max(map(rate, one)):.2f}x {name}"
+        for name, rate in measures.items()
+    ]
+    print("2 workers / 1 worker: " + ", ".join(ratios))
+
+
+def describe(config: Config) -> str:
+    parts = [f"{config.partitions} partitions", f"workers {config.workers}"]
+    if config.phase != "latency":
+        parts.append(f"throughput over {config.records:,} records x {config.repeat}")
+    if config.phase != "throughput":
+        parts.append(
+            f"latency at {config.rate:,} rec/s for {config.seconds:g} s "
+            f"(+{config.warmup:g} s warm-up)"
         )
+    if config.poll_ms is not None:
+        parts.append(f"embedded log poll {config.poll_ms:g} ms")
+    return "stateless filter+map on the embedded log: " + ", ".join(parts)
 
 
 def main(argv: Sequence[str]) -> None:
     config = parse_args(argv)
     topology = load_topology(config.partitions)
-    print(
-        f"stateless filter+map on the embedded log: {config.records:,} records, "
-        f"{config.partitions} partitions, workers {config.workers}, latency at {config.rate:,} "
-        f"rec/s for {config.seconds:g} s (+{config.warmup:g} s warm-up)",
-        flush=True,
-    )
+    print(describe(config), flush=True)
     with tempfile.TemporaryDirectory(prefix="headwater-bench-", dir=config.data_root) as tmp:
         scratch = Path(tmp)
         throughput = (
