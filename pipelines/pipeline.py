@@ -55,6 +55,10 @@ StepKind = Literal["source", "read", "operator", "key_by", "branch", "merge", "s
 Port = tuple[str, str]
 """An output of a step: (step id, output name). Branches have "matched" and "rest"."""
 
+Guarantee = Literal["at_least_once", "exactly_once"]
+"""``at_least_once`` (the default): a crash replays, never loses. ``exactly_once``: outputs to
+the log, state changes and consumed offsets commit in one transaction per task."""
+
 OUT = "out"
 _STEP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -96,13 +100,14 @@ class WindowSpec:
 class Pipeline:
     """A declared pipeline: its name, its steps, and the tail new steps attach to."""
 
-    __slots__ = ("_tail", "error_policy", "name", "steps")
+    __slots__ = ("_tail", "error_policy", "name", "processing_guarantee", "steps")
 
     def __init__(
         self,
         name: str,
         *,
         error_policy: ErrorPolicy = ErrorPolicy.DEAD_LETTER,
+        processing_guarantee: Guarantee = "at_least_once",
         _steps: tuple[Step, ...] = (),
         _tail: Port | None = None,
     ) -> None:
@@ -111,8 +116,14 @@ class Pipeline:
                 f"pipeline name {name!r} must start with a letter or digit and use only "
                 "letters, digits, '.', '_' or '-' (at most 100)"
             )
+        if processing_guarantee not in ("at_least_once", "exactly_once"):
+            raise PipelineDefinitionError(
+                f"processing_guarantee must be 'at_least_once' or 'exactly_once', "
+                f"not {processing_guarantee!r}"
+            )
         self.name = name
         self.error_policy = ErrorPolicy(error_policy)
+        self.processing_guarantee: Guarantee = processing_guarantee
         self.steps = _steps
         self._tail = _tail
 
@@ -153,11 +164,16 @@ class Pipeline:
                 "every step needs its own id",
                 step=step.step_id,
             )
+        return self._derive((*self.steps, step), tail if tail is not None else (step.step_id, OUT))
+
+    def _derive(self, steps: tuple[Step, ...], tail: Port | None) -> Pipeline:
+        """A pipeline like this one with other steps and tail."""
         return Pipeline(
             self.name,
             error_policy=self.error_policy,
-            _steps=(*self.steps, step),
-            _tail=tail if tail is not None else (step.step_id, OUT),
+            processing_guarantee=self.processing_guarantee,
+            _steps=steps,
+            _tail=tail,
         )
 
     def _pending_window(self) -> Step | None:
@@ -489,21 +505,14 @@ class Pipeline:
                 error_policy=on_error,
             )
         )
-        matched = Pipeline(
-            self.name,
-            error_policy=self.error_policy,
-            _steps=split.steps,
-            _tail=(step_id, "matched"),
-        )
+        matched = split._derive(split.steps, (step_id, "matched"))
         built = then(matched)
         if not isinstance(built, Pipeline) or built.steps[: len(split.steps)] != split.steps:
             raise PipelineDefinitionError(
                 "then= must return the pipeline it was given, extended with more steps",
                 step=step_id,
             )
-        return Pipeline(
-            self.name, error_policy=self.error_policy, _steps=built.steps, _tail=(step_id, "rest")
-        )
+        return built._derive(built.steps, (step_id, "rest"))
 
     def merge(self, step_id: str, *others: Pipeline) -> Pipeline:
         """One stream of the records of this chain and of each of ``others``."""
@@ -526,7 +535,7 @@ class Pipeline:
                         f"step id {step.step_id!r} means different steps in the merged chains",
                         step=step_id,
                     )
-        merged = Pipeline(self.name, error_policy=self.error_policy, _steps=tuple(steps))
+        merged = self._derive(tuple(steps), None)
         return merged._with(
             Step(step_id, "merge", inputs=tuple(tails), operator=lambda: Merge(step_id))
         )

@@ -106,9 +106,7 @@ def _prepared(
             sinks[step.step_id] = Collect()
             step = replace(step, sink=sinks[step.step_id])
         steps.append(step)
-    prepared = Pipeline(
-        pipeline.name, error_policy=pipeline.error_policy, _steps=tuple(steps), _tail=pipeline.tail
-    )
+    prepared = pipeline._derive(tuple(steps), pipeline.tail)
     return prepared, sinks
 
 

@@ -9,6 +9,7 @@ A frame::
 
     header   <I payload_len> <I crc32(of everything after this field)> <q base_offset>
              <I count> <I flags>
+    payload  <Q transaction> <Q sequence>   (only with flag TXN: the transaction that wrote it)
     payload  count x <q timestamp_ms>
              count x <i key_len>     (absent when flag NO_KEYS: every key is None)
              count x <i value_len>   (-1 for a None value)
@@ -50,6 +51,8 @@ _HEADER = struct.Struct("<IIqII")
 _CRC_FROM = 8  # the checksum covers the header after the length and crc fields, and the payload
 _NO_KEYS = 1
 _HEADERS = 2
+_TXN = 4
+_TXN_MARK = struct.Struct("<QQ")
 
 
 @lru_cache(maxsize=256)
@@ -79,11 +82,16 @@ def _slices(buffer: bytes, start: int, lengths: list[int]) -> tuple[list[bytes |
     return pieces, start
 
 
-def encode_frame(base_offset: int, batch: RawBatch) -> bytes:
-    """One frame holding ``batch`` at ``base_offset``."""
+def encode_frame(base_offset: int, batch: RawBatch, txn: tuple[int, int] | None = None) -> bytes:
+    """One frame holding ``batch`` at ``base_offset``, marked with ``txn`` (transaction,
+    sequence) when a transaction wrote it."""
     count = len(batch)
     flags = 0
-    parts = [_ints("q", count).pack(*batch.timestamps)]
+    parts = []
+    if txn is not None:
+        flags |= _TXN
+        parts.append(_TXN_MARK.pack(*txn))
+    parts.append(_ints("q", count).pack(*batch.timestamps))
     if batch.keys.count(None) == count:
         flags |= _NO_KEYS
     else:
@@ -106,7 +114,7 @@ def encode_frame(base_offset: int, batch: RawBatch) -> bytes:
 def decode_frame(frame: bytes) -> tuple[int, RawBatch]:
     """The base offset and records of a whole frame (checked by the caller)."""
     _, _, base, count, flags = _HEADER.unpack_from(frame)
-    pos = _HEADER.size
+    pos = _HEADER.size + (_TXN_MARK.size if flags & _TXN else 0)
     timestamps = list(_ints("q", count).unpack_from(frame, pos))
     pos += 8 * count
     key_lengths: list[int] | None = None
@@ -150,6 +158,7 @@ class PartitionFile:
         self._indexed_end = 0  # file position after the last indexed frame
         self._next_offset = 0
         self._cached: tuple[int, int, RawBatch] | None = None  # (position, base, records)
+        self._transactions: dict[int, int] = {}  # transaction -> last sequence in the file
 
     def close(self) -> None:
         os.close(self._fd)
@@ -195,7 +204,9 @@ class PartitionFile:
             frame = self._frame_at(self._indexed_end, size, locked=locked)
             if frame is None:
                 return  # incomplete (being written, or torn until the next writer cuts it)
-            _, _, base, count, _ = _HEADER.unpack_from(frame)
+            _, _, base, count, flags = _HEADER.unpack_from(frame)
+            if flags & _TXN:
+                self._note_transaction(*_TXN_MARK.unpack_from(frame, _HEADER.size))
             self._bases.append(base)
             self._positions.append(self._indexed_end)
             self._indexed_end += len(frame)
@@ -236,18 +247,32 @@ class PartitionFile:
 
     # -- appending ---------------------------------------------------------------------------
 
-    def append(self, batch: RawBatch) -> int:
-        """Append ``batch`` as one frame; returns its base offset. Durable on return."""
+    def _note_transaction(self, transaction: int, sequence: int) -> None:
+        if sequence > self._transactions.get(transaction, -1):
+            self._transactions[transaction] = sequence
+
+    def append(self, batch: RawBatch, txn: tuple[int, int] | None = None) -> int | None:
+        """Append ``batch`` as one frame; returns its base offset. Durable on return.
+
+        With ``txn`` (transaction, sequence), the append is idempotent: a frame of that
+        transaction with this sequence or a later one already in the file means it is applied,
+        and nothing is written (None is returned). Recovering a commit that a crash interrupted
+        relies on this.
+        """
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             self._recover_tail()
+            if txn is not None and self._transactions.get(txn[0], -1) >= txn[1]:
+                return None
             base = self._next_offset
-            frame = encode_frame(base, batch)
+            frame = encode_frame(base, batch, txn)
             written = os.write(self._fd, frame)
             if written != len(frame):
                 raise CorruptLogError(f"{self.path}: short write ({written} of {len(frame)} bytes)")
             if self._fsync:
                 os.fsync(self._fd)
+            if txn is not None:
+                self._note_transaction(*txn)
             self._bases.append(base)
             self._positions.append(self._indexed_end)
             self._indexed_end += len(frame)

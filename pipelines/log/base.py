@@ -28,6 +28,7 @@ __all__ = [
     "RebalanceListener",
     "TopicPartition",
     "TopicSpec",
+    "TransactionalProducer",
 ]
 
 
@@ -125,6 +126,31 @@ class Producer(ABC):
         """Flush and release the producer."""
 
 
+class TransactionalProducer(ABC):
+    """Appends batches that become visible together, with consumed offsets, at :meth:`commit`.
+
+    One transactional producer per task, named by a stable ``transactional_id``: on Kafka a new
+    producer with the same id fences off an old one (a zombie) so that only one can commit.
+    """
+
+    @abstractmethod
+    async def send(self, topic: str, partition: int, batch: RawBatch) -> None:
+        """Add ``batch`` to the open transaction."""
+
+    @abstractmethod
+    async def commit(self, offsets: Mapping[TopicPartition, int], group: str) -> None:
+        """Atomically make every batch sent since the last commit visible and commit
+        ``offsets`` for ``group``: all of it happens, or none of it."""
+
+    @abstractmethod
+    async def abort(self) -> None:
+        """Drop what was sent since the last commit."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Abort what is open and release the producer."""
+
+
 class Consumer(ABC):
     """A member of a consumer group that fetches batches from its assigned partitions."""
 
@@ -181,6 +207,10 @@ class LogBackend(ABC):
     @abstractmethod
     def producer(self) -> Producer:
         """A new producer."""
+
+    @abstractmethod
+    def transactional_producer(self, transactional_id: str) -> TransactionalProducer:
+        """A new producer whose batches and offsets commit atomically."""
 
     @abstractmethod
     def consumer(self, group: str) -> Consumer:

@@ -8,6 +8,7 @@ its worker processes). The layout under the data directory::
     groups/<group>/members/<id>        one file per live member, flock-ed while it lives
     groups/<group>/claims/<t>.<p>      flock-ed by the member that owns partition p of t
     groups/<group>/offsets/<t>.<p>     the committed offset, replaced atomically
+    groups/<group>/commits/*.commit    exactly-once commits not yet applied (see ._commits)
 
 Liveness and ownership are ``flock`` locks, so the kernel releases them the moment a process
 dies, even under ``kill -9``: survivors see the dead member gone at their next membership check
@@ -27,7 +28,8 @@ from pathlib import Path
 import orjson
 
 from pipelines.errors import LogError, TopicError
-from pipelines.log._local import LocalLog, Membership, new_member_id
+from pipelines.log._commits import CommitRecord, pending_commits, read_commit, write_commit
+from pipelines.log._local import LocalLog, LocalTransaction, Membership, new_member_id
 from pipelines.log._partition_file import PartitionFile
 from pipelines.log.base import FetchedBatch, RawBatch, TopicPartition, TopicSpec
 
@@ -216,6 +218,48 @@ class EmbeddedLog(LocalLog):
 
     def membership(self, group: str) -> Membership:
         return _FileMembership(self._groups_dir / group)
+
+    def commit_transaction(
+        self,
+        transaction: LocalTransaction,
+        batches: Sequence[tuple[TopicPartition, RawBatch]],
+        offsets: Mapping[TopicPartition, int],
+        group: str,
+    ) -> None:
+        record = CommitRecord(
+            transaction.identity,
+            transaction.next_sequence(),
+            group,
+            dict(offsets),
+            list(batches),
+        )
+        fd, path = write_commit(self._groups_dir / group / "commits", record)
+        try:
+            self._apply(record)
+            path.unlink()
+        finally:
+            os.close(fd)
+
+    def _apply(self, record: CommitRecord) -> None:
+        mark = (record.transaction, record.sequence)
+        for tp, batch in record.batches:
+            self._file(tp).append(batch, mark)
+        self.store_offsets(record.group, record.offsets)
+
+    def recover_transactions(self, group: str) -> None:
+        for path in pending_commits(self._groups_dir / group / "commits"):
+            try:
+                fd = _try_lock(path)
+            except FileNotFoundError:
+                continue  # its writer just finished
+            if fd is None:
+                continue  # its writer is alive and applying it
+            try:
+                if path.exists():
+                    self._apply(read_commit(path))
+                    path.unlink()
+            finally:
+                os.close(fd)
 
     async def wait_for_append(self, timeout: float) -> None:
         await asyncio.sleep(min(timeout, _POLL_SECONDS))

@@ -39,6 +39,7 @@ from pipelines.log.base import (
     RebalanceListener,
     TopicPartition,
     TopicSpec,
+    TransactionalProducer,
 )
 from pipelines.record import Headers
 from pipelines.settings import KafkaSettings
@@ -81,6 +82,27 @@ def _fetched(tp: KafkaPartition, messages: Sequence[Any]) -> FetchedBatch:
     )
     offsets = [m.offset for m in messages]
     return FetchedBatch(tp.topic, tp.partition, batch, offsets, offsets[-1] + 1)
+
+
+async def _send_batches(
+    producer: AIOKafkaProducer, topic: str, partition: int, batch: RawBatch
+) -> list[asyncio.Future[Any]]:
+    """Hand ``batch`` to ``producer`` as few Kafka record batches as fit; their futures."""
+    futures = []
+    builder = producer.create_batch()
+    headers = batch.headers
+    for i, (key, value, stamp) in enumerate(
+        zip(batch.keys, batch.values, batch.timestamps, strict=True)
+    ):
+        record_headers = [] if headers is None else list(headers[i])
+        if builder.append(key=key, value=value, timestamp=stamp, headers=record_headers):
+            continue
+        futures.append(await producer.send_batch(builder, topic, partition=partition))
+        builder = producer.create_batch()
+        if builder.append(key=key, value=value, timestamp=stamp, headers=record_headers) is None:
+            raise LogError(f"a record of {len(value or b'')} bytes does not fit a Kafka batch")
+    futures.append(await producer.send_batch(builder, topic, partition=partition))
+    return futures
 
 
 class KafkaProducer(Producer):
@@ -148,6 +170,78 @@ class KafkaProducer(Producer):
                 self._client = None
 
 
+class KafkaTransaction(TransactionalProducer):
+    """A transactional aiokafka producer: batches and consumed offsets commit together.
+
+    ``transactional_id`` is stable per task (group, sub-topology, partition), so when a task
+    moves, the new owner's producer fences the old one: a zombie can no longer commit.
+    """
+
+    def __init__(self, settings: KafkaSettings, transactional_id: str) -> None:
+        self._settings = settings
+        self._id = transactional_id
+        self._client: AIOKafkaProducer | None = None
+        self._open = False  # a transaction has begun and not ended
+
+    async def _begun(self) -> AIOKafkaProducer:
+        if self._client is None:
+            client = AIOKafkaProducer(
+                **self._settings.client_options(),
+                transactional_id=self._id,
+                enable_idempotence=True,
+                acks="all",
+                linger_ms=5,
+                max_batch_size=1 << 20,
+                max_request_size=4 << 20,
+            )
+            try:
+                await _reach(self._settings, "start a transactional producer", client.start())
+            except LogError:
+                await client.stop()
+                raise
+            self._client = client
+        if not self._open:
+            await self._client.begin_transaction()
+            self._open = True
+        return self._client
+
+    async def send(self, topic: str, partition: int, batch: RawBatch) -> None:
+        if not len(batch):
+            return
+        producer = await self._begun()
+        await _send_batches(producer, topic, partition, batch)
+
+    async def commit(self, offsets: Mapping[TopicPartition, int], group: str) -> None:
+        if self._client is None and not offsets:
+            return
+        producer = await self._begun()
+        try:
+            if offsets:
+                await producer.send_offsets_to_transaction(
+                    {KafkaPartition(tp.topic, tp.partition): o for tp, o in offsets.items()},
+                    group,
+                )
+            await producer.commit_transaction()
+            self._open = False
+        except KafkaError as error:
+            raise LogError(
+                f"committing transaction {self._id!r} failed: {error}", retriable=True
+            ) from error
+
+    async def abort(self) -> None:
+        if self._client is not None and self._open:
+            await self._client.abort_transaction()
+            self._open = False
+
+    async def close(self) -> None:
+        if self._client is not None:
+            try:
+                await self.abort()
+            finally:
+                await self._client.stop()
+                self._client = None
+
+
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     def __init__(self, listener: RebalanceListener, consumer: KafkaConsumer) -> None:
         self._listener = listener
@@ -157,7 +251,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         gone = frozenset(TopicPartition(tp.topic, tp.partition) for tp in revoked)
         if gone:
             await self._listener.on_revoked(gone)  # may still commit them
-        self._consumer.owned -= gone
+        self._consumer.forget(gone)
 
     async def on_partitions_assigned(self, assigned: Sequence[KafkaPartition]) -> None:
         new = frozenset(TopicPartition(tp.topic, tp.partition) for tp in assigned)
@@ -186,6 +280,7 @@ class KafkaConsumer(Consumer):
         )
         self._listener: _Listener | None = None
         self.owned: frozenset[TopicPartition] = frozenset()
+        self._returned: dict[TopicPartition, int] = {}  # offset after what poll returned
 
     async def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
         existing = await self._log.describe_topics()
@@ -200,7 +295,30 @@ class KafkaConsumer(Consumer):
         if self._listener is None:
             raise LogError("poll() before subscribe()")
         data = await self._consumer.getmany(timeout_ms=int(timeout * 1000), max_records=max_records)
-        return [_fetched(tp, messages) for tp, messages in data.items() if messages]
+        batches = [_fetched(tp, messages) for tp, messages in data.items() if messages]
+        for batch in batches:
+            self._returned[batch.topic_partition] = batch.next_offset
+        if not batches:
+            batches = await self._past_control_records()
+        return batches
+
+    async def _past_control_records(self) -> list[FetchedBatch]:
+        """Empty batches for the partitions whose position moved past records no one sees
+        (transaction markers), so that committing the position drains them."""
+        moved = []
+        for tp in self.owned:
+            kafka_tp = KafkaPartition(tp.topic, tp.partition)
+            try:
+                position = await self._consumer.position(kafka_tp)
+            except KafkaError:
+                continue  # not fetched yet: nothing to move
+            if position > self._returned.get(tp, position):
+                self._returned[tp] = position
+                moved.append(
+                    FetchedBatch(tp.topic, tp.partition, RawBatch([], [], []), [], position)
+                )
+            self._returned.setdefault(tp, position)
+        return moved
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         foreign = [str(tp) for tp in offsets if tp not in self.owned]
@@ -220,6 +338,12 @@ class KafkaConsumer(Consumer):
 
     def assignment(self) -> frozenset[TopicPartition]:
         return self.owned
+
+    def forget(self, partitions: frozenset[TopicPartition]) -> None:
+        """Stop owning ``partitions`` (they were revoked)."""
+        self.owned -= partitions
+        for tp in partitions:
+            self._returned.pop(tp, None)
 
     async def close(self) -> None:
         if self._listener is not None and self.owned:
@@ -373,6 +497,9 @@ class KafkaLog(LogBackend):
 
     def producer(self) -> Producer:
         return KafkaProducer(self.settings)
+
+    def transactional_producer(self, transactional_id: str) -> TransactionalProducer:
+        return KafkaTransaction(self.settings, transactional_id)
 
     def consumer(self, group: str) -> Consumer:
         return KafkaConsumer(self, group)

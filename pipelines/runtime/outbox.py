@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from pipelines.log.base import Producer, RawBatch
+from pipelines.log.base import Producer, RawBatch, TransactionalProducer
 from pipelines.partitioner import partition_batch
 from pipelines.record import Headers
 from pipelines.topic import Topic
@@ -22,7 +22,7 @@ class Outbox:
     flushes.
     """
 
-    def __init__(self, producer: Producer) -> None:
+    def __init__(self, producer: Producer | TransactionalProducer) -> None:
         self._producer = producer
         self._pending: dict[tuple[str, int], RawBatch] = {}
         self._rotation: dict[str, int] = defaultdict(int)

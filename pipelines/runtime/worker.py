@@ -7,10 +7,17 @@ partition) the group assigns it, and loops::
     poll a batch per partition -> task.process (deserialise -> operators -> outbox / sinks)
     -> send the outbox -> every commit interval (and when idle, revoked or stopping): checkpoint
 
-Checkpoint order, which makes the default guarantee at-least-once: flush the sink writers ->
-send the outbox and flush the producer -> commit the offsets after the processed batches. A
-crash at any point replays from the last commit and loses nothing. A batch whose records were
-all filtered out still advances its partition's offset.
+Checkpoint order, which makes the default guarantee at-least-once: state changes into the
+outbox -> flush the sink writers -> send the outbox and flush the producer -> commit the offsets
+after the processed batches -> copy the committed state to local disk. A crash at any point
+replays from the last commit and loses nothing. A batch whose records were all filtered out
+still advances its partition's offset.
+
+Under exactly-once each task has its own outbox and transactional producer (named after the
+group, sub-topology and partition, which fences a zombie on Kafka): a checkpoint commits the
+task's outputs, changelog records and input offsets in one transaction, so a crash replays only
+what no transaction committed, and nothing written to the log twice is ever visible. Sinks
+outside the log (files, stdout) stay at-least-once.
 
 Stopping (``stop`` is set, e.g. on SIGTERM) finishes the batch in hand, checkpoints, revokes and
 leaves the group.
@@ -30,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from connectors.base import SinkContext, SinkWriter
-from pipelines.log.base import FetchedBatch, LogBackend, TopicPartition
+from pipelines.log.base import FetchedBatch, LogBackend, TopicPartition, TransactionalProducer
 from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.task import StepStats, Task
 from pipelines.runtime.topology import Topology
@@ -86,6 +93,8 @@ class Worker:
         self._producer = log.producer()
         self._consumer = log.consumer(topology.group)
         self._outbox = Outbox(self._producer)
+        self._exactly_once = topology.pipeline.processing_guarantee == "exactly_once"
+        self._transactions: dict[tuple[int, int], TransactionalProducer] = {}
         self._writers: dict[str, SinkWriter] = {}
         self._stats: dict[str, StepStats] = {}
         self._tasks: dict[tuple[int, int], Task] = {}
@@ -154,28 +163,43 @@ class Worker:
     async def _checkpoint(self, partitions: frozenset[TopicPartition] | None = None) -> None:
         """Make the outputs and state changes durable, commit the offsets after them, then
         copy the committed state to local disk."""
-        tasks = [
-            task
-            for task in self._tasks.values()
+        tasks = {
+            key: task
+            for key, task in self._tasks.items()
             if partitions is None or task.partitions & partitions
-        ]
-        for task in tasks:
-            task.state.flush(self._outbox, task.positions)
+        }
+        for task in tasks.values():
+            task.state.flush(task.outbox, task.positions)
         for writer in self._writers.values():
             await writer.flush()
-        await self._outbox.send()
-        await self._producer.flush()
-        chosen = {
-            tp: offset
-            for tp, offset in self._positions.items()
-            if partitions is None or tp in partitions
-        }
-        if chosen:
-            await self._consumer.commit(chosen)
-            for tp in chosen:
-                del self._positions[tp]
-        for task in tasks:
+        if self._exactly_once:
+            for key, task in tasks.items():
+                await task.outbox.send()
+                done = {
+                    tp: self._positions.pop(tp) for tp in task.partitions & self._positions.keys()
+                }
+                await self._transactions[key].commit(done, self.topology.group)
+        else:
+            await self._outbox.send()
+            await self._producer.flush()
+            chosen = {
+                tp: offset
+                for tp, offset in self._positions.items()
+                if partitions is None or tp in partitions
+            }
+            if chosen:
+                await self._consumer.commit(chosen)
+                for tp in chosen:
+                    del self._positions[tp]
+        for task in tasks.values():
             await task.state.persist(self._log)
+
+    async def _send_outboxes(self) -> None:
+        if self._exactly_once:
+            for task in self._tasks.values():
+                await task.outbox.send()
+        else:
+            await self._outbox.send()
 
     async def on_assigned(self, partitions: frozenset[TopicPartition]) -> None:
         async with self._lock:
@@ -188,11 +212,16 @@ class Worker:
             sub = self.topology.by_topic[tp.topic]
             key = (sub.index, tp.partition)
             if key not in self._tasks:
+                outbox = self._outbox
+                if self._exactly_once:
+                    name = f"{self.topology.group}.{sub.index}.{tp.partition}"
+                    self._transactions[key] = self._log.transactional_producer(name)
+                    outbox = Outbox(self._transactions[key])
                 task = Task(
                     self.topology,
                     sub,
                     tp.partition,
-                    self._outbox,
+                    outbox,
                     self._writers,
                     self._stats,
                     self._state_dir,
@@ -209,15 +238,18 @@ class Worker:
     async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
         async with self._lock:
             await self._checkpoint(partitions)
-            self._close_tasks(partitions)
+            await self._close_tasks(partitions)
 
-    def _close_tasks(self, partitions: frozenset[TopicPartition]) -> None:
+    async def _close_tasks(self, partitions: frozenset[TopicPartition]) -> None:
         still_owned = self._consumer.assignment() - partitions
         for key in list(self._tasks):
             sub_index, partition = key
             sub = self.topology.subtopologies[sub_index]
             if not any(TopicPartition(t.name, partition) in still_owned for t in sub.topics):
                 self._tasks.pop(key).close()
+                transaction = self._transactions.pop(key, None)
+                if transaction is not None:
+                    await transaction.close()
 
     def _send_report(self, *, done: bool = False) -> None:
         if self._report is None:
