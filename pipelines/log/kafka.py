@@ -84,6 +84,27 @@ def _fetched(tp: KafkaPartition, messages: Sequence[Any]) -> FetchedBatch:
     return FetchedBatch(tp.topic, tp.partition, batch, offsets, offsets[-1] + 1)
 
 
+async def _started_producer(
+    settings: KafkaSettings, transactional_id: str | None = None
+) -> AIOKafkaProducer:
+    """An idempotent producer with acks=all and batch-friendly sizes, started."""
+    client = AIOKafkaProducer(
+        **settings.client_options(),
+        acks="all",
+        enable_idempotence=True,
+        transactional_id=transactional_id,
+        linger_ms=5,
+        max_batch_size=1 << 20,
+        max_request_size=4 << 20,
+    )
+    try:
+        await _reach(settings, "start a producer", client.start())
+    except LogError:
+        await client.stop()
+        raise
+    return client
+
+
 async def _send_batches(
     producer: AIOKafkaProducer, topic: str, partition: int, batch: RawBatch
 ) -> list[asyncio.Future[Any]]:
@@ -115,20 +136,7 @@ class KafkaProducer(Producer):
 
     async def _start(self) -> AIOKafkaProducer:
         if self._client is None:
-            client = AIOKafkaProducer(
-                **self._settings.client_options(),
-                acks="all",
-                enable_idempotence=True,
-                linger_ms=5,
-                max_batch_size=1 << 20,
-                max_request_size=4 << 20,
-            )
-            try:
-                await _reach(self._settings, "start a producer", client.start())
-            except LogError:
-                await client.stop()
-                raise
-            self._client = client
+            self._client = await _started_producer(self._settings)
         return self._client
 
     async def send(self, topic: str, partition: int, batch: RawBatch) -> None:
@@ -185,21 +193,7 @@ class KafkaTransaction(TransactionalProducer):
 
     async def _begun(self) -> AIOKafkaProducer:
         if self._client is None:
-            client = AIOKafkaProducer(
-                **self._settings.client_options(),
-                transactional_id=self._id,
-                enable_idempotence=True,
-                acks="all",
-                linger_ms=5,
-                max_batch_size=1 << 20,
-                max_request_size=4 << 20,
-            )
-            try:
-                await _reach(self._settings, "start a transactional producer", client.start())
-            except LogError:
-                await client.stop()
-                raise
-            self._client = client
+            self._client = await _started_producer(self._settings, transactional_id=self._id)
         if not self._open:
             await self._client.begin_transaction()
             self._open = True
