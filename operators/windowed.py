@@ -19,10 +19,9 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import BaseModel
 
 from operators.aggregations import Aggregation
 from operators.base import Operator, describe_function
@@ -38,15 +37,16 @@ EmitMode = Literal["close", "update"]
 _WATERMARK = ("watermark",)  # a 1-tuple: never a (key, start, end) window entry
 
 
-class WindowResult(BaseModel):
-    """The aggregate of one key in one window."""
+@dataclass(frozen=True, slots=True)
+class WindowResult:
+    """The aggregate of one key in one window (a dataclass: orjson writes it natively)."""
 
     key: Any
     start: datetime
     end: datetime
     value: Any
     final: bool
-    """True when the window has closed (``emit="close"``, or the last update of a window)."""
+    """True when the window has closed (``emit="close"``); False for ``emit="update"``."""
 
 
 def _datetime(millis: int) -> datetime:
