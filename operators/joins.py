@@ -1,0 +1,414 @@
+"""Joins: a stream with a table (``join_table``) and two streams within a time bound
+(``join_stream``).
+
+A join has two inputs: side 0, the stream the join was declared on (the *left* side, whose key
+the results carry), and side 1, the table or the other stream. The task hands each batch to
+:meth:`Join.process_side` with the side it arrived on. Both inputs must be keyed the same way
+and co-partitioned, so the records of one key meet in one task.
+
+**Stream-table.** The table is a :class:`~pipelines.state.table.TableStore` the runtime
+bootstraps from the table topic when the task is assigned, then keeps up to date with the table
+records it receives as input. Each stream record is looked up by its key: ``merge(value, row)``
+when the key has a row; otherwise an inner join drops the record and a left join emits
+``merge(value, None)``. Results keep the stream record's key and timestamp. Table records are
+applied in the order they are read: a stream record sees the table as of the table records
+processed before it (no synchronisation by timestamp between the two topics).
+
+**Stream-stream.** Records of the two sides join when their keys are equal and their event
+times (record timestamps) differ by at most ``within``. Each side's records wait in the step's
+store, one entry per record, until the partition's watermark (the largest event time seen on
+either side) passes their time + ``within`` + ``grace``; then they expire. Every matching pair
+is emitted once, by whichever of the two records arrives second, as ``merge(left, right)`` with
+the later of the two timestamps. With ``how="left"`` a left record that expires without having
+met a right record emits ``merge(left, None)`` then, at its own timestamp. A record whose time
+plus ``grace`` is behind the watermark is *late* (partners it could meet may have expired): it
+goes to the late-data topic ``<pipeline>.<step>.late`` and joins nothing. As for windows, a
+partition without records for ``idle`` lets its watermark follow the wall clock, so waiting
+left records are emitted without new data.
+
+Stored values are JSON: a record's value is kept as its JSON form (a pydantic model as
+``model_dump(mode="json")``; a value that is not JSON-serialisable is rejected by the step's
+error policy), and ``merge`` always receives that JSON form, also after a restart restored it,
+except on a side read untransformed from a topic whose value serde is a pydantic model: there
+``merge`` receives the model (validated again from its JSON after a restore). Record keys must
+be JSON-serialisable too (lists come back as tuples).
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import time
+from abc import abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import orjson
+from pydantic import BaseModel, ValidationError
+
+from operators.base import Operator, describe_function
+from operators.stateful import missing_key_error
+
+if TYPE_CHECKING:
+    from pipelines.batch import Batch
+    from pipelines.errors import StepError
+    from pipelines.state.table import TableStore
+
+__all__ = ["Join", "JoinHow", "StreamJoin", "TableJoin"]
+
+JoinHow = Literal["inner", "left"]
+LEFT, RIGHT = 0, 1
+_WATERMARK = ("watermark",)  # a 1-tuple: never a (side, key, time, seq) record entry
+_NO_WATERMARK = -(1 << 62)
+
+
+class Join(Operator):
+    """An operator with two inputs (see the module docstring)."""
+
+    def process(self, batch: Batch) -> Batch:
+        return self.process_side(LEFT, batch)
+
+    @abstractmethod
+    def process_side(self, side: int, batch: Batch) -> Batch:
+        """What the step emits for ``batch`` arriving on input ``side`` (0 or 1)."""
+
+
+def _merge_error(
+    step_id: str, merge: Callable[..., Any], error: Exception, batch: Batch, index: int
+) -> StepError:
+    from pipelines.errors import StepError
+
+    rejection = StepError(
+        f"{describe_function(merge)} raised {type(error).__name__}: {error}",
+        step=step_id,
+        source=batch.source_of(index),
+    )
+    rejection.__cause__ = error
+    return rejection
+
+
+def _batch_like(
+    batch: Batch, keys: list[Any], values: list[Any], stamps: list[int], origins: list[int]
+) -> Batch:
+    from pipelines.batch import Batch as BatchType
+
+    return BatchType(keys, values, stamps, origins, batch.fetched)
+
+
+# -- stream-table ------------------------------------------------------------------------------
+
+
+class TableJoin(Join):
+    """Look each stream record's key up in a table (see the module docstring)."""
+
+    def __init__(self, step_id: str, merge: Callable[[Any, Any], Any], how: JoinHow) -> None:
+        super().__init__(step_id)
+        self.merge = merge
+        self.how = how
+        self._table: TableStore | None = None
+
+    def attach(self, table: TableStore) -> None:
+        """Use ``table`` (the task's store of the table topic's partition)."""
+        self._table = table
+
+    @property
+    def table(self) -> TableStore:
+        if self._table is None:
+            raise RuntimeError(f"join {self.step_id!r} has no table attached")
+        return self._table
+
+    def process_side(self, side: int, batch: Batch) -> Batch:
+        if side == RIGHT:
+            self.table.apply(batch)
+            return batch.take([])
+        from pipelines.errors import StepError
+
+        ctx, table, merge = self.ctx, self.table, self.merge
+        inner = self.how == "inner"
+        results: list[Any] = []
+        kept: list[int] = []
+        for index, (key, value) in enumerate(zip(batch.keys, batch.values, strict=True)):
+            if key is None:
+                ctx.reject(batch, index, missing_key_error(self.step_id, batch, index))
+                continue
+            try:
+                row = table.get(key)
+            except (TypeError, ValueError) as error:
+                rejection = StepError(
+                    f"the key {key!r} does not fit the key serde {table.topic.key_serde!r} of "
+                    f"table {table.topic.name!r}: {error}",
+                    step=self.step_id,
+                    source=batch.source_of(index),
+                )
+                rejection.__cause__ = error
+                ctx.reject(batch, index, rejection)
+                continue
+            if row is None and inner:
+                continue
+            try:
+                results.append(merge(value, row))
+            except Exception as error:  # a user function failed: routed by the policy
+                ctx.reject(batch, index, _merge_error(self.step_id, merge, error, batch, index))
+                continue
+            kept.append(index)
+        out = batch if len(kept) == len(batch) else batch.take(kept)
+        return out.with_values(results)
+
+
+# -- stream-stream -----------------------------------------------------------------------------
+
+
+class _Codec:
+    """A side's values as stored (JSON) and as ``merge`` sees them."""
+
+    __slots__ = ("model",)
+
+    def __init__(self, model: type[BaseModel] | None) -> None:
+        self.model = model
+
+    def encode(self, value: Any) -> tuple[Any, Any]:
+        """(stored JSON form, value for ``merge``); raises if ``value`` is not JSON."""
+        if self.model is not None and isinstance(value, self.model):
+            return value.model_dump(mode="json"), value
+        stored = orjson.loads(orjson.dumps(value, default=_dump_model))
+        return stored, stored
+
+    def decode(self, stored: Any) -> Any:
+        """The value for ``merge`` of a restored entry."""
+        if self.model is not None and isinstance(stored, dict):
+            try:
+                return self.model.model_validate(stored)
+            except ValidationError:
+                return stored
+        return stored
+
+
+def _dump_model(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One waiting record."""
+
+    side: int
+    key: Any  # as stored (hashable)
+    time: int
+    seq: int
+    stored: Any
+    value: Any
+    matched: bool
+
+    @property
+    def state_key(self) -> tuple[int, Any, int, int]:
+        return (self.side, self.key, self.time, self.seq)
+
+
+class StreamJoin(Join):
+    """Join two keyed streams within a time bound (see the module docstring)."""
+
+    def __init__(
+        self,
+        step_id: str,
+        merge: Callable[[Any, Any], Any],
+        *,
+        how: JoinHow,
+        within_ms: int,
+        grace_ms: int,
+        idle_ms: int,
+        models: tuple[type[BaseModel] | None, type[BaseModel] | None] = (None, None),
+    ) -> None:
+        super().__init__(step_id)
+        self.merge = merge
+        self.how = how
+        self.within_ms = within_ms
+        self.grace_ms = grace_ms
+        self.idle_ms = idle_ms
+        self._codecs = (_Codec(models[0]), _Codec(models[1]))
+        self._entries: dict[int, _Entry] | None = None  # by seq
+        self._by_key: dict[tuple[int, Any], list[tuple[int, int]]] = {}  # sorted (time, seq)
+        self._expiry: list[tuple[int, int]] = []  # heap of (time + within + grace, seq)
+        self._unmatched = 0  # left records that will emit merge(left, None) unless matched
+        self._next_seq = 0
+        self._last_arrival = time.monotonic()
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def watermark(self) -> int:
+        value = self.ctx.store.get(_WATERMARK)
+        return _NO_WATERMARK if value is None else int(value)
+
+    @property
+    def pending(self) -> int:
+        if self.how != "left":
+            return 0
+        if self._entries is None:  # not processing yet (maybe restoring): an upper bound
+            return len(self.ctx.store)
+        return self._unmatched
+
+    def _index(self) -> dict[int, _Entry]:
+        """The waiting records, indexed once from the store (after a restore)."""
+        if self._entries is None:
+            self._entries = {}
+            for state_key, (stored, matched) in (
+                (k, v) for k, v in self.ctx.store.items() if len(k) == 4
+            ):
+                side, key, stamp, seq = state_key
+                entry = _Entry(
+                    side, key, stamp, seq, stored, self._codecs[side].decode(stored), matched
+                )
+                self._add(entry)
+                self._next_seq = max(self._next_seq, seq + 1)
+        return self._entries
+
+    def _add(self, entry: _Entry) -> None:
+        assert self._entries is not None
+        self._entries[entry.seq] = entry
+        bisect.insort(self._by_key.setdefault((entry.side, entry.key), []), (entry.time, entry.seq))
+        deadline = entry.time + self.within_ms + self.grace_ms
+        heapq.heappush(self._expiry, (deadline, entry.seq))
+        if entry.side == LEFT and self.how == "left" and not entry.matched:
+            self._unmatched += 1
+
+    def _remove(self, entry: _Entry) -> None:
+        assert self._entries is not None
+        del self._entries[entry.seq]
+        times = self._by_key[(entry.side, entry.key)]
+        del times[bisect.bisect_left(times, (entry.time, entry.seq))]
+        if not times:
+            del self._by_key[(entry.side, entry.key)]
+        self.ctx.store.delete(entry.state_key)
+        if entry.side == LEFT and self.how == "left" and not entry.matched:
+            self._unmatched -= 1
+
+    def _partners(self, side: int, key: Any, stamp: int) -> list[_Entry]:
+        """The waiting records of the other side that ``(key, stamp)`` joins, oldest first."""
+        times = self._by_key.get((1 - side, key))
+        if not times:
+            return []
+        entries = self._entries
+        assert entries is not None
+        low = bisect.bisect_left(times, (stamp - self.within_ms, -1))
+        high = bisect.bisect_right(times, (stamp + self.within_ms, 1 << 62))
+        return [entries[seq] for _, seq in times[low:high]]
+
+    # -- processing ----------------------------------------------------------------------------
+
+    def process_side(self, side: int, batch: Batch) -> Batch:
+        from pipelines.errors import StepError
+        from pipelines.state.store import decode_key, encode_key
+
+        self._index()
+        ctx, store, merge = self.ctx, self.ctx.store, self.merge
+        codec = self._codecs[side]
+        watermark = self.watermark
+        grace = self.grace_ms
+        tracks_matches = self.how == "left"
+        out_keys: list[Any] = []
+        out_values: list[Any] = []
+        out_stamps: list[int] = []
+        origins: list[int] = []
+        for index, (key, stamp, value) in enumerate(
+            zip(batch.keys, batch.timestamps, batch.values, strict=True)
+        ):
+            if key is None:
+                ctx.reject(batch, index, missing_key_error(self.step_id, batch, index))
+                continue
+            # the watermark moves record by record, so lateness does not depend on batching
+            if stamp + grace < watermark:
+                ctx.late(batch, index)
+                continue
+            try:
+                state_key = decode_key(encode_key(key))  # as a restore gives it back
+                stored, live = codec.encode(value)
+            except (TypeError, ValueError, orjson.JSONEncodeError) as error:
+                rejection = StepError(
+                    f"a joined record's key and value are kept as JSON, and this one's are "
+                    f"not JSON-serialisable: {error}",
+                    step=self.step_id,
+                    source=batch.source_of(index),
+                )
+                rejection.__cause__ = error
+                ctx.reject(batch, index, rejection)
+                continue
+            watermark = max(watermark, stamp)
+            partners = self._partners(side, state_key, stamp)
+            for partner in partners:
+                pair = (live, partner.value) if side == LEFT else (partner.value, live)
+                if tracks_matches and side == RIGHT and not partner.matched:
+                    partner.matched = True
+                    self._unmatched -= 1
+                    store.put(partner.state_key, [partner.stored, True])
+                try:
+                    joined = merge(*pair)
+                except Exception as error:  # a user function failed: routed by the policy
+                    ctx.reject(batch, index, _merge_error(self.step_id, merge, error, batch, index))
+                    continue
+                out_keys.append(key)
+                out_values.append(joined)
+                out_stamps.append(max(stamp, partner.time))
+                origins.append(index)
+            entry = _Entry(side, state_key, stamp, self._next_seq, stored, live, bool(partners))
+            self._next_seq += 1
+            store.put(entry.state_key, [stored, entry.matched])
+            self._add(entry)
+        if len(batch):
+            self._last_arrival = time.monotonic()
+            self._advance(watermark)
+        self._expire(batch, out_keys, out_values, out_stamps, origins)
+        return _batch_like(batch, out_keys, out_values, out_stamps, origins)
+
+    def _advance(self, candidate: int) -> None:
+        if candidate > self.watermark:
+            self.ctx.store.put(_WATERMARK, candidate)
+
+    def _expire(
+        self,
+        batch: Batch,
+        out_keys: list[Any],
+        out_values: list[Any],
+        out_stamps: list[int],
+        origins: list[int],
+    ) -> None:
+        """Forget the records the watermark has passed (by ``within`` + ``grace``); with
+        ``how="left"``, emit ``merge(left, None)`` for the left ones that met no partner."""
+        entries, expiry = self._index(), self._expiry
+        watermark = self.watermark
+        while expiry and expiry[0][0] < watermark:
+            _, seq = heapq.heappop(expiry)
+            entry = entries.get(seq)
+            if entry is None:
+                continue
+            emits = entry.side == LEFT and self.how == "left" and not entry.matched
+            self._remove(entry)
+            if not emits:
+                continue
+            try:
+                joined = self.merge(entry.value, None)
+            except Exception as error:  # a user function failed: routed by the policy
+                alone = _batch_like(batch, [entry.key], [entry.value], [entry.time], [-1])
+                self.ctx.reject(alone, 0, _merge_error(self.step_id, self.merge, error, alone, 0))
+                continue
+            out_keys.append(entry.key)
+            out_values.append(joined)
+            out_stamps.append(entry.time)
+            origins.append(-1)
+
+    def tick(self, batch: Batch) -> Batch:
+        """Once the partition has been idle for ``idle``, move its watermark up to the wall
+        clock; expire (and, for a left join, emit) what that passes."""
+        self._index()
+        idle_for = (time.monotonic() - self._last_arrival) * 1000
+        if idle_for < self.idle_ms:
+            return batch
+        self._advance(int(time.time() * 1000))
+        out_keys: list[Any] = []
+        out_values: list[Any] = []
+        out_stamps: list[int] = []
+        origins: list[int] = []
+        self._expire(batch, out_keys, out_values, out_stamps, origins)
+        return _batch_like(batch, out_keys, out_values, out_stamps, origins)
