@@ -40,13 +40,14 @@ from operators.aggregations import (
     as_aggregation,
 )
 from operators.base import Operator
+from operators.joins import JoinHow, StreamJoin, TableJoin
 from operators.routing import Branch, Merge
 from operators.stateful import Aggregate, Dedupe, EventTime
 from operators.stateless import Filter, FlatMap, KeyBy, Map, Peek
 from operators.windowed import EmitMode, WindowedAggregate
 from operators.windows import Windows
 from pipelines.errors import ErrorPolicy, PipelineDefinitionError
-from pipelines.serde import Json, Serde
+from pipelines.serde import Json, Model, Serde
 from pipelines.topic import Topic
 
 __all__ = ["Pipeline", "Port", "Step"]
@@ -84,6 +85,9 @@ class Step:
     """For a ``window`` step: the windows the next ``aggregate`` folds into."""
     windowed: bool = False
     """Whether the step aggregates per window (it then has a late-data topic)."""
+    join: Literal["table", "stream"] | None = None
+    """For a join step: ``"table"`` (``topic`` is the table it looks keys up in) or
+    ``"stream"`` (a join of two streams within a time bound; it has a late-data topic)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,6 +488,193 @@ class Pipeline:
             raise PipelineDefinitionError("dedupe needs a positive horizon", step=step_id)
         return chain._stateful(step_id, lambda: Dedupe(step_id, horizon), None, transforms=False)
 
+    # -- joins --------------------------------------------------------------------------------
+
+    def join_table(
+        self,
+        step_id: str,
+        table: Topic,
+        merge: Callable[[Any, Any], Any],
+        *,
+        how: JoinHow = "inner",
+        on_error: ErrorPolicy | None = None,
+    ) -> Pipeline:
+        """Join each record with the row of its key in ``table``: ``merge(value, row)``.
+
+        ``table`` is a topic on the log read as a table: the latest value of each key, a
+        ``None`` value deleting the key (keep the topic compacted). The stream must be keyed
+        like the table (``key_by`` first: a key finds its row when it serialises to the same
+        bytes with the table topic's key serde) and co-partitioned with it (the same number of
+        partitions). Each task reads the whole table partition when it starts, then applies
+        the table records it receives, in order. ``how="inner"`` drops records whose key has
+        no row; ``how="left"`` emits ``merge(value, None)`` for them. Results keep the
+        record's key and timestamp.
+        """
+        _check_callable(step_id, merge)
+        _check_how(step_id, how)
+        if not isinstance(table, Topic):
+            raise PipelineDefinitionError(
+                f"join_table needs the table as a Topic, got {type(table).__name__}",
+                step=step_id,
+            )
+        tail = self._join_tail(step_id)
+        chain = self
+        table_port, table = self._table_input(step_id, table)
+        if table_port == tail:
+            raise PipelineDefinitionError(
+                f"the stream is topic {table.name!r} itself: a stream cannot be joined with "
+                "its own topic as a table",
+                step=step_id,
+            )
+        stream_topics = self._read_from(tail)
+        _check_copartitioned(
+            step_id,
+            ("the stream", stream_topics),
+            ("the table", [table]),
+            f"re-key the stream with key_by(..., partitions={table.partitions}) before the "
+            f"join, or give topic {table.name!r} the stream's number of partitions",
+        )
+        if table_port is None:
+            reader = Step(f"{step_id}.table", "read", topic=table)
+            chain = self._with(reader, tail=tail)
+            table_port = (reader.step_id, OUT)
+        return chain._with(
+            Step(
+                step_id,
+                "operator",
+                inputs=(tail, table_port),
+                operator=lambda: TableJoin(step_id, merge, how),
+                topic=table,
+                error_policy=on_error,
+                transforms=True,
+                join="table",
+            )
+        )
+
+    def join_stream(
+        self,
+        step_id: str,
+        other: Pipeline,
+        within: timedelta,
+        merge: Callable[[Any, Any], Any],
+        *,
+        how: JoinHow = "inner",
+        grace: timedelta = timedelta(0),
+        idle: timedelta = timedelta(seconds=10),
+        on_error: ErrorPolicy | None = None,
+    ) -> Pipeline:
+        """Join this stream with ``other``: ``merge(left, right)`` for every pair of records
+        with equal keys whose event times (record timestamps) differ by at most ``within``.
+
+        ``other`` is another chain of this pipeline (say from another ``source(...)`` and a
+        ``key_by``); both streams must be keyed alike and co-partitioned. Records wait in
+        fault-tolerant state, as JSON, until the partition's watermark (the largest event time
+        seen on it) passes their time + ``within`` + ``grace``. Each pair is emitted once, at
+        the later of the two timestamps, whichever side comes first. ``how="left"`` also emits
+        ``merge(left, None)`` for a left record that expires unmatched. A record whose time +
+        ``grace`` is behind the watermark is late: it goes to ``<pipeline>.<step>.late``. A
+        partition with no records for ``idle`` lets its watermark follow the wall clock. See
+        :mod:`operators.joins` for what ``merge`` receives (JSON forms of the values).
+        """
+        _check_callable(step_id, merge)
+        _check_how(step_id, how)
+        if not isinstance(other, Pipeline):
+            raise PipelineDefinitionError(
+                f"join_stream needs another chain of this pipeline, got {type(other).__name__}",
+                step=step_id,
+            )
+        if other.name != self.name:
+            raise PipelineDefinitionError(
+                f"cannot join a chain of pipeline {other.name!r} into {self.name!r}",
+                step=step_id,
+            )
+        left, right = self._join_tail(step_id), other._join_tail(step_id)
+        if left == right:
+            raise PipelineDefinitionError(
+                "join_stream needs two different streams; to join a stream with itself, "
+                "make a second chain from it first (e.g. with map)",
+                step=step_id,
+            )
+        within_ms = _span_ms(step_id, "within", within)
+        grace_ms = _span_ms(step_id, "grace", grace)
+        idle_ms = _span_ms(step_id, "idle", idle)
+        _check_copartitioned(
+            step_id,
+            ("the left stream", self._read_from(left)),
+            ("the right stream", other._read_from(right)),
+            "re-key both streams to the same number of partitions before the join, "
+            "with key_by(..., partitions=N) on each",
+        )
+        joined = self
+        known = {s.step_id: s for s in self.steps}
+        for step in other.steps:
+            mine = known.get(step.step_id)
+            if mine is None:
+                joined = joined._with(step, tail=left)
+                known[step.step_id] = step
+            elif mine is not step:
+                raise PipelineDefinitionError(
+                    f"step id {step.step_id!r} means different steps in the joined chains",
+                    step=step_id,
+                )
+        models = (_model_of(joined._value_serde_at(left)), _model_of(joined._value_serde_at(right)))
+
+        def build() -> Operator:
+            return StreamJoin(
+                step_id,
+                merge,
+                how=how,
+                within_ms=within_ms,
+                grace_ms=grace_ms,
+                idle_ms=idle_ms,
+                models=models,
+            )
+
+        return joined._with(
+            Step(
+                step_id,
+                "operator",
+                inputs=(left, right),
+                operator=build,
+                error_policy=on_error,
+                transforms=True,
+                stateful=True,
+                join="stream",
+            )
+        )
+
+    def _join_tail(self, step_id: str) -> Port:
+        tail = self._require_tail(step_id)
+        window = self._pending_window()
+        if window is not None:
+            raise PipelineDefinitionError(
+                f"window {window.step_id!r} must be followed by an aggregation, not a join",
+                step=step_id,
+            )
+        return tail
+
+    def _table_input(self, step_id: str, table: Topic) -> tuple[Port | None, Topic]:
+        """The port that already reads ``table`` in this chain (a source, a LogTopic or a
+        key_by topic) and the topic as declared there, or ``None`` and ``table``."""
+        for step in self.steps:
+            if step.kind not in ("source", "read", "key_by") or step.topic is None:
+                continue
+            if step.topic.name != table.name:
+                continue
+            known = step.topic
+            if (known.partitions, repr(known.key_serde), repr(known.value_serde)) != (
+                table.partitions,
+                repr(table.key_serde),
+                repr(table.value_serde),
+            ):
+                raise PipelineDefinitionError(
+                    f"step {step.step_id!r} already reads topic {table.name!r} as {known!r}; "
+                    f"the table is declared as {table!r}: declare it the same way",
+                    step=step_id,
+                )
+            return (step.step_id, OUT), known
+        return None, table
+
     def branch(
         self,
         step_id: str,
@@ -586,6 +777,44 @@ class Pipeline:
         """Where records go that fail under the ``DEAD_LETTER`` policy: original bytes, and the
         error, step and source position in headers."""
         return Topic(f"{self.name}.dead-letters", value=bytes, key=bytes)
+
+
+def _check_how(step_id: str, how: str) -> None:
+    if how not in ("inner", "left"):
+        raise PipelineDefinitionError(f"how must be 'inner' or 'left', not {how!r}", step=step_id)
+
+
+def _check_copartitioned(
+    step_id: str, first: tuple[str, list[Topic]], second: tuple[str, list[Topic]], fix: str
+) -> None:
+    """Refuse a join whose inputs could put one key in two tasks: topics with different
+    partition counts, or (with several partitions) keys serialised by different serdes."""
+
+    def described(topics: list[Topic]) -> str:
+        listed = ", ".join(f"{t.name!r} ({t.partitions} partitions)" for t in topics)
+        return f"topic{'s' if len(topics) > 1 else ''} {listed}"
+
+    (first_name, first_topics), (second_name, second_topics) = first, second
+    topics = [*first_topics, *second_topics]
+    if len({t.partitions for t in topics}) > 1:
+        raise PipelineDefinitionError(
+            f"join {step_id!r} needs {first_name} and {second_name} co-partitioned (the same "
+            f"number of partitions), but {first_name} is read from {described(first_topics)} "
+            f"and {second_name} from {described(second_topics)}; {fix}",
+            step=step_id,
+        )
+    if topics[0].partitions > 1 and len({repr(t.key_serde) for t in topics}) > 1:
+        serdes = ", ".join(f"{t.name!r} {t.key_serde!r}" for t in topics)
+        raise PipelineDefinitionError(
+            f"join {step_id!r} needs {first_name} and {second_name} keyed alike, but their "
+            f"topics serialise keys differently ({serdes}), so one key could land on different "
+            "partitions; give key_by(..., key=...) the same key serde as the other side",
+            step=step_id,
+        )
+
+
+def _model_of(serde: Serde) -> Any:
+    return serde.model if isinstance(serde, Model) else None
 
 
 def _span_ms(step_id: str, what: str, span: timedelta) -> int:

@@ -17,6 +17,7 @@ from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.topology import SubTopology, Topology
 from pipelines.state.local import LocalStore
 from pipelines.state.store import KeyValueStore
+from pipelines.state.table import TableStore
 
 __all__ = ["TaskState"]
 
@@ -35,7 +36,11 @@ class TaskState:
         self._local: dict[str, LocalStore] = {}
         self._unsaved: dict[str, RawBatch] = {}
         self.restored = 0
+        self.tables: dict[str, TableStore] = {}
+        """The table of each ``join_table`` step, bootstrapped from its topic in restore."""
         for step in sub.steps:
+            if step.join == "table" and step.topic is not None:
+                self.tables[step.step_id] = TableStore(step.topic, partition)
             if not step.stateful:
                 continue
             self.stores[step.step_id] = KeyValueStore(step.step_id, partition)
@@ -46,7 +51,10 @@ class TaskState:
                 self._local[step.step_id] = LocalStore(path)
 
     async def restore(self, log: LogBackend, committed: Mapping[TopicPartition, int]) -> None:
-        """Load each store: its local copy, then the changelog after it (committed updates)."""
+        """Load each store: its local copy, then the changelog after it (committed updates);
+        read each table from its topic, start to end."""
+        for table in self.tables.values():
+            await table.bootstrap(log)
         if not self.stores:
             return
         by_name = {f"{tp.topic}/{tp.partition}": offset for tp, offset in committed.items()}

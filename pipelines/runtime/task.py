@@ -16,6 +16,7 @@ from typing import Any
 
 from connectors.base import SinkWriter
 from operators.base import Operator, call_each
+from operators.joins import Join, TableJoin
 from operators.routing import Branch
 from pipelines.batch import Batch
 from pipelines.errors import ErrorPolicy, RecordError, RecordSource
@@ -150,6 +151,8 @@ class Task:
             if step.operator is not None:
                 operator = self._operators[step.step_id] = step.operator()
                 operator.open(ctx)
+                if isinstance(operator, TableJoin):  # the table the state bootstraps
+                    operator.attach(self.state.tables[step.step_id])
         for entry in sub.entries.values():
             if entry.step_id not in self._contexts:  # a key_by read here, run upstream
                 stats.setdefault(entry.step_id, StepStats())
@@ -229,9 +232,10 @@ class Task:
         if not batch:
             return
         for child in self.topology.children.get(port, ()):
-            self._run(child, batch)
+            self._run(child, batch, port)
 
-    def _run(self, step: Step, batch: Batch) -> None:
+    def _run(self, step: Step, batch: Batch, port: Port) -> None:
+        """Run ``batch``, arriving from ``port``, through ``step``."""
         stats = self._contexts[step.step_id].stats
         stats.records_in += len(batch)
         if step.kind == "sink":
@@ -248,7 +252,10 @@ class Task:
             self._emit((step.step_id, "matched"), matched)
             self._emit((step.step_id, "rest"), rest)
             return
-        out = operator.process(batch)
+        if isinstance(operator, Join):  # two inputs: which side the batch arrived on
+            out = operator.process_side(step.inputs.index(port), batch)
+        else:
+            out = operator.process(batch)
         stats.records_out += len(out)
         if step.kind == "key_by":
             assert step.topic is not None

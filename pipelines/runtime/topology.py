@@ -124,10 +124,12 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
     for sub in subs.values():
         counts = {t.name: t.partitions for t in sub.topics}
         if len(set(counts.values())) > 1:
-            merge = next((s.step_id for s in sub.steps if s.kind == "merge"), None)
+            merge = next(
+                (s.step_id for s in sub.steps if s.kind == "merge" or s.join is not None), None
+            )
             raise PipelineDefinitionError(
-                f"merged streams come from topics with different partition counts {counts}; "
-                "give them the same number of partitions or key_by before merging",
+                f"merged or joined streams come from topics with different partition counts "
+                f"{counts}; give them the same number of partitions or key_by before merging",
                 step=merge,
             )
 
@@ -146,7 +148,7 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
     late_topics = {
         step.step_id: Topic(f"{pipeline.name}.{step.step_id}.late", key=bytes, value=bytes)
         for step in steps
-        if step.windowed
+        if step.windowed or step.join == "stream"
     }
     topics = _declared_topics(pipeline) + list(changelogs.values()) + list(late_topics.values())
     input_topics = [s.topic for s in steps if s.kind in _ENTRY_KINDS and s.topic is not None]
