@@ -1,0 +1,621 @@
+"""Joins: stream-table and stream-stream, against plain-Python reference computations."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from pydantic import BaseModel
+
+from connectors.base import SinkContext
+from connectors.memory import Collect, Iterable
+from connectors.topic import LogTopic
+from operators.joins import StreamJoin
+from pipelines import Pipeline, PipelineDefinitionError, Topic
+from pipelines.batch import Batch
+from pipelines.log import EmbeddedLog, MemoryLog
+from pipelines.log.base import FetchedBatch, LogBackend, RawBatch, TopicPartition
+from pipelines.record import Record, from_millis
+from pipelines.runtime.engine import prepare_topics
+from pipelines.runtime.inprocess import run_in_process
+from pipelines.runtime.outbox import Outbox
+from pipelines.runtime.task import Task
+from pipelines.runtime.topology import compile_pipeline
+from pipelines.state.store import KeyValueStore
+from pipelines.testing import run_pipeline
+
+T0 = 1_700_000_000_000  # event times in the past, so an idle partition's watermark passes them
+
+
+def canonical(values: list[Any]) -> Counter[bytes]:
+    """A multiset of values (results come from several partitions in any interleaving)."""
+    return Counter(orjson.dumps(v, option=orjson.OPT_SORT_KEYS) for v in values)
+
+
+async def run(pipeline: Pipeline, log: LogBackend, *, workers: int = 1) -> None:
+    await run_in_process(compile_pipeline(pipeline), log, workers=workers)
+
+
+async def write_table(log: LogBackend, table: Topic, rows: list[Record], name: str) -> None:
+    """Write ``rows`` to ``table`` the way any producer would (partitioned by key bytes)."""
+    await run(Pipeline(name).source(Iterable(rows), into=table), log)
+
+
+# -- stream-table -----------------------------------------------------------------------------
+
+USERS = [f"u{n}" for n in range(12)]
+
+
+def table_history(seed: int) -> list[Record]:
+    """Inserts, updates and deletes (``None``) of user rows, in the order they were written."""
+    rng = random.Random(seed)
+    history = [(user, {"tier": f"t{n}-v0"}) for n, user in enumerate(USERS[:10])]
+    for version in range(1, 40):
+        user = rng.choice(USERS)
+        deleted = rng.random() < 0.25
+        history.append((user, None if deleted else {"tier": f"{user}-v{version}"}))
+    return [Record(key=k, value=v, timestamp=from_millis(T0)) for k, v in history]
+
+
+def latest(history: list[Record]) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for record in history:
+        if record.value is None:
+            table.pop(record.key, None)
+        else:
+            table[record.key] = record.value
+    return table
+
+
+def orders(count: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    return [
+        {"n": n, "user": rng.choice(USERS), "at": T0 + n * 10 + rng.randint(-30, 30)}
+        for n in range(count)
+    ]
+
+
+def enrich(order: dict[str, Any], user: dict[str, Any] | None) -> dict[str, Any]:
+    return {"n": order["n"], "user": order["user"], "tier": None if user is None else user["tier"]}
+
+
+def shop(users: Topic, how: str, out: Collect, items: list[dict[str, Any]]) -> Pipeline:
+    return (
+        Pipeline("shop")
+        .source(Iterable(items, timestamp=lambda o: o["at"]), into=Topic("orders", partitions=2))
+        .key_by("by-user", lambda o: o["user"], partitions=users.partitions)
+        .join_table("enrich", users, enrich, how=how)  # type: ignore[arg-type]
+        .sink(out, step_id="out")
+    )
+
+
+def reference(items: list[dict[str, Any]], table: dict[str, Any], how: str) -> list[Any]:
+    return [
+        enrich(order, table.get(order["user"]))
+        for order in items
+        if how == "left" or order["user"] in table
+    ]
+
+
+@pytest.mark.parametrize("how", ["inner", "left"])
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_stream_table_join_equals_the_reference(how: str, workers: int) -> None:
+    users = Topic("users", partitions=3, compacted=True)
+    history = table_history(seed=7)
+    items = orders(400, seed=8)
+    log = MemoryLog()
+    await write_table(log, users, history, "load-users")  # the table is written first
+
+    out = Collect()
+    await run(shop(users, how, out, items), log, workers=workers)
+
+    expected = reference(items, latest(history), how)
+    assert canonical(out.values) == canonical(expected)
+    # one key is one task: each user's results keep the stream's order, key and timestamps
+    for user in USERS:
+        mine = [r for r in out.records if r.key == user]
+        assert [r.value for r in mine] == [v for v in expected if v["user"] == user]
+        joined = how == "left" or user in latest(history)
+        stamps = [o["at"] for o in items if o["user"] == user and joined]
+        assert [int(r.timestamp.timestamp() * 1000) for r in mine] == stamps
+
+
+async def test_stream_table_join_gives_the_same_result_with_one_or_two_workers() -> None:
+    users = Topic("users", partitions=4, compacted=True)
+    history = table_history(seed=11)
+    items = orders(600, seed=12)
+    results = []
+    for workers in (1, 2):
+        log = MemoryLog()
+        await write_table(log, users, history, "load-users")
+        out = Collect()
+        await run(shop(users, "left", out, items), log, workers=workers)
+        results.append(canonical(out.values))
+    assert results[0] == results[1]
+    assert sum(results[0].values()) == len(items)
+
+
+def test_a_table_join_dead_letters_records_without_a_key() -> None:
+    users = Topic("users", compacted=True)
+    pipeline = (
+        Pipeline("shop")
+        .source(Iterable([{"n": 1}]), into=Topic("orders"))
+        .join_table("enrich", users, lambda o, u: o, how="left")
+        .sink(Collect(), step_id="out")
+    )
+    result = run_pipeline(pipeline)
+    assert result.values("out") == []
+    [dead] = result.dead_letters
+    assert dict(dead.headers)["headwater.step"] == b"enrich"
+    assert b"key_by" in dict(dead.headers)["headwater.error"]
+
+
+def _append(log: MemoryLog, tp: TopicPartition, rows: list[tuple[str, Any]]) -> None:
+    log.append(
+        tp,
+        RawBatch(
+            [k.encode() for k, _ in rows],
+            [None if v is None else orjson.dumps(v) for _, v in rows],
+            [T0] * len(rows),
+        ),
+    )
+
+
+async def test_table_records_arriving_as_input_apply_in_order_after_the_bootstrap() -> None:
+    """A task fed batch by batch: the bootstrap reads the table to its end, table records
+    below that end are not applied again when they arrive as input, later ones apply in order
+    (updates and deletes), and each stream record sees the table as of that moment."""
+    users = Topic("users", partitions=1, compacted=True)
+    out = Collect()
+    pipeline = (
+        Pipeline("shop")
+        .source(LogTopic(Topic("orders", partitions=1)))
+        .join_table("enrich", users, lambda o, u: [o["user"], u and u["tier"]], how="left")
+        .sink(out, step_id="out")
+    )
+    topology = compile_pipeline(pipeline)
+    log = MemoryLog()
+    await prepare_topics(log, topology)
+    table_tp, orders_tp = TopicPartition("users", 0), TopicPartition("orders", 0)
+    _append(log, table_tp, [("ann", {"tier": "gold"}), ("ann", {"tier": "silver"})])
+    _append(log, table_tp, [("bob", {"tier": "bronze"})])
+
+    sub = topology.by_topic["orders"]
+    writers = {"out": out.open(SinkContext("shop", "out", 0))}
+    task = Task(topology, sub, 0, Outbox(log.producer()), writers, {}, None)
+    await task.restore(log, {})
+    assert len(task.state.tables["enrich"]) == 2
+
+    def feed(tp: TopicPartition, offset: int, count: int) -> None:
+        task.process(log.read_now(tp, offset, count))
+
+    def ask(*who: str) -> list[Any]:
+        out.clear()
+        start = len(log.read_now(orders_tp, 0, 1 << 30).records)
+        _append(log, orders_tp, [(name, {"user": name}) for name in who])
+        feed(orders_tp, start, len(who))
+        return list(out.values)
+
+    assert ask("ann", "bob", "cy") == [["ann", "silver"], ["bob", "bronze"], ["cy", None]]
+    feed(table_tp, 0, 1)  # ann=gold again, as input: the bootstrap applied it already
+    assert ask("ann") == [["ann", "silver"]]
+    feed(table_tp, 1, 2)
+    _append(log, table_tp, [("cy", {"tier": "iron"}), ("ann", None), ("bob", {"tier": "tin"})])
+    feed(table_tp, 3, 1)  # cy appears
+    assert ask("ann", "bob", "cy") == [["ann", "silver"], ["bob", "bronze"], ["cy", "iron"]]
+    feed(table_tp, 4, 2)  # ann deleted, bob updated
+    assert ask("ann", "bob", "cy") == [["ann", None], ["bob", "tin"], ["cy", "iron"]]
+    _append(log, table_tp, [("ann", {"tier": "back"})])
+    feed(table_tp, 6, 1)
+    assert ask("ann") == [["ann", "back"]]
+    assert task.state.tables["enrich"].bootstrapped_to == 3
+
+
+async def test_stream_table_join_continues_after_a_restart_on_the_embedded_log(
+    tmp_path: Path,
+) -> None:
+    users = Topic("users", partitions=2, compacted=True)
+    history = table_history(seed=21)
+    items = orders(300, seed=22)
+    first, second = items[:150], items
+
+    log = EmbeddedLog(tmp_path)
+    await write_table(log, users, history[:30], "load-users")
+    out = Collect()
+    await run(shop(users, "left", out, first), log, workers=2)
+    assert canonical(out.values) == canonical(reference(first, latest(history[:30]), "left"))
+    await log.close()
+
+    log = EmbeddedLog(tmp_path)  # a new run: more table rows, more orders
+    await write_table(log, users, history, "load-users")
+    out = Collect()
+    await run(shop(users, "left", out, second), log, workers=2)
+    await log.close()
+    assert canonical(out.values) == canonical(reference(items[150:], latest(history), "left"))
+
+
+# -- declaration checks -----------------------------------------------------------------------
+
+
+def keyed(name: str, partitions: int, **key_by: Any) -> Pipeline:
+    return (
+        Pipeline("p")
+        .source(Iterable([]), into=Topic(name, partitions=1))
+        .key_by(f"{name}-by-key", lambda v: v["k"], partitions=partitions, **key_by)
+    )
+
+
+def test_a_table_join_of_differently_partitioned_topics_is_refused() -> None:
+    stream = keyed("orders", 4)
+    with pytest.raises(PipelineDefinitionError) as caught:
+        stream.join_table("enrich", Topic("users", partitions=2), enrich)
+    message = str(caught.value)
+    assert caught.value.step == "enrich"
+    assert "'p.orders-by-key' (4 partitions)" in message
+    assert "'users' (2 partitions)" in message
+    assert "key_by(..., partitions=2)" in message
+    assert "co-partitioned" in message
+
+
+def test_a_stream_join_of_differently_partitioned_streams_is_refused() -> None:
+    clicks = keyed("clicks", 3)
+    views = clicks.source(Iterable([]), into=Topic("views", partitions=2))
+    with pytest.raises(PipelineDefinitionError) as caught:
+        clicks.join_stream("pair", views, timedelta(seconds=1), lambda a, b: a)
+    message = str(caught.value)
+    assert caught.value.step == "pair"
+    assert "'p.clicks-by-key' (3 partitions)" in message
+    assert "'views' (2 partitions)" in message
+    assert "key_by(..., partitions=N)" in message
+
+
+def test_joins_refuse_keys_serialised_differently_on_two_sides() -> None:
+    stream = keyed("orders", 2, key=dict)
+    with pytest.raises(PipelineDefinitionError, match="keyed alike") as caught:
+        stream.join_table("enrich", Topic("users", partitions=2), enrich)
+    assert "Json()" in str(caught.value)
+    assert "Str()" in str(caught.value)
+
+
+def test_other_join_declaration_mistakes_are_refused() -> None:
+    clicks = keyed("clicks", 2)
+    views = clicks.source(Iterable([]), into=Topic("views", partitions=1)).key_by(
+        "views-by-key", lambda v: v["k"], partitions=2
+    )
+    hour = timedelta(hours=1)
+    with pytest.raises(PipelineDefinitionError, match="two different streams"):
+        clicks.join_stream("self", clicks, hour, lambda a, b: a)
+    with pytest.raises(PipelineDefinitionError, match="'inner' or 'left'"):
+        clicks.join_stream("j", views, hour, lambda a, b: a, how="outer")  # type: ignore[arg-type]
+    with pytest.raises(PipelineDefinitionError, match="cannot join a chain of pipeline 'q'"):
+        clicks.join_stream("j", Pipeline("q").source(Iterable([]), into=Topic("x")), hour, max)
+    with pytest.raises(PipelineDefinitionError, match="negative"):
+        clicks.join_stream("j", views, -hour, lambda a, b: a)
+    with pytest.raises(PipelineDefinitionError, match="needs a function"):
+        clicks.join_table("j", Topic("users", partitions=2), "merge")  # type: ignore[arg-type]
+    with pytest.raises(PipelineDefinitionError, match="already reads topic 'views'"):
+        views.join_table("j", Topic("views", partitions=1, key=bytes), enrich)
+
+
+def test_a_join_compiles_into_one_sub_topology_with_its_table_or_other_stream() -> None:
+    users = Topic("users", partitions=2)
+    enriched = keyed("orders", 2).join_table("enrich", users, enrich)
+    topology = compile_pipeline(enriched)
+    sub = topology.by_topic["users"]
+    assert sub is topology.by_topic["p.orders-by-key"]
+    assert "enrich" not in topology.changelogs  # the table topic is its own changelog
+
+    clicks = keyed("clicks", 2)
+    views = clicks.source(Iterable([]), into=Topic("views")).key_by(
+        "views-by-key", lambda v: v["k"], partitions=2
+    )
+    joined = compile_pipeline(clicks.join_stream("pair", views, timedelta(1), lambda a, b: a))
+    assert joined.by_topic["p.clicks-by-key"] is joined.by_topic["p.views-by-key"]
+    assert joined.changelog_topic("pair").partitions == 2
+    assert joined.late_topic("pair").name == "p.pair.late"
+
+
+# -- stream-stream: the operator, record by record --------------------------------------------
+
+
+class FakeContext:
+    step_id = "pair"
+    partition = 0
+
+    def __init__(self, store: KeyValueStore) -> None:
+        self.store = store
+        self.late_values: list[Any] = []
+        self.rejected: list[Any] = []
+
+    def reject(self, batch: Batch, index: int, error: Exception) -> None:
+        self.rejected.append((batch.values[index], error))
+
+    def late(self, batch: Batch, index: int) -> None:
+        self.late_values.append(batch.values[index])
+
+
+Event = tuple[int, str, int, dict[str, Any]]  # side, key, time, value
+
+
+def generate(seed: int, count: int, *, disorder: int, stragglers: float) -> list[Event]:
+    """Events of both sides on a few keys, out of order by up to ``disorder`` ms, with some
+    records far behind (late)."""
+    rng = random.Random(seed)
+    events: list[Event] = []
+    for n in range(count):
+        stamp = T0 + n * 20 + rng.randint(-disorder, disorder)
+        if rng.random() < stragglers:
+            stamp -= rng.randint(200, 2000)
+        side = rng.randint(0, 1)
+        events.append((side, f"k{rng.randint(0, 4)}", stamp, {"id": n, "side": side}))
+    return events
+
+
+def pair(left: dict[str, Any], right: dict[str, Any] | None) -> list[Any]:
+    return [left["id"], None if right is None else right["id"]]
+
+
+def brute_force(
+    events: list[Event], within: int, grace: int, how: str
+) -> tuple[list[Any], list[Any]]:
+    """(results, late values): a record is late when its time + grace is behind the largest
+    time before it; every other pair of sides with equal keys within ``within`` joins."""
+    watermark = -(1 << 62)
+    kept: list[Event] = []
+    late: list[Any] = []
+    for event in events:
+        _, _, stamp, value = event
+        if stamp + grace < watermark:
+            late.append(value)
+            continue
+        watermark = max(watermark, stamp)
+        kept.append(event)
+    lefts = [e for e in kept if e[0] == 0]
+    rights = [e for e in kept if e[0] == 1]
+    results: list[Any] = []
+    for _, key, stamp, value in lefts:
+        partners = [r for r in rights if r[1] == key and abs(r[2] - stamp) <= within]
+        results += [pair(value, r[3]) for r in partners]
+        if how == "left" and not partners:
+            results.append(pair(value, None))
+    return results, late
+
+
+def as_batches(events: list[Event], rng: random.Random) -> list[tuple[int, Batch]]:
+    """Consecutive records of one side, in arrival order, cut into batches of 1-5."""
+    batches: list[tuple[int, Batch]] = []
+    at = 0
+    while at < len(events):
+        side, size, end = events[at][0], rng.randint(1, 5), at
+        while end < len(events) and events[end][0] == side and end - at < size:
+            end += 1
+        chunk = events[at:end]
+        n = len(chunk)
+        raw = RawBatch([b"k"] * n, [b"{}"] * n, [e[2] for e in chunk])
+        fetched = FetchedBatch(f"side{side}", 0, raw, range(at, end), end)
+        batch = Batch(
+            [e[1] for e in chunk], [e[3] for e in chunk], raw.timestamps, list(range(n)), fetched
+        )
+        batches.append((side, batch))
+        at = end
+    return batches
+
+
+def stream_join(
+    how: str, within: int, grace: int, store: KeyValueStore
+) -> tuple[StreamJoin, FakeContext]:
+    join = StreamJoin("pair", pair, how=how, within_ms=within, grace_ms=grace, idle_ms=0)  # type: ignore[arg-type]
+    ctx = FakeContext(store)
+    join.open(ctx)  # type: ignore[arg-type]
+    return join, ctx
+
+
+def restored(store: KeyValueStore) -> KeyValueStore:
+    """A new store restored from ``store``'s changelog (everything committed)."""
+    changes = store.changes({TopicPartition("side0", 0): 1}, now_ms=0)
+    fresh = KeyValueStore("pair", 0)
+    if changes is not None:
+        fresh.apply(changes, {"side0/0": 1})
+    return fresh
+
+
+@pytest.mark.parametrize("how", ["inner", "left"])
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("restart", [False, True])
+def test_stream_join_equals_a_brute_force_reference(how: str, seed: int, restart: bool) -> None:
+    within, grace = 60, 40
+    events = generate(seed, 400, disorder=30, stragglers=0.05)
+    expected, expected_late = brute_force(events, within, grace, how)
+
+    rng = random.Random(seed)
+    store = KeyValueStore("pair", 0)
+    join, ctx = stream_join(how, within, grace, store)
+    results: list[Any] = []
+    late: list[Any] = []
+    batches = as_batches(events, rng)
+    for number, (side, batch) in enumerate(batches):
+        if restart and number == len(batches) // 2:  # a crash: a new operator, a restored store
+            late += ctx.late_values
+            join, ctx = stream_join(how, within, grace, restored(store))
+            store = ctx.store
+        results += join.process_side(side, batch).values
+        assert len(store) <= 60  # records expire as the watermark passes them
+    empty = Batch([], [], [], [], FetchedBatch("side0", 0, RawBatch([], [], []), [], -1))
+    results += join.tick(empty).values  # idle: the watermark follows the wall clock
+    late += ctx.late_values
+
+    assert expected_late and late == expected_late
+    assert sorted(results, key=str) == sorted(expected, key=str)
+    assert ctx.rejected == []
+    assert join.pending == 0
+    assert [k for k, _ in store.items()] == [("watermark",)]
+
+
+def test_stream_join_emits_pairs_once_whichever_side_comes_first() -> None:
+    join, _ = stream_join("left", 100, 0, KeyValueStore("pair", 0))
+    events: list[Event] = [
+        (0, "a", T0, {"id": "L1"}),
+        (1, "a", T0 + 50, {"id": "R1"}),  # joins L1, which came first
+        (0, "a", T0 + 150, {"id": "L2"}),  # joins R1 (exactly 100 ms apart), not L-to-L
+        (1, "b", T0 + 160, {"id": "R2"}),
+        (0, "a", T0 + 400, {"id": "L3"}),  # expires L1 and L2 (matched), no partner itself
+        (1, "a", T0 + 501, {"id": "R3"}),  # 101 ms after L3: no pair; L3 expires unmatched
+    ]
+    batches = as_batches(events, random.Random(1))
+    out = [join.process_side(side, batch).values for side, batch in batches[:-1]]
+    assert out == [[], [["L1", "R1"]], [["L2", "R1"]], [], []]
+    assert join.pending == 1  # L3 waits for its partners' time to pass
+    assert join.process_side(*batches[-1]).values == [["L3", None]]
+    assert join.pending == 0
+
+
+def test_stream_join_bounds_are_inclusive_on_both_sides() -> None:
+    join, ctx = stream_join("inner", 100, 100, KeyValueStore("pair", 0))
+    events: list[Event] = [
+        (0, "a", T0 + 100, {"id": "L1"}),
+        (1, "a", T0, {"id": "R1"}),  # 100 ms before L1 (within the grace): joins
+        (1, "a", T0 + 200, {"id": "R2"}),  # 100 ms after: joins
+        (1, "a", T0 + 201, {"id": "R3"}),  # 101 ms after: does not
+        (0, "a", T0 + 101, {"id": "L2"}),  # joins R2 and R3; not late: 101 + 100 >= 201
+        (1, "a", T0 - 2, {"id": "R4"}),  # late: -2 + 100 < 201
+    ]
+    results = [
+        v
+        for side, b in as_batches(events, random.Random(2))
+        for v in join.process_side(side, b).values
+    ]
+    assert results == [["L1", "R1"], ["L1", "R2"], ["L2", "R2"], ["L2", "R3"]]
+    assert ctx.late_values == [{"id": "R4"}]
+
+
+class Click(BaseModel):
+    user: str
+    page: str
+
+
+def test_stream_join_gives_merge_models_on_a_model_typed_side_also_after_a_restore() -> None:
+    seen: list[tuple[type, type]] = []
+
+    def merge(click: Any, view: Any) -> str:
+        seen.append((type(click), type(view)))
+        return f"{click.page}/{view['page']}"
+
+    def operator(store: KeyValueStore) -> StreamJoin:
+        join = StreamJoin(
+            "pair", merge, how="inner", within_ms=10, grace_ms=0, idle_ms=0, models=(Click, None)
+        )
+        join.open(FakeContext(store))  # type: ignore[arg-type]
+        return join
+
+    def batch(value: Any, stamp: int) -> Batch:
+        raw = RawBatch([b"ann"], [b"{}"], [stamp])
+        return Batch(["ann"], [value], [stamp], [0], FetchedBatch("t", 0, raw, [0], 1))
+
+    store = KeyValueStore("pair", 0)
+    join = operator(store)
+    assert join.process_side(0, batch(Click(user="ann", page="/a"), T0)).values == []
+    assert join.process_side(1, batch({"page": "/b"}, T0 + 5)).values == ["/a//b"]
+    join = operator(restored(store))  # the click comes back as a Click
+    assert join.process_side(1, batch({"page": "/c"}, T0 + 8)).values == ["/a//c"]
+    assert seen == [(Click, dict), (Click, dict)]
+
+
+# -- stream-stream: whole pipelines -------------------------------------------------------------
+
+
+def two_streams(
+    events: list[Event], how: str, within: timedelta, out: Collect, *, grace: timedelta
+) -> Pipeline:
+    def source(side: int) -> Iterable:
+        values = [dict(e[3], key=e[1], at=e[2]) for e in events if e[0] == side]
+        return Iterable(values, timestamp=lambda v: v["at"], batch_size=50)
+
+    lefts = (
+        Pipeline("pairs")
+        .source(source(0), into=Topic("lefts", partitions=2))
+        .key_by("lefts-by-key", lambda v: v["key"], partitions=3)
+    )
+    rights = (
+        lefts.source(source(1), into=Topic("rights", partitions=1))
+        .filter("rights-only", lambda v: True)
+        .key_by("rights-by-key", lambda v: v["key"], partitions=3)
+    )
+    return lefts.join_stream(
+        "pair",
+        rights,
+        within,
+        pair,
+        how=how,  # type: ignore[arg-type]
+        grace=grace,
+        idle=timedelta(seconds=1),
+    ).sink(out, step_id="out")
+
+
+@pytest.mark.parametrize("how", ["inner", "left"])
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_stream_join_pipeline_equals_a_brute_force_reference(how: str, workers: int) -> None:
+    # two topics are polled in any order, so the grace covers the whole input: nothing late
+    events = generate(31, 500, disorder=60, stragglers=0)
+    expected, _ = brute_force(events, 45, 1 << 40, how)
+    out = Collect()
+    pipeline = two_streams(events, how, timedelta(milliseconds=45), out, grace=timedelta(hours=1))
+    await run(pipeline, MemoryLog(), workers=workers)
+    assert sorted(out.values, key=str) == sorted(expected, key=str)
+    stamps = {e[3]["id"]: e[2] for e in events}
+    keys = {e[3]["id"]: e[1] for e in events}
+    for record in out.records:
+        left, right = record.value
+        assert record.key == keys[left]
+        at = stamps[left] if right is None else max(stamps[left], stamps[right])
+        assert int(record.timestamp.timestamp() * 1000) == at
+
+
+def test_records_behind_the_watermark_by_more_than_the_grace_go_to_the_late_topic() -> None:
+    events = [
+        {"side": "L", "k": "a", "at": T0 + 10_000, "id": 1},
+        {"side": "R", "k": "a", "at": T0 + 9_990, "id": 2},  # within the grace: joins 1
+        {"side": "R", "k": "a", "at": T0, "id": 3},  # 10 s behind, grace 1 s: late
+    ]
+    keyed_events = (
+        Pipeline("p")
+        .source(Iterable(events, timestamp=lambda e: e["at"]), into=Topic("events"))
+        .key_by("by-k", lambda e: e["k"])
+    )
+    lefts = keyed_events.filter("lefts", lambda e: e["side"] == "L")
+    rights = keyed_events.filter("rights", lambda e: e["side"] == "R")
+    pipeline = lefts.join_stream(
+        "pair",
+        rights,
+        timedelta(milliseconds=20),
+        lambda left, right: [left["id"], right["id"]],
+        grace=timedelta(seconds=1),
+    ).sink(Collect(), step_id="out")
+    result = run_pipeline(pipeline)
+    assert result.values("out") == [[1, 2]]
+    [late] = result.topic("p.pair.late")
+    assert orjson.loads(late.value)["id"] == 3
+    assert dict(late.headers)["headwater.late"] == b"pair"
+
+
+async def test_stream_join_state_survives_a_restart_on_the_embedded_log(tmp_path: Path) -> None:
+    events = generate(41, 300, disorder=40, stragglers=0)
+    within = timedelta(milliseconds=50)
+    expected, _ = brute_force(events, 50, 1 << 40, "inner")
+    lefts_only = [e for e in events if e[0] == 0]
+
+    log = EmbeddedLog(tmp_path)  # first run: only the left side has records
+    out = Collect()
+    await run(two_streams(lefts_only, "inner", within, out, grace=timedelta(hours=1)), log)
+    assert out.values == []
+    await log.close()
+
+    log = EmbeddedLog(tmp_path)  # second run: the right side; the lefts wait in restored state
+    out = Collect()
+    await run(two_streams(events, "inner", within, out, grace=timedelta(hours=1)), log, workers=2)
+    await log.close()
+    assert sorted(out.values, key=str) == sorted(expected, key=str)
