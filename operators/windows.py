@@ -27,7 +27,7 @@ class Window:
 
 
 def _millis(span: timedelta, what: str) -> int:
-    millis = int(span.total_seconds() * 1000)
+    millis = span // timedelta(milliseconds=1)  # exact: no float rounding
     if millis <= 0:
         raise ValueError(f"a window's {what} must be positive, got {span}")
     return millis
