@@ -483,7 +483,7 @@ class Pipeline:
         """Drop a record if one with the same key came less than ``within`` earlier in event
         time. ``key`` dedupes by ``key(value)`` instead of the record key (a ``key_by``)."""
         chain = self.key_by(f"{step_id}.by-key", key) if key is not None else self
-        horizon = int(within.total_seconds() * 1000)
+        horizon = within // timedelta(milliseconds=1)
         if horizon <= 0:
             raise PipelineDefinitionError("dedupe needs a positive horizon", step=step_id)
         return chain._stateful(step_id, lambda: Dedupe(step_id, horizon), None, transforms=False)
@@ -818,7 +818,7 @@ def _model_of(serde: Serde) -> Any:
 
 
 def _span_ms(step_id: str, what: str, span: timedelta) -> int:
-    millis = int(span.total_seconds() * 1000)
+    millis = span // timedelta(milliseconds=1)  # exact: no float rounding
     if millis < 0:
         raise PipelineDefinitionError(f"{what} cannot be negative, got {span}", step=step_id)
     return millis
