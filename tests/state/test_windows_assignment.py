@@ -1,0 +1,250 @@
+"""Window assignment against the definitions, and the watermark of a windowed aggregation against
+a record-by-record reference (which records are late, what each window finally holds)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import connectors
+from operators.windows import Hopping, Session, Sliding, Tumbling, Window, Windows
+from pipelines import Pipeline, Topic
+from pipelines.testing import run_pipeline
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+stamps = st.integers(min_value=-(10**13), max_value=10**13)
+spans = st.integers(min_value=1, max_value=10**7)
+
+
+def ms(millis: int) -> timedelta:
+    return timedelta(milliseconds=millis)
+
+
+def exact_millis(when: datetime) -> int:
+    return (when - EPOCH) // timedelta(milliseconds=1)
+
+
+def reference_windows(timestamp: int, size: int, advance: int) -> list[Window]:
+    """Every window [k * advance, k * advance + size) that holds ``timestamp``, by brute force
+    over the candidate starts around it."""
+    lowest = (timestamp - size) // advance - 2
+    highest = timestamp // advance + 2
+    return [
+        Window(k * advance, k * advance + size)
+        for k in range(lowest, highest + 1)
+        if k * advance <= timestamp < k * advance + size
+    ]
+
+
+# -- durations ---------------------------------------------------------------------------------
+
+
+@given(spans)
+def test_window_sizes_are_the_declared_milliseconds(millis: int) -> None:
+    assert Tumbling(ms(millis)).size == millis
+    hopping = Hopping(ms(millis), ms(millis))
+    assert (hopping.size, hopping.advance) == (millis, millis)
+    sliding = Sliding(ms(2 * millis), ms(millis))
+    assert (sliding.size, sliding.advance) == (2 * millis, millis)
+    assert Session(ms(millis)).gap == millis
+
+
+def test_a_window_of_1001_milliseconds_is_1001_milliseconds_long() -> None:
+    assert Tumbling(ms(1001)).assign(0) == [Window(0, 1001)]
+    assert Tumbling(seconds=1.001).assign(1001) == [Window(1001, 2002)]
+    assert Session(ms(2003)).assign(7) == [Window(7, 2010)]
+    assert sorted(Hopping(ms(2002), ms(1001)).assign(0)) == [Window(-1001, 1001), Window(0, 2002)]
+
+
+def test_non_positive_spans_and_an_advance_beyond_the_size_are_refused() -> None:
+    with pytest.raises(ValueError, match="size"):
+        Tumbling(ms(0))
+    with pytest.raises(ValueError, match="gap"):
+        Session(ms(-5))
+    with pytest.raises(ValueError, match="advance"):
+        Hopping(ms(10), ms(11))
+    with pytest.raises(ValueError, match="advance"):
+        Sliding(ms(10), ms(0))
+
+
+# -- assignment ----------------------------------------------------------------------------------
+
+
+@given(spans, stamps)
+def test_tumbling_assigns_the_one_aligned_window_holding_the_timestamp(
+    size: int, timestamp: int
+) -> None:
+    windows = Tumbling(ms(size))
+    assigned = windows.assign(timestamp)
+    assert assigned == reference_windows(timestamp, windows.size, windows.size)
+    (window,) = assigned
+    assert window.start <= timestamp < window.end
+    assert window.end - window.start == windows.size
+    assert window.start % windows.size == 0
+
+
+@pytest.mark.parametrize("kind", [Hopping, Sliding])
+@given(advance=spans, extra=st.integers(0, 10**6), timestamp=stamps)
+def test_overlapping_windows_are_exactly_those_of_the_definition(
+    kind: type[Hopping], advance: int, extra: int, timestamp: int
+) -> None:
+    size = advance + extra % (40 * advance + 1)  # at most 41 windows per timestamp
+    windows = kind(ms(size), ms(advance))
+    assigned = windows.assign(timestamp)
+    assert sorted(assigned) == reference_windows(timestamp, windows.size, windows.advance)
+    assert len(set(assigned)) == len(assigned)
+    for window in assigned:
+        assert window.start <= timestamp < window.end
+        assert window.end - window.start == windows.size
+        assert window.start % windows.advance == 0
+    quotient, remainder = divmod(windows.size, windows.advance)
+    if remainder == 0:
+        assert len(assigned) == quotient
+    else:
+        assert len(assigned) in (quotient, quotient + 1)
+
+
+# spans that convert to milliseconds exactly: this checks assignment alone (the conversion of
+# durations has its own tests above)
+exact_advances = st.one_of(st.integers(1, 50), st.integers(1, 3600).map(lambda s: s * 1000))
+
+
+@pytest.mark.parametrize("kind", [Hopping, Sliding])
+@given(advance=exact_advances, ratio=st.integers(1, 20), timestamp=stamps)
+def test_a_size_that_is_a_multiple_of_the_advance_gives_size_over_advance_windows(
+    kind: type[Hopping], advance: int, ratio: int, timestamp: int
+) -> None:
+    windows = kind(ms(advance * ratio), ms(advance))
+    assigned = windows.assign(timestamp)
+    assert len(assigned) == ratio
+    starts = sorted(w.start for w in assigned)
+    assert starts == [starts[0] + i * advance for i in range(ratio)]
+
+
+def test_negative_timestamps_are_assigned_like_any_other() -> None:
+    assert Tumbling(ms(10)).assign(-1) == [Window(-10, 0)]
+    assert Tumbling(ms(10)).assign(-10) == [Window(-10, 0)]
+    assert Tumbling(ms(10)).assign(-11) == [Window(-20, -10)]
+    assert sorted(Hopping(ms(10), ms(5)).assign(-1)) == [Window(-10, 0), Window(-5, 5)]
+    assert sorted(Sliding(ms(10), ms(5)).assign(-5)) == [Window(-10, 0), Window(-5, 5)]
+    assert Session(ms(10)).assign(-3) == [Window(-3, 7)]
+
+
+@given(spans, stamps)
+def test_a_session_record_opens_the_window_from_its_timestamp_to_the_gap(
+    gap: int, timestamp: int
+) -> None:
+    session = Session(ms(gap))
+    assert session.merging
+    assert session.assign(timestamp) == [Window(timestamp, timestamp + session.gap)]
+
+
+# -- the watermark, record by record -------------------------------------------------------------
+
+WINDOW_KINDS: dict[str, Windows] = {
+    "tumbling": Tumbling(ms(50)),
+    "hopping": Hopping(ms(60), ms(20)),
+    "sliding": Sliding(ms(45), ms(30)),
+}
+
+
+def reference_run(
+    events: list[dict[str, Any]], windows: Windows, lateness: int, grace: int
+) -> tuple[set[int], dict[tuple[str, int, int], int]]:
+    """The ids of the late records, and the count of each (key, start, end) over the others.
+
+    A record is late iff every window holding it has ``end + grace <= watermark``, where the
+    watermark is the largest event time of the records before it minus ``lateness``; a record
+    that is not late counts in its windows that are still open."""
+    late: set[int] = set()
+    counts: Counter[tuple[str, int, int]] = Counter()
+    newest: int | None = None
+    for event in events:
+        t = event["t"]
+        watermark = None if newest is None else newest - lateness
+        open_windows = [
+            w for w in windows.assign(t) if watermark is None or w.end + grace > watermark
+        ]
+        if not open_windows:
+            late.add(event["i"])
+        for window in open_windows:
+            counts[(event["k"], window.start, window.end)] += 1
+        newest = t if newest is None else max(newest, t)
+    return late, dict(counts)
+
+
+def windowed_count(
+    events: list[dict[str, Any]], windows: Windows, lateness: int, grace: int
+) -> Pipeline:
+    source = connectors.Iterable(events, key=lambda v: v["k"], timestamp=lambda v: v["t"])
+    return (
+        Pipeline("wm")
+        .source(source, into=Topic("events", partitions=1))
+        .window(
+            "win",
+            windows,
+            lateness=ms(lateness),
+            grace=ms(grace),
+            idle=timedelta(seconds=0.2),
+            emit="close",
+        )
+        .count("counts")
+        .sink(connectors.Collect(), step_id="out")
+    )
+
+
+event_lists = st.lists(
+    st.tuples(st.sampled_from(["a", "b", "c"]), st.integers(0, 600)), min_size=1, max_size=40
+)
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    drawn=event_lists,
+    kind=st.sampled_from(sorted(WINDOW_KINDS)),
+    lateness=st.sampled_from([0, 25, 80]),
+    grace=st.sampled_from([0, 15]),
+)
+def test_late_records_and_final_counts_follow_the_record_by_record_watermark(
+    drawn: list[tuple[str, int]], kind: str, lateness: int, grace: int
+) -> None:
+    events = [{"i": i, "k": k, "t": t} for i, (k, t) in enumerate(drawn)]
+    windows = WINDOW_KINDS[kind]
+    expected_late, expected_counts = reference_run(events, windows, lateness, grace)
+
+    result = run_pipeline(windowed_count(events, windows, lateness, grace))
+
+    late = [orjson.loads(record.value) for record in result.topic("wm.counts.late")]
+    assert sorted(v["i"] for v in late) == sorted(expected_late)
+    emitted = result.values("out")
+    got = {(r.key, exact_millis(r.start), exact_millis(r.end)): r.value for r in emitted}
+    assert len(got) == len(emitted), "a window was emitted more than once"
+    assert all(r.final for r in emitted)
+    assert got == expected_counts
+
+
+def test_an_example_of_late_and_partly_late_records() -> None:
+    # hopping [t-40, t+20) windows of 60 every 20; lateness 10, grace 0
+    events = [
+        {"i": 0, "k": "a", "t": 100},  # windows [60,120) [80,140) [100,160)
+        {"i": 1, "k": "a", "t": 150},  # watermark now 140
+        {"i": 2, "k": "a", "t": 85},  # [40,100) [60,120) closed; [80,140) closes at 140: late
+        {"i": 3, "k": "a", "t": 125},  # [80,140) closed; [100,160) [120,180) still open
+    ]
+    windows = Hopping(ms(60), ms(20))
+    result = run_pipeline(windowed_count(events, windows, lateness=10, grace=0))
+    late = [orjson.loads(record.value)["i"] for record in result.topic("wm.counts.late")]
+    assert late == [2]
+    got = {(exact_millis(r.start), exact_millis(r.end)): r.value for r in result.values("out")}
+    assert got == {(60, 120): 1, (80, 140): 1, (100, 160): 3, (120, 180): 2, (140, 200): 1}
