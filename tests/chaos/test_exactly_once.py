@@ -1,0 +1,1258 @@
+"""Exactly-once under ``kill -9``: a keyed running count is right to the record while workers
+are killed mid-stream and replaced, on the embedded log and on Kafka; and the embedded log's
+commit files finish a transaction whose writer died between its commit point and its end.
+
+The pipeline under test (:data:`JOB`) reads a JSON Lines file of numbered events
+``{"n", "key"}`` (no record key) into a 6-partition topic, passes them through a map that
+sleeps 1 ms every 100 records, re-keys them by ``key`` (``key_by``: the repartition topic
+``<pipeline>.by-key``), counts each key's records (``count``: one result per record, the key's
+running count) and writes the counts to a 3-partition output topic. A key's counts all go to
+one output partition, in the order they were computed, so under exactly-once the counts a key
+has on the log, in offset order, are exactly ``1, 2, ..., N_key`` (N_key its number of events):
+a gap is a lost record, a repeat a duplicated one. Under at-least-once (the contrast) a crash
+may replay: events may be copied on the repartition topic and counts re-emitted, but nothing
+may be lost.
+
+The source is *paced*: while the file ``gate`` next to the module does not exist it sleeps
+after each stored batch (and holds near the end of the file), so the run is mid-stream while
+the test kills workers; once the test creates ``gate`` the rest is read at full speed. Every
+``kill -9`` is followed by a replacement ``headwater worker`` that joins the group, and some
+kills on the embedded log aim at a worker caught with a commit file in hand (between the
+transaction's commit point and the end of applying it), found through ``/proc/locks``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka import TopicPartition as KafkaPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from pipelines.log._commits import CommitRecord, pending_commits, read_commit, write_commit
+from pipelines.log._local import GroupConsumer
+from pipelines.log.base import RawBatch, TopicPartition, TopicSpec
+from pipelines.log.embedded import EmbeddedLog
+
+KAFKA_BOOTSTRAP = os.environ.get("HEADWATER_TEST_KAFKA", "127.0.0.1:9092")
+
+EVENTS = 100_000
+KEYS = 12
+INPUT_PARTITIONS = 6
+OUTPUT_PARTITIONS = 3
+SEED = 20240611
+HOLD = 0.95
+"""While the gate is closed the source holds once it has read this much of the file, so the
+run cannot end before the test is done killing workers; every kill must come before."""
+
+# -- the data --------------------------------------------------------------------------------------
+
+
+@functools.cache
+def event_keys() -> tuple[str, ...]:
+    """The key of each event, by event number."""
+    rng = random.Random(SEED)
+    return tuple(f"key-{rng.randrange(KEYS):02d}" for _ in range(EVENTS))
+
+
+@functools.cache
+def reference() -> dict[str, int]:
+    """Each key's number of events: its final count."""
+    return dict(Counter(event_keys()))
+
+
+def write_events(path: Path) -> None:
+    dumps = orjson.dumps
+    path.write_bytes(
+        b"".join(dumps({"n": n, "key": key}) + b"\n" for n, key in enumerate(event_keys()))
+    )
+
+
+# -- the pipeline module ---------------------------------------------------------------------------
+
+JOB = '''
+"""A running count per key of numbered events ({guarantee}), for the exactly-once chaos tests.
+
+While no file `gate` exists next to this module, the source sleeps PACE seconds after each
+batch (written, its position stored), and holds once it has read HOLD of the file.
+"""
+
+import asyncio
+import time
+from pathlib import Path
+
+from connectors import JsonLines, LogTopic
+from pipelines import Pipeline, Topic
+
+HERE = Path(__file__).parent
+GATE = HERE / "gate"
+PACE = {pace}
+HOLD = {hold}
+
+
+class PacedJsonLines(JsonLines):
+    async def read(self, position):
+        size = self.path.stat().st_size
+        async for batch in super().read(position):
+            yield batch
+            if GATE.exists():
+                continue
+            await asyncio.sleep(PACE)
+            while batch.position >= HOLD * size and not GATE.exists():
+                await asyncio.sleep(0.05)
+
+
+_mapped = 0
+
+
+def slow(event):
+    global _mapped
+    _mapped += 1
+    if _mapped % 100 == 0:
+        time.sleep(0.001)
+    return event
+
+
+pipeline = (
+    Pipeline("{name}", processing_guarantee="{guarantee}")
+    .source(
+        PacedJsonLines(HERE / "events.jsonl", batch_size=1000),
+        into=Topic("{input_topic}", partitions={input_partitions}),
+    )
+    .map("slow", slow)
+    .key_by("by-key", lambda e: e["key"])
+    .count("count")
+    .sink(LogTopic(Topic("{output_topic}", partitions={output_partitions})))
+)
+'''
+
+
+@dataclass(frozen=True)
+class Job:
+    """A pipeline module written into a test's directory, with its data and names."""
+
+    directory: Path
+    name: str
+    input_topic: str
+    output_topic: str
+    guarantee: str
+
+    @property
+    def module(self) -> Path:
+        return self.directory / "job.py"
+
+    @property
+    def gate(self) -> Path:
+        return self.directory / "gate"
+
+    @property
+    def group(self) -> str:
+        return self.name
+
+    @property
+    def repartition_topic(self) -> str:
+        return f"{self.name}.by-key"
+
+
+def write_job(
+    directory: Path,
+    *,
+    guarantee: str,
+    pace: float,
+    hold: float = HOLD,
+    name: str = "eos",
+    input_topic: str = "events",
+    output_topic: str = "counts",
+) -> Job:
+    job = Job(directory, name, input_topic, output_topic, guarantee)
+    write_events(directory / "events.jsonl")
+    job.module.write_text(
+        textwrap.dedent(JOB).format(
+            guarantee=guarantee,
+            pace=pace,
+            hold=hold,
+            name=name,
+            input_topic=input_topic,
+            output_topic=output_topic,
+            input_partitions=INPUT_PARTITIONS,
+            output_partitions=OUTPUT_PARTITIONS,
+        )
+    )
+    return job
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, session...)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Cli:
+    """A ``headwater`` command running in the background, in its own session."""
+
+    process: subprocess.Popen[bytes]
+    name: str
+    stderr_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_session()
+            pytest.fail(
+                f"`headwater {self.name}` did not finish in {timeout:.0f}s:\n{_tail(self.stderr())}"
+            )
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM to the command (as a service manager stops it), then wait for it."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill_session(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=10)
+
+
+class Commands:
+    """The ``headwater`` commands a test started, each in its own session; at the end of the
+    test every process of those sessions is killed, whatever happened."""
+
+    def __init__(self) -> None:
+        self.started: list[Cli] = []
+
+    def start(self, args: Sequence[str], *, cwd: Path, name: str) -> Cli:
+        out, err = cwd / f"{name}.stdout", cwd / f"{name}.stderr"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_")}
+        with out.open("wb") as stdout, err.open("wb") as stderr:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "pipelines.cli", *args],
+                cwd=cwd,
+                stdout=stdout,
+                stderr=stderr,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+            )
+        cli = Cli(process, name, err)
+        self.started.append(cli)
+        return cli
+
+    def alive(self) -> list[int]:
+        """Live processes of the started sessions (whoever their parent is now)."""
+        sessions = {str(c.pid) for c in self.started}
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                fields = _stat(int(entry.name))
+                if fields is not None and fields[0] != "Z" and fields[3] in sessions:
+                    found.append(int(entry.name))
+        return sorted(found)
+
+    def kill_all(self, timeout: float = 15.0) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while (left := self.alive()) and time.monotonic() < deadline:
+            for cli in self.started:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(cli.pid, signal.SIGKILL)
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        for cli in self.started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                cli.process.wait(timeout=5)
+        return self.alive()
+
+
+@pytest.fixture
+def commands() -> Iterator[Commands]:
+    started = Commands()
+    yield started
+    left = started.kill_all()
+    assert not left, f"processes of the test outlived it even after SIGKILL: {left}"
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The live worker processes of a ``headwater run|worker`` process (spawned children)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat(int(entry.name))
+        if fields is None or fields[0] == "Z" or int(fields[1]) != parent:
+            continue
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    watch: Sequence[Cli] = (),
+    interval: float = 0.1,
+) -> None:
+    """Poll ``condition``; fail if it stays false for ``timeout`` s or a watched command ends."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for cli in watch:
+            if not cli.running():
+                pytest.fail(
+                    f"`headwater {cli.name}` ended (status {cli.process.returncode}) before "
+                    f"{what}:\n{_tail(cli.stderr())}"
+                )
+        if time.monotonic() > deadline:
+            where = "".join(f"\n--- {c.name}:\n{_tail(c.stderr())}" for c in watch)
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{where}")
+        time.sleep(interval)
+
+
+# -- reading the log -------------------------------------------------------------------------------
+
+Entry = tuple[int, bytes | None, bytes | None]
+"""(offset, key, value) of one record."""
+
+
+class LogView(Protocol):
+    """What the tests read from a log, as any other client would."""
+
+    def ends(self, topic: str, partitions: int) -> dict[int, int]: ...
+
+    def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]: ...
+
+    def records(self, topic: str, partitions: int) -> list[list[Entry]]: ...
+
+
+class EmbeddedView:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+
+    def _run(self, work: Callable[[EmbeddedLog], Any]) -> Any:
+        async def go() -> Any:
+            log = EmbeddedLog(self.data_dir)
+            try:
+                return await work(log)
+            finally:
+                await log.close()
+
+        return asyncio.run(go())
+
+    def _exists(self, topic: str) -> bool:
+        return (self.data_dir / "topics" / topic / "topic.json").exists()
+
+    def ends(self, topic: str, partitions: int) -> dict[int, int]:
+        if not self._exists(topic):
+            return dict.fromkeys(range(partitions), 0)
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+
+        async def work(log: EmbeddedLog) -> dict[int, int]:
+            return {tp.partition: o for tp, o in (await log.end_offsets(tps)).items()}
+
+        return self._run(work)  # type: ignore[no-any-return]
+
+    def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+
+        async def work(log: EmbeddedLog) -> dict[int, int]:
+            found = await log.committed_offsets(group, tps)
+            return {tp.partition: found.get(tp, 0) for tp in tps}
+
+        return self._run(work)  # type: ignore[no-any-return]
+
+    def records(self, topic: str, partitions: int) -> list[list[Entry]]:
+        async def work(log: EmbeddedLog) -> list[list[Entry]]:
+            found = []
+            for partition in range(partitions):
+                tp = TopicPartition(topic, partition)
+                offset, entries = 0, []
+                while True:
+                    fetched = await log.read(tp, offset, 50_000)
+                    if not len(fetched.records):
+                        break
+                    entries += zip(
+                        fetched.offsets,
+                        fetched.records.keys,
+                        fetched.records.values,
+                        strict=True,
+                    )
+                    offset = fetched.next_offset
+                found.append(entries)
+            return found
+
+        return self._run(work)  # type: ignore[no-any-return]
+
+
+class KafkaView:
+    """Reads Kafka as any read_committed client does."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+
+    @contextlib.asynccontextmanager
+    async def _consumer(self) -> Any:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+        )
+        await asyncio.wait_for(consumer.start(), 30)
+        try:
+            yield consumer
+        finally:
+            await consumer.stop()
+
+    def ends(self, topic: str, partitions: int) -> dict[int, int]:
+        async def go() -> dict[int, int]:
+            async with self._consumer() as consumer:
+                if topic not in await consumer.topics():
+                    return dict.fromkeys(range(partitions), 0)
+                tps = [KafkaPartition(topic, p) for p in range(partitions)]
+                found = await consumer.end_offsets(tps)
+                return {tp.partition: offset for tp, offset in found.items()}
+
+        return asyncio.run(asyncio.wait_for(go(), 60))
+
+    def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]:
+        async def go() -> dict[int, int]:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
+            await admin.start()
+            try:
+                tps = [KafkaPartition(topic, p) for p in range(partitions)]
+                found = await admin.list_consumer_group_offsets(group, partitions=tps)
+            finally:
+                await admin.close()
+            return {
+                p: max(0, found[KafkaPartition(topic, p)].offset)
+                if KafkaPartition(topic, p) in found
+                else 0
+                for p in range(partitions)
+            }
+
+        return asyncio.run(asyncio.wait_for(go(), 60))
+
+    def records(self, topic: str, partitions: int) -> list[list[Entry]]:
+        """Every committed record up to the end (the last stable offset), partition by
+        partition, in offset order."""
+
+        async def go() -> list[list[Entry]]:
+            async with self._consumer() as consumer:
+                if topic not in await consumer.topics():
+                    return [[] for _ in range(partitions)]
+                tps = [KafkaPartition(topic, p) for p in range(partitions)]
+                consumer.assign(tps)
+                ends = await consumer.end_offsets(tps)
+                await consumer.seek_to_beginning(*tps)
+                found: dict[int, list[Entry]] = {p: [] for p in range(partitions)}
+                deadline = time.monotonic() + 90
+                todo = [tp for tp in tps if ends[tp] > 0]
+                while todo:
+                    fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=50_000)
+                    for tp, messages in fetched.items():
+                        found[tp.partition] += [
+                            (m.offset, m.key, m.value) for m in messages if m.offset < ends[tp]
+                        ]
+                    todo = [tp for tp in todo if await consumer.position(tp) < ends[tp]]
+                    assert time.monotonic() < deadline, f"reading {topic} took over 90s"
+                return [found[p] for p in range(partitions)]
+
+        return asyncio.run(go())
+
+
+def count(view: LogView, topic: str, partitions: int) -> int:
+    return sum(view.ends(topic, partitions).values())
+
+
+# -- checking the results --------------------------------------------------------------------------
+
+
+@dataclass
+class Emitted:
+    """What the output topic holds for one key."""
+
+    counts: list[int] = field(default_factory=list)
+    """Its counts in offset order."""
+    where: list[tuple[int, int]] = field(default_factory=list)
+    """(partition, offset) of each."""
+
+
+def emitted(view: LogView, job: Job) -> dict[str, Emitted]:
+    found: dict[str, Emitted] = defaultdict(Emitted)
+    for partition, entries in enumerate(view.records(job.output_topic, OUTPUT_PARTITIONS)):
+        for offset, key, value in entries:
+            assert key is not None and value is not None, (
+                f"a count without key or value at {job.output_topic}-{partition}@{offset}"
+            )
+            found[key.decode()].counts.append(orjson.loads(value))
+            found[key.decode()].where.append((partition, offset))
+    return dict(found)
+
+
+def _where(job: Job, place: tuple[int, int]) -> str:
+    return f"{job.output_topic}-{place[0]}@{place[1]}"
+
+
+def _first_difference(job: Job, key: str, got: Emitted, want: int) -> str:
+    """Where and how the counts of ``key`` first differ from 1, 2, ..., want."""
+    counts = got.counts
+    partitions = sorted({p for p, _ in got.where})
+    seen = Counter(counts)
+    repeated = sum(c - 1 for c in seen.values() if c > 1)
+    missing = [n for n in range(1, want + 1) if n not in seen]
+    head = (
+        f"key {key!r}: {len(counts)} counts on partition(s) {partitions}, expected exactly "
+        f"1..{want}; {repeated} repeated, {len(missing)} of 1..{want} missing"
+        + (f" (first {missing[:5]})" if missing else "")
+        + (f", last {counts[-1]}" if counts else "")
+    )
+    for index, value in enumerate(counts):
+        if value != index + 1:
+            before = counts[max(0, index - 3) : index]
+            after = counts[index : index + 4]
+            return (
+                f"{head}; the first difference is at {_where(job, got.where[index])}: count "
+                f"#{index + 1} is {value} (the counts around it: {before} then {after})"
+            )
+    return f"{head}; the counts stop after {len(counts)}"
+
+
+def repartition_copies(view: LogView, job: Job) -> Counter[int]:
+    """How many times each event number is on the repartition topic."""
+    copies: Counter[int] = Counter()
+    for entries in view.records(job.repartition_topic, INPUT_PARTITIONS):
+        for _, _, value in entries:
+            assert value is not None
+            copies[orjson.loads(value)["n"]] += 1
+    return copies
+
+
+def check_repartition(copies: Counter[int], job: Job, *, exactly_once: bool) -> None:
+    missing = [n for n in range(EVENTS) if copies[n] == 0]
+    unknown = sorted(n for n in copies if not 0 <= n < EVENTS)
+    duplicated = sorted(n for n, c in copies.items() if c > 1)
+    assert not unknown, f"{job.repartition_topic} holds events that do not exist: {unknown[:5]}"
+    assert not missing, (
+        f"{len(missing)} events never reached {job.repartition_topic} (lost), e.g. {missing[:5]}"
+    )
+    if exactly_once:
+        assert not duplicated, (
+            f"{len(duplicated)} events are on {job.repartition_topic} more than once "
+            f"(e.g. event {duplicated[0]}: {copies[duplicated[0]]} times; first few "
+            f"{duplicated[:5]}): a replay upstream of the repartition topic was committed again"
+        )
+
+
+def given_per_key(copies: Counter[int]) -> tuple[Counter[str], Counter[str]]:
+    """Per key: the records the count step was given (copies included), and how many
+    distinct events they are."""
+    keys = event_keys()
+    given: Counter[str] = Counter()
+    distinct: Counter[str] = Counter()
+    for n, c in copies.items():
+        given[keys[n]] += c
+        distinct[keys[n]] += 1
+    return given, distinct
+
+
+def check_exactly_once(
+    outputs: dict[str, Emitted], copies: Counter[int], job: Job, chaos: Chaos
+) -> None:
+    """Every key's counts are exactly 1..N_key, N_key its reference count: nothing lost,
+    nothing duplicated. Fails naming the first key that differs, with what the repartition
+    topic gave the count step for it (copies there mean the fault is upstream of the count)."""
+    expected = reference()
+    given, distinct = given_per_key(copies)
+    bad = []
+    for key in sorted(expected.keys() | outputs.keys()):
+        want = expected.get(key, 0)
+        got = outputs.get(key, Emitted())
+        one_partition = len({p for p, _ in got.where}) <= 1
+        if got.counts != list(range(1, want + 1)) or not one_partition:
+            bad.append(
+                _first_difference(job, key, got, want)
+                + f"; {job.repartition_topic} holds {given[key]} records of it "
+                f"({distinct[key]} distinct events)"
+            )
+    if bad:
+        pytest.fail(
+            f"exactly-once broken: {len(bad)} of {len(expected)} keys differ from 1..N_key.\n"
+            f"First: {bad[0]}\n" + "".join(f"next: {line}\n" for line in bad[1:4]) + chaos.text(),
+            pytrace=False,
+        )
+
+
+def check_at_least_once(
+    outputs: dict[str, Emitted], copies: Counter[int], job: Job, chaos: Chaos
+) -> None:
+    """Nothing lost: every key's counts include every number 1..N_key, and its last count is
+    exactly the number of its records the count step was given (every event at least once,
+    plus the copies a replay put on the repartition topic: a count never double counts what
+    it read, and never forgets any of it)."""
+    expected = reference()
+    given, _ = given_per_key(copies)
+    bad = []
+    for key in sorted(expected.keys() | outputs.keys()):
+        want = expected.get(key, 0)
+        got = outputs.get(key, Emitted())
+        present = set(got.counts)
+        missing = [n for n in range(1, want + 1) if n not in present]
+        last = got.counts[-1] if got.counts else 0
+        if missing or last != given[key] or last < want:
+            bad.append(
+                f"key {key!r}: last count {last}, the repartition topic gave the count step "
+                f"{given[key]} records of it ({want} events); {len(missing)} of 1..{want} "
+                f"never emitted (first {missing[:5]}); " + _first_difference(job, key, got, want)
+            )
+    if bad:
+        pytest.fail(
+            f"at-least-once broken: {len(bad)} of {len(expected)} keys.\nFirst: {bad[0]}\n"
+            + "".join(f"next: {line}\n" for line in bad[1:4])
+            + chaos.text(),
+            pytrace=False,
+        )
+
+
+# -- chaos: kill -9 workers mid-stream, each time start a replacement ------------------------------
+
+
+@dataclass
+class Chaos:
+    """What happened during the kills."""
+
+    killed: list[tuple[int, str, str]] = field(default_factory=list)
+    """(pid, whose worker: 'run' or a replacement's name, how it was chosen)."""
+    replacements: list[Cli] = field(default_factory=list)
+    seconds: float = 0.0
+    commits_left: int = 0
+    """Kills that left a commit file behind (the worker died past its commit point)."""
+
+    def text(self) -> str:
+        lines = [f"kills ({self.seconds:.1f}s):"]
+        lines += [f"  worker {pid} of {whose}: {how}" for pid, whose, how in self.killed]
+        return "\n".join(lines)
+
+
+def committed_now(view: LogView, job: Job) -> dict[str, dict[int, int]]:
+    return {
+        topic: view.committed(job.group, topic, INPUT_PARTITIONS)
+        for topic in (job.input_topic, job.repartition_topic)
+    }
+
+
+def progress_everywhere(
+    view: LogView, job: Job, *, since: dict[str, dict[int, int]]
+) -> Callable[[], bool]:
+    """A condition: every partition of the input and repartition topics that had records not
+    committed at ``since`` has had more committed since: whoever owns it now works."""
+
+    def check() -> bool:
+        for topic, before in since.items():
+            now = view.committed(job.group, topic, INPUT_PARTITIONS)
+            ends = view.ends(topic, INPUT_PARTITIONS)
+            if any(now[p] <= before[p] < ends[p] for p in range(INPUT_PARTITIONS)):
+                return False
+        return True
+
+    return check
+
+
+def _flock_holders() -> dict[int, int]:
+    """inode -> pid of every exclusive flock held now (from /proc/locks)."""
+    holders = {}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/locks").read_text().splitlines():
+            parts = line.split()
+            if len(parts) < 6 or parts[1] != "FLOCK" or parts[3] != "WRITE":
+                continue  # a waiter's line has "->" in second place
+            with contextlib.suppress(ValueError):
+                holders[int(parts[5].rsplit(":", 1)[1])] = int(parts[4])
+    return holders
+
+
+def _stopped_or_gone(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is None or fields[0] in ("T", "t", "Z", "X")
+
+
+def kill_a_worker_with_a_commit_in_hand(
+    commits_dir: Path, candidates: set[int], *, within: float
+) -> tuple[int, str] | None:
+    """SIGKILL a worker among ``candidates`` caught holding a renamed commit file: past the
+    commit point, with the commit not yet applied and deleted. The worker is frozen first
+    (SIGSTOP) to see that the file is still there, then killed; a worker that got through
+    its commit before it froze goes on (SIGCONT). Its pid and the file's name, or None."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):
+            files = {
+                e.inode(): e.path for e in os.scandir(commits_dir) if e.name.endswith(".commit")
+            }
+            for inode, pid in _flock_holders().items() if files else ():
+                if inode not in files or pid not in candidates:
+                    continue
+                os.kill(pid, signal.SIGSTOP)
+                stopping = time.monotonic() + 5
+                while not _stopped_or_gone(pid) and time.monotonic() < stopping:
+                    time.sleep(0.0002)
+                if os.path.exists(files[inode]):
+                    os.kill(pid, signal.SIGKILL)
+                    return pid, Path(files[inode]).name
+                os.kill(pid, signal.SIGCONT)
+        time.sleep(0.0005)
+    return None
+
+
+def run_chaos(
+    *,
+    runner: Cli,
+    job: Job,
+    view: LogView,
+    commands: Commands,
+    worker_args: Sequence[str],
+    kills: int,
+    rng: random.Random,
+    pause: tuple[float, float],
+    takeover_timeout: float,
+    commits_dir: Path | None = None,
+) -> Chaos:
+    """``kills`` times: kill -9 a worker (never the runner's last one: the runner stops when
+    all its own workers are gone), start a replacement ``headwater worker``, and wait until
+    every partition makes progress again. Every other kill on the embedded log aims at a
+    worker with a commit in hand (``commits_dir``), if one is caught within a second."""
+    chaos = Chaos()
+    started = time.monotonic()
+    for round_ in range(kills):
+        time.sleep(rng.uniform(*pause))
+        assert count(view, job.input_topic, INPUT_PARTITIONS) < HOLD * EVENTS, (
+            f"kill {round_ + 1} of {kills} would come after the source stopped writing (it "
+            f"holds at {HOLD:.0%} of the file until the gate opens): slow it down (pace)\n"
+            + chaos.text()
+        )
+        own = worker_pids(runner.pid)
+        whose = {pid: "run" for pid in own} if len(own) > 1 else {}
+        for replacement in chaos.replacements:
+            whose.update({pid: replacement.name for pid in worker_pids(replacement.pid)})
+        assert whose, "no worker left to kill"
+        since = committed_now(view, job)
+        caught = None
+        if commits_dir is not None and round_ % 2 == 0:
+            caught = kill_a_worker_with_a_commit_in_hand(commits_dir, set(whose), within=1.0)
+        if caught is None:
+            victim = rng.choice(sorted(whose))
+            os.kill(victim, signal.SIGKILL)
+        else:
+            victim = caught[0]
+        wait_until(lambda v=victim: not alive(v), timeout=10, what=f"worker {victim} to die")
+        how = "at random"
+        if caught is not None:
+            how = f"caught past the commit point of {caught[1]}, before its end"
+            chaos.commits_left += 1
+        chaos.killed.append((victim, whose[victim], how))
+
+        name = f"worker-{round_ + 1}"
+        replacement = commands.start(worker_args, cwd=job.directory, name=name)
+        chaos.replacements.append(replacement)
+        wait_until(
+            lambda r=replacement: len(worker_pids(r.pid)) == 1,
+            timeout=30,
+            what=f"the worker process of {name}",
+            watch=[runner, replacement],
+        )
+        wait_until(
+            progress_everywhere(view, job, since=since),
+            timeout=takeover_timeout,
+            what=f"progress on every partition after kill {round_ + 1} (worker {victim})",
+            watch=[runner, replacement],
+            interval=0.25,
+        )
+    chaos.seconds = time.monotonic() - started
+    return chaos
+
+
+def finish(runner: Cli, job: Job, view: LogView, chaos: Chaos, commands: Commands) -> None:
+    """Let the input run out; the run must end by itself with status 0 and nothing left to
+    process. Then stop the replacements (SIGTERM): they leave cleanly."""
+    assert count(view, job.input_topic, INPUT_PARTITIONS) < EVENTS, "the source ended in chaos"
+    job.gate.touch()
+    code = runner.wait(120)
+    stderr = runner.stderr()
+    assert code == 0, f"{_tail(stderr)}\n{chaos.text()}"
+    assert "Traceback" not in stderr, _tail(stderr)
+    assert "lag: 0 records" in stderr, _tail(stderr)
+    if any(whose == "run" for _, whose, _ in chaos.killed):
+        assert "killed by signal 9" in stderr, _tail(stderr)
+    for replacement in chaos.replacements:
+        if replacement.running() and worker_pids(replacement.pid):
+            code = replacement.terminate()
+            text = replacement.stderr()
+            assert code in (0, 128 + signal.SIGTERM), f"{replacement.name}:\n{_tail(text)}"
+            assert "Traceback" not in text, f"{replacement.name}:\n{_tail(text)}"
+    for replacement in chaos.replacements:  # those whose worker was killed end by themselves
+        if replacement.running():
+            replacement.terminate()
+    deadline = time.monotonic() + 15
+    while (left := commands.alive()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"processes still alive after every command was stopped: {left}"
+    # every event is on the input topic once, and the group committed all of it
+    assert count(view, job.input_topic, INPUT_PARTITIONS) == EVENTS
+    committed = view.committed(job.group, job.input_topic, INPUT_PARTITIONS)
+    ends = view.ends(job.input_topic, INPUT_PARTITIONS)
+    assert all(committed[p] == ends[p] for p in range(INPUT_PARTITIONS)), (committed, ends)
+
+
+# -- 1 and 2. the embedded log ---------------------------------------------------------------------
+
+
+def _embedded_chaos(
+    tmp_path: Path, commands: Commands, guarantee: str
+) -> tuple[Job, EmbeddedView, Chaos]:
+    # while the gate is closed the source writes 1,000 events every 0.25 s (25 s for all)
+    job = write_job(tmp_path, guarantee=guarantee, pace=0.25)
+    exactly_once = guarantee == "exactly_once"
+    data_dir = tmp_path / "log"
+    view = EmbeddedView(data_dir)
+    flags = ["--no-progress", "--data-dir", str(data_dir)]
+    runner = commands.start(
+        ["run", str(job.module), "--workers", "3", *flags], cwd=tmp_path, name="run"
+    )
+    wait_until(
+        lambda: len(worker_pids(runner.pid)) == 3, timeout=30, what="3 workers", watch=[runner]
+    )
+    wait_until(
+        lambda: count(view, job.output_topic, OUTPUT_PARTITIONS) > 0,
+        timeout=30,
+        what="the first counts",
+        watch=[runner],
+    )
+    chaos = run_chaos(
+        runner=runner,
+        job=job,
+        view=view,
+        commands=commands,
+        worker_args=["worker", str(job.module), "--backend", "embedded", *flags],
+        kills=6,
+        rng=random.Random(),
+        pause=(0.3, 1.0),
+        takeover_timeout=20,
+        commits_dir=data_dir / "groups" / job.group / "commits" if exactly_once else None,
+    )
+    finish(runner, job, view, chaos, commands)
+    return job, view, chaos
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_exactly_once_embedded_under_kill_9(tmp_path: Path, commands: Commands) -> None:
+    job, view, chaos = _embedded_chaos(tmp_path, commands, "exactly_once")
+    copies = repartition_copies(view, job)
+    check_exactly_once(emitted(view, job), copies, job, chaos)
+    check_repartition(copies, job, exactly_once=True)
+    assert chaos.commits_left > 0, f"no kill caught a worker past a commit point\n{chaos.text()}"
+    commits_dir = tmp_path / "log" / "groups" / job.group / "commits"
+    left = [p.name for p in pending_commits(commits_dir)]
+    assert not left, f"commit files never applied (a later claim would apply them late): {left}"
+    print(chaos.text())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_at_least_once_can_duplicate_but_never_loses(tmp_path: Path, commands: Commands) -> None:
+    job, view, chaos = _embedded_chaos(tmp_path, commands, "at_least_once")
+    copies = repartition_copies(view, job)
+    check_repartition(copies, job, exactly_once=False)
+    outputs = emitted(view, job)
+    check_at_least_once(outputs, copies, job, chaos)
+    extra_events = copies.total() - EVENTS
+    extra_counts = sum(len(e.counts) for e in outputs.values()) - EVENTS
+    print(chaos.text())
+    print(f"copies: {extra_events} on the repartition topic, {extra_counts} re-emitted counts")
+
+
+# -- 3. Kafka --------------------------------------------------------------------------------------
+
+
+async def _probe(bootstrap: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    try:
+        await admin.start()
+        await admin.describe_cluster()
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+
+
+@pytest.fixture
+def broker() -> str:
+    """The test broker's address, once it answers (the test fails when it does not)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            asyncio.run(asyncio.wait_for(_probe(KAFKA_BOOTSTRAP), 10))
+        except Exception as error:
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"no Kafka broker answers at {KAFKA_BOOTSTRAP} (HEADWATER_TEST_KAFKA): "
+                    f"{error!r}; start one with `bash scripts/kafka.sh start`",
+                    pytrace=False,
+                )
+            time.sleep(0.5)
+        else:
+            return KAFKA_BOOTSTRAP
+
+
+async def _delete_topics(bootstrap: str, run: str) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
+    try:
+        await asyncio.wait_for(admin.start(), 10)
+        mine = [t for t in await admin.list_topics() if run in t]
+        if mine:
+            await asyncio.wait_for(admin.delete_topics(mine), 20)
+    finally:
+        with contextlib.suppress(Exception):
+            await admin.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_exactly_once_kafka_under_kill_9(tmp_path: Path, commands: Commands, broker: str) -> None:
+    run = uuid.uuid4().hex[:10]
+    # while the gate is closed the source writes 1,000 events every second; a killed member
+    # is noticed by the group coordinator after its session timeout (10 s): each kill costs
+    # 10-15 s
+    job = write_job(
+        tmp_path,
+        guarantee="exactly_once",
+        pace=1.0,
+        name=f"eos-{run}",
+        input_topic=f"eos-events-{run}",
+        output_topic=f"eos-counts-{run}",
+    )
+    view = KafkaView(broker)
+    flags = ["--no-progress", "--data-dir", str(tmp_path / "state")]
+    flags += ["--backend", "kafka", "--bootstrap-servers", broker]
+    runner = commands.start(
+        ["run", str(job.module), "--workers", "3", *flags], cwd=tmp_path, name="run"
+    )
+    wait_until(
+        lambda: len(worker_pids(runner.pid)) == 3, timeout=30, what="3 workers", watch=[runner]
+    )
+    wait_until(
+        lambda: count(view, job.output_topic, OUTPUT_PARTITIONS) > 0,
+        timeout=60,
+        what="the first committed counts",
+        watch=[runner],
+        interval=0.5,
+    )
+    chaos = run_chaos(
+        runner=runner,
+        job=job,
+        view=view,
+        commands=commands,
+        worker_args=["worker", str(job.module), *flags],
+        kills=5,
+        rng=random.Random(),
+        pause=(0.5, 1.5),
+        takeover_timeout=60,
+    )
+    finish(runner, job, view, chaos, commands)
+    copies = repartition_copies(view, job)
+    check_exactly_once(emitted(view, job), copies, job, chaos)
+    check_repartition(copies, job, exactly_once=True)
+    print(chaos.text())
+    with contextlib.suppress(Exception):
+        asyncio.run(_delete_topics(broker, run))
+
+
+# -- 4. a commit whose writer died before it was applied -------------------------------------------
+
+GROUP = "g"
+IN = "in"
+OUT = "out"
+CHANGELOG = "g.count.changelog"
+TRANSACTIONAL_ID = "g.1.0"
+
+CRASHING_WRITER = """
+import asyncio, os, signal, sys
+
+from pipelines.log._partition_file import PartitionFile
+from pipelines.log.base import RawBatch, TopicPartition
+from pipelines.log.embedded import EmbeddedLog
+
+data_dir, crash = sys.argv[1], sys.argv[2]
+
+
+def die(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+if crash == "before-apply":
+    EmbeddedLog._apply = die
+elif crash == "after-one-partition":
+    append = PartitionFile.append
+
+    def append_then_die(self, batch, txn=None):
+        result = append(self, batch, txn)
+        if txn is not None:
+            die()
+        return result
+
+    PartitionFile.append = append_then_die
+elif crash == "before-offsets":
+    EmbeddedLog.store_offsets = die
+elif crash == "before-delete":
+    from pathlib import Path
+
+    Path.unlink = die
+
+
+async def main():
+    log = EmbeddedLog(data_dir)
+    transaction = log.transactional_producer(sys.argv[3])
+    await transaction.send("out", 0, RawBatch([b"a", b"b"], [b"1", b"2"], [1, 2]))
+    await transaction.send("out", 1, RawBatch([b"c"], [b"3"], [3]))
+    await transaction.send("g.count.changelog", 0, RawBatch([b"a"], [b"7"], [4]))
+    offsets = {TopicPartition("in", 0): 5, TopicPartition("in", 1): 7}
+    await transaction.commit(offsets, "g")
+    print("committed without crashing")
+
+
+asyncio.run(main())
+"""
+
+
+def _name(tp: TopicPartition) -> str:
+    return f"{tp.topic}-{tp.partition}"
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.assigned: set[TopicPartition] = set()
+
+    async def on_assigned(self, partitions: frozenset[TopicPartition]) -> None:
+        self.assigned |= partitions
+
+    async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
+        self.assigned -= partitions
+
+
+async def _prepare(data_dir: Path) -> None:
+    log = EmbeddedLog(data_dir)
+    try:
+        await log.create_topics(
+            [TopicSpec(IN, 2), TopicSpec(OUT, 2), TopicSpec(CHANGELOG, 1, compacted=True)]
+        )
+        for partition in range(2):
+            values = [b"%d" % i for i in range(10)]
+            log.append(TopicPartition(IN, partition), RawBatch([None] * 10, values, [0] * 10))
+        # something written before, outside any transaction
+        log.append(TopicPartition(OUT, 0), RawBatch([b"z"], [b"0"], [0]))
+    finally:
+        await log.close()
+
+
+async def _claim_and_read(data_dir: Path) -> dict[str, Any]:
+    """A new member of the group claims both input partitions (which recovers the group's
+    interrupted commits first) and polls once; what it and the log then see."""
+    log = EmbeddedLog(data_dir)
+    consumer = log.consumer(GROUP)
+    assert isinstance(consumer, GroupConsumer)
+    listener = Listener()
+    try:
+        await consumer.subscribe([IN], listener)
+        fetched = await consumer.poll(100, timeout=2.0)
+        ins = [TopicPartition(IN, p) for p in range(2)]
+        committed = await log.committed_offsets(GROUP, ins)
+        logged = {}
+        for tp in [TopicPartition(OUT, 0), TopicPartition(OUT, 1), TopicPartition(CHANGELOG, 0)]:
+            batch = await log.read(tp, 0, 1000)
+            logged[_name(tp)] = list(zip(batch.records.keys, batch.records.values, strict=True))
+        assigned = sorted(_name(tp) for tp in listener.assigned)
+        await consumer.close()
+        return {
+            "assigned": assigned,
+            "first_offsets": {_name(b.topic_partition): b.offsets[0] for b in fetched},
+            "committed": {_name(tp): o for tp, o in committed.items()},
+            "logged": logged,
+        }
+    finally:
+        await log.close()
+
+
+EXPECTED_LOG = {
+    "out-0": [(b"z", b"0"), (b"a", b"1"), (b"b", b"2")],
+    "out-1": [(b"c", b"3")],
+    f"{CHANGELOG}-0": [(b"a", b"7")],
+}
+
+
+BEFORE_RECOVERY = {
+    "before-apply": ({"out-0": 1, "out-1": 0, f"{CHANGELOG}-0": 0}, {}),
+    "after-one-partition": ({"out-0": 3, "out-1": 0, f"{CHANGELOG}-0": 0}, {}),
+    "before-offsets": ({"out-0": 3, "out-1": 1, f"{CHANGELOG}-0": 1}, {}),
+    "before-delete": ({"out-0": 3, "out-1": 1, f"{CHANGELOG}-0": 1}, {"in-0": 5, "in-1": 7}),
+}
+"""Where each crash point leaves the log: records per partition, committed offsets."""
+
+
+def _state(data_dir: Path) -> tuple[dict[str, int], dict[str, int]]:
+    view = EmbeddedView(data_dir)
+    sizes = {f"{OUT}-{p}": n for p, n in view.ends(OUT, 2).items()}
+    sizes[f"{CHANGELOG}-0"] = view.ends(CHANGELOG, 1)[0]
+    committed = {f"{IN}-{p}": o for p, o in view.committed(GROUP, IN, 2).items() if o}
+    return sizes, committed
+
+
+@pytest.mark.parametrize("crash", list(BEFORE_RECOVERY))
+def test_a_crash_between_commit_and_apply_is_recovered(tmp_path: Path, crash: str) -> None:
+    """A writer killed after its commit point (the commit file renamed into place): before
+    applying anything, after one partition's frame, before storing the offsets, or before
+    deleting the file. The next member to claim a partition of the group finishes the commit
+    exactly once before reading its offsets; recovering again, even from a copy of the file
+    put back, changes nothing."""
+    data_dir = tmp_path / "log"
+    asyncio.run(_prepare(data_dir))
+    commits_dir = data_dir / "groups" / GROUP / "commits"
+
+    # the writer dies (kill -9) after its commit point (the commit file renamed into place)
+    writer = subprocess.run(
+        [sys.executable, "-c", CRASHING_WRITER, str(data_dir), crash, TRANSACTIONAL_ID],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert writer.returncode == -signal.SIGKILL, (writer.returncode, writer.stdout, writer.stderr)
+    left = pending_commits(commits_dir)
+    assert len(left) == 1, f"the crashed writer should leave its commit file: {left}"
+    stale = left[0].read_bytes()
+    record = read_commit(left[0])
+    assert record.group == GROUP
+    assert len(record.batches) == 3
+    assert _state(data_dir) == BEFORE_RECOVERY[crash], "the crash came at another point"
+
+    # a new member claiming a partition of the group applies it before reading offsets
+    seen = asyncio.run(_claim_and_read(data_dir))
+    problem = f"after a crash {crash}: {seen}"
+    assert seen["assigned"] == [f"{IN}-0", f"{IN}-1"], problem
+    assert seen["committed"] == {f"{IN}-0": 5, f"{IN}-1": 7}, problem
+    assert seen["first_offsets"] == {f"{IN}-0": 5, f"{IN}-1": 7}, problem
+    assert seen["logged"] == EXPECTED_LOG, problem
+    assert not pending_commits(commits_dir), "the recovered commit file is still there"
+
+    # applying it again changes nothing: recover with nothing left, then with a copy of the
+    # file back in place (as a recoverer killed before deleting it would leave it)
+    log = EmbeddedLog(data_dir)
+    log.recover_transactions(GROUP)
+    asyncio.run(log.close())
+    left[0].write_bytes(stale)
+    again = asyncio.run(_claim_and_read(data_dir))
+    assert again["logged"] == seen["logged"], "re-applying a commit duplicated its batches"
+    assert again["committed"] == seen["committed"]
+    assert not pending_commits(commits_dir)
+
+
+def test_a_commit_is_not_recovered_while_its_writer_holds_it(tmp_path: Path) -> None:
+    """A commit file whose writer is alive (its flock held) is the writer's to apply; once the
+    writer is gone (the descriptor closed, as the kernel does on kill -9) the next claim
+    applies it, exactly once."""
+    data_dir = tmp_path / "log"
+    asyncio.run(_prepare(data_dir))
+    commits_dir = data_dir / "groups" / GROUP / "commits"
+    record = CommitRecord(
+        transaction=0x5EED,
+        sequence=time.time_ns(),
+        group=GROUP,
+        offsets={TopicPartition(IN, 0): 4, TopicPartition(IN, 1): 2},
+        batches=[
+            (TopicPartition(OUT, 0), RawBatch([b"a", b"b"], [b"1", b"2"], [1, 2])),
+            (TopicPartition(OUT, 1), RawBatch([b"c"], [b"3"], [3])),
+            (TopicPartition(CHANGELOG, 0), RawBatch([b"a"], [b"7"], [4])),
+        ],
+    )
+    fd, path = write_commit(commits_dir, record)
+    try:
+        held = asyncio.run(_claim_and_read(data_dir))
+        assert held["committed"] == {}, "a commit held by a live writer was applied by another"
+        assert held["logged"]["out-0"] == [(b"z", b"0")]
+        assert path.exists()
+    finally:
+        os.close(fd)
+    seen = asyncio.run(_claim_and_read(data_dir))
+    assert seen["committed"] == {f"{IN}-0": 4, f"{IN}-1": 2}
+    assert seen["first_offsets"] == {f"{IN}-0": 4, f"{IN}-1": 2}
+    assert seen["logged"] == EXPECTED_LOG
+    assert not path.exists()
+
+
+def test_a_transaction_sending_twice_to_one_partition_commits_both(tmp_path: Path) -> None:
+    """TransactionalProducer.commit makes *every* batch sent since the last commit visible."""
+
+    async def go() -> list[bytes | None]:
+        log = EmbeddedLog(tmp_path / "log")
+        try:
+            await log.create_topics([TopicSpec(OUT, 1)])
+            transaction = log.transactional_producer(TRANSACTIONAL_ID)
+            await transaction.send(OUT, 0, RawBatch([b"a"], [b"1"], [1]))
+            await transaction.send(OUT, 0, RawBatch([b"b"], [b"2"], [2]))
+            await transaction.commit({}, GROUP)
+            return (await log.read(TopicPartition(OUT, 0), 0, 100)).records.values
+        finally:
+            await log.close()
+
+    values = asyncio.run(go())
+    assert values == [b"1", b"2"], (
+        f"the partition holds {values}: of two batches one transaction sent to one partition, "
+        "only the first was committed"
+    )
