@@ -46,6 +46,11 @@ class Aggregation(ABC):
         """What the step emits for ``acc``."""
         return acc
 
+    @property
+    def can_merge(self) -> bool:
+        """Whether :meth:`merge` works (session windows need it)."""
+        return type(self).merge is not Aggregation.merge
+
     def merge(self, left: Any, right: Any) -> Any:
         """One accumulator for the values of both (needed by session windows)."""
         raise NotImplementedError(
@@ -191,6 +196,10 @@ class Fold(Aggregation):
     def fold(self, acc: Any, value: Any) -> Any:
         return self._fold(acc, value)
 
+    @property
+    def can_merge(self) -> bool:
+        return self._merge is not None
+
     def merge(self, left: Any, right: Any) -> Any:
         if self._merge is None:
             return super().merge(left, right)
@@ -211,6 +220,10 @@ class Many(Aggregation):
 
     def result(self, acc: dict[str, Any]) -> dict[str, Any]:
         return {name: part.result(acc[name]) for name, part in self.parts.items()}
+
+    @property
+    def can_merge(self) -> bool:
+        return all(part.can_merge for part in self.parts.values())
 
     def merge(self, left: dict[str, Any], right: dict[str, Any]) -> dict[str, Any]:
         return {name: part.merge(left[name], right[name]) for name, part in self.parts.items()}

@@ -77,9 +77,10 @@ class Dedupe(Operator):
     """Pass the first record of each key, and drop the records of that key whose event time is
     less than ``horizon_ms`` after it.
 
-    A key is forgotten once the event time seen passes its first record by the horizon: a heap
-    of (time, key) finds those keys without scanning the store (it is built once, from the
-    store, after a restore).
+    A key is forgotten once the largest event time seen passes its first record by the horizon.
+    That is decided record by record (so what passes does not depend on how records are
+    batched), through a heap of (time, key) that finds those keys without scanning the store;
+    the heap is built once, from the store, after a restore.
     """
 
     def __init__(self, step_id: str, horizon_ms: int) -> None:
@@ -87,6 +88,7 @@ class Dedupe(Operator):
         self.horizon_ms = horizon_ms
         self._expiry: list[tuple[int, int, Any]] | None = None
         self._tiebreak = itertools.count()
+        self._latest = -(1 << 62)
 
     def process(self, batch: Batch) -> Batch:
         ctx = self.ctx
@@ -94,29 +96,26 @@ class Dedupe(Operator):
         if self._expiry is None:
             self._expiry = [(t, next(self._tiebreak), k) for k, t in store.items()]
             heapq.heapify(self._expiry)
-        horizon = self.horizon_ms
+            self._latest = max((t for t, _, _ in self._expiry), default=self._latest)
+        expiry, horizon = self._expiry, self.horizon_ms
         kept: list[int] = []
         for index, (key, stamp) in enumerate(zip(batch.keys, batch.timestamps, strict=True)):
             if key is None:
                 ctx.reject(batch, index, missing_key_error(self.step_id, batch, index))
                 continue
+            if stamp > self._latest:
+                self._latest = stamp
+                while expiry and expiry[0][0] <= stamp - horizon:
+                    first, _, old = heapq.heappop(expiry)
+                    if store.get(old) == first:
+                        store.delete(old)
             seen = store.get(key)
             if seen is not None and 0 <= stamp - seen < horizon:
                 continue
             store.put(key, stamp)
-            heapq.heappush(self._expiry, (stamp, next(self._tiebreak), key))
+            heapq.heappush(expiry, (stamp, next(self._tiebreak), key))
             kept.append(index)
-        if batch.timestamps:
-            self._forget_before(max(batch.timestamps) - horizon)
         return batch if len(kept) == len(batch) else batch.take(kept)
-
-    def _forget_before(self, cutoff: int) -> None:
-        expiry, store = self._expiry, self.ctx.store
-        assert expiry is not None
-        while expiry and expiry[0][0] < cutoff:
-            stamp, _, key = heapq.heappop(expiry)
-            if store.get(key) == stamp:
-                store.delete(key)
 
 
 class EventTime(Operator):

@@ -4,8 +4,9 @@ State, in the step's store: one entry per (key, window) holding the accumulator,
 partition's watermark. The watermark is the largest event time seen minus the allowed lateness,
 moved record by record (so lateness does not depend on how records are batched); when no record
 arrives for ``idle`` (wall clock), it moves up to the wall clock minus the lateness, so windows
-close without new data. A window closes once the watermark reaches ``end + grace``: with
-``emit="close"`` its final result is emitted then (once), and its state is deleted either way.
+close without new data. A window closes once the watermark reaches ``end + grace``: its final
+result is emitted then (once; ``emit="update"`` also emits every change before), and its state
+is deleted.
 A record whose every window is already closed is *late*: it goes to the late-data topic
 ``<pipeline>.<step>.late`` (original bytes) and is counted, never folded in.
 
@@ -35,6 +36,7 @@ __all__ = ["EmitMode", "WindowResult", "WindowedAggregate"]
 
 EmitMode = Literal["close", "update"]
 _WATERMARK = ("watermark",)  # a 1-tuple: never a (key, start, end) window entry
+_MISSING = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +48,8 @@ class WindowResult:
     end: datetime
     value: Any
     final: bool
-    """True when the window has closed (``emit="close"``); False for ``emit="update"``."""
+    """True for the result a window emits when it closes (once, in either emit mode); False
+    for the updates ``emit="update"`` emits while it is open."""
 
 
 def _datetime(millis: int) -> datetime:
@@ -133,14 +136,14 @@ class WindowedAggregate(Operator):
             if not windows:
                 ctx.late(batch, index)
                 continue
-            watermark = max(watermark, stamp - lateness)
             for window in windows:
-                updated = self._fold(batch, index, key, window, value)
+                updated = self._fold(batch, index, key, window, value, watermark)
                 if updated is not None and self.emit == "update":
                     out_keys.append(key)
                     out_values.append(self._result(key, updated[0], updated[1], final=False))
                     out_stamps.append(updated[0].end)
                     origins.append(index)
+            watermark = max(watermark, stamp - lateness)
         if len(batch):
             self._last_arrival = time.monotonic()
             self._advance(watermark)
@@ -148,15 +151,18 @@ class WindowedAggregate(Operator):
         return _batch_like(batch, out_keys, out_values, out_stamps, origins)
 
     def _fold(
-        self, batch: Batch, index: int, key: Any, window: Window, value: Any
+        self, batch: Batch, index: int, key: Any, window: Window, value: Any, watermark: int
     ) -> tuple[Window, Any] | None:
+        """Fold ``value`` into its window (for sessions, the session it grows or joins), or
+        reject the record when the aggregation raises; the state changes only on success."""
         store, aggregation = self.ctx.store, self.aggregation
+        absorbed: list[Window] = []
         try:
             if self.windows.merging:
-                window, acc = self._merge_sessions(key, window)
+                window, acc, absorbed = self._session_for(key, window, watermark)
             else:
-                acc = store.get((key, window.start, window.end))
-                if acc is None:
+                acc = store.get((key, window.start, window.end), _MISSING)
+                if acc is _MISSING:
                     acc = aggregation.initial()
                     self._open(key, window)
             acc = aggregation.fold(acc, value)
@@ -171,25 +177,37 @@ class WindowedAggregate(Operator):
             rejection.__cause__ = error
             self.ctx.reject(batch, index, rejection)
             return None
+        if self.windows.merging:
+            self._replace_sessions(key, absorbed, window)
         store.put((key, window.start, window.end), acc)
         return window, acc
 
-    def _merge_sessions(self, key: Any, window: Window) -> tuple[Window, Any]:
-        """The session ``window`` grows into by merging the key's sessions it touches."""
+    def _session_for(
+        self, key: Any, window: Window, watermark: int
+    ) -> tuple[Window, Any, list[Window]]:
+        """The session ``window`` grows into, its merged accumulator, and the open sessions of
+        the key it absorbs (a session the watermark has closed is not joined any more)."""
         store, aggregation = self.ctx.store, self.aggregation
-        sessions = self._sessions.setdefault(key, [])
-        touching = [s for s in sessions if s.start <= window.end and window.start <= s.end]
+        closed_before = watermark - self.grace_ms
+        touching = [
+            s
+            for s in self._sessions.get(key, ())
+            if s.start <= window.end and window.start <= s.end and s.end > closed_before
+        ]
         acc = aggregation.initial()
         start, end = window.start, window.end
         for session in touching:
             acc = aggregation.merge(acc, store.get((key, session.start, session.end)))
-            store.delete((key, session.start, session.end))
-            sessions.remove(session)
             start, end = min(start, session.start), max(end, session.end)
-        merged = Window(start, end)
+        return Window(start, end), acc, touching
+
+    def _replace_sessions(self, key: Any, absorbed: list[Window], merged: Window) -> None:
+        sessions = self._sessions.setdefault(key, [])
+        for session in absorbed:
+            self.ctx.store.delete((key, session.start, session.end))
+            sessions.remove(session)
         sessions.append(merged)
         self._open(key, merged)
-        return merged, acc
 
     def _advance(self, candidate: int) -> None:
         if candidate > self.watermark:
@@ -203,14 +221,15 @@ class WindowedAggregate(Operator):
         out_stamps: list[int],
         origins: list[int],
     ) -> None:
-        """Emit (with ``emit="close"``) and forget every window the watermark has passed."""
+        """Emit the final result of, and forget, every window the watermark has passed (in
+        ``emit="update"`` mode too: the last record of a window says ``final=True``)."""
         ends, store = self._index(), self.ctx.store
         limit = self.watermark - self.grace_ms
         origin = len(batch) - 1
         while ends and ends[0][0] <= limit:
             _, _, state_key = heapq.heappop(ends)
-            acc = store.get(state_key)
-            if acc is None:
+            acc = store.get(state_key, _MISSING)
+            if acc is _MISSING:
                 continue  # merged into a larger session, or closed already
             key, start, end = state_key
             store.delete(state_key)
@@ -218,11 +237,10 @@ class WindowedAggregate(Operator):
                 self._sessions[key].remove(Window(start, end))
                 if not self._sessions[key]:
                     del self._sessions[key]
-            if self.emit == "close":
-                out_keys.append(key)
-                out_values.append(self._result(key, Window(start, end), acc, final=True))
-                out_stamps.append(end)
-                origins.append(origin)
+            out_keys.append(key)
+            out_values.append(self._result(key, Window(start, end), acc, final=True))
+            out_stamps.append(end)
+            origins.append(origin)
 
     def _result(self, key: Any, window: Window, acc: Any, *, final: bool) -> WindowResult:
         return WindowResult(

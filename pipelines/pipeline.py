@@ -373,7 +373,7 @@ class Pipeline:
             return self._stateful(step_id, lambda: Aggregate(step_id, chosen), on_error)
         spec = window.window
         assert spec is not None
-        if spec.windows.merging and type(chosen).merge is Aggregation.merge:
+        if spec.windows.merging and not chosen.can_merge:
             raise PipelineDefinitionError(
                 f"session windows merge accumulators, and {type(chosen).__name__} cannot: "
                 "pass merge= with initial= and fold=",

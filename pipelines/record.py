@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pipelines.errors import RecordSource
@@ -14,16 +14,20 @@ Headers = tuple[tuple[str, bytes], ...]
 """Record headers: ordered (name, bytes) pairs, as on Kafka."""
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND = timedelta(milliseconds=1)
+
+
 def to_millis(when: datetime) -> int:
-    """Milliseconds since the Unix epoch of a tz-aware datetime."""
+    """Milliseconds since the Unix epoch of a tz-aware datetime (exact, no float rounding)."""
     if when.tzinfo is None:
         raise ValueError(f"timestamp {when.isoformat()} has no time zone; use a tz-aware datetime")
-    return int(when.timestamp() * 1000)
+    return (when - _EPOCH) // _MILLISECOND
 
 
 def from_millis(millis: int) -> datetime:
     """The UTC datetime of milliseconds since the Unix epoch."""
-    return datetime.fromtimestamp(millis / 1000, tz=UTC)
+    return _EPOCH + timedelta(milliseconds=millis)
 
 
 @dataclass(frozen=True, slots=True)

@@ -158,7 +158,7 @@ class LocalTransaction(TransactionalProducer):
             hashlib.blake2b(transactional_id.encode(), digest_size=8).digest(), "little"
         )
         self._sequence = 0
-        self._pending: list[tuple[TopicPartition, RawBatch]] = []
+        self._pending: dict[TopicPartition, RawBatch] = {}
 
     def next_sequence(self) -> int:
         """Increasing across commits and restarts (a clock, never behind the last one)."""
@@ -166,13 +166,21 @@ class LocalTransaction(TransactionalProducer):
         return self._sequence
 
     async def send(self, topic: str, partition: int, batch: RawBatch) -> None:
-        if len(batch):
-            self._pending.append((TopicPartition(topic, partition), batch))
+        """Add ``batch``; batches for one partition join, so a commit holds one per partition
+        (the idempotent re-apply of a commit tells frames apart by partition)."""
+        if not len(batch):
+            return
+        tp = TopicPartition(topic, partition)
+        pending = self._pending.get(tp)
+        if pending is None:
+            self._pending[tp] = batch.copy()
+        else:
+            pending.extend(batch)
 
     async def commit(self, offsets: Mapping[TopicPartition, int], group: str) -> None:
-        pending, self._pending = self._pending, []
+        pending, self._pending = self._pending, {}
         if pending or offsets:
-            self._log.commit_transaction(self, pending, offsets, group)
+            self._log.commit_transaction(self, list(pending.items()), offsets, group)
 
     async def abort(self) -> None:
         self._pending.clear()

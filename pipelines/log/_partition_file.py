@@ -278,13 +278,7 @@ class PartitionFile:
             self._indexed_end += len(frame)
             self._next_offset = base + len(batch)
             # cache a copy: the caller may reuse (clear, refill) its batch once we return
-            written_batch = RawBatch(
-                list(batch.keys),
-                list(batch.values),
-                list(batch.timestamps),
-                None if batch.headers is None else list(batch.headers),
-            )
-            self._cached = (self._positions[-1], base, written_batch)
+            self._cached = (self._positions[-1], base, batch.copy())
             return base
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)

@@ -72,6 +72,25 @@ class RawBatch:
         """The headers of record ``index`` (empty when the batch has none)."""
         return () if self.headers is None else self.headers[index]
 
+    def copy(self) -> RawBatch:
+        """A batch with lists of its own (the same records)."""
+        return RawBatch(
+            list(self.keys),
+            list(self.values),
+            list(self.timestamps),
+            None if self.headers is None else list(self.headers),
+        )
+
+    def extend(self, other: RawBatch) -> None:
+        """Append the records of ``other`` to this batch."""
+        if self.headers is None and other.headers is not None:
+            self.headers = [()] * len(self)
+        self.keys.extend(other.keys)
+        self.values.extend(other.values)
+        self.timestamps.extend(other.timestamps)
+        if self.headers is not None:
+            self.headers.extend(other.headers or [()] * len(other))
+
     def take(self, indices: Sequence[int]) -> RawBatch:
         """A new batch of the records at ``indices``, in that order."""
         keys, values, stamps = self.keys, self.values, self.timestamps

@@ -63,20 +63,9 @@ class Outbox:
     def _extend(self, topic: str, partition: int, batch: RawBatch) -> None:
         pending = self._pending.get((topic, partition))
         if pending is None:  # copy: the caller's lists must not grow with later records
-            self._pending[(topic, partition)] = RawBatch(
-                list(batch.keys),
-                list(batch.values),
-                list(batch.timestamps),
-                None if batch.headers is None else list(batch.headers),
-            )
-            return
-        if pending.headers is None and batch.headers is not None:
-            pending.headers = [()] * len(pending)
-        pending.keys.extend(batch.keys)
-        pending.values.extend(batch.values)
-        pending.timestamps.extend(batch.timestamps)
-        if pending.headers is not None:
-            pending.headers.extend(batch.headers or [()] * len(batch))
+            self._pending[(topic, partition)] = batch.copy()
+        else:
+            pending.extend(batch)
 
     async def send(self) -> None:
         """Hand every queued batch to the producer."""

@@ -105,7 +105,6 @@ class TaskState:
 def _accumulate(unsaved: dict[str, RawBatch], step_id: str, changes: RawBatch) -> None:
     earlier = unsaved.get(step_id)
     if earlier is None:
-        unsaved[step_id] = RawBatch(list(changes.keys), list(changes.values), [], None)
+        unsaved[step_id] = changes.copy()
     else:
-        earlier.keys.extend(changes.keys)
-        earlier.values.extend(changes.values)
+        earlier.extend(changes)

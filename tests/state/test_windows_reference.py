@@ -310,8 +310,11 @@ def test_updates_count_up_one_by_one_to_the_final_count(kind: str) -> None:
         w: updates[-1].value for w, updates in per_window.items()
     }
     for updates in per_window.values():
-        assert [u.value for u in updates] == list(range(1, len(updates) + 1))
-        assert not any(u.final for u in updates)
+        *changes, closing = updates  # every change, then the one final result at close
+        assert [u.value for u in changes] == list(range(1, len(changes) + 1))
+        assert not any(u.final for u in changes)
+        assert closing.final
+        assert closing.value == len(changes)
 
 
 def test_session_updates_end_with_each_sessions_final_count() -> None:
@@ -327,21 +330,22 @@ def test_session_updates_end_with_each_sessions_final_count() -> None:
         assert any(k == key and s <= start and end <= e for k, s, e in ref.windows)
 
 
-def test_updates_are_emitted_per_record_and_none_of_them_is_final() -> None:
-    # WindowResult.final: "True when the window has closed (emit="close"); False for
-    # emit="update"": closing a window emits nothing more in update mode
+def test_updates_are_emitted_per_record_and_the_close_once_more_as_final() -> None:
+    # WindowResult.final: False for the updates emit="update" emits while a window is open,
+    # True for the one result a window emits when it closes
     events = [{"i": i, "k": "a", "t": t, "x": 0} for i, t in enumerate([10, 20, 1500, 3000])]
     result = run_pipeline(
         windowed(events, "tumbling", "count", partitions=1, emit="update", idle=SMALL_IDLE)
     )
-    per_window = updates_per_window(result)
-    assert {w: [u.value for u in us] for w, us in per_window.items()} == {
-        ("a", 0, 1000): [1, 2],
-        ("a", 1000, 2000): [1],
-        ("a", 3000, 4000): [1],
-    }
-    assert not any(u.final for u in result.values("out"))
-    assert [exact_millis(r.timestamp) for r in result.records("out")] == [1000, 1000, 2000, 4000]
+    emitted = result.values("out")
+    updates = [(u.start, u.value) for u in emitted if not u.final]
+    finals = [(u.start, u.value) for u in emitted if u.final]
+    starts = {exact_millis(u.start) for u in emitted}
+    assert starts == {0, 1000, 3000}
+    assert [(exact_millis(s), v) for s, v in updates] == [(0, 1), (0, 2), (1000, 1), (3000, 1)]
+    assert sorted((exact_millis(s), v) for s, v in finals) == [(0, 2), (1000, 1), (3000, 1)]
+    stamps = sorted(exact_millis(r.timestamp) for r in result.records("out"))
+    assert stamps == [1000, 1000, 1000, 2000, 2000, 4000, 4000]
 
 
 # -- sessions ------------------------------------------------------------------------------------
