@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # the pipelines package imports this module: no runtime import back
     from pipelines.batch import Batch
-    from pipelines.errors import RecordError
+    from pipelines.errors import RecordError, StepError
     from pipelines.state.store import KeyValueStore
 
-__all__ = ["Operator", "StepContext", "call_each", "describe_function"]
+__all__ = ["Operator", "StepContext", "call_each", "describe_function", "user_error"]
 
 
 class StepContext(Protocol):
@@ -84,6 +84,19 @@ def describe_function(fn: Callable[..., Any]) -> str:
     return f"{module}.{name}" if module and module != "builtins" else name
 
 
+def user_error(step_id: str, what: str, error: Exception, batch: Batch, index: int) -> StepError:
+    """The error that routes record ``index`` when ``what`` (a user function) raised on it."""
+    from pipelines.errors import StepError
+
+    rejection = StepError(
+        f"{what} raised {type(error).__name__}: {error}",
+        step=step_id,
+        source=batch.source_of(index),
+    )
+    rejection.__cause__ = error
+    return rejection
+
+
 def call_each(
     ctx: StepContext,
     fn: Callable[[Any], Any],
@@ -106,14 +119,10 @@ def call_each(
             # list.extend keeps what map produced before an exception: C speed, one call each
             results.extend(map(fn, islice(values, len(results), None)))
         except Exception as error:  # any user error: routed by the step's policy
-            from pipelines.errors import StepError
-
             index = len(results)
             failed.add(index)
             results.append(None)
-            message = f"{name or describe_function(fn)} raised {type(error).__name__}: {error}"
-            rejection = StepError(message, step=ctx.step_id, source=batch.source_of(index))
-            rejection.__cause__ = error
-            ctx.reject(batch, index, rejection)
+            what = name or describe_function(fn)
+            ctx.reject(batch, index, user_error(ctx.step_id, what, error, batch, index))
         else:
             return results, failed

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import bisect
 import heapq
-import time
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,20 +46,18 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from operators.base import Operator, describe_function
+from operators._timing import Emitted, EventClock
+from operators.base import Operator, describe_function, user_error
 from operators.stateful import missing_key_error
 
 if TYPE_CHECKING:
     from pipelines.batch import Batch
-    from pipelines.errors import StepError
     from pipelines.state.table import TableStore
 
 __all__ = ["Join", "JoinHow", "StreamJoin", "TableJoin"]
 
 JoinHow = Literal["inner", "left"]
 LEFT, RIGHT = 0, 1
-_WATERMARK = ("watermark",)  # a 1-tuple: never a (side, key, time, seq) record entry
-_NO_WATERMARK = -(1 << 62)
 
 
 class Join(Operator):
@@ -72,28 +69,6 @@ class Join(Operator):
     @abstractmethod
     def process_side(self, side: int, batch: Batch) -> Batch:
         """What the step emits for ``batch`` arriving on input ``side`` (0 or 1)."""
-
-
-def _merge_error(
-    step_id: str, merge: Callable[..., Any], error: Exception, batch: Batch, index: int
-) -> StepError:
-    from pipelines.errors import StepError
-
-    rejection = StepError(
-        f"{describe_function(merge)} raised {type(error).__name__}: {error}",
-        step=step_id,
-        source=batch.source_of(index),
-    )
-    rejection.__cause__ = error
-    return rejection
-
-
-def _batch_like(
-    batch: Batch, keys: list[Any], values: list[Any], stamps: list[int], origins: list[int]
-) -> Batch:
-    from pipelines.batch import Batch as BatchType
-
-    return BatchType(keys, values, stamps, origins, batch.fetched)
 
 
 # -- stream-table ------------------------------------------------------------------------------
@@ -149,7 +124,8 @@ class TableJoin(Join):
             try:
                 results.append(merge(value, row))
             except Exception as error:  # a user function failed: routed by the policy
-                ctx.reject(batch, index, _merge_error(self.step_id, merge, error, batch, index))
+                what = describe_function(merge)
+                ctx.reject(batch, index, user_error(self.step_id, what, error, batch, index))
                 continue
             kept.append(index)
         out = batch if len(kept) == len(batch) else batch.take(kept)
@@ -233,14 +209,13 @@ class StreamJoin(Join):
         self._expiry: list[tuple[int, int]] = []  # heap of (time + within + grace, seq)
         self._unmatched = 0  # left records that will emit merge(left, None) unless matched
         self._next_seq = 0
-        self._last_arrival = time.monotonic()
+        self._clock = EventClock(idle_ms)
 
     # -- state ---------------------------------------------------------------------------------
 
     @property
     def watermark(self) -> int:
-        value = self.ctx.store.get(_WATERMARK)
-        return _NO_WATERMARK if value is None else int(value)
+        return self._clock.watermark(self.ctx.store)
 
     @property
     def pending(self) -> int:
@@ -308,10 +283,7 @@ class StreamJoin(Join):
         watermark = self.watermark
         grace = self.grace_ms
         tracks_matches = self.how == "left"
-        out_keys: list[Any] = []
-        out_values: list[Any] = []
-        out_stamps: list[int] = []
-        origins: list[int] = []
+        emitted = Emitted()
         for index, (key, stamp, value) in enumerate(
             zip(batch.keys, batch.timestamps, batch.values, strict=True)
         ):
@@ -346,34 +318,21 @@ class StreamJoin(Join):
                 try:
                     joined = merge(*pair)
                 except Exception as error:  # a user function failed: routed by the policy
-                    ctx.reject(batch, index, _merge_error(self.step_id, merge, error, batch, index))
+                    what = describe_function(merge)
+                    ctx.reject(batch, index, user_error(self.step_id, what, error, batch, index))
                     continue
-                out_keys.append(key)
-                out_values.append(joined)
-                out_stamps.append(max(stamp, partner.time))
-                origins.append(index)
+                emitted.add(key, joined, max(stamp, partner.time), index)
             entry = _Entry(side, state_key, stamp, self._next_seq, stored, live, bool(partners))
             self._next_seq += 1
             store.put(entry.state_key, [stored, entry.matched])
             self._add(entry)
         if len(batch):
-            self._last_arrival = time.monotonic()
-            self._advance(watermark)
-        self._expire(batch, out_keys, out_values, out_stamps, origins)
-        return _batch_like(batch, out_keys, out_values, out_stamps, origins)
+            self._clock.arrived()
+            self._clock.advance(store, watermark)
+        self._expire(batch, emitted)
+        return emitted.batch(batch)
 
-    def _advance(self, candidate: int) -> None:
-        if candidate > self.watermark:
-            self.ctx.store.put(_WATERMARK, candidate)
-
-    def _expire(
-        self,
-        batch: Batch,
-        out_keys: list[Any],
-        out_values: list[Any],
-        out_stamps: list[int],
-        origins: list[int],
-    ) -> None:
+    def _expire(self, batch: Batch, emitted: Emitted) -> None:
         """Forget the records the watermark has passed (by ``within`` + ``grace``); with
         ``how="left"``, emit ``merge(left, None)`` for the left ones that met no partner."""
         entries, expiry = self._index(), self._expiry
@@ -390,25 +349,22 @@ class StreamJoin(Join):
             try:
                 joined = self.merge(entry.value, None)
             except Exception as error:  # a user function failed: routed by the policy
-                alone = _batch_like(batch, [entry.key], [entry.value], [entry.time], [-1])
-                self.ctx.reject(alone, 0, _merge_error(self.step_id, self.merge, error, alone, 0))
+                alone = Emitted()
+                alone.add(entry.key, entry.value, entry.time, -1)
+                lone = alone.batch(batch)
+                what = describe_function(self.merge)
+                self.ctx.reject(lone, 0, user_error(self.step_id, what, error, lone, 0))
                 continue
-            out_keys.append(entry.key)
-            out_values.append(joined)
-            out_stamps.append(entry.time)
-            origins.append(-1)
+            emitted.add(entry.key, joined, entry.time, -1)
 
     def tick(self, batch: Batch) -> Batch:
         """Once the partition has been idle for ``idle``, move its watermark up to the wall
         clock; expire (and, for a left join, emit) what that passes."""
         self._index()
-        idle_for = (time.monotonic() - self._last_arrival) * 1000
-        if idle_for < self.idle_ms:
+        now = self._clock.idle_now()
+        if now is None:
             return batch
-        self._advance(int(time.time() * 1000))
-        out_keys: list[Any] = []
-        out_values: list[Any] = []
-        out_stamps: list[int] = []
-        origins: list[int] = []
-        self._expire(batch, out_keys, out_values, out_stamps, origins)
-        return _batch_like(batch, out_keys, out_values, out_stamps, origins)
+        self._clock.advance(self.ctx.store, now)
+        emitted = Emitted()
+        self._expire(batch, emitted)
+        return emitted.batch(batch)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from operators.aggregations import Aggregation
-from operators.base import Operator, call_each, describe_function
+from operators.base import Operator, call_each, describe_function, user_error
 
 if TYPE_CHECKING:
     from pipelines.batch import Batch
@@ -39,8 +39,6 @@ class Aggregate(Operator):
         self.aggregation = aggregation
 
     def process(self, batch: Batch) -> Batch:
-        from pipelines.errors import StepError
-
         ctx = self.ctx
         store = ctx.store
         aggregation = self.aggregation
@@ -57,14 +55,8 @@ class Aggregate(Operator):
                 acc = aggregation.fold(acc, value)
                 result = aggregation.result(acc)
             except Exception as error:  # a user function failed: routed by the policy
-                name = describe_function(type(aggregation))
-                rejection = StepError(
-                    f"{name} raised {type(error).__name__}: {error}",
-                    step=self.step_id,
-                    source=batch.source_of(index),
-                )
-                rejection.__cause__ = error
-                ctx.reject(batch, index, rejection)
+                what = describe_function(type(aggregation))
+                ctx.reject(batch, index, user_error(self.step_id, what, error, batch, index))
                 continue
             store.put(key, acc)
             results.append(result)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+from operators._timing import WATERMARK_KEY, Emitted, EventClock
 from operators.aggregations import Aggregation
-from operators.base import Operator, describe_function
+from operators.base import Operator, describe_function, user_error
 from operators.stateful import missing_key_error
 from operators.windows import Window, Windows
 
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 __all__ = ["EmitMode", "WindowResult", "WindowedAggregate"]
 
 EmitMode = Literal["close", "update"]
-_WATERMARK = ("watermark",)  # a 1-tuple: never a (key, start, end) window entry
 _MISSING = object()
 
 
@@ -82,19 +81,18 @@ class WindowedAggregate(Operator):
         self._ends: list[tuple[int, int, Any]] | None = None  # (end, tiebreak, state key)
         self._sessions: dict[Any, list[Window]] = {}
         self._tiebreak = itertools.count()
-        self._last_arrival = time.monotonic()
+        self._clock = EventClock(idle_ms)
 
     # -- state helpers -------------------------------------------------------------------------
 
     @property
     def pending(self) -> int:
         store = self.ctx.store
-        return len(store) - (store.get(_WATERMARK) is not None)
+        return len(store) - (store.get(WATERMARK_KEY) is not None)
 
     @property
     def watermark(self) -> int:
-        value = self.ctx.store.get(_WATERMARK)
-        return -(1 << 62) if value is None else int(value)
+        return self._clock.watermark(self.ctx.store)
 
     def _index(self) -> list[tuple[int, int, Any]]:
         """The heap of open windows' ends (and, for sessions, each key's windows)."""
@@ -121,10 +119,7 @@ class WindowedAggregate(Operator):
         ctx = self.ctx
         watermark = self.watermark
         grace, lateness = self.grace_ms, self.lateness_ms
-        out_keys: list[Any] = []
-        out_values: list[Any] = []
-        out_stamps: list[int] = []
-        origins: list[int] = []
+        emitted = Emitted()
         for index, (key, stamp, value) in enumerate(
             zip(batch.keys, batch.timestamps, batch.values, strict=True)
         ):
@@ -139,16 +134,15 @@ class WindowedAggregate(Operator):
             for window in windows:
                 updated = self._fold(batch, index, key, window, value, watermark)
                 if updated is not None and self.emit == "update":
-                    out_keys.append(key)
-                    out_values.append(self._result(key, updated[0], updated[1], final=False))
-                    out_stamps.append(updated[0].end)
-                    origins.append(index)
+                    grown, acc = updated
+                    result = self._result(key, grown, acc, final=False)
+                    emitted.add(key, result, grown.end, index)
             watermark = max(watermark, stamp - lateness)
         if len(batch):
-            self._last_arrival = time.monotonic()
-            self._advance(watermark)
-        self._close_windows(batch, out_keys, out_values, out_stamps, origins)
-        return _batch_like(batch, out_keys, out_values, out_stamps, origins)
+            self._clock.arrived()
+            self._clock.advance(self.ctx.store, watermark)
+        self._close_windows(batch, emitted)
+        return emitted.batch(batch)
 
     def _fold(
         self, batch: Batch, index: int, key: Any, window: Window, value: Any, watermark: int
@@ -167,15 +161,8 @@ class WindowedAggregate(Operator):
                     self._open(key, window)
             acc = aggregation.fold(acc, value)
         except Exception as error:  # a user function failed: routed by the policy
-            from pipelines.errors import StepError
-
-            rejection = StepError(
-                f"{describe_function(type(aggregation))} raised {type(error).__name__}: {error}",
-                step=self.step_id,
-                source=batch.source_of(index),
-            )
-            rejection.__cause__ = error
-            self.ctx.reject(batch, index, rejection)
+            what = describe_function(type(aggregation))
+            self.ctx.reject(batch, index, user_error(self.step_id, what, error, batch, index))
             return None
         if self.windows.merging:
             self._replace_sessions(key, absorbed, window)
@@ -209,18 +196,7 @@ class WindowedAggregate(Operator):
         sessions.append(merged)
         self._open(key, merged)
 
-    def _advance(self, candidate: int) -> None:
-        if candidate > self.watermark:
-            self.ctx.store.put(_WATERMARK, candidate)
-
-    def _close_windows(
-        self,
-        batch: Batch,
-        out_keys: list[Any],
-        out_values: list[Any],
-        out_stamps: list[int],
-        origins: list[int],
-    ) -> None:
+    def _close_windows(self, batch: Batch, emitted: Emitted) -> None:
         """Emit the final result of, and forget, every window the watermark has passed (in
         ``emit="update"`` mode too: the last record of a window says ``final=True``)."""
         ends, store = self._index(), self.ctx.store
@@ -237,10 +213,7 @@ class WindowedAggregate(Operator):
                 self._sessions[key].remove(Window(start, end))
                 if not self._sessions[key]:
                     del self._sessions[key]
-            out_keys.append(key)
-            out_values.append(self._result(key, Window(start, end), acc, final=True))
-            out_stamps.append(end)
-            origins.append(origin)
+            emitted.add(key, self._result(key, Window(start, end), acc, final=True), end, origin)
 
     def _result(self, key: Any, window: Window, acc: Any, *, final: bool) -> WindowResult:
         return WindowResult(
@@ -255,21 +228,10 @@ class WindowedAggregate(Operator):
         """Once a partition has been idle for ``idle``, move its watermark up to the wall clock
         (minus the allowed lateness); close what that passes."""
         self._index()
-        idle_for = (time.monotonic() - self._last_arrival) * 1000
-        if idle_for < self.idle_ms:
+        now = self._clock.idle_now()
+        if now is None:
             return batch
-        self._advance(int(time.time() * 1000) - self.lateness_ms)
-        out_keys: list[Any] = []
-        out_values: list[Any] = []
-        out_stamps: list[int] = []
-        origins: list[int] = []
-        self._close_windows(batch, out_keys, out_values, out_stamps, origins)
-        return _batch_like(batch, out_keys, out_values, out_stamps, origins)
-
-
-def _batch_like(
-    batch: Batch, keys: list[Any], values: list[Any], stamps: list[int], origins: list[int]
-) -> Batch:
-    from pipelines.batch import Batch as BatchType
-
-    return BatchType(keys, values, stamps, origins, batch.fetched)
+        self._clock.advance(self.ctx.store, now - self.lateness_ms)
+        emitted = Emitted()
+        self._close_windows(batch, emitted)
+        return emitted.batch(batch)
