@@ -1,0 +1,1199 @@
+"""Chaos tests: a keyed, windowed count keeps its promise (at-least-once, the default guarantee)
+while workers are killed with ``kill -9``, replaced, added and stopped, and after everything is
+killed at once.
+
+1. ``test_chaos_embedded``: ``headwater run --workers 3`` on the embedded log; 6 times a random
+   worker is killed and a ``headwater worker`` replaces it;
+2. ``test_chaos_kafka``: the same on the Kafka broker, 5 kills;
+3. ``test_restart_after_killing_everything``: the runner and its workers killed at once, then
+   the same command again: it goes on from the committed positions and state;
+4. ``test_rebalance_while_a_window_is_open``: a worker joins, then leaves cleanly, while every
+   partition has open windows;
+5. a reduction, to the three state owners involved, of a failure the first test found.
+
+The pipeline under test (:data:`JOB`) reads a JSON Lines file of events ``{"id", "user", "ts"}``
+into a 6-partition topic, re-keys them by user (``key_by``), counts each user's events in
+tumbling event-time windows (event time from the record, ``emit="close"``, ``idle`` 1 s so the
+last windows close at the end) and writes one :class:`~operators.windowed.WindowResult` per
+closed window to a 3-partition output topic. The reference is computed here in plain Python.
+
+What makes the reference exact:
+
+- the source is keyed by user too, so partition ``p`` of the repartition topic receives the
+  records of input partition ``p`` only, in file order, and the event times in the file never
+  decrease: no record is late by the data, each window's final count is its number of events;
+- the source is *paced*: while the file ``gate`` next to the module does not exist it sleeps
+  after each stored batch, so every partition keeps receiving records (a fraction of a second
+  apart, well within ``idle``) and the run stays mid-stream while the test kills workers; once
+  the test creates ``gate`` the rest is read at full speed. The file ``quiet`` exists while it
+  sleeps, so the test can kill just after a batch was written, while the workers process it;
+- a map sleeps 1 ms every 100 records, so the workers have work in hand when they are killed.
+
+Under at-least-once a window's result may be emitted more than once (its state is restored from
+before the emission when the worker died before committing), but every emission of a final
+result must carry the reference value: a restore must never double count, and nothing may be
+lost. The checks name the first window that differs, with what the repartition and late-data
+topics hold for it, and say whether the differing windows counted what they were given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import orjson
+import pytest
+from aiokafka import AIOKafkaConsumer
+from aiokafka import TopicPartition as KafkaPartition
+from aiokafka.admin import AIOKafkaAdminClient
+
+from pipelines.log import EmbeddedLog
+from pipelines.log.base import TopicPartition
+
+# -- the data --------------------------------------------------------------------------------------
+
+HOUR_MS = 3_600_000
+BASE_MS = (int(time.time() * 1000) // HOUR_MS - 5) * HOUR_MS
+"""The event time of the first event: the start of the hour 5 hours ago. Recent on purpose:
+results are timestamped with their window's end, and Kafka deletes records older than a
+topic's retention (7 days by default) at its next retention check."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """``events`` events of ``users`` users, event times rising evenly over ``span_ms``."""
+
+    events: int
+    users: int
+    span_ms: int
+    window_minutes: int
+    seed: int = 20240101
+
+    @property
+    def window_ms(self) -> int:
+        return self.window_minutes * 60_000
+
+    def rows(self) -> Iterator[tuple[int, str, int]]:
+        rng = random.Random(self.seed)
+        for i in range(self.events):
+            user = f"user-{rng.randrange(self.users):03d}"
+            yield i, user, BASE_MS + i * self.span_ms // self.events
+
+    def write(self, path: Path) -> None:
+        dumps = orjson.dumps
+        path.write_bytes(
+            b"".join(dumps({"id": i, "user": u, "ts": ts}) + b"\n" for i, u, ts in self.rows())
+        )
+
+    def window_of(self, ts: int) -> int:
+        return ts - ts % self.window_ms
+
+
+@functools.cache
+def reference(data: Dataset) -> dict[tuple[str, int], int]:
+    """Each (user, window start in ms): its number of events."""
+    return dict(Counter((user, data.window_of(ts)) for _, user, ts in data.rows()))
+
+
+# -- the pipeline module ---------------------------------------------------------------------------
+
+JOB = '''
+"""Per-user event counts in {window_minutes}-minute tumbling event-time windows (chaos tests).
+
+The source sleeps PACE seconds after each batch (written and its position stored) until a file
+`gate` exists next to this module; while it sleeps the file `quiet` exists.
+"""
+
+import asyncio
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from connectors import JsonLines, LogTopic
+from operators.windows import Tumbling
+from pipelines import Pipeline, Topic
+
+HERE = Path(__file__).parent
+GATE = HERE / "gate"
+QUIET = HERE / "quiet"
+PACE = {pace}
+
+
+class PacedJsonLines(JsonLines):
+    async def read(self, position):
+        async for batch in super().read(position):
+            yield batch
+            # resumed: the runner has written the batch and stored the position after it
+            if not GATE.exists():
+                QUIET.touch()
+                await asyncio.sleep(PACE)
+                QUIET.unlink(missing_ok=True)
+
+
+_mapped = 0
+
+
+def slow(event):
+    global _mapped
+    _mapped += 1
+    if _mapped % 100 == 0:
+        time.sleep(0.001)
+    return event
+
+
+pipeline = (
+    Pipeline("{name}")
+    .source(
+        PacedJsonLines(HERE / "events.jsonl", batch_size={batch}, key=lambda e: e["user"]),
+        into=Topic("{input_topic}", partitions=6),
+    )
+    .map("slow", slow)
+    .key_by("by-user", lambda e: e["user"])
+    .window(
+        "minute",
+        Tumbling(minutes={window_minutes}),
+        time=lambda e: e["ts"],
+        idle=timedelta(seconds=1),
+        emit="close",
+    )
+    .count("count")
+    .sink(LogTopic(Topic("{output_topic}", partitions=3)))
+)
+'''
+
+
+@dataclass(frozen=True)
+class Job:
+    """A pipeline module written into a test's directory, with its data and names."""
+
+    directory: Path
+    data: Dataset
+    name: str
+    input_topic: str
+    output_topic: str
+
+    @property
+    def module(self) -> Path:
+        return self.directory / "job.py"
+
+    @property
+    def gate(self) -> Path:
+        return self.directory / "gate"
+
+    @property
+    def quiet(self) -> Path:
+        return self.directory / "quiet"
+
+    @property
+    def group(self) -> str:
+        return self.name
+
+    @property
+    def repartition_topic(self) -> str:
+        return f"{self.name}.by-user"
+
+    @property
+    def late_topic(self) -> str:
+        return f"{self.name}.count.late"
+
+    @property
+    def changelog_topic(self) -> str:
+        return f"{self.name}.count.changelog"
+
+    def open_gate(self) -> None:
+        self.gate.touch()
+
+    def wait_for_a_fresh_batch(self, timeout: float = 10.0) -> None:
+        """Return as the source starts to sleep after writing a batch and storing its position
+        (the file ``quiet`` appears): the workers are busy with that batch now."""
+        deadline = time.monotonic() + timeout
+        while self.quiet.exists():
+            assert time.monotonic() < deadline, "the source keeps sleeping"
+            time.sleep(0.001)
+        while not self.quiet.exists():
+            assert time.monotonic() < deadline, "the source no longer writes batches"
+            time.sleep(0.001)
+
+
+def write_job(
+    directory: Path,
+    data: Dataset,
+    *,
+    pace: float,
+    batch: int = 1000,
+    name: str = "chaos",
+    input_topic: str = "events",
+    output_topic: str = "counts",
+) -> Job:
+    job = Job(directory, data, name, input_topic, output_topic)
+    data.write(directory / "events.jsonl")
+    job.module.write_text(
+        textwrap.dedent(JOB).format(
+            name=name,
+            input_topic=input_topic,
+            output_topic=output_topic,
+            window_minutes=data.window_minutes,
+            pace=pace,
+            batch=batch,
+        )
+    )
+    return job
+
+
+# -- running headwater -----------------------------------------------------------------------------
+
+
+class Sessions(Protocol):
+    """conftest.Sessions: the sessions a test started, all killed when it ends."""
+
+    def add(self, session: int) -> None: ...
+
+    def alive(self) -> list[int]: ...
+
+
+def _tail(text: str, lines: int = 40) -> str:
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Cli:
+    """A ``headwater`` command running in the background, in its own session."""
+
+    process: subprocess.Popen[bytes]
+    name: str
+    stderr_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_session()
+            pytest.fail(
+                f"`headwater {self.name}` did not finish in {timeout:.0f}s:\n{_tail(self.stderr())}"
+            )
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM to the command (as a service manager stops it), then wait for it."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill_session(self) -> None:
+        """SIGKILL the command and its worker processes (its whole process group) at once."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+
+def _env() -> dict[str, str]:
+    """This environment without the HEADWATER_* settings of whoever runs the tests."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_")}
+
+
+def start(sessions: Sessions, args: Sequence[str], *, cwd: Path, name: str) -> Cli:
+    """Start ``headwater ARGS`` in the background, in a new session the test will kill."""
+    out, err = cwd / f"{name}.stdout", cwd / f"{name}.stderr"
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipelines.cli", *args],
+            cwd=cwd,
+            stdout=stdout,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            env=_env(),
+            start_new_session=True,
+        )
+    sessions.add(process.pid)
+    return Cli(process, name, err)
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def alive(pid: int) -> bool:
+    fields = _stat(pid)
+    return fields is not None and fields[0] != "Z"
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The live worker processes of a ``headwater run|worker`` process (spawned children)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat(int(entry.name))
+        if fields is None or fields[0] == "Z" or int(fields[1]) != parent:
+            continue
+        with contextlib.suppress(OSError):
+            if b"spawn_main" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def gone(pid: int) -> Callable[[], bool]:
+    return lambda: not alive(pid)
+
+
+def has_workers(cli: Cli, count: int) -> Callable[[], bool]:
+    return lambda: len(worker_pids(cli.pid)) == count
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    watch: Sequence[Cli] = (),
+    interval: float = 0.1,
+) -> None:
+    """Poll ``condition``; fail if it stays false for ``timeout`` s or a watched command ends."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        for cli in watch:
+            if not cli.running():
+                pytest.fail(
+                    f"`headwater {cli.name}` ended (status {cli.process.returncode}) before "
+                    f"{what}:\n{_tail(cli.stderr())}"
+                )
+        if time.monotonic() > deadline:
+            where = "".join(f"\n--- {c.name}:\n{_tail(c.stderr())}" for c in watch)
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{where}")
+        time.sleep(interval)
+
+
+def summary_counts(stderr: str) -> dict[str, tuple[int, int]]:
+    """Step id -> (records in, records out) from the summary ``headwater run|worker`` prints."""
+    found = {}
+    for match in re.finditer(r"^  (\S+): ([\d,]+) in, ([\d,]+) out", stderr, re.MULTILINE):
+        found[match[1]] = (int(match[2].replace(",", "")), int(match[3].replace(",", "")))
+    return found
+
+
+def records_written(stderr: str, topic: str) -> int | None:
+    """What the summary says the source step ``topic`` wrote."""
+    match = re.search(rf"^  source {re.escape(topic)}: ([\d,]+) records written", stderr, re.M)
+    return None if match is None else int(match[1].replace(",", ""))
+
+
+# -- reading the log -------------------------------------------------------------------------------
+
+
+class LogView(Protocol):
+    """What the tests read from a log, as any other client would."""
+
+    def count(self, topic: str, partitions: int) -> int:
+        """Records on ``topic`` now (0 while it does not exist)."""
+
+    def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]:
+        """The offsets ``group`` has committed on ``topic`` (0 where none)."""
+
+    def ends(self, topic: str, partitions: int) -> dict[int, int]:
+        """The end offset of each partition of ``topic``."""
+
+    def values(self, topic: str, partitions: int) -> list[list[bytes]]:
+        """Every value on ``topic``, partition by partition, in order."""
+
+
+class EmbeddedView:
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+
+    def _run(self, work: Callable[[EmbeddedLog], Any]) -> Any:
+        async def go() -> Any:
+            log = EmbeddedLog(self.data_dir)
+            try:
+                return await work(log)
+            finally:
+                await log.close()
+
+        return asyncio.run(go())
+
+    def _exists(self, topic: str) -> bool:
+        return (self.data_dir / "topics" / topic / "topic.json").exists()
+
+    def ends(self, topic: str, partitions: int) -> dict[int, int]:
+        if not self._exists(topic):
+            return dict.fromkeys(range(partitions), 0)
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+
+        async def work(log: EmbeddedLog) -> dict[int, int]:
+            found = await log.end_offsets(tps)
+            return {tp.partition: offset for tp, offset in found.items()}
+
+        return self._run(work)  # type: ignore[no-any-return]
+
+    def count(self, topic: str, partitions: int) -> int:
+        return sum(self.ends(topic, partitions).values())
+
+    def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]:
+        tps = [TopicPartition(topic, p) for p in range(partitions)]
+
+        async def work(log: EmbeddedLog) -> dict[int, int]:
+            found = await log.committed_offsets(group, tps)
+            return {tp.partition: found.get(tp, 0) for tp in tps}
+
+        return self._run(work)  # type: ignore[no-any-return]
+
+    def values(self, topic: str, partitions: int) -> list[list[bytes]]:
+        if not self._exists(topic):
+            return [[] for _ in range(partitions)]
+
+        async def work(log: EmbeddedLog) -> list[list[bytes]]:
+            found: list[list[bytes]] = []
+            for partition in range(partitions):
+                tp = TopicPartition(topic, partition)
+                offset, values = 0, []
+                while True:
+                    fetched = await log.read(tp, offset, 50_000)
+                    if not len(fetched.records):
+                        break
+                    values += [v for v in fetched.records.values if v is not None]
+                    offset = fetched.next_offset
+                found.append(values)
+            return found
+
+        return self._run(work)  # type: ignore[no-any-return]
+
+
+class KafkaView:
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+
+    @contextlib.asynccontextmanager
+    async def _consumer(self) -> Any:
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap,
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+        )
+        await consumer.start()
+        try:
+            yield consumer
+        finally:
+            await consumer.stop()
+
+    def ends(self, topic: str, partitions: int) -> dict[int, int]:
+        async def go() -> dict[int, int]:
+            async with self._consumer() as consumer:
+                if topic not in await consumer.topics():
+                    return dict.fromkeys(range(partitions), 0)
+                tps = [KafkaPartition(topic, p) for p in range(partitions)]
+                found = await consumer.end_offsets(tps)
+                return {tp.partition: offset for tp, offset in found.items()}
+
+        return asyncio.run(go())
+
+    def count(self, topic: str, partitions: int) -> int:
+        return sum(self.ends(topic, partitions).values())
+
+    def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]:
+        async def go() -> dict[int, int]:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
+            await admin.start()
+            try:
+                tps = [KafkaPartition(topic, p) for p in range(partitions)]
+                found = await admin.list_consumer_group_offsets(group, partitions=tps)
+            finally:
+                await admin.close()
+            return {
+                p: max(0, found[KafkaPartition(topic, p)].offset)
+                if KafkaPartition(topic, p) in found
+                else 0
+                for p in range(partitions)
+            }
+
+        return asyncio.run(go())
+
+    def values(self, topic: str, partitions: int) -> list[list[bytes]]:
+        async def go() -> list[list[bytes]]:
+            async with self._consumer() as consumer:
+                if topic not in await consumer.topics():
+                    return [[] for _ in range(partitions)]
+                tps = [KafkaPartition(topic, p) for p in range(partitions)]
+                consumer.assign(tps)
+                ends = await consumer.end_offsets(tps)
+                await consumer.seek_to_beginning(*tps)
+                found: dict[int, list[bytes]] = {p: [] for p in range(partitions)}
+                deadline = time.monotonic() + 60
+                todo = [tp for tp in tps if ends[tp] > 0]
+                while todo:
+                    fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=50_000)
+                    for tp, messages in fetched.items():
+                        found[tp.partition] += [
+                            m.value for m in messages if m.offset < ends[tp] and m.value is not None
+                        ]
+                    todo = [tp for tp in todo if await consumer.position(tp) < ends[tp]]
+                    assert time.monotonic() < deadline, f"reading {topic} took over 60s"
+                return [found[p] for p in range(partitions)]
+
+        return asyncio.run(go())
+
+
+# -- checking the results --------------------------------------------------------------------------
+
+
+def _millis(text: str) -> int:
+    return int(datetime.fromisoformat(text).timestamp() * 1000)
+
+
+@dataclass
+class Outcome:
+    """What the output topic says about every window."""
+
+    emissions: dict[tuple[str, int], list[int]]
+    """(user, window start) -> the values emitted for it, in the order they were written."""
+    not_final: int
+    repeated: int
+    """Windows emitted more than once (allowed under at-least-once, if every value is right)."""
+
+
+def read_outcome(view: LogView, job: Job) -> Outcome:
+    emissions: dict[tuple[str, int], list[int]] = defaultdict(list)
+    not_final = 0
+    # a user's results are all on one partition (keyed by user), so this is their write order
+    for values in view.values(job.output_topic, 3):
+        for raw in values:
+            result = orjson.loads(raw)
+            emissions[(result["key"], _millis(result["start"]))].append(result["value"])
+            not_final += result["final"] is not True
+    repeated = sum(1 for v in emissions.values() if len(v) > 1)
+    return Outcome(dict(emissions), not_final, repeated)
+
+
+@dataclass
+class Delivered:
+    """What the count step was given for one window: the records of its events on the
+    repartition topic (copies included), how many distinct events they are, and how many of
+    them went to the late-data topic instead of being counted."""
+
+    records: int = 0
+    events: int = 0
+    late: int = 0
+
+    @property
+    def counted(self) -> int:
+        """What counting each record the step was given once would give."""
+        return self.records - self.late
+
+
+def delivered(view: LogView, job: Job) -> dict[tuple[str, int], Delivered]:
+    ids: dict[tuple[str, int], Counter[int]] = defaultdict(Counter)
+    for values in view.values(job.repartition_topic, 6):
+        for raw in values:
+            event = orjson.loads(raw)
+            ids[(event["user"], job.data.window_of(event["ts"]))][event["id"]] += 1
+    found = {w: Delivered(c.total(), len(c)) for w, c in ids.items()}
+    for values in view.values(job.late_topic, 1):
+        for raw in values:
+            event = orjson.loads(raw)
+            window = (event["user"], job.data.window_of(event["ts"]))
+            found.setdefault(window, Delivered()).late += 1
+    return found
+
+
+def _diagnosis(
+    job: Job, problems: list[tuple[str, int]], outcome: Outcome, given: dict[Any, Delivered]
+) -> str:
+    """Whether the differing windows counted what they were given (then the difference is in
+    their input: copies on the repartition topic) or not (then the count itself is wrong)."""
+    as_given = [w for w in problems if outcome.emissions.get(w, [None])[-1] == given[w].counted]
+    copies = sum(given[w].records - given[w].events for w in as_given)
+    lines = [
+        f"{len(as_given)} of these {len(problems)} windows counted exactly the records the "
+        f"count step read for them from {job.repartition_topic} (minus late ones)"
+        + (
+            f", and those records include {copies} copies of events already there: events "
+            "replayed upstream of the repartition topic after a kill were appended to it "
+            "again, and counted again"
+            if copies
+            else ""
+        )
+    ]
+    late = [w for w in problems if given[w].late]
+    if late:
+        lines.append(
+            f"{len(late)} windows lost {sum(given[w].late for w in late)} records to the "
+            f"late-data topic {job.late_topic}: their partition's watermark had passed them "
+            "when those records came (it follows the wall clock once a partition has had no "
+            "record for `idle`, 1 s)"
+        )
+    other = [w for w in problems if w not in as_given]
+    if other:
+        user, start = other[0]
+        lines.append(
+            f"{len(other)} windows differ from what they were given too, e.g. {user!r} @ "
+            f"{start}: emitted {outcome.emissions.get(other[0])}, given {given[other[0]]}"
+        )
+    return "\n".join(lines)
+
+
+def check_counts(view: LogView, job: Job, outcome: Outcome, context: str = "") -> None:
+    """Every window's last emitted count, and every count emitted for it, equals the reference;
+    no window is missing and none is made up. Fails naming the first window that differs, and
+    saying whether the differing windows counted what the repartition topic gave them."""
+    expected = reference(job.data)
+    problems: list[tuple[tuple[str, int], str]] = []
+    wrong_last = wrong_some = missing = 0
+    for window in sorted(expected.keys() | outcome.emissions.keys()):
+        want = expected.get(window)
+        got = outcome.emissions.get(window, [])
+        if want is None:
+            problems.append((window, f"emitted {got} but the input has no event in it"))
+        elif not got:
+            missing += 1
+            problems.append((window, f"never emitted (reference count {want})"))
+        elif got[-1] != want:
+            wrong_last += 1
+            problems.append((window, f"last emitted count {got[-1]}, expected {want}; all: {got}"))
+        elif any(value != want for value in got):
+            wrong_some += 1
+            what = f"an earlier emission of its final result is wrong: {got}, expected {want}"
+            problems.append((window, what))
+    if not problems:
+        assert outcome.not_final == 0, f"{outcome.not_final} results not marked final"
+        return
+    given = defaultdict(Delivered, delivered(view, job))
+    (user, start), what = problems[0]
+    first = given[(user, start)]
+    summary = (
+        f"{len(problems)} of {len(expected)} windows differ from the reference "
+        f"({missing} missing, {wrong_last} with a wrong last count, {wrong_some} with a wrong "
+        f"earlier emission). First: user {user!r}, window starting "
+        f"{datetime.fromtimestamp(start / 1000).astimezone().isoformat()} ({start} ms): {what}; "
+        f"the repartition topic holds {first.records} records of it ({first.events} distinct "
+        f"events), the late-data topic {first.late}"
+    )
+    more = "; ".join(f"{u} @ {s}: {w}" for (u, s), w in problems[1:6])
+    diagnosis = _diagnosis(job, [w for w, _ in problems], outcome, given)
+    pytest.fail(f"{summary}\nnext: {more}\n{diagnosis}\n{context}", pytrace=False)
+
+
+def wait_for_output_to_settle(
+    view: LogView, job: Job, *, quiet_for: float = 3.0, timeout: float = 30.0
+) -> int:
+    """Wait until nothing more is written to the output topic for ``quiet_for`` seconds (the
+    windows still open in ``headwater worker`` processes close once their partitions idle);
+    returns how many results it holds."""
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while True:
+        now = view.count(job.output_topic, 3)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_for:
+            return now
+        if time.monotonic() > deadline:
+            pytest.fail(f"the output topic kept growing for {timeout:.0f}s after the run ended")
+        time.sleep(0.25)
+
+
+def wait_for_no_process(sessions: Sessions, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (left := sessions.alive()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, f"processes still alive after every command was stopped: {left}"
+
+
+# -- chaos: kill -9 workers at random, each time start a replacement -------------------------------
+
+
+@dataclass
+class Chaos:
+    """What happened during the kills."""
+
+    killed: list[tuple[int, str]] = field(default_factory=list)
+    """(pid, whose worker: 'run' or a replacement's name) of every worker killed."""
+    replacements: list[Cli] = field(default_factory=list)
+    seed: int = 0
+
+    def describe(self) -> str:
+        kills = ", ".join(f"{pid} ({whose})" for pid, whose in self.killed)
+        return f"workers killed: {kills}; random seed {self.seed}"
+
+
+def progress_everywhere(
+    view: LogView, job: Job, *, since: dict[str, dict[int, int]]
+) -> Callable[[], bool]:
+    """A condition: every partition of the input and repartition topics that had records not
+    committed at ``since`` has had more committed: whoever owns each partition now works."""
+
+    def check() -> bool:
+        for topic, before in since.items():
+            now = view.committed(job.group, topic, 6)
+            ends = view.ends(topic, 6)
+            if any(now[p] <= before[p] < ends[p] for p in range(6)):
+                return False
+        return True
+
+    return check
+
+
+def committed_now(view: LogView, job: Job) -> dict[str, dict[int, int]]:
+    return {t: view.committed(job.group, t, 6) for t in (job.input_topic, job.repartition_topic)}
+
+
+def run_chaos(
+    *,
+    runner: Cli,
+    job: Job,
+    view: LogView,
+    sessions: Sessions,
+    worker_args: Callable[[int], list[str]],
+    kills: int,
+    pause: tuple[float, float],
+    delay: tuple[float, float],
+    takeover_timeout: float,
+) -> Chaos:
+    """``kills`` times: kill -9 a random worker (never the runner's last one: the runner stops
+    when all its own workers are gone), start a replacement ``headwater worker``, and wait until
+    every partition makes progress again.
+
+    Each kill happens mid-stream, ``delay`` seconds after the source has written a batch: while
+    the workers process it, with outputs sent and offsets not committed yet (the moment a
+    crash must not turn into a lost or double-counted record)."""
+    seed = random.randrange(1 << 32)
+    rng = random.Random(seed)
+    chaos = Chaos(seed=seed)
+    for round_ in range(kills):
+        time.sleep(rng.uniform(*pause))
+        written = view.count(job.input_topic, 6)
+        assert written < job.data.events, (
+            f"kill {round_ + 1} of {kills} would come after the source finished: "
+            "slow the source down (PACE)"
+        )
+        own = worker_pids(runner.pid)
+        candidates = [(pid, "run") for pid in own] if len(own) > 1 else []
+        for replacement in chaos.replacements:
+            candidates += [(pid, replacement.name) for pid in worker_pids(replacement.pid)]
+        assert candidates, "no worker left to kill"
+        victim, whose = rng.choice(candidates)
+        job.wait_for_a_fresh_batch()
+        time.sleep(rng.uniform(*delay))
+        os.kill(victim, signal.SIGKILL)
+        chaos.killed.append((victim, whose))
+        wait_until(gone(victim), timeout=10, what=f"worker {victim} to die")
+        since = committed_now(view, job)  # from now on only the new owners commit
+
+        name = f"worker-{round_ + 1}"
+        replacement = start(sessions, worker_args(round_ + 1), cwd=job.directory, name=name)
+        chaos.replacements.append(replacement)
+        wait_until(
+            has_workers(replacement, 1),
+            timeout=30,
+            what=f"the worker process of {name}",
+            watch=[runner, replacement],
+        )
+        wait_until(
+            progress_everywhere(view, job, since=since),
+            timeout=takeover_timeout,
+            what=f"progress on every partition after kill {round_ + 1} (worker {victim})",
+            watch=[runner, replacement],
+            interval=0.25,
+        )
+    return chaos
+
+
+def finish_chaos(runner: Cli, job: Job, view: LogView, chaos: Chaos, sessions: Sessions) -> None:
+    """Let the input run out; the run must end by itself with status 0. Then wait for the output
+    to settle, stop the replacements (SIGTERM) and check every window."""
+    assert view.count(job.input_topic, 6) < job.data.events, "the source finished during chaos"
+    job.open_gate()
+    code = runner.wait(120)
+    stderr = runner.stderr()
+    assert code == 0, _tail(stderr)
+    assert "Traceback" not in stderr, _tail(stderr)
+    assert "lag: 0 records" in stderr, _tail(stderr)
+    if any(whose == "run" for _, whose in chaos.killed):
+        assert "killed by signal 9" in stderr, _tail(stderr)
+    assert records_written(stderr, job.input_topic) == job.data.events, _tail(stderr)
+
+    wait_for_output_to_settle(view, job)
+    survivors = [r for r in chaos.replacements if r.running()]
+    assert survivors, "no replacement worker survived"
+    for replacement in survivors:
+        assert worker_pids(replacement.pid), f"{replacement.name} lost its worker"
+    for replacement in survivors:
+        code = replacement.terminate()
+        text = replacement.stderr()
+        assert code in (0, 128 + signal.SIGTERM), f"{replacement.name}:\n{_tail(text)}"
+        assert "Traceback" not in text, f"{replacement.name}:\n{_tail(text)}"
+    for replacement in chaos.replacements:  # those whose worker was killed end by themselves
+        replacement.wait(30)
+    wait_for_no_process(sessions)
+
+    assert view.count(job.input_topic, 6) == job.data.events
+    assert sum(view.committed(job.group, job.input_topic, 6).values()) == job.data.events
+    outcome = read_outcome(view, job)
+    check_counts(view, job, outcome, chaos.describe())
+    assert view.count(job.late_topic, 1) == 0, "records went to the late-data topic"
+
+
+# -- 1. embedded -----------------------------------------------------------------------------------
+
+CHAOS_DATA = Dataset(events=200_000, users=40, span_ms=3 * HOUR_MS, window_minutes=1)
+"""3 hours of events of 40 users: 7,200 one-minute windows of about 28 events."""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_chaos_embedded(tmp_path: Path, sessions: Sessions) -> None:
+    # while the gate is closed the source writes 1,000 events every 0.12 s: 24 s for all
+    job = write_job(tmp_path, CHAOS_DATA, pace=0.12)
+    data_dir = tmp_path / "log"
+    view = EmbeddedView(data_dir)
+    flags = ["--no-progress", "--data-dir", str(data_dir)]
+    runner = start(
+        sessions, ["run", str(job.module), "--workers", "3", *flags], cwd=tmp_path, name="run"
+    )
+    wait_until(has_workers(runner, 3), timeout=30, what="3 workers")
+    wait_until(
+        lambda: view.count(job.output_topic, 3) > 0,
+        timeout=30,
+        what="the first closed windows",
+        watch=[runner],
+    )
+    chaos = run_chaos(
+        runner=runner,
+        job=job,
+        view=view,
+        sessions=sessions,
+        worker_args=lambda i: ["worker", str(job.module), "--backend", "embedded", *flags],
+        kills=6,
+        pause=(0.3, 1.2),
+        delay=(0.01, 0.06),
+        takeover_timeout=20,
+    )
+    finish_chaos(runner, job, view, chaos, sessions)
+
+
+# -- 2. kafka --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_chaos_kafka(
+    tmp_path: Path, sessions: Sessions, kafka: str, kafka_names: Callable[[str], str]
+) -> None:
+    # while the gate is closed the source writes 1,000 events every 0.5 s; a killed member is
+    # noticed by the group coordinator after its session timeout (10 s), so each kill costs
+    # 10-15 s
+    job = write_job(
+        tmp_path,
+        CHAOS_DATA,
+        pace=0.5,
+        name=kafka_names("chaos"),
+        input_topic=kafka_names("chaos-events"),
+        output_topic=kafka_names("chaos-counts"),
+    )
+    data_dir = tmp_path / "state"
+    view = KafkaView(kafka)
+    flags = [
+        "--no-progress",
+        "--data-dir",
+        str(data_dir),
+        "--backend",
+        "kafka",
+        "--bootstrap-servers",
+        kafka,
+    ]
+    runner = start(
+        sessions, ["run", str(job.module), "--workers", "3", *flags], cwd=tmp_path, name="run"
+    )
+    wait_until(has_workers(runner, 3), timeout=30, what="3 workers")
+    wait_until(
+        lambda: view.count(job.output_topic, 3) > 0,
+        timeout=60,
+        what="the first closed windows",
+        watch=[runner],
+        interval=0.5,
+    )
+    chaos = run_chaos(
+        runner=runner,
+        job=job,
+        view=view,
+        sessions=sessions,
+        worker_args=lambda i: [
+            "worker",
+            str(job.module),
+            *flags,
+            "--client-id",
+            kafka_names(f"replacement-{i}"),
+        ],
+        kills=5,
+        pause=(0.5, 2.0),
+        delay=(0.02, 0.15),
+        takeover_timeout=60,
+    )
+    finish_chaos(runner, job, view, chaos, sessions)
+
+
+# -- 3. kill everything at once, then run the same command again -----------------------------------
+
+RESTART_DATA = Dataset(events=100_000, users=40, span_ms=2 * HOUR_MS, window_minutes=1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_restart_after_killing_everything(tmp_path: Path, sessions: Sessions) -> None:
+    job = write_job(tmp_path, RESTART_DATA, pace=0.15)
+    data_dir = tmp_path / "log"
+    view = EmbeddedView(data_dir)
+    command = ["run", str(job.module), "--workers", "3", "--no-progress"]
+    command += ["--data-dir", str(data_dir)]
+    total = job.data.events
+
+    first = start(sessions, command, cwd=tmp_path, name="first")
+    wait_until(has_workers(first, 3), timeout=30, what="3 workers")
+    wait_until(
+        lambda: (
+            view.count(job.input_topic, 6) >= total * 0.4 and view.count(job.output_topic, 3) > 0
+        ),
+        timeout=60,
+        what="the run to get going",
+        watch=[first],
+    )
+    # kill -9 the runner and its workers at once: just after the source has written a batch and
+    # stored its position, while it sleeps (a kill while a batch is being written could repeat
+    # that batch: the source is at-least-once too) and the workers process that batch
+    workers = worker_pids(first.pid)
+    job.wait_for_a_fresh_batch()
+    time.sleep(random.uniform(0.01, 0.05))
+    first.kill_session()
+    for pid in workers:
+        wait_until(gone(pid), timeout=10, what=f"worker {pid} to die")
+    wait_for_no_process(sessions, timeout=10)  # nothing survives the kill of the whole group
+
+    written = view.count(job.input_topic, 6)
+    committed_input = sum(view.committed(job.group, job.input_topic, 6).values())
+    committed = sum(view.committed(job.group, job.repartition_topic, 6).values())
+    assert 0 < written < total, "the source was not killed mid-stream"
+    assert committed_input > 0 and committed > 0, "nothing was committed before the kill"
+    copies = sorted((data_dir / "state").rglob("*.sqlite"))
+    assert copies, f"no local state copy under {data_dir / 'state'}"
+
+    job.open_gate()
+    second = start(sessions, command, cwd=tmp_path, name="second")
+    code = second.wait(90)
+    stderr = second.stderr()
+    assert code == 0, _tail(stderr)
+    assert "Traceback" not in stderr, _tail(stderr)
+    assert "lag: 0 records" in stderr, _tail(stderr)
+    wait_for_no_process(sessions)
+
+    # the source resumed from its stored position: each event is on the input topic once
+    assert records_written(stderr, job.input_topic) == total - written, _tail(stderr)
+    assert view.count(job.input_topic, 6) == total
+    inputs = Counter(orjson.loads(v)["id"] for vs in view.values(job.input_topic, 6) for v in vs)
+    assert inputs == Counter(range(total))
+    # the second run went on from the committed offsets and state: it read and counted only
+    # what had not been committed (not everything again)
+    steps = summary_counts(stderr)
+    assert steps["slow"][0] == total - committed_input, _tail(stderr)
+    counted = steps["count"][0]
+    assert counted == view.count(job.repartition_topic, 6) - committed, _tail(stderr)
+    assert counted < total, f"the second run counted {counted:,} of {total:,} records"
+    check_counts(view, job, read_outcome(view, job))
+    assert view.count(job.late_topic, 1) == 0, "records went to the late-data topic"
+
+
+# -- 4. partitions move while windows are open -----------------------------------------------------
+
+REBALANCE_DATA = Dataset(events=80_000, users=200, span_ms=2 * HOUR_MS, window_minutes=60)
+"""Two one-hour windows per user: every user's first window is open until the source reaches
+the second half of the file, and the second until the end (it closes when the input idles)."""
+
+
+def members(data_dir: Path, group: str) -> int:
+    """The live members of an embedded consumer group (one flock-ed file each)."""
+    directory = data_dir / "groups" / group / "members"
+    if not directory.is_dir():
+        return 0
+    return sum(1 for p in directory.iterdir() if not p.name.startswith("."))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_rebalance_while_a_window_is_open(tmp_path: Path, sessions: Sessions) -> None:
+    # 500 events every 0.1 s: 16 s for the whole file, 8 s per hour of event time
+    job = write_job(tmp_path, REBALANCE_DATA, pace=0.1, batch=500)
+    data_dir = tmp_path / "log"
+    view = EmbeddedView(data_dir)
+    half = job.data.events // 2
+    flags = ["--no-progress", "--data-dir", str(data_dir)]
+    runner = start(
+        sessions, ["run", str(job.module), "--workers", "2", *flags], cwd=tmp_path, name="run"
+    )
+    wait_until(has_workers(runner, 2), timeout=30, what="2 workers")
+    wait_until(
+        lambda: all(view.committed(job.group, job.repartition_topic, 6).values()),
+        timeout=30,
+        what="every partition to be counting",
+        watch=[runner],
+    )
+    assert view.count(job.output_topic, 3) == 0  # every first window is open
+
+    # a third worker joins: it takes partitions 4 and 5 (the newest member sorts last), and
+    # partition 2 moves between the runner's workers, each with its first windows open
+    joining = start(
+        sessions,
+        ["worker", str(job.module), "--backend", "embedded", *flags],
+        cwd=tmp_path,
+        name="joining",
+    )
+    wait_until(lambda: members(data_dir, job.group) == 3, timeout=30, what="3 members")
+    since = committed_now(view, job)
+    wait_until(
+        progress_everywhere(view, job, since=since),
+        timeout=20,
+        what="progress on every partition with 3 workers",
+        watch=[runner, joining],
+    )
+    assert view.count(job.input_topic, 6) < half, "the first windows closed before the move"
+    assert view.count(job.output_topic, 3) == 0, "the first windows closed before the move"
+
+    # into the second hour: the first windows close, the second ones open; then the third
+    # worker stops gracefully and its partitions move back with their second windows open
+    wait_until(
+        lambda: (
+            view.count(job.output_topic, 3) > 0 and view.count(job.input_topic, 6) > half + 5000
+        ),
+        timeout=30,
+        what="the second windows to open",
+        watch=[runner, joining],
+    )
+    code = joining.terminate()
+    assert code in (0, 128 + signal.SIGTERM), _tail(joining.stderr())
+    assert members(data_dir, job.group) == 2
+    since = committed_now(view, job)
+    wait_until(
+        progress_everywhere(view, job, since=since),
+        timeout=20,
+        what="progress on every partition after the third worker left",
+        watch=[runner],
+    )
+    assert view.count(job.input_topic, 6) < job.data.events, "the input ended before the move"
+
+    job.open_gate()
+    code = runner.wait(60)
+    stderr = runner.stderr()
+    assert code == 0, _tail(stderr)
+    assert "Traceback" not in stderr, _tail(stderr)
+    wait_for_no_process(sessions)
+
+    joined = summary_counts(joining.stderr())
+    assert joined.get("count", (0, 0))[0] > 0, "the third worker counted nothing"
+    outcome = read_outcome(view, job)
+    check_counts(view, job, outcome)
+    # nothing crashed: every move checkpointed, so each window was emitted exactly once
+    assert outcome.repeated == 0, f"{outcome.repeated} windows emitted more than once"
+    assert view.count(job.late_topic, 1) == 0, "records went to the late-data topic"
+
+
+# -- 5. what test_chaos_embedded found, reduced: the local state copy after a crash ----------------
+
+
+async def test_a_restore_keeps_the_committed_changes_it_read_from_the_changelog(
+    tmp_path: Path,
+) -> None:
+    """Three owners of one partition's state, one after the other, sharing the local copies of
+    one machine (as ``headwater run`` and ``headwater worker`` do on one data directory).
+
+    Owner A checkpoints (the local copy is saved), then commits a second checkpoint (a window
+    closed: its entry deleted; another entry updated) and is killed before saving the local
+    copy again. Owner B restores: the local copy, then the committed changelog records after it
+    (the deletion and the update). B commits a checkpoint of its own and saves the local copy.
+    Owner C restores from that copy: A's committed changes must still be there."""
+    from connectors import JsonLines, LogTopic
+    from operators.windows import Tumbling
+    from pipelines import Pipeline, Topic
+    from pipelines.runtime.engine import prepare_topics
+    from pipelines.runtime.outbox import Outbox
+    from pipelines.runtime.state import TaskState
+    from pipelines.runtime.topology import compile_pipeline
+
+    pipeline = (
+        Pipeline("local-copy")
+        .source(JsonLines(tmp_path / "events.jsonl"), into=Topic("events", partitions=1))
+        .key_by("by-user", lambda e: e["user"])
+        .window("minute", Tumbling(minutes=1), time=lambda e: e["ts"])
+        .count("count")
+        .sink(LogTopic(Topic("counts", partitions=1)))
+    )
+    topology = compile_pipeline(pipeline)
+    log = EmbeddedLog(tmp_path / "log")
+    await prepare_topics(log, topology)
+    sub = topology.by_topic["local-copy.by-user"]
+    source = TopicPartition("local-copy.by-user", 0)
+    outbox = Outbox(log.producer())
+    closed, updated, other = ("u1", 0, 60_000), ("u2", 0, 60_000), ("u3", 60_000, 120_000)
+
+    def owner() -> TaskState:
+        return TaskState(topology, sub, 0, tmp_path / "log" / "state")
+
+    try:
+        a = owner()
+        await a.restore(log, {})
+        a.stores["count"].put(closed, 10)
+        a.stores["count"].put(updated, 5)
+        a.flush(outbox, {source: 100})
+        await outbox.send()  # then the offsets are committed at 100
+        await a.persist(log)
+        a.stores["count"].delete(closed)  # the window closed (its result was emitted)
+        a.stores["count"].put(updated, 7)
+        a.flush(outbox, {source: 200})
+        await outbox.send()  # committed at 200 ... and kill -9 before the local copy is saved
+        a.close()
+
+        b = owner()
+        await b.restore(log, {source: 200})
+        assert b.stores["count"].get(closed) is None
+        assert b.stores["count"].get(updated) == 7
+        b.stores["count"].put(other, 1)
+        b.flush(outbox, {source: 300})
+        await outbox.send()  # committed at 300
+        await b.persist(log)
+        b.close()
+
+        c = owner()
+        await c.restore(log, {source: 300})
+        found = {key: c.stores["count"].get(key) for key in (closed, updated, other)}
+        c.close()
+    finally:
+        await log.close()
+    assert found == {closed: None, updated: 7, other: 1}, (
+        f"after a restore from the local copy B saved: {found}; A's committed changes (the "
+        f"window {closed} deleted, {updated} set to 7) were read from the changelog by B but "
+        "never written to the local copy, whose changelog offset B's save moved past them"
+    )
