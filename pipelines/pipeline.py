@@ -229,6 +229,8 @@ class Pipeline:
         policy: ErrorPolicy | None,
         *,
         transforms: bool = False,
+        stateful: bool = False,
+        windowed: bool = False,
     ) -> Pipeline:
         tail = self._require_tail(step_id)
         step = Step(
@@ -238,6 +240,8 @@ class Pipeline:
             operator=build,
             error_policy=policy,
             transforms=transforms,
+            stateful=stateful,
+            windowed=windowed,
         )
         return self._with(step)
 
@@ -317,28 +321,6 @@ class Pipeline:
 
     # -- stateful steps ---------------------------------------------------------------------
 
-    def _stateful(
-        self,
-        step_id: str,
-        build: Callable[[], Operator],
-        policy: ErrorPolicy | None,
-        *,
-        transforms: bool = True,
-        windowed: bool = False,
-    ) -> Pipeline:
-        tail = self._require_tail(step_id)
-        step = Step(
-            step_id,
-            "operator",
-            inputs=(tail,),
-            operator=build,
-            error_policy=policy,
-            transforms=transforms,
-            stateful=True,
-            windowed=windowed,
-        )
-        return self._with(step)
-
     def aggregate(
         self,
         step_id: str,
@@ -370,7 +352,13 @@ class Pipeline:
             raise PipelineDefinitionError(str(error), step=step_id) from None
         window = self._pending_window()
         if window is None:
-            return self._stateful(step_id, lambda: Aggregate(step_id, chosen), on_error)
+            return self._operator(
+                step_id,
+                lambda: Aggregate(step_id, chosen),
+                on_error,
+                transforms=True,
+                stateful=True,
+            )
         spec = window.window
         assert spec is not None
         if spec.windows.merging and not chosen.can_merge:
@@ -391,7 +379,9 @@ class Pipeline:
                 idle_ms=spec.idle_ms,
             )
 
-        return self._stateful(step_id, build, on_error, windowed=True)
+        return self._operator(
+            step_id, build, on_error, transforms=True, stateful=True, windowed=True
+        )
 
     def count(self, step_id: str) -> Pipeline:
         """The number of records per key so far."""
@@ -486,7 +476,7 @@ class Pipeline:
         horizon = within // timedelta(milliseconds=1)
         if horizon <= 0:
             raise PipelineDefinitionError("dedupe needs a positive horizon", step=step_id)
-        return chain._stateful(step_id, lambda: Dedupe(step_id, horizon), None, transforms=False)
+        return chain._operator(step_id, lambda: Dedupe(step_id, horizon), None, stateful=True)
 
     # -- joins --------------------------------------------------------------------------------
 
