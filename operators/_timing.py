@@ -3,7 +3,10 @@ records a call emits.
 
 The watermark is kept in the step's store under a key no record entry can have (a 1-tuple), so
 it is restored with the rest of the state. The idle timer is wall-clock and in memory: after a
-restore a partition counts as active until ``idle`` passes without records.
+restore a partition counts as active until ``idle`` passes without records, and the worker only
+asks (ticks) while it has nothing to fetch, so a worker catching up a backlog never moves a
+watermark by the clock. ``idle`` should still exceed the time upstream steps in other workers
+may need to catch up after a rebalance.
 """
 
 from __future__ import annotations

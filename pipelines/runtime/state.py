@@ -69,12 +69,16 @@ class TaskState:
                     local.reset()
                     entries, offset = {}, 0
                 store.load(entries)
+            replayed = RawBatch([], [], [])
             while offset < ends[tp]:
                 fetched = await log.read(tp, offset, _RESTORE_CHUNK)
                 if not len(fetched.records):
                     break
-                self.restored += store.apply(fetched.records, by_name)
+                replayed.extend(store.apply(fetched.records, by_name))
                 offset = fetched.next_offset
+            self.restored += len(replayed)
+            if local is not None:  # the copy must hold what it now claims to reflect
+                local.save(replayed, offset)
 
     def flush(self, outbox: Outbox, positions: Mapping[TopicPartition, int]) -> None:
         """Queue every store's changes since the last flush for its changelog."""

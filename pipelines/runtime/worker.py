@@ -118,14 +118,19 @@ class Worker:
                 async with self._lock:
                     self._process(fetched)
                     now = time.monotonic()
-                    if now >= next_tick:
-                        for task in self._tasks.values():
-                            task.tick()
+                    ticked = 0
+                    if now >= next_tick and not fetched:
+                        # only a worker with nothing to fetch lets time close idle windows: one
+                        # still catching up (after a rebalance, say) would close them too early
+                        ticked = sum(task.tick() for task in self._tasks.values())
                         next_tick = now + TICK_INTERVAL
-                    await self._outbox.send()
-                    if now >= next_checkpoint or (not fetched and self._positions):
+                    await self._send_outboxes()
+                    # idle with progress to commit, or windows closed by time: checkpoint now,
+                    # so what the end of a run waits for is durable when this worker reports
+                    if now >= next_checkpoint or (not fetched and self._positions) or ticked:
                         await self._checkpoint()
                         next_checkpoint = now + self._commit_interval
+                        next_report = now  # tell the runner what this checkpoint committed
                 if now >= next_report:
                     self._send_report()
                     next_report = now + REPORT_INTERVAL

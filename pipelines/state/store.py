@@ -110,11 +110,12 @@ class KeyValueStore:
         count = len(keys)
         return RawBatch(keys, values, [now_ms] * count, [header] * count)
 
-    def apply(self, batch: RawBatch, committed: Mapping[str, int]) -> int:
+    def apply(self, batch: RawBatch, committed: Mapping[str, int]) -> RawBatch:
         """Restore: apply the changelog records of ``batch`` whose input positions are committed
-        (``committed`` by ``topic/partition``), before any processing; returns how many."""
+        (``committed`` by ``topic/partition``), before any processing; returns those records
+        (for the local copy, which must hold them too)."""
         verdicts: dict[Headers, bool] = {}
-        applied = 0
+        applied = RawBatch([], [], [])
         raw = self._raw
         headers = batch.headers if batch.headers is not None else [()] * len(batch)
         for key, value, header in zip(batch.keys, batch.values, headers, strict=True):
@@ -127,7 +128,8 @@ class KeyValueStore:
                 raw.pop(key, None)
             else:
                 raw[key] = value
-            applied += 1
+            applied.keys.append(key)
+            applied.values.append(value)
         return applied
 
     def load(self, entries: Mapping[bytes, bytes]) -> None:
