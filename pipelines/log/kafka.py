@@ -112,10 +112,11 @@ async def _send_batches(
     futures = []
     builder = producer.create_batch()
     headers = batch.headers
+    no_headers: list[tuple[str, bytes]] = []  # shared: the client only reads it
     for i, (key, value, stamp) in enumerate(
         zip(batch.keys, batch.values, batch.timestamps, strict=True)
     ):
-        record_headers = [] if headers is None else list(headers[i])
+        record_headers = no_headers if headers is None else list(headers[i])
         if builder.append(key=key, value=value, timestamp=stamp, headers=record_headers):
             continue
         futures.append(await producer.send_batch(builder, topic, partition=partition))
@@ -143,22 +144,7 @@ class KafkaProducer(Producer):
         if not len(batch):
             return
         producer = await self._start()
-        builder = producer.create_batch()
-        headers = batch.headers
-        for i, (key, value, stamp) in enumerate(
-            zip(batch.keys, batch.values, batch.timestamps, strict=True)
-        ):
-            record_headers = [] if headers is None else list(headers[i])
-            if builder.append(key=key, value=value, timestamp=stamp, headers=record_headers):
-                continue
-            self._pending.append(await producer.send_batch(builder, topic, partition=partition))
-            builder = producer.create_batch()
-            if (
-                builder.append(key=key, value=value, timestamp=stamp, headers=record_headers)
-                is None
-            ):
-                raise LogError(f"a record of {len(value or b'')} bytes does not fit a Kafka batch")
-        self._pending.append(await producer.send_batch(builder, topic, partition=partition))
+        self._pending += await _send_batches(producer, topic, partition, batch)
 
     async def flush(self) -> None:
         pending, self._pending = self._pending, []
