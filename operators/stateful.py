@@ -4,11 +4,10 @@ rebalance; see :mod:`pipelines.state.store`."""
 
 from __future__ import annotations
 
-import heapq
-import itertools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from operators._expiry import Expiry
 from operators.aggregations import Aggregation
 from operators.base import Operator, call_each, describe_function, user_error
 
@@ -32,23 +31,43 @@ def missing_key_error(step_id: str, batch: Batch, index: int) -> StepError:
 
 
 class Aggregate(Operator):
-    """Fold each key's records into its accumulator; emit the key's new result per record."""
+    """Fold each key's records into its accumulator; emit the key's new result per record.
 
-    def __init__(self, step_id: str, aggregation: Aggregation) -> None:
+    With ``ttl_ms``, a key not updated for that long in event time is forgotten (its next
+    record starts from the initial accumulator); the store then keeps ``[acc, time]`` pairs and
+    keys expire through :class:`~operators._expiry.Expiry`, never by scanning the store.
+    """
+
+    def __init__(self, step_id: str, aggregation: Aggregation, ttl_ms: int | None = None) -> None:
         super().__init__(step_id)
         self.aggregation = aggregation
+        self._expiry = None if ttl_ms is None else Expiry(ttl_ms)
+
+    def _forget(self, key: Any, stamp: int) -> None:
+        entry = self.ctx.store.get(key)
+        if entry is not None and entry[1] == stamp:
+            self.ctx.store.delete(key)
 
     def process(self, batch: Batch) -> Batch:
         ctx = self.ctx
         store = ctx.store
         aggregation = self.aggregation
+        expiry = self._expiry
+        if expiry is not None and not expiry.loaded:
+            expiry.load((key, entry[1]) for key, entry in store.items())
         results: list[Any] = []
         kept: list[int] = []
-        for index, (key, value) in enumerate(zip(batch.keys, batch.values, strict=True)):
+        for index, (key, value, stamp) in enumerate(
+            zip(batch.keys, batch.values, batch.timestamps, strict=True)
+        ):
             if key is None:
                 ctx.reject(batch, index, missing_key_error(self.step_id, batch, index))
                 continue
+            if expiry is not None:
+                expiry.advance(stamp, self._forget)
             acc = store.get(key, _MISSING)
+            if expiry is not None and acc is not _MISSING:
+                acc = acc[0]
             try:
                 if acc is _MISSING:
                     acc = aggregation.initial()
@@ -58,7 +77,11 @@ class Aggregate(Operator):
                 what = describe_function(type(aggregation))
                 ctx.reject(batch, index, user_error(self.step_id, what, error, batch, index))
                 continue
-            store.put(key, acc)
+            if expiry is None:
+                store.put(key, acc)
+            else:
+                store.put(key, [acc, stamp])
+                expiry.stamp(key, stamp)
             results.append(result)
             kept.append(index)
         out = batch if len(kept) == len(batch) else batch.take(kept)
@@ -67,45 +90,35 @@ class Aggregate(Operator):
 
 class Dedupe(Operator):
     """Pass the first record of each key, and drop the records of that key whose event time is
-    less than ``horizon_ms`` after it.
-
-    A key is forgotten once the largest event time seen passes its first record by the horizon.
-    That is decided record by record (so what passes does not depend on how records are
-    batched), through a heap of (time, key) that finds those keys without scanning the store;
-    the heap is built once, from the store, after a restore.
-    """
+    less than ``horizon_ms`` after it. A key is forgotten once the largest event time seen
+    passes its first record by the horizon (see :mod:`operators._expiry`)."""
 
     def __init__(self, step_id: str, horizon_ms: int) -> None:
         super().__init__(step_id)
         self.horizon_ms = horizon_ms
-        self._expiry: list[tuple[int, int, Any]] | None = None
-        self._tiebreak = itertools.count()
-        self._latest = -(1 << 62)
+        self._expiry = Expiry(horizon_ms)
+
+    def _forget(self, key: Any, stamp: int) -> None:
+        if self.ctx.store.get(key) == stamp:
+            self.ctx.store.delete(key)
 
     def process(self, batch: Batch) -> Batch:
         ctx = self.ctx
         store = ctx.store
-        if self._expiry is None:
-            self._expiry = [(t, next(self._tiebreak), k) for k, t in store.items()]
-            heapq.heapify(self._expiry)
-            self._latest = max((t for t, _, _ in self._expiry), default=self._latest)
         expiry, horizon = self._expiry, self.horizon_ms
+        if not expiry.loaded:
+            expiry.load(store.items())
         kept: list[int] = []
         for index, (key, stamp) in enumerate(zip(batch.keys, batch.timestamps, strict=True)):
             if key is None:
                 ctx.reject(batch, index, missing_key_error(self.step_id, batch, index))
                 continue
-            if stamp > self._latest:
-                self._latest = stamp
-                while expiry and expiry[0][0] <= stamp - horizon:
-                    first, _, old = heapq.heappop(expiry)
-                    if store.get(old) == first:
-                        store.delete(old)
+            expiry.advance(stamp, self._forget)
             seen = store.get(key)
             if seen is not None and 0 <= stamp - seen < horizon:
                 continue
             store.put(key, stamp)
-            heapq.heappush(expiry, (stamp, next(self._tiebreak), key))
+            expiry.stamp(key, stamp)
             kept.append(index)
         return batch if len(kept) == len(batch) else batch.take(kept)
 

@@ -329,6 +329,7 @@ class Pipeline:
         initial: Any = None,
         fold: Callable[[Any, Any], Any] | None = None,
         merge: Callable[[Any, Any], Any] | None = None,
+        ttl: timedelta | None = None,
         on_error: ErrorPolicy | None = None,
     ) -> Pipeline:
         """Fold each key's records into an accumulator kept in fault-tolerant state, and emit
@@ -337,7 +338,9 @@ class Pipeline:
         Give an aggregation (``Count()``, ``Sum(lambda o: o.amount)``, ...), a dict of them
         (results come as a dict), or ``initial=`` and ``fold=(acc, value) -> acc`` (and
         ``merge=`` for session windows). Records need keys: ``key_by`` first. Accumulators are
-        stored as JSON. After ``window(...)``, it aggregates per key and window.
+        stored as JSON. After ``window(...)``, it aggregates per key and window. ``ttl`` forgets
+        a key not updated for that long in event time (its next record starts afresh), without
+        scanning the state.
         """
         if aggregation is None:
             if fold is None:
@@ -351,16 +354,22 @@ class Pipeline:
         except TypeError as error:
             raise PipelineDefinitionError(str(error), step=step_id) from None
         window = self._pending_window()
+        ttl_ms = None if ttl is None else _span_ms(step_id, "ttl", ttl)
         if window is None:
             return self._operator(
                 step_id,
-                lambda: Aggregate(step_id, chosen),
+                lambda: Aggregate(step_id, chosen, ttl_ms),
                 on_error,
                 transforms=True,
                 stateful=True,
             )
         spec = window.window
         assert spec is not None
+        if ttl is not None:
+            raise PipelineDefinitionError(
+                "a windowed aggregation forgets each window when it closes: leave out ttl=",
+                step=step_id,
+            )
         if spec.windows.merging and not chosen.can_merge:
             raise PipelineDefinitionError(
                 f"session windows merge accumulators, and {type(chosen).__name__} cannot: "
@@ -383,9 +392,9 @@ class Pipeline:
             step_id, build, on_error, transforms=True, stateful=True, windowed=True
         )
 
-    def count(self, step_id: str) -> Pipeline:
-        """The number of records per key so far."""
-        return self.aggregate(step_id, Count())
+    def count(self, step_id: str, *, ttl: timedelta | None = None) -> Pipeline:
+        """The number of records per key so far (forgetting keys idle for ``ttl``)."""
+        return self.aggregate(step_id, Count(), ttl=ttl)
 
     def sum(self, step_id: str, of: Callable[[Any], Any] = lambda v: v) -> Pipeline:
         """The sum of ``of(value)`` per key."""

@@ -75,3 +75,26 @@ def test_local_copy_round_trip(tmp_path: Path) -> None:
     restored = KeyValueStore("count", 0)
     restored.load(entries)
     assert dict(restored.items()) == {"ann": 3}
+
+
+def test_a_count_with_a_ttl_forgets_idle_keys_without_a_scan() -> None:
+    from datetime import timedelta
+
+    import connectors
+    from pipelines import Pipeline, Topic
+    from pipelines.testing import run_pipeline
+
+    events = [("a", 0), ("b", 100), ("a", 500), ("b", 1_500), ("a", 2_000), ("a", 2_100)]
+    source = connectors.Iterable(
+        [{"k": k, "t": t} for k, t in events], key=lambda v: v["k"], timestamp=lambda v: v["t"]
+    )
+    pipeline = (
+        Pipeline("ttl")
+        .source(source, into=Topic("events"))
+        .count("n", ttl=timedelta(seconds=1))
+        .sink(connectors.Collect(), step_id="out")
+    )
+    counts = [(r.key, r.value) for r in run_pipeline(pipeline).records("out")]
+    # a: 0, 500 count up; at 2000, a's last update (500) is more than 1 s old: a starts again
+    # b: 100, then 1500 comes more than 1 s later (b was forgotten when event time passed 1100)
+    assert counts == [("a", 1), ("b", 1), ("a", 2), ("b", 1), ("a", 1), ("a", 2)]
