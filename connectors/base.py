@@ -21,7 +21,15 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pipelines imports this module: a runtime import would be circular
     from pipelines.batch import Batch
 
-__all__ = ["Position", "Sink", "SinkContext", "SinkWriter", "Source", "SourceBatch"]
+__all__ = [
+    "Position",
+    "Sink",
+    "SinkContext",
+    "SinkWriter",
+    "Source",
+    "SourceBatch",
+    "int_position",
+]
 
 Position = Any
 """A JSON-serialisable value that tells a source where to resume (a byte offset, a count...)."""
@@ -41,6 +49,22 @@ class SourceBatch:
     keys: list[Any] | None = None
     timestamps: list[int] | None = None
     raw: bool = False
+
+
+def int_position(position: Position | None, what: str, unit: str) -> int:
+    """A stored position that counts ``unit`` (0 when there is none yet); anything else belongs
+    to another kind of source and is refused with a message that says what to do."""
+    if position is None:
+        return 0
+    if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+        from pipelines.errors import ConnectorError
+
+        raise ConnectorError(
+            f"{what} resumes from {unit}, got position {position!r}; the stored position "
+            "belongs to another kind of source: give this step another step_id or reset the "
+            "pipeline's positions"
+        )
+    return position
 
 
 class Source(ABC):

@@ -31,7 +31,15 @@ from typing import Any, BinaryIO, TypeAlias
 import orjson
 from pydantic import BaseModel
 
-from connectors.base import Position, Sink, SinkContext, SinkWriter, Source, SourceBatch
+from connectors.base import (
+    Position,
+    Sink,
+    SinkContext,
+    SinkWriter,
+    Source,
+    SourceBatch,
+    int_position,
+)
 from pipelines.batch import Batch
 from pipelines.errors import ConnectorError
 
@@ -65,18 +73,6 @@ class _Lines:
     end: int
     idle: bool
     has_cr: bool = False
-
-
-def _offset(position: Position | None, what: str) -> int:
-    if position is None:
-        return 0
-    if isinstance(position, bool) or not isinstance(position, int) or position < 0:
-        raise ConnectorError(
-            f"{what} resumes from a byte offset, got position {position!r}; the stored "
-            "position belongs to another kind of source: give this step another step_id or "
-            "reset the pipeline's positions"
-        )
-    return position
 
 
 def _open_error(path: Path, error: OSError, what: str) -> ConnectorError:
@@ -248,7 +244,7 @@ class JsonLines(Source):
         what = f"JsonLines source {str(self.path)!r}"
         size = self.batch_size
         carry: list[bytes] = []  # lines read but not emitted yet (fewer than a batch)
-        carry_start = _offset(position, what)
+        carry_start = int_position(position, what, "a byte offset")
         cr = False  # some line ended in \r\n: strip the \r from the values
         runs = _read_lines(
             self.path,
@@ -409,7 +405,7 @@ class Csv(Source):
     async def read(self, position: Position | None) -> AsyncIterator[SourceBatch]:
         """Batches of row dicts after byte offset ``position`` (see the class docstring)."""
         what = f"Csv source {str(self.path)!r}"
-        offset = _offset(position, what)
+        offset = int_position(position, what, "a byte offset")
         found = await self._header(what)
         if found is None:
             return

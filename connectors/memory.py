@@ -13,7 +13,15 @@ from datetime import datetime
 from itertools import islice
 from typing import Any, TypeAlias
 
-from connectors.base import Position, Sink, SinkContext, SinkWriter, Source, SourceBatch
+from connectors.base import (
+    Position,
+    Sink,
+    SinkContext,
+    SinkWriter,
+    Source,
+    SourceBatch,
+    int_position,
+)
 from pipelines.batch import Batch
 from pipelines.errors import ConnectorError
 from pipelines.record import Record, to_millis
@@ -122,7 +130,7 @@ class Iterable(Source):
 
     async def read(self, position: Position | None) -> AsyncIterator[SourceBatch]:
         """Batches of the items after the first ``position`` ones (see the class docstring)."""
-        done = _position(position)
+        done = int_position(position, "an Iterable source", "a count of items")
         items = self._open()
         batches = (
             self._read_async(items, done)
@@ -245,18 +253,6 @@ class _Pump:
             self.task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self.task
-
-
-def _position(position: Position | None) -> int:
-    if position is None:
-        return 0
-    if isinstance(position, bool) or not isinstance(position, int) or position < 0:
-        raise ConnectorError(
-            f"an Iterable source resumes from a count of items, got position {position!r}; "
-            "the stored position belongs to another kind of source: give this step another "
-            "step_id or reset the pipeline's positions"
-        )
-    return position
 
 
 def _millis(when: datetime | int) -> int:
