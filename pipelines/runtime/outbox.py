@@ -16,7 +16,7 @@ class Outbox:
     """Serialised records on their way to the log, grouped by partition.
 
     Keys pick the partition with Kafka's partitioner. A batch without keys goes whole to one
-    partition, the next such batch to the next partition (Kafka's sticky partitioning): fewer,
+    partition (the writer's own, or the next in rotation: Kafka's sticky partitioning): fewer,
     bigger frames, and no per-record work.
     Nothing is on the log until :meth:`send`; nothing is acknowledged until the producer
     flushes.
@@ -37,15 +37,19 @@ class Outbox:
         values: list[bytes | None],
         timestamps: list[int],
         headers: list[Headers] | None = None,
+        *,
+        sticky: int | None = None,
     ) -> None:
-        """Queue records for ``topic``, partitioned by key."""
+        """Queue records for ``topic``, partitioned by key. A batch without keys goes whole to
+        partition ``sticky`` (modulo the count) when given, else to the next in rotation."""
         if not values:
             return
         if topic.partitions == 1 or keys.count(None) == len(keys):
-            rotation = self._rotation[topic.name]
-            self._rotation[topic.name] = rotation + 1
+            if sticky is None:
+                sticky = self._rotation[topic.name]
+                self._rotation[topic.name] = sticky + 1
             batch = RawBatch(keys, values, timestamps, headers)
-            self._extend(topic.name, rotation % topic.partitions, batch)
+            self._extend(topic.name, sticky % topic.partitions, batch)
             return
         partitions = partition_batch(keys, topic.partitions)
         chunks: dict[int, list[int]] = defaultdict(list)

@@ -291,7 +291,9 @@ class Task:
         headers = None
         if batch.fetched.records.headers is not None:
             headers = [kept.headers_at(i) for i in range(len(kept))]
-        self.outbox.add(topic, list(keys), values, kept.timestamps, headers)
+        # records without keys stay on this task's partition number: workers then write
+        # disjoint partitions of the output (no re-reading each other's frames to append)
+        self.outbox.add(topic, list(keys), values, kept.timestamps, headers, sticky=self.partition)
 
 
 def _nullable(serialize: Any) -> Any:
