@@ -16,6 +16,7 @@ With the ``memory`` backend everything runs in this one process instead.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import multiprocessing
 import signal
@@ -81,6 +82,9 @@ def quiet_clients() -> None:
 def worker_main(options: RunOptions, index: int, channel: Connection) -> None:
     """The body of a worker process."""
     quiet_clients()
+    # a worker allocates a dict or two per record and keeps few of them: collecting young
+    # objects every 700 allocations cost 9% of at-least-once CPU (18% under exactly-once)
+    gc.set_threshold(50_000, 20, 20)
     try:
         asyncio.run(_work(options, options.compile(), index, channel))
     except PipelineError as error:
