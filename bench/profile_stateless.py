@@ -1,6 +1,7 @@
 """Where a single worker's time goes in the stateless benchmark.
 
     python bench/profile_stateless.py [--records N] [--partitions P] [--mode MODE] [--top K]
+    python bench/profile_stateless.py --processes 2 [--records N]
 
 Pre-fills the input topic as ``bench/stateless.py`` does, then runs the same pipeline with
 ``pipelines.runtime.inprocess.run_in_process`` (one worker, the embedded log, this process) to
@@ -19,6 +20,12 @@ faults per record. Then, by ``--mode``:
     dearer, so read it for what is called, not for the shares.
 ``none``
     just the run.
+
+``--processes N`` puts the timers inside N worker processes instead (``Worker`` on the
+embedded log, as the runner's processes run it, started together and stopped with SIGTERM once
+this process sees the input drained), and prints their CPU after start-up, summed: how the
+per-record cost of each stage changes when several workers share the machine and the output
+partitions.
 """
 
 from __future__ import annotations
@@ -29,22 +36,29 @@ import cProfile
 import functools
 import importlib
 import inspect
+import multiprocessing
 import pstats
 import resource
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Barrier
 from pathlib import Path
 from typing import Any
 
-from stateless import load_topology, output_count, prefill
+from stateless import PIPELINE, load_topology, output_count, prefill
 from workload import clicks_below
 
+from pipelines.loader import load_pipeline
 from pipelines.log import EmbeddedLog
+from pipelines.runtime.engine import is_drained
 from pipelines.runtime.inprocess import run_in_process
-from pipelines.runtime.topology import Topology
+from pipelines.runtime.topology import Topology, compile_pipeline
+from pipelines.runtime.worker import Worker
 
 Probe = tuple[int, str, str, str]
 """(depth in the printed tree, module, attribute path in the module, label)."""
@@ -150,12 +164,85 @@ def measured_run(data_dir: Path, topology: Topology, records: int) -> float:
     return (user + system) * records / 1e6
 
 
+WorkerTimes = tuple[float, dict[str, float]]
+"""What a timed worker process reports: its CPU seconds after start-up, and its timers."""
+
+
+def timed_worker(data_dir: str, index: int, barrier: Barrier, results: Queue[WorkerTimes]) -> None:
+    """One of ``--processes`` worker processes: a :class:`Worker` with timers, until SIGTERM."""
+    topology = compile_pipeline(load_pipeline(str(PIPELINE)))
+    asyncio.run(serve_timed(topology, Path(data_dir), index, barrier, results))
+
+
+async def serve_timed(
+    topology: Topology, data_dir: Path, index: int, barrier: Barrier, results: Queue[WorkerTimes]
+) -> None:
+    log = EmbeddedLog(data_dir)
+    worker = Worker(topology, log, index=index)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, worker.stop.set)
+    totals: dict[str, float] = {}
+    barrier.wait()  # every worker has started and imported everything: go together
+    started = time.process_time()
+    try:
+        with timers(totals):
+            await worker.run()
+    finally:
+        await log.close()
+    results.put((time.process_time() - started, totals))
+
+
+async def wait_drained(data_dir: Path, topology: Topology) -> None:
+    log = EmbeddedLog(data_dir)
+    try:
+        while not await is_drained(log, topology):
+            await asyncio.sleep(0.02)
+    finally:
+        await log.close()
+
+
+def process_run(data_dir: Path, topology: Topology, processes: int) -> list[WorkerTimes]:
+    """Run ``processes`` timed worker processes until the input is drained."""
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(processes + 1)
+    results: Queue[WorkerTimes] = context.Queue()
+    children = [
+        context.Process(target=timed_worker, args=(str(data_dir), i, barrier, results))
+        for i in range(processes)
+    ]
+    for child in children:
+        child.start()
+    barrier.wait()
+    asyncio.run(wait_drained(data_dir, topology))
+    for child in children:
+        child.terminate()  # SIGTERM: the worker checkpoints, leaves and reports
+    reports = [results.get() for _ in children]
+    for child in children:
+        child.join()
+    return reports
+
+
+def print_process_timers(reports: list[WorkerTimes], records: int) -> None:
+    cpu = sum(seconds for seconds, _ in reports)
+    print(
+        f"{len(reports)} worker process(es), {records:,} records: CPU after start-up "
+        f"{cpu / records * 1e6:.3f} µs/record (all workers together)"
+    )
+    totals = {label: sum(t[label] for _, t in reports) for _, _, _, label in PROBES}
+    print_timers(totals, records, cpu)
+
+
 def main(argv: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(description="Where one in-process worker's time goes.")
     parser.add_argument("--records", type=int, default=1_000_000)
     parser.add_argument("--partitions", type=int, default=4)
     parser.add_argument("--mode", choices=["timers", "cprofile", "none"], default="timers")
     parser.add_argument("--top", type=int, default=25, help="cprofile: functions to list")
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=0,
+        help="timers inside this many worker processes instead of one in-process worker",
+    )
     args = parser.parse_args(argv)
     topology = load_topology(args.partitions)
     totals: dict[str, float] = {}
@@ -163,6 +250,10 @@ def main(argv: Sequence[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="headwater-profile-") as tmp:
         data_dir = Path(tmp)
         asyncio.run(prefill(data_dir, topology, args.records, args.partitions))
+        if args.processes:
+            print_process_timers(process_run(data_dir, topology, args.processes), args.records)
+            print(f"command: python {' '.join(sys.argv)}")
+            return
         if args.mode == "timers":
             with timers(totals):
                 cpu = measured_run(data_dir, topology, args.records)

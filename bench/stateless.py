@@ -44,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -84,6 +85,7 @@ class Config:
     phase: str
     data_root: Path | None
     poll_ms: float | None
+    timeline: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +103,16 @@ class ThroughputRun:
     """Seconds from the first output record to the last (appended)."""
     steady: float
     """Seconds the middle half of the output took (see :meth:`OffsetSampler.steady`)."""
+    timeline: list[tuple[float, float]]
+    """Input records/s every 100 ms (see :meth:`OffsetSampler.timeline`)."""
     committed_rate: float
     """Records/s from the first commit seen to the input drained (sampling committed offsets)."""
     worker_cpu: float
     """CPU seconds (user + system) the worker processes used, start-up included."""
     runner_cpu: float
     """CPU seconds the runner's process used (this process: the benchmark's sampler too)."""
+    worker_faults: int
+    """Minor page faults in the worker processes, start-up included."""
     other_cores: float
     """Cores the rest of the machine kept busy meanwhile, on average (not the workers, not this
     process): how much the run had to share the CPU. NaN where ``/proc/stat`` is missing."""
@@ -158,6 +164,9 @@ def parse_args(argv: Sequence[str]) -> Config:
     parser.add_argument("--phase", choices=["all", "throughput", "latency"], default="all")
     parser.add_argument("--data-root", type=Path, default=None, help="where data dirs go")
     parser.add_argument(
+        "--timeline", action="store_true", help="throughput: print records/s every 100 ms"
+    )
+    parser.add_argument(
         "--poll-ms",
         type=float,
         default=None,
@@ -176,6 +185,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         phase=args.phase,
         data_root=args.data_root,
         poll_ms=args.poll_ms,
+        timeline=args.timeline,
     )
 
 
@@ -285,6 +295,19 @@ class OffsetSampler(threading.Thread):
         three_quarters = next(t for t, size in self.output_sizes if size >= final * 3 / 4)
         return three_quarters - quarter
 
+    def timeline(self, started: float, records: int) -> list[tuple[float, float]]:
+        """(seconds since ``started``, input records/s) per 100 ms: the output's growth, read
+        as input records (output bytes are proportional to the records processed)."""
+        final = sum(map(_size, self.output_files)) or 1
+        first_in_bucket: dict[int, tuple[float, int]] = {}
+        for t, size in self.output_sizes:
+            first_in_bucket.setdefault(int((t - started) * 10), (t, size))
+        marks = [first_in_bucket[b] for b in sorted(first_in_bucket)]
+        return [
+            (t0 - started, (s1 - s0) / final * records / (t1 - t0))
+            for (t0, s0), (t1, s1) in pairwise(marks)
+        ]
+
 
 def _size(path: Path) -> int:
     try:
@@ -324,6 +347,8 @@ class CpuSnapshot:
     runner: float
     machine: float
     at: float
+    worker_faults: int
+    """Minor page faults of the reaped children."""
 
     @classmethod
     def now(cls) -> CpuSnapshot:
@@ -334,6 +359,7 @@ class CpuSnapshot:
             runner=own.ru_utime + own.ru_stime,
             machine=machine_busy(),
             at=time.time(),
+            worker_faults=children.ru_minflt,
         )
 
     def minus(self, before: CpuSnapshot) -> CpuSnapshot:
@@ -342,6 +368,7 @@ class CpuSnapshot:
             runner=self.runner - before.runner,
             machine=self.machine - before.machine,
             at=self.at - before.at,
+            worker_faults=self.worker_faults - before.worker_faults,
         )
 
     @property
@@ -382,9 +409,11 @@ def summarize_throughput(
         startup=first - started,
         processing=last - first,
         steady=sampler.steady(),
+        timeline=sampler.timeline(started, config.records),
         committed_rate=(config.records - commit_count) / max(drained - commit_time, 1e-9),
         worker_cpu=cpu.workers,
         runner_cpu=cpu.runner,
+        worker_faults=cpu.worker_faults,
         other_cores=cpu.other_cores,
     )
 
@@ -412,10 +441,14 @@ def report_throughput(config: Config, result: ThroughputRun) -> None:
         f"({result.processing:.2f} s), {result.steady_rate:,.0f} rec/s steady, "
         f"start-up {result.startup:.2f} s, commit-sampled {result.committed_rate:,.0f} rec/s, "
         f"worker CPU {result.worker_cpu:.2f} s ({result.worker_cpu / result.records * 1e6:.2f} "
-        f"µs/record), runner CPU {result.runner_cpu:.2f} s, "
+        f"µs/record, {result.worker_faults / result.records:.3f} faults/record), "
+        f"runner CPU {result.runner_cpu:.2f} s, "
         f"other processes {result.other_cores:.2f} cores",
         flush=True,
     )
+    if config.timeline:
+        rates = [f"{t:.1f}s {rate / 1000:,.0f}k" for t, rate in result.timeline if t >= 0]
+        print("    records/s per 100 ms: " + ", ".join(rates), flush=True)
     check_output("throughput", result.output, clicks_below(config.records))
 
 
