@@ -16,14 +16,15 @@ throughput
     runner used, and how many cores the rest of the machine kept busy meanwhile (a run that had
     to share the CPU is not comparable). Worker counts are interleaved over ``--repeat`` rounds.
 latency
-    worker processes run the pipeline (``pipelines.runtime.worker.Worker`` on the embedded log,
-    as the runner's worker processes do; stopped with SIGTERM at the end) while a producer
+    the runner runs the pipeline without sources (``RunOptions(sources=False)``, as ``headwater
+    worker`` does, so it does not stop when the input is drained; stopped with SIGTERM at the
+    end, which stops its worker processes cleanly) while a producer
     appends at a steady ``--rate`` in small batches every ``--tick-ms``, each record's timestamp
     set to the wall-clock ms when its batch is appended, and a reader tails the output topic.
     Timestamps travel with records, so latency = time read - record timestamp. Records sent
     during the ``--warmup`` seconds (workers starting, joining the group) are not measured.
-    ``--poll-ms`` (an experiment) overrides the embedded log's idle poll interval in these
-    workers.
+    ``--poll-ms`` (an experiment) overrides the embedded log's idle poll interval in the
+    workers (through ``bench/stateless_pipeline.py``, which they import).
 
 This is a benchmark, not a test: it prints numbers, and checks only that every record came out.
 """
@@ -37,7 +38,6 @@ import os
 import resource
 import shlex
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -51,12 +51,11 @@ from pathlib import Path
 from workload import clicks_below, encoded_events
 
 from pipelines.loader import load_pipeline
-from pipelines.log import EmbeddedLog, embedded
+from pipelines.log import EmbeddedLog
 from pipelines.log.base import RawBatch, TopicPartition
 from pipelines.runtime.engine import prepare_topics
 from pipelines.runtime.runner import RunOptions, run
 from pipelines.runtime.topology import Topology, compile_pipeline
-from pipelines.runtime.worker import Worker
 
 PIPELINE = Path(__file__).resolve().with_name("stateless_pipeline.py")
 INPUT_TOPIC = "bench-in"
@@ -170,7 +169,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         "--poll-ms",
         type=float,
         default=None,
-        help="experiment: override the embedded log's idle poll interval in the latency workers",
+        help="experiment: override the embedded log's idle poll interval in the workers",
     )
     args = parser.parse_args(argv)
     return Config(
@@ -189,11 +188,14 @@ def parse_args(argv: Sequence[str]) -> Config:
     )
 
 
-def load_topology(partitions: int) -> Topology:
-    """The pipeline, with its topic names and partitions exported for the worker processes."""
+def load_topology(partitions: int, poll_ms: float | None = None) -> Topology:
+    """The pipeline, with its topic names and partitions (and the ``--poll-ms`` experiment)
+    exported for the runner and worker processes."""
     os.environ["BENCH_INPUT_TOPIC"] = INPUT_TOPIC
     os.environ["BENCH_OUTPUT_TOPIC"] = OUTPUT_TOPIC
     os.environ["BENCH_PARTITIONS"] = str(partitions)
+    if poll_ms is not None:
+        os.environ["BENCH_POLL_MS"] = str(poll_ms)
     return compile_pipeline(load_pipeline(str(PIPELINE)))
 
 
@@ -460,53 +462,35 @@ def check_output(phase: str, received: int, expected: int) -> None:
 # -- latency --------------------------------------------------------------------------------
 
 
-def worker_main(data_dir: str, index: int, poll_ms: float | None) -> None:
-    """A worker process of the latency phase: one :class:`Worker` until SIGTERM.
-
-    ``poll_ms`` is an experiment, not a setting: it overrides the embedded log's private poll
-    interval (how long an idle consumer sleeps before looking at the files again) to show how
-    much of the latency it accounts for.
-    """
-    if poll_ms is not None:
-        embedded._POLL_SECONDS = poll_ms / 1000
-    topology = compile_pipeline(load_pipeline(str(PIPELINE)))
-    asyncio.run(serve(topology, Path(data_dir), index))
-
-
-async def serve(topology: Topology, data_dir: Path, index: int) -> None:
-    log = EmbeddedLog(data_dir)
-    worker = Worker(topology, log, index=index)
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, worker.stop.set)
-    try:
-        await worker.run()
-    finally:
-        await log.close()
+def runner_main(data_dir: str, workers: int) -> None:
+    """The latency phase's runner process: ``runner.run`` with ``sources=False`` (as
+    ``headwater worker`` runs), so it never stops on drain. SIGTERM stops it, and it stops its
+    worker processes cleanly."""
+    options = RunOptions(
+        spec=str(PIPELINE),
+        workers=workers,
+        data_dir=Path(data_dir),
+        progress=False,
+        sources=False,
+    )
+    run(options)
 
 
-def start_workers(data_dir: Path, count: int, poll_ms: float | None) -> list[BaseProcess]:
+def start_runner(data_dir: Path, workers: int) -> BaseProcess:
     context = multiprocessing.get_context("spawn")
-    processes = [
-        context.Process(
-            target=worker_main, args=(str(data_dir), i, poll_ms), name=f"bench-worker-{i}"
-        )
-        for i in range(count)
-    ]
-    for process in processes:
-        process.start()
-    return processes
+    process = context.Process(
+        target=runner_main, args=(str(data_dir), workers), name="bench-runner"
+    )
+    process.start()
+    return process
 
 
-def stop_workers(processes: list[BaseProcess]) -> None:
-    for process in processes:
-        if process.is_alive():
-            process.terminate()  # SIGTERM: the worker finishes its batch, commits and leaves
-    for process in processes:
-        process.join(STOP_GRACE)
-        if process.is_alive():
-            process.kill()
-            process.join()
+def stop_runner(process: BaseProcess) -> None:
+    process.terminate()  # SIGTERM: the workers finish their batch, commit and leave
+    process.join(STOP_GRACE)
+    if process.is_alive():
+        process.kill()
+        process.join()
 
 
 async def produce(log: EmbeddedLog, config: Config) -> int:
@@ -582,11 +566,11 @@ def latency_run(config: Config, topology: Topology, scratch: Path, workers: int)
     data_dir = scratch / f"latency-{workers}w"
     asyncio.run(prefill(data_dir, topology, 0, config.partitions))
     before = CpuSnapshot.now()
-    processes = start_workers(data_dir, workers, config.poll_ms)
+    runner = start_runner(data_dir, workers)
     try:
         result = asyncio.run(drive(config, data_dir, workers))
     finally:
-        stop_workers(processes)
+        stop_runner(runner)
     result = replace(result, other_cores=CpuSnapshot.now().minus(before).other_cores)
     shutil.rmtree(data_dir)
     print(
@@ -695,7 +679,7 @@ def describe(config: Config) -> str:
 
 def main(argv: Sequence[str]) -> None:
     config = parse_args(argv)
-    topology = load_topology(config.partitions)
+    topology = load_topology(config.partitions, config.poll_ms)
     print(describe(config), flush=True)
     with tempfile.TemporaryDirectory(prefix="headwater-bench-", dir=config.data_root) as tmp:
         scratch = Path(tmp)
