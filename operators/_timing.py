@@ -29,7 +29,7 @@ class EventClock:
 
     def __init__(self, idle_ms: int) -> None:
         self.idle_ms = idle_ms
-        self._last_arrival = time.monotonic()
+        self._last_arrival: float | None = None  # the first tick starts the timer
 
     @staticmethod
     def watermark(store: KeyValueStore) -> int:
@@ -47,7 +47,10 @@ class EventClock:
 
     def idle_now(self) -> int | None:
         """The wall clock (epoch ms) once the partition has been idle for ``idle``, else None."""
-        if (time.monotonic() - self._last_arrival) * 1000 < self.idle_ms:
+        now = time.monotonic()
+        if self._last_arrival is None:  # first asked after the task's restore: active from now
+            self._last_arrival = now
+        if (now - self._last_arrival) * 1000 < self.idle_ms:
             return None
         return time.time_ns() // 1_000_000
 

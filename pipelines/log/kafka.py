@@ -47,7 +47,7 @@ from pipelines.settings import KafkaSettings
 __all__ = ["KafkaConsumer", "KafkaLog", "KafkaProducer"]
 
 T = TypeVar("T")
-_READ_TIMEOUT_MS = 2000
+_READ_POLL_MS = 200
 _TOPIC_CONFIG = 1  # DescribeConfigs config_source: set on the topic itself
 
 
@@ -469,11 +469,23 @@ class KafkaLog(LogBackend):
             return FetchedBatch(tp.topic, tp.partition, RawBatch([], [], []), [], offset)
         reader.assign([kafka_tp])
         reader.seek(kafka_tp, offset)
-        data = await reader.getmany(kafka_tp, timeout_ms=_READ_TIMEOUT_MS, max_records=max_records)
-        messages = data.get(kafka_tp, [])
-        if not messages:
-            return FetchedBatch(tp.topic, tp.partition, RawBatch([], [], []), [], offset)
-        return _fetched(kafka_tp, messages)
+        deadline = asyncio.get_running_loop().time() + self.settings.connect_timeout
+        while True:
+            data = await reader.getmany(kafka_tp, timeout_ms=_READ_POLL_MS, max_records=max_records)
+            messages = data.get(kafka_tp, [])
+            if messages:
+                return _fetched(kafka_tp, messages)
+            # nothing: either only transaction markers are left before the end, or the broker
+            # is slow; a restore must tell the two apart, never stop early
+            position = await reader.position(kafka_tp)
+            if position >= end:
+                return FetchedBatch(tp.topic, tp.partition, RawBatch([], [], []), [], position)
+            if asyncio.get_running_loop().time() > deadline:
+                raise LogError(
+                    f"reading {tp} from offset {position} (end {end}) made no progress within "
+                    f"{self.settings.connect_timeout:g}s",
+                    retriable=True,
+                )
 
     def producer(self) -> Producer:
         return KafkaProducer(self.settings)
