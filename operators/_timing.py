@@ -1,58 +1,45 @@
-"""What the event-time operators (windows, stream joins) share: a partition's clock and the
-records a call emits.
+"""What the event-time operators (windows, stream joins, dedupe, TTL) share: the task's
+event-time mark as each step keeps it, and the records a call emits.
 
-The watermark is kept in the step's store under a key no record entry can have (a 1-tuple), so
-it is restored with the rest of the state. The idle timer is wall-clock and in memory: after a
-restore a partition counts as active until ``idle`` passes without records, and the worker only
-asks (ticks) while it has nothing to fetch, so a worker catching up a backlog never moves a
-watermark by the clock. ``idle`` should still exceed the time upstream steps in other workers
-may need to catch up after a rebalance.
+The runtime tells each step when its task's inputs have all progressed to an event-time mark
+(see :mod:`pipelines.runtime.watermarks`): :meth:`~operators.base.Operator.on_watermark`. A step
+turns the mark into its own watermark (minus its declared lateness), keeps it in its store under
+a key no record entry can have (a 1-tuple), so it is restored with the rest of the state and
+never goes back, and closes or expires what the watermark has passed.
 """
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipelines.batch import Batch
     from pipelines.state.store import KeyValueStore
 
-__all__ = ["NO_WATERMARK", "WATERMARK_KEY", "Emitted", "EventClock"]
+__all__ = ["END_OF_TIME", "NO_WATERMARK", "WATERMARK_KEY", "Emitted", "advance", "watermark"]
 
 WATERMARK_KEY = ("watermark",)
 NO_WATERMARK = -(1 << 62)
+"""The watermark before anything is known."""
+END_OF_TIME = 1 << 62
+"""The mark of inputs that will never write again: every window closes."""
 
 
-class EventClock:
-    """One partition's watermark (in the step's store) and its idle timer."""
+def watermark(store: KeyValueStore) -> int:
+    """The step's watermark on this partition."""
+    value = store.get(WATERMARK_KEY)
+    return NO_WATERMARK if value is None else int(value)
 
-    def __init__(self, idle_ms: int) -> None:
-        self.idle_ms = idle_ms
-        self._last_arrival: float | None = None  # the first tick starts the timer
 
-    @staticmethod
-    def watermark(store: KeyValueStore) -> int:
-        value = store.get(WATERMARK_KEY)
-        return NO_WATERMARK if value is None else int(value)
-
-    def advance(self, store: KeyValueStore, candidate: int) -> None:
-        """Move the watermark up to ``candidate`` (never back)."""
-        if candidate > self.watermark(store):
-            store.put(WATERMARK_KEY, candidate)
-
-    def arrived(self) -> None:
-        """Records came: the partition is not idle."""
-        self._last_arrival = time.monotonic()
-
-    def idle_now(self) -> int | None:
-        """The wall clock (epoch ms) once the partition has been idle for ``idle``, else None."""
-        now = time.monotonic()
-        if self._last_arrival is None:  # first asked after the task's restore: active from now
-            self._last_arrival = now
-        if (now - self._last_arrival) * 1000 < self.idle_ms:
-            return None
-        return time.time_ns() // 1_000_000
+def advance(store: KeyValueStore, mark: int, lateness_ms: int = 0) -> bool:
+    """Move the step's watermark up to ``mark - lateness_ms`` (never back); whether it moved."""
+    if mark <= NO_WATERMARK:
+        return False
+    candidate = END_OF_TIME if mark >= END_OF_TIME else mark - lateness_ms
+    if candidate <= watermark(store):
+        return False
+    store.put(WATERMARK_KEY, candidate)
+    return True
 
 
 class Emitted:
@@ -67,7 +54,7 @@ class Emitted:
         self.origins: list[int] = []
 
     def add(self, key: Any, value: Any, stamp: int, origin: int) -> None:
-        """One record; ``origin`` indexes the input batch (-1: made on a timer)."""
+        """One record; ``origin`` indexes the input batch (-1: made as time passed)."""
         self.keys.append(key)
         self.values.append(value)
         self.stamps.append(stamp)

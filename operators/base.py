@@ -41,6 +41,10 @@ class StepContext(Protocol):
     def late(self, batch: Batch, index: int) -> None:
         """Send record ``index`` of ``batch`` to the step's late-data topic, and count it."""
 
+    def observe(self, batch: Batch) -> None:
+        """The records of ``batch`` now carry their event times (the step set them): they are
+        what moves the mark of the input partition they were read from."""
+
 
 class Operator(ABC):
     """One step's processing for one task."""
@@ -68,9 +72,10 @@ class Operator(ABC):
         """How many results wait for time to pass (open windows); the run waits for them."""
         return 0
 
-    def tick(self, batch: Batch) -> Batch:
-        """Called about once a second, with an empty batch, whether records come or not;
-        returns what the step emits because time passed (windows that close, say)."""
+    def on_watermark(self, mark: int, batch: Batch) -> Batch:
+        """Every input of the task has progressed to event time ``mark`` (see
+        :mod:`operators._timing`); returns what that lets the step emit (windows that close,
+        say), as records read from the same place as the empty ``batch``."""
         return batch
 
     def close(self) -> None:  # noqa: B027 - optional hook, nothing to do by default

@@ -16,15 +16,15 @@ processed before it (no synchronisation by timestamp between the two topics).
 
 **Stream-stream.** Records of the two sides join when their keys are equal and their event
 times (record timestamps) differ by at most ``within``. Each side's records wait in the step's
-store, one entry per record, until the partition's watermark (the largest event time seen on
-either side) passes their time + ``within`` + ``grace``; then they expire. Every matching pair
+store, one entry per record, until the partition's watermark (the event-time mark of the task's
+inputs, the smaller of the two sides; see :mod:`pipelines.runtime.watermarks`) passes their
+time + ``within`` + ``grace``; then they expire. Every matching pair
 is emitted once, by whichever of the two records arrives second, as ``merge(left, right)`` with
 the later of the two timestamps. With ``how="left"`` a left record that expires without having
 met a right record emits ``merge(left, None)`` then, at its own timestamp. A record whose time
 plus ``grace`` is behind the watermark is *late* (partners it could meet may have expired): it
-goes to the late-data topic ``<pipeline>.<step>.late`` and joins nothing. As for windows, a
-partition without records for ``idle`` lets its watermark follow the wall clock, so waiting
-left records are emitted without new data.
+goes to the late-data topic ``<pipeline>.<step>.late`` and joins nothing. When both inputs are
+exhausted, or idle (see the runtime), waiting left records are emitted without new data.
 
 Stored values are JSON: a record's value is kept as its JSON form (a pydantic model as
 ``model_dump(mode="json")``; a value that is not JSON-serialisable is rejected by the step's
@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from operators._timing import Emitted, EventClock
+from operators._timing import Emitted, advance, watermark
 from operators.base import Operator, describe_function, user_error
 from operators.stateful import missing_key_error
 
@@ -194,7 +194,6 @@ class StreamJoin(Join):
         how: JoinHow,
         within_ms: int,
         grace_ms: int,
-        idle_ms: int,
         models: tuple[type[BaseModel] | None, type[BaseModel] | None] = (None, None),
     ) -> None:
         super().__init__(step_id)
@@ -202,20 +201,18 @@ class StreamJoin(Join):
         self.how = how
         self.within_ms = within_ms
         self.grace_ms = grace_ms
-        self.idle_ms = idle_ms
         self._codecs = (_Codec(models[0]), _Codec(models[1]))
         self._entries: dict[int, _Entry] | None = None  # by seq
         self._by_key: dict[tuple[int, Any], list[tuple[int, int]]] = {}  # sorted (time, seq)
         self._expiry: list[tuple[int, int]] = []  # heap of (time + within + grace, seq)
         self._unmatched = 0  # left records that will emit merge(left, None) unless matched
         self._next_seq = 0
-        self._clock = EventClock(idle_ms)
 
     # -- state ---------------------------------------------------------------------------------
 
     @property
     def watermark(self) -> int:
-        return self._clock.watermark(self.ctx.store)
+        return watermark(self.ctx.store)
 
     @property
     def pending(self) -> int:
@@ -290,7 +287,6 @@ class StreamJoin(Join):
             if key is None:
                 ctx.reject(batch, index, missing_key_error(self.step_id, batch, index))
                 continue
-            # the watermark moves record by record, so lateness does not depend on batching
             if stamp + grace < watermark:
                 ctx.late(batch, index)
                 continue
@@ -307,7 +303,6 @@ class StreamJoin(Join):
                 rejection.__cause__ = error
                 ctx.reject(batch, index, rejection)
                 continue
-            watermark = max(watermark, stamp)
             partners = self._partners(side, state_key, stamp)
             for partner in partners:
                 pair = (live, partner.value) if side == LEFT else (partner.value, live)
@@ -326,10 +321,6 @@ class StreamJoin(Join):
             self._next_seq += 1
             store.put(entry.state_key, [stored, entry.matched])
             self._add(entry)
-        if len(batch):
-            self._clock.arrived()
-            self._clock.advance(store, watermark)
-        self._expire(batch, emitted)
         return emitted.batch(batch)
 
     def _expire(self, batch: Batch, emitted: Emitted) -> None:
@@ -357,14 +348,10 @@ class StreamJoin(Join):
                 continue
             emitted.add(entry.key, joined, entry.time, -1)
 
-    def tick(self, batch: Batch) -> Batch:
-        """Once the partition has been idle for ``idle``, move its watermark up to the wall
-        clock; expire (and, for a left join, emit) what that passes."""
+    def on_watermark(self, mark: int, batch: Batch) -> Batch:
+        """Move the watermark to ``mark``; expire (and, for a left join, emit) what it passes."""
         self._index()
-        now = self._clock.idle_now()
-        if now is None:
-            return batch
-        self._clock.advance(self.ctx.store, now)
         emitted = Emitted()
-        self._expire(batch, emitted)
+        if advance(self.ctx.store, mark):
+            self._expire(batch, emitted)
         return emitted.batch(batch)

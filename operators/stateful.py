@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING, Any
 
 from operators._expiry import Expiry
 from operators.aggregations import Aggregation
-from operators.base import Operator, call_each, describe_function, user_error
+from operators.base import Operator, StepContext, call_each, describe_function, user_error
 
 if TYPE_CHECKING:
     from pipelines.batch import Batch
     from pipelines.errors import StepError
 
-__all__ = ["Aggregate", "Dedupe", "EventTime", "missing_key_error"]
+__all__ = ["Aggregate", "Dedupe", "EventTime", "missing_key_error", "stamped"]
 
 _MISSING = object()
 
@@ -33,9 +33,10 @@ def missing_key_error(step_id: str, batch: Batch, index: int) -> StepError:
 class Aggregate(Operator):
     """Fold each key's records into its accumulator; emit the key's new result per record.
 
-    With ``ttl_ms``, a key not updated for that long in event time is forgotten (its next
-    record starts from the initial accumulator); the store then keeps ``[acc, time]`` pairs and
-    keys expire through :class:`~operators._expiry.Expiry`, never by scanning the store.
+    With ``ttl_ms``, a key is forgotten once the task's event-time mark passes its latest
+    record by that long (its next record starts from the initial accumulator); the store then
+    keeps ``[acc, time]`` pairs and keys expire through :class:`~operators._expiry.Expiry`,
+    never by scanning the store.
     """
 
     def __init__(self, step_id: str, aggregation: Aggregation, ttl_ms: int | None = None) -> None:
@@ -63,11 +64,10 @@ class Aggregate(Operator):
             if key is None:
                 ctx.reject(batch, index, missing_key_error(self.step_id, batch, index))
                 continue
-            if expiry is not None:
-                expiry.advance(stamp, self._forget)
             acc = store.get(key, _MISSING)
+            latest = stamp
             if expiry is not None and acc is not _MISSING:
-                acc = acc[0]
+                acc, latest = acc[0], max(stamp, acc[1])
             try:
                 if acc is _MISSING:
                     acc = aggregation.initial()
@@ -80,18 +80,32 @@ class Aggregate(Operator):
             if expiry is None:
                 store.put(key, acc)
             else:
-                store.put(key, [acc, stamp])
-                expiry.stamp(key, stamp)
+                store.put(key, [acc, latest])
+                expiry.stamp(key, latest)
             results.append(result)
             kept.append(index)
         out = batch if len(kept) == len(batch) else batch.take(kept)
         return out.with_values(results)
 
+    def on_watermark(self, mark: int, batch: Batch) -> Batch:
+        """Forget the keys whose latest record the mark has passed by the ttl."""
+        expiry = self._expiry
+        if expiry is not None:
+            if not expiry.loaded:
+                expiry.load((key, entry[1]) for key, entry in self.ctx.store.items())
+            expiry.advance(mark, self._forget)
+        return batch
+
 
 class Dedupe(Operator):
-    """Pass the first record of each key, and drop the records of that key whose event time is
-    less than ``horizon_ms`` after it. A key is forgotten once the largest event time seen
-    passes its first record by the horizon (see :mod:`operators._expiry`)."""
+    """Drop a record when a record of the same key passed whose event time is less than
+    ``horizon_ms`` away from its own (before or after), whatever order they arrive in.
+
+    The store keeps, per key, the event times of the records that passed; each is forgotten
+    once the task's event-time mark has passed it by the horizon (see
+    :mod:`operators._expiry`): the mark is the smallest over every upstream writer, so no
+    record within the declared disorder can still need it.
+    """
 
     def __init__(self, step_id: str, horizon_ms: int) -> None:
         super().__init__(step_id)
@@ -99,33 +113,50 @@ class Dedupe(Operator):
         self._expiry = Expiry(horizon_ms)
 
     def _forget(self, key: Any, stamp: int) -> None:
-        if self.ctx.store.get(key) == stamp:
+        passed = self.ctx.store.get(key)
+        if passed is None or stamp not in passed:
+            return
+        left = [s for s in passed if s != stamp]
+        if left:
+            self.ctx.store.put(key, left)
+        else:
             self.ctx.store.delete(key)
+
+    def _load(self) -> None:
+        self._expiry.load(
+            (key, stamp) for key, passed in self.ctx.store.items() for stamp in passed
+        )
 
     def process(self, batch: Batch) -> Batch:
         ctx = self.ctx
         store = ctx.store
         expiry, horizon = self._expiry, self.horizon_ms
         if not expiry.loaded:
-            expiry.load(store.items())
+            self._load()
         kept: list[int] = []
         for index, (key, stamp) in enumerate(zip(batch.keys, batch.timestamps, strict=True)):
             if key is None:
                 ctx.reject(batch, index, missing_key_error(self.step_id, batch, index))
                 continue
-            expiry.advance(stamp, self._forget)
-            seen = store.get(key)
-            if seen is not None and 0 <= stamp - seen < horizon:
+            passed = store.get(key)
+            if passed is not None and any(abs(stamp - s) < horizon for s in passed):
                 continue
-            store.put(key, stamp)
+            store.put(key, [stamp] if passed is None else [*passed, stamp])
             expiry.stamp(key, stamp)
             kept.append(index)
         return batch if len(kept) == len(batch) else batch.take(kept)
 
+    def on_watermark(self, mark: int, batch: Batch) -> Batch:
+        """Forget the passed records the mark is a horizon beyond."""
+        if not self._expiry.loaded:
+            self._load()
+        self._expiry.advance(mark, self._forget)
+        return batch
+
 
 class EventTime(Operator):
-    """Set each record's timestamp to ``time(value)`` (a tz-aware datetime or epoch ms), the
-    event time windows and watermarks use; without ``time`` records keep their timestamps."""
+    """Set each record's timestamp to ``time(value)``, the event time windows and watermarks
+    use (see :func:`stamped`); without ``time`` records keep their timestamps."""
 
     def __init__(self, step_id: str, time: Callable[[Any], Any] | None) -> None:
         super().__init__(step_id)
@@ -134,18 +165,22 @@ class EventTime(Operator):
     def process(self, batch: Batch) -> Batch:
         if self.time is None:
             return batch
-        time = self.time
-
-        def millis(value: Any) -> int:
-            when = time(value)
-            if isinstance(when, int):
-                return when
-            from pipelines.record import to_millis
-
-            return to_millis(when)
-
-        stamps, failed = call_each(self.ctx, millis, batch, name=describe_function(time))
-        timed = batch.with_timestamps(stamps)
-        if failed:
-            return timed.take([i for i in range(len(batch)) if i not in failed])
+        timed = stamped(self.ctx, self.time, batch)
+        self.ctx.observe(timed)
         return timed
+
+
+def stamped(ctx: StepContext, time: Callable[[Any], Any], batch: Batch) -> Batch:
+    """``batch`` with each record's timestamp set to ``time(value)``: a datetime (tz-aware),
+    an ISO-8601 string with a time zone, or milliseconds since the epoch. A record whose
+    ``time`` raises or returns anything else is rejected through ``ctx``."""
+    from pipelines.record import event_millis
+
+    def millis(value: Any) -> int:
+        return event_millis(time(value))
+
+    stamps, failed = call_each(ctx, millis, batch, name=f"the event time {describe_function(time)}")
+    timed = batch.with_timestamps(stamps)
+    if failed:
+        return timed.take([i for i in range(len(batch)) if i not in failed])
+    return timed

@@ -1,12 +1,11 @@
-"""Windowed aggregation on event time, with a watermark per partition.
+"""Windowed aggregation on event time.
 
 State, in the step's store: one entry per (key, window) holding the accumulator, and the
-partition's watermark. The watermark is the largest event time seen minus the allowed lateness,
-moved record by record (so lateness does not depend on how records are batched); when no record
-arrives for ``idle`` (wall clock), it moves up to the wall clock minus the lateness, so windows
-close without new data. A window closes once the watermark reaches ``end + grace``: its final
-result is emitted then (once; ``emit="update"`` also emits every change before), and its state
-is deleted.
+partition's watermark. The watermark is the mark the runtime reports for the task's inputs
+(the smallest over every upstream writer; see :mod:`pipelines.runtime.watermarks`) minus the
+allowed lateness. Records of a batch are judged against the watermark before it; when the mark
+moves, every window whose ``end + grace`` the watermark has reached closes: its final result is
+emitted then (once; ``emit="update"`` also emits every change before), and its state is deleted.
 A record whose every window is already closed is *late*: it goes to the late-data topic
 ``<pipeline>.<step>.late`` (original bytes) and is counted, never folded in.
 
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from operators._timing import WATERMARK_KEY, Emitted, EventClock
+from operators._timing import WATERMARK_KEY, Emitted, advance, watermark
 from operators.aggregations import Aggregation
 from operators.base import Operator, describe_function, user_error
 from operators.stateful import missing_key_error
@@ -69,7 +68,6 @@ class WindowedAggregate(Operator):
         emit: EmitMode,
         grace_ms: int,
         lateness_ms: int,
-        idle_ms: int,
     ) -> None:
         super().__init__(step_id)
         self.windows = windows
@@ -77,11 +75,9 @@ class WindowedAggregate(Operator):
         self.emit = emit
         self.grace_ms = grace_ms
         self.lateness_ms = lateness_ms
-        self.idle_ms = idle_ms
         self._ends: list[tuple[int, int, Any]] | None = None  # (end, tiebreak, state key)
         self._sessions: dict[Any, list[Window]] = {}
         self._tiebreak = itertools.count()
-        self._clock = EventClock(idle_ms)
 
     # -- state helpers -------------------------------------------------------------------------
 
@@ -92,7 +88,7 @@ class WindowedAggregate(Operator):
 
     @property
     def watermark(self) -> int:
-        return self._clock.watermark(self.ctx.store)
+        return watermark(self.ctx.store)
 
     def _index(self) -> list[tuple[int, int, Any]]:
         """The heap of open windows' ends (and, for sessions, each key's windows)."""
@@ -118,7 +114,7 @@ class WindowedAggregate(Operator):
         self._index()
         ctx = self.ctx
         watermark = self.watermark
-        grace, lateness = self.grace_ms, self.lateness_ms
+        grace = self.grace_ms
         emitted = Emitted()
         for index, (key, stamp, value) in enumerate(
             zip(batch.keys, batch.timestamps, batch.values, strict=True)
@@ -126,7 +122,6 @@ class WindowedAggregate(Operator):
             if key is None:
                 ctx.reject(batch, index, missing_key_error(self.step_id, batch, index))
                 continue
-            # the watermark moves record by record, so lateness does not depend on batching
             windows = [w for w in self.windows.assign(stamp) if w.end + grace > watermark]
             if not windows:
                 ctx.late(batch, index)
@@ -137,11 +132,6 @@ class WindowedAggregate(Operator):
                     grown, acc = updated
                     result = self._result(key, grown, acc, final=False)
                     emitted.add(key, result, grown.end, index)
-            watermark = max(watermark, stamp - lateness)
-        if len(batch):
-            self._clock.arrived()
-            self._clock.advance(self.ctx.store, watermark)
-        self._close_windows(batch, emitted)
         return emitted.batch(batch)
 
     def _fold(
@@ -224,14 +214,10 @@ class WindowedAggregate(Operator):
             final=final,
         )
 
-    def tick(self, batch: Batch) -> Batch:
-        """Once a partition has been idle for ``idle``, move its watermark up to the wall clock
-        (minus the allowed lateness); close what that passes."""
+    def on_watermark(self, mark: int, batch: Batch) -> Batch:
+        """Move the watermark to ``mark`` minus the allowed lateness; close what it passes."""
         self._index()
-        now = self._clock.idle_now()
-        if now is None:
-            return batch
-        self._clock.advance(self.ctx.store, now - self.lateness_ms)
         emitted = Emitted()
-        self._close_windows(batch, emitted)
+        if advance(self.ctx.store, mark, self.lateness_ms):
+            self._close_windows(batch, emitted)
         return emitted.batch(batch)

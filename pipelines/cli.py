@@ -29,9 +29,10 @@ from pydantic import ValidationError
 
 from pipelines.errors import PipelineError
 from pipelines.log import BACKENDS, open_log
-from pipelines.log.base import TopicPartition
+from pipelines.log.base import FetchedBatch, TopicPartition
 from pipelines.runtime.progress import RunState
 from pipelines.runtime.runner import RunOptions, quiet_clients, run
+from pipelines.runtime.watermarks import split_markers
 from pipelines.settings import KafkaSettings
 
 __all__ = ["main"]
@@ -120,6 +121,9 @@ def _parser() -> argparse.ArgumentParser:
     tail = topic_commands.add_parser("tail", help="print a topic's last records")
     tail.add_argument("name")
     tail.add_argument("-n", "--lines", type=int, default=10, help="records per partition")
+    tail.add_argument(
+        "--markers", action="store_true", help="also print the watermark markers among them"
+    )
     for command in (listing, describe, tail):
         _log_arguments(command, ("embedded", "kafka"), inherit=True)
     return parser
@@ -214,6 +218,18 @@ async def _topics(args: argparse.Namespace) -> int:
             return 0
         for tp in tps:
             fetched = await log.read(tp, max(0, ends[tp] - args.lines), args.lines)
+            if args.markers:
+                for offset, (writer, mark) in _markers(fetched):
+                    print(
+                        orjson.dumps(
+                            {
+                                "partition": tp.partition,
+                                "offset": offset,
+                                "watermark": {"writer": writer, "mark": mark},
+                            }
+                        ).decode()
+                    )
+            fetched, _ = split_markers(fetched)
             raw = fetched.records
             for i, offset in enumerate(fetched.offsets):
                 line = {
@@ -227,6 +243,17 @@ async def _topics(args: argparse.Namespace) -> int:
         return 0
     finally:
         await log.close()
+
+
+def _markers(fetched: FetchedBatch) -> list[tuple[int, tuple[str, int]]]:
+    """The offset and (writer, mark) of each watermark marker in ``fetched``."""
+    found = []
+    for index, offset in enumerate(fetched.offsets):
+        one = FetchedBatch(
+            fetched.topic, fetched.partition, fetched.records.take([index]), [offset], offset + 1
+        )
+        found += [(offset, marker) for marker in split_markers(one)[1]]
+    return found
 
 
 def _text(data: bytes | None) -> str | None:

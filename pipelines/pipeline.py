@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, Literal
 
 from connectors.base import Sink, Source
@@ -88,6 +88,9 @@ class Step:
     join: Literal["table", "stream"] | None = None
     """For a join step: ``"table"`` (``topic`` is the table it looks keys up in) or
     ``"stream"`` (a join of two streams within a time bound; it has a late-data topic)."""
+    idle_ms: int | None = None
+    """For a step that waits on event time (a window, a stream join): how long an input may be
+    quiet before its mark follows the wall clock."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +100,12 @@ class WindowSpec:
     windows: Windows
     lateness_ms: int
     grace_ms: int
-    idle_ms: int
     emit: EmitMode
+    time: Callable[[Any], Any] | None = None
+    """The event time of a value, evaluated once where the records get it (``stamp_at``)."""
+    stamp_at: str | None = None
+    """The ``key_by`` step whose task stamps the records with ``time`` before writing them,
+    or ``None`` when the window's own task does."""
 
 
 class Pipeline:
@@ -385,7 +392,6 @@ class Pipeline:
                 emit=spec.emit,
                 grace_ms=spec.grace_ms,
                 lateness_ms=spec.lateness_ms,
-                idle_ms=spec.idle_ms,
             )
 
         return self._operator(
@@ -428,7 +434,7 @@ class Pipeline:
         step_id: str,
         windows: Windows,
         *,
-        time: Callable[[Any], datetime | int] | None = None,
+        time: Callable[[Any], Any] | None = None,
         lateness: timedelta = timedelta(0),
         grace: timedelta = timedelta(0),
         idle: timedelta = timedelta(seconds=10),
@@ -436,12 +442,20 @@ class Pipeline:
     ) -> Pipeline:
         """Cut the stream into event-time windows for the aggregation that must follow.
 
-        ``time(value)`` gives a record's event time (a tz-aware datetime or epoch ms; the
-        record's timestamp by default). Each partition's watermark is the largest event time
-        seen minus ``lateness``; a window closes when the watermark reaches its end plus
-        ``grace``, and records for closed windows go to ``<pipeline>.<step>.late``. A partition
-        with no records for ``idle`` lets its watermark follow the wall clock. ``emit="close"``
-        emits each window's final result once; ``emit="update"`` emits on every change.
+        ``time(value)`` gives a record's event time: a tz-aware datetime, an ISO-8601 string or
+        epoch milliseconds (the record's timestamp by default). It is evaluated once, where the
+        records enter the chain that leads here: when only ``key_by``, ``filter`` and ``peek``
+        come in between, by the task that writes them to the first ``key_by`` topic, so the
+        watermarks that task writes to that topic speak of the same event time.
+
+        ``lateness`` is the bound on how far out of order records come. The watermark is the
+        smallest event-time mark over every upstream writer (see
+        :mod:`pipelines.runtime.watermarks`) minus ``lateness``; a window closes when the
+        watermark reaches its end plus ``grace``, and records for closed windows go to
+        ``<pipeline>.<step>.late``. When the sources are exhausted every window closes; an
+        input quiet for ``idle`` (while its worker has nothing to fetch) follows the wall
+        clock. ``emit="close"`` emits each window's final result once; ``emit="update"`` emits
+        on every change.
         """
         if not isinstance(windows, Windows):
             raise PipelineDefinitionError(
@@ -452,25 +466,74 @@ class Pipeline:
             raise PipelineDefinitionError(
                 f"emit must be 'close' or 'update', not {emit!r}", step=step_id
             )
+        tail = self._require_tail(step_id)
+        stamp_at = None
         if time is not None:
             _check_callable(step_id, time)
+            stamp_at = self._stamp_point(step_id, tail, time)
         spec = WindowSpec(
             windows,
             lateness_ms=_span_ms(step_id, "lateness", lateness),
             grace_ms=_span_ms(step_id, "grace", grace),
-            idle_ms=_span_ms(step_id, "idle", idle),
             emit=emit,
+            time=time,
+            stamp_at=stamp_at,
         )
-        tail = self._require_tail(step_id)
+        in_task = time if stamp_at is None else None
         return self._with(
             Step(
                 step_id,
                 "window",
                 inputs=(tail,),
-                operator=lambda: EventTime(step_id, time),
+                operator=lambda: EventTime(step_id, in_task),
                 window=spec,
+                idle_ms=_span_ms(step_id, "idle", idle),
             )
         )
+
+    def _stamp_point(self, step_id: str, tail: Port, time: Callable[[Any], Any]) -> str | None:
+        """Where the event time of window ``step_id`` is evaluated: the first ``key_by`` on the
+        way back from ``tail`` through ``key_by``, ``filter`` and ``peek`` steps, or ``None``
+        for the window's own task. Refuses a chain where that task reads a ``key_by`` topic:
+        its marks would speak of another event time."""
+        port, first_key_by = tail, None
+        while True:
+            step = self.step(port[0])
+            if step.kind == "key_by":
+                first_key_by = step
+            elif not _keeps_values(step):
+                break
+            port = step.inputs[0]
+        internal = {s.topic.name: s for s in self.steps if s.kind == "key_by" and s.topic}
+        for topic in self._read_from(port):
+            if topic.time is not None:
+                raise PipelineDefinitionError(
+                    f"topic {topic.name!r} sets the event time already (Topic(..., time=...)); "
+                    f"leave out time= here",
+                    step=step_id,
+                )
+            repartitioned = internal.get(topic.name)
+            if repartitioned is not None:
+                raise PipelineDefinitionError(
+                    f"time= would set the event time of values that step {port[0]!r} made "
+                    f"after key_by {repartitioned.step_id!r}, where event time is already "
+                    "fixed; give the time where records enter (Topic(..., time=...) on the "
+                    "source's topic), or compute it before that key_by so the window only has "
+                    "key_by, filter and peek steps before it",
+                    step=step_id,
+                )
+        if first_key_by is None:
+            return None
+        for other in self.steps:
+            spec = other.window
+            spec_here = spec is not None and spec.stamp_at == first_key_by.step_id
+            if spec_here and spec is not None and spec.time is not time:
+                raise PipelineDefinitionError(
+                    f"key_by {first_key_by.step_id!r} already carries the event time of window "
+                    f"{other.step_id!r}; both windows need the same time= function",
+                    step=step_id,
+                )
+        return first_key_by.step_id
 
     def dedupe(
         self,
@@ -479,8 +542,10 @@ class Pipeline:
         *,
         key: Callable[[Any], Any] | None = None,
     ) -> Pipeline:
-        """Drop a record if one with the same key came less than ``within`` earlier in event
-        time. ``key`` dedupes by ``key(value)`` instead of the record key (a ``key_by``)."""
+        """Drop a record if one with the same key passed whose event time is less than
+        ``within`` away from its own, in whatever order they arrive. A passed record is
+        remembered until the event-time mark of every upstream writer is ``within`` past it.
+        ``key`` dedupes by ``key(value)`` instead of the record key (a ``key_by``)."""
         chain = self.key_by(f"{step_id}.by-key", key) if key is not None else self
         horizon = within // timedelta(milliseconds=1)
         if horizon <= 0:
@@ -567,12 +632,13 @@ class Pipeline:
 
         ``other`` is another chain of this pipeline (say from another ``source(...)`` and a
         ``key_by``); both streams must be keyed alike and co-partitioned. Records wait in
-        fault-tolerant state, as JSON, until the partition's watermark (the largest event time
-        seen on it) passes their time + ``within`` + ``grace``. Each pair is emitted once, at
-        the later of the two timestamps, whichever side comes first. ``how="left"`` also emits
-        ``merge(left, None)`` for a left record that expires unmatched. A record whose time +
-        ``grace`` is behind the watermark is late: it goes to ``<pipeline>.<step>.late``. A
-        partition with no records for ``idle`` lets its watermark follow the wall clock. See
+        fault-tolerant state, as JSON, until the partition's watermark (the smallest event-time
+        mark over every upstream writer of both sides) passes their time + ``within`` +
+        ``grace``. Each pair is emitted once, at the later of the two timestamps, whichever
+        side comes first. ``how="left"`` also emits ``merge(left, None)`` for a left record
+        that expires unmatched. A record whose time + ``grace`` is behind the watermark is
+        late: it goes to ``<pipeline>.<step>.late``. An input quiet for ``idle`` follows the
+        wall clock. See
         :mod:`operators.joins` for what ``merge`` receives (JSON forms of the values).
         """
         _check_callable(step_id, merge)
@@ -625,7 +691,6 @@ class Pipeline:
                 how=how,
                 within_ms=within_ms,
                 grace_ms=grace_ms,
-                idle_ms=idle_ms,
                 models=models,
             )
 
@@ -639,6 +704,7 @@ class Pipeline:
                 transforms=True,
                 stateful=True,
                 join="stream",
+                idle_ms=idle_ms,
             )
         )
 
@@ -821,6 +887,18 @@ def _span_ms(step_id: str, what: str, span: timedelta) -> int:
     if millis < 0:
         raise PipelineDefinitionError(f"{what} cannot be negative, got {span}", step=step_id)
     return millis
+
+
+def _keeps_values(step: Step) -> bool:
+    """Whether ``step`` passes the values it gets on unchanged and in one stream (filter,
+    peek): an event time computed before it is the one computed after it."""
+    return (
+        step.kind == "operator"
+        and not step.transforms
+        and not step.stateful
+        and step.join is None
+        and len(step.inputs) == 1
+    )
 
 
 def _check_callable(step_id: str, fn: object) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pipelines.errors import RecordSource
 
-__all__ = ["Headers", "Record", "from_millis", "to_millis"]
+__all__ = ["Headers", "Record", "event_millis", "from_millis", "to_millis"]
 
 Headers = tuple[tuple[str, bytes], ...]
 """Record headers: ordered (name, bytes) pairs, as on Kafka."""
@@ -23,6 +23,29 @@ def to_millis(when: datetime) -> int:
     if when.tzinfo is None:
         raise ValueError(f"timestamp {when.isoformat()} has no time zone; use a tz-aware datetime")
     return (when - _EPOCH) // _MILLISECOND
+
+
+def event_millis(when: object) -> int:
+    """The event time a ``time=`` function returned, in milliseconds since the epoch: a tz-aware
+    datetime, an ISO-8601 string with a time zone (JSON has no datetime type), or an int of
+    epoch milliseconds. Anything else raises with what was given and what is accepted."""
+    if isinstance(when, datetime):
+        return to_millis(when)
+    if isinstance(when, str):
+        try:
+            parsed = datetime.fromisoformat(when)
+        except ValueError:
+            raise ValueError(
+                f"event time {when!r} is not an ISO-8601 date and time "
+                "(like '2026-12-05T08:30:00Z')"
+            ) from None
+        return to_millis(parsed)
+    if isinstance(when, int) and not isinstance(when, bool):
+        return when
+    raise TypeError(
+        f"event time {when!r} ({type(when).__name__}) is not a tz-aware datetime, an ISO-8601 "
+        "string or an int of milliseconds since the epoch"
+    )
 
 
 def from_millis(millis: int) -> datetime:

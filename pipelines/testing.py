@@ -31,6 +31,7 @@ from pipelines.pipeline import Pipeline, Step
 from pipelines.record import Record, from_millis
 from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.topology import compile_pipeline
+from pipelines.runtime.watermarks import split_markers
 
 __all__ = ["TestResult", "run_pipeline", "run_pipeline_async"]
 
@@ -62,10 +63,12 @@ class TestResult:
             ) from None
 
     def topic(self, name: str) -> list[Record]:
-        """Every record on topic ``name``, partition by partition."""
+        """Every record on topic ``name``, partition by partition (not the watermark markers
+        among them)."""
         found: list[Record] = []
         for partition in range(self.log.spec(name).partitions):
             fetched = self.log.read_now(TopicPartition(name, partition), 0, 1 << 62)
+            fetched, _ = split_markers(fetched)
             raw = fetched.records
             found += [
                 Record(

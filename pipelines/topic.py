@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any
 
 from pipelines.errors import PipelineDefinitionError
@@ -20,9 +21,21 @@ class Topic:
     ``value`` and ``key`` take a :class:`~pipelines.serde.Serde`, a pydantic model class (values
     are validated when read), ``dict`` (JSON), ``str`` or ``bytes``. Values default to JSON and
     keys to UTF-8 text.
+
+    ``time(value)`` gives a record's event time where it enters the pipeline (read from this
+    topic): a tz-aware datetime, an ISO-8601 string or epoch milliseconds. Without it, the
+    record's timestamp on the log is its event time.
     """
 
-    __slots__ = ("compacted", "key_serde", "name", "partitions", "retention_ms", "value_serde")
+    __slots__ = (
+        "compacted",
+        "key_serde",
+        "name",
+        "partitions",
+        "retention_ms",
+        "time",
+        "value_serde",
+    )
 
     def __init__(
         self,
@@ -33,6 +46,7 @@ class Topic:
         key: Serde | type[Any] | None = None,
         compacted: bool = False,
         retention_ms: int | None = None,
+        time: Callable[[Any], Any] | None = None,
     ) -> None:
         if not _NAME.fullmatch(name):
             raise PipelineDefinitionError(
@@ -48,6 +62,11 @@ class Topic:
         self.key_serde = serde_for(key, default=Str())
         self.compacted = compacted
         self.retention_ms = retention_ms
+        if time is not None and not callable(time):
+            raise PipelineDefinitionError(
+                f"topic {name!r}: time= needs a function of the value, got {time!r}"
+            )
+        self.time = time
 
     @property
     def spec(self) -> TopicSpec:

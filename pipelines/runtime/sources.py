@@ -5,6 +5,10 @@ batch is raw bytes already), partition by key, send, flush the producer — and 
 the batch's position to the pipeline's positions topic. On restart a source resumes from its last
 stored position, so what is already on the log is not emitted again; a crash between the flush
 and the position write re-emits at most that one batch (at-least-once).
+
+A source that reaches the end of its input writes an end-of-time marker to every partition of
+its topic (see :mod:`pipelines.runtime.watermarks`): once every source writing a partition has
+ended it, the windows downstream close without waiting for a clock.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pipelines.log.base import LogBackend, Producer, RawBatch, TopicPartition
 from pipelines.pipeline import Step
 from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.topology import Topology
+from pipelines.runtime.watermarks import END_OF_TIME, marker_batch
 from pipelines.topic import Topic
 
 __all__ = ["SourceProgress", "load_positions", "run_source"]
@@ -108,6 +113,11 @@ async def run_source(
             )
             await producer.flush()
             progress.records += len(raw)
+        end = marker_batch(step.step_id, END_OF_TIME, int(time.time() * 1000))
+        for partition in range(topic.partitions):
+            outbox.add_to_partition(topic.name, partition, end)
+        await outbox.send()
+        await producer.flush()
     except PipelineError as error:
         error.step = error.step or step.step_id
         raise

@@ -5,6 +5,12 @@ deserialises it once, pushes it through the steps (each operator called once per
 hands what leaves the sub-topology to the worker's :class:`~pipelines.runtime.outbox.Outbox`
 (repartition and output topics, the dead-letter topic) or to its sink writers. It never awaits:
 the worker that owns the consume loop does the I/O.
+
+Event time: the task keeps what it knows of its inputs' progress
+(:class:`~pipelines.runtime.watermarks.InputMarks`), fed by the markers it reads and by the
+event times of the records it reads (or that a step of it sets). :meth:`Task.advance` tells
+the steps when the smallest mark over the inputs moves, and :meth:`Task.write_markers` passes
+it on to every partition of the internal topics the task writes.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from connectors.base import SinkWriter
 from operators.base import Operator, call_each
 from operators.joins import Join, TableJoin
 from operators.routing import Branch
+from operators.stateful import stamped
 from pipelines.batch import Batch
 from pipelines.errors import ErrorPolicy, RecordError, RecordSource
 from pipelines.log.base import FetchedBatch, LogBackend, RawBatch, TopicPartition
@@ -26,6 +33,15 @@ from pipelines.record import Headers
 from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.state import TaskState
 from pipelines.runtime.topology import SubTopology, Topology
+from pipelines.runtime.watermarks import (
+    NO_WATERMARK,
+    Clock,
+    InputMarks,
+    SystemClock,
+    is_marker_batch,
+    marker_batch,
+    split_markers,
+)
 from pipelines.state.store import KeyValueStore
 from pipelines.topic import Topic
 
@@ -119,6 +135,9 @@ class _StepContext:
             ],
         )
 
+    def observe(self, batch: Batch) -> None:
+        self._task.marks.observe(batch.fetched.topic_partition, batch.timestamps)
+
 
 class Task:
     """One sub-topology on one partition (see the module docstring)."""
@@ -132,6 +151,8 @@ class Task:
         writers: dict[str, SinkWriter],
         stats: dict[str, StepStats],
         state_dir: Path | None = None,
+        *,
+        clock: Clock | None = None,
     ) -> None:
         self.topology = topology
         self.sub = sub
@@ -142,6 +163,17 @@ class Task:
             TopicPartition(t.name, partition): 0 for t in sub.topics
         }
         """The offset after the last record processed, per input partition."""
+        self.marks = InputMarks(
+            {tp: topology.writers[tp.topic] for tp in self.positions},
+            idle_ms=topology.idle_ms,
+            clock=clock or SystemClock(),
+        )
+        self.mark = NO_WATERMARK
+        """The event-time mark the steps were last told (the smallest over the inputs)."""
+        self._writer_id = f"{sub.index}.{partition}"
+        self._marked = topology.marked.get(sub.index, [])
+        self._sent: tuple[int, float] = (NO_WATERMARK, 0.0)  # the mark last written, when
+        self._stamped = sub.index in topology.stamped
         self._writers = writers
         self._contexts: dict[str, _StepContext] = {}
         self._operators: dict[str, Operator] = {}
@@ -153,10 +185,14 @@ class Task:
                 operator.open(ctx)
                 if isinstance(operator, TableJoin):  # the table the state bootstraps
                     operator.attach(self.state.tables[step.step_id])
-        for entry in sub.entries.values():
-            if entry.step_id not in self._contexts:  # a key_by read here, run upstream
-                stats.setdefault(entry.step_id, StepStats())
-                self._contexts[entry.step_id] = _StepContext(self, entry, stats[entry.step_id])
+        borrowed = [*sub.entries.values()]  # a key_by read here, run upstream
+        borrowed += [
+            topology.stamps[s.step_id][1] for s in sub.steps if s.step_id in topology.stamps
+        ]
+        for step in borrowed:  # and a window downstream whose event time is set here
+            if step.step_id not in self._contexts:
+                stats.setdefault(step.step_id, StepStats())
+                self._contexts[step.step_id] = _StepContext(self, step, stats[step.step_id])
 
     @property
     def partitions(self) -> frozenset[TopicPartition]:
@@ -179,30 +215,61 @@ class Task:
         """Results that wait for time to pass (open windows), over every step."""
         return sum(operator.pending for operator in self._operators.values())
 
-    def tick(self) -> int:
-        """Let every step emit what the passing of time produces (idle windows closing);
-        returns how many records that emitted."""
+    def advance(self, *, idle: bool) -> bool:
+        """Tell the steps the inputs' mark if it moved (``idle``: the worker has nothing to
+        fetch, so quiet external inputs may follow the wall clock); whether it moved."""
+        mark = self.marks.mark(idle=idle)
+        if mark <= self.mark:
+            return False
+        self.mark = mark
         tp = next(iter(self.positions))
         nothing = FetchedBatch(tp.topic, tp.partition, RawBatch([], [], []), [], -1)
         empty = Batch([], [], [], [], nothing)
-        emitted = 0
         for step_id, operator in self._operators.items():
-            out = operator.tick(empty)
+            out = operator.on_watermark(mark, empty)
             if len(out):
-                stats = self._contexts[step_id].stats
-                stats.records_out += len(out)
-                emitted += len(out)
+                self._contexts[step_id].stats.records_out += len(out)
                 self._emit((step_id, OUT), out)
-        return emitted
+        return True
+
+    def marker_age(self, now: float) -> float:
+        """Seconds since this task last wrote markers (infinite if it writes none)."""
+        return now - self._sent[1] if self._marked else float("inf")
+
+    def write_markers(self, now: float, now_ms: int, *, again: bool = False) -> None:
+        """Queue a marker of the task's mark for every partition of the internal topics it
+        writes, if the mark moved since the last (or ``again``: to tell readers that restarted
+        since)."""
+        if not self._marked or self.mark == NO_WATERMARK:
+            return
+        if self.mark == self._sent[0] and not again:
+            return
+        marker = marker_batch(self._writer_id, self.mark, now_ms)
+        for topic in self._marked:
+            for partition in range(topic.partitions):
+                self.outbox.add_to_partition(topic.name, partition, marker)
+        self._sent = (self.mark, now)
 
     def process(self, fetched: FetchedBatch) -> None:
         """Run one fetched batch through the sub-topology."""
-        self.positions[fetched.topic_partition] = fetched.next_offset
+        tp = fetched.topic_partition
+        self.positions[tp] = fetched.next_offset
+        if is_marker_batch(fetched.records):
+            fetched, markers = split_markers(fetched)
+            self.marks.marked(tp, markers)
+            if not len(fetched.records):
+                return
         entry = self.sub.entries[fetched.topic]
         ctx = self._contexts[entry.step_id]
         batch = self._decode(ctx, entry, fetched)
         if entry.kind != "key_by":
             ctx.stats.records_in += len(fetched.records)
+        time = entry.topic.time if entry.topic is not None else None
+        if time is not None:
+            batch = stamped(ctx, time, batch)
+        if not self._stamped:
+            self.marks.observe(tp, batch.timestamps)
+        if entry.kind != "key_by":
             ctx.stats.records_out += len(batch)
         self._emit((entry.step_id, OUT), batch)
 
@@ -259,6 +326,11 @@ class Task:
         stats.records_out += len(out)
         if step.kind == "key_by":
             assert step.topic is not None
+            stamp = self.topology.stamps.get(step.step_id)
+            if stamp is not None:  # a window downstream reads its event time from here
+                time, window = stamp
+                out = stamped(self._contexts[window.step_id], time, out)
+                self.marks.observe(out.fetched.topic_partition, out.timestamps)
             self._write_topic(step, step.topic, out)
         else:
             self._emit((step.step_id, OUT), out)

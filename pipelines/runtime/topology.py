@@ -10,7 +10,9 @@ topics, which must then have equal partition counts).
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pipelines.errors import PipelineDefinitionError
 from pipelines.pipeline import OUT, Pipeline, Port, Step
@@ -54,6 +56,21 @@ class Topology:
 
     late_topics: dict[str, Topic] = field(default_factory=dict)
     """The late-data topic of each windowed step."""
+
+    writers: dict[str, tuple[bool, frozenset[str]]] = field(default_factory=dict)
+    """Per input topic: whether it is internal (a ``key_by`` topic, marked by the tasks that
+    write it) and the writers whose markers count: those tasks, or the source steps whose
+    end-of-time markers end a partition of an external topic."""
+    marked: dict[int, list[Topic]] = field(default_factory=dict)
+    """Per sub-topology: the internal topics its tasks write markers to."""
+    stamps: dict[str, tuple[Callable[[Any], Any], Step]] = field(default_factory=dict)
+    """Per ``key_by`` step that sets the event time of a window downstream: the window's
+    ``time`` function and the window step (whose error policy applies)."""
+    stamped: frozenset[int] = frozenset()
+    """The sub-topologies where a step sets the event time: their input partitions' marks
+    come from that step, not from the timestamps records were read with."""
+    idle_ms: int = 10_000
+    """How long an external input may be quiet before its mark follows the wall clock."""
 
     def changelog_topic(self, step_id: str) -> Topic:
         return self.changelogs[step_id]
@@ -145,6 +162,10 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
         for step in sub.steps
         if step.stateful and sub.topics
     }
+    writers, marked = _writers(pipeline, subs, find, anchor)
+    stamps, stamped = _stamps(pipeline, subs, find, anchor)
+    _check_stamped([s for s in subs.values() if s.index in stamped], writers, stamps)
+    idles = [s.idle_ms for s in steps if s.idle_ms is not None]
     late_topics = {
         step.step_id: Topic(f"{pipeline.name}.{step.step_id}.late", key=bytes, value=bytes)
         for step in steps
@@ -163,7 +184,82 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
         group=group or pipeline.name,
         changelogs=changelogs,
         late_topics=late_topics,
+        writers=writers,
+        marked=marked,
+        stamps=stamps,
+        stamped=frozenset(stamped),
+        idle_ms=min(idles, default=10_000),
     )
+
+
+def _writers(
+    pipeline: Pipeline,
+    subs: dict[str, SubTopology],
+    find: Callable[[str], str],
+    anchor: dict[str, str],
+) -> tuple[dict[str, tuple[bool, frozenset[str]]], dict[int, list[Topic]]]:
+    """Who writes each input topic (see :attr:`Topology.writers`), and the internal topics
+    each sub-topology marks."""
+    writers: dict[str, tuple[bool, frozenset[str]]] = {}
+    marked: dict[int, list[Topic]] = defaultdict(list)
+    for step in pipeline.steps:
+        topic = step.topic
+        if topic is None or step.kind not in _ENTRY_KINDS:
+            continue
+        if step.kind == "key_by":
+            upstream = subs[find(anchor[step.step_id])]
+            tasks = frozenset(f"{upstream.index}.{p}" for p in range(upstream.partitions))
+            writers[topic.name] = (True, tasks)
+            marked[upstream.index].append(topic)
+            continue
+        sources = frozenset(
+            s.step_id
+            for s in pipeline.steps
+            if s.kind == "source" and s.topic is not None and s.topic.name == topic.name
+        )
+        writers.setdefault(topic.name, (False, sources))
+    return writers, dict(marked)
+
+
+def _check_stamped(
+    stamped: list[SubTopology],
+    writers: dict[str, tuple[bool, frozenset[str]]],
+    stamps: dict[str, tuple[Callable[[Any], Any], Step]],
+) -> None:
+    """Refuse a sub-topology that sets the event time and also reads a repartitioned topic,
+    whose marks speak of the event time set upstream."""
+    for sub in stamped:
+        internal = [t.name for t in sub.topics if writers[t.name][0]]
+        if not internal:
+            continue
+        at = next(s for s in sub.steps if s.window is not None or s.step_id in stamps)
+        raise PipelineDefinitionError(
+            f"the event time is set in a task that also reads the repartitioned topics "
+            f"{internal}, whose watermarks speak of the event time set upstream; set it "
+            "where records enter (Topic(..., time=...))",
+            step=at.step_id,
+        )
+
+
+def _stamps(
+    pipeline: Pipeline,
+    subs: dict[str, SubTopology],
+    find: Callable[[str], str],
+    anchor: dict[str, str],
+) -> tuple[dict[str, tuple[Callable[[Any], Any], Step]], set[int]]:
+    """The ``key_by`` steps that set a window's event time, and the sub-topologies where a step
+    sets the event time."""
+    stamps: dict[str, tuple[Callable[[Any], Any], Step]] = {}
+    stamped: set[int] = set()
+    for step in pipeline.steps:
+        spec = step.window
+        if spec is None or spec.time is None:
+            continue
+        at = spec.stamp_at or step.step_id
+        stamped.add(subs[find(anchor[at])].index)
+        if spec.stamp_at is not None:
+            stamps[spec.stamp_at] = (spec.time, step)
+    return stamps, stamped
 
 
 def entry_port(step: Step) -> Port:

@@ -5,7 +5,12 @@ every sub-topology, builds a :class:`~pipelines.runtime.task.Task` for each (sub
 partition) the group assigns it, and loops::
 
     poll a batch per partition -> task.process (deserialise -> operators -> outbox / sinks)
-    -> send the outbox -> every commit interval (and when idle, revoked or stopping): checkpoint
+    -> task.advance (the inputs' event-time mark moved: windows close) -> send the outbox
+    -> every commit interval (and when idle, revoked or stopping): checkpoint
+
+Checkpoints also write each task's watermark markers to the internal topics it feeds (see
+:mod:`pipelines.runtime.watermarks`): when its mark moved, and every ``MARKER_HEARTBEAT``
+seconds while the worker is idle, so a reader that restarted learns every writer's mark again.
 
 Checkpoint order, which makes the default guarantee at-least-once: state changes into the
 outbox -> flush the sink writers -> send the outbox and flush the producer -> commit the offsets
@@ -41,6 +46,7 @@ from pipelines.log.base import FetchedBatch, LogBackend, TopicPartition, Transac
 from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.task import StepStats, Task
 from pipelines.runtime.topology import Topology
+from pipelines.runtime.watermarks import Clock, SystemClock
 
 __all__ = ["Worker", "WorkerReport"]
 
@@ -50,7 +56,9 @@ COMMIT_INTERVAL = 0.5
 """Seconds between checkpoints while records keep coming."""
 REPORT_INTERVAL = 0.5
 TICK_INTERVAL = 0.5
-"""Seconds between the timer ticks that let idle windows close."""
+"""Seconds between the timer ticks that let idle inputs follow the wall clock."""
+MARKER_HEARTBEAT = 2.0
+"""Seconds between repeated markers of an unchanged mark, while the worker is idle."""
 
 
 @dataclass(slots=True)
@@ -81,8 +89,10 @@ class Worker:
         max_batch: int = MAX_BATCH,
         commit_interval: float = COMMIT_INTERVAL,
         state_dir: Path | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.topology = topology
+        self._clock = clock or SystemClock()
         self._state_dir = state_dir
         self.index = index
         self.stop = asyncio.Event()
@@ -118,17 +128,27 @@ class Worker:
                 async with self._lock:
                     self._process(fetched)
                     now = time.monotonic()
-                    ticked = 0
+                    moved = again = False
                     if now >= next_tick and not fetched:
-                        # only a worker with nothing to fetch lets time close idle windows: one
-                        # still catching up (after a rebalance, say) would close them too early
-                        ticked = sum(task.tick() for task in self._tasks.values())
+                        # only a worker with nothing to fetch lets quiet inputs follow the wall
+                        # clock: one still catching up (after a rebalance, say) would close
+                        # windows too early
+                        moved = any([task.advance(idle=True) for task in self._tasks.values()])
+                        at = self._clock.monotonic()
+                        again = any(
+                            task.marker_age(at) >= MARKER_HEARTBEAT for task in self._tasks.values()
+                        )
                         next_tick = now + TICK_INTERVAL
                     await self._send_outboxes()
-                    # idle with progress to commit, or windows closed by time: checkpoint now,
-                    # so what the end of a run waits for is durable when this worker reports
-                    if now >= next_checkpoint or (not fetched and self._positions) or ticked:
-                        await self._checkpoint()
+                    # idle with progress to commit, or a mark that moved: checkpoint now, so
+                    # what the end of a run waits for is durable when this worker reports
+                    if (
+                        now >= next_checkpoint
+                        or (not fetched and self._positions)
+                        or moved
+                        or again
+                    ):
+                        await self._checkpoint(again=again)
                         next_checkpoint = now + self._commit_interval
                         next_report = now  # tell the runner what this checkpoint committed
                 if now >= next_report:
@@ -147,14 +167,18 @@ class Worker:
 
     def _process(self, fetched: list[FetchedBatch]) -> None:
         owned = self._consumer.assignment()
+        touched: dict[tuple[int, int], Task] = {}
         for batch in fetched:
             tp = batch.topic_partition
             if tp not in owned:
                 continue  # revoked while this batch was on its way
-            sub = self.topology.by_topic[batch.topic]
-            self._tasks[(sub.index, batch.partition)].process(batch)
+            key = (self.topology.by_topic[batch.topic].index, batch.partition)
+            task = touched[key] = self._tasks[key]
+            task.process(batch)
             self._positions[tp] = batch.next_offset
             self._records += len(batch.records)
+        for task in touched.values():
+            task.advance(idle=False)
 
     async def _shutdown(self) -> None:
         try:
@@ -165,15 +189,20 @@ class Worker:
             await self._producer.close()
             self._send_report(done=True)
 
-    async def _checkpoint(self, partitions: frozenset[TopicPartition] | None = None) -> None:
-        """Make the outputs and state changes durable, commit the offsets after them, then
-        copy the committed state to local disk."""
+    async def _checkpoint(
+        self, partitions: frozenset[TopicPartition] | None = None, *, again: bool = False
+    ) -> None:
+        """Make the outputs, markers and state changes durable, commit the offsets after them,
+        then copy the committed state to local disk. ``again``: write markers of unchanged
+        marks too."""
         tasks = {
             key: task
             for key, task in self._tasks.items()
             if partitions is None or task.partitions & partitions
         }
+        now, now_ms = self._clock.monotonic(), self._clock.wall_ms()
         for task in tasks.values():
+            task.write_markers(now, now_ms, again=again)
             task.state.flush(task.outbox, task.positions)
         for writer in self._writers.values():
             await writer.flush()
@@ -230,6 +259,7 @@ class Worker:
                     self._writers,
                     self._stats,
                     self._state_dir,
+                    clock=self._clock,
                 )
                 self._tasks[key] = task
                 opened.append(task)
