@@ -15,7 +15,7 @@ from pipelines.log.base import LogBackend
 from pipelines.runtime.engine import Sources, is_drained, prepare_topics
 from pipelines.runtime.sources import SourceProgress
 from pipelines.runtime.topology import Topology
-from pipelines.runtime.worker import Worker, WorkerReport
+from pipelines.runtime.worker import COMMIT_INTERVAL, MAX_BATCH, Worker, WorkerReport
 
 __all__ = ["InProcessRun", "run_in_process"]
 
@@ -37,8 +37,12 @@ async def run_in_process(
     workers: int = 1,
     stop: asyncio.Event | None = None,
     on_report: Callable[[WorkerReport], None] | None = None,
+    commit_interval: float = COMMIT_INTERVAL,
+    max_batch: int = MAX_BATCH,
 ) -> InProcessRun:
-    """Run until the sources are exhausted and every record is processed, or until ``stop``."""
+    """Run until the sources are exhausted and every record is processed, or until ``stop``.
+    ``commit_interval`` (seconds between the workers' checkpoints, and so their watermark
+    markers) and ``max_batch`` (records per poll) are the workers'."""
     await prepare_topics(log, topology)
     run = InProcessRun(sources=[])
 
@@ -47,7 +51,17 @@ async def run_in_process(
         if on_report is not None:
             on_report(item)
 
-    members = [Worker(topology, log, index=i, report=report) for i in range(workers)]
+    members = [
+        Worker(
+            topology,
+            log,
+            index=i,
+            report=report,
+            commit_interval=commit_interval,
+            max_batch=max_batch,
+        )
+        for i in range(workers)
+    ]
     worker_tasks = [asyncio.create_task(w.run(), name=f"worker {w.index}") for w in members]
     sources = Sources(log, topology)
     run.sources = sources.progress
