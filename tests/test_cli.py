@@ -39,6 +39,12 @@ pipeline = (
 """
 
 LETTERS = [{"letter": c, "n": i} for i, c in enumerate("abcdefghij" * 3)]
+END_OF_TIME = 1 << 62  # the mark of an end-of-time marker (pipelines.runtime.watermarks)
+# A source that reads its input to the end writes one end-of-time marker (a record with no
+# value) to every partition of its topic, so the topic's records on the log are what the source
+# wrote plus one marker per partition: 31 records + 3 markers on "letters". Sink topics such as
+# "upper" and the pipeline's own topics get no markers.
+LETTERS_ON_THE_LOG = 31 + 3
 
 
 def headwater(
@@ -336,14 +342,14 @@ def test_console_script(finished_run: Path) -> None:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "letters\t3 partitions\t31 records" in result.stdout
+    assert f"letters\t3 partitions\t{LETTERS_ON_THE_LOG} records" in result.stdout
 
 
 def test_topics_list(finished_run: Path) -> None:
     result = headwater("topics", "list", cwd=finished_run)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "letters\t3 partitions\t31 records",
+        f"letters\t3 partitions\t{LETTERS_ON_THE_LOG} records",  # with the end-of-time markers
         "letters.dead-letters\t1 partitions\t1 records",
         "letters.source-positions\t1 partitions\t1 records",
         "upper\t2 partitions\t30 records",
@@ -374,7 +380,8 @@ def test_topics_describe(finished_run: Path) -> None:
         "partition 1",
         "partition 2",
     ]
-    assert sum(counts) == 31
+    assert sum(counts) == LETTERS_ON_THE_LOG  # the 31 records and one marker per partition
+    assert all(count >= 1 for count in counts)  # every partition has at least its marker
     positions = headwater("topics", "describe", "letters.source-positions", cwd=finished_run)
     assert positions.stdout.splitlines()[0].endswith("1 partitions, compacted=True")
 
@@ -411,6 +418,23 @@ def test_topics_tail(finished_run: Path) -> None:
     assert len(default) == sum(
         min(10, sum(r["partition"] == p for r in everything)) for p in (0, 1)
     )
+
+
+def test_topics_tail_shows_the_end_of_time_markers_only_when_asked(finished_run: Path) -> None:
+    records = _tail(finished_run, "letters", "-n", "100")
+    assert len(records) == 31  # the source's records, without the markers among them
+    assert all("watermark" not in r for r in records)
+    assert sum(r["value"] == "not json" for r in records) == 1
+
+    shown = _tail(finished_run, "letters", "-n", "100", "--markers")
+    markers = [r for r in shown if "watermark" in r]
+    assert [r for r in shown if "watermark" not in r] == records
+    # one end-of-time marker per partition, from the source step, after its last record
+    assert sorted(str(m["partition"]) for m in markers) == ["0", "1", "2"]
+    for marker in markers:
+        assert marker["watermark"] == {"writer": "letters", "mark": END_OF_TIME}
+        mine = [int(str(r["offset"])) for r in records if r["partition"] == marker["partition"]]
+        assert marker["offset"] == len(mine) == max(mine) + 1
 
 
 def test_topics_tail_shows_dead_letter_headers(finished_run: Path) -> None:

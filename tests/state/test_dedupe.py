@@ -1,71 +1,80 @@
 """Dedupe against a plain-Python reference: a record is dropped when a record of its key that
-passed before it is at most ``within`` earlier in event time; once the horizon has passed the
-key passes again. Event times arrive out of order."""
+passed is less than ``within`` away from it in event time (before or after), whatever order they
+arrive in; a passed record is forgotten once the event-time mark (which the runtime moves
+between batches) is ``within`` past it. Event times arrive out of order."""
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import connectors
 from operators.stateful import Dedupe
 from pipelines import Pipeline, Topic
 from pipelines.batch import Batch
 from pipelines.log.base import FetchedBatch, RawBatch
+from pipelines.runtime.watermarks import END_OF_TIME as END
 from pipelines.state.store import KeyValueStore
 from pipelines.testing import TestResult, run_pipeline
 
 HORIZON = 1000
-SPREAD = 50  # the records of one burst lie within this many ms
-DELAY = 300  # the most a record arrives behind the newest event time seen
+DELAY = 300  # the most a record arrives after its event time (less than the horizon)
 
 
 def ms(millis: int) -> timedelta:
     return timedelta(milliseconds=millis)
 
 
-def generate(seed: int, keys: list[str], bursts: int) -> list[dict[str, Any]]:
-    """Records in arrival order. Each key sends bursts of records (repeats, within ``SPREAD``
-    ms); a burst either comes well within the horizon of the last burst that passed (all
-    duplicates) or well after it (passes again). Each record arrives up to ``DELAY`` ms late,
-    so records of one key and of different keys come out of order."""
+def distinct_events(seed: int, keys: list[str], per_key: int) -> list[tuple[str, int]]:
+    """(key, event time) of distinct events: those of one key at least ``HORIZON`` apart."""
     rng = random.Random(seed)
-    timed: list[tuple[int, dict[str, Any]]] = []
+    events = []
     for key in keys:
-        passed = rng.randint(0, 3000)
-        start = passed
-        for _ in range(bursts):
-            for _ in range(rng.randint(1, 4)):
-                t = start + rng.randint(0, SPREAD - 1)
-                timed.append((t + rng.randint(0, DELAY), {"k": key, "t": t}))
-            if rng.random() < 0.5:  # the next burst duplicates the one that passed
-                start = passed + rng.randint(100, HORIZON - DELAY - 2 * SPREAD)
-            else:
-                passed = start = passed + HORIZON + 2 * SPREAD + rng.randint(0, 2000)
-    timed.sort(key=lambda pair: pair[0])
-    return [{"i": i, **event} for i, (_, event) in enumerate(timed)]
+        t = rng.randint(0, 3000)
+        for _ in range(per_key):
+            events.append((key, t))
+            t += HORIZON + rng.choice([0, rng.randint(0, 2000)])
+    return events
 
 
-def reference(events: list[dict[str, Any]], *, forget: bool) -> list[int]:
-    """The ids that pass. A key remembers the event time of its last record that passed; a
-    record is dropped when it is 0 to ``HORIZON`` ms after it. With ``forget`` a key is
-    forgotten as soon as the newest event time seen is past that time plus the horizon."""
-    last: dict[str, int] = {}
+def arrivals(seed: int, events: list[tuple[str, int]]) -> list[dict[str, Any]]:
+    """Records in arrival order: each event sent 1-4 times, exact copies (same key, same event
+    time), each copy arriving 0 to ``DELAY`` ms after its event time, so records of one key and
+    of different keys come out of order. ``i`` numbers the records in arrival order."""
+    rng = random.Random(seed)
+    timed = [
+        (t + rng.randint(0, DELAY), rng.random(), {"k": k, "t": t})
+        for k, t in events
+        for _ in range(rng.randint(1, 4))
+    ]
+    timed.sort(key=lambda entry: entry[:2])
+    return [{"i": i, **event} for i, (_, _, event) in enumerate(timed)]
+
+
+def reference(records: list[dict[str, Any]], *, forget: bool) -> list[int]:
+    """The ids that pass, taking the records in arrival order: a record passes unless a record
+    of its key that passed before it is less than ``HORIZON`` away in event time. With
+    ``forget``, a passed record is forgotten as soon as the largest event time seen before a
+    record is ``HORIZON`` past it: the soonest any batching could have the mark forget it."""
+    passed_times: dict[str, list[int]] = defaultdict(list)
     newest: int | None = None
     passed = []
-    for event in events:
-        key, t = event["k"], event["t"]
+    for record in records:
+        key, t = record["k"], record["t"]
         if forget and newest is not None:
-            last = {k: s for k, s in last.items() if s >= newest - HORIZON}
-        seen = last.get(key)
-        if seen is None or not 0 <= t - seen < HORIZON:
-            passed.append(event["i"])
-            last[key] = t
+            passed_times[key] = [s for s in passed_times[key] if newest < s + HORIZON]
+        if all(abs(t - s) >= HORIZON for s in passed_times[key]):
+            passed.append(record["i"])
+            passed_times[key].append(t)
         newest = t if newest is None else max(newest, t)
     return passed
 
@@ -74,24 +83,34 @@ def passed_ids(result: TestResult) -> list[int]:
     return sorted(v["i"] for v in result.values("out"))
 
 
-def test_dedupe_by_the_record_key_equals_the_reference() -> None:
-    events = generate(seed=1, keys=[f"d{n}" for n in range(20)], bursts=40)
-    expected = reference(events, forget=False)
-    # the generated stream never has a record whose fate depends on when keys are forgotten
-    assert reference(events, forget=True) == expected
-    assert len(events) / 4 < len(expected) < len(events) * 3 / 4
-
-    source = connectors.Iterable(events, key=lambda v: v["k"], timestamp=lambda v: v["t"])
-    pipeline = (
+def dedupe_pipeline(
+    records: list[dict[str, Any]], partitions: int, key: Callable[[Any], Any] | None = None
+) -> Pipeline:
+    source = connectors.Iterable(records, key=lambda v: v["k"], timestamp=lambda v: v["t"])
+    return (
         Pipeline("dd")
-        .source(source, into=Topic("events", partitions=3))
-        .dedupe("dedupe", within=ms(HORIZON))
+        .source(source, into=Topic("events", partitions=partitions))
+        .dedupe("dedupe", within=ms(HORIZON), key=key)
         .sink(connectors.Collect(), step_id="out")
     )
-    result = run_pipeline(pipeline)
-    assert passed_ids(result) == sorted(expected)
+
+
+def test_dedupe_by_the_record_key_equals_the_reference() -> None:
+    events = distinct_events(seed=1, keys=[f"d{n}" for n in range(20)], per_key=40)
+    records = arrivals(seed=1, events=events)
+    expected = reference(records, forget=False)
+    # the generated stream never has a record whose fate depends on when the mark forgets, so
+    # not on how the records are batched
+    assert reference(records, forget=True) == expected
+    # every event passes once: its first copy to arrive
+    first_copies = {(r["k"], r["t"]): r["i"] for r in reversed(records)}
+    assert sorted(first_copies.values()) == expected
+    assert len(records) / 4 < len(expected) < len(records) * 3 / 4
+
+    result = run_pipeline(dedupe_pipeline(records, partitions=3))
+    assert passed_ids(result) == expected
     # records pass unchanged, with their keys and event times, each key in its order
-    by_id = {e["i"]: e for e in events}
+    by_id = {r["i"]: r for r in records}
     per_key: dict[str, list[int]] = defaultdict(list)
     for record in result.records("out"):
         assert record.value == by_id[record.value["i"]]
@@ -103,14 +122,15 @@ def test_dedupe_by_the_record_key_equals_the_reference() -> None:
 
 def test_dedupe_by_a_key_function_equals_the_reference() -> None:
     # messages are sent again under their id; the record key (the sender) plays no part
-    events = generate(seed=2, keys=[f"m{n}" for n in range(30)], bursts=25)
+    events = distinct_events(seed=2, keys=[f"m{n}" for n in range(30)], per_key=25)
+    records = arrivals(seed=2, events=events)
     rng = random.Random(3)
-    for event in events:
-        event["sender"] = rng.choice(["ann", "bob", "cy"])
-    expected = reference(events, forget=False)
-    assert reference(events, forget=True) == expected
+    for record in records:
+        record["sender"] = rng.choice(["ann", "bob", "cy"])
+    expected = reference(records, forget=False)
+    assert reference(records, forget=True) == expected
 
-    source = connectors.Iterable(events, key=lambda v: v["sender"], timestamp=lambda v: v["t"])
+    source = connectors.Iterable(records, key=lambda v: v["sender"], timestamp=lambda v: v["t"])
     pipeline = (
         Pipeline("dd")
         .source(source, into=Topic("events", partitions=1))
@@ -118,8 +138,23 @@ def test_dedupe_by_a_key_function_equals_the_reference() -> None:
         .sink(connectors.Collect(), step_id="out")
     )
     result = run_pipeline(pipeline)
-    assert passed_ids(result) == sorted(expected)
-    assert {r.key for r in result.records("out")} <= {e["k"] for e in events}
+    assert passed_ids(result) == expected
+    assert {r.key for r in result.records("out")} <= {r["k"] for r in records}
+
+
+def test_what_passes_does_not_depend_on_the_arrival_order(
+    run_one_by_one: Callable[..., TestResult],
+) -> None:
+    events = distinct_events(seed=4, keys=[f"s{n}" for n in range(10)], per_key=30)
+    seen = []
+    for seed, run in [(5, run_pipeline), (6, run_pipeline), (7, run_one_by_one)]:
+        records = arrivals(seed, events)  # another order of other copies of the same events
+        expected = reference(records, forget=False)
+        assert reference(records, forget=True) == expected
+        result = run(dedupe_pipeline(records, partitions=2))
+        assert passed_ids(result) == expected
+        seen.append(sorted((v["k"], v["t"]) for v in result.values("out")))
+    assert seen[0] == seen[1] == seen[2] == sorted(events)
 
 
 def run_dedupe(times: list[tuple[str, int]], within: timedelta) -> list[tuple[str, int]]:
@@ -134,26 +169,29 @@ def run_dedupe(times: list[tuple[str, int]], within: timedelta) -> list[tuple[st
     return [(v["k"], v["t"]) for v in run_pipeline(pipeline).values("out")]
 
 
-def test_a_key_passes_again_once_the_horizon_has_passed() -> None:
+def test_a_record_passes_when_every_passed_record_of_its_key_is_a_horizon_away() -> None:
     times = [
         ("a", 0),
-        ("a", 500),  # duplicate
+        ("a", 500),  # 500 ms after the one that passed: a duplicate
         ("b", 600),
-        ("a", 999),  # duplicate: 999 ms after the one that passed
-        ("a", 1000),  # the horizon has passed: passes, and starts a new one
+        ("a", 999),  # 999 ms after: a duplicate
+        ("a", 1000),  # a horizon after 0: passes
         ("a", 1500),  # duplicate of 1000
         ("b", 1500),  # 900 ms after b's: duplicate
-        ("a", 2000),
-        ("a", 1990),  # earlier in event time than the one that passed: not a duplicate
-        ("a", 2100),  # 110 ms after 1990
+        ("a", 2000),  # a horizon after 1000: passes
+        ("a", 1990),  # earlier than 2000 but 10 ms from it (and 990 from 1000): duplicate
+        ("a", 2100),  # 100 ms after 2000
+        ("c", 5000),
+        ("c", 4001),  # 999 ms before the one that passed: a duplicate
+        ("c", 4000),  # a horizon before it: passes
     ]
-    assert run_dedupe(times, ms(1000)) == [
-        ("a", 0),
-        ("b", 600),
-        ("a", 1000),
-        ("a", 2000),
-        ("a", 1990),
-    ]
+    expected = [("a", 0), ("b", 600), ("a", 1000), ("a", 2000), ("c", 5000), ("c", 4000)]
+    assert run_dedupe(times, ms(1000)) == expected
+    # no record here comes when the mark could have forgotten what it meets: batches and the
+    # mark moving between them do not matter
+    records = [{"i": i, "k": k, "t": t} for i, (k, t) in enumerate(times)]
+    assert reference(records, forget=True) == reference(records, forget=False)
+    assert [times[i] for i in reference(records, forget=False)] == expected
 
 
 def test_a_horizon_of_1001_milliseconds_drops_a_repeat_1000_milliseconds_later() -> None:
@@ -176,7 +214,7 @@ def test_records_without_a_key_go_to_the_dead_letters() -> None:
     assert dict(dead.headers)["headwater.step"] == b"dedupe"
 
 
-# -- batching must not matter ----------------------------------------------------------------------
+# -- the operator, batch by batch ----------------------------------------------------------------
 
 
 class FakeContext:
@@ -206,14 +244,118 @@ def make_batch(records: list[tuple[str, int]]) -> Batch:
     )
 
 
-def dedupe(chunks: list[list[tuple[str, int]]], horizon: int) -> list[Any]:
-    operator = Dedupe("dedupe", horizon)
-    operator.open(FakeContext())  # type: ignore[arg-type]
-    return [value for chunk in chunks for value in operator.process(make_batch(chunk)).values]
+EMPTY = make_batch([])
 
 
-def test_what_passes_does_not_depend_on_how_records_are_batched() -> None:
-    # b's record at 2000 moves the event time seen past a's 0 + 1000 while a's repeat at 500
-    # is still to come: whether a is remembered then must not depend on batch boundaries
+def operator(horizon: int) -> tuple[Dedupe, FakeContext]:
+    dedupe = Dedupe("dedupe", horizon)
+    ctx = FakeContext()
+    dedupe.open(ctx)  # type: ignore[arg-type]
+    return dedupe, ctx
+
+
+def dedupe(
+    chunks: list[list[tuple[str, int]]], horizon: int, *, marks: bool = True
+) -> list[tuple[str, int]]:
+    """What passes when ``chunks`` come as batches; with ``marks``, the operator is told after
+    each batch the mark the runtime would (the largest event time so far)."""
+    op, _ = operator(horizon)
+    passed: list[tuple[str, int]] = []
+    mark: int | None = None
+    for chunk in chunks:
+        passed += op.process(make_batch(chunk)).values
+        if marks and chunk:
+            mark = max([t for _, t in chunk] + ([] if mark is None else [mark]))
+            assert len(op.on_watermark(mark, EMPTY)) == 0
+    return passed
+
+
+def test_passed_records_are_forgotten_when_the_mark_is_a_horizon_past_them() -> None:
+    op, ctx = operator(1000)
+    assert op.process(make_batch([("a", 0), ("a", 1500), ("b", 10)])).values == [
+        ("a", 0),
+        ("a", 1500),
+        ("b", 10),
+    ]
+    assert ctx.store.get("a") == [0, 1500]  # the passed event times of each key
+    op.on_watermark(999, EMPTY)
+    assert op.process(make_batch([("a", 400)])).values == []  # 0 is remembered
+    op.on_watermark(1000, EMPTY)  # 0 + the horizon
+    assert ctx.store.get("a") == [1500]
+    assert ctx.store.get("b") == [10]  # 10 + 1000 is still ahead of the mark
+    # a record that far behind the mark finds nothing to meet but 1500, 1100 away
+    assert op.process(make_batch([("a", 400)])).values == [("a", 400)]
+    op.on_watermark(1010, EMPTY)
+    assert ctx.store.get("b") is None
+    op.on_watermark(END, EMPTY)
+    assert len(ctx.store) == 0
+
+
+def test_only_the_mark_forgets_never_the_event_times_of_a_batch() -> None:
+    # b's record at 2000 is a horizon past a's 0, but the largest event time seen is not the
+    # mark: in one batch a's repeat at 500 still meets 0
     records = [("a", 0), ("b", 2000), ("a", 500)]
-    assert dedupe([records], 1000) == dedupe([[r] for r in records], 1000)
+    assert dedupe([records], 1000) == [("a", 0), ("b", 2000)]
+    assert dedupe([[r] for r in records], 1000, marks=False) == [("a", 0), ("b", 2000)]
+    # when the mark has moved to 2000 between the batches, 0 is forgotten and 500 passes
+    assert dedupe([records[:2], records[2:]], 1000) == records
+    assert dedupe([[r] for r in records], 1000) == records
+
+
+def is_a_dedupe_of(
+    records: list[tuple[str, int]], passed: list[tuple[str, int]], horizon: int
+) -> bool:
+    """Whether ``passed`` is what dedupe may pass of ``records`` when nothing is forgotten:
+    records of ``records`` (in their order), no two of a key less than ``horizon`` apart, and
+    every record left out less than ``horizon`` from a passed one of its key."""
+    left = list(records)
+    for record in passed:
+        if record not in left:
+            return False
+        left.remove(record)
+    by_key: dict[str, list[int]] = defaultdict(list)
+    for key, t in passed:
+        if any(abs(t - s) < horizon for s in by_key[key]):
+            return False
+        by_key[key].append(t)
+    return all(any(abs(t - s) < horizon for s in by_key[key]) for key, t in left)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    drawn=st.lists(st.tuples(st.sampled_from("ab"), st.integers(0, 50)), max_size=25),
+    seed=st.integers(0, 1000),
+    cuts=st.sets(st.integers(1, 24)),
+)
+def test_any_arrival_order_and_batching_gives_a_dedupe_of_the_records(
+    drawn: list[tuple[str, int]], seed: int, cuts: set[int]
+) -> None:
+    horizon = 10
+    shuffled = random.Random(seed).sample(drawn, len(drawn))
+    bounds = [0, *sorted(c for c in cuts if c < len(shuffled)), len(shuffled)]
+    chunks = [shuffled[a:b] for a, b in itertools.pairwise(bounds)]
+    passed = dedupe(chunks, horizon, marks=False)
+    assert is_a_dedupe_of(shuffled, passed, horizon)
+    assert passed == dedupe([shuffled], horizon, marks=False)  # batches alone change nothing
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    times=st.lists(st.integers(0, 30), unique=True, max_size=8),
+    copies=st.lists(st.integers(1, 3), min_size=16, max_size=16),
+    seed=st.integers(0, 1000),
+)
+def test_exact_copies_of_events_a_horizon_apart_pass_once_in_any_order(
+    times: list[int], copies: list[int], seed: int
+) -> None:
+    horizon = 100
+    events = [(key, t * horizon) for t in times for key in "ab"]
+    records = [event for event, n in zip(events, copies, strict=False) for _ in range(n)]
+    rng = random.Random(seed)
+    shuffled = rng.sample(records, len(records))
+    # any order, as long as the mark does not move past an event before all its copies came
+    assert sorted(dedupe([[r] for r in shuffled], horizon, marks=False)) == sorted(events)
+    assert sorted(dedupe([shuffled], horizon)) == sorted(events)
+    # each copy arriving less than a horizon after its event time, the mark told after each
+    delayed = sorted(records, key=lambda r: r[1] + rng.randrange(horizon))
+    assert sorted(dedupe([[r] for r in delayed], horizon)) == sorted(events)

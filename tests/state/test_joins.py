@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections import Counter
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from pydantic import BaseModel
 from connectors.base import SinkContext
 from connectors.memory import Collect, Iterable
 from connectors.topic import LogTopic
+from operators._timing import END_OF_TIME
 from operators.joins import StreamJoin
 from pipelines import Pipeline, PipelineDefinitionError, Topic
 from pipelines.batch import Batch
@@ -26,8 +29,9 @@ from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.task import Task
 from pipelines.runtime.topology import compile_pipeline
+from pipelines.runtime.worker import WorkerReport
 from pipelines.state.store import KeyValueStore
-from pipelines.testing import run_pipeline
+from pipelines.testing import TestResult, run_pipeline
 
 T0 = 1_700_000_000_000  # event times in the past, so an idle partition's watermark passes them
 
@@ -320,7 +324,7 @@ def test_a_join_compiles_into_one_sub_topology_with_its_table_or_other_stream() 
     assert joined.late_topic("pair").name == "p.pair.late"
 
 
-# -- stream-stream: the operator, record by record --------------------------------------------
+# -- stream-stream: the operator, batch by batch ----------------------------------------------
 
 
 class FakeContext:
@@ -361,20 +365,24 @@ def pair(left: dict[str, Any], right: dict[str, Any] | None) -> list[Any]:
 
 
 def brute_force(
-    events: list[Event], within: int, grace: int, how: str
+    chunks: list[list[Event]], within: int, grace: int, how: str
 ) -> tuple[list[Any], list[Any]]:
-    """(results, late values): a record is late when its time + grace is behind the largest
-    time before it; every other pair of sides with equal keys within ``within`` joins."""
-    watermark = -(1 << 62)
+    """(results, late values) when the events come in ``chunks``: the watermark before a chunk
+    is the largest time of the chunks before it (none before the first), and a record is late
+    when its time + grace is behind it; every other pair of sides with equal keys within
+    ``within`` joins."""
+    watermark: int | None = None
     kept: list[Event] = []
     late: list[Any] = []
-    for event in events:
-        _, _, stamp, value = event
-        if stamp + grace < watermark:
-            late.append(value)
-            continue
-        watermark = max(watermark, stamp)
-        kept.append(event)
+    for chunk in chunks:
+        for event in chunk:
+            _, _, stamp, value = event
+            if watermark is not None and stamp + grace < watermark:
+                late.append(value)
+            else:
+                kept.append(event)
+        stamps = [e[2] for e in chunk] + ([] if watermark is None else [watermark])
+        watermark = max(stamps, default=None)
     lefts = [e for e in kept if e[0] == 0]
     rights = [e for e in kept if e[0] == 1]
     results: list[Any] = []
@@ -386,30 +394,52 @@ def brute_force(
     return results, late
 
 
-def as_batches(events: list[Event], rng: random.Random) -> list[tuple[int, Batch]]:
-    """Consecutive records of one side, in arrival order, cut into batches of 1-5."""
-    batches: list[tuple[int, Batch]] = []
+def as_chunks(events: list[Event], rng: random.Random) -> list[list[Event]]:
+    """Consecutive records of one side, in arrival order, cut into chunks of 1-5."""
+    chunks: list[list[Event]] = []
     at = 0
     while at < len(events):
         side, size, end = events[at][0], rng.randint(1, 5), at
         while end < len(events) and events[end][0] == side and end - at < size:
             end += 1
-        chunk = events[at:end]
-        n = len(chunk)
-        raw = RawBatch([b"k"] * n, [b"{}"] * n, [e[2] for e in chunk])
-        fetched = FetchedBatch(f"side{side}", 0, raw, range(at, end), end)
-        batch = Batch(
-            [e[1] for e in chunk], [e[3] for e in chunk], raw.timestamps, list(range(n)), fetched
-        )
-        batches.append((side, batch))
+        chunks.append(events[at:end])
         at = end
-    return batches
+    return chunks
+
+
+def as_batch(chunk: list[Event]) -> tuple[int, Batch]:
+    """The side of ``chunk`` (one side's records) and the batch it arrives in."""
+    n = len(chunk)
+    raw = RawBatch([b"k"] * n, [b"{}"] * n, [e[2] for e in chunk])
+    fetched = FetchedBatch(f"side{chunk[0][0]}", 0, raw, range(n), n)
+    batch = Batch(
+        [e[1] for e in chunk], [e[3] for e in chunk], raw.timestamps, list(range(n)), fetched
+    )
+    return chunk[0][0], batch
+
+
+EMPTY = Batch([], [], [], [], FetchedBatch("side0", 0, RawBatch([], [], []), [], -1))
+
+
+class Feeder:
+    """Feeds chunks to a join as the runtime would: after each, the mark (the largest event
+    time so far) through ``on_watermark``."""
+
+    def __init__(self) -> None:
+        self.mark: int | None = None
+
+    def feed(self, join: StreamJoin, chunk: list[Event]) -> tuple[list[Any], list[Any]]:
+        """(what processing the chunk emitted, what the mark moving after it emitted)."""
+        side, batch = as_batch(chunk)
+        processed = join.process_side(side, batch).values
+        self.mark = max([e[2] for e in chunk] + ([] if self.mark is None else [self.mark]))
+        return processed, join.on_watermark(self.mark, EMPTY).values
 
 
 def stream_join(
     how: str, within: int, grace: int, store: KeyValueStore
 ) -> tuple[StreamJoin, FakeContext]:
-    join = StreamJoin("pair", pair, how=how, within_ms=within, grace_ms=grace, idle_ms=0)  # type: ignore[arg-type]
+    join = StreamJoin("pair", pair, how=how, within_ms=within, grace_ms=grace)  # type: ignore[arg-type]
     ctx = FakeContext(store)
     join.open(ctx)  # type: ignore[arg-type]
     return join, ctx
@@ -430,23 +460,23 @@ def restored(store: KeyValueStore) -> KeyValueStore:
 def test_stream_join_equals_a_brute_force_reference(how: str, seed: int, restart: bool) -> None:
     within, grace = 60, 40
     events = generate(seed, 400, disorder=30, stragglers=0.05)
-    expected, expected_late = brute_force(events, within, grace, how)
+    chunks = as_chunks(events, random.Random(seed))
+    expected, expected_late = brute_force(chunks, within, grace, how)
 
-    rng = random.Random(seed)
     store = KeyValueStore("pair", 0)
     join, ctx = stream_join(how, within, grace, store)
+    feeder = Feeder()
     results: list[Any] = []
     late: list[Any] = []
-    batches = as_batches(events, rng)
-    for number, (side, batch) in enumerate(batches):
-        if restart and number == len(batches) // 2:  # a crash: a new operator, a restored store
+    for number, chunk in enumerate(chunks):
+        if restart and number == len(chunks) // 2:  # a crash: a new operator, a restored store
             late += ctx.late_values
             join, ctx = stream_join(how, within, grace, restored(store))
             store = ctx.store
-        results += join.process_side(side, batch).values
+        processed, expired = feeder.feed(join, chunk)
+        results += processed + expired
         assert len(store) <= 60  # records expire as the watermark passes them
-    empty = Batch([], [], [], [], FetchedBatch("side0", 0, RawBatch([], [], []), [], -1))
-    results += join.tick(empty).values  # idle: the watermark follows the wall clock
+    results += join.on_watermark(END_OF_TIME, EMPTY).values  # the end of input
     late += ctx.late_values
 
     assert expected_late and late == expected_late
@@ -454,6 +484,16 @@ def test_stream_join_equals_a_brute_force_reference(how: str, seed: int, restart
     assert ctx.rejected == []
     assert join.pending == 0
     assert [k for k, _ in store.items()] == [("watermark",)]
+
+
+def test_the_brute_force_judges_a_chunk_against_the_watermark_before_it() -> None:
+    events: list[Event] = [
+        (0, "a", T0 + 100, {"id": "L"}),
+        (1, "a", T0 + 50, {"id": "R"}),  # 50 ms behind L: late with a grace of 49
+    ]
+    assert brute_force([events], 50, 49, "inner") == ([["L", "R"]], [])
+    assert brute_force([events[:1], events[1:]], 50, 49, "inner") == ([], [{"id": "R"}])
+    assert brute_force([events[:1], events[1:]], 50, 50, "inner") == ([["L", "R"]], [])
 
 
 def test_stream_join_emits_pairs_once_whichever_side_comes_first() -> None:
@@ -466,11 +506,12 @@ def test_stream_join_emits_pairs_once_whichever_side_comes_first() -> None:
         (0, "a", T0 + 400, {"id": "L3"}),  # expires L1 and L2 (matched), no partner itself
         (1, "a", T0 + 501, {"id": "R3"}),  # 101 ms after L3: no pair; L3 expires unmatched
     ]
-    batches = as_batches(events, random.Random(1))
-    out = [join.process_side(side, batch).values for side, batch in batches[:-1]]
-    assert out == [[], [["L1", "R1"]], [["L2", "R1"]], [], []]
+    feeder = Feeder()
+    out = [feeder.feed(join, [event]) for event in events[:-1]]
+    assert out == [([], []), ([["L1", "R1"]], []), ([["L2", "R1"]], []), ([], []), ([], [])]
     assert join.pending == 1  # L3 waits for its partners' time to pass
-    assert join.process_side(*batches[-1]).values == [["L3", None]]
+    # R3 joins nothing; the mark it brings, 501, is past L3's 400 + 100: L3 expires alone
+    assert feeder.feed(join, events[-1:]) == ([], [["L3", None]])
     assert join.pending == 0
 
 
@@ -484,13 +525,14 @@ def test_stream_join_bounds_are_inclusive_on_both_sides() -> None:
         (0, "a", T0 + 101, {"id": "L2"}),  # joins R2 and R3; not late: 101 + 100 >= 201
         (1, "a", T0 - 2, {"id": "R4"}),  # late: -2 + 100 < 201
     ]
-    results = [
-        v
-        for side, b in as_batches(events, random.Random(2))
-        for v in join.process_side(side, b).values
-    ]
+    feeder = Feeder()
+    results = []
+    for event in events:  # one record per batch: the watermark moves after each
+        processed, expired = feeder.feed(join, [event])
+        results += processed + expired
     assert results == [["L1", "R1"], ["L1", "R2"], ["L2", "R2"], ["L2", "R3"]]
     assert ctx.late_values == [{"id": "R4"}]
+    assert brute_force([[e] for e in events], 100, 100, "inner") == (results, [{"id": "R4"}])
 
 
 class Click(BaseModel):
@@ -507,7 +549,7 @@ def test_stream_join_gives_merge_models_on_a_model_typed_side_also_after_a_resto
 
     def operator(store: KeyValueStore) -> StreamJoin:
         join = StreamJoin(
-            "pair", merge, how="inner", within_ms=10, grace_ms=0, idle_ms=0, models=(Click, None)
+            "pair", merge, how="inner", within_ms=10, grace_ms=0, models=(Click, None)
         )
         join.open(FakeContext(store))  # type: ignore[arg-type]
         return join
@@ -529,8 +571,18 @@ def test_stream_join_gives_merge_models_on_a_model_typed_side_also_after_a_resto
 
 
 def two_streams(
-    events: list[Event], how: str, within: timedelta, out: Collect, *, grace: timedelta
+    events: list[Event],
+    how: str,
+    within: timedelta,
+    out: Collect,
+    *,
+    grace: timedelta,
+    idle: timedelta = timedelta(seconds=1),
+    rights: Iterable | None = None,
 ) -> Pipeline:
+    """Left and right events from two sources, re-keyed, joined; ``rights`` replaces the
+    source of the right side."""
+
     def source(side: int) -> Iterable:
         values = [dict(e[3], key=e[1], at=e[2]) for e in events if e[0] == side]
         return Iterable(values, timestamp=lambda v: v["at"], batch_size=50)
@@ -540,19 +592,19 @@ def two_streams(
         .source(source(0), into=Topic("lefts", partitions=2))
         .key_by("lefts-by-key", lambda v: v["key"], partitions=3)
     )
-    rights = (
-        lefts.source(source(1), into=Topic("rights", partitions=1))
+    right_side = (
+        lefts.source(rights or source(1), into=Topic("rights", partitions=1))
         .filter("rights-only", lambda v: True)
         .key_by("rights-by-key", lambda v: v["key"], partitions=3)
     )
     return lefts.join_stream(
         "pair",
-        rights,
+        right_side,
         within,
         pair,
         how=how,  # type: ignore[arg-type]
         grace=grace,
-        idle=timedelta(seconds=1),
+        idle=idle,
     ).sink(out, step_id="out")
 
 
@@ -561,7 +613,8 @@ def two_streams(
 async def test_stream_join_pipeline_equals_a_brute_force_reference(how: str, workers: int) -> None:
     # two topics are polled in any order, so the grace covers the whole input: nothing late
     events = generate(31, 500, disorder=60, stragglers=0)
-    expected, _ = brute_force(events, 45, 1 << 40, how)
+    expected, late = brute_force([events], 45, 1 << 40, how)
+    assert late == []
     out = Collect()
     pipeline = two_streams(events, how, timedelta(milliseconds=45), out, grace=timedelta(hours=1))
     await run(pipeline, MemoryLog(), workers=workers)
@@ -575,28 +628,65 @@ async def test_stream_join_pipeline_equals_a_brute_force_reference(how: str, wor
         assert int(record.timestamp.timestamp() * 1000) == at
 
 
-def test_records_behind_the_watermark_by_more_than_the_grace_go_to_the_late_topic() -> None:
+def changelog_watermark(log: MemoryLog, changelog: str) -> int | None:
+    """The watermark a step last committed to its changelog (None before it has one)."""
+    watermark = None
+    for partition in range(log.spec(changelog).partitions):
+        raw = log.read_now(TopicPartition(changelog, partition), 0, 1 << 30).records
+        for key, value in zip(raw.keys, raw.values, strict=True):
+            if key == b'["watermark"]' and value is not None:
+                watermark = orjson.loads(value)
+    return watermark
+
+
+async def test_records_behind_the_watermark_by_more_than_the_grace_go_to_the_late_topic() -> None:
     events = [
         {"side": "L", "k": "a", "at": T0 + 10_000, "id": 1},
         {"side": "R", "k": "a", "at": T0 + 9_990, "id": 2},  # within the grace: joins 1
         {"side": "R", "k": "a", "at": T0, "id": 3},  # 10 s behind, grace 1 s: late
     ]
+    log = MemoryLog()
+    changelog = "p.pair.changelog"
+
+    async def arriving() -> AsyncIterator[dict[str, Any]]:
+        yield events[0]
+        yield events[1]
+        # the watermark moves between batches: the straggler comes once the join has been
+        # told the mark of the first two (they were read, re-keyed, and the re-keying task's
+        # marker read after them) and committed it
+        for _ in range(1000):
+            watermark = changelog_watermark(log, changelog)
+            if watermark is not None and watermark >= T0 + 10_000:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the join's watermark never reached the first two records")
+        yield events[2]
+
     keyed_events = (
         Pipeline("p")
-        .source(Iterable(events, timestamp=lambda e: e["at"]), into=Topic("events"))
+        .source(
+            Iterable(arriving, timestamp=lambda e: e["at"], batch_size=2, max_delay=0.001),
+            into=Topic("events"),
+        )
         .key_by("by-k", lambda e: e["k"])
     )
     lefts = keyed_events.filter("lefts", lambda e: e["side"] == "L")
     rights = keyed_events.filter("rights", lambda e: e["side"] == "R")
+    out = Collect()
     pipeline = lefts.join_stream(
         "pair",
         rights,
         timedelta(milliseconds=20),
         lambda left, right: [left["id"], right["id"]],
         grace=timedelta(seconds=1),
-    ).sink(Collect(), step_id="out")
-    result = run_pipeline(pipeline)
-    assert result.values("out") == [[1, 2]]
+    ).sink(out, step_id="out")
+    topology = compile_pipeline(pipeline)
+    assert topology.changelog_topic("pair").name == changelog
+    await run_in_process(topology, log)
+
+    assert out.values == [[1, 2]]
+    result = TestResult(sinks={"out": out}, log=log, pipeline=pipeline)
     [late] = result.topic("p.pair.late")
     assert orjson.loads(late.value)["id"] == 3
     assert dict(late.headers)["headwater.late"] == b"pair"
@@ -605,17 +695,41 @@ def test_records_behind_the_watermark_by_more_than_the_grace_go_to_the_late_topi
 async def test_stream_join_state_survives_a_restart_on_the_embedded_log(tmp_path: Path) -> None:
     events = generate(41, 300, disorder=40, stragglers=0)
     within = timedelta(milliseconds=50)
-    expected, _ = brute_force(events, 50, 1 << 40, "inner")
+    expected, _ = brute_force([events], 50, 1 << 40, "inner")
+    assert expected
     lefts_only = [e for e in events if e[0] == 0]
+    hour = timedelta(hours=1)
 
-    log = EmbeddedLog(tmp_path)  # first run: only the left side has records
+    async def not_yet() -> AsyncIterator[dict[str, Any]]:
+        await asyncio.Event().wait()  # cancelled when the run stops
+        yield {}
+
+    # first run: only the left side has records, and the right source has not ended (once
+    # every source ends, the end of time expires every waiting record), so the lefts wait in
+    # the join's state when the run is stopped
+    log = EmbeddedLog(tmp_path)
     out = Collect()
-    await run(two_streams(lefts_only, "inner", within, out, grace=timedelta(hours=1)), log)
+    stop = asyncio.Event()
+
+    def stop_when_the_lefts_are_in(report: WorkerReport) -> None:
+        if report.steps.get("pair", [0])[0] >= len(lefts_only):
+            stop.set()
+
+    pipeline = two_streams(
+        lefts_only, "inner", within, out, grace=hour, idle=hour, rights=Iterable(not_yet)
+    )
+    await asyncio.wait_for(
+        run_in_process(
+            compile_pipeline(pipeline), log, stop=stop, on_report=stop_when_the_lefts_are_in
+        ),
+        timeout=30,
+    )
+    assert stop.is_set()
     assert out.values == []
     await log.close()
 
     log = EmbeddedLog(tmp_path)  # second run: the right side; the lefts wait in restored state
     out = Collect()
-    await run(two_streams(events, "inner", within, out, grace=timedelta(hours=1)), log, workers=2)
+    await run(two_streams(events, "inner", within, out, grace=hour, idle=hour), log, workers=2)
     await log.close()
     assert sorted(out.values, key=str) == sorted(expected, key=str)

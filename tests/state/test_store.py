@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
-from pipelines.log.base import RawBatch, TopicPartition
+import connectors
+from operators.aggregations import Count
+from operators.stateful import Aggregate
+from pipelines import Pipeline, Topic
+from pipelines.batch import Batch
+from pipelines.log.base import FetchedBatch, RawBatch, TopicPartition
 from pipelines.state.local import LocalStore
 from pipelines.state.store import KeyValueStore
+from pipelines.testing import TestResult
 
 INPUT = TopicPartition("orders", 0)
 
@@ -77,24 +88,161 @@ def test_local_copy_round_trip(tmp_path: Path) -> None:
     assert dict(restored.items()) == {"ann": 3}
 
 
-def test_a_count_with_a_ttl_forgets_idle_keys_without_a_scan() -> None:
-    from datetime import timedelta
+# -- a count with a ttl ------------------------------------------------------------------------
 
-    import connectors
-    from pipelines import Pipeline, Topic
-    from pipelines.testing import run_pipeline
+TTL = 1000
+EVENTS = [("a", 0), ("b", 100), ("a", 500), ("b", 1_500), ("a", 2_000), ("a", 2_100)]
 
-    events = [("a", 0), ("b", 100), ("a", 500), ("b", 1_500), ("a", 2_000), ("a", 2_100)]
+
+def ttl_reference(batches: list[list[tuple[str, int]]], ttl: int) -> list[tuple[str, int]]:
+    """The count emitted per record when each batch is counted with the keys known before it,
+    and after it the mark (the largest event time so far) forgets every key whose latest event
+    time is at least ``ttl`` behind."""
+    counts: dict[str, int] = {}
+    latest: dict[str, int] = {}
+    mark: int | None = None
+    emitted = []
+    for batch in batches:
+        for key, stamp in batch:
+            counts[key] = counts.get(key, 0) + 1
+            latest[key] = max(latest.get(key, stamp), stamp)
+            emitted.append((key, counts[key]))
+        if batch:
+            mark = max([s for _, s in batch] + ([] if mark is None else [mark]))
+            for key in [k for k, s in latest.items() if mark >= s + ttl]:
+                del counts[key], latest[key]
+    return emitted
+
+
+def test_the_ttl_reference_on_an_example() -> None:
+    # one record per batch: b's record at 1500 comes when the mark is 500, so b (last at 100)
+    # is still known; the mark 1500 after it forgets a (last at 500): a starts again at 2000
+    assert ttl_reference([[e] for e in EVENTS], TTL) == [
+        ("a", 1),
+        ("b", 1),
+        ("a", 2),
+        ("b", 2),
+        ("a", 1),
+        ("a", 2),
+    ]
+    # b's record at 1500 after a batch that took the mark to 1100: b was forgotten, a (last
+    # at 500) was not, and the later records of the batch count on
+    assert ttl_reference([EVENTS[:3], [("c", 1100)], EVENTS[3:]], TTL) == [
+        ("a", 1),
+        ("b", 1),
+        ("a", 2),
+        ("c", 1),
+        ("b", 1),
+        ("a", 3),
+        ("a", 4),
+    ]
+    # in one batch nothing is forgotten: the mark moves after it
+    assert ttl_reference([EVENTS], TTL) == [
+        ("a", 1),
+        ("b", 1),
+        ("a", 2),
+        ("b", 2),
+        ("a", 3),
+        ("a", 4),
+    ]
+
+
+def test_a_count_with_a_ttl_forgets_idle_keys(
+    run_one_by_one: Callable[..., TestResult],
+) -> None:
     source = connectors.Iterable(
-        [{"k": k, "t": t} for k, t in events], key=lambda v: v["k"], timestamp=lambda v: v["t"]
+        [{"k": k, "t": t} for k, t in EVENTS], key=lambda v: v["k"], timestamp=lambda v: v["t"]
     )
     pipeline = (
         Pipeline("ttl")
         .source(source, into=Topic("events"))
-        .count("n", ttl=timedelta(seconds=1))
+        .count("n", ttl=timedelta(milliseconds=TTL))
         .sink(connectors.Collect(), step_id="out")
     )
-    counts = [(r.key, r.value) for r in run_pipeline(pipeline).records("out")]
-    # a: 0, 500 count up; at 2000, a's last update (500) is more than 1 s old: a starts again
-    # b: 100, then 1500 comes more than 1 s later (b was forgotten when event time passed 1100)
-    assert counts == [("a", 1), ("b", 1), ("a", 2), ("b", 1), ("a", 1), ("a", 2)]
+    # one record per batch (conftest.py): the runtime tells the step the mark after each
+    counts = [(r.key, r.value) for r in run_one_by_one(pipeline).records("out")]
+    assert counts == ttl_reference([[e] for e in EVENTS], TTL)
+
+
+class ScanCountingStore(KeyValueStore):
+    """A store that counts how often it is scanned."""
+
+    def __init__(self, step_id: str, partition: int) -> None:
+        super().__init__(step_id, partition)
+        self.scans = 0
+
+    def items(self) -> Iterator[tuple[Any, Any]]:
+        self.scans += 1
+        return super().items()
+
+
+class FakeContext:
+    step_id = "n"
+    partition = 0
+
+    def __init__(self) -> None:
+        self.store = ScanCountingStore("n", 0)
+
+    def reject(self, batch: Batch, index: int, error: Exception) -> None:
+        raise AssertionError(error)
+
+    def late(self, batch: Batch, index: int) -> None:
+        raise AssertionError("an aggregation has no late records")
+
+
+def make_batch(records: list[tuple[str, int]]) -> Batch:
+    n = len(records)
+    raw = RawBatch([k.encode() for k, _ in records], [None] * n, [t for _, t in records])
+    fetched = FetchedBatch("events", 0, raw, list(range(n)), n)
+    return Batch(
+        [k for k, _ in records], [None] * n, [t for _, t in records], list(range(n)), fetched
+    )
+
+
+def counted(
+    batches: list[list[tuple[str, int]]], ttl: int
+) -> tuple[list[tuple[str, int]], Aggregate, FakeContext]:
+    """The counts an ``Aggregate`` with ``ttl`` emits for ``batches``, told after each the
+    mark the runtime would (the largest event time so far)."""
+    operator = Aggregate("n", Count(), ttl)
+    ctx = FakeContext()
+    operator.open(ctx)  # type: ignore[arg-type]
+    emitted: list[tuple[str, int]] = []
+    mark: int | None = None
+    for records in batches:
+        out = operator.process(make_batch(records))
+        emitted += zip(out.keys, out.values, strict=True)
+        if records:
+            mark = max([t for _, t in records] + ([] if mark is None else [mark]))
+            assert not operator.on_watermark(mark, make_batch([]))
+    return emitted, operator, ctx
+
+
+def test_an_aggregate_with_a_ttl_forgets_when_the_mark_passes_without_a_scan() -> None:
+    rng = random.Random(5)
+    records = []
+    for n in range(300):
+        records.append((rng.choice("abcde"), n * 40 + rng.randint(-300, 300)))
+    cuts = sorted(rng.sample(range(1, len(records)), 40))
+    batchings = [
+        [records],
+        [[r] for r in records],
+        [records[a:b] for a, b in itertools.pairwise([0, *cuts, len(records)])],
+    ]
+    results = []
+    for batches in batchings:
+        emitted, _, ctx = counted(batches, TTL)
+        assert emitted == ttl_reference(batches, TTL)
+        assert ctx.store.scans <= 1  # loading the (empty) store at the start, never again
+        results.append(emitted)
+    assert results[1] != results[0]  # the batches decide what was forgotten in between
+
+    emitted, operator, ctx = counted([[e] for e in EVENTS], TTL)
+    assert dict(ctx.store.items()) == {"a": [2, 2_100], "b": [2, 1_500]}  # [count, latest]
+    operator.on_watermark(2_499, make_batch([]))
+    assert sorted(ctx.store.items()) == [("a", [2, 2_100]), ("b", [2, 1_500])]
+    operator.on_watermark(2_500, make_batch([]))  # b's 1500 + ttl
+    assert dict(ctx.store.items()) == {"a": [2, 2_100]}
+    operator.on_watermark(3_100, make_batch([]))
+    assert len(ctx.store) == 0
+    assert operator.process(make_batch([("a", 3_000)])).values == [1]

@@ -1,9 +1,11 @@
 """Window assignment against the definitions, and the watermark of a windowed aggregation against
-a record-by-record reference (which records are late, what each window finally holds)."""
+a reference that moves it between batches (which records are late, what each window finally
+holds)."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 import connectors
 from operators.windows import Hopping, Session, Sliding, Tumbling, Window, Windows
 from pipelines import Pipeline, Topic
-from pipelines.testing import run_pipeline
+from pipelines.testing import TestResult
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -146,7 +148,7 @@ def test_a_session_record_opens_the_window_from_its_timestamp_to_the_gap(
     assert session.assign(timestamp) == [Window(timestamp, timestamp + session.gap)]
 
 
-# -- the watermark, record by record -------------------------------------------------------------
+# -- the watermark, batch by batch --------------------------------------------------------------
 
 WINDOW_KINDS: dict[str, Windows] = {
     "tumbling": Tumbling(ms(50)),
@@ -154,29 +156,35 @@ WINDOW_KINDS: dict[str, Windows] = {
     "sliding": Sliding(ms(45), ms(30)),
 }
 
+Batches = list[list[dict[str, Any]]]
+
 
 def reference_run(
-    events: list[dict[str, Any]], windows: Windows, lateness: int, grace: int
+    batches: Batches, windows: Windows, lateness: int, grace: int
 ) -> tuple[set[int], dict[tuple[str, int, int], int]]:
-    """The ids of the late records, and the count of each (key, start, end) over the others.
+    """The ids of the late records, and the count of each (key, start, end) over the others,
+    for one task fed ``batches``.
 
-    A record is late iff every window holding it has ``end + grace <= watermark``, where the
-    watermark is the largest event time of the records before it minus ``lateness``; a record
-    that is not late counts in its windows that are still open."""
+    The watermark moves between batches only: before a batch it is the largest event time of
+    the batches before it minus ``lateness`` (none before the first). A record is late iff every
+    window holding it has ``end + grace <= watermark``; a record that is not late counts in its
+    windows that are still open."""
     late: set[int] = set()
     counts: Counter[tuple[str, int, int]] = Counter()
     newest: int | None = None
-    for event in events:
-        t = event["t"]
+    for batch in batches:
         watermark = None if newest is None else newest - lateness
-        open_windows = [
-            w for w in windows.assign(t) if watermark is None or w.end + grace > watermark
-        ]
-        if not open_windows:
-            late.add(event["i"])
-        for window in open_windows:
-            counts[(event["k"], window.start, window.end)] += 1
-        newest = t if newest is None else max(newest, t)
+        for event in batch:
+            t = event["t"]
+            open_windows = [
+                w for w in windows.assign(t) if watermark is None or w.end + grace > watermark
+            ]
+            if not open_windows:
+                late.add(event["i"])
+            for window in open_windows:
+                counts[(event["k"], window.start, window.end)] += 1
+        stamps = [e["t"] for e in batch] + ([] if newest is None else [newest])
+        newest = max(stamps, default=None)
     return late, dict(counts)
 
 
@@ -216,14 +224,20 @@ event_lists = st.lists(
     lateness=st.sampled_from([0, 25, 80]),
     grace=st.sampled_from([0, 15]),
 )
-def test_late_records_and_final_counts_follow_the_record_by_record_watermark(
-    drawn: list[tuple[str, int]], kind: str, lateness: int, grace: int
+def test_late_records_and_final_counts_follow_the_watermark_before_each_batch(
+    drawn: list[tuple[str, int]],
+    kind: str,
+    lateness: int,
+    grace: int,
+    run_one_by_one: Callable[..., TestResult],
 ) -> None:
     events = [{"i": i, "k": k, "t": t} for i, (k, t) in enumerate(drawn)]
     windows = WINDOW_KINDS[kind]
-    expected_late, expected_counts = reference_run(events, windows, lateness, grace)
+    # the worker polls one record at a time (conftest.py): one partition, one record per batch
+    batches = [[event] for event in events]
+    expected_late, expected_counts = reference_run(batches, windows, lateness, grace)
 
-    result = run_pipeline(windowed_count(events, windows, lateness, grace))
+    result = run_one_by_one(windowed_count(events, windows, lateness, grace))
 
     late = [orjson.loads(record.value) for record in result.topic("wm.counts.late")]
     assert sorted(v["i"] for v in late) == sorted(expected_late)
@@ -234,17 +248,42 @@ def test_late_records_and_final_counts_follow_the_record_by_record_watermark(
     assert got == expected_counts
 
 
-def test_an_example_of_late_and_partly_late_records() -> None:
-    # hopping [t-40, t+20) windows of 60 every 20; lateness 10, grace 0
+def test_the_reference_judges_a_batch_against_the_watermark_before_it() -> None:
+    # the same records, late or not depending on the batches they come in
+    events = [{"i": 0, "k": "a", "t": 100}, {"i": 1, "k": "a", "t": 200}]
+    windows = Tumbling(ms(50))
+    assert reference_run([events], windows, 0, 0) == (
+        set(),
+        {("a", 100, 150): 1, ("a", 200, 250): 1},
+    )
+    assert reference_run([events[1:], events[:1]], windows, 0, 0) == (
+        {0},
+        {("a", 200, 250): 1},
+    )
+    # lateness 51: the watermark is 149 after the batch of 200, and [100, 150) is still open
+    assert reference_run([events[1:], [], events[:1]], windows, 51, 0) == (
+        set(),
+        {("a", 100, 150): 1, ("a", 200, 250): 1},
+    )
+    assert reference_run([events[1:], [], events[:1]], windows, 50, 0)[0] == {0}
+
+
+def test_an_example_of_late_and_partly_late_records(
+    run_one_by_one: Callable[..., TestResult],
+) -> None:
+    # hopping [t-40, t+20) windows of 60 every 20; lateness 10, grace 0; one record per batch
     events = [
         {"i": 0, "k": "a", "t": 100},  # windows [60,120) [80,140) [100,160)
-        {"i": 1, "k": "a", "t": 150},  # watermark now 140
+        {"i": 1, "k": "a", "t": 150},  # the watermark after its batch: 140
         {"i": 2, "k": "a", "t": 85},  # [40,100) [60,120) closed; [80,140) closes at 140: late
         {"i": 3, "k": "a", "t": 125},  # [80,140) closed; [100,160) [120,180) still open
     ]
     windows = Hopping(ms(60), ms(20))
-    result = run_pipeline(windowed_count(events, windows, lateness=10, grace=0))
+    result = run_one_by_one(windowed_count(events, windows, lateness=10, grace=0))
     late = [orjson.loads(record.value)["i"] for record in result.topic("wm.counts.late")]
     assert late == [2]
     got = {(exact_millis(r.start), exact_millis(r.end)): r.value for r in result.values("out")}
     assert got == {(60, 120): 1, (80, 140): 1, (100, 160): 3, (120, 180): 2, (140, 200): 1}
+    assert reference_run([[e] for e in events], windows, 10, 0)[0] == {2}
+    # in one batch nothing is late: the watermark only moves after it
+    assert reference_run([events], windows, 10, 0)[0] == set()

@@ -1,6 +1,12 @@
 """Windowed aggregations against plain-Python reference computations on generated streams with
 out-of-order and late events: tumbling, hopping, sliding and session windows, with a count and
 with a dict of aggregations, late-data topics, ``emit="update"``, several partitions and workers.
+
+The watermark moves between batches: a record is judged against the watermark from before its
+batch. The references take the batch boundaries as input; the pipelines whose results depend on
+them run with workers polling one record at a time (``run_one_by_one``, see ``conftest.py``),
+so each partition's records come one per batch; the operator is also driven by hand with
+batches a test chooses.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import connectors
+from operators._timing import END_OF_TIME
 from operators.aggregations import Aggregation, Collect, Count, Fold, Max, Mean, Min, Sum
 from operators.windowed import WindowedAggregate, WindowResult
 from operators.windows import Hopping, Session, Sliding, Tumbling, Window, Windows
@@ -40,6 +47,7 @@ IDLE = timedelta(seconds=0.5)
 SMALL_IDLE = timedelta(seconds=0.2)  # for a handful of records, read at once
 
 WindowKey = tuple[str, int, int]
+Run = Callable[..., TestResult]  # the run_one_by_one fixture (conftest.py)
 
 
 def ms(millis: int) -> timedelta:
@@ -59,7 +67,7 @@ def generate(seed: int, count: int, *, session: bool = False) -> list[dict[str, 
     arrive 1-5 s late. For sessions the ordinary delay stays below ``LATENESS + GRACE`` and the
     very late ones are at least ``LATENESS + GRACE + GAP`` behind, so no record ever touches a
     session the watermark has passed without being late itself (see
-    ``test_session_results_do_not_depend_on_how_records_are_batched`` for that case)."""
+    ``test_a_session_closed_between_batches_is_not_joined_again`` for that case)."""
     rng = random.Random(seed)
     ordinary = LATENESS + GRACE - 1 if session else LATENESS + GRACE + 300
     events = []
@@ -83,64 +91,101 @@ class Reference:
     late: set[int] = field(default_factory=set)
     windows: dict[WindowKey, list[dict[str, Any]]] = field(default_factory=dict)
 
+    def add(self, other: Reference) -> None:
+        self.late |= other.late
+        self.windows.update(other.windows)
 
-def reference_fixed(
-    events: list[dict[str, Any]], windows: Windows, partitions: int = 1
-) -> Reference:
-    """Each partition's watermark is its largest event time so far minus the lateness; a record
-    is late when every window holding it has ``end + grace <= watermark``, else it joins the
-    windows of it still open."""
+
+Batches = list[list[dict[str, Any]]]
+
+
+def one_by_one(events: list[dict[str, Any]], partitions: int) -> list[Batches]:
+    """The batches each partition's task processes when the workers poll one record at a time
+    (see ``conftest.py``): its records in arrival order, one per batch."""
+    return [
+        [[e] for e in events if partition_of(e["k"], partitions) == partition]
+        for partition in range(partitions)
+    ]
+
+
+def fixed_batches(batches: Batches, windows: Windows, lateness: int, grace: int) -> Reference:
+    """One task fed ``batches``: the watermark is the largest event time of the batches before
+    minus ``lateness`` (none before the first batch); a record is late when every window holding
+    it has ``end + grace <= watermark``, else it joins the windows of it still open. Every
+    window closes by the end of input."""
     ref = Reference()
     contents: dict[WindowKey, list[dict[str, Any]]] = defaultdict(list)
-    newest: dict[int, int] = {}
-    for event in events:
-        partition = partition_of(event["k"], partitions)
-        t = event["t"]
-        watermark = newest[partition] - LATENESS if partition in newest else None
-        live = [w for w in windows.assign(t) if watermark is None or w.end + GRACE > watermark]
-        if not live:
-            ref.late.add(event["i"])
-        for window in live:
-            contents[(event["k"], window.start, window.end)].append(event)
-        newest[partition] = max(newest.get(partition, t), t)
+    watermark: int | None = None
+    newest: int | None = None
+    for batch in batches:
+        for event in batch:
+            t = event["t"]
+            live = [w for w in windows.assign(t) if watermark is None or w.end + grace > watermark]
+            if not live:
+                ref.late.add(event["i"])
+            for window in live:
+                contents[(event["k"], window.start, window.end)].append(event)
+        if batch:
+            newest = max([e["t"] for e in batch] + ([] if newest is None else [newest]))
+            watermark = newest - lateness
     ref.windows = dict(contents)
     return ref
 
 
-def reference_sessions(events: list[dict[str, Any]], gap: int, partitions: int = 1) -> Reference:
-    """Sessions closed record by record: a record is late when ``t + gap + grace`` is at or
-    below its partition's watermark; otherwise its window ``[t, t + gap)`` merges with every open
-    session of its key that it overlaps or touches; a session closes when the watermark reaches
-    ``end + grace``."""
+def session_batches(batches: Batches, gap: int, lateness: int, grace: int) -> Reference:
+    """One task fed ``batches``, with the watermark of :func:`fixed_batches`: a record is late
+    when ``t + gap + grace <= watermark``; otherwise its window ``[t, t + gap)`` merges with
+    every open session of its key that it overlaps or touches. After each batch, the sessions
+    with ``end + grace <= watermark`` close; every session closes by the end of input."""
     ref = Reference()
     open_sessions: dict[str, list[tuple[int, int, list[dict[str, Any]]]]] = defaultdict(list)
-    newest: dict[int, int] = {}
-    for event in events:
-        key, t = event["k"], event["t"]
-        partition = partition_of(key, partitions)
-        watermark = newest[partition] - LATENESS if partition in newest else None
-        if watermark is not None and t + gap + GRACE <= watermark:
-            ref.late.add(event["i"])
-            continue
-        start, end, members = t, t + gap, [event]
-        for session in list(open_sessions[key]):
-            if session[0] <= t + gap and t <= session[1]:
-                open_sessions[key].remove(session)
-                start, end = min(start, session[0]), max(end, session[1])
-                members = session[2] + members
-        open_sessions[key].append((start, end, members))
-        newest[partition] = max(newest.get(partition, t), t)
-        watermark = newest[partition] - LATENESS
-        for other, sessions in open_sessions.items():
-            if partition_of(other, partitions) != partition:
+    watermark: int | None = None
+    newest: int | None = None
+    for batch in batches:
+        for event in batch:
+            key, t = event["k"], event["t"]
+            if watermark is not None and t + gap + grace <= watermark:
+                ref.late.add(event["i"])
                 continue
+            start, end, members = t, t + gap, [event]
+            for session in list(open_sessions[key]):
+                if session[0] <= t + gap and t <= session[1]:
+                    open_sessions[key].remove(session)
+                    start, end = min(start, session[0]), max(end, session[1])
+                    members = session[2] + members
+            open_sessions[key].append((start, end, members))
+        if not batch:
+            continue
+        newest = max([e["t"] for e in batch] + ([] if newest is None else [newest]))
+        watermark = newest - lateness
+        for key, sessions in open_sessions.items():
             for session in list(sessions):
-                if session[1] + GRACE <= watermark:
+                if session[1] + grace <= watermark:
                     sessions.remove(session)
-                    ref.windows[(other, session[0], session[1])] = session[2]
-    for key, sessions in open_sessions.items():  # the end of input: idle partitions close all
+                    ref.windows[(key, session[0], session[1])] = session[2]
+    for key, sessions in open_sessions.items():  # the end of input closes every session
         for start, end, members in sessions:
             ref.windows[(key, start, end)] = members
+    return ref
+
+
+def reference_fixed(
+    events: list[dict[str, Any]], windows: Windows, partitions: int = 1
+) -> Reference:
+    """:func:`fixed_batches` per partition, one record per batch, with the pipeline's lateness
+    and grace."""
+    ref = Reference()
+    for batches in one_by_one(events, partitions):
+        ref.add(fixed_batches(batches, windows, LATENESS, GRACE))
+    return ref
+
+
+def reference_sessions(events: list[dict[str, Any]], gap: int, partitions: int = 1) -> Reference:
+    """:func:`session_batches` per partition, one record per batch, with the pipeline's
+    lateness and grace."""
+    ref = Reference()
+    for batches in one_by_one(events, partitions):
+        ref.add(session_batches(batches, gap, LATENESS, GRACE))
     return ref
 
 
@@ -247,13 +292,15 @@ def comparable(kind: str, results: dict[WindowKey, Any]) -> dict[WindowKey, Any]
 
 @pytest.mark.parametrize("aggregation", ["count", "many"])
 @pytest.mark.parametrize("kind", sorted(KINDS))
-def test_final_results_and_late_records_equal_the_reference(kind: str, aggregation: str) -> None:
+def test_final_results_and_late_records_equal_the_reference(
+    kind: str, aggregation: str, run_one_by_one: Run
+) -> None:
     seed = zlib.crc32(f"{kind}/{aggregation}".encode())
     events = generate(seed, count=6000, session=kind == "session")
     ref = reference_for(kind, events, partitions=3)
     assert 0 < len(ref.late) < len(events) // 10  # the stream does have late records
 
-    result = run_pipeline(windowed(events, kind, aggregation))
+    result = run_one_by_one(windowed(events, kind, aggregation))
 
     assert late_ids(result) == sorted(ref.late)
     assert comparable(kind, final_results(result)) == expected_values(kind, aggregation, ref)
@@ -276,11 +323,11 @@ def check_late_records(result: TestResult, events: list[dict[str, Any]], partiti
 
 
 @pytest.mark.parametrize("kind", ["tumbling", "session"])
-def test_two_workers_give_the_results_of_one(kind: str) -> None:
+def test_two_workers_give_the_results_of_one(kind: str, run_one_by_one: Run) -> None:
     events = generate(seed=11, count=6000, session=kind == "session")
     ref = reference_for(kind, events, partitions=4)
-    one = run_pipeline(windowed(events, kind, "many", partitions=4), workers=1)
-    two = run_pipeline(windowed(events, kind, "many", partitions=4), workers=2)
+    one = run_one_by_one(windowed(events, kind, "many", partitions=4), workers=1)
+    two = run_one_by_one(windowed(events, kind, "many", partitions=4), workers=2)
     assert comparable(kind, final_results(two)) == comparable(kind, final_results(one))
     assert late_ids(two) == late_ids(one) == sorted(ref.late)
     assert comparable(kind, final_results(one)) == expected_values(kind, "many", ref)
@@ -299,10 +346,10 @@ def updates_per_window(result: TestResult) -> dict[WindowKey, list[WindowResult]
 
 
 @pytest.mark.parametrize("kind", ["tumbling", "hopping"])
-def test_updates_count_up_one_by_one_to_the_final_count(kind: str) -> None:
+def test_updates_count_up_one_by_one_to_the_final_count(kind: str, run_one_by_one: Run) -> None:
     events = generate(seed=5, count=5000)
     ref = reference_fixed(events, KINDS[kind], partitions=3)
-    result = run_pipeline(windowed(events, kind, "count", emit="update"))
+    result = run_one_by_one(windowed(events, kind, "count", emit="update"))
 
     assert late_ids(result) == sorted(ref.late)
     per_window = updates_per_window(result)
@@ -317,10 +364,10 @@ def test_updates_count_up_one_by_one_to_the_final_count(kind: str) -> None:
         assert closing.value == len(changes)
 
 
-def test_session_updates_end_with_each_sessions_final_count() -> None:
+def test_session_updates_end_with_each_sessions_final_count(run_one_by_one: Run) -> None:
     events = generate(seed=6, count=5000, session=True)
     ref = reference_sessions(events, GAP, partitions=3)
-    result = run_pipeline(windowed(events, "session", "count", emit="update"))
+    result = run_one_by_one(windowed(events, "session", "count", emit="update"))
 
     assert late_ids(result) == sorted(ref.late)
     per_window = updates_per_window(result)
@@ -382,11 +429,13 @@ def test_a_record_bridging_two_sessions_merges_them() -> None:
     }
 
 
-def test_a_user_aggregate_with_a_merge_works_on_sessions_and_on_fixed_windows() -> None:
+def test_a_user_aggregate_with_a_merge_works_on_sessions_and_on_fixed_windows(
+    run_one_by_one: Run,
+) -> None:
     events = generate(seed=3, count=3000, session=True)
-    source = connectors.Iterable(events, key=lambda v: v["k"], timestamp=lambda v: v["t"])
 
     def pipeline(windows: Windows) -> Pipeline:
+        source = connectors.Iterable(events, key=lambda v: v["k"], timestamp=lambda v: v["t"])
         return (
             Pipeline("fold")
             .source(source, into=Topic("events", partitions=2))
@@ -404,10 +453,11 @@ def test_a_user_aggregate_with_a_merge_works_on_sessions_and_on_fixed_windows() 
         ("session", reference_sessions(events, GAP, partitions=2)),
         ("tumbling", reference_fixed(events, KINDS["tumbling"], partitions=2)),
     ]:
-        emitted = run_pipeline(pipeline(KINDS[kind])).values("out")
+        emitted = run_one_by_one(pipeline(KINDS[kind])).values("out")
         got = {(r.key, exact_millis(r.start), exact_millis(r.end)): r.value for r in emitted}
         expected = {w: {"n": len(m), "xs": sum(e["x"] for e in m)} for w, m in ref.windows.items()}
         assert got == expected, kind
+        assert ref.late  # some records were late, so the reference's watermark was at work
 
 
 def session_window() -> Pipeline:
@@ -489,7 +539,7 @@ def test_a_fold_that_raises_on_a_session_record_dead_letters_that_record_only() 
     assert got == {("a", 1000, 1170): 3, ("b", 5000, 5100): 1}
 
 
-# -- batching must not matter ----------------------------------------------------------------------
+# -- the watermark moves between batches ----------------------------------------------------------
 
 
 class FakeContext:
@@ -523,21 +573,51 @@ def make_batch(records: list[tuple[str, int, Any]]) -> Batch:
     )
 
 
+EMPTY = make_batch([])
+
+
 def drive(
     windows: Windows, chunks: list[list[tuple[str, int, Any]]], lateness: int, grace: int
 ) -> tuple[list[tuple[str, int, int, int]], list[Any]]:
+    """Feed ``chunks`` as batches, telling the operator after each the mark the runtime would
+    (the largest event time so far), then the end of time; (every final result, the late
+    values)."""
     operator = WindowedAggregate(
-        "agg", windows, Count(), emit="close", grace_ms=grace, lateness_ms=lateness, idle_ms=10**9
+        "agg", windows, Count(), emit="close", grace_ms=grace, lateness_ms=lateness
     )
     ctx = FakeContext()
     operator.open(ctx)  # type: ignore[arg-type]
-    emitted = []
+    results: list[WindowResult] = []
+    mark: int | None = None
     for chunk in chunks:
-        for r in operator.process(make_batch(chunk)).values:
-            emitted.append((r.key, exact_millis(r.start), exact_millis(r.end), r.value))
-    # whatever is still open, as the end of input would close it
-    leftover = [(k[0], k[1], k[2], v) for k, v in ctx.store.items() if len(k) == 3]
-    return sorted(emitted + leftover), sorted(ctx.late_values)
+        results += operator.process(make_batch(chunk)).values
+        if chunk:
+            mark = max([t for _, t, _ in chunk] + ([] if mark is None else [mark]))
+            results += operator.on_watermark(mark, EMPTY).values
+    results += operator.on_watermark(END_OF_TIME, EMPTY).values
+    assert operator.pending == 0
+    assert all(r.final for r in results)
+    emitted = [(r.key, exact_millis(r.start), exact_millis(r.end), r.value) for r in results]
+    assert len({e[:3] for e in emitted}) == len(emitted), "a window was emitted more than once"
+    assert ctx.rejected == []
+    return sorted(emitted), sorted(ctx.late_values)
+
+
+def expected_drive(
+    reference: Reference, chunks: list[list[tuple[str, int, Any]]]
+) -> tuple[list[tuple[str, int, int, int]], list[Any]]:
+    """What :func:`drive` returns for ``reference`` (computed from ``chunks``)."""
+    counts = sorted((k, start, end, len(m)) for (k, start, end), m in reference.windows.items())
+    return counts, sorted(reference.late)
+
+
+def as_events(chunks: list[list[tuple[str, int, Any]]]) -> Batches:
+    return [[{"i": i, "k": k, "t": t} for k, t, i in chunk] for chunk in chunks]
+
+
+def cut(records: list[tuple[str, int, int]], cuts: set[int]) -> list[list[tuple[str, int, int]]]:
+    bounds = [0, *sorted(c for c in cuts if 0 < c < len(records)), len(records)]
+    return [records[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 @settings(max_examples=200, deadline=None)
@@ -548,26 +628,77 @@ def drive(
     lateness=st.sampled_from([0, 100]),
     grace=st.sampled_from([0, 50]),
 )
-def test_fixed_window_results_do_not_depend_on_how_records_are_batched(
+def test_fixed_windows_judge_each_batch_against_the_watermark_before_it(
     kind: str, drawn: list[tuple[str, int]], cuts: set[int], lateness: int, grace: int
 ) -> None:
     windows = KINDS[kind]
     records = [(k, t, i) for i, (k, t) in enumerate(drawn)]
-    bounds = [0, *sorted(c for c in cuts if c < len(records)), len(records)]
-    chunks = [records[a:b] for a, b in itertools.pairwise(bounds)]
-    assert drive(windows, [records], lateness, grace) == drive(windows, chunks, lateness, grace)
+    chunks = cut(records, cuts)
+    expected = fixed_batches(as_events(chunks), windows, lateness, grace)
+    assert drive(windows, chunks, lateness, grace) == expected_drive(expected, chunks)
 
 
-def test_session_results_do_not_depend_on_how_records_are_batched() -> None:
-    # gap 10, no lateness or grace: b's record at 10 moves the watermark to 10, which closes
-    # a's session [0, 10); a's record at 5 then opens [5, 15), touching the closed session.
-    # Record by record (or batch by batch) that gives two sessions of a; in one batch the
-    # closed session is still in the store and the record merges into it.
+@settings(max_examples=200, deadline=None)
+@given(
+    drawn=st.lists(st.tuples(st.sampled_from("ab"), st.integers(0, 300)), max_size=30),
+    cuts=st.sets(st.integers(1, 29)),
+    lateness=st.sampled_from([0, 20]),
+    grace=st.sampled_from([0, 10]),
+)
+def test_sessions_judge_each_batch_against_the_watermark_before_it(
+    drawn: list[tuple[str, int]], cuts: set[int], lateness: int, grace: int
+) -> None:
+    windows = Session(ms(15))
+    records = [(k, t, i) for i, (k, t) in enumerate(drawn)]
+    chunks = cut(records, cuts)
+    expected = session_batches(as_events(chunks), 15, lateness, grace)
+    assert drive(windows, chunks, lateness, grace) == expected_drive(expected, chunks)
+
+
+def test_nothing_in_one_batch_is_late_and_each_record_alone_meets_the_watermark_before_it() -> None:
+    # hopping [t-40, t+20) windows of 60 every 20; lateness 10, grace 0
+    records = [("a", 100, 0), ("a", 150, 1), ("a", 85, 2), ("a", 125, 3)]
+    windows = Hopping(ms(60), ms(20))
+    counts, late = drive(windows, [records], 10, 0)
+    assert late == []  # the watermark has not moved before the one batch
+    assert counts == [
+        ("a", 40, 100, 1),
+        ("a", 60, 120, 2),
+        ("a", 80, 140, 3),
+        ("a", 100, 160, 3),
+        ("a", 120, 180, 2),
+        ("a", 140, 200, 1),
+    ]
+    # batch by batch, 85 comes when the watermark is 150 - 10: its windows [40, 100),
+    # [60, 120) and [80, 140) have all closed
+    counts, late = drive(windows, [[r] for r in records], 10, 0)
+    assert late == [2]
+    assert counts == [
+        ("a", 60, 120, 1),
+        ("a", 80, 140, 1),
+        ("a", 100, 160, 3),
+        ("a", 120, 180, 2),
+        ("a", 140, 200, 1),
+    ]
+    # 85 and 125 in the batch after 100 alone: the watermark is 90, every window of 85 open
+    counts, late = drive(windows, [records[:1], records[1:]], 10, 0)
+    assert late == []
+    assert counts == drive(windows, [records], 10, 0)[0]
+
+
+def test_a_session_closed_between_batches_is_not_joined_again() -> None:
+    # gap 10, no lateness or grace: b's record at 10 takes the watermark to 10, which closes
+    # a's session [0, 10) once the batch holding it has been processed. a's record at 5 then
+    # opens [5, 15), touching the closed session: in a later batch it makes a session of its
+    # own; in the same batch the session is still open and it merges.
     records = [("a", 0, 0), ("b", 10, 1), ("a", 5, 2)]
     windows = Session(ms(10))
-    one_batch = drive(windows, [records], 0, 0)
-    one_by_one = drive(windows, [[r] for r in records], 0, 0)
-    assert one_batch == one_by_one
+    assert drive(windows, [records], 0, 0) == ([("a", 0, 15, 2), ("b", 10, 20, 1)], [])
+    apart = ([("a", 0, 10, 1), ("a", 5, 15, 1), ("b", 10, 20, 1)], [])
+    assert drive(windows, [[r] for r in records], 0, 0) == apart
+    assert drive(windows, [records[:2], records[2:]], 0, 0) == apart
+    # and a record whose session [t, t + 10) is behind the watermark is late
+    assert drive(windows, [records[:2], [("a", 0, 3)]], 0, 0) == (apart[0][:1] + apart[0][2:], [3])
 
 
 # -- time=, durations, accumulators --------------------------------------------------------------
@@ -596,24 +727,32 @@ def test_event_times_given_as_datetimes_land_in_their_window() -> None:
     assert result.start == when
 
 
-def test_a_grace_of_1001_milliseconds_keeps_a_window_open_1001_milliseconds() -> None:
+@pytest.mark.parametrize(("grace", "late"), [(1001, False), (1000, True)])
+def test_a_grace_of_1001_milliseconds_keeps_a_window_open_1001_milliseconds(
+    grace: int, late: bool, run_one_by_one: Run
+) -> None:
     events = [
-        {"i": 0, "k": "a", "t": 0},  # [0, 100) closes when the watermark reaches 1101
+        {"i": 0, "k": "a", "t": 0},  # [0, 100) closes when the watermark reaches 100 + grace
         {"i": 1, "k": "a", "t": 1100},
-        {"i": 2, "k": "a", "t": 50},  # so this one is not late
+        {"i": 2, "k": "a", "t": 50},  # comes when the watermark is 1100: late iff grace <= 1000
     ]
     source = connectors.Iterable(events, key=lambda v: v["k"], timestamp=lambda v: v["t"])
     pipeline = (
         Pipeline("g")
         .source(source, into=Topic("events"))
-        .window("win", Tumbling(ms(100)), grace=ms(1001), idle=SMALL_IDLE)
+        .window("win", Tumbling(ms(100)), grace=ms(grace), idle=SMALL_IDLE)
         .count("agg")
         .sink(connectors.Collect(), step_id="out")
     )
-    result = run_pipeline(pipeline)
-    assert result.topic("g.agg.late") == []
+    result = run_one_by_one(pipeline)  # one record per batch: the watermark moves after each
     got = {exact_millis(r.start): r.value for r in result.values("out")}
-    assert got == {0: 2, 1100: 1}
+    late_ids = [orjson.loads(r.value)["i"] for r in result.topic("g.agg.late")]
+    if late:
+        assert late_ids == [2]
+        assert got == {0: 1, 1100: 1}
+    else:
+        assert late_ids == []
+        assert got == {0: 2, 1100: 1}
 
 
 async def test_a_window_whose_accumulator_is_none_still_closes() -> None:
