@@ -351,6 +351,8 @@ def test_topics_list(finished_run: Path) -> None:
     assert result.stdout.splitlines() == [
         f"letters\t3 partitions\t{LETTERS_ON_THE_LOG} records",  # with the end-of-time markers
         "letters.dead-letters\t1 partitions\t1 records",
+        # what each task knows of its inputs' progress, saved once per task here
+        "letters.marks-0.changelog\t3 partitions\t3 records",
         "letters.source-positions\t1 partitions\t1 records",
         "upper\t2 partitions\t30 records",
     ]

@@ -427,7 +427,8 @@ def test_topic_declared_twice_alike_is_listed_once() -> None:
     pipeline = pipeline.source(LogTopic(Topic("out", partitions=5)), step_id="reread")
     topology = compile_pipeline(pipeline.sink(Collect(), step_id="sink"))
     names = [t.name for t in topology.topics]
-    assert names == ["in", "out", "p.dead-letters"]
+    # and the changelog of each sub-topology's input marks
+    assert names == ["in", "out", "p.dead-letters", "p.marks-0.changelog", "p.marks-1.changelog"]
 
 
 def test_compile_cuts_sub_topologies_at_the_key_by() -> None:
@@ -459,7 +460,13 @@ def test_compile_cuts_sub_topologies_at_the_key_by() -> None:
     assert topology.by_topic["in"] is first
     assert topology.by_topic["p.k"] is second
     assert [t.name for t in topology.input_topics] == ["in", "p.k"]
-    assert [t.name for t in topology.topics] == ["in", "p.k", "p.dead-letters"]
+    assert [t.name for t in topology.topics] == [
+        "in",
+        "p.k",
+        "p.dead-letters",
+        "p.marks-0.changelog",
+        "p.marks-1.changelog",
+    ]
     assert topology.children[("k", "out")] == [pipeline.step("b")]
     assert topology.children[("in", "out")] == [pipeline.step("a")]
     assert [s.step_id for s in topology.source_steps] == ["in"]

@@ -38,7 +38,7 @@ from pipelines.settings import KafkaSettings
 
 __all__ = ["RunOptions", "quiet_clients", "run", "worker_main"]
 
-_TICK = 0.25
+_TICK = 0.1
 _STOP_GRACE = 30.0
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from pipelines.log.base import LogBackend, RawBatch, TopicPartition
 from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.topology import SubTopology, Topology
+from pipelines.runtime.watermarks import MARKS_STORE
 from pipelines.state.local import LocalStore
 from pipelines.state.store import KeyValueStore
 from pipelines.state.table import TableStore
@@ -25,7 +26,8 @@ _RESTORE_CHUNK = 100_000
 
 
 class TaskState:
-    """The stores of the stateful steps of one task."""
+    """The stores of the stateful steps of one task, and the store of its input marks
+    (:data:`~pipelines.runtime.watermarks.MARKS_STORE`)."""
 
     def __init__(
         self, topology: Topology, sub: SubTopology, partition: int, state_dir: Path | None
@@ -38,17 +40,19 @@ class TaskState:
         self.restored = 0
         self.tables: dict[str, TableStore] = {}
         """The table of each ``join_table`` step, bootstrapped from its topic in restore."""
+        changelogs = {MARKS_STORE: topology.marks_changelogs[sub.index]}
         for step in sub.steps:
             if step.join == "table" and step.topic is not None:
                 self.tables[step.step_id] = TableStore(step.topic, partition)
-            if not step.stateful:
-                continue
-            self.stores[step.step_id] = KeyValueStore(step.step_id, partition)
-            topic = topology.changelog_topic(step.step_id)
-            self._changelogs[step.step_id] = TopicPartition(topic.name, partition)
+            if step.stateful:
+                changelogs[step.step_id] = topology.changelog_topic(step.step_id)
+        for name, topic in changelogs.items():
+            self.stores[name] = KeyValueStore(name, partition)
+            self._changelogs[name] = TopicPartition(topic.name, partition)
             if state_dir is not None:
-                path = state_dir / topology.group / step.step_id / f"{partition}.sqlite"
-                self._local[step.step_id] = LocalStore(path)
+                directory = name if name != MARKS_STORE else topic.name
+                path = state_dir / topology.group / directory / f"{partition}.sqlite"
+                self._local[name] = LocalStore(path)
 
     async def restore(self, log: LogBackend, committed: Mapping[TopicPartition, int]) -> None:
         """Load each store: its local copy, then the changelog after it (committed updates);

@@ -34,6 +34,7 @@ from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.state import TaskState
 from pipelines.runtime.topology import SubTopology, Topology
 from pipelines.runtime.watermarks import (
+    MARKS_STORE,
     NO_WATERMARK,
     Clock,
     InputMarks,
@@ -46,6 +47,8 @@ from pipelines.state.store import KeyValueStore
 from pipelines.topic import Topic
 
 __all__ = ["StepStats", "Task", "error_headers"]
+
+_MARKS_KEY = ("marks",)
 
 
 @dataclass(slots=True)
@@ -172,7 +175,8 @@ class Task:
         """The event-time mark the steps were last told (the smallest over the inputs)."""
         self._writer_id = f"{sub.index}.{partition}"
         self._marked = topology.marked.get(sub.index, [])
-        self._sent: tuple[int, float] = (NO_WATERMARK, 0.0)  # the mark last written, when
+        self._sent = NO_WATERMARK  # the mark last written to the internal topics
+        self._saved_marks: dict[str, list[object]] = {}
         self._stamped = sub.index in topology.stamped
         self._writers = writers
         self._contexts: dict[str, _StepContext] = {}
@@ -204,6 +208,9 @@ class Task:
         for tp in self.positions:
             self.positions[tp] = committed.get(tp, 0)
         await self.state.restore(log, committed)
+        self.marks.load(self.state.stores[MARKS_STORE].get(_MARKS_KEY))
+        self._saved_marks = self.marks.dump()
+        self.advance(idle=False)
 
     def close(self) -> None:
         for operator in self._operators.values():
@@ -232,23 +239,20 @@ class Task:
                 self._emit((step_id, OUT), out)
         return True
 
-    def marker_age(self, now: float) -> float:
-        """Seconds since this task last wrote markers (infinite if it writes none)."""
-        return now - self._sent[1] if self._marked else float("inf")
-
-    def write_markers(self, now: float, now_ms: int, *, again: bool = False) -> None:
-        """Queue a marker of the task's mark for every partition of the internal topics it
-        writes, if the mark moved since the last (or ``again``: to tell readers that restarted
-        since)."""
-        if not self._marked or self.mark == NO_WATERMARK:
-            return
-        if self.mark == self._sent[0] and not again:
-            return
-        marker = marker_batch(self._writer_id, self.mark, now_ms)
-        for topic in self._marked:
-            for partition in range(topic.partitions):
-                self.outbox.add_to_partition(topic.name, partition, marker)
-        self._sent = (self.mark, now)
+    def checkpoint_marks(self, now_ms: int) -> None:
+        """Before a checkpoint: queue a marker of the task's mark for every partition of the
+        internal topics it writes, if the mark moved since the last, and keep what the task
+        knows of its inputs in its state, if that changed."""
+        if self._marked and self.mark not in (NO_WATERMARK, self._sent):
+            marker = marker_batch(self._writer_id, self.mark, now_ms)
+            for topic in self._marked:
+                for partition in range(topic.partitions):
+                    self.outbox.add_to_partition(topic.name, partition, marker)
+            self._sent = self.mark
+        marks = self.marks.dump()
+        if marks != self._saved_marks:
+            self.state.stores[MARKS_STORE].put(_MARKS_KEY, marks)
+            self._saved_marks = marks
 
     def process(self, fetched: FetchedBatch) -> None:
         """Run one fetched batch through the sub-topology."""

@@ -53,6 +53,9 @@ class Topology:
     """The consumer group of the pipeline's workers (the pipeline's name unless overridden)."""
     changelogs: dict[str, Topic] = field(default_factory=dict)
     """The changelog topic of each stateful step, one partition per task partition."""
+    marks_changelogs: dict[int, Topic] = field(default_factory=dict)
+    """Per sub-topology: the changelog of its tasks' input marks (see
+    :mod:`pipelines.runtime.watermarks`)."""
 
     late_topics: dict[str, Topic] = field(default_factory=dict)
     """The late-data topic of each windowed step."""
@@ -171,7 +174,23 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
         for step in steps
         if step.windowed or step.join == "stream"
     }
-    topics = _declared_topics(pipeline) + list(changelogs.values()) + list(late_topics.values())
+    marks_changelogs = {
+        sub.index: Topic(
+            f"{pipeline.name}.marks-{sub.index}.changelog",
+            partitions=sub.partitions,
+            compacted=True,
+            key=bytes,
+            value=bytes,
+        )
+        for sub in subs.values()
+        if sub.topics
+    }
+    topics = [
+        *_declared_topics(pipeline),
+        *changelogs.values(),
+        *marks_changelogs.values(),
+        *late_topics.values(),
+    ]
     input_topics = [s.topic for s in steps if s.kind in _ENTRY_KINDS and s.topic is not None]
     ordered = sorted(subs.values(), key=lambda s: s.index)
     return Topology(
@@ -183,6 +202,7 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
         input_topics=input_topics,
         group=group or pipeline.name,
         changelogs=changelogs,
+        marks_changelogs=marks_changelogs,
         late_topics=late_topics,
         writers=writers,
         marked=marked,

@@ -14,7 +14,10 @@ mark minus the bound. Each event-time step subtracts its own lateness.
   that topic, tagged with the writing task. A partition of an internal topic is marked by the
   smallest mark over every upstream task the topology says writes it; one that has said nothing
   yet holds the partition back.
-- A task's mark is the smallest over its input partitions.
+- A task's mark is the smallest over its input partitions. What it knows of them is part of
+  its state (:data:`MARKS_STORE`, with a changelog like any store): a new owner of the task,
+  after a crash or a rebalance, starts from what was committed, so it needs neither the
+  markers before its committed offsets nor records it has not read yet.
 
 A marker is a record with no value whose key starts with :data:`MARKER_PREFIX`; it goes through
 the outbox (and so the same transaction as the outputs under exactly-once), is committed like
@@ -34,6 +37,7 @@ from pipelines.log.base import FetchedBatch, RawBatch, TopicPartition
 __all__ = [
     "END_OF_TIME",
     "MARKER_PREFIX",
+    "MARKS_STORE",
     "NO_WATERMARK",
     "Clock",
     "InputMarks",
@@ -44,6 +48,8 @@ __all__ = [
 ]
 
 MARKER_PREFIX = b"\x00headwater.watermark\x00"
+MARKS_STORE = "~marks"
+"""The store of each task's :class:`InputMarks` (no step id can start with ``~``)."""
 
 
 class Clock(Protocol):
@@ -187,6 +193,30 @@ class InputMarks:
             external = self._external.get(tp)
             if external is not None and mark >= END_OF_TIME:
                 external.ended.add(writer)
+
+    def dump(self) -> dict[str, list[object]]:
+        """What a restarted owner of the task needs to know (JSON): per input partition, the
+        largest event time read and the sources that ended it, or each writer's mark."""
+        state: dict[str, list[object]] = {}
+        for tp, external in self._external.items():
+            state[str(tp)] = [external.high, sorted(external.ended)]
+        for tp, internal in self._internal.items():
+            state[str(tp)] = [dict(internal.marks)]
+        return state
+
+    def load(self, state: Mapping[str, list[object]] | None) -> None:
+        """Start from what :meth:`dump` gave, where the task was last committed."""
+        if not state:
+            return
+        for tp, external in self._external.items():
+            high, ended = state.get(str(tp), [NO_WATERMARK, []])
+            external.high = max(external.high, int(high))  # type: ignore[call-overload]
+            external.ended.update(ended)  # type: ignore[arg-type]
+        for tp, internal in self._internal.items():
+            (marks,) = state.get(str(tp), [{}])
+            for writer, mark in marks.items():  # type: ignore[attr-defined]
+                if writer in internal.writers:
+                    internal.marks[writer] = max(mark, internal.marks.get(writer, NO_WATERMARK))
 
     def mark(self, *, idle: bool) -> int:
         """The smallest mark over every input; ``idle``: the worker has nothing to fetch, so

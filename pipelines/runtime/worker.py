@@ -8,9 +8,9 @@ partition) the group assigns it, and loops::
     -> task.advance (the inputs' event-time mark moved: windows close) -> send the outbox
     -> every commit interval (and when idle, revoked or stopping): checkpoint
 
-Checkpoints also write each task's watermark markers to the internal topics it feeds (see
-:mod:`pipelines.runtime.watermarks`): when its mark moved, and every ``MARKER_HEARTBEAT``
-seconds while the worker is idle, so a reader that restarted learns every writer's mark again.
+Checkpoints also write each task's watermark markers to the internal topics it feeds, when its
+mark moved, and keep what it knows of its inputs' marks in its state (see
+:mod:`pipelines.runtime.watermarks`).
 
 Checkpoint order, which makes the default guarantee at-least-once: state changes into the
 outbox -> flush the sink writers -> send the outbox and flush the producer -> commit the offsets
@@ -57,8 +57,6 @@ COMMIT_INTERVAL = 0.5
 REPORT_INTERVAL = 0.5
 TICK_INTERVAL = 0.5
 """Seconds between the timer ticks that let idle inputs follow the wall clock."""
-MARKER_HEARTBEAT = 2.0
-"""Seconds between repeated markers of an unchanged mark, while the worker is idle."""
 
 
 @dataclass(slots=True)
@@ -128,27 +126,18 @@ class Worker:
                 async with self._lock:
                     self._process(fetched)
                     now = time.monotonic()
-                    moved = again = False
+                    moved = False
                     if now >= next_tick and not fetched:
                         # only a worker with nothing to fetch lets quiet inputs follow the wall
                         # clock: one still catching up (after a rebalance, say) would close
                         # windows too early
                         moved = any([task.advance(idle=True) for task in self._tasks.values()])
-                        at = self._clock.monotonic()
-                        again = any(
-                            task.marker_age(at) >= MARKER_HEARTBEAT for task in self._tasks.values()
-                        )
                         next_tick = now + TICK_INTERVAL
                     await self._send_outboxes()
                     # idle with progress to commit, or a mark that moved: checkpoint now, so
                     # what the end of a run waits for is durable when this worker reports
-                    if (
-                        now >= next_checkpoint
-                        or (not fetched and self._positions)
-                        or moved
-                        or again
-                    ):
-                        await self._checkpoint(again=again)
+                    if now >= next_checkpoint or (not fetched and self._positions) or moved:
+                        await self._checkpoint()
                         next_checkpoint = now + self._commit_interval
                         next_report = now  # tell the runner what this checkpoint committed
                 if now >= next_report:
@@ -189,20 +178,17 @@ class Worker:
             await self._producer.close()
             self._send_report(done=True)
 
-    async def _checkpoint(
-        self, partitions: frozenset[TopicPartition] | None = None, *, again: bool = False
-    ) -> None:
+    async def _checkpoint(self, partitions: frozenset[TopicPartition] | None = None) -> None:
         """Make the outputs, markers and state changes durable, commit the offsets after them,
-        then copy the committed state to local disk. ``again``: write markers of unchanged
-        marks too."""
+        then copy the committed state to local disk."""
         tasks = {
             key: task
             for key, task in self._tasks.items()
             if partitions is None or task.partitions & partitions
         }
-        now, now_ms = self._clock.monotonic(), self._clock.wall_ms()
+        now_ms = self._clock.wall_ms()
         for task in tasks.values():
-            task.write_markers(now, now_ms, again=again)
+            task.checkpoint_marks(now_ms)
             task.state.flush(task.outbox, task.positions)
         for writer in self._writers.values():
             await writer.flush()
