@@ -1073,7 +1073,7 @@ PROBES: list[Probe] = [
     (2, "operators.windowed", "WindowedAggregate._close_windows", "close windows"),
     (1, "pipelines.runtime.task", "Task._write_topic", "Task._write_topic"),
     (2, "pipelines.runtime.outbox", "Outbox.add", "Outbox.add (partition by key)"),
-    (0, "pipelines.runtime.task", "Task.tick", "Task.tick"),
+    (0, "pipelines.runtime.task", "Task.advance", "Task.advance (watermarks)"),
     (0, "pipelines.runtime.outbox", "Outbox.send", "Outbox.send (incl. in checkpoints)"),
     (1, "pipelines.log._local", "LocalTransaction.send", "LocalTransaction.send (buffer)"),
     (1, "pipelines.log._partition_file", "PartitionFile.append", "PartitionFile.append (all)"),
