@@ -6,6 +6,10 @@ The runtime tells each step when its task's inputs have all progressed to an eve
 turns the mark into its own watermark (minus its declared lateness), keeps it in its store under
 a key no record entry can have (a 1-tuple), so it is restored with the rest of the state and
 never goes back, and closes or expires what the watermark has passed.
+
+The end of time (every source exhausted) closes everything, but a step does not keep it as its
+watermark: it keeps the watermark that makes exactly what it closed late. A later run whose
+sources go on with newer input then carries on where this one stopped.
 """
 
 from __future__ import annotations
@@ -16,7 +20,15 @@ if TYPE_CHECKING:
     from pipelines.batch import Batch
     from pipelines.state.store import KeyValueStore
 
-__all__ = ["END_OF_TIME", "NO_WATERMARK", "WATERMARK_KEY", "Emitted", "advance", "watermark"]
+__all__ = [
+    "END_OF_TIME",
+    "NO_WATERMARK",
+    "WATERMARK_KEY",
+    "Emitted",
+    "advance",
+    "close_at",
+    "watermark",
+]
 
 WATERMARK_KEY = ("watermark",)
 NO_WATERMARK = -(1 << 62)
@@ -31,15 +43,26 @@ def watermark(store: KeyValueStore) -> int:
     return NO_WATERMARK if value is None else int(value)
 
 
-def advance(store: KeyValueStore, mark: int, lateness_ms: int = 0) -> bool:
-    """Move the step's watermark up to ``mark - lateness_ms`` (never back); whether it moved."""
+def advance(store: KeyValueStore, mark: int, lateness_ms: int = 0) -> int | None:
+    """Move the step's watermark up to ``mark - lateness_ms`` (never back); the new watermark,
+    or None when it did not move. At the end of time the watermark is not stored: the step
+    closes everything, then :func:`close_at` keeps what it closed."""
     if mark <= NO_WATERMARK:
-        return False
-    candidate = END_OF_TIME if mark >= END_OF_TIME else mark - lateness_ms
+        return None
+    if mark >= END_OF_TIME:
+        return END_OF_TIME
+    candidate = mark - lateness_ms
     if candidate <= watermark(store):
-        return False
+        return None
     store.put(WATERMARK_KEY, candidate)
-    return True
+    return candidate
+
+
+def close_at(store: KeyValueStore, closed: int) -> None:
+    """After the end of time: keep as watermark the one that closes exactly what was closed
+    (``closed``, the largest watermark any of it needed), if that is later."""
+    if closed > watermark(store):
+        store.put(WATERMARK_KEY, closed)
 
 
 class Emitted:

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from operators._timing import Emitted, advance, watermark
+from operators._timing import END_OF_TIME, Emitted, advance, close_at, watermark
 from operators.base import Operator, describe_function, user_error
 from operators.stateful import missing_key_error
 
@@ -323,13 +323,15 @@ class StreamJoin(Join):
             self._add(entry)
         return emitted.batch(batch)
 
-    def _expire(self, batch: Batch, emitted: Emitted) -> None:
-        """Forget the records the watermark has passed (by ``within`` + ``grace``); with
-        ``how="left"``, emit ``merge(left, None)`` for the left ones that met no partner."""
+    def _expire(self, batch: Batch, emitted: Emitted, watermark: int) -> int:
+        """Forget the records ``watermark`` has passed (by ``within`` + ``grace``); with
+        ``how="left"``, emit ``merge(left, None)`` for the left ones that met no partner.
+        Returns the watermark that expires all of them."""
         entries, expiry = self._index(), self._expiry
-        watermark = self.watermark
+        needed = 0
         while expiry and expiry[0][0] < watermark:
-            _, seq = heapq.heappop(expiry)
+            deadline, seq = heapq.heappop(expiry)
+            needed = max(needed, deadline + 1)
             entry = entries.get(seq)
             if entry is None:
                 continue
@@ -347,11 +349,15 @@ class StreamJoin(Join):
                 self.ctx.reject(lone, 0, user_error(self.step_id, what, error, lone, 0))
                 continue
             emitted.add(entry.key, joined, entry.time, -1)
+        return needed
 
     def on_watermark(self, mark: int, batch: Batch) -> Batch:
         """Move the watermark to ``mark``; expire (and, for a left join, emit) what it passes."""
         self._index()
         emitted = Emitted()
-        if advance(self.ctx.store, mark):
-            self._expire(batch, emitted)
+        moved = advance(self.ctx.store, mark)
+        if moved is not None:
+            needed = self._expire(batch, emitted, moved)
+            if moved == END_OF_TIME:
+                close_at(self.ctx.store, needed)
         return emitted.batch(batch)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from operators._timing import WATERMARK_KEY, Emitted, advance, watermark
+from operators._timing import END_OF_TIME, WATERMARK_KEY, Emitted, advance, close_at, watermark
 from operators.aggregations import Aggregation
 from operators.base import Operator, describe_function, user_error
 from operators.stateful import missing_key_error
@@ -186,11 +186,13 @@ class WindowedAggregate(Operator):
         sessions.append(merged)
         self._open(key, merged)
 
-    def _close_windows(self, batch: Batch, emitted: Emitted) -> None:
-        """Emit the final result of, and forget, every window the watermark has passed (in
-        ``emit="update"`` mode too: the last record of a window says ``final=True``)."""
+    def _close_windows(self, batch: Batch, emitted: Emitted, watermark: int) -> int:
+        """Emit the final result of, and forget, every window ``watermark`` has passed (in
+        ``emit="update"`` mode too: the last record of a window says ``final=True``); returns
+        the watermark that closes all of them."""
         ends, store = self._index(), self.ctx.store
-        limit = self.watermark - self.grace_ms
+        limit = watermark - self.grace_ms
+        needed = 0
         origin = len(batch) - 1
         while ends and ends[0][0] <= limit:
             _, _, state_key = heapq.heappop(ends)
@@ -204,6 +206,8 @@ class WindowedAggregate(Operator):
                 if not self._sessions[key]:
                     del self._sessions[key]
             emitted.add(key, self._result(key, Window(start, end), acc, final=True), end, origin)
+            needed = max(needed, end + self.grace_ms)
+        return needed
 
     def _result(self, key: Any, window: Window, acc: Any, *, final: bool) -> WindowResult:
         return WindowResult(
@@ -218,6 +222,9 @@ class WindowedAggregate(Operator):
         """Move the watermark to ``mark`` minus the allowed lateness; close what it passes."""
         self._index()
         emitted = Emitted()
-        if advance(self.ctx.store, mark, self.lateness_ms):
-            self._close_windows(batch, emitted)
+        moved = advance(self.ctx.store, mark, self.lateness_ms)
+        if moved is not None:
+            needed = self._close_windows(batch, emitted, moved)
+            if moved == END_OF_TIME:
+                close_at(self.ctx.store, needed)
         return emitted.batch(batch)

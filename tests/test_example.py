@@ -24,6 +24,7 @@ from pipelines.log import EmbeddedLog
 from pipelines.log.base import TopicPartition
 from pipelines.partitioner import partition_for
 from pipelines.record import Record, from_millis
+from pipelines.runtime.watermarks import END_OF_TIME, split_markers
 from pipelines.testing import run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,16 +138,27 @@ def example_run(tmp_path_factory: pytest.TempPathFactory) -> ExampleRun:
     return ExampleRun(directory, clicks, output, data_dir, result, reference(clicks))
 
 
-def _read_topic(data_dir: Path, name: str) -> list[Record]:
-    async def read() -> list[Record]:
+@dataclass
+class Contents:
+    """What a topic holds: its data records, and apart from them its watermark markers."""
+
+    records: list[Record]
+    markers: list[tuple[int, str, int]]
+    """The (partition, writer, mark) of each marker, partition by partition."""
+
+
+def _read_topic(data_dir: Path, name: str) -> Contents:
+    async def read() -> Contents:
         log = EmbeddedLog(data_dir)
         try:
             spec = (await log.describe_topics())[name]
-            found = []
+            found = Contents([], [])
             for partition in range(spec.partitions):
                 fetched = await log.read(TopicPartition(name, partition), 0, 1 << 30)
-                raw = fetched.records
-                found += [
+                data, markers = split_markers(fetched)
+                found.markers += [(partition, writer, mark) for writer, mark in markers]
+                raw = data.records
+                found.records += [
                     Record(
                         key=raw.keys[i],
                         value=raw.values[i],
@@ -154,7 +166,7 @@ def _read_topic(data_dir: Path, name: str) -> list[Record]:
                         headers=raw.header_at(i),
                         topic=name,
                         partition=partition,
-                        offset=fetched.offsets[i],
+                        offset=data.offsets[i],
                     )
                     for i in range(len(raw))
                 ]
@@ -216,22 +228,31 @@ def test_headwater_run_writes_exactly_the_reference(example_run: ExampleRun) -> 
 @pytest.mark.slow
 def test_every_view_of_a_user_went_through_one_partition(example_run: ExampleRun) -> None:
     assert example_run.result.returncode == 0, example_run.result.stderr
-    records = _read_topic(example_run.data_dir, "clickstream.by-user")
+    # the repartition topic holds the views, and between them the markers of the tasks that
+    # write it (not views: no step or sink sees them)
+    records = _read_topic(example_run.data_dir, "clickstream.by-user").records
     assert len(records) == sum(example_run.ref.views.values())
     for record in records:
         value = orjson.loads(record.value)
         assert record.key == value["user"].encode()
         assert record.partition == partition_for(record.key, 6)
     clicks = _read_topic(example_run.data_dir, "clicks")
-    assert Counter(r.value for r in clicks) == Counter(example_run.ref.lines)
+    assert Counter(r.value for r in clicks.records) == Counter(example_run.ref.lines)
+    # ... and the source, at the end of its input, marked each partition of its topic once
+    assert clicks.markers == [(p, "clicks", END_OF_TIME) for p in range(6)]
 
 
 @pytest.mark.slow
 def test_dead_letters_hold_exactly_the_bad_lines(example_run: ExampleRun) -> None:
     assert example_run.result.returncode == 0, example_run.result.stderr
-    dead = _read_topic(example_run.data_dir, "clickstream.dead-letters")
+    dead_letters = _read_topic(example_run.data_dir, "clickstream.dead-letters")
+    assert not dead_letters.markers
+    dead = dead_letters.records
     assert Counter(r.value for r in dead) == example_run.ref.bad
-    clicks = {(r.partition, r.offset): r.value for r in _read_topic(example_run.data_dir, "clicks")}
+    clicks = {
+        (r.partition, r.offset): r.value
+        for r in _read_topic(example_run.data_dir, "clicks").records
+    }
     for record in dead:
         headers = {name: value.decode() for name, value in record.headers}
         assert headers["headwater.step"] == "clicks"

@@ -34,6 +34,7 @@ from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.state import TaskState
 from pipelines.runtime.topology import SubTopology, Topology
 from pipelines.runtime.watermarks import (
+    END_OF_TIME,
     MARKS_STORE,
     NO_WATERMARK,
     Clock,
@@ -226,6 +227,8 @@ class Task:
         """Tell the steps the inputs' mark if it moved (``idle``: the worker has nothing to
         fetch, so quiet external inputs may follow the wall clock); whether it moved."""
         mark = self.marks.mark(idle=idle)
+        if mark < self.mark == END_OF_TIME:  # an ended source resumed: the end is to come
+            self.mark = mark
         if mark <= self.mark:
             return False
         self.mark = mark
@@ -259,10 +262,17 @@ class Task:
         tp = fetched.topic_partition
         self.positions[tp] = fetched.next_offset
         if is_marker_batch(fetched.records):
+            # the records first: a batch ends with the markers written after them
             fetched, markers = split_markers(fetched)
+            if len(fetched.records):
+                self._process(tp, fetched)
+                if self.mark == END_OF_TIME:  # records after an end: the steps hear it again
+                    self.advance(idle=False)
             self.marks.marked(tp, markers)
-            if not len(fetched.records):
-                return
+            return
+        self._process(tp, fetched)
+
+    def _process(self, tp: TopicPartition, fetched: FetchedBatch) -> None:
         entry = self.sub.entries[fetched.topic]
         ctx = self._contexts[entry.step_id]
         batch = self._decode(ctx, entry, fetched)

@@ -7,7 +7,8 @@ mark minus the bound. Each event-time step subtracts its own lateness.
 
 - A partition of an **external topic** (a source's topic, a ``LogTopic``) is marked by the
   largest event time read from it. When its source is exhausted, the source writes an
-  end-of-time marker to each partition. A partition with nothing new for ``idle`` follows
+  end-of-time marker to each partition (records after it, from a later run of the source,
+  start the partition again). A partition with nothing new for ``idle`` follows
   the wall clock, but only while its worker has nothing to fetch.
 - A task that writes to an **internal topic** (a ``key_by`` repartition topic) writes, at each
   checkpoint where its mark moved (and now and then while idle), a marker to every partition of
@@ -179,6 +180,7 @@ class InputMarks:
         if external is None:
             return
         external.last_arrival = self.clock.monotonic()
+        external.ended.clear()  # records after an end: its source was resumed with more input
         high = max(stamps, default=NO_WATERMARK)
         external.high = max(external.high, high)
 
@@ -187,7 +189,9 @@ class InputMarks:
         internal = self._internal.get(tp)
         for writer, mark in markers:
             if internal is not None:
-                if writer in internal.writers and mark > internal.marks.get(writer, NO_WATERMARK):
+                known = internal.marks.get(writer, NO_WATERMARK)
+                # a writer's mark never goes back, but after an end its sources may resume
+                if writer in internal.writers and (mark > known or known == END_OF_TIME):
                     internal.marks[writer] = mark
                 continue
             external = self._external.get(tp)

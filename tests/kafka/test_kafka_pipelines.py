@@ -46,6 +46,8 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import ConsumerRecord, RecordMetadata
 
+from pipelines.runtime.watermarks import END_OF_TIME, MARKER_PREFIX
+
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "clickstream"
 
@@ -310,27 +312,73 @@ def produce(bootstrap: str, topic: str, records: Sequence[Sent]) -> list[RecordM
     return asyncio.run(send())
 
 
-def read_topic(bootstrap: str, name: str, partitions: int) -> list[ConsumerRecord[Any, Any]]:
-    """Every record on topic ``name``, partition by partition, with a plain aiokafka consumer."""
+def is_marker(record: ConsumerRecord[Any, Any]) -> bool:
+    """Whether ``record`` is a watermark marker: not a record, no step or sink sees it."""
+    key = record.key
+    return record.value is None and key is not None and key.startswith(MARKER_PREFIX)
 
-    async def read() -> list[ConsumerRecord[Any, Any]]:
+
+def end_of_time_key(source: str) -> bytes:
+    """The key of the marker source step ``source`` writes to each partition of its topic when
+    it reaches the end of its input."""
+    return MARKER_PREFIX + f"{source}|{END_OF_TIME}".encode()
+
+
+@dataclass
+class Contents:
+    """What a topic holds: its data records, and apart from them its watermark markers."""
+
+    records: list[ConsumerRecord[Any, Any]]
+    markers: list[ConsumerRecord[Any, Any]]
+    ends: dict[int, int]
+    """Partition -> its end offset (records and markers)."""
+
+
+def read_topic(bootstrap: str, name: str, partitions: int) -> Contents:
+    """Every record on topic ``name``, partition by partition, with a plain aiokafka consumer;
+    the markers apart."""
+
+    async def read() -> Contents:
         async with _consumer(bootstrap) as consumer:
             tps = [TopicPartition(name, p) for p in range(partitions)]
             consumer.assign(tps)
             ends = await consumer.end_offsets(tps)
             await consumer.seek_to_beginning(*tps)
-            records: list[ConsumerRecord[Any, Any]] = []
+            contents = Contents([], [], {tp.partition: ends[tp] for tp in tps})
             deadline = time.monotonic() + 60
             todo = [tp for tp in tps if ends[tp] > 0]
             while todo:
                 fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=20_000)
                 for tp, messages in fetched.items():
-                    records += [m for m in messages if m.offset < ends[tp]]
+                    for message in messages:
+                        if message.offset < ends[tp]:
+                            found = contents.markers if is_marker(message) else contents.records
+                            found.append(message)
                 todo = [tp for tp in todo if await consumer.position(tp) < ends[tp]]
                 assert time.monotonic() < deadline, f"reading {name} took over 60s"
-            return records
+            return contents
 
     return asyncio.run(read())
+
+
+def read_records(bootstrap: str, name: str, partitions: int) -> list[ConsumerRecord[Any, Any]]:
+    """Every record on topic ``name``, which no marker goes to (only a source's topic and a
+    ``key_by`` topic hold markers): one there fails the test."""
+    contents = read_topic(bootstrap, name, partitions)
+    assert not contents.markers, f"markers on {name}: {contents.markers[:3]}"
+    return contents.records
+
+
+def end_offsets(bootstrap: str, name: str, partitions: int) -> dict[int, int]:
+    """Partition -> end offset of topic ``name``: its records and markers."""
+
+    async def fetch() -> dict[int, int]:
+        async with _consumer(bootstrap) as consumer:
+            tps = [TopicPartition(name, p) for p in range(partitions)]
+            ends = await consumer.end_offsets(tps)
+        return {tp.partition: ends[tp] for tp in tps}
+
+    return asyncio.run(fetch())
 
 
 def count_records(bootstrap: str, name: str, partitions: int) -> int:
@@ -519,10 +567,14 @@ def test_clickstream_example_gives_the_same_result_on_kafka_as_embedded(
     ]
     assert renamed == _summary(embedded.stderr)
     assert "lag: 0 records" in on_kafka.stderr
-    assert sum(committed(kafka, group, topic_name, 6).values()) == CLICK_EVENTS
+    # The group committed every partition of the input topic to its end, which is past the
+    # CLICK_EVENTS records by the one end-of-time marker the source wrote to each partition.
+    ends = end_offsets(kafka, topic_name, 6)
+    assert committed(kafka, group, topic_name, 6) == ends
+    assert sum(ends.values()) == CLICK_EVENTS + 6
 
     # The bad lines are in the dead-letter topic on Kafka, as they are on the embedded log.
-    dead = read_topic(kafka, f"{pipeline_name}.dead-letters", 1)
+    dead = read_records(kafka, f"{pipeline_name}.dead-letters", 1)
     assert Counter(r.value for r in dead) == bad
     for record in dead:
         headers = dict(record.headers)
@@ -622,15 +674,21 @@ def expected_squares() -> frozenset[tuple[int, int]]:
 
 
 def check_gated_output(kafka: str, gated: Gated) -> Counter[int]:
-    """Every input record is in the input topic once, every expected output is in the output
-    topic at least once, and nothing else is; returns how many outputs each pid wrote."""
-    inputs = read_topic(kafka, gated.input_topic, 6)
+    """Every input record is in the input topic once, followed in each partition by the
+    source's one end-of-time marker, every expected output is in the output topic at least once,
+    and nothing else is; returns how many outputs each pid wrote."""
+    input_topic = read_topic(kafka, gated.input_topic, 6)
+    inputs = input_topic.records
     assert Counter(r.value for r in inputs) == Counter(
         orjson.dumps({"n": n}) for n in range(GATED_N)
     )
     assert {r.key for r in inputs} == {str(n).encode() for n in range(GATED_N)}
+    end = end_of_time_key(gated.input_topic)
+    assert sorted((m.partition, m.offset, m.key) for m in input_topic.markers) == [
+        (p, input_topic.ends[p] - 1, end) for p in range(6)
+    ]
 
-    outputs = [orjson.loads(r.value) for r in read_topic(kafka, gated.output_topic, 3)]
+    outputs = [orjson.loads(r.value) for r in read_records(kafka, gated.output_topic, 3)]
     assert all(set(v) == {"n", "square", "pid"} for v in outputs)
     found = Counter((v["n"], v["square"]) for v in outputs)
     expected = expected_squares()
@@ -689,10 +747,13 @@ def test_kill_9_of_a_worker_then_a_new_worker_joins_and_nothing_is_lost(
             lambda: len(worker_pids(runner.pid)) == 3, timeout=30, what="3 workers", watch=[runner]
         )
         wait_until(group.stable_with(3), timeout=45, what="a group of 3", watch=[runner])
+        # Some output since the group of 3 formed: the first worker in the group may have
+        # written 3,000 outputs before the others had their partitions.
+        before = count_records(kafka, gated.output_topic, 3)
         wait_until(
-            lambda: count_records(kafka, gated.output_topic, 3) >= 3000,
+            lambda: count_records(kafka, gated.output_topic, 3) >= before + 3000,
             timeout=30,
-            what="some output",
+            what="some output from the group of 3",
             watch=[runner],
         )
         victims = worker_pids(runner.pid)
@@ -749,7 +810,8 @@ def test_kill_9_of_a_worker_then_a_new_worker_joins_and_nothing_is_lost(
     # 128 + SIGTERM
     assert late_code in (0, 128 + signal.SIGTERM), _tail(late_stderr)
     assert "Traceback" not in late_stderr
-    assert sum(group.committed().values()) == GATED_N
+    # every partition committed to its end: the records and the source's end-of-time marker
+    assert group.committed() == end_offsets(kafka, gated.input_topic, 6)
 
     by_pid = check_gated_output(kafka, gated)
     # The new worker did real work: its summary counts it, and its outputs are on the topic.
@@ -799,7 +861,10 @@ def test_pipeline_survives_a_broker_restart(
     assert code == 0, _tail(stderr)
     assert "Traceback" not in stderr
     assert "lag: 0 records" in stderr
-    assert sum(committed(kafka, gated.name, gated.input_topic, 6).values()) == GATED_N
+    # every partition committed to its end: the records and the source's end-of-time marker
+    assert committed(kafka, gated.name, gated.input_topic, 6) == end_offsets(
+        kafka, gated.input_topic, 6
+    )
     check_gated_output(kafka, gated)
     # A broker restart is routine operations: what the user sees stays readable, not a flood
     # of the Kafka client's connection errors.
@@ -895,7 +960,7 @@ def test_bad_records_from_another_producer_go_to_dead_letters(
 
     # Each bad record is in the dead-letter topic once: its original key, bytes and headers,
     # and headers naming the step, the error and where the record came from.
-    dead = {r.key.decode(): r for r in read_topic(kafka, f"{name}.dead-letters", 1)}
+    dead = {r.key.decode(): r for r in read_records(kafka, f"{name}.dead-letters", 1)}
     assert sorted(dead) == ["bad-1", "bad-2", "bad-3"]
     expected_step = {"bad-1": input_topic, "bad-2": input_topic, "bad-3": "by-customer"}
     for why, sent in bad.items():
@@ -921,7 +986,7 @@ def test_bad_records_from_another_producer_go_to_dead_letters(
             assert "customer" in error
 
     # Everything else reached the sink, keyed by customer, readable by any Kafka client.
-    out = read_topic(kafka, output_topic, 3)
+    out = read_records(kafka, output_topic, 3)
     assert Counter(r.value for r in out) == Counter(orjson.dumps(_order(i)) for i in range(600))
     for record in out:
         value = orjson.loads(record.value)
@@ -973,7 +1038,7 @@ def test_reads_a_topic_another_client_wrote_and_writes_one_it_can_read(
     assert summary_counts(result.stderr)[f"to.{output_topic}"] == (301, 301)
     assert "to dead letters" not in result.stderr
 
-    out = read_topic(kafka, output_topic, 4)
+    out = read_records(kafka, output_topic, 4)
     assert len(out) == 301
     by_seq = {dict(r.headers)["seq"]: r for r in out}
     for i, original in enumerate(sent):

@@ -27,6 +27,7 @@ import pytest
 
 from pipelines.log import EmbeddedLog
 from pipelines.log.base import TopicPartition
+from pipelines.runtime.watermarks import END_OF_TIME, split_markers
 
 RUN_TIMEOUT = 60.0
 """Seconds any one ``headwater run`` may take before the test gives up (and kills it)."""
@@ -244,27 +245,46 @@ def wait_until(condition: Callable[[], bool], runner: Runner, *, timeout: float,
 # -- reading the log -------------------------------------------------------------------------
 
 
-async def _read_topic(data_dir: Path, name: str) -> list[tuple[bytes | None, bytes | None]]:
+KeyValue = tuple[bytes | None, bytes | None]
+
+
+@dataclass
+class Contents:
+    """What a topic holds: its data records, and apart from them its watermark markers."""
+
+    records: list[KeyValue]
+    markers: dict[int, list[tuple[int, str, int]]]
+    """Partition -> the (offset, writer, mark) of each marker on it, in order."""
+    ends: dict[int, int]
+    """Partition -> its end offset (records and markers)."""
+
+
+async def _read_topic(data_dir: Path, name: str) -> Contents:
     log = EmbeddedLog(data_dir)
     try:
         spec = (await log.describe_topics())[name]
-        records: list[tuple[bytes | None, bytes | None]] = []
-        for partition in range(spec.partitions):
-            tp = TopicPartition(name, partition)
+        tps = [TopicPartition(name, p) for p in range(spec.partitions)]
+        ends = await log.end_offsets(tps)
+        contents = Contents([], {}, {tp.partition: ends[tp] for tp in tps})
+        for tp in tps:
+            markers = contents.markers.setdefault(tp.partition, [])
             offset = 0
-            while True:
+            while offset < ends[tp]:
                 fetched = await log.read(tp, offset, 50_000)
-                if not len(fetched.records):
-                    break
-                records += zip(fetched.records.keys, fetched.records.values, strict=True)
+                assert len(fetched.records), f"{tp} ends at {ends[tp]}, not {offset}"
+                data, found = split_markers(fetched)
+                contents.records += zip(data.records.keys, data.records.values, strict=True)
+                at = sorted(set(fetched.offsets) - set(data.offsets))
+                markers += [(o, w, m) for o, (w, m) in zip(at, found, strict=True)]
                 offset = fetched.next_offset
-        return records
+        return contents
     finally:
         await log.close()
 
 
-def read_topic(data_dir: Path, name: str) -> list[tuple[bytes | None, bytes | None]]:
-    """Every (key, value) on topic ``name``, partition by partition."""
+def read_topic(data_dir: Path, name: str) -> Contents:
+    """Every (key, value) on topic ``name``, partition by partition, and its markers apart
+    (they are not records: no step or sink sees them)."""
     return asyncio.run(_read_topic(data_dir, name))
 
 
@@ -305,7 +325,10 @@ def input_lag(data_dir: Path) -> int:
 def check_output(data_dir: Path, *, exactly_once: bool) -> Counter[bytes]:
     """Every expected output is on the output topic, and nothing else; returns what is."""
     expected = expected_output()
-    found = Counter(value for _, value in read_topic(data_dir, OUTPUT_TOPIC))
+    output = read_topic(data_dir, OUTPUT_TOPIC)
+    # only the tasks that write a key_by topic write markers, and only there
+    assert not any(output.markers.values()), f"markers on the sink's topic: {output.markers}"
+    found = Counter(value for _, value in output.records)
     unexpected = found.keys() - expected.keys()
     missing = expected.keys() - found.keys()
     assert not unexpected, f"{len(unexpected)} unexpected outputs, e.g. {sorted(unexpected)[:3]}"
@@ -320,8 +343,12 @@ def check_output(data_dir: Path, *, exactly_once: bool) -> Counter[bytes]:
 
 
 def check_input(data_dir: Path) -> None:
-    """The input topic holds each input record exactly once."""
-    records = read_topic(data_dir, INPUT_TOPIC)
+    """The input topic holds each input record exactly once, and after them, in each partition,
+    the one end-of-time marker of the source that wrote them and reached the end of its input."""
+    contents = read_topic(data_dir, INPUT_TOPIC)
+    last = {p: [(end - 1, INPUT_TOPIC, END_OF_TIME)] for p, end in contents.ends.items()}
+    assert contents.markers == last
+    records = contents.records
     assert len(records) == N
     assert Counter(value for _, value in records) == expected_input()
     keys = {key for key, _ in records}
@@ -412,7 +439,10 @@ def test_stop_mid_stream_then_resume(tmp_path: Path, signum: int) -> None:
     assert "Traceback" not in stderr, stderr
     assert "stopping: the workers finish their batch, commit and leave" in stderr
     assert "did not stop in time" not in stderr
-    first_input = count_records(data_dir, INPUT_TOPIC)
+    first = read_topic(data_dir, INPUT_TOPIC)
+    # stopped, the source had not reached the end of its input: no end-of-time marker yet
+    assert not any(first.markers.values()), first.markers
+    first_input = len(first.records)
     assert FAST_UNTIL < first_input < N, "the source was not stopped mid-stream"
     # Each worker finishes the batch in hand (at most MAX_BATCH records), not its whole backlog.
     left = input_lag(data_dir)
