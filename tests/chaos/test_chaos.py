@@ -485,7 +485,8 @@ class EmbeddedView:
         return self._run(work)  # type: ignore[no-any-return]
 
     def count(self, topic: str, partitions: int) -> int:
-        return sum(self.ends(topic, partitions).values())
+        # records, not offsets: watermark markers (no value) take offsets too
+        return sum(len(values) for values in self.values(topic, partitions))
 
     def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]:
         tps = [TopicPartition(topic, p) for p in range(partitions)]
@@ -552,7 +553,8 @@ class KafkaView:
         return asyncio.run(go())
 
     def count(self, topic: str, partitions: int) -> int:
-        return sum(self.ends(topic, partitions).values())
+        # records, not offsets: watermark markers (no value) take offsets too
+        return sum(len(values) for values in self.values(topic, partitions))
 
     def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]:
         async def go() -> dict[int, int]:
