@@ -832,13 +832,15 @@ def check_at_least_once(view: LogView, job: Job, outcome: Outcome, context: str 
             problems.append((window, f"emitted {got} but the input has no event in it"))
         elif not got:
             problems.append((window, f"never emitted (reference count {want}; {about})"))
-        elif got[-1] != counted:
+        elif not want <= got[-1] <= given.records[window]:
+            # with watermarks from every upstream writer a window stays open until each has
+            # passed it, so replayed copies are counted, never more than the topic holds
             problems.append(
                 (
                     window,
-                    f"last emitted count {got[-1]}, expected {counted}: "
-                    f"{'more' if got[-1] > counted else 'less'} than it was given ({about}; "
-                    f"reference {want}; all emissions {got})",
+                    f"last emitted count {got[-1]} outside [reference {want}, records on the "
+                    f"repartition topic {given.records[window]}] ({about}; emissions {got}; "
+                    f"one pass counts {counted})",
                 )
             )
         elif any(value != got[-1] for value in got):
@@ -848,12 +850,8 @@ def check_at_least_once(view: LogView, job: Job, outcome: Outcome, context: str 
     if problems:
         _fail(job, "differ from what at-least-once promises", problems, f"{report}\n{context}")
     assert outcome.not_final == 0, f"{outcome.not_final} results not marked final"
-    unrouted = sorted(i for i, n in given.late.items() if on_topic[i] < n)
-    assert not report, f"{report}\n{context}"
-    assert not unrouted, (
-        f"{len(unrouted)} late copies on {job.repartition_topic} are neither counted nor on "
-        f"the late-data topic (e.g. event {unrouted[0]})\n{context}"
-    )
+    # the late-data topic is not checked against the one pass: which copies are late now
+    # depends on when every writer's watermark passed the window, not on the log order
     copies = given.copies.total() - job.data.events
     over = sum(1 for w, n in expected.items() if given.counted[w] > n)
     return Replays(copies, given.late.total(), over, outcome.repeated)
@@ -1013,7 +1011,8 @@ def finish_chaos(runner: Cli, job: Job, view: LogView, chaos: Chaos, sessions: S
     wait_for_no_process(sessions)
 
     assert view.count(job.input_topic, 6) == job.data.events
-    assert sum(view.committed(job.group, job.input_topic, 6).values()) == job.data.events
+    # every offset committed, the source's end-of-time marker after each partition's records too
+    assert view.committed(job.group, job.input_topic, 6) == view.ends(job.input_topic, 6)
     check(view, job, chaos.describe())
 
 
