@@ -154,13 +154,7 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
             )
 
     changelogs = {
-        step.step_id: Topic(
-            f"{pipeline.name}.{step.step_id}.changelog",
-            partitions=sub.partitions,
-            compacted=True,
-            key=bytes,
-            value=bytes,
-        )
+        step.step_id: _changelog(f"{pipeline.name}.{step.step_id}", sub)
         for sub in subs.values()
         for step in sub.steps
         if step.stateful and sub.topics
@@ -175,13 +169,7 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
         if step.windowed or step.join == "stream"
     }
     marks_changelogs = {
-        sub.index: Topic(
-            f"{pipeline.name}.marks-{sub.index}.changelog",
-            partitions=sub.partitions,
-            compacted=True,
-            key=bytes,
-            value=bytes,
-        )
+        sub.index: _changelog(f"{pipeline.name}.marks-{sub.index}", sub)
         for sub in subs.values()
         if sub.topics
     }
@@ -209,6 +197,13 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
         stamps=stamps,
         stamped=frozenset(stamped),
         idle_ms=min(idles, default=10_000),
+    )
+
+
+def _changelog(prefix: str, sub: SubTopology) -> Topic:
+    """A compacted changelog topic with a partition per task of ``sub``."""
+    return Topic(
+        f"{prefix}.changelog", partitions=sub.partitions, compacted=True, key=bytes, value=bytes
     )
 
 
