@@ -242,11 +242,17 @@ class Task:
                 self._emit((step_id, OUT), out)
         return True
 
-    def checkpoint_marks(self, now_ms: int) -> None:
+    def checkpoint_marks(self, now_ms: int, *, handing_over: bool = False) -> None:
         """Before a checkpoint: queue a marker of the task's mark for every partition of the
         internal topics it writes, if the mark moved since the last, and keep what the task
-        knows of its inputs in its state, if that changed."""
-        if self._marked and self.mark not in (NO_WATERMARK, self._sent):
+        knows of its inputs in its state, if that changed.
+
+        ``handing_over`` (the task's partitions are revoked, or the worker stops): no markers.
+        The next owner restores the marks kept here and writes their markers at its first
+        checkpoint, as it must anyway (under at-least-once the markers of the last checkpoint
+        may be lost while the state that says they were sent is not); written here as well,
+        they would be read by nobody at the end of a run and count as lag."""
+        if self._marked and not handing_over and self.mark not in (NO_WATERMARK, self._sent):
             marker = marker_batch(self._writer_id, self.mark, now_ms)
             for topic in self._marked:
                 for partition in range(topic.partitions):

@@ -81,6 +81,11 @@ def marker_batch(writer: str, mark: int, now_ms: int) -> RawBatch:
     return RawBatch([key], [None], [now_ms])
 
 
+def is_marker(key: bytes | None, value: bytes | None) -> bool:
+    """Whether the record with this key and value is a watermark marker."""
+    return value is None and key is not None and key.startswith(MARKER_PREFIX)
+
+
 def is_marker_batch(raw: RawBatch) -> bool:
     """Whether ``raw`` may hold markers (a C-level scan for a missing value)."""
     return None in raw.values
@@ -92,7 +97,8 @@ def split_markers(fetched: FetchedBatch) -> tuple[FetchedBatch, list[tuple[str, 
     markers: list[tuple[str, int]] = []
     kept: list[int] = []
     for index, (key, value) in enumerate(zip(raw.keys, raw.values, strict=True)):
-        if value is None and key is not None and key.startswith(MARKER_PREFIX):
+        if is_marker(key, value):
+            assert key is not None
             writer, _, mark = key[len(MARKER_PREFIX) :].decode().rpartition("|")
             markers.append((writer, int(mark)))
         else:

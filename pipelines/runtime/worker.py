@@ -188,7 +188,7 @@ class Worker:
         }
         now_ms = self._clock.wall_ms()
         for task in tasks.values():
-            task.checkpoint_marks(now_ms)
+            task.checkpoint_marks(now_ms, handing_over=partitions is not None)
             task.state.flush(task.outbox, task.positions)
         for writer in self._writers.values():
             await writer.flush()

@@ -50,6 +50,7 @@ from pipelines.log._commits import CommitRecord, pending_commits, read_commit, w
 from pipelines.log._local import GroupConsumer
 from pipelines.log.base import RawBatch, TopicPartition, TopicSpec
 from pipelines.log.embedded import EmbeddedLog
+from pipelines.runtime.watermarks import is_marker
 
 KAFKA_BOOTSTRAP = os.environ.get("HEADWATER_TEST_KAFKA", "127.0.0.1:9092")
 
@@ -369,7 +370,10 @@ class LogView(Protocol):
 
     def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]: ...
 
-    def records(self, topic: str, partitions: int) -> list[list[Entry]]: ...
+    def records(self, topic: str, partitions: int) -> list[list[Entry]]:
+        """Every (committed) record, partition by partition in offset order, without the
+        watermark markers."""
+        ...
 
 
 class EmbeddedView:
@@ -418,12 +422,16 @@ class EmbeddedView:
                     fetched = await log.read(tp, offset, 50_000)
                     if not len(fetched.records):
                         break
-                    entries += zip(
-                        fetched.offsets,
-                        fetched.records.keys,
-                        fetched.records.values,
-                        strict=True,
-                    )
+                    entries += [
+                        (o, k, v)
+                        for o, k, v in zip(
+                            fetched.offsets,
+                            fetched.records.keys,
+                            fetched.records.values,
+                            strict=True,
+                        )
+                        if not is_marker(k, v)
+                    ]
                     offset = fetched.next_offset
                 found.append(entries)
             return found
@@ -500,7 +508,9 @@ class KafkaView:
                     fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=50_000)
                     for tp, messages in fetched.items():
                         found[tp.partition] += [
-                            (m.offset, m.key, m.value) for m in messages if m.offset < ends[tp]
+                            (m.offset, m.key, m.value)
+                            for m in messages
+                            if m.offset < ends[tp] and not is_marker(m.key, m.value)
                         ]
                     todo = [tp for tp in todo if await consumer.position(tp) < ends[tp]]
                     assert time.monotonic() < deadline, f"reading {topic} took over 90s"
@@ -510,7 +520,8 @@ class KafkaView:
 
 
 def count(view: LogView, topic: str, partitions: int) -> int:
-    return sum(view.ends(topic, partitions).values())
+    """Records on ``topic`` (markers take offsets but are not counted)."""
+    return sum(map(len, view.records(topic, partitions)))
 
 
 # -- checking the results --------------------------------------------------------------------------
@@ -1030,6 +1041,7 @@ import asyncio, os, signal, sys
 from pipelines.log._partition_file import PartitionFile
 from pipelines.log.base import RawBatch, TopicPartition
 from pipelines.log.embedded import EmbeddedLog
+from pipelines.runtime.watermarks import is_marker
 
 data_dir, crash = sys.argv[1], sys.argv[2]
 

@@ -46,7 +46,7 @@ from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import ConsumerRecord, RecordMetadata
 
-from pipelines.runtime.watermarks import END_OF_TIME, MARKER_PREFIX
+from pipelines.runtime.watermarks import END_OF_TIME, MARKER_PREFIX, is_marker
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "clickstream"
@@ -312,12 +312,6 @@ def produce(bootstrap: str, topic: str, records: Sequence[Sent]) -> list[RecordM
     return asyncio.run(send())
 
 
-def is_marker(record: ConsumerRecord[Any, Any]) -> bool:
-    """Whether ``record`` is a watermark marker: not a record, no step or sink sees it."""
-    key = record.key
-    return record.value is None and key is not None and key.startswith(MARKER_PREFIX)
-
-
 def end_of_time_key(source: str) -> bytes:
     """The key of the marker source step ``source`` writes to each partition of its topic when
     it reaches the end of its input."""
@@ -352,7 +346,11 @@ def read_topic(bootstrap: str, name: str, partitions: int) -> Contents:
                 for tp, messages in fetched.items():
                     for message in messages:
                         if message.offset < ends[tp]:
-                            found = contents.markers if is_marker(message) else contents.records
+                            found = (
+                                contents.markers
+                                if is_marker(message.key, message.value)
+                                else contents.records
+                            )
                             found.append(message)
                 todo = [tp for tp in todo if await consumer.position(tp) < ends[tp]]
                 assert time.monotonic() < deadline, f"reading {name} took over 60s"
