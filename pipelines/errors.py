@@ -8,7 +8,8 @@ The tree::
     ├── ConnectorError            a source or sink failed (unreadable file, closed target ...)
     ├── LogError                  the log backend failed; ``retriable`` says if a retry may help
     │   ├── TopicError            missing topic, or one that exists with another configuration
-    │   └── CorruptLogError       a log file failed its checksum where it must not
+    │   ├── CorruptLogError       a log file failed its checksum where it must not
+    │   └── FencedError           a newer owner of a task's transactions took over (a zombie)
     └── RecordError               one record could not be processed; routed by the error policy
         ├── InvalidRecord         bytes that do not deserialise or validate
         └── StepError             a user function raised (``__cause__`` is the original error)
@@ -27,6 +28,7 @@ __all__ = [
     "ConnectorError",
     "CorruptLogError",
     "ErrorPolicy",
+    "FencedError",
     "InvalidRecord",
     "LoadError",
     "LogError",
@@ -121,6 +123,12 @@ class TopicError(LogError):
 
 class CorruptLogError(LogError):
     """Stored log data failed its checksum somewhere other than a torn tail."""
+
+
+class FencedError(LogError):
+    """A task's transactional producer was fenced: a newer producer with its transactional id
+    (the task's next owner, after a rebalance this worker had not heard of yet) took over. What
+    the task did since its last commit is aborted; it must be dropped, not retried."""
 
 
 class RecordError(PipelineError):

@@ -26,10 +26,10 @@ from aiokafka import TopicPartition as KafkaPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, ProducerFenced, TopicAlreadyExistsError
 from aiokafka.structs import OffsetAndMetadata
 
-from pipelines.errors import LogError, TopicError
+from pipelines.errors import FencedError, LogError, TopicError
 from pipelines.log.base import (
     Consumer,
     FetchedBatch,
@@ -177,9 +177,22 @@ class KafkaTransaction(TransactionalProducer):
         self._client: AIOKafkaProducer | None = None
         self._open = False  # a transaction has begun and not ended
 
+    def _fenced(self, cause: BaseException | None = None) -> FencedError:
+        return FencedError(
+            f"transactional id {self._id!r} was taken over by a newer producer (the task's "
+            f"next owner): this owner's open transaction is aborted{f' ({cause})' if cause else ''}"
+        )
+
+    def _check(self, producer: AIOKafkaProducer) -> None:
+        """Raise :class:`FencedError` if the client has learnt, in its background sender,
+        that it was fenced: it then refuses every transactional call (with an assertion)."""
+        if producer._txn_manager.is_fatal_error():
+            raise self._fenced()
+
     async def _begun(self) -> AIOKafkaProducer:
         if self._client is None:
             self._client = await _started_producer(self._settings, transactional_id=self._id)
+        self._check(self._client)
         if not self._open:
             await self._client.begin_transaction()
             self._open = True
@@ -201,8 +214,11 @@ class KafkaTransaction(TransactionalProducer):
                     {KafkaPartition(tp.topic, tp.partition): o for tp, o in offsets.items()},
                     group,
                 )
+            self._check(producer)
             await producer.commit_transaction()
             self._open = False
+        except ProducerFenced as error:
+            raise self._fenced(error) from error
         except KafkaError as error:
             raise LogError(
                 f"committing transaction {self._id!r} failed: {error}", retriable=True
@@ -210,8 +226,9 @@ class KafkaTransaction(TransactionalProducer):
 
     async def abort(self) -> None:
         if self._client is not None and self._open:
-            await self._client.abort_transaction()
             self._open = False
+            if not self._client._txn_manager.is_fatal_error():  # a fenced one has nothing open
+                await self._client.abort_transaction()
 
     async def close(self) -> None:
         if self._client is not None:

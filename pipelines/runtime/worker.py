@@ -36,12 +36,14 @@ offsets were not committed, so the partition's next owner reads them).
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from connectors.base import SinkContext, SinkWriter
+from pipelines.errors import FencedError
 from pipelines.log.base import FetchedBatch, LogBackend, TopicPartition, TransactionalProducer
 from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.task import StepStats, Task
@@ -57,6 +59,8 @@ COMMIT_INTERVAL = 0.5
 REPORT_INTERVAL = 0.5
 TICK_INTERVAL = 0.5
 """Seconds between the timer ticks that let idle inputs follow the wall clock."""
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -107,6 +111,7 @@ class Worker:
         self._stats: dict[str, StepStats] = {}
         self._tasks: dict[tuple[int, int], Task] = {}
         self._positions: dict[TopicPartition, int] = {}  # processed, not yet committed
+        self._fenced: set[TopicPartition] = set()  # of dropped zombie tasks, until a rebalance
         self._records = 0
         self._lock = asyncio.Lock()
 
@@ -159,8 +164,8 @@ class Worker:
         touched: dict[tuple[int, int], Task] = {}
         for batch in fetched:
             tp = batch.topic_partition
-            if tp not in owned:
-                continue  # revoked while this batch was on its way
+            if tp not in owned or tp in self._fenced:
+                continue  # revoked while this batch was on its way, or taken over
             key = (self.topology.by_topic[batch.topic].index, batch.partition)
             task = touched[key] = self._tasks[key]
             task.process(batch)
@@ -193,12 +198,16 @@ class Worker:
         for writer in self._writers.values():
             await writer.flush()
         if self._exactly_once:
-            for key, task in tasks.items():
-                await task.outbox.send()
+            for key, task in list(tasks.items()):
                 done = {
                     tp: self._positions.pop(tp) for tp in task.partitions & self._positions.keys()
                 }
-                await self._transactions[key].commit(done, self.topology.group)
+                try:
+                    await task.outbox.send()
+                    await self._transactions[key].commit(done, self.topology.group)
+                except FencedError as error:
+                    del tasks[key]
+                    await self._drop_fenced(key, error)
         else:
             await self._outbox.send()
             await self._producer.flush()
@@ -216,13 +225,30 @@ class Worker:
 
     async def _send_outboxes(self) -> None:
         if self._exactly_once:
-            for task in self._tasks.values():
-                await task.outbox.send()
+            for key, task in list(self._tasks.items()):
+                try:
+                    await task.outbox.send()
+                except FencedError as error:
+                    await self._drop_fenced(key, error)
         else:
             await self._outbox.send()
 
+    async def _drop_fenced(self, key: tuple[int, int], error: FencedError) -> None:
+        """Drop a task whose transactions a newer owner took over: the group moved its
+        partitions in a rebalance this worker has not seen yet (it was too slow to rejoin).
+        What it did since its last commit is aborted; its partitions are skipped until the
+        rebalance reaches this worker, which may give them back (restored from the commit)."""
+        task = self._tasks.pop(key)
+        _log.warning("worker %d: task %d.%d dropped: %s", self.index, *key, error)
+        self._fenced |= task.partitions
+        for tp in task.partitions:
+            self._positions.pop(tp, None)
+        task.close()
+        await self._transactions.pop(key).close()
+
     async def on_assigned(self, partitions: frozenset[TopicPartition]) -> None:
         async with self._lock:
+            self._fenced -= partitions
             await self._open_tasks(partitions)
 
     async def _open_tasks(self, partitions: frozenset[TopicPartition]) -> None:
@@ -258,6 +284,7 @@ class Worker:
 
     async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
         async with self._lock:
+            self._fenced -= partitions
             await self._checkpoint(partitions)
             await self._close_tasks(partitions)
 
