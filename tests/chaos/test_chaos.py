@@ -92,7 +92,8 @@ topic's retention (7 days by default) at its next retention check."""
 @dataclass(frozen=True)
 class Dataset:
     """``events`` events of ``users`` users, event times rising evenly over ``span_ms``, each
-    up to ``disorder_ms`` earlier than that (out of order by at most ``disorder_ms``)."""
+    up to ``disorder_ms`` earlier than that (out of order by at most ``disorder_ms``), none
+    before ``BASE_MS``."""
 
     events: int
     users: int
@@ -110,7 +111,7 @@ class Dataset:
         for i in range(self.events):
             user = f"user-{rng.randrange(self.users):03d}"
             early = rng.randrange(self.disorder_ms + 1)
-            yield i, user, BASE_MS + i * self.span_ms // self.events - early
+            yield i, user, max(BASE_MS, BASE_MS + i * self.span_ms // self.events - early)
 
     def write(self, path: Path) -> None:
         dumps = orjson.dumps
