@@ -109,6 +109,20 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("module", help="path/to/module.py or path/to/module.py:attribute")
         command.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
         command.add_argument("--no-progress", action="store_true", help="no live progress")
+        command.add_argument(
+            "--restart",
+            choices=("on-failure", "never"),
+            default="on-failure",
+            help="start a new worker process in place of one that was killed or crashed "
+            "(default on-failure)",
+        )
+        command.add_argument(
+            "--max-restarts",
+            type=int,
+            default=10,
+            metavar="N",
+            help="restarts allowed within a minute before the run fails (default 10)",
+        )
     _log_arguments(run_cmd, BACKENDS)
     _log_arguments(worker_cmd, ("kafka", "embedded"))
 
@@ -148,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise PipelineError(f"--workers must be at least 1, not {args.workers}")
+    if args.max_restarts < 0:
+        raise PipelineError(f"--max-restarts must be at least 0, not {args.max_restarts}")
     options = RunOptions(
         spec=args.module,
         workers=args.workers,
@@ -156,6 +172,8 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         kafka=_kafka_settings(args),
         sources=args.command == "run",
+        restart=args.restart,
+        restart_limit=args.max_restarts,
     )
     state = run(options)
     _summary(state)

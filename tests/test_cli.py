@@ -473,3 +473,40 @@ def test_run_on_the_memory_backend(tmp_path: Path) -> None:
     assert "letters: 31 in, 30 out, 1 to dead letters" in result.stderr
     assert "upper: 30 in, 30 out" in result.stderr
     assert not (tmp_path / ".headwater").exists()
+
+
+# -- headwater run: workers that crash -------------------------------------------------------
+
+CRASHING = """
+import os
+
+import connectors
+from pipelines import Pipeline, Topic
+
+pipeline = (
+    Pipeline("crash")
+    .source(connectors.Iterable([{"n": 1}]), into=Topic("numbers", partitions=1))
+    .map("crash", lambda v: os._exit(3))
+    .sink(connectors.Stdout())
+)
+"""
+
+
+def test_a_crashing_worker_is_restarted_up_to_the_limit(tmp_path: Path) -> None:
+    write(tmp_path / "crash.py", CRASHING)
+    result = headwater("run", "crash.py", "--max-restarts", "2", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.count("exited with status 3") == 3, result.stderr
+    assert "worker 1 started in place of worker 0" in result.stderr, result.stderr
+    assert "worker 2 started in place of worker 1" in result.stderr, result.stderr
+    assert "failed after 2 restarts within a minute; giving up" in result.stderr, result.stderr
+
+
+def test_without_restarts_a_crashing_worker_ends_the_run(tmp_path: Path) -> None:
+    write(tmp_path / "crash.py", CRASHING)
+    result = headwater("run", "crash.py", "--restart", "never", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "worker 0 exited with status 3" in result.stderr, result.stderr
+    assert "started in place" not in result.stderr, result.stderr

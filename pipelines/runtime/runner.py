@@ -6,9 +6,11 @@ that runs elsewhere, and keeps them running until it is stopped.
 Each worker process loads the pipeline module by path itself and runs one
 :class:`~pipelines.runtime.worker.Worker`; it reports to the runner over its own pipe (one pipe
 per worker, so a worker killed mid-message cannot jam the others). The runner shows progress,
-notices dead workers (their partitions move to the survivors through the group), stops when the
-sources are exhausted and every record is processed, and on Ctrl-C/SIGTERM stops the workers
-cleanly: each finishes its batch, commits and leaves.
+notices dead workers (their partitions move to the survivors through the group) and starts new
+ones in their place (``restart``, with a backoff and a limit), stops when the sources are
+exhausted and every record is processed, and on Ctrl-C/SIGTERM stops the workers cleanly: each
+finishes its batch, commits and leaves. Workers die with the runner: none outlives a ``kill -9``
+of it holding partitions.
 
 With the ``memory`` backend everything runs in this one process instead.
 """
@@ -16,10 +18,14 @@ With the ``memory`` backend everything runs in this one process instead.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import multiprocessing
+import os
 import signal
+import sys
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -40,6 +46,9 @@ __all__ = ["RunOptions", "quiet_clients", "run", "worker_main"]
 
 _TICK = 0.1
 _STOP_GRACE = 30.0
+_RESTART_BACKOFF = 0.2
+_RESTART_BACKOFF_MAX = 10.0
+_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +63,11 @@ class RunOptions:
     kafka: KafkaSettings | None = None
     sources: bool = True
     """False for ``headwater worker``: join the group, run no sources, never stop on drain."""
+    restart: str = "on-failure"
+    """``on-failure``: start a new worker process for one that was killed or crashed (not for
+    one that stopped on a pipeline error, which would only repeat it); ``never``."""
+    restart_limit: int = 10
+    """Restarts allowed within a minute; one more ends the run."""
 
     @property
     def state_dir(self) -> Path | None:
@@ -79,8 +93,9 @@ def quiet_clients() -> None:
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 
-def worker_main(options: RunOptions, index: int, channel: Connection) -> None:
+def worker_main(options: RunOptions, index: int, channel: Connection, parent: int) -> None:
     """The body of a worker process."""
+    _stop_with(parent)
     quiet_clients()
     # a worker allocates a dict or two per record and keeps few of them: collecting young
     # objects every 700 allocations cost 9% of at-least-once CPU (18% under exactly-once)
@@ -90,6 +105,20 @@ def worker_main(options: RunOptions, index: int, channel: Connection) -> None:
     except PipelineError as error:
         channel.send(WorkerReport(index, {}, [], 0, done=True, error=str(error)))
         raise SystemExit(1) from None
+
+
+def _stop_with(parent: int) -> None:
+    """Have the kernel kill this process when its parent (the runner) dies, so a ``kill -9``
+    of the runner leaves no orphan worker holding its partitions, even one stuck in a user
+    function (Linux: the parent-death signal). A worker that is not stuck would notice anyway,
+    when its next report finds the pipe broken; SIGKILL is what reaches a stuck one. What it
+    had not committed is replayed by the next owner, as after any crash."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the runner died before the request was in place
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 async def _work(options: RunOptions, topology: Topology, index: int, channel: Connection) -> None:
@@ -111,6 +140,9 @@ class _WorkerProcess:
     channel: Connection
     gone: bool = False
     noted: bool = False
+    failed: bool = False
+    """Killed or crashed without reporting an error: a restart may help."""
+    replaced: bool = False
 
 
 def run(options: RunOptions) -> RunState:
@@ -171,6 +203,7 @@ async def _supervise(
 ) -> None:
     await prepare_topics(log, topology)
     workers = [_spawn(options, i) for i in range(options.workers)]
+    restarts = _Restarts(options)
     sources = Sources(log, topology)
     state.sources = sources.progress
     finished_once = False  # the end is confirmed by two checks in a row (a report in flight)
@@ -178,8 +211,10 @@ async def _supervise(
         if options.sources:
             await sources.start()
         while not stop.is_set():
-            _collect_reports(workers, state, progress)
-            if all(w.process.exitcode is not None for w in workers):
+            _collect_reports(workers, state, progress, restart=options.restart != "never")
+            if options.restart != "never":
+                workers += restarts.due(workers, progress)
+            if all(w.process.exitcode is not None for w in workers) and not restarts.pending:
                 raise RunFailed("every worker has stopped before the input was processed")
             sources.raise_failure()
             state.lag = await lag(log, topology)
@@ -213,14 +248,58 @@ def _spawn(options: RunOptions, index: int) -> _WorkerProcess:
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(
-        target=worker_main, args=(options, index, sender), name=f"headwater-worker-{index}"
+        target=worker_main,
+        args=(options, index, sender, os.getpid()),
+        name=f"headwater-worker-{index}",
     )
     process.start()
     sender.close()
     return _WorkerProcess(index, process, receiver)
 
 
-def _collect_reports(workers: list[_WorkerProcess], state: RunState, progress: Progress) -> None:
+class _Restarts:
+    """Starts a new worker process for each failed one, after a backoff that doubles with
+    every restart of the last minute (0.2 s, 0.4 s ... at most 10 s), up to the limit."""
+
+    def __init__(self, options: RunOptions) -> None:
+        self._options = options
+        self._next_index = options.workers  # a new index: the old one's numbers stay counted
+        self._recent: list[float] = []  # when restarts happened, over the last minute
+        self._waiting: dict[int, float] = {}  # index of a failed worker -> when to replace it
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._waiting)
+
+    def due(self, workers: list[_WorkerProcess], progress: Progress) -> list[_WorkerProcess]:
+        """The workers started now, in place of failed ones whose backoff is over."""
+        now = time.monotonic()
+        self._recent = [t for t in self._recent if now - t < 60]
+        for worker in workers:
+            if worker.failed and not worker.replaced and worker.index not in self._waiting:
+                if len(self._recent) + len(self._waiting) >= self._options.restart_limit:
+                    raise RunFailed(
+                        f"worker {worker.index} failed after {self._options.restart_limit} "
+                        "restarts within a minute; giving up (see the messages above)"
+                    )
+                backoff = min(_RESTART_BACKOFF * 2 ** len(self._recent), _RESTART_BACKOFF_MAX)
+                self._waiting[worker.index] = now + backoff
+        started = []
+        for worker in workers:
+            if self._waiting.get(worker.index, now + 1) <= now:
+                del self._waiting[worker.index]
+                worker.replaced = True
+                self._recent.append(now)
+                new = _spawn(self._options, self._next_index)
+                progress.note(f"worker {new.index} started in place of worker {worker.index}")
+                self._next_index += 1
+                started.append(new)
+        return started
+
+
+def _collect_reports(
+    workers: list[_WorkerProcess], state: RunState, progress: Progress, *, restart: bool = False
+) -> None:
     for worker in workers:
         try:
             while not worker.gone and worker.channel.poll():
@@ -239,8 +318,11 @@ def _collect_reports(workers: list[_WorkerProcess], state: RunState, progress: P
                 f"worker {worker.index} was killed by signal {-code}; "
                 "its partitions move to the other workers"
             )
-        elif code > 0:
+        elif code > 0 and not restart:
             raise RunFailed(f"worker {worker.index} exited with status {code}")
+        elif code > 0:
+            progress.note(f"worker {worker.index} exited with status {code}")
+        worker.failed = code != 0
 
 
 async def _stop_workers(workers: list[_WorkerProcess], state: RunState, progress: Progress) -> None:

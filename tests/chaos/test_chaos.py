@@ -889,15 +889,15 @@ def run_chaos(
     job: Job,
     view: LogView,
     sessions: Sessions,
-    worker_args: Callable[[int], list[str]],
+    worker_args: Callable[[int], list[str]] | None,
     kills: int,
     pause: tuple[float, float],
     delay: tuple[float, float],
     takeover_timeout: float,
 ) -> Chaos:
-    """``kills`` times: kill -9 a random worker (never the runner's last one: the runner stops
-    when all its own workers are gone), start a replacement ``headwater worker``, and wait until
-    every partition makes progress again.
+    """``kills`` times: kill -9 a random worker, start a replacement ``headwater worker`` (or,
+    with no ``worker_args``, let the runner start one in its place), and wait until every
+    partition makes progress again.
 
     Each kill happens mid-stream, ``delay`` seconds after the source has written a batch: while
     the workers process it, with outputs sent and offsets not committed yet (the moment a
@@ -913,7 +913,7 @@ def run_chaos(
             "slow the source down (PACE)"
         )
         own = worker_pids(runner.pid)
-        candidates = [(pid, "run") for pid in own] if len(own) > 1 else []
+        candidates = [(pid, "run") for pid in own]
         for replacement in chaos.replacements:
             candidates += [(pid, replacement.name) for pid in worker_pids(replacement.pid)]
         assert candidates, "no worker left to kill"
@@ -925,20 +925,30 @@ def run_chaos(
         wait_until(gone(victim), timeout=10, what=f"worker {victim} to die")
         since = committed_now(view, job)  # from now on only the new owners commit
 
-        name = f"worker-{round_ + 1}"
-        replacement = start(sessions, worker_args(round_ + 1), cwd=job.directory, name=name)
-        chaos.replacements.append(replacement)
-        wait_until(
-            has_workers(replacement, 1),
-            timeout=30,
-            what=f"the worker process of {name}",
-            watch=[runner, replacement],
-        )
+        watch = [runner]
+        if worker_args is None:
+            wait_until(
+                has_workers(runner, len(own)),
+                timeout=30,
+                what=f"the runner to start a worker in place of {victim}",
+                watch=watch,
+            )
+        else:
+            name = f"worker-{round_ + 1}"
+            replacement = start(sessions, worker_args(round_ + 1), cwd=job.directory, name=name)
+            chaos.replacements.append(replacement)
+            watch.append(replacement)
+            wait_until(
+                has_workers(replacement, 1),
+                timeout=30,
+                what=f"the worker process of {name}",
+                watch=watch,
+            )
         wait_until(
             progress_everywhere(view, job, since=since),
             timeout=takeover_timeout,
             what=f"progress on every partition after kill {round_ + 1} (worker {victim})",
-            watch=[runner, replacement],
+            watch=watch,
             interval=0.25,
         )
     return chaos
@@ -960,7 +970,7 @@ def finish_chaos(runner: Cli, job: Job, view: LogView, chaos: Chaos, sessions: S
 
     wait_for_output_to_settle(view, job)
     survivors = [r for r in chaos.replacements if r.running()]
-    assert survivors, "no replacement worker survived"
+    assert survivors or not chaos.replacements, "no replacement worker survived"
     for replacement in survivors:
         assert worker_pids(replacement.pid), f"{replacement.name} lost its worker"
     for replacement in survivors:
@@ -1028,6 +1038,71 @@ def test_chaos_embedded(tmp_path: Path, sessions: Sessions, guarantee: str) -> N
         takeover_timeout=20,
     )
     finish_chaos(runner, job, view, chaos, sessions)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_the_runner_alone_survives_kill_9_of_its_workers(
+    tmp_path: Path, sessions: Sessions
+) -> None:
+    """No hand-started replacements: ``headwater run --workers 3`` starts a new worker for each
+    one killed, and the run finishes exactly once (exactly-once: the output is the
+    input-only reference, each window once)."""
+    job = write_job(tmp_path, CHAOS_DATA, pace=0.12, guarantee="exactly_once")
+    data_dir = tmp_path / "log"
+    view = EmbeddedView(data_dir)
+    flags = ["--no-progress", "--data-dir", str(data_dir)]
+    runner = start(
+        sessions, ["run", str(job.module), "--workers", "3", *flags], cwd=tmp_path, name="run"
+    )
+    wait_until(has_workers(runner, 3), timeout=30, what="3 workers")
+    wait_until(
+        lambda: view.count(job.output_topic, 3) > 0,
+        timeout=30,
+        what="the first closed windows",
+        watch=[runner],
+    )
+    chaos = run_chaos(
+        runner=runner,
+        job=job,
+        view=view,
+        sessions=sessions,
+        worker_args=None,
+        kills=6,
+        pause=(0.3, 1.0),
+        delay=(0.01, 0.06),
+        takeover_timeout=20,
+    )
+    assert len(chaos.killed) == 6
+    finish_chaos(runner, job, view, chaos, sessions)
+    assert runner.stderr().count("started in place of worker") == 6, _tail(runner.stderr())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_workers_stop_when_their_runner_is_killed(tmp_path: Path, sessions: Sessions) -> None:
+    """kill -9 of the runner alone, one of its workers stuck (stopped with SIGSTOP, as one
+    stuck in a user function would not read its pipe): every worker dies with the runner (the
+    kernel's parent-death signal); none lives on as an orphan holding partitions."""
+    job = write_job(tmp_path, RESTART_DATA, pace=0.15)
+    data_dir = tmp_path / "log"
+    view = EmbeddedView(data_dir)
+    flags = ["--no-progress", "--data-dir", str(data_dir)]
+    runner = start(
+        sessions, ["run", str(job.module), "--workers", "3", *flags], cwd=tmp_path, name="run"
+    )
+    wait_until(has_workers(runner, 3), timeout=30, what="3 workers")
+    wait_until(
+        lambda: all(view.committed(job.group, job.repartition_topic, 6).values()),
+        timeout=30,
+        what="every partition to be counting",
+        watch=[runner],
+    )
+    workers = worker_pids(runner.pid)
+    os.kill(workers[0], signal.SIGSTOP)
+    os.kill(runner.pid, signal.SIGKILL)
+    for pid in workers:
+        wait_until(gone(pid), timeout=10, what=f"worker {pid} to stop after its runner died")
 
 
 # -- 2. kafka --------------------------------------------------------------------------------------
