@@ -8,11 +8,14 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import pytest
+
+from pipelines.runtime.runlock import run_lock
 
 TIMEOUT = 60.0
 
@@ -510,3 +513,47 @@ def test_without_restarts_a_crashing_worker_ends_the_run(tmp_path: Path) -> None
     assert "Traceback" not in result.stderr, result.stderr
     assert "worker 0 exited with status 3" in result.stderr, result.stderr
     assert "started in place" not in result.stderr, result.stderr
+
+
+# -- headwater run: one runner per pipeline and data directory -------------------------------
+
+FOLLOWING = """
+import connectors
+from pipelines import Pipeline, Topic
+
+pipeline = (
+    Pipeline("tail")
+    .source(connectors.JsonLines("in.jsonl", follow=True), into=Topic("lines", partitions=1))
+    .sink(connectors.JsonLinesSink("out.jsonl"))
+)
+"""
+
+
+def test_a_second_runner_of_a_running_pipeline_is_refused(tmp_path: Path) -> None:
+    write(tmp_path / "tail.py", FOLLOWING)
+    (tmp_path / "in.jsonl").write_text('{"n": 1}\n')
+    lock = tmp_path / ".headwater" / "runs" / "tail.lock"
+    first = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "run", "tail.py", "--no-progress"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (lock.exists() and lock.read_text().strip() == str(first.pid)):
+            assert first.poll() is None, "the first runner ended"
+            assert time.monotonic() < deadline, "the first runner never took its lock"
+            time.sleep(0.05)
+        second = headwater("run", "tail.py", cwd=tmp_path)
+        assert_user_error(
+            second,
+            "pipeline 'tail' is already running on data directory .headwater",
+            f"(runner pid {first.pid})",
+            "headwater worker",
+        )
+    finally:
+        first.kill()
+        first.wait()
+    with run_lock(tmp_path / ".headwater", "tail"):  # a killed runner's lock is free again
+        pass

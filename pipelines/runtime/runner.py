@@ -38,6 +38,7 @@ from pipelines.log.base import LogBackend
 from pipelines.runtime.engine import Sources, is_drained, lag, prepare_topics
 from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.progress import Progress, RunState
+from pipelines.runtime.runlock import run_lock
 from pipelines.runtime.topology import Topology, compile_pipeline
 from pipelines.runtime.worker import Worker, WorkerReport
 from pipelines.settings import KafkaSettings
@@ -149,7 +150,10 @@ def run(options: RunOptions) -> RunState:
     """Run the pipeline module ``options.spec`` to the end of its input (or until stopped)."""
     topology = options.compile()
     state = RunState(topology, options.backend, options.workers)
-    return asyncio.run(_run(options, topology, state))
+    if not options.sources or options.backend == "memory":
+        return asyncio.run(_run(options, topology, state))
+    with run_lock(options.data_dir, topology.pipeline.name):
+        return asyncio.run(_run(options, topology, state))
 
 
 async def _run(options: RunOptions, topology: Topology, state: RunState) -> RunState:
