@@ -557,3 +557,29 @@ def test_a_second_runner_of_a_running_pipeline_is_refused(tmp_path: Path) -> Non
         first.wait()
     with run_lock(tmp_path / ".headwater", "tail"):  # a killed runner's lock is free again
         pass
+
+
+# -- headwater run: damaged offsets on the embedded log ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "needles"),
+    [
+        (b"99999999", ["committed offset 99,999,999 on letters[0], beyond the partition's end"]),
+        (b"garbage", ["is damaged", "letters.0 holds b'garbage', not a number"]),
+    ],
+)
+def test_a_damaged_committed_offset_stops_the_run(
+    tmp_path: Path, content: bytes, needles: list[str]
+) -> None:
+    write(tmp_path / "letters.py", GOOD_MODULE)
+    assert headwater("run", "letters.py", "--no-progress", cwd=tmp_path).returncode == 0
+    offsets = tmp_path / ".headwater" / "groups" / "letters" / "offsets" / "letters.0"
+    assert int(offsets.read_bytes()) > 0
+    offsets.write_bytes(content)
+    result = headwater("run", "letters.py", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    text = " ".join(result.stderr.split())
+    for needle in needles:
+        assert needle in text, result.stderr

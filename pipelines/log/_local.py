@@ -18,7 +18,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 
-from pipelines.errors import LogError, TopicError
+from pipelines.errors import CorruptLogError, LogError, TopicError
 from pipelines.log.base import (
     Consumer,
     FetchedBatch,
@@ -267,6 +267,7 @@ class GroupConsumer(Consumer):
         if claimed:
             self._log.recover_transactions(self._group)
             committed = await self._log.committed_offsets(self._group, claimed)
+            _check_within(self._group, committed, await self._log.end_offsets(claimed))
             for tp in claimed:
                 self._positions[tp] = committed.get(tp, 0)
             await listener.on_assigned(frozenset(claimed))
@@ -292,6 +293,23 @@ class GroupConsumer(Consumer):
         self._positions.clear()
         self._membership.leave()
         self._membership = None
+
+
+def _check_within(
+    group: str, committed: Mapping[TopicPartition, int], ends: Mapping[TopicPartition, int]
+) -> None:
+    """Refuse a committed offset beyond its partition's end: reading on from there would skip
+    every record appended until the partition grows past it."""
+    for tp, offset in committed.items():
+        if offset > ends[tp]:
+            raise CorruptLogError(
+                f"group {group!r} committed offset {offset:,} on {tp}, beyond the partition's "
+                f"end ({ends[tp]:,} records): records were removed from the partition (a "
+                "truncated or replaced file) or its offsets file was changed. Headwater stops "
+                "rather than skip the records that come next; set the offset to resume from "
+                "(on the embedded log: the file groups/<group>/offsets/<topic>.<partition> of "
+                "the data directory)"
+            )
 
 
 async def sleep_until_appended(event: asyncio.Event, timeout: float) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import orjson
 
-from pipelines.errors import LogError, TopicError
+from pipelines.errors import CorruptLogError, LogError, TopicError
 from pipelines.log._commits import CommitRecord, pending_commits, read_commit, write_commit
 from pipelines.log._local import LocalLog, LocalTransaction, Membership, new_member_id
 from pipelines.log._partition_file import PartitionFile
@@ -197,8 +197,19 @@ class EmbeddedLog(LocalLog):
         found = {}
         for tp in partitions:
             path = offsets_dir / f"{tp.topic}.{tp.partition}"
-            with contextlib.suppress(FileNotFoundError):
-                found[tp] = int(path.read_bytes())
+            try:
+                text = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            try:
+                found[tp] = int(text)
+            except ValueError:
+                raise CorruptLogError(
+                    f"the committed offset of group {group!r} on {tp} is damaged: {path} holds "
+                    f"{text[:40]!r}, not a number. Headwater stops rather than guess where to "
+                    "go on; write the offset to resume from into that file, or delete it to "
+                    "read the partition again from its start"
+                ) from None
         return found
 
     def append(self, tp: TopicPartition, batch: RawBatch) -> None:
