@@ -23,6 +23,14 @@ that is incomplete or fails its checksum, and the next writer to take the lock v
 frame written since it last looked and cuts a torn tail off before appending. Acknowledged
 frames are in the page cache when ``append`` returns, so they survive ``kill -9`` of any
 process; ``fsync=True`` also makes them survive a machine crash.
+
+Torn or damaged: after each append the writer records the byte end of the acknowledged frames
+in a small file next to the partition (``<p>.end``). Bytes past that end that do not form whole,
+valid frames are a torn write: cut, with a warning. A frame that is incomplete or fails its
+checksum *below* that end is damage (a flipped length field makes everything after it look
+incomplete): the writer stops with :class:`~pipelines.errors.CorruptLogError` and cuts nothing,
+so intact records after the damage are never thrown away. Neither is a file shorter than its
+acknowledged end (records were removed).
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ _NO_KEYS = 1
 _HEADERS = 2
 _TXN = 4
 _TXN_MARK = struct.Struct("<QQ")
+_END = struct.Struct("<Q")  # the acknowledged end, in <p>.end
 
 
 @lru_cache(maxsize=256)
@@ -152,6 +161,7 @@ class PartitionFile:
         self.path = path
         self._fsync = fsync
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        self._end_fd = os.open(path.with_suffix(".end"), os.O_RDWR | os.O_CREAT, 0o644)
         # frames indexed so far: base offsets and file positions, in order
         self._bases: list[int] = []
         self._positions: list[int] = []
@@ -162,6 +172,7 @@ class PartitionFile:
 
     def close(self) -> None:
         os.close(self._fd)
+        os.close(self._end_fd)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -202,6 +213,11 @@ class PartitionFile:
         size = os.fstat(self._fd).st_size
         while self._indexed_end < size:
             frame = self._frame_at(self._indexed_end, size, locked=locked)
+            if frame is None and self._indexed_end < self._acknowledged_end():
+                # acknowledged, so whole by now: look again with the size now
+                frame = self._frame_at(self._indexed_end, os.fstat(self._fd).st_size, locked=True)
+                if frame is None:
+                    self._raise_damaged()
             if frame is None:
                 return  # incomplete (being written, or torn until the next writer cuts it)
             _, _, base, count, flags = _HEADER.unpack_from(frame)
@@ -271,6 +287,7 @@ class PartitionFile:
                 raise CorruptLogError(f"{self.path}: short write ({written} of {len(frame)} bytes)")
             if self._fsync:
                 os.fsync(self._fd)
+            os.pwrite(self._end_fd, _END.pack(self._indexed_end + len(frame)), 0)
             if txn is not None:
                 self._note_transaction(*txn)
             self._bases.append(base)
@@ -283,10 +300,32 @@ class PartitionFile:
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    def _acknowledged_end(self) -> int:
+        """The byte end of the frames appends have acknowledged (0 if never recorded)."""
+        raw = os.pread(self._end_fd, _END.size, 0)
+        return _END.unpack(raw)[0] if len(raw) == _END.size else 0
+
+    def _raise_damaged(self) -> None:
+        """The frames end before the acknowledged end: say where, cut nothing."""
+        acknowledged = self._acknowledged_end()
+        size = os.fstat(self._fd).st_size
+        if size < acknowledged:
+            damage = f"the file ends at byte {size:,}, before the end of its acknowledged records"
+        else:
+            damage = f"the frame at byte {self._indexed_end:,} is damaged (its length is wrong)"
+        raise CorruptLogError(
+            f"{self.path}: {damage}; records up to byte {acknowledged:,} were acknowledged to "
+            f"producers, and the readable ones end at offset {self._next_offset:,}. Nothing is "
+            "cut: restore the file from a copy, or move it aside to start the partition empty"
+        )
+
     def _recover_tail(self) -> None:
-        """Under the write lock: index what others appended and cut off a torn tail."""
+        """Under the write lock: index what others appended and cut off a torn tail, unless
+        what would be cut lies below the acknowledged end (damage, not a torn write)."""
         self._index_new_frames(locked=True)
         size = os.fstat(self._fd).st_size
+        if self._indexed_end < self._acknowledged_end():
+            self._raise_damaged()
         if size > self._indexed_end:
             log.warning(
                 "%s: cutting off %d bytes of a torn write at byte %d",

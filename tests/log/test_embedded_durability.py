@@ -549,3 +549,48 @@ async def test_a_corrupt_frame_inside_the_log_raises(tmp_path: Path) -> None:
     with pytest.raises(CorruptLogError):
         await reopened.read(tp, 0, 100)
     await reopened.close()
+
+
+DAMAGE = {
+    # the high byte of the middle frame's length: everything after it looks like one torn frame
+    "a flipped length in the middle": lambda data, frames: _flip(data, frames[1] + 3),
+    # a complete last frame whose payload no longer matches its checksum
+    "a bad checksum in the last frame": lambda data, frames: _flip(data, len(data) - 5),
+    # acknowledged bytes removed from the end of the file
+    "a truncated file": lambda data, frames: data[: len(data) - 20],
+}
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    changed = bytearray(data)
+    changed[at] ^= 0xFF
+    return bytes(changed)
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+async def test_damage_below_the_acknowledged_end_is_never_cut(tmp_path: Path, damage: str) -> None:
+    """Damage to acknowledged frames is not a torn write: the next writer stops with an error
+    that names the file and cuts nothing, so the intact records after it stay on disk."""
+    tp = TopicPartition("t", 0)
+    log = EmbeddedLog(tmp_path)
+    await log.create_topics([TopicSpec("t", 1)])
+    producer = log.producer()
+    for start, count in ((0, 3), (3, 4), (7, 5)):
+        await producer.send("t", 0, numbered(start, count))
+    await log.close()
+    path = tmp_path / "topics" / "t" / "0.log"
+    frames = [0, len(encode_frame(0, numbered(0, 3)))]
+    damaged = DAMAGE[damage](path.read_bytes(), frames)
+    path.write_bytes(damaged)
+
+    reader = EmbeddedLog(tmp_path)
+    with pytest.raises(CorruptLogError):  # not a shorter partition that looks fine
+        await reader.end_offsets([tp])
+    await reader.close()
+    writer = EmbeddedLog(tmp_path)
+    with pytest.raises(CorruptLogError) as caught:
+        await writer.producer().send("t", 0, numbered(12, 2))
+    await writer.close()
+    assert str(path) in str(caught.value)
+    assert "Nothing is cut" in str(caught.value)
+    assert path.read_bytes() == damaged
