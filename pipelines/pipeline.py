@@ -13,8 +13,11 @@ is the step just added, so a chain reads top to bottom::
 
 Each step has a ``step_id`` unique in the pipeline; it names the step in metrics and errors and
 names the internal topics a step owns (``key_by`` repartitions through ``<pipeline>.<step>``),
-so it must keep its meaning across deployments. Mistakes in the graph raise
-:class:`~pipelines.errors.PipelineDefinitionError` naming the step, when it is declared.
+so it must keep its meaning across deployments. Every topic the pipeline names itself lives
+under the prefix ``<pipeline>.`` (see :attr:`Pipeline.internal_prefix`), which the topics it is
+given may not use. Mistakes in the graph raise :class:`~pipelines.errors.PipelineDefinitionError`
+naming the step, when it is declared (or, for those only the whole graph shows, when it is
+compiled).
 """
 
 from __future__ import annotations
@@ -140,6 +143,14 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, steps={[s.step_id for s in self.steps]})"
+
+    @property
+    def internal_prefix(self) -> str:
+        """``<pipeline>.``: the prefix of every topic the pipeline names itself (its ``key_by``
+        topics, dead letters, source positions, changelogs and late-data topics). A topic the
+        pipeline is given (a source's ``into``, a ``LogTopic``, a table) may not start with it:
+        ``compile_pipeline`` refuses one that does."""
+        return f"{self.name}."
 
     @property
     def tail(self) -> Port | None:
@@ -310,7 +321,7 @@ class Pipeline:
         _check_callable(step_id, fn)
         tail = self._require_tail(step_id)
         topic = Topic(
-            f"{self.name}.{step_id}",
+            f"{self.internal_prefix}{step_id}",
             partitions=partitions or self._partitions_at(tail),
             value=value or self._value_serde_at(tail),
             key=key,
@@ -841,7 +852,7 @@ class Pipeline:
     def dead_letter_topic(self) -> Topic:
         """Where records go that fail under the ``DEAD_LETTER`` policy: original bytes, and the
         error, step and source position in headers."""
-        return Topic(f"{self.name}.dead-letters", value=bytes, key=bytes)
+        return Topic(f"{self.internal_prefix}dead-letters", value=bytes, key=bytes)
 
 
 def _check_how(step_id: str, how: str) -> None:

@@ -12,7 +12,38 @@ from pipelines.serde import Json, Serde, Str, serde_for
 
 __all__ = ["Topic"]
 
-_NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+_MAX_NAME = 200
+"""Kafka takes 249 characters; the embedded log keeps room for the suffixes it adds to a topic's
+name in file names (``<topic>.<partition>``, temporary copies)."""
+_REFUSED = re.compile(r"[^A-Za-z0-9._-]")
+_CHARACTERS = "ASCII letters, digits, '.', '_' or '-'"
+
+
+def _check_name(name: str) -> None:
+    """Refuse a topic name that Kafka or the embedded log cannot take, saying why."""
+    if not isinstance(name, str):
+        raise PipelineDefinitionError(
+            f"topic name must be a string, got {type(name).__name__} {name!r}"
+        )
+    if not name:
+        raise PipelineDefinitionError(
+            f"topic name is empty: give the topic 1-{_MAX_NAME} {_CHARACTERS}"
+        )
+    if name in (".", ".."):
+        raise PipelineDefinitionError(
+            f"topic name {name!r} is refused by Kafka (and names a directory, not a topic, in "
+            "the embedded log): use a name with a letter, digit, '_' or '-' in it"
+        )
+    if len(name) > _MAX_NAME:
+        raise PipelineDefinitionError(
+            f"topic name {name[:40]!r}... is {len(name)} characters long: use at most {_MAX_NAME}"
+        )
+    refused = sorted(set(_REFUSED.findall(name)))
+    if refused:
+        raise PipelineDefinitionError(
+            f"topic name {name!r} has characters Kafka refuses in topic names "
+            f"({', '.join(map(repr, refused))}): use only {_CHARACTERS}"
+        )
 
 
 class Topic:
@@ -48,10 +79,7 @@ class Topic:
         retention_ms: int | None = None,
         time: Callable[[Any], Any] | None = None,
     ) -> None:
-        if not _NAME.fullmatch(name):
-            raise PipelineDefinitionError(
-                f"topic name {name!r} must be 1-200 letters, digits, '.', '_' or '-'"
-            )
+        _check_name(name)
         if not isinstance(partitions, int) or partitions < 1:
             raise PipelineDefinitionError(
                 f"topic {name!r} needs a positive number of partitions, got {partitions!r}"

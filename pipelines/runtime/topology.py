@@ -92,7 +92,7 @@ class Topology:
     @property
     def positions_topic(self) -> Topic:
         """Where source steps keep their positions (key: step id, value: JSON position)."""
-        return Topic(f"{self.pipeline.name}.source-positions", compacted=True, value=dict)
+        return Topic(f"{self.pipeline.internal_prefix}source-positions", compacted=True, value=dict)
 
 
 def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topology:
@@ -100,6 +100,7 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
     steps = pipeline.steps
     if not any(s.kind in ("source", "read") for s in steps):
         raise PipelineDefinitionError(f"pipeline {pipeline.name!r} has no source")
+    _check_given_topics(pipeline)
     children: dict[Port, list[Step]] = defaultdict(list)
     for step in steps:
         for port in step.inputs:
@@ -154,7 +155,7 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
             )
 
     changelogs = {
-        step.step_id: _changelog(f"{pipeline.name}.{step.step_id}", sub)
+        step.step_id: _changelog(f"{pipeline.internal_prefix}{step.step_id}", sub)
         for sub in subs.values()
         for step in sub.steps
         if step.stateful and sub.topics
@@ -164,12 +165,14 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
     _check_stamped([s for s in subs.values() if s.index in stamped], writers, stamps)
     idles = [s.idle_ms for s in steps if s.idle_ms is not None]
     late_topics = {
-        step.step_id: Topic(f"{pipeline.name}.{step.step_id}.late", key=bytes, value=bytes)
+        step.step_id: Topic(
+            f"{pipeline.internal_prefix}{step.step_id}.late", key=bytes, value=bytes
+        )
         for step in steps
         if step.windowed or step.join == "stream"
     }
     marks_changelogs = {
-        sub.index: _changelog(f"{pipeline.name}.marks-{sub.index}", sub)
+        sub.index: _changelog(f"{pipeline.internal_prefix}marks-{sub.index}", sub)
         for sub in subs.values()
         if sub.topics
     }
@@ -198,6 +201,59 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
         stamped=frozenset(stamped),
         idle_ms=min(idles, default=10_000),
     )
+
+
+def _check_given_topics(pipeline: Pipeline) -> None:
+    """Refuse a topic given to the pipeline whose name starts with its internal prefix, where
+    the topics it names itself live: read back, its dead letters would loop forever; written
+    to, a ``key_by`` topic would hold records its key function never saw, and a source's
+    positions would reach a sink; and any such name may be one the pipeline takes tomorrow."""
+    prefix = pipeline.internal_prefix
+    for step, topic in _given_topics(pipeline):
+        if not topic.name.startswith(prefix):
+            continue
+        suffix = topic.name.removeprefix(prefix)
+        raise PipelineDefinitionError(
+            f"topic {topic.name!r} {_internal_use(pipeline, suffix)}: names starting with "
+            f"{prefix!r} are reserved for the topics the pipeline makes itself (key_by topics, "
+            "dead letters, source positions, changelogs, late data); give this topic a name "
+            f"outside that prefix, e.g. {pipeline.name + '-' + suffix!r} (a pipeline of another "
+            "name may read these topics)",
+            step=step.step_id,
+        )
+
+
+def _given_topics(pipeline: Pipeline) -> list[tuple[Step, Topic]]:
+    """Each topic the pipeline was given, with the step that declares it: a source's ``into``,
+    a ``LogTopic`` read or written, a ``join_table`` table. The reader a join adds for its
+    table is left to the join, and a table that is one of the pipeline's ``key_by`` topics
+    (the join then reads it where the ``key_by`` writes it) is no given topic."""
+    tables = [(s.step_id, s.inputs[1][0]) for s in pipeline.steps if s.join == "table"]
+    readers = {reader for join, reader in tables if reader == f"{join}.table"}
+    given = []
+    for step in pipeline.steps:
+        if step.topic is None or step.kind == "key_by" or step.step_id in readers:
+            continue
+        if step.join == "table" and pipeline.step(step.inputs[1][0]).kind == "key_by":
+            continue
+        given.append((step, step.topic))
+    return given
+
+
+def _internal_use(pipeline: Pipeline, suffix: str) -> str:
+    """What the topic ``<pipeline>.<suffix>`` is to the pipeline, as far as its name says."""
+    name = pipeline.name
+    if any(s.kind == "key_by" and s.step_id == suffix for s in pipeline.steps):
+        return f"is the topic key_by {suffix!r} of pipeline {name!r} repartitions through"
+    if suffix == "dead-letters":
+        return f"is the dead-letter topic of pipeline {name!r}"
+    if suffix == "source-positions":
+        return f"is where the sources of pipeline {name!r} keep their positions"
+    if suffix.endswith(".changelog"):
+        return f"is named like a state changelog of pipeline {name!r}"
+    if suffix.endswith(".late"):
+        return f"is named like a late-data topic of pipeline {name!r}"
+    return f"is named in the internal namespace of pipeline {name!r}"
 
 
 def _changelog(prefix: str, sub: SubTopology) -> Topic:
