@@ -50,6 +50,7 @@ from pipelines.topic import Topic
 __all__ = ["StepStats", "Task", "error_headers"]
 
 _MARKS_KEY = ("marks",)
+_SENT_KEY = ("sent",)  # the mark of the markers last written, with the marks they follow
 
 
 @dataclass(slots=True)
@@ -177,6 +178,7 @@ class Task:
         self._writer_id = f"{sub.index}.{partition}"
         self._marked = topology.marked.get(sub.index, [])
         self._sent = NO_WATERMARK  # the mark last written to the internal topics
+        self._saved_sent = NO_WATERMARK
         self._saved_marks: dict[str, list[object]] = {}
         self._stamped = sub.index in topology.stamped
         self._writers = writers
@@ -209,8 +211,10 @@ class Task:
         for tp in self.positions:
             self.positions[tp] = committed.get(tp, 0)
         await self.state.restore(log, committed)
-        self.marks.load(self.state.stores[MARKS_STORE].get(_MARKS_KEY))
+        store = self.state.stores[MARKS_STORE]
+        self.marks.load(store.get(_MARKS_KEY))
         self._saved_marks = self.marks.dump()
+        self._sent = self._saved_sent = store.get(_SENT_KEY, NO_WATERMARK)
         self.advance(idle=False)
 
     def close(self) -> None:
@@ -247,21 +251,28 @@ class Task:
         internal topics it writes, if the mark moved since the last, and keep what the task
         knows of its inputs in its state, if that changed.
 
-        ``handing_over`` (the task's partitions are revoked, or the worker stops): no markers.
-        The next owner restores the marks kept here and writes their markers at its first
-        checkpoint, as it must anyway (under at-least-once the markers of the last checkpoint
-        may be lost while the state that says they were sent is not); written here as well,
-        they would be read by nobody at the end of a run and count as lag."""
+        The mark of the markers written is kept too: a restore applies only state whose
+        checkpoint committed, and a checkpoint commits after its markers are on the log (in its
+        transaction, under exactly-once), so the next owner writes markers only for a mark they
+        do not carry yet, never again for one the downstream tasks have (unread, those would
+        count as lag at the end of a run).
+
+        ``handing_over`` (the task's partitions are revoked, or the worker stops): no markers;
+        the next owner writes them at its first checkpoint."""
         if self._marked and not handing_over and self.mark not in (NO_WATERMARK, self._sent):
             marker = marker_batch(self._writer_id, self.mark, now_ms)
             for topic in self._marked:
                 for partition in range(topic.partitions):
                     self.outbox.add_to_partition(topic.name, partition, marker)
             self._sent = self.mark
+        store = self.state.stores[MARKS_STORE]
         marks = self.marks.dump()
         if marks != self._saved_marks:
-            self.state.stores[MARKS_STORE].put(_MARKS_KEY, marks)
+            store.put(_MARKS_KEY, marks)
             self._saved_marks = marks
+        if self._sent != self._saved_sent:
+            store.put(_SENT_KEY, self._sent)
+            self._saved_sent = self._sent
 
     def process(self, fetched: FetchedBatch) -> None:
         """Run one fetched batch through the sub-topology."""

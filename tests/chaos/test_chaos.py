@@ -2,8 +2,9 @@
 workers are killed with ``kill -9``, replaced, added and stopped, and after everything is killed
 at once.
 
-1. ``test_chaos_embedded[guarantee]``: ``headwater run --workers 3`` on the embedded log; 6
-   times a random worker is killed and a ``headwater worker`` replaces it;
+1. ``test_chaos_embedded[guarantee-replaced_by]``: ``headwater run --workers 3`` on the
+   embedded log; 6 times a random worker is killed and a ``headwater worker`` replaces it (or
+   only the runner, which starts a new worker in place of each one killed);
 2. ``test_chaos_kafka[guarantee]``: the same on the Kafka broker, 5 kills;
 3. ``test_restart_after_killing_everything[guarantee]``: the runner and its workers killed at
    once, then the same command again: it goes on from the committed positions and state;
@@ -1009,8 +1010,20 @@ GUARANTEES = pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_onc
 
 @pytest.mark.slow
 @pytest.mark.timeout(150)
-@GUARANTEES
-def test_chaos_embedded(tmp_path: Path, sessions: Sessions, guarantee: str) -> None:
+@pytest.mark.parametrize(
+    ("guarantee", "replaced_by"),
+    [
+        ("at_least_once", "headwater worker"),
+        ("exactly_once", "headwater worker"),
+        ("exactly_once", "the runner"),
+    ],
+)
+def test_chaos_embedded(
+    tmp_path: Path, sessions: Sessions, guarantee: str, replaced_by: str
+) -> None:
+    """6 kill -9 of random workers of ``headwater run --workers 3``, each replaced by a
+    hand-started ``headwater worker`` or only by the runner itself (which starts a new worker
+    in place of each one killed)."""
     # while the gate is closed the source writes 1,000 events every 0.12 s: 24 s for all
     job = write_job(tmp_path, CHAOS_DATA, pace=0.12, guarantee=guarantee)
     data_dir = tmp_path / "log"
@@ -1026,56 +1039,25 @@ def test_chaos_embedded(tmp_path: Path, sessions: Sessions, guarantee: str) -> N
         what="the first closed windows",
         watch=[runner],
     )
+    by_hand = replaced_by == "headwater worker"
     chaos = run_chaos(
         runner=runner,
         job=job,
         view=view,
         sessions=sessions,
-        worker_args=lambda i: ["worker", str(job.module), "--backend", "embedded", *flags],
+        worker_args=(
+            (lambda i: ["worker", str(job.module), "--backend", "embedded", *flags])
+            if by_hand
+            else None
+        ),
         kills=6,
         pause=(0.3, 1.2),
         delay=(0.01, 0.06),
         takeover_timeout=20,
     )
     finish_chaos(runner, job, view, chaos, sessions)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(150)
-def test_the_runner_alone_survives_kill_9_of_its_workers(
-    tmp_path: Path, sessions: Sessions
-) -> None:
-    """No hand-started replacements: ``headwater run --workers 3`` starts a new worker for each
-    one killed, and the run finishes exactly once (exactly-once: the output is the
-    input-only reference, each window once)."""
-    job = write_job(tmp_path, CHAOS_DATA, pace=0.12, guarantee="exactly_once")
-    data_dir = tmp_path / "log"
-    view = EmbeddedView(data_dir)
-    flags = ["--no-progress", "--data-dir", str(data_dir)]
-    runner = start(
-        sessions, ["run", str(job.module), "--workers", "3", *flags], cwd=tmp_path, name="run"
-    )
-    wait_until(has_workers(runner, 3), timeout=30, what="3 workers")
-    wait_until(
-        lambda: view.count(job.output_topic, 3) > 0,
-        timeout=30,
-        what="the first closed windows",
-        watch=[runner],
-    )
-    chaos = run_chaos(
-        runner=runner,
-        job=job,
-        view=view,
-        sessions=sessions,
-        worker_args=None,
-        kills=6,
-        pause=(0.3, 1.0),
-        delay=(0.01, 0.06),
-        takeover_timeout=20,
-    )
-    assert len(chaos.killed) == 6
-    finish_chaos(runner, job, view, chaos, sessions)
-    assert runner.stderr().count("started in place of worker") == 6, _tail(runner.stderr())
+    if not by_hand:
+        assert runner.stderr().count("started in place of worker") == 6, _tail(runner.stderr())
 
 
 @pytest.mark.slow

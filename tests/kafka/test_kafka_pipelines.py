@@ -739,7 +739,7 @@ def test_kill_9_of_a_worker_then_a_new_worker_joins_and_nothing_is_lost(
     gated = write_gated(tmp_path, kafka_names)
     group = Group(kafka, gated.name, gated.input_topic)
     late_client = kafka_names("late-worker")
-    run_args = ["run", str(gated.module), "--workers", "3", "--no-progress"]
+    run_args = ["run", str(gated.module), "--workers", "3", "--no-progress", "--restart", "never"]
     with headwater(run_args + kafka_flags(kafka), cwd=tmp_path, name="run") as runner:
         wait_until(
             lambda: len(worker_pids(runner.pid)) == 3, timeout=30, what="3 workers", watch=[runner]
