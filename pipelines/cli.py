@@ -32,6 +32,7 @@ from pipelines.log import BACKENDS, open_log
 from pipelines.log.base import FetchedBatch, TopicPartition
 from pipelines.runtime.progress import RunState
 from pipelines.runtime.runner import RunOptions, quiet_clients, run
+from pipelines.runtime.watchdog import STALL_AFTER
 from pipelines.runtime.watermarks import split_markers
 from pipelines.settings import KafkaSettings
 
@@ -123,6 +124,14 @@ def _parser() -> argparse.ArgumentParser:
             metavar="N",
             help="restarts allowed within a minute before the run fails (default 10)",
         )
+        command.add_argument(
+            "--stall-after",
+            type=float,
+            default=STALL_AFTER,
+            metavar="SECONDS",
+            help="report a step that has not returned for this long, with where it is "
+            f"(default {STALL_AFTER:g})",
+        )
     _log_arguments(run_cmd, BACKENDS)
     _log_arguments(worker_cmd, ("kafka", "embedded"))
 
@@ -164,6 +173,8 @@ def _run(args: argparse.Namespace) -> int:
         raise PipelineError(f"--workers must be at least 1, not {args.workers}")
     if args.max_restarts < 0:
         raise PipelineError(f"--max-restarts must be at least 0, not {args.max_restarts}")
+    if not args.stall_after > 0:
+        raise PipelineError(f"--stall-after must be a positive number, not {args.stall_after}")
     options = RunOptions(
         spec=args.module,
         workers=args.workers,
@@ -174,6 +185,7 @@ def _run(args: argparse.Namespace) -> int:
         sources=args.command == "run",
         restart=args.restart,
         restart_limit=args.max_restarts,
+        stall_after=args.stall_after,
     )
     state = run(options)
     _summary(state)

@@ -50,6 +50,7 @@ from operators.stateless import Filter, FlatMap, KeyBy, Map, Peek
 from operators.windowed import EmitMode, WindowedAggregate
 from operators.windows import Windows
 from pipelines.errors import ErrorPolicy, PipelineDefinitionError
+from pipelines.runtime.watchdog import with_timeout
 from pipelines.serde import Json, Model, Serde
 from pipelines.topic import Topic
 
@@ -264,10 +265,17 @@ class Pipeline:
         return self._with(step)
 
     def map(
-        self, step_id: str, fn: Callable[[Any], Any], *, on_error: ErrorPolicy | None = None
+        self,
+        step_id: str,
+        fn: Callable[[Any], Any],
+        *,
+        on_error: ErrorPolicy | None = None,
+        timeout: float | None = None,
     ) -> Pipeline:
-        """Replace each value with ``fn(value)``."""
-        _check_callable(step_id, fn)
+        """Replace each value with ``fn(value)``. ``timeout``: seconds one call may take
+        before it fails with :class:`~pipelines.runtime.watchdog.StepTimeout`, routed by the
+        error policy (see :func:`~pipelines.runtime.watchdog.with_timeout`)."""
+        fn = _bounded(step_id, fn, timeout)
         return self._operator(step_id, lambda: Map(step_id, fn), on_error, transforms=True)
 
     def filter(
@@ -276,9 +284,11 @@ class Pipeline:
         predicate: Callable[[Any], object],
         *,
         on_error: ErrorPolicy | None = None,
+        timeout: float | None = None,
     ) -> Pipeline:
-        """Keep the records for which ``predicate(value)`` is true."""
-        _check_callable(step_id, predicate)
+        """Keep the records for which ``predicate(value)`` is true (``timeout`` as for
+        :meth:`map`)."""
+        predicate = _bounded(step_id, predicate, timeout)
         return self._operator(step_id, lambda: Filter(step_id, predicate), on_error)
 
     def flat_map(
@@ -287,16 +297,24 @@ class Pipeline:
         fn: Callable[[Any], Iterable[Any]],
         *,
         on_error: ErrorPolicy | None = None,
+        timeout: float | None = None,
     ) -> Pipeline:
-        """Replace each value with every value of ``fn(value)`` (none, one or many)."""
-        _check_callable(step_id, fn)
+        """Replace each value with every value of ``fn(value)`` (none, one or many;
+        ``timeout`` as for :meth:`map`, bounding the call, not the iteration)."""
+        fn = _bounded(step_id, fn, timeout)
         return self._operator(step_id, lambda: FlatMap(step_id, fn), on_error, transforms=True)
 
     def peek(
-        self, step_id: str, fn: Callable[[Any], object], *, on_error: ErrorPolicy | None = None
+        self,
+        step_id: str,
+        fn: Callable[[Any], object],
+        *,
+        on_error: ErrorPolicy | None = None,
+        timeout: float | None = None,
     ) -> Pipeline:
-        """Call ``fn(value)`` for its side effect; records pass unchanged."""
-        _check_callable(step_id, fn)
+        """Call ``fn(value)`` for its side effect; records pass unchanged (``timeout`` as for
+        :meth:`map`)."""
+        fn = _bounded(step_id, fn, timeout)
         return self._operator(step_id, lambda: Peek(step_id, fn), on_error)
 
     def key_by(
@@ -910,6 +928,19 @@ def _keeps_values(step: Step) -> bool:
         and step.join is None
         and len(step.inputs) == 1
     )
+
+
+def _bounded(step_id: str, fn: Callable[[Any], Any], timeout: float | None) -> Any:
+    """``fn``, checked, with each call limited to ``timeout`` seconds if one is given."""
+    _check_callable(step_id, fn)
+    if timeout is None:
+        return fn
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise PipelineDefinitionError(
+            f"step {step_id!r}: timeout must be a positive number of seconds, not {timeout!r}",
+            step=step_id,
+        )
+    return with_timeout(fn, float(timeout))
 
 
 def _check_callable(step_id: str, fn: object) -> None:

@@ -39,6 +39,8 @@ class RunState:
     notes: list[str] = field(default_factory=list)
     stopped_by: int | None = None
     """The signal that stopped the run before its input was processed, if one did."""
+    forced: bool = False
+    """Stopped a second time: the workers were killed without waiting for their checkpoint."""
     started: float = field(default_factory=time.monotonic)
     _rate_mark: tuple[float, int] = (0.0, 0)
     rate: float = 0.0

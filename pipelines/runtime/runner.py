@@ -25,13 +25,16 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
+from types import FrameType
 
-from pipelines.errors import PipelineError
+from pipelines.errors import LogError, PipelineError
 from pipelines.loader import load_pipeline
 from pipelines.log import open_log
 from pipelines.log.base import LogBackend
@@ -40,6 +43,7 @@ from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.progress import Progress, RunState
 from pipelines.runtime.runlock import run_lock
 from pipelines.runtime.topology import Topology, compile_pipeline
+from pipelines.runtime.watchdog import STALL_AFTER, Abandoned, Watchdog, WorkerNote, activity
 from pipelines.runtime.worker import Worker, WorkerReport
 from pipelines.settings import KafkaSettings
 
@@ -69,6 +73,8 @@ class RunOptions:
     one that stopped on a pipeline error, which would only repeat it); ``never``."""
     restart_limit: int = 10
     """Restarts allowed within a minute; one more ends the run."""
+    stall_after: float = STALL_AFTER
+    """Seconds a step may run on one batch before the run reports it as stalled."""
 
     @property
     def state_dir(self) -> Path | None:
@@ -101,11 +107,24 @@ def worker_main(options: RunOptions, index: int, channel: Connection, parent: in
     # a worker allocates a dict or two per record and keeps few of them: collecting young
     # objects every 700 allocations cost 9% of at-least-once CPU (18% under exactly-once)
     gc.set_threshold(50_000, 20, 20)
+    send = _serialised(channel)
     try:
-        asyncio.run(_work(options, options.compile(), index, channel))
+        asyncio.run(_work(options, options.compile(), index, send))
     except PipelineError as error:
-        channel.send(WorkerReport(index, {}, [], 0, done=True, error=str(error)))
+        retriable = isinstance(error, LogError) and error.retriable
+        send(WorkerReport(index, {}, [], 0, done=True, error=str(error), retriable=retriable))
         raise SystemExit(1) from None
+
+
+def _serialised(channel: Connection) -> Callable[[object], None]:
+    """``channel.send`` for two threads (the worker's and its watchdog's)."""
+    lock = threading.Lock()
+
+    def send(message: object) -> None:
+        with lock:
+            channel.send(message)
+
+    return send
 
 
 def _stop_with(parent: int) -> None:
@@ -122,16 +141,43 @@ def _stop_with(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-async def _work(options: RunOptions, topology: Topology, index: int, channel: Connection) -> None:
+async def _work(
+    options: RunOptions, topology: Topology, index: int, send: Callable[[object], None]
+) -> None:
     log = options.open_log()
-    worker = Worker(topology, log, index=index, report=channel.send, state_dir=options.state_dir)
+    worker = Worker(topology, log, index=index, report=send, state_dir=options.state_dir)
+    watchdog = Watchdog(index, send, stall_after=options.stall_after)
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, worker.stop.set)
+    signals = 0
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        # a plain handler, not the loop's: it runs even while a user function holds the
+        # thread, and a second SIGTERM abandons a stuck step at once
+        nonlocal signals
+        signals += 1
+        watchdog.stopping()
+        loop.call_soon_threadsafe(worker.stop.set)
+        if signals > 1 and activity.step is not None:
+            raise Abandoned(f"stopped in step {activity.step!r}, on {activity.where()}")
+
+    # Ctrl-C reaches every process of the terminal's group: the runner alone answers it (it
+    # stops the workers with SIGTERM, or kills them on a second Ctrl-C)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, stop)
+    watchdog.start()
     try:
         await worker.run()
     finally:
+        watchdog.close()
         await log.close()
+    if worker.abandoned is not None:
+        send(
+            WorkerNote(
+                index,
+                f"worker {index} {worker.abandoned}: it left without committing what it did "
+                "since its last checkpoint, which is processed again when the pipeline runs",
+            )
+        )
 
 
 @dataclass
@@ -162,6 +208,8 @@ async def _run(options: RunOptions, topology: Topology, state: RunState) -> RunS
     loop = asyncio.get_running_loop()
 
     def interrupted(signum: int) -> None:
+        if stop.is_set():  # the second Ctrl-C: no more waiting
+            state.forced = True
         state.stopped_by = signum
         stop.set()
 
@@ -307,9 +355,20 @@ def _collect_reports(
     for worker in workers:
         try:
             while not worker.gone and worker.channel.poll():
-                report: WorkerReport = worker.channel.recv()
+                report = worker.channel.recv()
+                if isinstance(report, WorkerNote):
+                    progress.note(report.message)
+                    continue
+                if report.error is not None and report.worker in state.reports:
+                    # a worker's last words carry no counts: keep those it reported before
+                    last = state.reports[report.worker]
+                    report.steps, report.records = last.steps, last.records
                 state.reports[report.worker] = report
-                if report.error is not None:
+                if report.error is not None and report.retriable and restart:
+                    progress.note(
+                        f"worker {worker.index} stopped on a transient error: {report.error}"
+                    )
+                elif report.error is not None:
                     raise RunFailed(f"worker {worker.index} stopped: {report.error}")
         except (EOFError, OSError):
             worker.gone = True
@@ -335,6 +394,14 @@ async def _stop_workers(workers: list[_WorkerProcess], state: RunState, progress
             worker.process.terminate()  # SIGTERM: finish the batch, commit, leave
     deadline = asyncio.get_running_loop().time() + _STOP_GRACE
     while any(w.process.is_alive() for w in workers):
+        if state.forced:
+            progress.note(
+                "stopped at once: the workers were killed; what they did since their last "
+                "checkpoint is processed again when the pipeline runs next"
+            )
+            for worker in workers:
+                worker.process.kill()
+            break
         if asyncio.get_running_loop().time() > deadline:
             for worker in workers:
                 if worker.process.is_alive():
@@ -342,12 +409,20 @@ async def _stop_workers(workers: list[_WorkerProcess], state: RunState, progress
                     worker.process.kill()
             break
         for worker in workers:
-            try:
-                while worker.channel.poll():
-                    report: WorkerReport = worker.channel.recv()
-                    state.reports[report.worker] = report
-            except (EOFError, OSError):
-                pass
+            _drain(worker, state, progress)
         await asyncio.sleep(0.05)
     for worker in workers:
         worker.process.join(timeout=5)
+
+
+def _drain(worker: _WorkerProcess, state: RunState, progress: Progress) -> None:
+    """Take in what a stopping worker has sent."""
+    try:
+        while worker.channel.poll():
+            report = worker.channel.recv()
+            if isinstance(report, WorkerNote):
+                progress.note(report.message)
+            else:
+                state.reports[report.worker] = report
+    except (EOFError, OSError):
+        pass

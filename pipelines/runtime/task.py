@@ -33,6 +33,7 @@ from pipelines.record import Headers
 from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.state import TaskState
 from pipelines.runtime.topology import SubTopology, Topology
+from pipelines.runtime.watchdog import activity
 from pipelines.runtime.watermarks import (
     END_OF_TIME,
     MARKS_STORE,
@@ -239,11 +240,15 @@ class Task:
         tp = next(iter(self.positions))
         nothing = FetchedBatch(tp.topic, tp.partition, RawBatch([], [], []), [], -1)
         empty = Batch([], [], [], [], nothing)
-        for step_id, operator in self._operators.items():
-            out = operator.on_watermark(mark, empty)
-            if len(out):
-                self._contexts[step_id].stats.records_out += len(out)
-                self._emit((step_id, OUT), out)
+        try:
+            for step_id, operator in self._operators.items():
+                activity.enter(step_id)
+                out = operator.on_watermark(mark, empty)
+                if len(out):
+                    self._contexts[step_id].stats.records_out += len(out)
+                    self._emit((step_id, OUT), out)
+        finally:
+            activity.idle()
         return True
 
     def checkpoint_marks(self, now_ms: int, *, handing_over: bool = False) -> None:
@@ -277,6 +282,7 @@ class Task:
     def process(self, fetched: FetchedBatch) -> None:
         """Run one fetched batch through the sub-topology."""
         tp = fetched.topic_partition
+        activity.reading(tp, self.positions[tp], fetched.next_offset - 1)
         self.positions[tp] = fetched.next_offset
         if is_marker_batch(fetched.records):
             # the records first: a batch ends with the markers written after them
@@ -302,7 +308,10 @@ class Task:
             self.marks.observe(tp, batch.timestamps)
         if entry.kind != "key_by":
             ctx.stats.records_out += len(batch)
-        self._emit((entry.step_id, OUT), batch)
+        try:
+            self._emit((entry.step_id, OUT), batch)
+        finally:
+            activity.idle()
 
     def _decode(self, ctx: _StepContext, entry: Step, fetched: FetchedBatch) -> Batch:
         topic = entry.topic
@@ -334,6 +343,7 @@ class Task:
 
     def _run(self, step: Step, batch: Batch, port: Port) -> None:
         """Run ``batch``, arriving from ``port``, through ``step``."""
+        activity.enter(step.step_id)
         stats = self._contexts[step.step_id].stats
         stats.records_in += len(batch)
         if step.kind == "sink":

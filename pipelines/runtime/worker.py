@@ -25,7 +25,9 @@ what no transaction committed, and nothing written to the log twice is ever visi
 outside the log (files, stdout) stay at-least-once.
 
 Stopping (``stop`` is set, e.g. on SIGTERM) finishes the batch in hand, checkpoints, revokes and
-leaves the group.
+leaves the group. A step stuck in a user function when the worker is told to stop is interrupted
+(:mod:`pipelines.runtime.watchdog`): the worker then leaves without a checkpoint, and what it did
+since the last one is processed again by the partitions' next owner.
 
 Rebalance callbacks run inside ``poll`` on the local backends but in aiokafka's coordinator task
 on Kafka, so a lock makes a callback wait until the batch in hand is processed, sent and
@@ -48,6 +50,7 @@ from pipelines.log.base import FetchedBatch, LogBackend, TopicPartition, Transac
 from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.task import StepStats, Task
 from pipelines.runtime.topology import Topology
+from pipelines.runtime.watchdog import Abandoned
 from pipelines.runtime.watermarks import Clock, SystemClock
 
 __all__ = ["Worker", "WorkerReport"]
@@ -75,6 +78,8 @@ class WorkerReport:
     """Results waiting for time to pass (open windows) in this worker's tasks."""
     done: bool = False
     error: str | None = None
+    retriable: bool = False
+    """The error is transient (a log that did not answer): a restart may get past it."""
     at: float = field(default_factory=time.time)
 
 
@@ -114,6 +119,9 @@ class Worker:
         self._fenced: set[TopicPartition] = set()  # of dropped zombie tasks, until a rebalance
         self._records = 0
         self._lock = asyncio.Lock()
+        self.abandoned: str | None = None
+        """Why the worker left without its last checkpoint (told to stop while a step was
+        stuck; see :mod:`pipelines.runtime.watchdog`), if it did."""
 
     async def run(self) -> None:
         """Consume until :attr:`stop` is set; then checkpoint and leave the group."""
@@ -151,6 +159,8 @@ class Worker:
                 # a local poll that finds data never suspends: yield once per batch so signal
                 # handlers, other workers and sources on this loop, and client heartbeats run
                 await asyncio.sleep(0)
+        except Abandoned as stopped:
+            self.abandoned = str(stopped)
         finally:
             await self._shutdown()
 
@@ -176,10 +186,14 @@ class Worker:
 
     async def _shutdown(self) -> None:
         try:
-            await self._consumer.close()  # revokes everything: checkpoints through on_revoked
+            # revokes everything: checkpoints through on_revoked, unless the work in hand was
+            # abandoned half done (then nothing since the last checkpoint is kept: the
+            # partitions' next owner processes it again)
+            await self._consumer.close()
         finally:
-            for writer in self._writers.values():
-                await writer.close()
+            if self.abandoned is None:
+                for writer in self._writers.values():
+                    await writer.close()
             await self._producer.close()
             self._send_report(done=True)
 
@@ -285,7 +299,8 @@ class Worker:
     async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
         async with self._lock:
             self._fenced -= partitions
-            await self._checkpoint(partitions)
+            if self.abandoned is None:
+                await self._checkpoint(partitions)
             await self._close_tasks(partitions)
 
     async def _close_tasks(self, partitions: frozenset[TopicPartition]) -> None:

@@ -18,7 +18,7 @@ import sys
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,6 +165,7 @@ def headwater_run(
     workers: int,
     name: str,
     env: dict[str, str] | None = None,
+    extra: Sequence[str] = (),
 ) -> Iterator[Runner]:
     """Start ``headwater run`` in the background; never leave it running after the block."""
     out = module.parent / f"{name}.stdout"
@@ -181,6 +182,7 @@ def headwater_run(
                 str(workers),
                 "--data-dir",
                 str(data_dir),
+                *extra,
             ],
             cwd=module.parent,
             stdout=stdout,
