@@ -6,6 +6,7 @@
                   [--data-dir DIR] [--bootstrap-servers HOST:PORT] [--no-progress]
     headwater worker path/to/module.py[:attr] --backend kafka [--workers N] ...
     headwater topics list|describe NAME|tail NAME [--backend embedded|kafka] ...
+    headwater log check [--data-dir DIR] [--repair] [TOPIC ...]
 
 Kafka connection settings come from the flags or from ``HEADWATER_*`` environment variables
 (see :class:`pipelines.settings.KafkaSettings`); the SASL password only from
@@ -30,6 +31,7 @@ from pydantic import ValidationError
 from pipelines.errors import PipelineError
 from pipelines.log import BACKENDS, open_log
 from pipelines.log.base import FetchedBatch, TopicPartition
+from pipelines.log.check import check_log
 from pipelines.runtime.progress import RunState
 from pipelines.runtime.runner import RunOptions, quiet_clients, run
 from pipelines.runtime.watchdog import STALL_AFTER
@@ -149,7 +151,36 @@ def _parser() -> argparse.ArgumentParser:
     )
     for command in (listing, describe, tail):
         _log_arguments(command, ("embedded", "kafka"), inherit=True)
+    _log_check_arguments(commands)
     return parser
+
+
+def _log_check_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``headwater log check``: the embedded log only (Kafka checks its own logs)."""
+    log_cmd = commands.add_parser("log", help="check and repair the embedded log's files")
+    log_commands = log_cmd.add_subparsers(dest="log_command", required=True)
+    check = log_commands.add_parser(
+        "check",
+        help="verify every frame of every partition; exit 1 when damage is found",
+        description="Verify every frame of every partition of the embedded log (or of the "
+        "topics given) and say, per partition, whether it is intact or what is damaged and "
+        "which offsets that loses. Exits 0 when every acknowledged record is intact, 1 when "
+        "damage is found, 0 after --repair repaired it.",
+    )
+    check.add_argument("topics", nargs="*", metavar="TOPIC", help="topics to check (default all)")
+    check.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(".headwater"),
+        help="where the embedded log lives (default .headwater)",
+    )
+    check.add_argument(
+        "--repair",
+        action="store_true",
+        help="move damaged frames to a quarantine file next to their partition and rewrite the "
+        "partition without them; every other record keeps its offset (stop every process "
+        "using the data directory first)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command in ("run", "worker"):
             return _run(args)
+        if args.command == "log":
+            return _log_check(args)
         return asyncio.run(_topics(args))
     except PipelineError as error:
         message = textwrap.fill(f"headwater: {error}", width=100, break_on_hyphens=False)
@@ -166,6 +199,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _log_check(args: argparse.Namespace) -> int:
+    """One line per partition, then a summary; 1 when damage is left (see pipelines.log.check)."""
+    result = check_log(args.data_dir, args.topics, repair=args.repair)
+    for partition in result.partitions:
+        print(partition.line())
+    summary = f"headwater: {result.summary()}"
+    print(textwrap.fill(summary, width=100, break_on_hyphens=False, break_long_words=False))
+    return result.exit_code
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -242,7 +242,9 @@ class GroupConsumer(Consumer):
             if budget <= 0:
                 break
             fetched = self._log.read_now(tp, self._positions[tp], budget)
-            if len(fetched.records):
+            # no records but a position that moved: a hole (offsets whose records were lost to
+            # damage, see `headwater log check --repair`); handed on, so that it is committed
+            if len(fetched.records) or fetched.next_offset > self._positions[tp]:
                 batches.append(fetched)
                 budget -= len(fetched.records)
                 self._positions[tp] = fetched.next_offset

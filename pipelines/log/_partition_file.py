@@ -31,10 +31,18 @@ checksum *below* that end is damage (a flipped length field makes everything aft
 incomplete): the writer stops with :class:`~pipelines.errors.CorruptLogError` and cuts nothing,
 so intact records after the damage are never thrown away. Neither is a file shorter than its
 acknowledged end (records were removed).
+
+Holes: ``headwater log check --repair`` (:mod:`pipelines.log.check`) replaces damaged bytes by
+a *hole* frame (flag HOLE, ``count`` = the offsets lost, zero padding, no records), so every
+intact record keeps its offset. Readers index holes apart (``_holes``, empty in a file without
+any, which is all the read path then costs): a read stops before a hole, and a read that starts
+in one returns no records and the offset after it, which consumers take as their next position.
+A writer checks under its lock that the file was not replaced since it opened it.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -47,7 +55,7 @@ from pathlib import Path
 
 import orjson
 
-from pipelines.errors import CorruptLogError
+from pipelines.errors import CorruptLogError, LogError
 from pipelines.log.base import RawBatch
 from pipelines.record import Headers
 
@@ -60,8 +68,14 @@ _CRC_FROM = 8  # the checksum covers the header after the length and crc fields,
 _NO_KEYS = 1
 _HEADERS = 2
 _TXN = 4
+_HOLE = 8  # offsets lost to damage, moved out by `headwater log check --repair` (no records)
 _TXN_MARK = struct.Struct("<QQ")
 _END = struct.Struct("<Q")  # the acknowledged end, in <p>.end
+_REPAIR = (
+    "`headwater log check` shows what is damaged; `headwater log check --repair` (with nothing "
+    "running on the data directory) moves the damaged bytes to a quarantine file and keeps every "
+    "intact record at its offset, saying exactly which offsets were lost"
+)
 
 
 @lru_cache(maxsize=256)
@@ -147,11 +161,70 @@ def decode_frame(frame: bytes) -> tuple[int, RawBatch]:
     return base, RawBatch(keys, values, timestamps, headers)
 
 
+def hole_header(base_offset: int, count: int, padding: int) -> bytes:
+    """The header of a hole frame: ``count`` offsets from ``base_offset`` on whose records were
+    lost, followed by ``padding`` zero bytes (written by the caller) and no records. The padding
+    lets a hole take the exact place of the damaged bytes it replaces."""
+    head = _HEADER.pack(padding, 0, base_offset, count, _HOLE)
+    crc = zlib.crc32(head[_CRC_FROM:])
+    zeros = bytes(min(padding, 1 << 20))
+    for start in range(0, padding, len(zeros) or 1):
+        crc = zlib.crc32(zeros[: padding - start], crc)
+    return _HEADER.pack(padding, crc, base_offset, count, _HOLE)
+
+
 def _checksum_ok(frame: bytes) -> bool:
     length: int
     crc: int
     length, crc = struct.unpack_from("<II", frame)
     return len(frame) == _HEADER.size + length and zlib.crc32(frame[_CRC_FROM:]) == crc
+
+
+_PERMISSIONS = (
+    "Check the owner and permissions of that file and of the directories above it: the user "
+    "running Headwater must be able to read and write everything under the data directory "
+    "(`ls -l` shows them; `chown` or `chmod u+rwX` fixes them)"
+)
+_FIXES = {
+    errno.EACCES: _PERMISSIONS,
+    errno.EPERM: _PERMISSIONS,
+    errno.ENOSPC: "The disk is full: free space on it, then run again",
+    errno.EDQUOT: "The disk quota is used up: free space or raise the quota, then run again",
+    errno.EFBIG: (
+        "The file reached the largest size allowed to it (a file size limit such as "
+        "`ulimit -f`, or the file system's): raise the limit, then run again"
+    ),
+    errno.EROFS: "The file system is read-only: mount it read-write, then run again",
+}
+
+
+def disk_error(path: Path, doing: str, error: OSError, note: str = "") -> LogError:
+    """A :class:`LogError` saying that ``doing`` ``path`` failed with ``error``, and what to do
+    (anything but a missing file, which callers expect and handle)."""
+    name = errno.errorcode.get(error.errno or 0, "")
+    reason = f"{error.strerror or error}" + (f" ({name})" if name else "")
+    if error.filename is not None and str(error.filename) != str(path):
+        reason += f" on {error.filename}"
+    fix = _FIXES.get(error.errno or 0, "Check the disk and the file, then run again")
+    return LogError(f"cannot {doing} {path}: {reason}. {fix}.{note}")
+
+
+def _open(path: Path, flags: int) -> int:
+    try:
+        return os.open(path, flags, 0o644)
+    except OSError as error:
+        raise disk_error(path, "open", error) from error
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data``: ``write`` may stop short (at a file size limit, on a full disk)
+    and say why only when called again."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if not written:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        view = view[written:]
 
 
 class PartitionFile:
@@ -160,8 +233,12 @@ class PartitionFile:
     def __init__(self, path: Path, *, fsync: bool = False) -> None:
         self.path = path
         self._fsync = fsync
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        self._end_fd = os.open(path.with_suffix(".end"), os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = _open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+        try:
+            self._end_fd = _open(path.with_suffix(".end"), os.O_RDWR | os.O_CREAT)
+        except LogError:
+            os.close(self._fd)
+            raise
         # frames indexed so far: base offsets and file positions, in order
         self._bases: list[int] = []
         self._positions: list[int] = []
@@ -169,6 +246,7 @@ class PartitionFile:
         self._next_offset = 0
         self._cached: tuple[int, int, RawBatch] | None = None  # (position, base, records)
         self._transactions: dict[int, int] = {}  # transaction -> last sequence in the file
+        self._holes: dict[int, int] = {}  # file position -> offsets lost, of each hole frame
 
     def close(self) -> None:
         os.close(self._fd)
@@ -194,7 +272,9 @@ class PartitionFile:
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         if position + len(frame) < size:
-            raise CorruptLogError(f"{self.path}: frame at byte {position} fails its checksum")
+            raise CorruptLogError(
+                f"{self.path}: frame at byte {position:,} fails its checksum. {_REPAIR}"
+            )
         return None  # a torn last frame: the next writer cuts it off
 
     def _read_frame(self, position: int, size: int) -> bytes | None:
@@ -223,6 +303,8 @@ class PartitionFile:
             _, _, base, count, flags = _HEADER.unpack_from(frame)
             if flags & _TXN:
                 self._note_transaction(*_TXN_MARK.unpack_from(frame, _HEADER.size))
+            if flags & _HOLE and count:
+                self._holes[self._indexed_end] = count
             self._bases.append(base)
             self._positions.append(self._indexed_end)
             self._indexed_end += len(frame)
@@ -234,17 +316,36 @@ class PartitionFile:
         return self._next_offset
 
     def read(self, offset: int, max_records: int) -> tuple[RawBatch, int]:
-        """Records from ``offset`` on (at most ``max_records``) and the offset after them."""
+        """Records from ``offset`` on (at most ``max_records``) and the offset after them.
+
+        The records returned have consecutive offsets: a read stops before a hole (offsets
+        whose records were lost, see :func:`hole_header`), and a read that starts in one returns
+        no records and the offset after it.
+        """
         if offset + max_records > self._next_offset:
             self._index_new_frames()
         out = RawBatch([], [], [], None)
         while len(out) < max_records and offset < self._next_offset:
+            if self._holes and (past := self._past_holes(offset)) > offset:
+                return out, offset if len(out) else past
             records, base = self._frame_containing(offset)
             start = offset - base
             stop = min(len(records), start + max_records - len(out))
             _extend(out, records, start, stop)
             offset = base + stop
         return out, offset
+
+    def _past_holes(self, offset: int) -> int:
+        """The first offset from ``offset`` on that no hole covers."""
+        while offset < self._next_offset:
+            index = bisect_right(self._bases, offset) - 1
+            if index < 0:
+                break
+            end = self._bases[index] + self._holes.get(self._positions[index], 0)
+            if offset >= end:
+                break
+            offset = end
+        return offset
 
     def _frame_containing(self, offset: int) -> tuple[RawBatch, int]:
         index = bisect_right(self._bases, offset) - 1
@@ -256,7 +357,9 @@ class PartitionFile:
         end = self._positions[index + 1] if index + 1 < len(self._positions) else self._indexed_end
         frame = os.pread(self._fd, end - position, position)
         if not _checksum_ok(frame):
-            raise CorruptLogError(f"{self.path}: frame at byte {position} fails its checksum")
+            raise CorruptLogError(
+                f"{self.path}: frame at byte {position:,} fails its checksum. {_REPAIR}"
+            )
         base, records = decode_frame(frame)
         self._cached = (position, base, records)
         return records, base
@@ -274,7 +377,23 @@ class PartitionFile:
         transaction with this sequence or a later one already in the file means it is applied,
         and nothing is written (None is returned). Recovering a commit that a crash interrupted
         relies on this.
+
+        A failure to write (a full disk, a file size limit, lost permissions) raises
+        :class:`LogError`; the bytes of the frame written by then lie past the acknowledged end,
+        which stays where it was, so the next append cuts them off as a torn write.
         """
+        try:
+            return self._append(batch, txn)
+        except OSError as error:
+            raise disk_error(
+                self.path,
+                "append to",
+                error,
+                " Records appended before are intact; a batch cut short is cut off when the "
+                "partition is next written",
+            ) from error
+
+    def _append(self, batch: RawBatch, txn: tuple[int, int] | None) -> int | None:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             self._recover_tail()
@@ -282,9 +401,7 @@ class PartitionFile:
                 return None
             base = self._next_offset
             frame = encode_frame(base, batch, txn)
-            written = os.write(self._fd, frame)
-            if written != len(frame):
-                raise CorruptLogError(f"{self.path}: short write ({written} of {len(frame)} bytes)")
+            _write_all(self._fd, frame)
             if self._fsync:
                 os.fsync(self._fd)
             os.pwrite(self._end_fd, _END.pack(self._indexed_end + len(frame)), 0)
@@ -316,12 +433,31 @@ class PartitionFile:
         raise CorruptLogError(
             f"{self.path}: {damage}; records up to byte {acknowledged:,} were acknowledged to "
             f"producers, and the readable ones end at offset {self._next_offset:,}. Nothing is "
-            "cut: restore the file from a copy, or move it aside to start the partition empty"
+            "cut. To lose only the damaged records, run `headwater log check "
+            "--repair` (with nothing running on the data directory): it moves the damaged "
+            "bytes to a quarantine file, keeps every intact record at its offset and says "
+            "exactly which offsets were lost. Or restore the file from a copy, or move it "
+            "aside to start the partition empty"
         )
+
+    def _check_not_replaced(self) -> None:
+        """Under the write lock: refuse to append to a file that ``headwater log check --repair``
+        replaced since this process opened it (the records would go to the old, unlinked file)."""
+        try:
+            current = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            current = -1
+        if current != os.fstat(self._fd).st_ino:
+            raise CorruptLogError(
+                f"{self.path} was replaced (by `headwater log check --repair`, or moved aside) "
+                "while this process had it open, so nothing was appended to it: restart the "
+                "process so that it opens the partition file that is there now"
+            )
 
     def _recover_tail(self) -> None:
         """Under the write lock: index what others appended and cut off a torn tail, unless
         what would be cut lies below the acknowledged end (damage, not a torn write)."""
+        self._check_not_replaced()
         self._index_new_frames(locked=True)
         size = os.fstat(self._fd).st_size
         if self._indexed_end < self._acknowledged_end():

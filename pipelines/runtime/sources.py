@@ -49,7 +49,7 @@ async def load_positions(log: LogBackend, topic: Topic) -> dict[str, Any]:
     offset = 0
     while True:
         fetched = await log.read(tp, offset, _READ_CHUNK)
-        if not len(fetched.records):
+        if fetched.next_offset <= offset:  # (a read in a repaired hole moves past it)
             return positions
         for key, value in zip(fetched.records.keys, fetched.records.values, strict=True):
             if key is not None and value is not None:

@@ -76,7 +76,7 @@ class TaskState:
             replayed = RawBatch([], [], [])
             while offset < ends[tp]:
                 fetched = await log.read(tp, offset, _RESTORE_CHUNK)
-                if not len(fetched.records):
+                if fetched.next_offset <= offset:  # (a read in a repaired hole moves past it)
                     break
                 replayed.extend(store.apply(fetched.records, by_name))
                 offset = fetched.next_offset

@@ -68,7 +68,7 @@ class TableStore:
         offset = read = 0
         while offset < end:
             fetched = await log.read(tp, offset, min(_BOOTSTRAP_CHUNK, end - offset))
-            if not len(fetched.records):
+            if fetched.next_offset <= offset:  # (a read in a repaired hole moves past it)
                 break
             self._apply_raw(fetched.records)
             read += len(fetched.records)
