@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from pipelines.errors import PipelineError
 from pipelines.log import BACKENDS, open_log
+from pipelines.log._partition_file import disk_error
 from pipelines.log.base import FetchedBatch, TopicPartition
 from pipelines.log.check import check_log
 from pipelines.runtime.progress import RunState
@@ -261,8 +262,15 @@ def _summary(state: RunState) -> None:
     print("\n".join(lines), file=sys.stderr)
 
 
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError as error:
+        raise disk_error(path, "read", error) from error
+
+
 async def _topics(args: argparse.Namespace) -> int:
-    if args.backend == "embedded" and not (args.data_dir / "topics").is_dir():
+    if args.backend == "embedded" and not _is_dir(args.data_dir / "topics"):
         raise PipelineError(
             f"no embedded log at {args.data_dir}: run a pipeline first, or pass --data-dir"
         )

@@ -8,12 +8,21 @@ its worker processes). The layout under the data directory::
     groups/<group>/members/<id>        one file per live member, flock-ed while it lives
     groups/<group>/claims/<t>.<p>      flock-ed by the member that owns partition p of t
     groups/<group>/offsets/<t>.<p>     the committed offset, replaced atomically
+    groups/<group>/committed/<t>.<p>   empty: the group has committed on partition p of t
     groups/<group>/commits/*.commit    exactly-once commits not yet applied (see ._commits)
 
 Liveness and ownership are ``flock`` locks, so the kernel releases them the moment a process
 dies, even under ``kill -9``: survivors see the dead member gone at their next membership check
 (every 0.2 s) and claim its partitions. A committed offset is written to a temporary file and
 renamed over the old one, so it is either the old or the new value after any crash.
+
+An offsets file that is missing where ``committed/`` says the group has committed was deleted:
+reading the partition again from its start would process its records twice, so the log stops
+with :class:`~pipelines.errors.CorruptLogError` instead (deleting the whole ``groups/<group>/``
+is a fresh start). The marker is created right after a partition's first committed offset, so
+a crash between the two leaves no marker (the group never committed there, as far as anyone
+knows) rather than a marker without its offset. A file that cannot be read or written (its
+permissions, a full disk) raises :class:`~pipelines.errors.LogError` naming it and the fix.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ import orjson
 from pipelines.errors import CorruptLogError, LogError, TopicError
 from pipelines.log._commits import CommitRecord, pending_commits, read_commit, write_commit
 from pipelines.log._local import LocalLog, LocalTransaction, Membership, new_member_id
-from pipelines.log._partition_file import PartitionFile
+from pipelines.log._partition_file import PartitionFile, disk_error
 from pipelines.log.base import FetchedBatch, RawBatch, TopicPartition, TopicSpec
 
 __all__ = ["DEFAULT_DATA_DIR", "EmbeddedLog"]
@@ -39,10 +48,54 @@ DEFAULT_DATA_DIR = Path(".headwater")
 _POLL_SECONDS = 0.005
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def _write_atomically(path: Path, data: bytes, *, fsync: bool = False) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    try:
+        with temporary.open("wb") as file:
+            file.write(data)
+            if fsync:
+                file.flush()
+                os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+    if fsync:
+        _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _on_disk(path: Path, doing: str) -> Iterator[None]:
+    """Turn an :class:`OSError` of the block into a :class:`LogError` naming ``path``, the cause
+    and the fix (see :func:`~._partition_file.disk_error`)."""
+    try:
+        yield
+    except OSError as error:
+        raise disk_error(path, doing, error) from error
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; a :class:`LogError` if that cannot be told (permissions)."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as error:
+        raise disk_error(path, "look for", error) from error
+    return True
+
+
+def _file_name(tp: TopicPartition) -> str:
+    return f"{tp.topic}.{tp.partition}"
 
 
 @contextlib.contextmanager
@@ -66,23 +119,104 @@ def _try_lock(path: Path) -> int | None:
     return fd
 
 
+_TOPIC_FIELDS = ("partitions", "compacted", "retention_ms")
+
+
+def _read_topic_spec(topic_dir: Path) -> TopicSpec | None:
+    """The spec in ``topic_dir/topic.json``; None while there is none (a topic being created)."""
+    path = topic_dir / "topic.json"
+    try:
+        data = path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:
+        raise disk_error(path, "read", error) from error
+    try:
+        meta = orjson.loads(data)
+    except orjson.JSONDecodeError as error:
+        empty = not data.strip()
+        raise _damaged_topic(
+            topic_dir, "it is empty" if empty else f"it is not valid JSON ({error})", None
+        ) from None
+    wrong = _topic_problem(meta)
+    if wrong is not None:
+        raise _damaged_topic(topic_dir, wrong, meta)
+    return TopicSpec(topic_dir.name, meta["partitions"], meta["compacted"], meta["retention_ms"])
+
+
+def _topic_problem(meta: object) -> str | None:
+    """What is wrong with the content of a ``topic.json``, or None. Only the partition count is
+    checked further: ``compacted`` and ``retention_ms`` describe the topic, nothing reads them."""
+    if not isinstance(meta, dict):
+        return f"it holds {orjson.dumps(meta).decode()[:40]} where an object belongs"
+    missing = [field for field in _TOPIC_FIELDS if field not in meta]
+    if missing:
+        return f"it lacks {', '.join(repr(field) for field in missing)}"
+    partitions = meta["partitions"]
+    if not isinstance(partitions, int) or partitions < 1:
+        return f"its partition count {partitions!r} is not a whole number of at least 1"
+    return None
+
+
+def _damaged_topic(topic_dir: Path, problem: str, meta: object) -> CorruptLogError:
+    path = topic_dir / "topic.json"
+    old = meta if isinstance(meta, dict) else {}
+    files = _partition_files(topic_dir)
+    stated = old.get("partitions")
+    kept = isinstance(stated, int) and stated >= max(files, 1)  # a count the files agree with
+    expected = {
+        "partitions": stated if kept else files or "N",
+        "compacted": old.get("compacted", False),
+        "retention_ms": old.get("retention_ms"),
+    }
+    content = orjson.dumps(expected).decode().replace('"N"', "N")
+    if files and not kept:
+        rewrite = (
+            f"write it again: judging by its partition files, the last of which is "
+            f"{files - 1}.log, it should hold {content}"
+        )
+    else:
+        rewrite = f"write it again as {content}"
+        if expected["partitions"] == "N":
+            rewrite += ", where N is the number of partitions the pipeline declares for the topic"
+    return CorruptLogError(
+        f"{path}, the configuration of topic {topic_dir.name!r}, is damaged: {problem}. "
+        f'Restore it from a copy, or {rewrite} (with "compacted" and "retention_ms" as '
+        "the pipeline declares them)"
+    )
+
+
+def _partition_files(topic_dir: Path) -> int:
+    """How many partitions the ``<p>.log`` files in ``topic_dir`` tell of (0 if none)."""
+    try:
+        numbers = [int(p.stem) for p in topic_dir.glob("*.log") if p.stem.isdecimal()]
+    except OSError:
+        return 0
+    return max(numbers, default=-1) + 1
+
+
 class _FileMembership(Membership):
     def __init__(self, group_dir: Path) -> None:
         self.member_id = new_member_id()
         self._members = group_dir / "members"
         self._claims_dir = group_dir / "claims"
-        self._members.mkdir(parents=True, exist_ok=True)
-        self._claims_dir.mkdir(parents=True, exist_ok=True)
-        # lock under a temporary name, then rename: nobody ever sees our file unlocked
-        temporary = self._members / f".{self.member_id}.joining"
-        fd = _try_lock(temporary)
-        if fd is None:
-            raise LogError(f"cannot lock member file {temporary}")
-        self._member_fd = fd
-        os.replace(temporary, self._members / self.member_id)
+        with _on_disk(group_dir, "join the consumer group in"):
+            self._members.mkdir(parents=True, exist_ok=True)
+            self._claims_dir.mkdir(parents=True, exist_ok=True)
+            # lock under a temporary name, then rename: nobody ever sees our file unlocked
+            temporary = self._members / f".{self.member_id}.joining"
+            fd = _try_lock(temporary)
+            if fd is None:
+                raise LogError(f"cannot lock member file {temporary}")
+            self._member_fd = fd
+            os.replace(temporary, self._members / self.member_id)
         self._claims: dict[TopicPartition, int] = {}
 
     def live_members(self) -> list[str]:
+        with _on_disk(self._members, "list the members of the consumer group in"):
+            return self._live_members()
+
+    def _live_members(self) -> list[str]:
         alive = []
         for path in self._members.iterdir():
             name = path.name
@@ -106,7 +240,9 @@ class _FileMembership(Membership):
     def try_claim(self, tp: TopicPartition) -> bool:
         if tp in self._claims:
             return True
-        fd = _try_lock(self._claims_dir / f"{tp.topic}.{tp.partition}")
+        path = self._claims_dir / _file_name(tp)
+        with _on_disk(path, "claim the partition with"):
+            fd = _try_lock(path)
         if fd is None:
             return False
         self._claims[tp] = fd
@@ -120,7 +256,7 @@ class _FileMembership(Membership):
     def leave(self) -> None:
         for tp in list(self._claims):
             self.release(tp)
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             (self._members / self.member_id).unlink()
         os.close(self._member_fd)
 
@@ -135,12 +271,16 @@ class EmbeddedLog(LocalLog):
         self._fsync = fsync
         self._topics_dir = self.data_dir / "topics"
         self._groups_dir = self.data_dir / "groups"
-        self._topics_dir.mkdir(parents=True, exist_ok=True)
-        self._groups_dir.mkdir(parents=True, exist_ok=True)
+        for directory in (self._topics_dir, self._groups_dir):
+            with _on_disk(directory, "create"):
+                directory.mkdir(parents=True, exist_ok=True)
         self._files: dict[TopicPartition, PartitionFile] = {}
+        # (group, partition) known to have their committed/ marker: checked once per process
+        self._marked: set[tuple[str, TopicPartition]] = set()
 
     async def create_topics(self, specs: Sequence[TopicSpec]) -> None:
-        with _locked(self._topics_dir / ".lock"):
+        lock = self._topics_dir / ".lock"
+        with _on_disk(lock, "lock"), _locked(lock):
             existing = await self.describe_topics()
             for spec in specs:
                 found = existing.get(spec.name)
@@ -154,30 +294,36 @@ class EmbeddedLog(LocalLog):
                     continue
                 if spec.partitions < 1:
                     raise TopicError(f"topic {spec.name!r} needs at least one partition")
-                topic_dir = self._topics_dir / spec.name
-                topic_dir.mkdir(exist_ok=True)
-                meta = {
-                    "partitions": spec.partitions,
-                    "compacted": spec.compacted,
-                    "retention_ms": spec.retention_ms,
-                }
-                _write_atomically(topic_dir / "topic.json", orjson.dumps(meta))
+                self._create_topic(spec)
+
+    def _create_topic(self, spec: TopicSpec) -> None:
+        topic_dir = self._topics_dir / spec.name
+        meta = {
+            "partitions": spec.partitions,
+            "compacted": spec.compacted,
+            "retention_ms": spec.retention_ms,
+        }
+        with _on_disk(topic_dir / "topic.json", "write"):
+            topic_dir.mkdir(exist_ok=True)
+            _write_atomically(topic_dir / "topic.json", orjson.dumps(meta), fsync=self._fsync)
 
     async def describe_topics(self) -> dict[str, TopicSpec]:
         specs = {}
-        for meta_path in self._topics_dir.glob("*/topic.json"):
-            meta = orjson.loads(meta_path.read_bytes())
-            name = meta_path.parent.name
-            specs[name] = TopicSpec(
-                name, meta["partitions"], meta["compacted"], meta["retention_ms"]
-            )
+        for topic_dir in self._topic_dirs():
+            spec = _read_topic_spec(topic_dir)
+            if spec is not None:
+                specs[spec.name] = spec
         return specs
+
+    def _topic_dirs(self) -> list[Path]:
+        with _on_disk(self._topics_dir, "list the topics in"), os.scandir(self._topics_dir) as it:
+            return [Path(entry.path) for entry in it if entry.is_dir()]
 
     def _file(self, tp: TopicPartition) -> PartitionFile:
         found = self._files.get(tp)
         if found is None:
             topic_dir = self._topics_dir / tp.topic
-            if not (topic_dir / "topic.json").exists():
+            if not _exists(topic_dir / "topic.json"):
                 raise TopicError(f"no topic {tp.topic!r} in {self.data_dir}")
             found = self._files[tp] = PartitionFile(
                 topic_dir / f"{tp.partition}.log", fsync=self._fsync
@@ -190,27 +336,58 @@ class EmbeddedLog(LocalLog):
     def _offsets_dir(self, group: str) -> Path:
         return self._groups_dir / group / "offsets"
 
+    def _marker(self, group: str, tp: TopicPartition) -> Path:
+        return self._groups_dir / group / "committed" / _file_name(tp)
+
     async def committed_offsets(
         self, group: str, partitions: Sequence[TopicPartition]
     ) -> dict[TopicPartition, int]:
-        offsets_dir = self._offsets_dir(group)
         found = {}
         for tp in partitions:
-            path = offsets_dir / f"{tp.topic}.{tp.partition}"
-            try:
-                text = path.read_bytes()
-            except FileNotFoundError:
-                continue
-            try:
-                found[tp] = int(text)
-            except ValueError:
-                raise CorruptLogError(
-                    f"the committed offset of group {group!r} on {tp} is damaged: {path} holds "
-                    f"{text[:40]!r}, not a number. Headwater stops rather than guess where to "
-                    "go on; write the offset to resume from into that file, or delete it to "
-                    "read the partition again from its start"
-                ) from None
+            offset = self._committed_offset(group, tp)
+            if offset is not None:
+                found[tp] = offset
         return found
+
+    def _committed_offset(self, group: str, tp: TopicPartition) -> int | None:
+        path = self._offsets_dir(group) / _file_name(tp)
+        text = self._read_offset(path)
+        if text is None:
+            if not _exists(self._marker(group, tp)):
+                return None  # never committed
+            # the marker follows the first offsets file: look again, it may be just written
+            text = self._read_offset(path)
+            if text is None:
+                raise self._deleted_offset(group, tp, path)
+        try:
+            return int(text)
+        except ValueError:
+            raise CorruptLogError(
+                f"the committed offset of group {group!r} on {tp} is damaged: {path} holds "
+                f"{text[:40]!r}, not a number. Headwater stops rather than guess where to "
+                "go on; write the offset to resume from into that file (0 to read the "
+                "partition again from its start)"
+            ) from None
+
+    @staticmethod
+    def _read_offset(path: Path) -> bytes | None:
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise disk_error(path, "read the committed offset in", error) from error
+
+    def _deleted_offset(self, group: str, tp: TopicPartition, path: Path) -> CorruptLogError:
+        end = self._file(tp).end_offset()
+        return CorruptLogError(
+            f"the committed offset of group {group!r} on {tp} was deleted: {path} is missing, "
+            f"though {self._marker(group, tp)} records that the group committed there. "
+            "Resuming from the start of the partition would process its records again, so "
+            "Headwater stops instead. Restore the file from a copy; or write the offset to "
+            f"resume from into it (0 processes the partition again, {end} skips to its end); "
+            "or run `headwater reset` to start the whole pipeline afresh"
+        )
 
     def append(self, tp: TopicPartition, batch: RawBatch) -> None:
         self._file(tp).append(batch)
@@ -223,9 +400,31 @@ class EmbeddedLog(LocalLog):
 
     def store_offsets(self, group: str, offsets: Mapping[TopicPartition, int]) -> None:
         offsets_dir = self._offsets_dir(group)
-        offsets_dir.mkdir(parents=True, exist_ok=True)
+        with _on_disk(offsets_dir, "create"):
+            offsets_dir.mkdir(parents=True, exist_ok=True)
         for tp, offset in offsets.items():
-            _write_atomically(offsets_dir / f"{tp.topic}.{tp.partition}", b"%d" % offset)
+            first = (group, tp) not in self._marked
+            path = offsets_dir / _file_name(tp)
+            try:
+                # the first one durably (with fsync): its marker must never outlive it
+                _write_atomically(path, b"%d" % offset, fsync=self._fsync and first)
+            except OSError as error:
+                doing = f"write the committed offset of group {group!r} on {tp} to"
+                raise disk_error(path, doing, error) from error
+            if first:
+                self._mark_committed(group, tp)
+
+    def _mark_committed(self, group: str, tp: TopicPartition) -> None:
+        """Record that ``group`` has committed on ``tp``, once its offsets file is in place:
+        an empty file, created whole or not at all; once per process and partition, so that
+        later commits pay nothing for it."""
+        marker = self._marker(group, tp)
+        with _on_disk(marker, "write"):
+            marker.parent.mkdir(exist_ok=True)
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644))
+            if self._fsync:
+                _fsync_directory(marker.parent)
+        self._marked.add((group, tp))
 
     def membership(self, group: str) -> Membership:
         return _FileMembership(self._groups_dir / group)
@@ -244,10 +443,13 @@ class EmbeddedLog(LocalLog):
             dict(offsets),
             list(batches),
         )
-        fd, path = write_commit(self._groups_dir / group / "commits", record)
+        commits = self._groups_dir / group / "commits"
+        with _on_disk(commits, "write a commit to"):
+            fd, path = write_commit(commits, record)
         try:
             self._apply(record)
-            path.unlink()
+            with _on_disk(path, "remove the applied commit"):
+                path.unlink()
         finally:
             os.close(fd)
 
@@ -258,19 +460,26 @@ class EmbeddedLog(LocalLog):
         self.store_offsets(record.group, record.offsets)
 
     def recover_transactions(self, group: str) -> None:
-        for path in pending_commits(self._groups_dir / group / "commits"):
-            try:
-                fd = _try_lock(path)
-            except FileNotFoundError:
-                continue  # its writer just finished
-            if fd is None:
-                continue  # its writer is alive and applying it
-            try:
-                if path.exists():
-                    self._apply(read_commit(path))
-                    path.unlink()
-            finally:
-                os.close(fd)
+        commits = self._groups_dir / group / "commits"
+        with _on_disk(commits, "read the pending commits in"):
+            pending = pending_commits(commits)
+        for path in pending:
+            with _on_disk(path, "recover the commit"):
+                self._recover(path)
+
+    def _recover(self, path: Path) -> None:
+        try:
+            fd = _try_lock(path)
+        except FileNotFoundError:
+            return  # its writer just finished
+        if fd is None:
+            return  # its writer is alive and applying it
+        try:
+            if path.exists():
+                self._apply(read_commit(path))
+                path.unlink()
+        finally:
+            os.close(fd)
 
     async def wait_for_append(self, timeout: float) -> None:
         await asyncio.sleep(min(timeout, _POLL_SECONDS))

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from pipelines.errors import PipelineError
+from pipelines.log._partition_file import disk_error
 
 __all__ = ["AlreadyRunning", "run_lock"]
 
@@ -29,8 +30,11 @@ class AlreadyRunning(PipelineError):
 def run_lock(data_dir: Path, pipeline: str) -> Iterator[None]:
     """Hold the run lock of ``pipeline`` in ``data_dir`` for the duration of the block."""
     path = data_dir / "runs" / f"{pipeline}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as error:
+        raise disk_error(path, "take the run lock", error) from error
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
