@@ -9,6 +9,18 @@ runtime stores that position once the batch is durable on the log and hands it b
 Sinks run in the workers: :meth:`Sink.open` gives each worker its own :class:`SinkWriter`.
 ``write`` takes whole batches and only buffers; ``flush`` makes them durable, and the runtime
 calls it before it commits the input offsets those records came from.
+
+What a sink cannot write follows the sink step's error policy, like a record a user function
+fails on. The contract is the smallest one that lets the runtime find the culprits: ``write``
+takes all of a batch or none of it, and raises :class:`UnwritableValue` when some value cannot
+be written (encoded). The runtime then hands the writer the same records one at a time: each one
+it refuses again is dead-lettered, skipped or fails the run, by the step's policy, and the
+others are written. So a writer encodes the batch in one go on the fast path, and needs no
+bookkeeping of which record failed; only a batch that holds a bad value costs a call per record.
+Any other exception from ``write`` or ``flush`` means the sink itself is broken (a full disk, a
+closed connection) and stops the worker: no policy applies to it, and the input offsets stay
+uncommitted. A ``flush`` that fails should leave its target as it was before it (no partial
+record), since everything it held is written again when the pipeline runs again.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ __all__ = [
     "SinkWriter",
     "Source",
     "SourceBatch",
+    "UnwritableValue",
     "int_position",
 ]
 
@@ -91,11 +104,12 @@ class SinkWriter(ABC):
 
     @abstractmethod
     def write(self, batch: Batch) -> None:
-        """Take a batch (buffer it; do not block)."""
+        """Take a batch (buffer it; do not block): all of it, or, raising
+        :class:`UnwritableValue` because a value cannot be written, none of it."""
 
     @abstractmethod
     async def flush(self) -> None:
-        """Make everything written so far durable."""
+        """Make everything written so far durable; on failure, leave the target as it was."""
 
     async def close(self) -> None:
         """Flush and release."""
@@ -110,3 +124,17 @@ class Sink(ABC):
     @abstractmethod
     def open(self, ctx: SinkContext) -> SinkWriter:
         """A writer for one worker."""
+
+
+# Imported here, after the classes above: importing ``pipelines`` imports this module, for
+# them, and must find them defined when a program imports ``connectors`` first.
+from pipelines.errors import ConnectorError  # noqa: E402
+
+
+class UnwritableValue(ConnectorError):
+    """A value of the batch given to :meth:`SinkWriter.write` cannot be written by this sink
+    (JSON cannot encode a ``set``, a CSV row cannot be made of an ``int``...), and nothing of
+    the batch was taken. The runtime then writes the batch a record at a time and applies the
+    sink step's error policy to each record refused again (see the module docstring). The
+    message says what the value is and how to fix the stream; it is the ``headwater.error``
+    header of a dead-lettered record."""

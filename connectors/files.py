@@ -12,17 +12,30 @@ opened.
 Sinks append whole batches with one ``write`` per flush on a file opened with ``O_APPEND``, so
 the lines of concurrent writers never interleave on a local filesystem (NFS does not promise
 atomic appends). They are at-least-once: records replayed after a crash are appended again.
+Every append holds an exclusive ``flock`` that all the writers of a file take, so one that fails
+half-way (a full disk, a file size limit) can cut the file back to its size before without
+touching another writer's lines: a failed flush leaves no partial line for the next run to
+append to. A value a sink cannot encode raises :class:`~connectors.base.UnwritableValue`, and the
+runtime applies the sink step's error policy to its record (see :mod:`connectors.base`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import csv
+import errno
 import fcntl
 import io
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
-from contextlib import aclosing
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, time
 from pathlib import Path
@@ -38,6 +51,7 @@ from connectors.base import (
     SinkWriter,
     Source,
     SourceBatch,
+    UnwritableValue,
     int_position,
 )
 from pipelines.batch import Batch
@@ -473,14 +487,34 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
-class _AppendFile:
-    """A file opened for appending by one writer; every :meth:`append` is one ``write``."""
+def _append_hint(error: OSError) -> str:
+    """What to do about an append that failed with ``error``."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free space on its filesystem"
+    if error.errno == errno.EFBIG:
+        return (
+            "the file reached the largest size this process may write (ulimit -f) or the "
+            "filesystem allows: raise the limit, or write to another file"
+        )
+    return "fix the cause"
 
-    __slots__ = ("fd", "fsync", "path")
+
+class _AppendFile:
+    """A file that the writers of one sink append to, in this process and in others.
+
+    Every writer takes an exclusive ``flock`` on the file around each append, so an append
+    knows the size of the file before it and, when it fails half-way (a full disk, a file size
+    limit), cuts the file back to that size: the partial line goes, and no other writer's bytes
+    can have followed it. On the happy path an append is still one ``write`` (more only if the
+    kernel writes less than asked), between a ``flock``, an ``fstat`` and an unlock.
+    """
+
+    __slots__ = ("fd", "fsync", "path", "what")
 
     def __init__(self, path: Path, *, fsync: bool, what: str, readable: bool = False) -> None:
         self.path = path
         self.fsync = fsync
+        self.what = what
         flags = os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | (os.O_RDWR if readable else os.O_WRONLY)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -491,14 +525,63 @@ class _AppendFile:
                 "check that the directory is writable"
             ) from error
 
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the exclusive lock every writer of the file takes to append."""
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
     def append(self, data: bytes | bytearray | memoryview) -> None:
-        """Write all of ``data`` at the end of the file (then fsync if asked)."""
+        """Write all of ``data`` at the end of the file (then fsync if asked), or leave the
+        file as it was and raise :class:`~pipelines.errors.ConnectorError`."""
+        try:
+            with self.locked():
+                self.append_locked(data)
+        except OSError as error:  # locking, or finding the size: nothing was written
+            raise ConnectorError(
+                f"{self.what}: cannot append to {str(self.path)!r}: "
+                f"{error.strerror or error}; nothing was written, {_append_hint(error)}"
+            ) from error
+
+    def append_locked(self, data: bytes | bytearray | memoryview) -> None:
+        """:meth:`append`, for a caller that holds :meth:`locked`."""
+        fd = self.fd
+        size = os.fstat(fd).st_size
         view = memoryview(data)
-        while view:
-            written = os.write(self.fd, view)
-            view = view[written:]
-        if self.fsync:
-            os.fsync(self.fd)
+        count = len(view)
+        try:
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            if self.fsync:
+                os.fsync(fd)
+        except OSError as error:
+            raise self._cut_back(size, count, error) from error
+
+    def _cut_back(self, size: int, count: int, error: OSError) -> ConnectorError:
+        """Truncate the file to ``size``, its length before a failed append of ``count``
+        bytes; the error that says what happened."""
+        failed = (
+            f"{self.what}: appending {count:,} bytes to {str(self.path)!r} failed: "
+            f"{error.strerror or error}"
+        )
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as cut:
+            return ConnectorError(
+                f"{failed}, and cutting the file back to its {size:,} bytes from before failed "
+                f"too ({cut.strerror or cut}), so it may end in a partial line: remove "
+                f"everything after its first {size:,} bytes, {_append_hint(error)}, and run the "
+                "pipeline again (the records were not committed: that run writes them again)"
+            )
+        return ConnectorError(
+            f"{failed}; the file was left as it was before ({size:,} bytes, no partial line). "
+            f"{_append_hint(error).capitalize()} and run the pipeline again: the records were "
+            "not committed, so that run writes them again"
+        )
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -516,19 +599,17 @@ class _BufferedWriter(SinkWriter):
         self._flushing = asyncio.Lock()  # flushes append in the order they were called
 
     async def flush(self) -> None:
-        """Append the buffer to the file in one ``write`` (then fsync if asked)."""
+        """Append the buffer to the file in one ``write`` (then fsync if asked); on failure
+        the file is as it was and the buffer is kept, so a retry loses nothing."""
         async with self._flushing:
             if not self._buffer:
                 return
             data, self._buffer = self._buffer, bytearray()
             try:
                 await asyncio.to_thread(self._file.append, data)
-            except OSError as error:
-                self._buffer[:0] = data  # keep it: nothing is lost if the caller retries
-                raise ConnectorError(
-                    f"{self._what}: appending to {str(self._file.path)!r} failed: "
-                    f"{error.strerror or error}"
-                ) from error
+            except Exception:  # not a cancellation: the thread may still be writing then
+                self._buffer[:0] = data  # never dropped: a later flush must not commit past it
+                raise
 
     async def close(self) -> None:
         """Flush, then close the file."""
@@ -542,16 +623,20 @@ class JsonLinesSink(Sink):
     """A sink that appends each value as one JSON line to ``path``.
 
     Values are serialised with orjson (pydantic models with their own serializer, as
-    ``model_dump(mode="json")`` would); ``bytes`` values are not JSON and raise. Each worker
-    opens the file with ``O_APPEND`` (creating it and its parent directories); ``write``
-    serialises the batch into a memory buffer, and ``flush`` appends the whole buffer with a
-    single ``write`` call, so lines from concurrent workers, in this or other processes, never
-    interleave (on a local filesystem). ``fsync=True`` also fsyncs after each flush, for
-    durability across a power loss rather than just a process crash.
+    ``model_dump(mode="json")`` would). A value JSON cannot hold (``bytes``, a ``set``, an
+    object) is not written: the sink step's error policy applies to its record (by default it
+    goes to the dead-letter topic, and the rest of the batch is written). Each worker opens the
+    file with ``O_APPEND`` (creating it and its parent directories); ``write`` serialises the
+    batch into a memory buffer, and ``flush`` appends the whole buffer with a single ``write``
+    call under an exclusive ``flock``, so lines from concurrent workers, in this or other
+    processes, never interleave (on a local filesystem), and a flush that fails half-way (a
+    full disk) is cut back: the file never keeps a partial line. ``fsync=True`` also fsyncs
+    after each flush, for durability across a power loss rather than just a process crash.
 
     Append-only, at-least-once: records replayed after a crash (whose input offsets were not
     committed yet) are appended again, so the file may hold duplicates; consumers that need
-    exactly-once should deduplicate on a field of the value.
+    exactly-once should deduplicate on a field of the value. ``headwater reset`` removes the
+    file, to run a pipeline again from the start.
     """
 
     name = "jsonlines"
@@ -582,7 +667,7 @@ class _JsonLinesWriter(_BufferedWriter):
                 else:
                     append(dumps(value, default=_json_default, option=newline))
         except (TypeError, ValueError) as error:
-            raise ConnectorError(
+            raise UnwritableValue(
                 f"{self._what}: a value cannot be written as JSON ({error}); map the stream to "
                 "dicts, lists, strings, numbers or pydantic models before this sink"
             ) from error
@@ -618,10 +703,13 @@ class CsvSink(Sink):
     file is empty; when ``fields`` is given and the file's header differs,
     :class:`~pipelines.errors.ConnectorError` is raised.
 
-    Like :class:`JsonLinesSink`: ``O_APPEND``, parent directories created, ``write`` buffers
-    and ``flush`` appends with one ``write`` call (so rows from concurrent writers never
-    interleave), ``fsync=True`` fsyncs after each flush. Append-only, at-least-once: records
-    replayed after a crash are appended again.
+    A value that makes no row (a number, a string, a cell JSON cannot hold such as a ``set``)
+    is not written: the sink step's error policy applies to its record, as in
+    :class:`JsonLinesSink`. Like it too: ``O_APPEND``, parent directories created, ``write``
+    buffers and ``flush`` appends with one ``write`` call under an exclusive ``flock`` (so rows
+    from concurrent writers never interleave, and a failed flush leaves no partial row),
+    ``fsync=True`` fsyncs after each flush. Append-only, at-least-once: records replayed after a
+    crash are appended again.
     """
 
     name = "csv"
@@ -649,23 +737,59 @@ class _CsvWriter(_BufferedWriter):
         self._declared = fields
         self._fields: list[str] | None = None
 
-    def _resolve_header(self, first: Any) -> list[str]:
-        """Agree with the file on the header: write it if the file is empty, else read it."""
-        fd = self._file.fd
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    def write(self, batch: Batch) -> None:
+        values = batch.values
+        if not values:
+            return
+        fields = self._fields if self._fields is not None else self._header(values)
         try:
+            text = _format_rows([self._row(fields, value) for value in values]).encode()
+        except (TypeError, ValueError) as error:  # a cell JSON cannot hold, a bad model...
+            raise UnwritableValue(
+                f"{self._what}: a value cannot be written as a CSV row ({error}); map the "
+                "stream to dicts of strings, numbers, dates or JSON values before this sink"
+            ) from error
+        self._buffer += text
+
+    def _row(self, fields: list[str], item: Any) -> list[Any]:
+        value = item.model_dump(mode="json") if isinstance(item, BaseModel) else item
+        if isinstance(value, dict):
+            return [_cell(value.get(name)) for name in fields]
+        if isinstance(value, list | tuple):
+            return [_cell(cell) for cell in value]
+        raise UnwritableValue(
+            f"{self._what}: cannot write a {type(value).__name__} as a CSV row; map the stream "
+            "to dicts or pydantic models before this sink"
+        )
+
+    def _header(self, values: list[Any]) -> list[str]:
+        """The columns, agreed with the file on the first batch that gives any."""
+        try:
+            fields = self._resolve_header(values)
+        except OSError as error:
+            raise ConnectorError(
+                f"{self._what}: cannot write the header: {error.strerror or error}"
+            ) from error
+        if fields is None:
+            raise UnwritableValue(
+                f"{self._what}: cannot take column names from a {type(values[0]).__name__} "
+                "value; map the stream to dicts or pydantic models before this sink, or pass "
+                "fields=[...] to it"
+            )
+        self._fields = fields
+        return fields
+
+    def _resolve_header(self, values: list[Any]) -> list[str] | None:
+        """Write the header if the file is empty, else read it; ``None`` if the file is empty,
+        no ``fields`` were declared and no value of ``values`` has column names."""
+        fd = self._file.fd
+        with self._file.locked():
             if os.fstat(fd).st_size == 0:
-                fields = self._declared if self._declared is not None else _fields_of(first)
-                if fields is None:
-                    raise ConnectorError(
-                        f"{self._what}: cannot take column names from a "
-                        f"{type(first).__name__} value; pass fields=[...] to the sink"
-                    )
-                self._file.append(_format_rows([fields]).encode())
+                fields = self._declared if self._declared is not None else _first_fields(values)
+                if fields is not None:
+                    self._file.append_locked(_format_rows([fields]).encode())
                 return fields
             existing = _read_header(fd)
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
         if self._declared is not None and existing != self._declared:
             raise ConnectorError(
                 f"{self._what}: the file's header {existing} differs from the sink's fields "
@@ -673,31 +797,17 @@ class _CsvWriter(_BufferedWriter):
             )
         return existing
 
-    def write(self, batch: Batch) -> None:
-        values = batch.values
-        if not values:
-            return
-        fields = self._fields
-        if fields is None:
-            try:
-                fields = self._fields = self._resolve_header(values[0])
-            except OSError as error:
-                raise ConnectorError(
-                    f"{self._what}: cannot write the header: {error.strerror or error}"
-                ) from error
-        rows: list[Sequence[Any]] = []
-        for item in values:
-            value = item.model_dump(mode="json") if isinstance(item, BaseModel) else item
-            if isinstance(value, dict):
-                rows.append([_cell(value.get(name)) for name in fields])
-            elif isinstance(value, list | tuple):
-                rows.append([_cell(cell) for cell in value])
-            else:
-                raise ConnectorError(
-                    f"{self._what}: cannot write a {type(value).__name__} as a CSV row; map "
-                    "the stream to dicts or pydantic models before this sink"
-                )
-        self._buffer += _format_rows(rows).encode()
+
+def _first_fields(values: list[Any]) -> list[str] | None:
+    """The column names of the first value that has some (a dict's keys, a model's fields)."""
+    for value in values:
+        try:
+            fields = _fields_of(value)
+        except (TypeError, ValueError):  # a model that does not dump: its row is refused
+            continue
+        if fields is not None:
+            return fields
+    return None
 
 
 def _fields_of(value: Any) -> list[str] | None:

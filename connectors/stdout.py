@@ -14,6 +14,9 @@ from pipelines.batch import Batch
 __all__ = ["Stdout"]
 
 
+_NEWLINE = orjson.OPT_APPEND_NEWLINE
+
+
 def _lenient(value: Any) -> Any:
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
@@ -22,13 +25,38 @@ def _lenient(value: Any) -> Any:
     return repr(value)
 
 
+def _json_line(value: Any) -> bytes:
+    if isinstance(value, BaseModel):
+        return value.__pydantic_serializer__.to_json(value) + b"\n"
+    return orjson.dumps(value, default=_lenient, option=_NEWLINE)
+
+
+def _safe_repr(value: Any) -> str:
+    """``repr(value)``, or a placeholder when its ``__repr__`` raises."""
+    try:
+        return repr(value)
+    except Exception as error:
+        return f"<{type(value).__name__}: repr() raised {type(error).__name__}>"
+
+
+def _safe_json_line(value: Any) -> bytes:
+    """:func:`_json_line`, or the value's ``repr`` as a JSON string where JSON cannot hold it
+    (a dict with non-string keys, an integer past 64 bits, a model that does not dump)."""
+    try:
+        return _json_line(value)
+    except Exception:
+        return orjson.dumps(_safe_repr(value), option=_NEWLINE)
+
+
 class Stdout(Sink):
     """A sink that writes one line per record to standard output (or ``stream``).
 
     ``format="json"`` writes each value as JSON with orjson (pydantic models as
     ``model_dump(mode="json")``, bytes decoded as UTF-8, anything else JSON cannot hold as its
-    ``repr`` in a string: a debugging sink should not stop a pipeline). ``format="repr"``
-    writes ``repr(value)``. Only values are written, not keys.
+    ``repr`` in a string: a debugging sink should not stop a pipeline, so no value is ever
+    refused, and no error policy applies here). ``format="repr"`` writes ``repr(value)``. Only
+    values are written, not keys. A batch is formatted in one go; only one holding a value that
+    fails that way is formatted again value by value.
 
     ``write`` formats the batch into a buffer; ``flush`` writes it to the stream with one
     ``write`` call and flushes the stream. ``stream`` defaults to the ``sys.stdout`` of the
@@ -63,18 +91,20 @@ class _StdoutWriter(SinkWriter):
         self._buffer: list[str] = []
 
     def write(self, batch: Batch) -> None:
-        if not batch.values:
+        values = batch.values
+        if not values:
             return
         if self._sink.format == "repr":
-            self._buffer.append("".join(f"{value!r}\n" for value in batch.values))
+            try:
+                text = "".join(f"{value!r}\n" for value in values)
+            except Exception:  # a __repr__ that raises: every value on its own
+                text = "".join(f"{_safe_repr(value)}\n" for value in values)
+            self._buffer.append(text)
             return
-        dumps, newline = orjson.dumps, orjson.OPT_APPEND_NEWLINE
-        lines = [
-            value.__pydantic_serializer__.to_json(value) + b"\n"
-            if isinstance(value, BaseModel)
-            else dumps(value, default=_lenient, option=newline)
-            for value in batch.values
-        ]
+        try:
+            lines = list(map(_json_line, values))
+        except Exception:  # a value JSON cannot hold even leniently: every value on its own
+            lines = list(map(_safe_json_line, values))
         self._buffer.append(b"".join(lines).decode())
 
     async def flush(self) -> None:

@@ -7,6 +7,8 @@
     headwater worker path/to/module.py[:attr] --backend kafka [--workers N] ...
     headwater topics list|describe NAME|tail NAME [--backend embedded|kafka] ...
     headwater log check [--data-dir DIR] [--repair] [TOPIC ...]
+    headwater reset path/to/module.py[:attr] [--backend ...] [--data-dir DIR] [--yes]
+                    [--keep-outputs] [--dead-letters]
 
 Kafka connection settings come from the flags or from ``HEADWATER_*`` environment variables
 (see :class:`pipelines.settings.KafkaSettings`); the SASL password only from
@@ -34,6 +36,7 @@ from pipelines.log._partition_file import disk_error
 from pipelines.log.base import FetchedBatch, TopicPartition
 from pipelines.log.check import check_log
 from pipelines.runtime.progress import RunState
+from pipelines.runtime.reset import ResetOptions, reset_pipeline
 from pipelines.runtime.runner import RunOptions, quiet_clients, run
 from pipelines.runtime.watchdog import STALL_AFTER
 from pipelines.runtime.watermarks import split_markers
@@ -153,7 +156,35 @@ def _parser() -> argparse.ArgumentParser:
     for command in (listing, describe, tail):
         _log_arguments(command, ("embedded", "kafka"), inherit=True)
     _log_check_arguments(commands)
+    _reset_arguments(commands)
     return parser
+
+
+def _reset_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    reset = commands.add_parser(
+        "reset", help="forget what a pipeline has done, so that its next run starts afresh"
+    )
+    reset.add_argument("module", help="path/to/module.py or path/to/module.py:attribute")
+    reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    reset.add_argument(
+        "--keep-outputs", action="store_true", help="keep the files of JsonLinesSink/CsvSink steps"
+    )
+    reset.add_argument(
+        "--dead-letters", action="store_true", help="also remove the dead-letter and late topics"
+    )
+    _log_arguments(reset, BACKENDS)
+
+
+def _reset(args: argparse.Namespace) -> int:
+    options = ResetOptions(
+        spec=args.module,
+        backend=args.backend,
+        data_dir=args.data_dir,
+        kafka=_kafka_settings(args),
+        keep_outputs=args.keep_outputs,
+        dead_letters=args.dead_letters,
+    )
+    return reset_pipeline(options, yes=args.yes)
 
 
 def _log_check_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -193,6 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "log":
             return _log_check(args)
+        if args.command == "reset":
+            return _reset(args)
         return asyncio.run(_topics(args))
     except PipelineError as error:
         message = textwrap.fill(f"headwater: {error}", width=100, break_on_hyphens=False)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from connectors.base import SinkWriter
+from connectors.base import SinkWriter, UnwritableValue
 from operators.base import Operator, call_each
 from operators.joins import Join, TableJoin
 from operators.routing import Branch
@@ -349,9 +349,9 @@ class Task:
         if step.kind == "sink":
             if step.topic is not None:
                 self._write_topic(step, step.topic, batch)
+                stats.records_out += len(batch)
             else:
-                self._writers[step.step_id].write(batch)
-            stats.records_out += len(batch)
+                stats.records_out += self._write_sink(step, batch)
             return
         operator = self._operators[step.step_id]
         if isinstance(operator, Branch):
@@ -407,6 +407,37 @@ class Task:
         # records without keys stay on this task's partition number: workers then write
         # disjoint partitions of the output (no re-reading each other's frames to append)
         self.outbox.add(topic, list(keys), values, kept.timestamps, headers, sticky=self.partition)
+
+    def _write_sink(self, step: Step, batch: Batch) -> int:
+        """Hand ``batch`` to the step's sink writer; how many records it took.
+
+        A writer refuses a whole batch holding a value it cannot write (:class:`UnwritableValue`,
+        see :mod:`connectors.base`); the batch then goes again a record at a time, and each
+        record refused again follows the step's error policy."""
+        writer = self._writers[step.step_id]
+        try:
+            writer.write(batch)
+        except UnwritableValue:
+            return self._write_each(step, writer, batch)
+        return len(batch)
+
+    def _write_each(self, step: Step, writer: SinkWriter, batch: Batch) -> int:
+        """Write ``batch`` a record at a time, rejecting those the writer refuses (the error
+        names the sink step and the record); how many it took."""
+        ctx = self._contexts[step.step_id]
+        written = 0
+        for index in range(len(batch)):
+            try:
+                writer.write(batch.take([index]))
+            except UnwritableValue as error:
+                rejection = RecordError(
+                    error.message, step=step.step_id, source=batch.source_of(index)
+                )
+                rejection.__cause__ = error
+                ctx.reject(batch, index, rejection)
+            else:
+                written += 1
+        return written
 
 
 def _nullable(serialize: Any) -> Any:

@@ -1,0 +1,377 @@
+"""File sinks under faults, through ``headwater run`` on a real pipeline module.
+
+- A full disk in the middle of a flush, for real: the run goes in a child process whose file
+  size limit (``RLIMIT_FSIZE``, with ``SIGXFSZ`` ignored, so ``write`` fails with ``EFBIG``) is
+  reached by the sink's file half-way through an append. The run stops with one paragraph, the
+  file holds only whole lines (exactly what earlier flushes wrote), and a run without the limit
+  completes it: every input at least once, still no torn line.
+- A value the sink cannot encode (a ``set``) follows the sink step's error policy: under
+  ``DEAD_LETTER`` it lands in the dead-letter topic with headers naming the sink step and the
+  rest is written; ``SKIP`` drops and counts it; ``FAIL`` stops the run with the sink's message.
+- A failed flush is cut back and kept for a retry; a cut that fails too says what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import errno
+import io
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from connectors import JsonLinesSink, SinkContext
+from pipelines.batch import Batch
+from pipelines.errors import ConnectorError
+from pipelines.log import EmbeddedLog
+from pipelines.log.base import FetchedBatch, RawBatch, TopicPartition
+
+TIMEOUT = 90.0
+PAD = "x" * 4000
+TOTAL = 1000
+LIMIT = 1_000_000
+"""Bytes a file may reach in the limited run: the sink's file gets there after a few flushes of
+50 lines of 4 kB; the log's files (of short records) and the SQLite files of the workers' local
+state (a few pages per checkpoint) stay far below."""
+
+PACED_MODULE = """
+import asyncio
+import os
+import time
+
+import connectors
+from pipelines import Pipeline, Topic
+
+OUT = {out!r}
+TOTAL = {total}
+STEP = 50
+PACE = os.environ.get("PACE_BY_FLUSHES") == "1"
+
+
+def size():
+    try:
+        return os.path.getsize(OUT)
+    except FileNotFoundError:
+        return 0
+
+
+async def numbers():
+    # paced: the next 50 only once the worker has flushed the last ones (or 5 s have passed),
+    # so that the limited run fails in one flush after several that succeeded
+    for start in range(0, TOTAL, STEP):
+        before = size()
+        for i in range(start, start + STEP):
+            yield i
+        deadline = time.monotonic() + 5
+        while PACE and size() == before and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+
+pipeline = (
+    Pipeline("disk")
+    .source(connectors.Iterable(numbers, batch_size=STEP), into=Topic("numbers", partitions=2))
+    .map("pad", lambda i: {{"id": i, "pad": {pad!r}}})
+    .sink({sink}, step_id="file")
+)
+"""
+
+SETS_MODULE = """
+import connectors
+from pipelines import Pipeline, Topic
+
+
+def shape(i):
+    if i % 10 == 3:
+        return {{"id": i, "tags": {{1, 2}}}}  # JSON has no sets
+    if i % 10 == 7 and {scalars}:
+        return i  # no CSV row
+    return {{"id": i}}
+
+
+pipeline = (
+    Pipeline("sets", error_policy={policy!r})
+    .source(connectors.Iterable(range(100)), into=Topic("numbers", partitions=2))
+    .map("shape", shape)
+    .sink({sink}, step_id="file")
+)
+"""
+
+
+def headwater(
+    *args: str | Path, cwd: Path, env: dict[str, str] | None = None, file_limit: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``headwater ARGS`` in ``cwd``; with ``file_limit``, no process of the run (the runner
+    and its workers inherit it) may make a file larger than that many bytes."""
+
+    def limit_files() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write fails with EFBIG instead
+        assert file_limit is not None
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *map(str, args)],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=False,
+        preexec_fn=limit_files if file_limit is not None else None,
+    )
+
+
+def one_paragraph(result: subprocess.CompletedProcess[str], *needles: str) -> str:
+    """Status 2 and one paragraph on stderr holding ``needles``, joined into one line."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    text = result.stderr.strip()
+    assert "Traceback" not in text, text
+    assert text.startswith("headwater: ") and "\n\n" not in text, text
+    paragraph = " ".join(text.split())
+    for needle in needles:
+        assert needle in paragraph, f"{needle!r} not in:\n{text}"
+    return paragraph
+
+
+def write_module(path: Path, source: str) -> Path:
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+# -- a full disk in the middle of a flush ------------------------------------------------------
+
+SINKS = {
+    "jsonlines": "connectors.JsonLinesSink(OUT)",
+    "csv": 'connectors.CsvSink(OUT, fields=["id", "pad"])',
+}
+EARLIER = {
+    "jsonlines": b'{"id":-2,"pad":"earlier"}\n{"id":-1,"pad":"earlier"}\n',
+    "csv": b"id,pad\n-2,earlier\n-1,earlier\n",
+}
+
+
+def whole_records(kind: str, data: bytes) -> list[dict[str, Any]]:
+    """The records of a sink's file, checking that each is whole: the file ends with a newline,
+    every line parses, and every padding is complete."""
+    assert data.endswith(b"\n"), data[-200:]
+    if kind == "jsonlines":
+        records = [orjson.loads(line) for line in data.splitlines()]
+    else:
+        rows = list(csv.DictReader(io.StringIO(data.decode(), newline="")))
+        assert all(len(row) == 2 and None not in row.values() for row in rows), rows[-3:]
+        records = [{"id": int(row["id"]), "pad": row["pad"]} for row in rows]
+    earlier, later = records[:2], records[2:]
+    assert [r["id"] for r in earlier] == [-2, -1]
+    assert all(r["pad"] == PAD for r in later), [r for r in later if r["pad"] != PAD][:3]
+    return later
+
+
+@pytest.mark.parametrize("kind", sorted(SINKS))
+def test_disk_full_mid_flush_leaves_whole_lines_and_a_rerun_completes(
+    tmp_path: Path, kind: str
+) -> None:
+    out = tmp_path / f"out.{kind}"
+    out.write_bytes(EARLIER[kind])  # what an earlier run wrote
+    module = write_module(
+        tmp_path / "disk.py",
+        PACED_MODULE.format(out=str(out), total=TOTAL, pad=PAD, sink=SINKS[kind]),
+    )
+
+    full = headwater(
+        "run", module, "--no-progress", cwd=tmp_path, env={"PACE_BY_FLUSHES": "1"},
+        file_limit=LIMIT,
+    )  # fmt: skip
+    one_paragraph(
+        full,
+        f"{str(out)!r} failed: File too large",
+        "the file was left as it was before",
+        "no partial line",
+        "run the pipeline again",
+    )
+    data = out.read_bytes()
+    assert data.startswith(EARLIER[kind])
+    assert len(data) <= LIMIT
+    written = whole_records(kind, data)
+    assert written, "no flush succeeded before the limit: the test proves less than it should"
+    assert len({r["id"] for r in written}) < TOTAL
+
+    again = headwater("run", module, "--no-progress", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    records = whole_records(kind, out.read_bytes())
+    assert {r["id"] for r in records} == set(range(TOTAL))  # at least once each
+
+
+# -- values a sink cannot encode ---------------------------------------------------------------
+
+
+def dead_letters(data_dir: Path, pipeline: str) -> list[tuple[bytes | None, dict[str, str]]]:
+    """The value and headers of every record in the pipeline's dead-letter topic."""
+
+    async def read() -> list[tuple[bytes | None, dict[str, str]]]:
+        log = EmbeddedLog(data_dir)
+        try:
+            name = f"{pipeline}.dead-letters"
+            found = []
+            for partition in range((await log.describe_topics())[name].partitions):
+                fetched = await log.read(TopicPartition(name, partition), 0, 10_000)
+                records = fetched.records
+                for i in range(len(records)):
+                    headers = {k: v.decode() for k, v in records.header_at(i)}
+                    found.append((records.values[i], headers))
+            return found
+        finally:
+            await log.close()
+
+    return asyncio.run(read())
+
+
+def sets_module(tmp_path: Path, policy: str, sink: str = "jsonlines") -> Path:
+    scalars = sink == "csv"
+    expression = (
+        'connectors.CsvSink("out.csv", fields=["id", "tags"])'
+        if sink == "csv"
+        else 'connectors.JsonLinesSink("out.jsonl")'
+    )
+    source = SETS_MODULE.format(policy=policy, sink=expression, scalars=scalars)
+    return write_module(tmp_path / "sets.py", source)
+
+
+def test_a_set_is_dead_lettered_naming_the_sink_step_and_the_rest_is_written(
+    tmp_path: Path,
+) -> None:
+    result = headwater("run", sets_module(tmp_path, "dead_letter"), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "file: 100 in, 90 out, 10 to dead letters" in result.stderr
+    lines = (tmp_path / "out.jsonl").read_bytes().splitlines()
+    assert sorted(orjson.loads(line)["id"] for line in lines) == [
+        i for i in range(100) if i % 10 != 3
+    ]
+    letters = dead_letters(tmp_path / ".headwater", "sets")
+    assert sorted(int(value or b"") for value, _ in letters) == list(range(3, 100, 10))
+    for value, headers in letters:
+        assert headers["headwater.step"] == "file"
+        assert headers["headwater.error.type"] == "UnwritableValue"
+        assert "cannot be written as JSON" in headers["headwater.error"]
+        assert "set" in headers["headwater.error"]
+        assert headers["headwater.source.topic"] == "numbers"
+        assert value is not None
+
+
+def test_csv_cells_and_rows_it_cannot_write_are_dead_lettered(tmp_path: Path) -> None:
+    result = headwater(
+        "run", sets_module(tmp_path, "dead_letter", sink="csv"), "--no-progress", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "file: 100 in, 80 out, 20 to dead letters" in result.stderr
+    with (tmp_path / "out.csv").open(newline="") as file:
+        rows = list(csv.reader(file))
+    assert rows[0] == ["id", "tags"]
+    assert sorted(int(row[0]) for row in rows[1:]) == [
+        i for i in range(100) if i % 10 not in (3, 7)
+    ]
+    errors = {
+        h["headwater.error"].split(";")[0] for _, h in dead_letters(tmp_path / ".headwater", "sets")
+    }
+    assert errors == {
+        "CsvSink 'out.csv': a value cannot be written as a CSV row "
+        "(Type is not JSON serializable: set)",
+        "CsvSink 'out.csv': cannot write a int as a CSV row",
+    }
+
+
+def test_skip_drops_values_the_sink_cannot_write_and_counts_them(tmp_path: Path) -> None:
+    result = headwater("run", sets_module(tmp_path, "skip"), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "file: 100 in, 90 out, 10 skipped" in result.stderr
+    assert len((tmp_path / "out.jsonl").read_bytes().splitlines()) == 90
+    assert dead_letters(tmp_path / ".headwater", "sets") == []
+
+
+def test_fail_stops_the_run_with_the_sinks_message(tmp_path: Path) -> None:
+    result = headwater("run", sets_module(tmp_path, "fail"), "--no-progress", cwd=tmp_path)
+    one_paragraph(
+        result,
+        "JsonLinesSink 'out.jsonl': a value cannot be written as JSON",
+        "Type is not JSON serializable: set",
+        "map the stream to dicts",
+        "(step 'file', record numbers[",
+    )
+
+
+# -- the flush itself ----------------------------------------------------------------------------
+
+
+def batch_of(values: list[Any]) -> Batch:
+    count = len(values)
+    raw = RawBatch([None] * count, [None] * count, [0] * count)
+    fetched = FetchedBatch("t", 0, raw, list(range(count)), count)
+    return Batch([None] * count, values, [0] * count, list(range(count)), fetched)
+
+
+def fail_writes_to(
+    monkeypatch: pytest.MonkeyPatch, path: Path, after: int, code: int = errno.ENOSPC
+) -> None:
+    """Make ``os.write`` to ``path`` write ``after`` bytes at most, then fail with ``code``."""
+    real_write = os.write
+    target = os.stat(path).st_ino
+    full = os.stat(path).st_size + after
+
+    def write(fd: int, data: Any) -> int:
+        if os.fstat(fd).st_ino != target:
+            return real_write(fd, data)
+        room = full - os.fstat(fd).st_size
+        if room <= 0:
+            raise OSError(code, os.strerror(code))
+        return real_write(fd, bytes(data)[:room])
+
+    monkeypatch.setattr(os, "write", write)
+
+
+async def test_a_failed_flush_is_cut_back_and_kept_for_a_retry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"id":0}\n')
+    writer = JsonLinesSink(path).open(SinkContext("p", "file", 0))
+    writer.write(batch_of([{"id": i} for i in range(1, 100)]))
+    with monkeypatch.context() as patch:
+        fail_writes_to(patch, path, after=50)
+        with pytest.raises(ConnectorError, match="No space left on device") as caught:
+            await writer.flush()
+    assert path.read_bytes() == b'{"id":0}\n'
+    assert "left as it was before (9 bytes, no partial line)" in str(caught.value)
+    assert "Free space on its filesystem" in str(caught.value)
+    await writer.close()  # space is back: the kept buffer goes, once
+    ids = [orjson.loads(line)["id"] for line in path.read_bytes().splitlines()]
+    assert ids == list(range(100))
+
+
+async def test_a_cut_that_fails_too_says_what_to_remove(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"id":0}\n')
+    writer = JsonLinesSink(path).open(SinkContext("p", "file", 0))
+    writer.write(batch_of([{"id": i} for i in range(1, 100)]))
+
+    def refuse(fd: int, size: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    with monkeypatch.context() as patch:
+        fail_writes_to(patch, path, after=50)
+        patch.setattr(os, "ftruncate", refuse)
+        with pytest.raises(ConnectorError) as caught:
+            await writer.flush()
+    message = str(caught.value)
+    assert "cutting the file back to its 9 bytes from before failed too" in message
+    assert "remove everything after its first 9 bytes" in message
+    assert len(path.read_bytes()) == 9 + 50  # the partial line the cut could not remove
+    await writer.close()
