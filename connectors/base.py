@@ -125,6 +125,12 @@ class Sink(ABC):
     def open(self, ctx: SinkContext) -> SinkWriter:
         """A writer for one worker."""
 
+    def earlier_output(self) -> str | None:
+        """What the sink already holds, in words, if a run starting afresh would add to it (a
+        file with lines in it), else None. A run without any stored position or committed
+        offset refuses to start then, rather than write a second copy after the first."""
+        return None
+
 
 # Imported here, after the classes above: importing ``pipelines`` imports this module, for
 # them, and must find them defined when a program imports ``connectors`` first.

@@ -619,6 +619,16 @@ class _BufferedWriter(SinkWriter):
             self._file.close()
 
 
+def _earlier_output(path: Path) -> str | None:
+    """``path`` holds N bytes, or None when it is missing or empty (unreadable: the sink's
+    own open says why)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None
+    return f"{str(path)!r} holds {size:,} bytes" if size else None
+
+
 class JsonLinesSink(Sink):
     """A sink that appends each value as one JSON line to ``path``.
 
@@ -647,6 +657,10 @@ class JsonLinesSink(Sink):
 
     def __repr__(self) -> str:
         return f"JsonLinesSink({str(self.path)!r})"
+
+    def earlier_output(self) -> str | None:
+        """The file's size, if it has anything in it (see :meth:`Sink.earlier_output`)."""
+        return _earlier_output(self.path)
 
     def open(self, ctx: SinkContext) -> SinkWriter:
         """Open the file for appending, for one worker."""
@@ -723,6 +737,10 @@ class CsvSink(Sink):
 
     def __repr__(self) -> str:
         return f"CsvSink({str(self.path)!r}, fields={self.fields!r})"
+
+    def earlier_output(self) -> str | None:
+        """The file's size, if it has anything in it (see :meth:`Sink.earlier_output`)."""
+        return _earlier_output(self.path)
 
     def open(self, ctx: SinkContext) -> SinkWriter:
         """Open the file for appending, for one worker."""

@@ -6,16 +6,39 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from pipelines.errors import PipelineError
 from pipelines.log.base import LogBackend, TopicPartition
 from pipelines.runtime.sources import SourceProgress, load_positions, run_source
 from pipelines.runtime.topology import Topology
 
-__all__ = ["Sources", "is_drained", "lag", "prepare_topics"]
+__all__ = ["Sources", "is_drained", "lag", "prepare_topics", "refuse_a_second_copy"]
 
 
 async def prepare_topics(log: LogBackend, topology: Topology) -> None:
     """Create every topic the pipeline uses (a no-op for those that exist alike)."""
     await log.create_topics([t.spec for t in [*topology.topics, topology.positions_topic]])
+
+
+async def refuse_a_second_copy(log: LogBackend, topology: Topology, spec: str) -> None:
+    """Stop a run that starts afresh (no source position stored, no offset committed) while a
+    sink already holds output, which can only be an earlier run's: the run would write its own
+    after it, and the output would hold everything twice."""
+    held = [
+        f"{step.step_id} ({found})"
+        for step in topology.sink_steps
+        if step.sink is not None and (found := step.sink.earlier_output()) is not None
+    ]
+    if not held or await load_positions(log, topology.positions_topic):
+        return
+    everything = [tp for tps in _partitions(topology) for tp in tps]
+    if any((await log.committed_offsets(topology.group, everything)).values()):
+        return
+    raise PipelineError(
+        f"pipeline {topology.pipeline.name!r} starts afresh (the log has no record of an "
+        f"earlier run), but its sinks already hold output: {', '.join(held)}. Running would "
+        "add a second copy after it. Move or remove that output to run from the start, or run "
+        f"`headwater reset {spec}`, which removes it with everything else the pipeline keeps"
+    )
 
 
 class Sources:

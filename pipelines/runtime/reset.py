@@ -13,7 +13,9 @@ reset removes exactly what makes a run resume, and what it would duplicate:
 - the topics its sources write into: its own copy of its input, which its sources write again
   on the next run (kept, the next run would read that input twice);
 - the local copies of its state (``<data-dir>/state/<group>/``);
-- the files of its ``JsonLinesSink`` and ``CsvSink`` steps, unless ``keep_outputs``.
+- the files of its ``JsonLinesSink`` and ``CsvSink`` steps, unless ``keep_outputs`` (the next
+  run then refuses to start until they are moved away: see
+  :func:`pipelines.runtime.engine.refuse_a_second_copy`).
 
 The dead-letter and late-data topics stay unless ``dead_letters`` is given: they hold records
 nobody processed, which a user may still want. Topics the pipeline reads with ``LogTopic`` or
@@ -420,7 +422,14 @@ def _local_items(topology: Topology, options: ResetOptions) -> tuple[list[Item],
         if not path.exists():
             continue
         if options.keep_outputs:
-            keep.append(Item("file", str(path), f"{why} (--keep-outputs); runs append to it"))
+            keep.append(
+                Item(
+                    "file",
+                    str(path),
+                    f"{why} (--keep-outputs); move it away before the next run, which "
+                    "refuses to add a second copy to it",
+                )
+            )
         else:
             remove.append(Item("file", str(path), why))
     return remove, keep

@@ -38,7 +38,13 @@ from pipelines.errors import LogError, PipelineError
 from pipelines.loader import load_pipeline
 from pipelines.log import open_log
 from pipelines.log.base import LogBackend
-from pipelines.runtime.engine import Sources, is_drained, lag, prepare_topics
+from pipelines.runtime.engine import (
+    Sources,
+    is_drained,
+    lag,
+    prepare_topics,
+    refuse_a_second_copy,
+)
 from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.progress import Progress, RunState
 from pipelines.runtime.runlock import run_lock
@@ -238,6 +244,8 @@ async def _run_here(
         state.reports[report.worker] = report
         progress.refresh()
 
+    await prepare_topics(log, topology)
+    await refuse_a_second_copy(log, topology, options.spec)  # in memory: always afresh
     result = await run_in_process(
         topology, log, workers=options.workers, stop=stop, on_report=on_report
     )
@@ -254,6 +262,8 @@ async def _supervise(
     stop: asyncio.Event,
 ) -> None:
     await prepare_topics(log, topology)
+    if options.sources:
+        await refuse_a_second_copy(log, topology, options.spec)
     workers = [_spawn(options, i) for i in range(options.workers)]
     restarts = _Restarts(options)
     sources = Sources(log, topology)

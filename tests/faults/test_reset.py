@@ -153,9 +153,11 @@ def test_keep_outputs_keeps_the_file_and_dead_letters_go_only_when_asked(tmp_pat
     assert (tmp_path / "out.jsonl").read_bytes() == before
     assert (tmp_path / ".headwater" / "topics" / "letters.dead-letters").is_dir()
 
+    refused = headwater("run", path, "--no-progress", cwd=tmp_path)
+    one_paragraph(refused, "its sinks already hold output: file ('out.jsonl' holds")
+    (tmp_path / "out.jsonl").rename(tmp_path / "kept.jsonl")
     ran(headwater("run", path, "--no-progress", cwd=tmp_path))
-    once = Counter(before.splitlines())
-    assert output(tmp_path) == once + once  # the next run appended a second copy
+    assert (tmp_path / "out.jsonl").read_bytes().splitlines() == before.splitlines()
 
     everything = headwater("reset", path, "--yes", "--dead-letters", cwd=tmp_path)
     assert everything.returncode == 0, everything.stderr
@@ -319,3 +321,25 @@ def test_kafka_reset_deletes_the_group_and_the_internal_topics(tmp_path: Path) -
     cleanup = headwater("reset", path, "--yes", "--dead-letters", *kafka, cwd=tmp_path)
     assert cleanup.returncode == 0, cleanup.stderr
     assert kafka_state(name, run) == (set(), False)
+
+
+@pytest.mark.parametrize("backend", ["embedded", "memory"])
+def test_a_fresh_start_over_earlier_output_is_refused(tmp_path: Path, backend: str) -> None:
+    """The data directory deleted by hand (or an in-memory run repeated): the log remembers
+    nothing, the file sink holds the first run's output, and a second copy is refused."""
+    module(tmp_path)
+    ran(headwater("run", "letters.py", cwd=tmp_path))
+    first = output(tmp_path)
+    # resumed from what the log remembers, the output already there is no reason to refuse
+    ran(headwater("run", "letters.py", cwd=tmp_path))
+    assert output(tmp_path) == first
+    subprocess.run(["rm", "-rf", str(tmp_path / ".headwater")], check=True)
+    again = headwater("run", "letters.py", "--backend", backend, cwd=tmp_path)
+    one_paragraph(
+        again,
+        "pipeline 'letters' starts afresh",
+        "its sinks already hold output: file ('out.jsonl' holds",
+        "Running would add a second copy after it",
+        "`headwater reset letters.py`",
+    )
+    assert output(tmp_path) == first
