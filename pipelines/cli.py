@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -265,13 +266,15 @@ def _run(args: argparse.Namespace) -> int:
         stall_after=args.stall_after,
     )
     state = run(options)
-    _summary(state)
+    _summary(state, _reset_command(args))
     if state.stopped_by is None or not options.sources:
         return 0  # a worker's normal end is being stopped
     return 128 + state.stopped_by
 
 
-def _summary(state: RunState) -> None:
+def _summary(state: RunState, reset: str) -> None:
+    """What the run did, step by step, on stderr; a source that found nothing new after its
+    stored position says so, and that ``reset`` (a command) starts afresh."""
     totals = state.step_totals()
     if state.stopped_by is None:
         outcome = "finished"
@@ -281,7 +284,13 @@ def _summary(state: RunState) -> None:
         outcome = "stopped"
     lines = [f"headwater: {state.topology.pipeline.name} {outcome}"]
     for source in state.sources:
-        lines.append(f"  source {source.step_id}: {source.records:,} records written")
+        if source.nothing_new:
+            lines.append(
+                f"  source {source.step_id}: nothing new since the last run (resumed at "
+                f"{source.resumed_at}); `{reset}` starts afresh"
+            )
+        else:
+            lines.append(f"  source {source.step_id}: {source.records:,} records written")
     for step in state.topology.pipeline.steps:
         counts = totals.get(step.step_id)
         if counts is not None:
@@ -293,6 +302,20 @@ def _summary(state: RunState) -> None:
     behind = sum(state.lag.values())
     lines.append(f"  lag: {behind:,} records")
     print("\n".join(lines), file=sys.stderr)
+
+
+def _reset_command(args: argparse.Namespace) -> str:
+    """The ``headwater reset`` command for the pipeline and log of this ``run``."""
+    words = ["headwater", "reset", args.module]
+    if args.backend == "kafka":
+        words += ["--backend", "kafka"]
+        if args.bootstrap_servers:
+            words += ["--bootstrap-servers", args.bootstrap_servers]
+        if args.group_id:
+            words += ["--group-id", args.group_id]
+    elif args.backend == "embedded" and args.data_dir != Path(".headwater"):
+        words += ["--data-dir", str(args.data_dir)]
+    return shlex.join(words)
 
 
 def _is_dir(path: Path) -> bool:

@@ -583,3 +583,20 @@ def test_a_damaged_committed_offset_stops_the_run(
     text = " ".join(result.stderr.split())
     for needle in needles:
         assert needle in text, result.stderr
+
+
+# -- headwater run: a second run with nothing new ---------------------------------------------
+
+
+def test_a_second_run_says_its_source_found_nothing_new(tmp_path: Path) -> None:
+    write(tmp_path / "letters.py", GOOD_MODULE)
+    first = headwater("run", "letters.py", "--no-progress", "--data-dir", "log", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "  source letters: 31 records written" in first.stderr
+    second = headwater("run", "letters.py", "--no-progress", "--data-dir", "log", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert (
+        "  source letters: nothing new since the last run (resumed at position 31); "
+        "`headwater reset letters.py --data-dir log` starts afresh"
+    ) in second.stderr
+    assert "  letters: 0 in, 0 out" in second.stderr

@@ -19,7 +19,8 @@ from typing import Any
 
 import orjson
 
-from connectors.base import SourceBatch
+from connectors.base import Source, SourceBatch
+from connectors.files import Csv, JsonLines
 from pipelines.errors import ConnectorError, PipelineError
 from pipelines.log.base import LogBackend, Producer, RawBatch, TopicPartition
 from pipelines.pipeline import Step
@@ -28,7 +29,7 @@ from pipelines.runtime.topology import Topology
 from pipelines.runtime.watermarks import END_OF_TIME, marker_batch
 from pipelines.topic import Topic
 
-__all__ = ["SourceProgress", "load_positions", "run_source"]
+__all__ = ["SourceProgress", "describe_position", "load_positions", "run_source"]
 
 _READ_CHUNK = 10_000
 
@@ -40,6 +41,23 @@ class SourceProgress:
     step_id: str
     records: int = 0
     done: bool = False
+    resumed_at: str | None = None
+    """Where the source resumed, in words ("byte 8,123,456"), or None when it started from the
+    beginning of its input (no stored position)."""
+
+    @property
+    def nothing_new(self) -> bool:
+        """Whether the source resumed from a stored position and read to the end of its input
+        without finding a record after it (it had all been processed by an earlier run)."""
+        return self.done and self.records == 0 and self.resumed_at is not None
+
+
+def describe_position(source: Source, position: Any) -> str:
+    """A stored position in words: a byte offset for the file sources, else as stored."""
+    if isinstance(position, int) and not isinstance(position, bool):
+        unit = "byte" if isinstance(source, JsonLines | Csv) else "position"
+        return f"{unit} {position:,}"
+    return f"position {orjson.dumps(position).decode()}"
 
 
 async def load_positions(log: LogBackend, topic: Topic) -> dict[str, Any]:
@@ -94,6 +112,7 @@ async def run_source(
     """Feed one source step's topic from ``start`` (a stored position, or None) to the end."""
     topic, source = step.topic, step.source
     assert topic is not None and source is not None
+    progress.resumed_at = None if start is None else describe_position(source, start)
     positions = topology.positions_topic
     outbox = Outbox(producer)
     try:

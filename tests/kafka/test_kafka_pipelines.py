@@ -34,7 +34,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import ConsumerRecord, RecordMetadata
+from test_example import check_report, counted, parse_report, reference, sink_rows
 
 from pipelines.runtime.watermarks import END_OF_TIME, MARKER_PREFIX, is_marker
 
@@ -444,34 +444,17 @@ def kafka_partition(key: bytes, partitions: int) -> int:
 # -- 1. the clickstream example: kafka == embedded ------------------------------------------------
 
 CLICK_EVENTS = 100_000
+"""As many as the example's generator writes by default (test_example's reference expects it)."""
 
 
-def _click(line: bytes) -> dict[str, str] | None:
-    """The click a line holds, or None if it is not JSON or not a Click."""
-    try:
-        value = orjson.loads(line)
-    except orjson.JSONDecodeError:
-        return None
-    fields = ("user", "url", "ts", "session")
-    if not isinstance(value, dict) or not all(isinstance(value.get(f), str) for f in fields):
-        return None
-    try:
-        datetime.fromisoformat(value["ts"])
-    except ValueError:
-        return None
-    return value
-
-
-def _example_copy(directory: Path, pipeline_name: str, topic_name: str) -> Path:
-    """The example module with its pipeline and input topic renamed, and nothing else changed."""
-    source = (EXAMPLE / "pipeline.py").read_text()
-    renames = {'Pipeline("clickstream")': f'Pipeline("{pipeline_name}")'}
-    renames['Topic("clicks",'] = f'Topic("{topic_name}",'
+def _renamed_copy(source: Path, directory: Path, renames: dict[str, str]) -> Path:
+    """A copy of ``source`` in ``directory`` with each of ``renames`` made once, nothing else."""
+    text = source.read_text()
     for old, new in renames.items():
-        assert source.count(old) == 1, f"the example no longer contains {old} exactly once"
-        source = source.replace(old, new)
-    path = directory / "clickstream_kafka.py"
-    path.write_text(source)
+        assert text.count(old) == 1, f"{source.name} no longer contains {old} exactly once"
+        text = text.replace(old, new)
+    path = directory / f"{source.stem}_kafka.py"
+    path.write_text(text)
     return path
 
 
@@ -479,6 +462,13 @@ def _summary(stderr: str) -> list[str]:
     lines = stderr.splitlines()
     start = next(i for i, line in enumerate(lines) if line.endswith(" finished"))
     return lines[start:]
+
+
+def _late(stderr: str) -> int:
+    """The records the windowed step found late, from the run's summary."""
+    found = re.search(r"^  views-per-minute: .* out(?:, (\S+) late)?$", stderr, re.MULTILINE)
+    assert found, stderr
+    return int((found[1] or "0").replace(",", ""))
 
 
 @pytest.mark.slow
@@ -502,9 +492,9 @@ def test_clickstream_example_gives_the_same_result_on_kafka_as_embedded(
         check=False,
     )
     assert generated.returncode == 0, generated.stderr
-    lines = [line for line in clicks.read_bytes().split(b"\n") if line]
-    bad = Counter(line for line in lines if _click(line) is None)
-    assert bad, "the generated input has no bad line to dead-letter"
+    ref = reference(clicks)
+    assert ref.bad, "the generated input has no bad line to dead-letter"
+    assert ref.beyond, "the generated input has no click beyond the window's lateness"
 
     embedded = run_headwater(
         [
@@ -518,7 +508,7 @@ def test_clickstream_example_gives_the_same_result_on_kafka_as_embedded(
         ],
         cwd=tmp_path,
         name="embedded",
-        env={"CLICKS_INPUT": str(clicks), "CLICKS_OUTPUT": str(tmp_path / "embedded.jsonl")},
+        env={"CLICKS_INPUT": str(clicks), "CLICKS_OUTPUT": str(tmp_path / "embedded")},
     )
     assert embedded.code == 0, embedded.stderr
 
@@ -526,7 +516,14 @@ def test_clickstream_example_gives_the_same_result_on_kafka_as_embedded(
     # topics and offsets: run a copy with unique names, in a fresh consumer group.
     pipeline_name, topic_name = kafka_names("clickstream"), kafka_names("clicks")
     group = kafka_names("clickstream-group")
-    module = _example_copy(tmp_path, pipeline_name, topic_name)
+    module = _renamed_copy(
+        EXAMPLE / "pipeline.py",
+        tmp_path,
+        {
+            'Pipeline("clickstream")': f'Pipeline("{pipeline_name}")',
+            'Topic("clicks",': f'Topic("{topic_name}",',
+        },
+    )
     on_kafka = run_headwater(
         [
             "run",
@@ -538,32 +535,31 @@ def test_clickstream_example_gives_the_same_result_on_kafka_as_embedded(
         ],
         cwd=tmp_path,
         name="kafka",
-        env={"CLICKS_INPUT": str(clicks), "CLICKS_OUTPUT": str(tmp_path / "kafka.jsonl")},
+        env={"CLICKS_INPUT": str(clicks), "CLICKS_OUTPUT": str(tmp_path / "kafka")},
     )
     assert on_kafka.code == 0, on_kafka.stderr
     assert "Traceback" not in on_kafka.stderr
 
-    embedded_views = Counter((tmp_path / "embedded.jsonl").read_bytes().splitlines())
-    kafka_views = Counter((tmp_path / "kafka.jsonl").read_bytes().splitlines())
-    assert kafka_views == embedded_views
-    # ... and both are what the example means: every valid product-page click, once
-    clicks_ok = [c for c in map(_click, lines) if c is not None]
-    expected = Counter(
-        (c["user"], c["url"], datetime.fromisoformat(c["ts"]).isoformat())
-        for c in clicks_ok
-        if c["url"].startswith("/p/")
-    )
-    views = Counter(
-        (v["user"], v["page"], v["ts"]) for v in map(orjson.loads, kafka_views.elements())
-    )
-    assert views == expected
+    # Both count what the example means (each page-minute once, within the reference's bounds:
+    # a click beyond the lateness is late or counted, depending on timing) ...
+    outputs = {}
+    for run, name in ((embedded, "embedded"), (on_kafka, "kafka")):
+        minutes = counted(sink_rows(tmp_path / name / "page-minutes.jsonl"))
+        ref.check_counts(minutes, _late(run.stderr))
+        outputs[name] = minutes
+    # ... and the same wherever no such click is
+    assert {k: v for k, v in outputs["kafka"].items() if k not in ref.beyond} == {
+        k: v for k, v in outputs["embedded"].items() if k not in ref.beyond
+    }
 
-    # The same summary, step by step (names aside), and nothing left behind.
+    # The same summary, step by step (names aside) up to the windowed step, and nothing left
+    # behind.
     renamed = [
         line.replace(pipeline_name, "clickstream").replace(topic_name, "clicks")
         for line in _summary(on_kafka.stderr)
     ]
-    assert renamed == _summary(embedded.stderr)
+    window = next(i for i, line in enumerate(renamed) if line.startswith("  views-per-minute:"))
+    assert renamed[:window] == _summary(embedded.stderr)[:window]
     assert "lag: 0 records" in on_kafka.stderr
     # The group committed every partition of the input topic to its end, which is past the
     # CLICK_EVENTS records by the one end-of-time marker the source wrote to each partition.
@@ -571,13 +567,38 @@ def test_clickstream_example_gives_the_same_result_on_kafka_as_embedded(
     assert committed(kafka, group, topic_name, 6) == ends
     assert sum(ends.values()) == CLICK_EVENTS + 6
 
-    # The bad lines are in the dead-letter topic on Kafka, as they are on the embedded log.
+    # The bad lines are in the dead-letter topic on Kafka, as they are on the embedded log, and
+    # the late-data topic holds clicks beyond the lateness only.
     dead = read_records(kafka, f"{pipeline_name}.dead-letters", 1)
-    assert Counter(r.value for r in dead) == bad
+    assert Counter(r.value for r in dead) == ref.bad
     for record in dead:
         headers = dict(record.headers)
         assert headers["headwater.step"] == topic_name.encode()
         assert headers["headwater.source.topic"] == topic_name.encode()
+    late = read_records(kafka, f"{pipeline_name}.views-per-minute.late", 1)
+    assert len(late) == _late(on_kafka.stderr)
+    assert not Counter(r.value for r in late) - ref.beyond_lines
+
+    # The report reads the same tables and counts from Kafka (as in docker/docker-compose.yml).
+    report = _renamed_copy(
+        EXAMPLE / "report.py",
+        tmp_path,
+        {
+            '"clickstream.dead-letters"': f'"{pipeline_name}.dead-letters"',
+            '"clickstream.views-per-minute.late"': f'"{pipeline_name}.views-per-minute.late"',
+        },
+    )
+    printed = subprocess.run(
+        [sys.executable, str(report), str(tmp_path / "kafka"), "--backend", "kafka"],
+        cwd=tmp_path,
+        env=_env({"HEADWATER_BOOTSTRAP_SERVERS": kafka}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert printed.returncode == 0, printed.stderr
+    check_report(parse_report(printed.stdout), ref)
 
 
 # -- 2. kill -9 of a worker, then a new worker joins ----------------------------------------------
