@@ -53,6 +53,7 @@ from typing import BinaryIO
 import orjson
 
 from pipelines.errors import LogError, PipelineError
+from pipelines.log._locks import held
 from pipelines.log._partition_file import (
     _CRC_FROM,
     _END,
@@ -476,27 +477,13 @@ def users(data_dir: Path) -> list[str]:
     ``runs/<pipeline>.lock``) and consumer-group members (which hold their member file)."""
     found = []
     for lock in sorted(data_dir.glob("runs/*.lock")):
-        if _held(lock):
+        if held(lock):
             pid = lock.read_text(errors="replace").strip() or "unknown"
             found.append(f"the runner of pipeline {lock.stem!r} (pid {pid})")
     for member in sorted(data_dir.glob("groups/*/members/*")):
-        if not member.name.startswith(".") and _held(member):
+        if not member.name.startswith(".") and held(member):
             found.append(f"a member of consumer group {member.parent.parent.name!r}")
     return found
-
-
-def _held(path: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def _refuse_if_in_use(data_dir: Path) -> None:

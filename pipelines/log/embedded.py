@@ -39,6 +39,7 @@ import orjson
 from pipelines.errors import CorruptLogError, LogError, TopicError
 from pipelines.log._commits import CommitRecord, pending_commits, read_commit, write_commit
 from pipelines.log._local import LocalLog, LocalTransaction, Membership, new_member_id
+from pipelines.log._locks import locked
 from pipelines.log._partition_file import PartitionFile, disk_error
 from pipelines.log.base import FetchedBatch, RawBatch, TopicPartition, TopicSpec
 
@@ -96,16 +97,6 @@ def _exists(path: Path) -> bool:
 
 def _file_name(tp: TopicPartition) -> str:
     return f"{tp.topic}.{tp.partition}"
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _try_lock(path: Path) -> int | None:
@@ -280,7 +271,7 @@ class EmbeddedLog(LocalLog):
 
     async def create_topics(self, specs: Sequence[TopicSpec]) -> None:
         lock = self._topics_dir / ".lock"
-        with _on_disk(lock, "lock"), _locked(lock):
+        with _on_disk(lock, "lock"), locked(lock):
             existing = await self.describe_topics()
             for spec in specs:
                 found = existing.get(spec.name)

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import shutil
 import sys
@@ -49,6 +48,7 @@ from typing import Any, Literal, TypeVar
 from connectors.files import CsvSink, JsonLinesSink
 from pipelines.errors import LogError, PipelineError
 from pipelines.loader import load_pipeline
+from pipelines.log._locks import held, locked
 from pipelines.runtime.runlock import AlreadyRunning, run_lock
 from pipelines.runtime.topology import Topology, compile_pipeline
 from pipelines.settings import KafkaSettings
@@ -191,7 +191,7 @@ class _EmbeddedStore(_Store):
 
     async def check_idle(self, group: str) -> None:
         members = self._groups / group / "members"
-        live = [path.name for path in sorted(members.glob("*")) if _locked(path)]
+        live = [path.name for path in sorted(members.glob("*")) if held(path)]
         if live:
             raise PipelineError(
                 f"cannot reset: {len(live)} worker(s) of consumer group {group!r} are running on "
@@ -204,36 +204,11 @@ class _EmbeddedStore(_Store):
         shutil.rmtree(self._groups / group, ignore_errors=False)
 
     async def remove_topics(self, names: Sequence[str]) -> None:
-        with _file_lock(self._topics / ".lock"):  # the lock topic creation takes
+        with locked(self._topics / ".lock"):  # the lock topic creation takes
             for name in names:
                 directory = self._topics / name
                 (directory / "topic.json").unlink(missing_ok=True)  # gone for readers first
                 shutil.rmtree(directory)
-
-
-def _locked(path: Path) -> bool:
-    """Whether a live process holds the ``flock`` of ``path`` (a group member's file)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False  # gone in the meantime: its member left
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 class _KafkaStore(_Store):
