@@ -21,7 +21,7 @@ from pathlib import Path
 
 import orjson
 
-from pipelines.log._partition_file import decode_frame, encode_frame
+from pipelines.log._partition_file import decode_frame, disk_error, encode_frame
 from pipelines.log.base import RawBatch, TopicPartition
 
 __all__ = ["CommitRecord", "pending_commits", "read_commit", "write_commit"]
@@ -88,10 +88,15 @@ def read_commit(path: Path) -> CommitRecord:
 
 
 def pending_commits(directory: Path) -> Sequence[Path]:
-    """The commit files in ``directory``, oldest first."""
-    if not directory.is_dir():
+    """The commit files in ``directory``, oldest first. A directory that cannot be listed is
+    an error, not an empty one: its commits would go unapplied without a word."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
         return []
-    return sorted(directory.glob("*.commit"), key=lambda p: p.name)
+    except OSError as error:
+        raise disk_error(directory, "list the pending commits in", error) from error
+    return [directory / n for n in sorted(names) if n.endswith(".commit") and n[0] != "."]
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -153,6 +153,37 @@ def test_a_file_headwater_may_not_open(
     assert upper_values(run_dir) == UPPER  # nothing processed again
 
 
+PENDING = """
+from pipelines.errors import LogError
+from pipelines.log._commits import pending_commits
+from pathlib import Path
+
+try:
+    pending_commits(Path("commits"))
+except LogError as error:
+    print(error)
+"""
+
+
+def test_pending_commits_in_a_directory_that_cannot_be_listed(tmp_path: Path) -> None:
+    """Exactly-once commits waiting to be applied are never taken for none at all."""
+    (tmp_path / "commits").mkdir()
+    (tmp_path / "commits" / "0000000000000001-0.commit").write_bytes(b"")
+    with unreadable(tmp_path / "commits"):
+        result = subprocess.run(
+            [sys.executable, "-c", PENDING],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+            preexec_fn=_bound_by_permissions,
+        )
+    assert result.returncode == 0, result.stderr
+    assert "cannot list the pending commits in commits: Permission denied" in result.stdout
+    assert PERMISSIONS in result.stdout
+
+
 @pytest.mark.parametrize("target", ["groups/letters/offsets/letters.0", "groups/letters"])
 def test_topics_tail_reads_no_group_files(run_dir: Path, target: str) -> None:
     with unreadable(run_dir / DATA / target):
