@@ -24,7 +24,7 @@ import orjson
 from pipelines.log._partition_file import decode_frame, disk_error, encode_frame
 from pipelines.log.base import RawBatch, TopicPartition
 
-__all__ = ["CommitRecord", "pending_commits", "read_commit", "write_commit"]
+__all__ = ["CommitRecord", "fsync_directory", "pending_commits", "read_commit", "write_commit"]
 
 _LENGTH = struct.Struct("<I")
 
@@ -65,7 +65,7 @@ def write_commit(directory: Path, record: CommitRecord) -> tuple[int, Path]:
         os.fsync(fd)
         final = directory / name
         os.replace(temporary, final)
-        _fsync_directory(directory)
+        fsync_directory(directory)
     except BaseException:
         os.close(fd)
         raise
@@ -99,7 +99,8 @@ def pending_commits(directory: Path) -> Sequence[Path]:
     return [directory / n for n in sorted(names) if n.endswith(".commit") and n[0] != "."]
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make the entries of ``directory`` (a rename into it, a new file) durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -37,7 +37,13 @@ from pathlib import Path
 import orjson
 
 from pipelines.errors import CorruptLogError, LogError, TopicError
-from pipelines.log._commits import CommitRecord, pending_commits, read_commit, write_commit
+from pipelines.log._commits import (
+    CommitRecord,
+    fsync_directory,
+    pending_commits,
+    read_commit,
+    write_commit,
+)
 from pipelines.log._local import LocalLog, LocalTransaction, Membership, new_member_id
 from pipelines.log._locks import locked
 from pipelines.log._partition_file import PartitionFile, disk_error
@@ -63,15 +69,7 @@ def _write_atomically(path: Path, data: bytes, *, fsync: bool = False) -> None:
             temporary.unlink()
         raise
     if fsync:
-        _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_directory(path.parent)
 
 
 @contextlib.contextmanager
@@ -414,7 +412,7 @@ class EmbeddedLog(LocalLog):
             marker.parent.mkdir(exist_ok=True)
             os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, 0o644))
             if self._fsync:
-                _fsync_directory(marker.parent)
+                fsync_directory(marker.parent)
         self._marked.add((group, tp))
 
     def membership(self, group: str) -> Membership:

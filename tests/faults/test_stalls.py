@@ -5,9 +5,11 @@ Real ``headwater run`` processes, real signals; outputs compared with the input 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -57,27 +59,29 @@ def output_numbers(directory: Path) -> list[int]:
     return sorted(orjson.loads(line)["n"] for line in lines)
 
 
-def stderr_contains(runner: Runner, text: str) -> bool:
-    return text in runner.stderr()
-
-
-def test_a_hung_step_is_reported_and_a_stop_does_not_wait_for_it(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def hung_run(tmp_path: Path, hang: str, *, workers: int) -> Iterator[Runner]:
+    """``headwater run`` of HANGING with ``--stall-after 1``, once it has reported the stall."""
     module = write(tmp_path / "stall.py", HANGING)
-    data_dir = tmp_path / ".headwater"
     with headwater_run(
         module,
-        data_dir,
-        workers=1,
-        name="hung",
-        env={"HANG": "sleep"},
+        tmp_path / ".headwater",
+        workers=workers,
+        name=hang,
+        env={"HANG": hang},
         extra=["--stall-after", "1"],
     ) as runner:
         wait_until(
-            lambda: stderr_contains(runner, "has not returned"),
+            lambda: "has not returned" in runner.stderr(),
             runner,
             timeout=30,
             what="the stall report",
         )
+        yield runner
+
+
+def test_a_hung_step_is_reported_and_a_stop_does_not_wait_for_it(tmp_path: Path) -> None:
+    with hung_run(tmp_path, "sleep", workers=1) as runner:
         os.kill(runner.pid, signal.SIGTERM)
         stopped_at = time.monotonic()
         code = runner.wait(timeout=20)
@@ -102,21 +106,7 @@ def test_a_hung_step_is_reported_and_a_stop_does_not_wait_for_it(tmp_path: Path)
 
 
 def test_a_second_ctrl_c_kills_a_worker_that_will_not_stop(tmp_path: Path) -> None:
-    module = write(tmp_path / "stall.py", HANGING)
-    with headwater_run(
-        module,
-        tmp_path / ".headwater",
-        workers=2,
-        name="stubborn",
-        env={"HANG": "stubborn"},
-        extra=["--stall-after", "1"],
-    ) as runner:
-        wait_until(
-            lambda: stderr_contains(runner, "has not returned"),
-            runner,
-            timeout=30,
-            what="the stall report",
-        )
+    with hung_run(tmp_path, "stubborn", workers=2) as runner:
         os.killpg(runner.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
         time.sleep(2.5)
         assert runner.process.poll() is None, "the run stopped although a step swallows stops"
