@@ -77,6 +77,17 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka import TopicPartition as KafkaPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from chaos.inflight import (
+    TRACE,
+    Kill,
+    copy_bound,
+    describe,
+    in_flight,
+    read_by,
+    traced_pids,
+    wait_for_a_fresh_batch,
+    where,
+)
 
 from pipelines.log import EmbeddedLog
 from pipelines.log.base import TopicPartition
@@ -141,7 +152,6 @@ The source sleeps PACE seconds after each batch (written and its position stored
 """
 
 import asyncio
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -166,15 +176,8 @@ class PacedJsonLines(JsonLines):
                 QUIET.unlink(missing_ok=True)
 
 
-_mapped = 0
-
-
-def slow(event):
-    global _mapped
-    _mapped += 1
-    if _mapped % 100 == 0:
-        time.sleep(0.001)
-    return event
+ID = "id"
+{trace}
 
 
 pipeline = (
@@ -245,16 +248,8 @@ class Job:
     def open_gate(self) -> None:
         self.gate.touch()
 
-    def wait_for_a_fresh_batch(self, timeout: float = 10.0) -> None:
-        """Return as the source starts to sleep after writing a batch and storing its position
-        (the file ``quiet`` appears): the workers are busy with that batch now."""
-        deadline = time.monotonic() + timeout
-        while self.quiet.exists():
-            assert time.monotonic() < deadline, "the source keeps sleeping"
-            time.sleep(0.001)
-        while not self.quiet.exists():
-            assert time.monotonic() < deadline, "the source no longer writes batches"
-            time.sleep(0.001)
+    def wait_for_a_fresh_batch(self) -> None:
+        wait_for_a_fresh_batch(self.quiet)
 
 
 def write_job(
@@ -280,6 +275,7 @@ def write_job(
             lateness_ms=data.disorder_ms,
             pace=pace,
             batch=batch,
+            trace=TRACE,
         )
     )
     return job
@@ -453,6 +449,9 @@ class LogView(Protocol):
     def values(self, topic: str, partitions: int) -> list[list[bytes]]:
         """Every value on ``topic``, partition by partition, in order."""
 
+    def entries(self, topic: str, partitions: int) -> list[list[tuple[int, bytes]]]:
+        """Every (offset, value) on ``topic``, partition by partition, in order."""
+
 
 class EmbeddedView:
     def __init__(self, data_dir: Path) -> None:
@@ -499,21 +498,31 @@ class EmbeddedView:
         self, topic: str, partitions: int, since: dict[int, int] | None = None
     ) -> list[list[bytes]]:
         """Each partition's record values (markers left out), from offset ``since[p]`` on."""
+        return [[v for _, v in e] for e in self.entries(topic, partitions, since)]
+
+    def entries(
+        self, topic: str, partitions: int, since: dict[int, int] | None = None
+    ) -> list[list[tuple[int, bytes]]]:
+        """Each partition's (offset, value) pairs (markers left out), from ``since[p]`` on."""
         if not self._exists(topic):
             return [[] for _ in range(partitions)]
 
-        async def work(log: EmbeddedLog) -> list[list[bytes]]:
-            found: list[list[bytes]] = []
+        async def work(log: EmbeddedLog) -> list[list[tuple[int, bytes]]]:
+            found: list[list[tuple[int, bytes]]] = []
             for partition in range(partitions):
                 tp = TopicPartition(topic, partition)
-                offset, values = (since or {}).get(partition, 0), []
+                offset, entries = (since or {}).get(partition, 0), []
                 while True:
                     fetched = await log.read(tp, offset, 50_000)
                     if not len(fetched.records):
                         break
-                    values += [v for v in fetched.records.values if v is not None]
+                    entries += [
+                        (o, v)
+                        for o, v in zip(fetched.offsets, fetched.records.values, strict=True)
+                        if v is not None
+                    ]
                     offset = fetched.next_offset
-                found.append(values)
+                found.append(entries)
             return found
 
         return self._run(work)  # type: ignore[no-any-return]
@@ -576,7 +585,12 @@ class KafkaView:
         return asyncio.run(go())
 
     def values(self, topic: str, partitions: int) -> list[list[bytes]]:
-        async def go() -> list[list[bytes]]:
+        return [[v for _, v in e] for e in self.entries(topic, partitions)]
+
+    def entries(self, topic: str, partitions: int) -> list[list[tuple[int, bytes]]]:
+        """Each partition's (offset, value) pairs (markers left out)."""
+
+        async def go() -> list[list[tuple[int, bytes]]]:
             async with self._consumer() as consumer:
                 if topic not in await consumer.topics():
                     return [[] for _ in range(partitions)]
@@ -584,14 +598,16 @@ class KafkaView:
                 consumer.assign(tps)
                 ends = await consumer.end_offsets(tps)
                 await consumer.seek_to_beginning(*tps)
-                found: dict[int, list[bytes]] = {p: [] for p in range(partitions)}
+                found: dict[int, list[tuple[int, bytes]]] = {p: [] for p in range(partitions)}
                 deadline = time.monotonic() + 60
                 todo = [tp for tp in tps if ends[tp] > 0]
                 while todo:
                     fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=50_000)
                     for tp, messages in fetched.items():
                         found[tp.partition] += [
-                            m.value for m in messages if m.offset < ends[tp] and m.value is not None
+                            (m.offset, m.value)
+                            for m in messages
+                            if m.offset < ends[tp] and m.value is not None
                         ]
                     todo = [tp for tp in todo if await consumer.position(tp) < ends[tp]]
                     assert time.monotonic() < deadline, f"reading {topic} took over 60s"
@@ -855,6 +871,8 @@ class Chaos:
 
     killed: list[tuple[int, str]] = field(default_factory=list)
     """(pid, whose worker: 'run' or a replacement's name) of every worker killed."""
+    kills: list[Kill] = field(default_factory=list)
+    """The input offsets around each kill, to tell what it caught in flight."""
     replacements: list[Cli] = field(default_factory=list)
     seed: int = 0
 
@@ -884,6 +902,21 @@ def committed_now(view: LogView, job: Job) -> dict[str, dict[int, int]]:
     return {t: view.committed(job.group, t, 6) for t in (job.input_topic, job.repartition_topic)}
 
 
+EXTRA_KILLS = 4
+"""Kills a chaos run may add when none of the planned ones caught work in flight."""
+
+
+def positions(view: LogView, job: Job) -> dict[int, tuple[int, int]]:
+    """Event id -> (partition, offset) on the input topic."""
+    return where(view.entries(job.input_topic, 6), "id")
+
+
+def caught_in_flight(view: LogView, job: Job, chaos: Chaos) -> list[int]:
+    """For each kill: the events its victim read and had not committed."""
+    found = positions(view, job)
+    return [in_flight(job.directory, kill, found) for kill in chaos.kills]
+
+
 def run_chaos(
     *,
     runner: Cli,
@@ -898,7 +931,8 @@ def run_chaos(
 ) -> Chaos:
     """``kills`` times: kill -9 a random worker, start a replacement ``headwater worker`` (or,
     with no ``worker_args``, let the runner start one in its place), and wait until every
-    partition makes progress again.
+    partition makes progress again; then more kills, up to :data:`EXTRA_KILLS`, until one has
+    caught work in flight (:mod:`chaos.inflight`).
 
     Each kill happens mid-stream, ``delay`` seconds after the source has written a batch: while
     the workers process it, with outputs sent and offsets not committed yet (the moment a
@@ -906,11 +940,15 @@ def run_chaos(
     seed = random.randrange(1 << 32)
     rng = random.Random(seed)
     chaos = Chaos(seed=seed)
-    for round_ in range(kills):
+    round_ = 0
+    while round_ < kills or (
+        round_ < kills + EXTRA_KILLS and not any(caught_in_flight(view, job, chaos))
+    ):
+        round_ += 1
         time.sleep(rng.uniform(*pause))
         written = view.count(job.input_topic, 6)
         assert written < job.data.events, (
-            f"kill {round_ + 1} of {kills} would come after the source finished: "
+            f"kill {round_} ({kills} planned) would come after the source finished: "
             "slow the source down (PACE)"
         )
         own = worker_pids(runner.pid)
@@ -925,6 +963,7 @@ def run_chaos(
         chaos.killed.append((victim, whose))
         wait_until(gone(victim), timeout=10, what=f"worker {victim} to die")
         since = committed_now(view, job)  # from now on only the new owners commit
+        chaos.kills.append(Kill((victim,), since[job.input_topic]))
 
         watch = [runner]
         if worker_args is None:
@@ -935,8 +974,8 @@ def run_chaos(
                 watch=watch,
             )
         else:
-            name = f"worker-{round_ + 1}"
-            replacement = start(sessions, worker_args(round_ + 1), cwd=job.directory, name=name)
+            name = f"worker-{round_}"
+            replacement = start(sessions, worker_args(round_), cwd=job.directory, name=name)
             chaos.replacements.append(replacement)
             watch.append(replacement)
             wait_until(
@@ -948,7 +987,7 @@ def run_chaos(
         wait_until(
             progress_everywhere(view, job, since=since),
             timeout=takeover_timeout,
-            what=f"progress on every partition after kill {round_ + 1} (worker {victim})",
+            what=f"progress on every partition after kill {round_} (worker {victim})",
             watch=watch,
             interval=0.25,
         )
@@ -986,18 +1025,40 @@ def finish_chaos(runner: Cli, job: Job, view: LogView, chaos: Chaos, sessions: S
     assert view.count(job.input_topic, 6) == job.data.events
     # every offset committed, the source's end-of-time marker after each partition's records too
     assert view.committed(job.group, job.input_topic, 6) == view.ends(job.input_topic, 6)
-    check(view, job, chaos.describe())
+    replays = check(view, job, chaos.describe())
+    check_in_flight(view, job, chaos.kills, replays, chaos.describe())
 
 
-def check(view: LogView, job: Job, context: str = "") -> None:
-    """What the job's guarantee promises (see the module docstring)."""
+def check_in_flight(
+    view: LogView, job: Job, kills: Sequence[Kill], replays: Replays | None, context: str
+) -> None:
+    """The kills caught work in flight (events read and not committed), and under
+    at-least-once the copies on the repartition topic are no more than the kills caught."""
+    found = positions(view, job)
+    caught = [in_flight(job.directory, kill, found) for kill in kills]
+    report = describe(job.directory, kills, found)
+    print(f"in flight:\n{report}")
+    assert any(caught), f"no kill caught an event read and not committed:\n{report}\n{context}"
+    if replays is not None:
+        bound = copy_bound(caught, kills)
+        assert replays.copies <= bound, (
+            f"{replays.copies} copies on {job.repartition_topic}, more than the {bound} events "
+            f"the killed workers can have read and not committed: a replay went back further "
+            f"than the last commit\n{report}\n{context}"
+        )
+
+
+def check(view: LogView, job: Job, context: str = "") -> Replays | None:
+    """What the job's guarantee promises (see the module docstring); under at-least-once,
+    what the replays did."""
     outcome = read_outcome(view, job)
     if job.exactly_once:
         check_exactly_once(view, job, outcome, context)
         print(f"exactly-once: {len(outcome.emissions)} windows, each emitted once; {context}")
-    else:
-        replays = check_at_least_once(view, job, outcome, context)
-        print(f"at-least-once: {replays}; {context}")
+        return None
+    replays = check_at_least_once(view, job, outcome, context)
+    print(f"at-least-once: {replays}; {context}")
+    return replays
 
 
 # -- 1. embedded -----------------------------------------------------------------------------------
@@ -1201,7 +1262,10 @@ def test_restart_after_killing_everything(
     wait_for_no_process(sessions, timeout=10)  # nothing survives the kill of the whole group
 
     written = view.count(job.input_topic, 6)
-    committed_input = sum(view.committed(job.group, job.input_topic, 6).values())
+    committed_in = view.committed(job.group, job.input_topic, 6)
+    kill = Kill(tuple(workers), committed_in)
+    first_run = set(traced_pids(tmp_path))
+    committed_input = sum(committed_in.values())
     committed_at = view.committed(job.group, job.repartition_topic, 6)
     committed = sum(committed_at.values())
     assert 0 < written < total, "the source was not killed mid-stream"
@@ -1223,15 +1287,33 @@ def test_restart_after_killing_everything(
     assert view.count(job.input_topic, 6) == total
     inputs = Counter(orjson.loads(v)["id"] for vs in view.values(job.input_topic, 6) for v in vs)
     assert inputs == Counter(range(total))
-    # the second run went on from the committed offsets and state: it read and counted only
-    # what had not been committed (not everything again)
+    # the second run went on from the committed offsets and state
+    check_read_once_what_was_not_committed(view, job, kill, first_run)
     steps = summary_counts(stderr)
-    assert steps["slow"][0] == total - committed_input, _tail(stderr)
     counted = steps["count"][0]
     uncommitted = view.values(job.repartition_topic, 6, since=committed_at)
     assert counted == sum(map(len, uncommitted)), _tail(stderr)
     assert counted < total, f"the second run counted {counted:,} of {total:,} records"
     check(view, job)
+
+
+def check_read_once_what_was_not_committed(
+    view: LogView, job: Job, kill: Kill, before: set[int]
+) -> None:
+    """The workers of the run after ``kill`` (those not among ``before``) read each event the
+    kill left not committed once, and nothing else; the kill had caught some in flight."""
+    found = positions(view, job)
+    caught = in_flight(job.directory, kill, found)
+    report = describe(job.directory, [kill], found)
+    assert caught > 0, f"the kill caught nothing in flight:\n{report}"
+    left = Counter(i for i, (p, o) in found.items() if o >= kill.committed_after[p])
+    later = [pid for pid in traced_pids(job.directory) if pid not in before]
+    read = Counter(i for pid in later for i in read_by(job.directory, pid))
+    assert read == left, (
+        f"the run after the kill read {read.total():,} events; {left.total():,} were not "
+        f"committed at the kill; {(read - left).total():,} read that were committed or read "
+        f"twice, {(left - read).total():,} not read\n{report}"
+    )
 
 
 # -- 4. partitions move while windows are open -----------------------------------------------------

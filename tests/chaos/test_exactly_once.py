@@ -45,6 +45,16 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka import TopicPartition as KafkaPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from chaos.inflight import (
+    TRACE,
+    Kill,
+    a_busy_worker,
+    copy_bound,
+    describe,
+    in_flight,
+    wait_for_a_fresh_batch,
+    where,
+)
 
 from pipelines.log._commits import CommitRecord, pending_commits, read_commit, write_commit
 from pipelines.log._local import GroupConsumer
@@ -92,11 +102,11 @@ JOB = '''
 """A running count per key of numbered events ({guarantee}), for the exactly-once chaos tests.
 
 While no file `gate` exists next to this module, the source sleeps PACE seconds after each
-batch (written, its position stored), and holds once it has read HOLD of the file.
+batch (written, its position stored), and holds once it has read HOLD of the file; while it
+sleeps the file `quiet` exists.
 """
 
 import asyncio
-import time
 from pathlib import Path
 
 from connectors import JsonLines, LogTopic
@@ -104,6 +114,7 @@ from pipelines import Pipeline, Topic
 
 HERE = Path(__file__).parent
 GATE = HERE / "gate"
+QUIET = HERE / "quiet"
 PACE = {pace}
 HOLD = {hold}
 
@@ -115,20 +126,16 @@ class PacedJsonLines(JsonLines):
             yield batch
             if GATE.exists():
                 continue
+            # resumed: the batch is written and its position stored; the workers process it
+            QUIET.touch()
             await asyncio.sleep(PACE)
             while batch.position >= HOLD * size and not GATE.exists():
                 await asyncio.sleep(0.05)
+            QUIET.unlink(missing_ok=True)
 
 
-_mapped = 0
-
-
-def slow(event):
-    global _mapped
-    _mapped += 1
-    if _mapped % 100 == 0:
-        time.sleep(0.001)
-    return event
+ID = "n"
+{trace}
 
 
 pipeline = (
@@ -164,6 +171,10 @@ class Job:
         return self.directory / "gate"
 
     @property
+    def quiet(self) -> Path:
+        return self.directory / "quiet"
+
+    @property
     def group(self) -> str:
         return self.name
 
@@ -194,6 +205,7 @@ def write_job(
             output_topic=output_topic,
             input_partitions=INPUT_PARTITIONS,
             output_partitions=OUTPUT_PARTITIONS,
+            trace=TRACE,
         )
     )
     return job
@@ -683,6 +695,8 @@ class Chaos:
     killed: list[tuple[int, str, str]] = field(default_factory=list)
     """(pid, whose worker: 'run' or a replacement's name, how it was chosen)."""
     replacements: list[Cli] = field(default_factory=list)
+    kills: list[Kill] = field(default_factory=list)
+    """The input offsets committed after each kill, to tell what it caught in flight."""
     seconds: float = 0.0
     commits_left: int = 0
     """Kills that left a commit file behind (the worker died past its commit point)."""
@@ -763,6 +777,38 @@ def kill_a_worker_with_a_commit_in_hand(
     return None
 
 
+EXTRA_KILLS = 4
+"""Kills a chaos run may add when none of the planned ones caught work in flight."""
+
+
+def positions(view: LogView, job: Job) -> dict[int, tuple[int, int]]:
+    """Event number -> (partition, offset) on the input topic."""
+    entries = view.records(job.input_topic, INPUT_PARTITIONS)
+    return where([[(o, v) for o, _, v in e if v is not None] for e in entries], "n")
+
+
+def caught_in_flight(view: LogView, job: Job, chaos: Chaos) -> list[int]:
+    """For each kill: the events its victim read and had not committed."""
+    found = positions(view, job)
+    return [in_flight(job.directory, kill, found) for kill in chaos.kills]
+
+
+def check_in_flight(view: LogView, job: Job, chaos: Chaos, copies: int | None = None) -> None:
+    """The kills caught work in flight (events read and not committed); with ``copies`` (the
+    copies on the repartition topic, under at-least-once), no more copies than that."""
+    found = positions(view, job)
+    caught = [in_flight(job.directory, kill, found) for kill in chaos.kills]
+    report = describe(job.directory, chaos.kills, found)
+    print(f"in flight:\n{report}")
+    assert any(caught), f"no kill caught an event read and not committed:\n{report}"
+    if copies is not None:
+        bound = copy_bound(caught, chaos.kills)
+        assert copies <= bound, (
+            f"{copies} copies on {job.repartition_topic}, more than the {bound} events the "
+            f"killed workers can have read and not committed\n{report}\n{chaos.text()}"
+        )
+
+
 def run_chaos(
     *,
     runner: Cli,
@@ -773,19 +819,27 @@ def run_chaos(
     kills: int,
     rng: random.Random,
     pause: tuple[float, float],
+    delay: tuple[float, float],
     takeover_timeout: float,
     commits_dir: Path | None = None,
 ) -> Chaos:
     """``kills`` times: kill -9 a worker (never the runner's last one: the runner stops when
     all its own workers are gone), start a replacement ``headwater worker``, and wait until
-    every partition makes progress again. Every other kill on the embedded log aims at a
-    worker with a commit in hand (``commits_dir``), if one is caught within a second."""
+    every partition makes progress again; then more kills, up to :data:`EXTRA_KILLS`, until
+    one has caught work in flight. A kill aims at the worker reading the batch the source just
+    wrote, ``delay`` seconds after it started; every other kill on the embedded log aims at a
+    worker with a commit in hand (``commits_dir``) instead, if one is caught within a
+    second."""
     chaos = Chaos()
     started = time.monotonic()
-    for round_ in range(kills):
+    round_ = -1
+    while round_ + 1 < kills or (
+        round_ + 1 < kills + EXTRA_KILLS and not any(caught_in_flight(view, job, chaos))
+    ):
+        round_ += 1
         time.sleep(rng.uniform(*pause))
         assert count(view, job.input_topic, INPUT_PARTITIONS) < HOLD * EVENTS, (
-            f"kill {round_ + 1} of {kills} would come after the source stopped writing (it "
+            f"kill {round_ + 1} ({kills} planned) would come after the source stopped writing (it "
             f"holds at {HOLD:.0%} of the file until the gate opens): slow it down (pace)\n"
             + chaos.text()
         )
@@ -799,11 +853,19 @@ def run_chaos(
         if commits_dir is not None and round_ % 2 == 0:
             caught = kill_a_worker_with_a_commit_in_hand(commits_dir, set(whose), within=1.0)
         if caught is None:
-            victim = rng.choice(sorted(whose))
+            # the source writes each batch to one partition (its events have no key): aim at
+            # the worker that reads it, a random delay after it started
+            wait_for_a_fresh_batch(job.quiet)
+            busy = a_busy_worker(job.directory, sorted(whose), within=1.0)
+            time.sleep(rng.uniform(*delay))
+            victim = busy if busy is not None else rng.choice(sorted(whose))
             os.kill(victim, signal.SIGKILL)
         else:
             victim = caught[0]
         wait_until(lambda v=victim: not alive(v), timeout=10, what=f"worker {victim} to die")
+        chaos.kills.append(
+            Kill((victim,), view.committed(job.group, job.input_topic, INPUT_PARTITIONS))
+        )
         how = "at random"
         if caught is not None:
             how = f"caught past the commit point of {caught[1]}, before its end"
@@ -895,6 +957,7 @@ def _embedded_chaos(
         kills=6,
         rng=random.Random(),
         pause=(0.3, 1.0),
+        delay=(0.01, 0.06),
         takeover_timeout=20,
         commits_dir=data_dir / "groups" / job.group / "commits" if exactly_once else None,
     )
@@ -915,6 +978,7 @@ def test_exactly_once_embedded_under_kill_9(tmp_path: Path, commands: Commands) 
     commits_dir = tmp_path / "log" / "groups" / job.group / "commits"
     left = [p.name for p in pending_commits(commits_dir)]
     assert not left, f"commit files never applied (a later claim would apply them late): {left}"
+    check_in_flight(view, job, chaos)
     print(chaos.text())
 
 
@@ -928,6 +992,7 @@ def test_at_least_once_can_duplicate_but_never_loses(tmp_path: Path, commands: C
     check_at_least_once(outputs, copies, job, chaos)
     extra_events = copies.total() - EVENTS
     extra_counts = sum(len(e.counts) for e in outputs.values()) - EVENTS
+    check_in_flight(view, job, chaos, copies=extra_events)
     print(chaos.text())
     print(f"copies: {extra_events} on the repartition topic, {extra_counts} re-emitted counts")
 
@@ -1016,12 +1081,14 @@ def test_exactly_once_kafka_under_kill_9(tmp_path: Path, commands: Commands, bro
         kills=5,
         rng=random.Random(),
         pause=(0.5, 1.5),
+        delay=(0.02, 0.15),
         takeover_timeout=60,
     )
     finish(runner, job, view, chaos, commands)
     copies = repartition_copies(view, job)
     check_exactly_once(emitted(view, job), copies, job, chaos)
     check_repartition(copies, job, exactly_once=True)
+    check_in_flight(view, job, chaos)
     print(chaos.text())
     with contextlib.suppress(Exception):
         asyncio.run(_delete_topics(broker, run))
