@@ -17,7 +17,7 @@ at once.
 The pipeline under test (:data:`JOB`) reads a JSON Lines file of events ``{"id", "user", "ts"}``
 into a 6-partition topic, re-keys them by user (``key_by``: the repartition topic
 ``<pipeline>.by-user``), counts each user's events in tumbling event-time windows (event time
-from the record, ``emit="close"``, ``idle`` 1 s) and writes one
+from the record, ``emit="close"``, never idle by the wall clock) and writes one
 :class:`~operators.windowed.WindowResult` per closed window to a 3-partition output topic.
 The reference is computed here in plain Python from the input file alone
 (:func:`reference`): it knows nothing of partitions, workers, batches or the log.
@@ -31,7 +31,11 @@ What makes the reference exact:
   after each stored batch, so the run stays mid-stream while the test kills workers; once the
   test creates ``gate`` the rest is read at full speed. The file ``quiet`` exists while it
   sleeps, so the test can kill just after a batch was written, while the workers process it;
-- a map sleeps 1 ms every 100 records, so the workers have work in hand when they are killed.
+  while the file ``paused`` exists it writes nothing (the test pauses it while the killed
+  worker's partitions move), so however slow the machine, the input outlasts the kills;
+- a map sleeps 1 ms every 100 records, so the workers have work in hand when they are killed,
+  and traces what each worker reads (:mod:`chaos.inflight`): each run proves its kills caught
+  events read and not committed.
 
 What each guarantee promises, and what is checked:
 
@@ -148,7 +152,8 @@ JOB = '''
 (chaos tests).
 
 The source sleeps PACE seconds after each batch (written and its position stored) until a file
-`gate` exists next to this module; while it sleeps the file `quiet` exists.
+`gate` exists next to this module, and longer while a file `paused` exists there; while it
+sleeps the file `quiet` exists.
 """
 
 import asyncio
@@ -162,6 +167,7 @@ from pipelines import Pipeline, Topic
 HERE = Path(__file__).parent
 GATE = HERE / "gate"
 QUIET = HERE / "quiet"
+PAUSED = HERE / "paused"
 PACE = {pace}
 
 
@@ -173,6 +179,8 @@ class PacedJsonLines(JsonLines):
             if not GATE.exists():
                 QUIET.touch()
                 await asyncio.sleep(PACE)
+                while PAUSED.exists() and not GATE.exists():
+                    await asyncio.sleep(0.02)
                 QUIET.unlink(missing_ok=True)
 
 
@@ -193,7 +201,9 @@ pipeline = (
         Tumbling(minutes={window_minutes}),
         time=lambda e: e["ts"],
         lateness=timedelta(milliseconds={lateness_ms}),
-        idle=timedelta(seconds=1),
+        # windows close on the data's watermark and the source's end, never on the wall clock:
+        # a paused source is not idle input
+        idle=timedelta(days=1),
         emit="close",
     )
     .count("count")
@@ -228,6 +238,10 @@ class Job:
     @property
     def quiet(self) -> Path:
         return self.directory / "quiet"
+
+    @property
+    def paused(self) -> Path:
+        return self.directory / "paused"
 
     @property
     def group(self) -> str:
@@ -840,8 +854,8 @@ def wait_for_output_to_settle(
     view: LogView, job: Job, *, quiet_for: float = 3.0, timeout: float = 30.0
 ) -> int:
     """Wait until nothing more is written to the output topic for ``quiet_for`` seconds (the
-    windows still open in ``headwater worker`` processes close once their partitions idle);
-    returns how many results it holds."""
+    windows still open in ``headwater worker`` processes close once the source's end reaches
+    them); returns how many results it holds."""
     deadline = time.monotonic() + timeout
     last, since = -1, time.monotonic()
     while True:
@@ -945,6 +959,7 @@ def run_chaos(
         round_ < kills + EXTRA_KILLS and not any(caught_in_flight(view, job, chaos))
     ):
         round_ += 1
+        job.paused.unlink(missing_ok=True)
         time.sleep(rng.uniform(*pause))
         written = view.count(job.input_topic, 6)
         assert written < job.data.events, (
@@ -960,6 +975,7 @@ def run_chaos(
         job.wait_for_a_fresh_batch()
         time.sleep(rng.uniform(*delay))
         os.kill(victim, signal.SIGKILL)
+        job.paused.touch()  # no new input until every partition has an owner again
         chaos.killed.append((victim, whose))
         wait_until(gone(victim), timeout=10, what=f"worker {victim} to die")
         since = committed_now(view, job)  # from now on only the new owners commit
@@ -991,6 +1007,7 @@ def run_chaos(
             watch=watch,
             interval=0.25,
         )
+    job.paused.unlink()
     return chaos
 
 
@@ -1320,7 +1337,7 @@ def check_read_once_what_was_not_committed(
 
 REBALANCE_DATA = Dataset(events=80_000, users=200, span_ms=2 * HOUR_MS, window_minutes=60)
 """Two one-hour windows per user: every user's first window is open until the source reaches
-the second half of the file, and the second until the end (it closes when the input idles)."""
+the second half of the file, and the second until the end (the source's end closes it)."""
 
 
 def members(data_dir: Path, group: str) -> int:

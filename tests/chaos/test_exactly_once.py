@@ -15,10 +15,14 @@ may be lost.
 
 The source is *paced*: while the file ``gate`` next to the module does not exist it sleeps
 after each stored batch (and holds near the end of the file), so the run is mid-stream while
-the test kills workers; once the test creates ``gate`` the rest is read at full speed. Every
-``kill -9`` is followed by a replacement ``headwater worker`` that joins the group, and some
-kills on the embedded log aim at a worker caught with a commit file in hand (between the
-transaction's commit point and the end of applying it), found through ``/proc/locks``.
+the test kills workers; once the test creates ``gate`` the rest is read at full speed. While
+the file ``paused`` exists it writes nothing: the test pauses it while a killed worker's
+partitions move, so however slow the machine, the input outlasts the kills. Every ``kill -9``
+is followed by a replacement ``headwater worker`` that joins the group. A kill aims at the
+worker reading the batch the source just wrote (its trace grows: :mod:`chaos.inflight`), and
+every run proves its kills caught events read and not committed; some kills on the embedded
+log aim instead at a worker caught with a commit file in hand (between the transaction's
+commit point and the end of applying it), found through ``/proc/locks``.
 """
 
 from __future__ import annotations
@@ -102,8 +106,8 @@ JOB = '''
 """A running count per key of numbered events ({guarantee}), for the exactly-once chaos tests.
 
 While no file `gate` exists next to this module, the source sleeps PACE seconds after each
-batch (written, its position stored), and holds once it has read HOLD of the file; while it
-sleeps the file `quiet` exists.
+batch (written, its position stored), longer while a file `paused` exists, and holds once it
+has read HOLD of the file; while it sleeps the file `quiet` exists.
 """
 
 import asyncio
@@ -115,6 +119,7 @@ from pipelines import Pipeline, Topic
 HERE = Path(__file__).parent
 GATE = HERE / "gate"
 QUIET = HERE / "quiet"
+PAUSED = HERE / "paused"
 PACE = {pace}
 HOLD = {hold}
 
@@ -129,8 +134,8 @@ class PacedJsonLines(JsonLines):
             # resumed: the batch is written and its position stored; the workers process it
             QUIET.touch()
             await asyncio.sleep(PACE)
-            while batch.position >= HOLD * size and not GATE.exists():
-                await asyncio.sleep(0.05)
+            while (PAUSED.exists() or batch.position >= HOLD * size) and not GATE.exists():
+                await asyncio.sleep(0.02)
             QUIET.unlink(missing_ok=True)
 
 
@@ -173,6 +178,10 @@ class Job:
     @property
     def quiet(self) -> Path:
         return self.directory / "quiet"
+
+    @property
+    def paused(self) -> Path:
+        return self.directory / "paused"
 
     @property
     def group(self) -> str:
@@ -837,6 +846,7 @@ def run_chaos(
         round_ + 1 < kills + EXTRA_KILLS and not any(caught_in_flight(view, job, chaos))
     ):
         round_ += 1
+        job.paused.unlink(missing_ok=True)
         time.sleep(rng.uniform(*pause))
         assert count(view, job.input_topic, INPUT_PARTITIONS) < HOLD * EVENTS, (
             f"kill {round_ + 1} ({kills} planned) would come after the source stopped writing (it "
@@ -862,6 +872,7 @@ def run_chaos(
             os.kill(victim, signal.SIGKILL)
         else:
             victim = caught[0]
+        job.paused.touch()  # no new input until every partition has an owner again
         wait_until(lambda v=victim: not alive(v), timeout=10, what=f"worker {victim} to die")
         chaos.kills.append(
             Kill((victim,), view.committed(job.group, job.input_topic, INPUT_PARTITIONS))
@@ -889,6 +900,7 @@ def run_chaos(
             interval=0.25,
         )
     chaos.seconds = time.monotonic() - started
+    job.paused.unlink()
     return chaos
 
 

@@ -93,15 +93,20 @@ async def test_iterable_async_iterable_and_resume() -> None:
 
 
 async def test_iterable_async_slow_feed_emits_partial_batches() -> None:
+    first_seen = asyncio.Event()
+
     async def feed() -> AsyncIterator[int]:
-        for i in range(3):
-            yield i
-            await asyncio.sleep(0.2)
+        yield 0
+        await first_seen.wait()  # nothing more until the test has the first item's batch
+        yield 1
+        yield 2
 
     source = Iterable(feed, batch_size=1000, max_delay=0.02)
     iterator = source.read(None)
-    first = await asyncio.wait_for(anext(iterator), 1)
-    assert first.values == [0]  # not held back until the feed ends or fills a batch
+    # a source holding the item back until the feed ends or fills a batch never returns here
+    first = await asyncio.wait_for(anext(iterator), 30)
+    assert first.values == [0]
+    first_seen.set()
     rest = [batch async for batch in iterator]
     assert values_of([first, *rest]) == [0, 1, 2]
     assert rest[-1].position == 3

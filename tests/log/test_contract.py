@@ -446,6 +446,7 @@ async def test_poll_on_an_empty_topic_returns_promptly(log: LogBackend, names: N
     started = time.monotonic()
     assert await member.consumer.poll(100, 0.3) == []
     waited = time.monotonic() - started
+    # a bound on real time is what this contract is about: it waits its timeout, not more
     assert 0.25 <= waited < 1.5
     started = time.monotonic()
     assert await member.consumer.poll(100, 0.0) == []
@@ -466,9 +467,9 @@ async def test_poll_returns_as_soon_as_records_arrive(log: LogBackend, names: Na
 
     started = time.monotonic()
     producing = asyncio.create_task(produce_later())
-    batches = await member.consumer.poll(100, 5.0)
+    batches = await member.consumer.poll(100, 60.0)
     await producing
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 30.0  # far from its timeout, however loaded the machine
     assert [v for b in batches for v in b.records.values] == [b"p0-0", b"p0-1", b"p0-2"]
     await member.consumer.close()
 
