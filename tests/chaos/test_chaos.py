@@ -974,7 +974,13 @@ def run_chaos(
         victim, whose = rng.choice(candidates)
         job.wait_for_a_fresh_batch()
         time.sleep(rng.uniform(*delay))
-        os.kill(victim, signal.SIGKILL)
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            logs = "".join(
+                f"\n--- {c.name}:\n{_tail(c.stderr())}" for c in [runner, *chaos.replacements]
+            )
+            pytest.fail(f"worker {victim} ({whose}) ended before the test killed it{logs}")
         job.paused.touch()  # no new input until every partition has an owner again
         chaos.killed.append((victim, whose))
         wait_until(gone(victim), timeout=10, what=f"worker {victim} to die")
