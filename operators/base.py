@@ -8,6 +8,11 @@ it reports it with :meth:`StepContext.reject` and the runtime applies the step's
 
 from __future__ import annotations
 
+import functools
+import inspect
+import os
+import sys
+import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from itertools import islice
@@ -18,7 +23,17 @@ if TYPE_CHECKING:  # the pipelines package imports this module: no runtime impor
     from pipelines.errors import RecordError, StepError
     from pipelines.state.store import KeyValueStore
 
-__all__ = ["Operator", "StepContext", "call_each", "describe_function", "user_error"]
+__all__ = [
+    "USER_MODULE_PREFIX",
+    "Operator",
+    "StepContext",
+    "call_each",
+    "describe_function",
+    "user_error",
+]
+
+USER_MODULE_PREFIX = "headwater_user_"
+"""The name of a pipeline module loaded from its path starts with this."""
 
 
 class StepContext(Protocol):
@@ -82,11 +97,51 @@ class Operator(ABC):
         """Called once when the task ends (revocation or shutdown)."""
 
 
+def _short(filename: str) -> str:
+    """``filename`` relative to the working directory when it is below it."""
+    try:
+        relative = os.path.relpath(filename)
+    except ValueError:  # another drive (Windows)
+        return filename
+    return filename if relative.startswith("..") else relative
+
+
 def describe_function(fn: Callable[..., Any]) -> str:
-    """A short name for a user function, for error messages."""
-    name = getattr(fn, "__qualname__", None) or repr(fn)
+    """A short name for a user function, for error messages: its name and where it is
+    defined (``parse (jobs/clicks.py:12)``, ``<lambda> (jobs/clicks.py:30)``)."""
+    fn = inspect.unwrap(fn)  # a function wrapped by Headwater (timeout=) or a decorator
+    if isinstance(fn, functools.partial):
+        return f"partial({describe_function(fn.func)})"
+    name = getattr(fn, "__qualname__", None)
+    if name is None:  # an object with a __call__
+        return f"a {describe_function(type(fn))} object"
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        return f"{name} ({_short(code.co_filename)}:{code.co_firstlineno})"
     module = getattr(fn, "__module__", None)
+    filename = getattr(sys.modules.get(module or ""), "__file__", None)
+    if module and module.startswith(USER_MODULE_PREFIX) and filename:
+        return f"{name} ({_short(filename)})"  # a class of a pipeline module loaded by path
     return f"{module}.{name}" if module and module != "builtins" else name
+
+
+_OURS = tuple(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep + package + os.sep
+    for package in ("pipelines", "operators", "connectors")
+)
+"""Where Headwater's own code lives: frames there are not where a user function raised."""
+
+
+def _raised_at(error: BaseException) -> str:
+    """`` at file:line``: the innermost frame of ``error``'s traceback outside Headwater's
+    own code (a timeout is raised by a signal handler of ours, in the user's frame), or
+    nothing."""
+    frames = [
+        f
+        for f in traceback.extract_tb(error.__traceback__)
+        if not os.path.abspath(f.filename).startswith(_OURS)
+    ]
+    return f" at {_short(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
 
 
 def user_error(step_id: str, what: str, error: Exception, batch: Batch, index: int) -> StepError:
@@ -94,7 +149,7 @@ def user_error(step_id: str, what: str, error: Exception, batch: Batch, index: i
     from pipelines.errors import StepError
 
     rejection = StepError(
-        f"{what} raised {type(error).__name__}: {error}",
+        f"{what} raised {type(error).__name__}: {error}{_raised_at(error)}",
         step=step_id,
         source=batch.source_of(index),
     )

@@ -26,6 +26,7 @@ import shlex
 import sys
 import textwrap
 from collections.abc import Sequence
+from importlib.metadata import version
 from pathlib import Path
 
 import orjson
@@ -103,10 +104,14 @@ def _kafka_settings(args: argparse.Namespace) -> KafkaSettings | None:
         raise PipelineError(f"invalid Kafka settings: {error}") from None
 
 
+MODULE_HELP = "path/to/module.py or package.module, with :attribute to pick one pipeline"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="headwater", description="Run and inspect Headwater stream-processing pipelines."
     )
+    parser.add_argument("--version", action="version", version=f"headwater {version('headwater')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run_cmd = commands.add_parser("run", help="run a pipeline module until its input is processed")
@@ -114,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
         "worker", help="join the consumer group of a pipeline running elsewhere (Kafka)"
     )
     for command in (run_cmd, worker_cmd):
-        command.add_argument("module", help="path/to/module.py or path/to/module.py:attribute")
+        command.add_argument("module", help=MODULE_HELP)
         command.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
         command.add_argument("--no-progress", action="store_true", help="no live progress")
         command.add_argument(
@@ -165,7 +170,7 @@ def _reset_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParse
     reset = commands.add_parser(
         "reset", help="forget what a pipeline has done, so that its next run starts afresh"
     )
-    reset.add_argument("module", help="path/to/module.py or path/to/module.py:attribute")
+    reset.add_argument("module", help=MODULE_HELP)
     reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     reset.add_argument(
         "--keep-outputs", action="store_true", help="keep the files of JsonLinesSink/CsvSink steps"

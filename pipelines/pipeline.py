@@ -22,6 +22,8 @@ compiled).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -42,7 +44,7 @@ from operators.aggregations import (
     Sum,
     as_aggregation,
 )
-from operators.base import Operator
+from operators.base import Operator, describe_function
 from operators.joins import JoinHow, StreamJoin, TableJoin
 from operators.routing import Branch, Merge
 from operators.stateful import Aggregate, Dedupe, EventTime
@@ -948,3 +950,20 @@ def _check_callable(step_id: str, fn: object) -> None:
         raise PipelineDefinitionError(
             f"step {step_id!r} needs a function, got {type(fn).__name__} {fn!r}", step=step_id
         )
+    if _is_async(fn):
+        raise PipelineDefinitionError(
+            f"step {step_id!r}: {describe_function(fn)} is an async function. Step functions "
+            "are called synchronously, a batch at a time, so what it returns (a coroutine, "
+            "never awaited) would reach the next step. Make it a plain def (blocking calls are "
+            "fine; bound them with timeout=), or do the asynchronous work in a source "
+            "connector.",
+            step=step_id,
+        )
+
+
+def _is_async(fn: object) -> bool:
+    """``fn`` is an ``async def`` (or an object whose ``__call__`` is), a partial of one, or
+    an async generator function."""
+    call = fn if inspect.isroutine(fn) or isinstance(fn, functools.partial) else None
+    call = call or getattr(fn, "__call__", None)  # noqa: B004 - the method itself is wanted
+    return inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable
+from importlib.metadata import version
 from pathlib import Path
 
 import orjson
@@ -153,6 +154,40 @@ def test_a_module_that_imports_a_missing_package(tmp_path: Path) -> None:
     write(tmp_path / "needs.py", "import no_such_package_anywhere\n")
     result = headwater("run", "needs.py", cwd=tmp_path)
     assert_user_error(result, "ModuleNotFoundError", "no_such_package_anywhere")
+
+
+@pytest.mark.parametrize("spec", ["jobs.letters", "jobs.letters:pipeline"])
+def test_a_module_named_by_its_dotted_name(tmp_path: Path, spec: str) -> None:
+    """A module name is imported from the working directory (or the installed packages), by
+    the runner and by each of its workers."""
+    write(tmp_path / "jobs" / "__init__.py", "")
+    write(tmp_path / "jobs" / "letters.py", GOOD_MODULE)
+    result = headwater("run", spec, "--workers", "2", "--data-dir", "log", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "headwater: letters finished" in result.stderr
+    assert "upper: 30 in, 30 out" in result.stderr
+
+
+def test_an_unknown_module_name(tmp_path: Path) -> None:
+    result = headwater("run", "jobs.nowhere", cwd=tmp_path)
+    assert_user_error(
+        result,
+        "no pipeline module at jobs.nowhere",
+        "no module 'jobs' in the working directory or the installed packages",
+    )
+
+
+def test_a_module_name_whose_module_raises_on_import(tmp_path: Path) -> None:
+    write(tmp_path / "jobs" / "__init__.py", "")
+    write(tmp_path / "jobs" / "raises.py", RAISES)
+    result = headwater("run", "jobs.raises", cwd=tmp_path)
+    assert_user_error(result, "importing jobs.raises failed at line 9", "KeyError: 'topic'")
+
+
+def test_version(tmp_path: Path) -> None:
+    result = headwater("--version", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"headwater {version('headwater')}"
 
 
 def test_a_missing_attribute(tmp_path: Path) -> None:

@@ -148,8 +148,12 @@ def test_a_call_over_its_timeout_follows_the_error_policy() -> None:
     headers = {name: value.decode() for name, value in dead.headers}
     assert headers["headwater.step"] == "slow"
     assert headers["headwater.error.type"] == "StepTimeout"
-    assert headers["headwater.error"].endswith(
-        "slow_at_three raised StepTimeout: did not return within 0.3 s"
+    # where the function is defined, and the line it was stuck on when the time ran out
+    defined = slow_at_three.__code__.co_firstlineno
+    here = os.path.relpath(__file__)
+    assert headers["headwater.error"] == (
+        f"slow_at_three ({here}:{defined}) raised StepTimeout: did not return within 0.3 s "
+        f"at {here}:{defined + 2}"
     )
     assert headers["headwater.source.offset"] == "3"
 

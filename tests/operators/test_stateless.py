@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import subprocess
 import sys
 from collections import Counter, defaultdict
@@ -12,6 +14,7 @@ import pytest
 
 from connectors.memory import Collect, Iterable
 from pipelines import Pipeline, Topic
+from pipelines.errors import PipelineDefinitionError
 from pipelines.partitioner import partition_for
 from pipelines.serde import Json
 from pipelines.testing import run_pipeline
@@ -267,3 +270,65 @@ def test_operators_package_can_be_imported_first() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "Map"
+
+
+# -- what a user sees when a step function is wrong ------------------------------------------------
+
+
+def price_of(order: dict[str, Any]) -> float:
+    return float(order["price"])  # KeyError for an order without a price
+
+
+def test_a_dead_letter_names_the_function_where_it_is_defined_and_the_line_that_raised() -> None:
+    pipeline = from_values([{"price": "2.5"}, {"cost": 3}]).map("price", price_of)
+    result = run_pipeline(pipeline.sink(Collect(), step_id="out"))
+    assert result.values("out") == [2.5]
+    (letter,) = result.dead_letters
+    error = dict(letter.headers)["headwater.error"].decode()
+    here = os.path.relpath(__file__)
+    defined = price_of.__code__.co_firstlineno
+    assert error == (
+        f"price_of ({here}:{defined}) raised KeyError: 'price' at {here}:{defined + 1}"
+    ), error
+
+
+async def enrich(order: dict[str, Any]) -> dict[str, Any]:
+    return order
+
+
+class AsyncCallable:
+    async def __call__(self, order: dict[str, Any]) -> dict[str, Any]:
+        return order
+
+
+async def split(order: dict[str, Any]) -> Any:
+    yield order
+
+
+@pytest.mark.parametrize(
+    ("fn", "named"),
+    [
+        (enrich, "enrich ("),
+        (functools.partial(enrich), "partial(enrich ("),
+        (AsyncCallable(), "AsyncCallable object"),
+        (split, "split ("),
+    ],
+    ids=["async def", "partial", "async __call__", "async generator"],
+)
+@pytest.mark.parametrize("method", ["map", "filter", "flat_map", "peek", "key_by"])
+def test_an_async_function_is_refused_where_the_step_is_declared(
+    fn: Any, named: str, method: str
+) -> None:
+    """A coroutine function would be called without being awaited: its coroutines would reach
+    the next step (or be taken as true by a filter). Refused when the step is declared."""
+    with pytest.raises(PipelineDefinitionError) as refused:
+        getattr(from_values([1]), method)("step", fn)
+    message = str(refused.value)
+    assert named in message
+    assert "is an async function" in message
+    assert "plain def" in message
+
+
+def test_plain_callables_are_accepted() -> None:
+    pipeline = from_values(["a"]).map("len", len).map("str", str).map("upper", str.upper)
+    assert run_pipeline(pipeline.sink(Collect(), step_id="out")).values("out") == ["1"]
