@@ -9,13 +9,16 @@ check that the kills caught some of it.
   id of every event it is given, and appends them to ``seen/<pid>`` next to the module every
   :data:`EVERY` events and when the process exits. A kill loses at most the last ``EVERY - 1``:
   a trace is a lower bound on what its process read.
-- A kill (:class:`Kill`): the pids killed at once and the input offsets committed once they
-  were dead (everything the victims ever committed).
+- A kill (:class:`Kill`): the pids killed at once, the input offsets committed before the kill
+  (at most what the victims had committed) and once they were dead (at least that: it may
+  include a new owner's first commits).
 - In flight (:func:`in_flight`): the events a victim traced at an offset at or past its
-  partition's committed offset after its death: read, not committed. Each is read again by
-  the partition's next owner (and under at-least-once may be written downstream twice).
+  partition's committed offset after its death: surely read and not committed. Each is read
+  again by the partition's next owner (and under at-least-once may be written downstream
+  twice).
 - :func:`copy_bound`: a replay copies only what a victim read and had not committed: at most
-  what it traced in flight plus the ``EVERY - 1`` events its trace may have lost, per victim.
+  what it traced at or past the offsets committed before the kill, plus the ``EVERY - 1``
+  events its trace may have lost.
 """
 
 from __future__ import annotations
@@ -92,28 +95,43 @@ def where(
 
 @dataclass(frozen=True)
 class Kill:
-    """One kill: who died, and what they had committed."""
+    """One kill: who died, and bounds on what they had committed."""
 
     victims: tuple[int, ...]
+    committed_before: dict[int, int]
+    """Input offsets committed before the kill: at most what the victims had committed."""
     committed_after: dict[int, int]
-    """Input offsets committed once the victims were dead (all they ever committed)."""
+    """Input offsets committed once the victims were dead: at least what they had."""
 
 
-def in_flight(directory: Path, kill: Kill, positions: dict[int, tuple[int, int]]) -> int:
-    """Events a victim of ``kill`` read and had not committed when it died."""
-    caught = 0
+def _traced_past(
+    directory: Path, kill: Kill, positions: dict[int, tuple[int, int]], committed: dict[int, int]
+) -> int:
+    """Events a victim of ``kill`` traced at or past the ``committed`` offset of its partition."""
+    found = 0
     for pid in kill.victims:
         for event in set(read_by(directory, pid)):
             partition, offset = positions[event]
-            caught += offset >= kill.committed_after[partition]
-    return caught
+            found += offset >= committed[partition]
+    return found
 
 
-def copy_bound(caught: Sequence[int], kills: Sequence[Kill]) -> int:
-    """The most copies replays after ``kills`` can make, given what each ``caught``: each
-    event a victim read and had not committed is read again once, and a victim read at most
-    ``EVERY - 1`` events more than it traced."""
-    return sum(caught) + (EVERY - 1) * sum(len(kill.victims) for kill in kills)
+def in_flight(directory: Path, kill: Kill, positions: dict[int, tuple[int, int]]) -> int:
+    """Events a victim of ``kill`` surely read and had not committed when it died."""
+    return _traced_past(directory, kill, positions, kill.committed_after)
+
+
+def copy_bound(
+    directory: Path, kills: Sequence[Kill], positions: dict[int, tuple[int, int]]
+) -> int:
+    """The most copies replays after ``kills`` can make: each event a victim read and had not
+    committed is read again once by the next owner; that is at most what it traced past the
+    offsets committed before the kill, plus ``EVERY - 1`` events it read and did not trace."""
+    return sum(
+        _traced_past(directory, kill, positions, kill.committed_before)
+        + (EVERY - 1) * len(kill.victims)
+        for kill in kills
+    )
 
 
 def describe(directory: Path, kills: Sequence[Kill], positions: dict[int, tuple[int, int]]) -> str:

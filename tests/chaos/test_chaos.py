@@ -972,6 +972,7 @@ def run_chaos(
             candidates += [(pid, replacement.name) for pid in worker_pids(replacement.pid)]
         assert candidates, "no worker left to kill"
         victim, whose = rng.choice(candidates)
+        before = view.committed(job.group, job.input_topic, 6)
         job.wait_for_a_fresh_batch()
         time.sleep(rng.uniform(*delay))
         try:
@@ -983,9 +984,9 @@ def run_chaos(
             pytest.fail(f"worker {victim} ({whose}) ended before the test killed it{logs}")
         job.paused.touch()  # no new input until every partition has an owner again
         chaos.killed.append((victim, whose))
-        wait_until(gone(victim), timeout=10, what=f"worker {victim} to die")
+        wait_until(gone(victim), timeout=10, what=f"worker {victim} to die", interval=0.002)
         since = committed_now(view, job)  # from now on only the new owners commit
-        chaos.kills.append(Kill((victim,), since[job.input_topic]))
+        chaos.kills.append(Kill((victim,), before, since[job.input_topic]))
 
         watch = [runner]
         if worker_args is None:
@@ -1063,7 +1064,7 @@ def check_in_flight(
     print(f"in flight:\n{report}")
     assert any(caught), f"no kill caught an event read and not committed:\n{report}\n{context}"
     if replays is not None:
-        bound = copy_bound(caught, kills)
+        bound = copy_bound(job.directory, kills, found)
         assert replays.copies <= bound, (
             f"{replays.copies} copies on {job.repartition_topic}, more than the {bound} events "
             f"the killed workers can have read and not committed: a replay went back further "
@@ -1277,6 +1278,7 @@ def test_restart_after_killing_everything(
     # stored its position, while it sleeps (a kill while a batch is being written could repeat
     # that batch: the source is at-least-once too) and the workers process that batch
     workers = worker_pids(first.pid)
+    before = view.committed(job.group, job.input_topic, 6)
     job.wait_for_a_fresh_batch()
     time.sleep(random.uniform(0.01, 0.05))
     first.kill_session()
@@ -1286,7 +1288,7 @@ def test_restart_after_killing_everything(
 
     written = view.count(job.input_topic, 6)
     committed_in = view.committed(job.group, job.input_topic, 6)
-    kill = Kill(tuple(workers), committed_in)
+    kill = Kill(tuple(workers), before, committed_in)
     first_run = set(traced_pids(tmp_path))
     committed_input = sum(committed_in.values())
     committed_at = view.committed(job.group, job.repartition_topic, 6)

@@ -811,7 +811,7 @@ def check_in_flight(view: LogView, job: Job, chaos: Chaos, copies: int | None = 
     print(f"in flight:\n{report}")
     assert any(caught), f"no kill caught an event read and not committed:\n{report}"
     if copies is not None:
-        bound = copy_bound(caught, chaos.kills)
+        bound = copy_bound(job.directory, chaos.kills, found)
         assert copies <= bound, (
             f"{copies} copies on {job.repartition_topic}, more than the {bound} events the "
             f"killed workers can have read and not committed\n{report}\n{chaos.text()}"
@@ -873,10 +873,14 @@ def run_chaos(
         else:
             victim = caught[0]
         job.paused.touch()  # no new input until every partition has an owner again
-        wait_until(lambda v=victim: not alive(v), timeout=10, what=f"worker {victim} to die")
-        chaos.kills.append(
-            Kill((victim,), view.committed(job.group, job.input_topic, INPUT_PARTITIONS))
+        wait_until(
+            lambda v=victim: not alive(v),
+            timeout=10,
+            what=f"worker {victim} to die",
+            interval=0.002,
         )
+        after = view.committed(job.group, job.input_topic, INPUT_PARTITIONS)
+        chaos.kills.append(Kill((victim,), since[job.input_topic], after))
         how = "at random"
         if caught is not None:
             how = f"caught past the commit point of {caught[1]}, before its end"
