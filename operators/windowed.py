@@ -4,8 +4,10 @@ State, in the step's store: one entry per (key, window) holding the accumulator,
 partition's watermark. The watermark is the mark the runtime reports for the task's inputs
 (the smallest over every upstream writer; see :mod:`pipelines.runtime.watermarks`) minus the
 allowed lateness. Records of a batch are judged against the watermark before it; when the mark
-moves, every window whose ``end + grace`` the watermark has reached closes: its final result is
-emitted then (once; ``emit="update"`` also emits every change before), and its state is deleted.
+moves, every window whose ``end + grace`` the watermark has reached closes (a session once the
+watermark has passed it: a record at the watermark is on time and may still touch the
+session's end, which merges it in): its final result is emitted then (once; ``emit="update"``
+also emits every change before), and its state is deleted.
 A record whose every window is already closed is *late*: it goes to the late-data topic
 ``<pipeline>.<step>.late`` (original bytes) and is counted, never folded in.
 
@@ -165,11 +167,11 @@ class WindowedAggregate(Operator):
         """The session ``window`` grows into, its merged accumulator, and the open sessions of
         the key it absorbs (a session the watermark has closed is not joined any more)."""
         store, aggregation = self.ctx.store, self.aggregation
-        closed_before = watermark - self.grace_ms
+        open_from = watermark - self.grace_ms  # a session ending there is still open
         touching = [
             s
             for s in self._sessions.get(key, ())
-            if s.start <= window.end and window.start <= s.end and s.end > closed_before
+            if s.start <= window.end and window.start <= s.end and s.end >= open_from
         ]
         acc = aggregation.initial()
         start, end = window.start, window.end
@@ -191,7 +193,10 @@ class WindowedAggregate(Operator):
         ``emit="update"`` mode too: the last record of a window says ``final=True``); returns
         the watermark that closes all of them."""
         ends, store = self._index(), self.ctx.store
-        limit = watermark - self.grace_ms
+        # a fixed window [start, end) is done when the watermark reaches its end; a session,
+        # which a record at its end still joins, when the watermark is past it
+        past = 1 if self.windows.merging else 0
+        limit = watermark - self.grace_ms - past
         needed = 0
         origin = len(batch) - 1
         while ends and ends[0][0] <= limit:
@@ -206,7 +211,7 @@ class WindowedAggregate(Operator):
                 if not self._sessions[key]:
                     del self._sessions[key]
             emitted.add(key, self._result(key, Window(start, end), acc, final=True), end, origin)
-            needed = max(needed, end + self.grace_ms)
+            needed = max(needed, end + self.grace_ms + past)
         return needed
 
     def _result(self, key: Any, window: Window, acc: Any, *, final: bool) -> WindowResult:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -94,3 +94,59 @@ def session_counts(events: Iterable[dict[str, Any]], *, gap: int) -> WindowCount
             n += 1
         counts[(user, start, last + gap)] = n
     return counts
+
+
+# -- forgetting: dedupe and aggregate ttl= -------------------------------------------------------
+#
+# A keyed step forgets by its task's event-time mark, which the runtime moves between batches and
+# which is never ahead of the largest event time read before a record (the mark is a smallest
+# over writers that each put out no more than they read). So where ``newest`` (the largest event
+# time before a record, in input order) is less than a horizon past what the step remembers, the
+# step cannot have forgotten it, in any layout; where it is more, the step *may* have. The
+# references below forget as soon as that is possible; a test gives them input where what may be
+# forgotten surely is (it holds the input back until every task has read past it).
+
+
+def newest_before(records: Sequence[tuple[Any, int]]) -> list[int | None]:
+    """For each ``(key, event time)`` record, the largest event time before it in the input
+    (None for the first)."""
+    out: list[int | None] = []
+    newest: int | None = None
+    for _, stamp in records:
+        out.append(newest)
+        newest = stamp if newest is None else max(newest, stamp)
+    return out
+
+
+def dedupe_passes(records: Sequence[tuple[Any, int]], horizon: int) -> list[int]:
+    """The positions of the ``(key, event time)`` records that pass a dedupe with ``horizon``
+    (ms), taken in input order: a record passes unless a record of its key that passed is less
+    than ``horizon`` from it in event time; a passed record is forgotten once the largest event
+    time before a record is ``horizon`` or more past it."""
+    passed: dict[Any, list[int]] = defaultdict(list)
+    out: list[int] = []
+    for position, ((key, stamp), newest) in enumerate(
+        zip(records, newest_before(records), strict=True)
+    ):
+        if newest is not None:
+            passed[key] = [s for s in passed[key] if newest < s + horizon]
+        if all(abs(stamp - s) >= horizon for s in passed[key]):
+            passed[key].append(stamp)
+            out.append(position)
+    return out
+
+
+def ttl_counts(records: Sequence[tuple[Any, int]], ttl: int) -> list[int]:
+    """The count a ``count(ttl=ttl)`` emits for each ``(key, event time)`` record, in input
+    order: a key's count restarts when the largest event time before its record is ``ttl`` or
+    more past the latest event time of the key's records counted so far."""
+    counts: dict[Any, int] = {}
+    latest: dict[Any, int] = {}
+    out: list[int] = []
+    for (key, stamp), newest in zip(records, newest_before(records), strict=True):
+        if key in latest and newest is not None and newest >= latest[key] + ttl:
+            del counts[key], latest[key]
+        counts[key] = counts.get(key, 0) + 1
+        latest[key] = max(latest.get(key, stamp), stamp)
+        out.append(counts[key])
+    return out

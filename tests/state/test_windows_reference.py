@@ -23,7 +23,9 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from event_time.oracles import iso, max_disorder, window_counts
+from event_time.oracles import session_counts as session_counts_of
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import connectors
@@ -655,6 +657,97 @@ def test_sessions_judge_each_batch_against_the_watermark_before_it(
     assert drive(windows, chunks, lateness, grace) == expected_drive(expected, chunks)
 
 
+def oracle_events(records: list[tuple[str, int, int]]) -> list[dict[str, Any]]:
+    """``(key, event time, id)`` records in the form of :mod:`event_time.oracles`."""
+    return [{"id": i, "user": k, "ts": iso(t)} for k, t, i in records]
+
+
+def input_counts(kind: str, records: list[tuple[str, int, int]]) -> list[tuple[str, int, int, int]]:
+    """What every window of ``KINDS[kind]`` holds, from the records alone
+    (:func:`event_time.oracles.window_counts` / :func:`~event_time.oracles.session_counts`),
+    sorted like :func:`drive`'s results."""
+    events = oracle_events(records)
+    windows = KINDS[kind]
+    if isinstance(windows, Session):
+        counts = session_counts_of(events, gap=windows.gap)
+    else:
+        assert isinstance(windows, Hopping | Tumbling)
+        advance = windows.advance if isinstance(windows, Hopping) else None
+        counts = window_counts(events, size=windows.size, advance=advance)
+    return sorted((k, start, end, n) for (k, start, end), n in counts.items())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(sorted(KINDS)),
+    drawn=st.lists(st.tuples(st.sampled_from("ab"), st.integers(0, 3000)), max_size=30),
+    cuts=st.sets(st.integers(1, 29)),
+    slack=st.sampled_from([0, 1, 100]),
+    grace=st.sampled_from([0, 50]),
+)
+def test_any_batching_within_the_lateness_gives_the_windows_of_the_input(
+    kind: str, drawn: list[tuple[str, int]], cuts: set[int], slack: int, grace: int
+) -> None:
+    """Tumbling, hopping, sliding and session windows fed the records in any batches, with a
+    lateness at least the records' disorder (how far, at worst, a record comes behind the
+    latest before it): nothing is late and every window holds what the input alone says
+    (:mod:`event_time.oracles`), whatever the batches. The watermark before a batch is the
+    largest event time before it minus the lateness, so no record is behind it, and a window
+    closes only once no record still to come can fall in it."""
+    records = [(k, t, i) for i, (k, t) in enumerate(drawn)]
+    lateness = max_disorder(oracle_events(records)) + slack
+    counts, late = drive(KINDS[kind], cut(records, cuts), lateness, grace)
+    assert late == []
+    assert counts == input_counts(kind, records)
+
+
+@settings(max_examples=300, deadline=None)
+# a's record at 85 comes when the watermark is 85 and touches a's closed session [70, 85):
+# see test_a_record_at_the_watermark_joins_the_session_it_touches
+@example(drawn=[("a", 70), ("a", 90), ("a", 85)], cuts={1, 2}, slack=0, grace=0)
+@given(
+    # multiples of 5 ms: records often fall exactly a gap after another, or at the watermark
+    drawn=st.lists(
+        st.tuples(st.sampled_from("ab"), st.integers(0, 60).map(lambda n: n * 5)), max_size=30
+    ),
+    cuts=st.sets(st.integers(1, 29)),
+    slack=st.sampled_from([0, 1, 10]),
+    grace=st.sampled_from([0, 10]),
+)
+def test_sessions_in_any_batches_within_the_lateness_equal_the_sessions_of_the_input(
+    drawn: list[tuple[str, int]], cuts: set[int], slack: int, grace: int
+) -> None:
+    """Sessions of a 15 ms gap over 300 ms (so records bridge and merge sessions often), fed
+    in any batches with a lateness at least the records' disorder: nothing is late and the
+    sessions are those of :func:`event_time.oracles.session_counts` over the records (a
+    user's records sorted by time, a new session when one comes more than the gap after the
+    last), which knows nothing of batches or watermarks."""
+    records = [(k, t, i) for i, (k, t) in enumerate(drawn)]
+    events = oracle_events(records)
+    lateness = max_disorder(events) + slack
+    counts, late = drive(Session(ms(15)), cut(records, cuts), lateness, grace)
+    assert late == []
+    expected = session_counts_of(events, gap=15)
+    assert counts == sorted((k, start, end, n) for (k, start, end), n in expected.items())
+
+
+def test_a_record_at_the_watermark_joins_the_session_it_touches() -> None:
+    """A reproduction (operators/windowed.py): the lateness (50) is the input's disorder, so
+    by the watermark's contract a record exactly 50 behind the latest is in bound. a's record
+    at 100, after b's at 150 took the watermark to 100, touches a's session [0, 100) (the
+    next record of a that is not more than the gap after the last), and the input alone puts
+    both in one session [0, 200). The operator closed [0, 100) when the watermark reached its
+    end, and gives two sessions: it should close a session only once the watermark is past
+    its end (``end + grace < watermark``), as a record at the watermark may still touch it."""
+    records = [("a", 0, 0), ("b", 150, 1), ("a", 100, 2)]
+    events = oracle_events(records)
+    assert max_disorder(events) == 50
+    assert session_counts_of(events, gap=100) == {("a", 0, 200): 2, ("b", 150, 250): 1}
+    counts, late = drive(Session(ms(100)), [[r] for r in records], 50, 0)
+    assert late == []
+    assert counts == [("a", 0, 200, 2), ("b", 150, 250, 1)]
+
+
 def test_nothing_in_one_batch_is_late_and_each_record_alone_meets_the_watermark_before_it() -> None:
     # hopping [t-40, t+20) windows of 60 every 20; lateness 10, grace 0
     records = [("a", 100, 0), ("a", 150, 1), ("a", 85, 2), ("a", 125, 3)]
@@ -687,14 +780,15 @@ def test_nothing_in_one_batch_is_late_and_each_record_alone_meets_the_watermark_
 
 
 def test_a_session_closed_between_batches_is_not_joined_again() -> None:
-    # gap 10, no lateness or grace: b's record at 10 takes the watermark to 10, which closes
-    # a's session [0, 10) once the batch holding it has been processed. a's record at 5 then
-    # opens [5, 15), touching the closed session: in a later batch it makes a session of its
-    # own; in the same batch the session is still open and it merges.
-    records = [("a", 0, 0), ("b", 10, 1), ("a", 5, 2)]
+    # gap 10, no lateness or grace: b's record at 11 takes the watermark to 11, past a's
+    # session [0, 10), which closes once the batch holding it has been processed (at 10 it
+    # would stay open: a record at the watermark may still touch its end). a's record at 5
+    # then opens [5, 15), touching the closed session: in a later batch it makes a session of
+    # its own; in the same batch the session is still open and it merges.
+    records = [("a", 0, 0), ("b", 11, 1), ("a", 5, 2)]
     windows = Session(ms(10))
-    assert drive(windows, [records], 0, 0) == ([("a", 0, 15, 2), ("b", 10, 20, 1)], [])
-    apart = ([("a", 0, 10, 1), ("a", 5, 15, 1), ("b", 10, 20, 1)], [])
+    assert drive(windows, [records], 0, 0) == ([("a", 0, 15, 2), ("b", 11, 21, 1)], [])
+    apart = ([("a", 0, 10, 1), ("a", 5, 15, 1), ("b", 11, 21, 1)], [])
     assert drive(windows, [[r] for r in records], 0, 0) == apart
     assert drive(windows, [records[:2], records[2:]], 0, 0) == apart
     # and a record whose session [t, t + 10) is behind the watermark is late
