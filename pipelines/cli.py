@@ -137,6 +137,15 @@ def _parser() -> argparse.ArgumentParser:
             help="restarts allowed within a minute before the run fails (default 10)",
         )
         command.add_argument(
+            "--max-dead-letter-ratio",
+            type=float,
+            default=None,
+            metavar="RATIO",
+            help="share (0 to 1) of a step's records it may send to dead letters before the "
+            "run fails, judged after 100 records (default: the pipeline's "
+            "max_dead_letter_ratio, 0.5)",
+        )
+        command.add_argument(
             "--stall-after",
             type=float,
             default=STALL_AFTER,
@@ -258,6 +267,9 @@ def _run(args: argparse.Namespace) -> int:
         raise PipelineError(f"--max-restarts must be at least 0, not {args.max_restarts}")
     if not args.stall_after > 0:
         raise PipelineError(f"--stall-after must be a positive number, not {args.stall_after}")
+    ratio = args.max_dead_letter_ratio
+    if ratio is not None and not 0 <= ratio <= 1:
+        raise PipelineError(f"--max-dead-letter-ratio must be from 0 to 1, not {ratio:g}")
     options = RunOptions(
         spec=args.module,
         workers=args.workers,
@@ -269,6 +281,7 @@ def _run(args: argparse.Namespace) -> int:
         restart=args.restart,
         restart_limit=args.max_restarts,
         stall_after=args.stall_after,
+        max_dead_letter_ratio=ratio,
     )
     state = run(options)
     _summary(state, _reset_command(args))
@@ -281,6 +294,7 @@ def _summary(state: RunState, reset: str) -> None:
     """What the run did, step by step, on stderr; a source that found nothing new after its
     stored position says so, and that ``reset`` (a command) starts afresh."""
     totals = state.step_totals()
+    errors = state.first_errors()
     if state.stopped_by is None:
         outcome = "finished"
     elif state.sources:
@@ -304,6 +318,8 @@ def _summary(state: RunState, reset: str) -> None:
             extra += f", {skipped:,} skipped" if skipped else ""
             extra += f", {late:,} late" if late else ""
             lines.append(f"  {step.step_id}: {records_in:,} in, {records_out:,} out{extra}")
+            if step.step_id in errors:
+                lines.append(f"    first rejected: {errors[step.step_id]}")
     behind = sum(state.lag.values())
     lines.append(f"  lag: {behind:,} records")
     print("\n".join(lines), file=sys.stderr)

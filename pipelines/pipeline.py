@@ -115,9 +115,21 @@ class WindowSpec:
 
 
 class Pipeline:
-    """A declared pipeline: its name, its steps, and the tail new steps attach to."""
+    """A declared pipeline: its name, its steps, and the tail new steps attach to.
 
-    __slots__ = ("_tail", "error_policy", "name", "processing_guarantee", "steps")
+    ``error_policy`` says what happens to a record a step cannot process (dead letter, skip,
+    fail); ``max_dead_letter_ratio`` is the share of a step's records it may reject before
+    ``headwater run`` fails the run (judged once the step has had 100 records): a typo in a
+    function then stops the run instead of dead-lettering everything."""
+
+    __slots__ = (
+        "_tail",
+        "error_policy",
+        "max_dead_letter_ratio",
+        "name",
+        "processing_guarantee",
+        "steps",
+    )
 
     def __init__(
         self,
@@ -125,6 +137,7 @@ class Pipeline:
         *,
         error_policy: ErrorPolicy = ErrorPolicy.DEAD_LETTER,
         processing_guarantee: Guarantee = "at_least_once",
+        max_dead_letter_ratio: float = 0.5,
         _steps: tuple[Step, ...] = (),
         _tail: Port | None = None,
     ) -> None:
@@ -138,8 +151,16 @@ class Pipeline:
                 f"processing_guarantee must be 'at_least_once' or 'exactly_once', "
                 f"not {processing_guarantee!r}"
             )
+        if isinstance(max_dead_letter_ratio, bool) or not (
+            isinstance(max_dead_letter_ratio, int | float) and 0 <= max_dead_letter_ratio <= 1
+        ):
+            raise PipelineDefinitionError(
+                f"max_dead_letter_ratio must be a number from 0 to 1 (the share of a step's "
+                f"records it may reject), not {max_dead_letter_ratio!r}"
+            )
         self.name = name
         self.error_policy = ErrorPolicy(error_policy)
+        self.max_dead_letter_ratio = float(max_dead_letter_ratio)
         self.processing_guarantee: Guarantee = processing_guarantee
         self.steps = _steps
         self._tail = _tail
@@ -197,6 +218,7 @@ class Pipeline:
             self.name,
             error_policy=self.error_policy,
             processing_guarantee=self.processing_guarantee,
+            max_dead_letter_ratio=self.max_dead_letter_ratio,
             _steps=steps,
             _tail=tail,
         )

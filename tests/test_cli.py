@@ -635,3 +635,92 @@ def test_a_second_run_says_its_source_found_nothing_new(tmp_path: Path) -> None:
         "`headwater reset letters.py --data-dir log` starts afresh"
     ) in second.stderr
     assert "  letters: 0 in, 0 out" in second.stderr
+
+
+# -- headwater run: a step that rejects most of its records -----------------------------------
+
+TYPO = """
+import connectors
+from pipelines import Pipeline, Topic
+
+ORDERS = [{{"id": i, "price": i / 10}} for i in range(2000)]
+
+
+def total(order):
+    return order["prise"] * 2 if order["id"] % {every} == 0 else order["price"] * 2
+
+
+pipeline = (
+    Pipeline("orders"{setting})
+    .source(connectors.Iterable(ORDERS), into=Topic("orders", partitions=2))
+    .map("total", total)
+    .sink(connectors.LogTopic(Topic("totals", partitions=2)))
+)
+"""
+
+
+def typo_module(tmp_path: Path, *, every: int = 1, setting: str = "") -> Path:
+    """2,000 orders; ``total`` misspells a field for every ``every``-th (KeyError, line 9)."""
+    return write(tmp_path / "typo.py", TYPO.format(every=every, setting=setting))
+
+
+@pytest.mark.parametrize("backend", ["embedded", "memory"])
+def test_a_step_that_dead_letters_most_records_fails_the_run(tmp_path: Path, backend: str) -> None:
+    typo_module(tmp_path)
+    result = headwater(
+        "run", "typo.py", "--no-progress", "--workers", "2", "--backend", backend, cwd=tmp_path
+    )
+    assert_user_error(
+        result,
+        "step 'total' sent",
+        "records to dead letters (100%), more than the 50% allowed",
+        "The first: total (typo.py:8) raised KeyError: 'prise' at typo.py:9",
+        "`headwater topics tail orders.dead-letters`",
+    )
+
+
+def test_the_dead_letter_limit_can_be_raised_and_the_summary_shows_the_first_error(
+    tmp_path: Path,
+) -> None:
+    typo_module(tmp_path)
+    result = headwater(
+        "run", "typo.py", "--no-progress", "--max-dead-letter-ratio", "1", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert "  total: 2,000 in, 0 out, 2,000 to dead letters" in result.stderr
+    assert (
+        "    first rejected: total (typo.py:8) raised KeyError: 'prise' at typo.py:9 "
+        "(step 'total', record orders["
+    ) in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("every", "setting", "fails"),
+    [
+        (4, "", False),
+        (4, ", max_dead_letter_ratio=0.2", True),
+        (1, ", max_dead_letter_ratio=1", False),
+    ],
+    ids=["a quarter, under the default", "a quarter, over the pipeline's limit", "limit 1"],
+)
+def test_the_pipeline_sets_its_own_dead_letter_limit(
+    tmp_path: Path, every: int, setting: str, fails: bool
+) -> None:
+    typo_module(tmp_path, every=every, setting=setting)
+    result = headwater("run", "typo.py", "--no-progress", cwd=tmp_path)
+    if fails:
+        assert_user_error(result, "records to dead letters (25%), more than the 20% allowed")
+    else:
+        assert result.returncode == 0, result.stderr
+        dead = 2000 // every
+        assert f"  total: 2,000 in, {2000 - dead:,} out, {dead:,} to dead letters" in result.stderr
+
+
+@pytest.mark.parametrize("ratio", ["-0.1", "1.5"])
+def test_the_dead_letter_limit_is_a_share(tmp_path: Path, ratio: str) -> None:
+    typo_module(tmp_path)
+    result = headwater("run", "typo.py", "--max-dead-letter-ratio", ratio, cwd=tmp_path)
+    assert_user_error(result, f"--max-dead-letter-ratio must be from 0 to 1, not {ratio}")
+    typo_module(tmp_path, setting=f", max_dead_letter_ratio={ratio}")
+    result = headwater("run", "typo.py", cwd=tmp_path)
+    assert_user_error(result, "max_dead_letter_ratio must be a number from 0 to 1")

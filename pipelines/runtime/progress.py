@@ -59,6 +59,14 @@ class RunState:
         elif not then:
             self._rate_mark = (now, total)
 
+    def first_errors(self) -> dict[str, str]:
+        """Per step that rejected records: what went wrong with the first one a worker saw."""
+        found: dict[str, str] = {}
+        for _, report in sorted(self.reports.items()):
+            for step_id, error in report.first_errors.items():
+                found.setdefault(step_id, error)
+        return found
+
     def step_totals(self) -> dict[str, list[int]]:
         """Per step: records in, out, skipped, dead-lettered, late, summed over workers."""
         totals: dict[str, list[int]] = {}

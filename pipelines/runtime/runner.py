@@ -81,6 +81,9 @@ class RunOptions:
     """Restarts allowed within a minute; one more ends the run."""
     stall_after: float = STALL_AFTER
     """Seconds a step may run on one batch before the run reports it as stalled."""
+    max_dead_letter_ratio: float | None = None
+    """The share of a step's records it may dead-letter before the run fails; None: the
+    pipeline's ``max_dead_letter_ratio``."""
 
     @property
     def state_dir(self) -> Path | None:
@@ -96,7 +99,30 @@ class RunOptions:
 
 
 class RunFailed(PipelineError):
-    """A worker stopped with an error, or every worker died."""
+    """A worker stopped with an error, every worker died, or a step rejected too much."""
+
+
+RATIO_AFTER = 100
+"""Records a step must have had before its share of dead letters can fail the run."""
+
+
+def check_dead_letters(state: RunState, limit: float) -> None:
+    """Fail the run when a step, after :data:`RATIO_AFTER` records, has sent more than
+    ``limit`` of them to dead letters: a broken function should stop the run, not quietly
+    dead-letter the whole input."""
+    totals = state.step_totals()
+    for step_id, (records_in, _, _, dead, _) in totals.items():
+        if records_in < RATIO_AFTER or dead <= limit * records_in:
+            continue
+        topic = state.topology.pipeline.dead_letter_topic.name
+        first = state.first_errors().get(step_id, "unknown")
+        raise RunFailed(
+            f"step {step_id!r} sent {dead:,} of its {records_in:,} records to dead letters "
+            f"({dead / records_in:.0%}), more than the {limit:.0%} allowed "
+            f"(max_dead_letter_ratio of the pipeline, or --max-dead-letter-ratio). The first: "
+            f"{first}. Fix the step and run again; the rejected records are on {topic} "
+            f"(`headwater topics tail {topic}`)"
+        )
 
 
 def quiet_clients() -> None:
@@ -251,6 +277,13 @@ async def _run_here(
     )
     state.sources = result.sources
     state.lag = await lag(log, topology)
+    check_dead_letters(state, _dead_letter_limit(options, topology))
+
+
+def _dead_letter_limit(options: RunOptions, topology: Topology) -> float:
+    if options.max_dead_letter_ratio is not None:
+        return options.max_dead_letter_ratio
+    return topology.pipeline.max_dead_letter_ratio
 
 
 async def _supervise(
@@ -269,11 +302,13 @@ async def _supervise(
     sources = Sources(log, topology)
     state.sources = sources.progress
     finished_once = False  # the end is confirmed by two checks in a row (a report in flight)
+    limit = _dead_letter_limit(options, topology)
     try:
         if options.sources:
             await sources.start()
         while not stop.is_set():
             _collect_reports(workers, state, progress, restart=options.restart != "never")
+            check_dead_letters(state, limit)
             if options.restart != "never":
                 workers += restarts.due(workers, progress)
             if all(w.process.exitcode is not None for w in workers) and not restarts.pending:
@@ -298,6 +333,7 @@ async def _supervise(
         await _stop_workers(workers, state, progress)
         state.lag = await lag(log, topology)
     _collect_reports(workers, state, progress)
+    check_dead_letters(state, limit)
 
 
 def _settled(workers: list[_WorkerProcess], state: RunState) -> bool:
@@ -373,6 +409,7 @@ def _collect_reports(
                     # a worker's last words carry no counts: keep those it reported before
                     last = state.reports[report.worker]
                     report.steps, report.records = last.steps, last.records
+                    report.first_errors = last.first_errors
                 state.reports[report.worker] = report
                 if report.error is not None and report.retriable and restart:
                     progress.note(

@@ -63,6 +63,8 @@ class StepStats:
     skipped: int = 0
     dead_lettered: int = 0
     late: int = 0
+    first_error: str | None = None
+    """What went wrong with the first record the step rejected, and where it was read."""
 
     def as_list(self) -> list[int]:
         return [self.records_in, self.records_out, self.skipped, self.dead_lettered, self.late]
@@ -112,6 +114,8 @@ class _StepContext:
     def reject(self, batch: Batch, index: int, error: RecordError) -> None:
         if self.policy is ErrorPolicy.FAIL:
             raise error
+        if self.stats.first_error is None:
+            self.stats.first_error = str(error)
         if self.policy is ErrorPolicy.SKIP:
             self.stats.skipped += 1
             return

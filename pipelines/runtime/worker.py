@@ -80,6 +80,8 @@ class WorkerReport:
     error: str | None = None
     retriable: bool = False
     """The error is transient (a log that did not answer): a restart may get past it."""
+    first_errors: dict[str, str] = field(default_factory=dict)
+    """Per step that rejected records: what went wrong with the first."""
     at: float = field(default_factory=time.time)
 
 
@@ -325,5 +327,10 @@ class Worker:
                 records=self._records,
                 pending=self.pending,
                 done=done,
+                first_errors={
+                    step_id: s.first_error
+                    for step_id, s in self._stats.items()
+                    if s.first_error is not None
+                },
             )
         )
