@@ -1,0 +1,132 @@
+"""``docker/``: Docker does not run on the machines the tests run on, so the two files are
+checked as far as that allows. The compose file loads and pins the broker the tests use; the
+commands the image and the compose service run are run here, in a copy of the build context
+(the repository minus ``.dockerignore``), on the test broker for the compose service, twice:
+a second ``docker compose up`` must compute the same report again."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "docker"
+KAFKA = os.environ.get("HEADWATER_TEST_KAFKA", "127.0.0.1:9092")
+
+
+def compose() -> dict[str, object]:
+    loaded = yaml.safe_load((DOCKER / "docker-compose.yml").read_text())
+    assert isinstance(loaded, dict)
+    return loaded
+
+
+def ignored(relative: str, patterns: list[str]) -> bool:
+    """Whether ``.dockerignore`` leaves ``relative`` (a path in the repository) out of the
+    build context: a pattern matches a path or a directory above it, from the root
+    (``**/NAME`` matches NAME in any directory)."""
+    parts = relative.split("/")
+    for pattern in patterns:
+        for depth in range(1, len(parts) + 1):
+            prefix = "/".join(parts[:depth])
+            if pattern.startswith("**/"):
+                if fnmatch.fnmatchcase(parts[depth - 1], pattern.removeprefix("**/")):
+                    return True
+            elif fnmatch.fnmatchcase(prefix, pattern):
+                return True
+    return False
+
+
+def build_context(into: Path) -> Path:
+    """A copy of what ``docker build`` sends from the repository root: the files git knows,
+    minus what ``.dockerignore`` leaves out."""
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    listed = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for relative in listed:
+        if (ROOT / relative).is_file() and not ignored(relative, patterns):
+            (into / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / relative, into / relative)
+    return into
+
+
+def in_image(command: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``sh -c COMMAND`` as the image runs it: in the build context, with ``python`` and
+    ``headwater`` of the installed package."""
+    bin_dir = cwd / ".bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python").symlink_to(sys.executable)
+    (bin_dir / "headwater").write_text(f'#!/bin/sh\nexec {sys.executable} -m pipelines.cli "$@"\n')
+    (bin_dir / "headwater").chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_")}
+    return subprocess.run(
+        ["sh", "-c", command],
+        cwd=cwd,
+        env={**clean, **env, "PATH": f"{bin_dir}:{clean['PATH']}"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_the_compose_file_runs_the_broker_the_tests_run() -> None:
+    services = compose()["services"]
+    assert isinstance(services, dict)
+    assert set(services) == {"kafka", "headwater"}
+    pom = (ROOT / "scripts" / "kafka-pom.xml").read_text()
+    version = re.search(r"<kafka.version>([^<]+)</kafka.version>", pom)
+    assert version is not None
+    assert services["kafka"]["image"] == f"apache/kafka:{version[1]}"
+    assert services["headwater"]["depends_on"] == {"kafka": {"condition": "service_healthy"}}
+    assert services["headwater"]["build"] == {"context": "..", "dockerfile": "docker/Dockerfile"}
+
+
+def test_the_dockerfile_usage_line_runs_in_its_build_context(tmp_path: Path) -> None:
+    text = (DOCKER / "Dockerfile").read_text()
+    usage = re.search(r"-c '(.*?)'", " ".join(line.lstrip("# ") for line in text.splitlines()))
+    assert usage is not None, "the Dockerfile no longer shows how to run the example"
+    context = build_context(tmp_path / "app")
+    done = in_image(usage[1], context, {})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "headwater: clickstream finished" in done.stderr
+    assert "bad lines are on the dead-letter topic" in done.stdout
+
+
+def report_of(stdout: str) -> str:
+    """The report's lines of the service's output (not what ``headwater reset`` removed: the
+    first ``up`` may find another run's leftovers on the broker)."""
+    reset = ("removed ", "kept ", "headwater reset", "nothing to reset")
+    return "\n".join(line for line in stdout.splitlines() if not line.startswith(reset))
+
+
+@pytest.mark.slow
+def test_the_compose_service_computes_the_same_report_every_time_it_is_brought_up(
+    tmp_path: Path,
+) -> None:
+    service = compose()["services"]["headwater"]
+    assert service["entrypoint"] == ["sh", "-c"]
+    (command,) = service["command"]
+    env = {**service["environment"], "HEADWATER_BOOTSTRAP_SERVERS": KAFKA}
+    reports = []
+    for up in ("first", "second"):
+        context = build_context(tmp_path / up)  # each `up` is a new container
+        done = in_image(command, context, env)
+        assert done.returncode == 0, f"{up} up:\n{done.stdout}{done.stderr}"
+        assert "headwater: clickstream finished" in done.stderr, done.stderr
+        assert "source clicks: 100,000 records written" in done.stderr, done.stderr
+        reports.append(report_of(done.stdout))
+    assert reports[0] == reports[1]
+    assert "bad lines are on the dead-letter topic" in reports[0]
