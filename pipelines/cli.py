@@ -25,6 +25,7 @@ import asyncio
 import shlex
 import sys
 import textwrap
+import time
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
@@ -322,6 +323,11 @@ def _summary(state: RunState, reset: str) -> None:
                 lines.append(f"    first rejected: {errors[step.step_id]}")
     behind = sum(state.lag.values())
     lines.append(f"  lag: {behind:,} records")
+    seconds = time.monotonic() - state.started
+    lines.append(
+        f"  took {seconds:,.1f} s: {state.records:,} records read from the log, "
+        f"{state.records / max(seconds, 1e-3):,.0f} records/s"
+    )
     print("\n".join(lines), file=sys.stderr)
 
 

@@ -4,6 +4,7 @@ says what to fix (never a traceback); ``headwater topics`` shows what a run left
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -517,6 +518,7 @@ def test_run_on_the_memory_backend(tmp_path: Path) -> None:
 
 CRASHING = """
 import os
+import re
 
 import connectors
 from pipelines import Pipeline, Topic
@@ -724,3 +726,18 @@ def test_the_dead_letter_limit_is_a_share(tmp_path: Path, ratio: str) -> None:
     typo_module(tmp_path, setting=f", max_dead_letter_ratio={ratio}")
     result = headwater("run", "typo.py", cwd=tmp_path)
     assert_user_error(result, "max_dead_letter_ratio must be a number from 0 to 1")
+
+
+def test_the_summary_says_how_long_the_run_took_and_how_fast_it_read(tmp_path: Path) -> None:
+    write(tmp_path / "letters.py", GOOD_MODULE)
+    result = headwater("run", "letters.py", "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    line = r"^  took ([\d.,]+) s: ([\d,]+) records read from the log, ([\d,]+) records/s$"
+    took = re.search(line, result.stderr, re.M)
+    assert took is not None, result.stderr
+    seconds, records, rate = (float(g.replace(",", "")) for g in took.groups())
+    # the letters, the run's own topics and the source's end-of-time markers (3 partitions)
+    assert records >= LETTERS_ON_THE_LOG
+    assert 0 < seconds < TIMEOUT
+    # the seconds are printed to a tenth, the rate from the exact time
+    assert records / (seconds + 0.05) - 1 <= rate <= records / max(seconds - 0.05, 0.01) + 1
