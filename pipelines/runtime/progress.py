@@ -1,4 +1,4 @@
-"""Live progress of a run, for a person: per-step counts, per-partition lag, records/s.
+"""Live progress of a run, for a person: per-step counts, lag per topic, records/s.
 
 On a terminal it is a table redrawn in place (rich, on stderr, so sink output on stdout stays
 clean); elsewhere (CI logs, pipes) one summary line every few seconds.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -24,6 +25,8 @@ from pipelines.runtime.worker import WorkerReport
 __all__ = ["Progress", "RunState"]
 
 _PLAIN_EVERY = 5.0
+RATE_WINDOW = 5.0
+"""Seconds the shown rate is averaged over."""
 
 
 @dataclass(slots=True)
@@ -42,22 +45,26 @@ class RunState:
     forced: bool = False
     """Stopped a second time: the workers were killed without waiting for their checkpoint."""
     started: float = field(default_factory=time.monotonic)
-    _rate_mark: tuple[float, int] = (0.0, 0)
+    _samples: deque[tuple[float, int]] = field(default_factory=deque)
     rate: float = 0.0
+    """Records processed per second over the last :data:`RATE_WINDOW` seconds."""
 
     @property
     def records(self) -> int:
         """Records the workers have processed so far."""
         return sum(r.records for r in self.reports.values())
 
-    def update_rate(self) -> None:
-        now, total = time.monotonic(), self.records
-        then, before = self._rate_mark
-        if then and now - then >= 1.0:
-            self.rate = (total - before) / (now - then)
-            self._rate_mark = (now, total)
-        elif not then:
-            self._rate_mark = (now, total)
+    def update_rate(self, now: float | None = None) -> None:
+        """Take a sample of the records processed; the rate is over the samples of the last
+        :data:`RATE_WINDOW` seconds (one reading every refresh would jump with each report)."""
+        now = time.monotonic() if now is None else now
+        samples = self._samples
+        samples.append((now, self.records))
+        while len(samples) > 2 and now - samples[1][0] >= RATE_WINDOW:
+            samples.popleft()
+        then, before = samples[0]
+        if now - then >= 1.0:
+            self.rate = (self.records - before) / (now - then)
 
     def first_errors(self) -> dict[str, str]:
         """Per step that rejected records: what went wrong with the first one a worker saw."""
@@ -87,25 +94,48 @@ def render(state: RunState) -> Group:
         f" · {state.backend} · {state.workers} worker(s) · {elapsed:,.1f}s · ",
         (f"{state.rate:,.0f} records/s", "bold green"),
     )
-    steps = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("step", "in", "out", "skipped", "dead-lettered", "late"):
-        steps.add_column(column, justify="left" if column == "step" else "right")
-    for source in state.sources:
-        status = "done" if source.done else "reading"
-        steps.add_row(f"{source.step_id} (source, {status})", "", f"{source.records:,}", "", "", "")
-    totals = state.step_totals()
-    for step in state.topology.pipeline.steps:
-        counts = totals.get(step.step_id)
-        if counts is not None:
-            steps.add_row(step.step_id, *(f"{c:,}" for c in counts))
-    lag = Table(box=None, header_style="bold", pad_edge=False)
-    lag.add_column("partition")
-    lag.add_column("lag", justify="right")
-    for tp, behind in sorted(state.lag.items()):
-        lag.add_row(str(tp), f"{behind:,}")
-    parts: list[Text | Table] = [title, steps, lag]
+    parts: list[Text | Table] = [title, _steps_table(state), _lag_table(state)]
     parts += [Text(note, style="yellow") for note in state.notes[-5:]]
     return Group(*parts)
+
+
+_STEP_COLUMNS = ("in", "out", "skipped", "dead-lettered", "late")
+
+
+def _steps_table(state: RunState) -> Table:
+    """Records per step; the skipped, dead-lettered and late columns only when not all 0."""
+    totals = state.step_totals()
+    steps = state.topology.pipeline.steps
+    rows = [(s.step_id, totals[s.step_id]) for s in steps if s.step_id in totals]
+    shown = [i for i in range(5) if i < 2 or any(counts[i] for _, counts in rows)]
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("step")
+    for i in shown:
+        table.add_column(_STEP_COLUMNS[i], justify="right")
+    for source in state.sources:
+        status = "done" if source.done else "reading"
+        blank = [""] * (len(shown) - 2)
+        table.add_row(f"{source.step_id} (source, {status})", "", f"{source.records:,}", *blank)
+    for step_id, counts in rows:
+        table.add_row(step_id, *(f"{counts[i]:,}" for i in shown))
+    return table
+
+
+def _lag_table(state: RunState) -> Table:
+    """Lag per topic: the total and the partition furthest behind (64 partitions in a line)."""
+    by_topic: dict[str, list[tuple[int, int]]] = {}
+    for tp, behind in state.lag.items():
+        by_topic.setdefault(tp.topic, []).append((behind, tp.partition))
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("topic")
+    table.add_column("partitions", justify="right")
+    table.add_column("lag", justify="right")
+    table.add_column("most behind", justify="right")
+    for topic, lags in sorted(by_topic.items()):
+        worst, partition = max(lags, key=lambda lag: (lag[0], -lag[1]))
+        most = f"{worst:,} (partition {partition})" if worst else ""
+        table.add_row(topic, str(len(lags)), f"{sum(b for b, _ in lags):,}", most)
+    return table
 
 
 def plain_line(state: RunState) -> str:
