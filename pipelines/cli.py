@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import shlex
 import sys
 import textwrap
@@ -38,6 +39,7 @@ from pipelines.log import BACKENDS, open_log
 from pipelines.log._partition_file import disk_error
 from pipelines.log.base import FetchedBatch, TopicPartition
 from pipelines.log.check import check_log
+from pipelines.runtime.logs import FORMATS, LEVELS, configure, json_lines, log
 from pipelines.runtime.progress import RunState
 from pipelines.runtime.reset import ResetOptions, reset_pipeline
 from pipelines.runtime.runner import RunOptions, quiet_clients, run
@@ -138,6 +140,19 @@ def _parser() -> argparse.ArgumentParser:
             help="restarts allowed within a minute before the run fails (default 10)",
         )
         command.add_argument(
+            "--log-level",
+            choices=LEVELS,
+            default="info",
+            help="the least severe events to log (default info: progress lines and notes)",
+        )
+        command.add_argument(
+            "--log-format",
+            choices=FORMATS,
+            default="text",
+            help="text (default) or json: one JSON object per line on stderr, for log "
+            "shippers (no live table then)",
+        )
+        command.add_argument(
             "--max-dead-letter-ratio",
             type=float,
             default=None,
@@ -235,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``headwater`` console script."""
     args = _parser().parse_args(argv)
     quiet_clients()
+    configure(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
     try:
         if args.command in ("run", "worker"):
             return _run(args)
@@ -244,8 +260,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _reset(args)
         return asyncio.run(_topics(args))
     except PipelineError as error:
-        message = textwrap.fill(f"headwater: {error}", width=100, break_on_hyphens=False)
-        print(message, file=sys.stderr)
+        if json_lines():
+            log(logging.ERROR, str(error), {"event": "error"})
+        else:
+            message = textwrap.fill(f"headwater: {error}", width=100, break_on_hyphens=False)
+            print(message, file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -328,7 +347,22 @@ def _summary(state: RunState, reset: str) -> None:
         f"  took {seconds:,.1f} s: {state.records:,} records read from the log, "
         f"{state.records / max(seconds, 1e-3):,.0f} records/s"
     )
-    print("\n".join(lines), file=sys.stderr)
+    if not json_lines():
+        print("\n".join(lines), file=sys.stderr)
+        return
+    names = ("in", "out", "skipped", "dead_lettered", "late")
+    fields = {
+        "event": "summary",
+        "pipeline": state.topology.pipeline.name,
+        "outcome": outcome,
+        "sources": {s.step_id: s.records for s in state.sources},
+        "steps": {step: dict(zip(names, counts, strict=True)) for step, counts in totals.items()},
+        "first_rejected": errors,
+        "lag": behind,
+        "seconds": round(seconds, 3),
+        "records": state.records,
+    }
+    log(logging.INFO, f"{state.topology.pipeline.name} {outcome}", fields)
 
 
 def _reset_command(args: argparse.Namespace) -> str:

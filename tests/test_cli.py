@@ -741,3 +741,68 @@ def test_the_summary_says_how_long_the_run_took_and_how_fast_it_read(tmp_path: P
     assert 0 < seconds < TIMEOUT
     # the seconds are printed to a tenth, the rate from the exact time
     assert records / (seconds + 0.05) - 1 <= rate <= records / max(seconds - 0.05, 0.01) + 1
+
+
+# -- headwater run: the log -----------------------------------------------------------------------
+
+
+def test_json_logs_are_one_object_per_line_and_end_with_the_summary(tmp_path: Path) -> None:
+    """With --log-format json every line of stderr parses: progress and notes while it runs,
+    then the summary with each step's counts and first rejected record."""
+    typo_module(tmp_path, every=10)
+    result = headwater(
+        "run",
+        "typo.py",
+        "--workers",
+        "2",
+        "--log-format",
+        "json",
+        "--backend",
+        "embedded",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    entries = [orjson.loads(line) for line in result.stderr.splitlines()]
+    assert entries, "nothing logged"
+    for entry in entries:
+        assert {"time", "level", "logger", "message", "event"} <= entry.keys(), entry
+        assert entry["time"].endswith("Z")
+    summary = entries[-1]
+    assert summary["event"] == "summary"
+    assert summary["outcome"] == "finished"
+    assert summary["sources"] == {"orders": 2000}
+    assert summary["steps"]["total"] == {
+        "in": 2000,
+        "out": 1800,
+        "skipped": 0,
+        "dead_lettered": 200,
+        "late": 0,
+    }
+    assert summary["first_rejected"]["total"].startswith(
+        "total (typo.py:8) raised KeyError: 'prise' at typo.py:9"
+    )
+    assert summary["lag"] == 0
+    assert any(e["event"] == "progress" for e in entries)
+
+
+def test_a_user_error_in_json_logs_is_one_error_object(tmp_path: Path) -> None:
+    result = headwater("run", "nowhere.py", "--log-format", "json", cwd=tmp_path)
+    assert result.returncode == 2
+    (line,) = result.stderr.splitlines()
+    entry = orjson.loads(line)
+    assert entry["level"] == "error"
+    assert entry["event"] == "error"
+    assert entry["message"].startswith("no pipeline module at nowhere.py")
+
+
+def test_text_logs_carry_time_and_level_and_warning_hides_progress(tmp_path: Path) -> None:
+    typo_module(tmp_path, every=10)
+    result = headwater("run", "typo.py", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    progress = [line for line in result.stderr.splitlines() if "orders: read" in line]
+    assert progress, result.stderr
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO \[.*", progress[0])
+    quiet = headwater("run", "typo.py", "--log-level", "warning", "--data-dir", "q", cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "orders: read" not in quiet.stderr
+    assert "headwater: orders finished" in quiet.stderr  # the summary is not a log line

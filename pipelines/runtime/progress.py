@@ -1,11 +1,13 @@
 """Live progress of a run, for a person: per-step counts, lag per topic, records/s.
 
 On a terminal it is a table redrawn in place (rich, on stderr, so sink output on stdout stays
-clean); elsewhere (CI logs, pipes) one summary line every few seconds.
+clean); elsewhere (CI logs, pipes, ``--log-format json``) one progress line every few seconds
+and each note as it happens, through the run's log (:mod:`pipelines.runtime.logs`).
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections import deque
@@ -18,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipelines.log.base import TopicPartition
+from pipelines.runtime.logs import LOGGER, configure, json_lines, log
 from pipelines.runtime.sources import SourceProgress
 from pipelines.runtime.topology import Topology
 from pipelines.runtime.worker import WorkerReport
@@ -158,9 +161,11 @@ class Progress:
         self._enabled = enabled
         self._live: Live | None = None
         self._last_plain = 0.0
+        if not LOGGER.handlers:
+            configure()
 
     def __enter__(self) -> Progress:
-        if self._enabled and self._stream.isatty():
+        if self._enabled and self._stream.isatty() and not json_lines():
             self._live = Live(
                 render(self.state),
                 console=Console(file=self._stream),
@@ -176,13 +181,22 @@ class Progress:
             self._live.update(render(self.state))
         elif self._enabled and time.monotonic() - self._last_plain >= _PLAIN_EVERY:
             self._last_plain = time.monotonic()
-            print(plain_line(self.state), file=self._stream, flush=True)
+            state = self.state
+            fields = {
+                "event": "progress",
+                "pipeline": state.topology.pipeline.name,
+                "records": state.records,
+                "records_per_s": round(state.rate, 1),
+                "lag": sum(state.lag.values()),
+            }
+            log(logging.INFO, plain_line(state), fields)
 
-    def note(self, message: str) -> None:
-        """Show ``message`` (a worker died, a partition moved ...)."""
+    def note(self, message: str, level: int = logging.INFO) -> None:
+        """Show ``message`` (a worker died, a partition moved ...): in the live table, or as
+        a line of the run's log at ``level``."""
         self.state.notes.append(message)
         if self._live is None:
-            print(message, file=self._stream, flush=True)
+            log(level, message, {"event": "note", "pipeline": self.state.topology.pipeline.name})
 
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:

@@ -403,7 +403,7 @@ def _collect_reports(
             while not worker.gone and worker.channel.poll():
                 report = worker.channel.recv()
                 if isinstance(report, WorkerNote):
-                    progress.note(report.message)
+                    progress.note(report.message, logging.WARNING)
                     continue
                 if report.error is not None and report.worker in state.reports:
                     # a worker's last words carry no counts: keep those it reported before
@@ -413,7 +413,8 @@ def _collect_reports(
                 state.reports[report.worker] = report
                 if report.error is not None and report.retriable and restart:
                     progress.note(
-                        f"worker {worker.index} stopped on a transient error: {report.error}"
+                        f"worker {worker.index} stopped on a transient error: {report.error}",
+                        logging.WARNING,
                     )
                 elif report.error is not None:
                     raise RunFailed(f"worker {worker.index} stopped: {report.error}")
@@ -426,12 +427,13 @@ def _collect_reports(
         if code < 0:
             progress.note(
                 f"worker {worker.index} was killed by signal {-code}; "
-                "its partitions move to the other workers"
+                "its partitions move to the other workers",
+                logging.WARNING,
             )
         elif code > 0 and not restart:
             raise RunFailed(f"worker {worker.index} exited with status {code}")
         elif code > 0:
-            progress.note(f"worker {worker.index} exited with status {code}")
+            progress.note(f"worker {worker.index} exited with status {code}", logging.WARNING)
         worker.failed = code != 0
 
 
@@ -444,7 +446,8 @@ async def _stop_workers(workers: list[_WorkerProcess], state: RunState, progress
         if state.forced:
             progress.note(
                 "stopped at once: the workers were killed; what they did since their last "
-                "checkpoint is processed again when the pipeline runs next"
+                "checkpoint is processed again when the pipeline runs next",
+                logging.WARNING,
             )
             for worker in workers:
                 worker.process.kill()
@@ -452,7 +455,9 @@ async def _stop_workers(workers: list[_WorkerProcess], state: RunState, progress
         if asyncio.get_running_loop().time() > deadline:
             for worker in workers:
                 if worker.process.is_alive():
-                    progress.note(f"worker {worker.index} did not stop in time; killing it")
+                    progress.note(
+                        f"worker {worker.index} did not stop in time; killing it", logging.WARNING
+                    )
                     worker.process.kill()
             break
         for worker in workers:
@@ -468,7 +473,7 @@ def _drain(worker: _WorkerProcess, state: RunState, progress: Progress) -> None:
         while worker.channel.poll():
             report = worker.channel.recv()
             if isinstance(report, WorkerNote):
-                progress.note(report.message)
+                progress.note(report.message, logging.WARNING)
             else:
                 state.reports[report.worker] = report
     except (EOFError, OSError):
