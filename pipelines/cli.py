@@ -153,6 +153,20 @@ def _parser() -> argparse.ArgumentParser:
             "shippers (no live table then)",
         )
         command.add_argument(
+            "--metrics-port",
+            type=int,
+            default=None,
+            metavar="PORT",
+            help="serve Prometheus metrics of the run on http://HOST:PORT/metrics "
+            "(needs headwater[metrics])",
+        )
+        command.add_argument(
+            "--metrics-host",
+            default="127.0.0.1",
+            metavar="HOST",
+            help="the address the metrics are served on (default 127.0.0.1: this machine only)",
+        )
+        command.add_argument(
             "--max-dead-letter-ratio",
             type=float,
             default=None,
@@ -302,6 +316,8 @@ def _run(args: argparse.Namespace) -> int:
         restart_limit=args.max_restarts,
         stall_after=args.stall_after,
         max_dead_letter_ratio=ratio,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     state = run(options)
     _summary(state, _reset_command(args))

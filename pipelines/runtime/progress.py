@@ -48,6 +48,8 @@ class RunState:
     forced: bool = False
     """Stopped a second time: the workers were killed without waiting for their checkpoint."""
     started: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    """Workers started in place of one that was killed or crashed."""
     _samples: deque[tuple[float, int]] = field(default_factory=deque)
     rate: float = 0.0
     """Records processed per second over the last :data:`RATE_WINDOW` seconds."""

@@ -33,6 +33,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from pipelines.errors import LogError, PipelineError
 from pipelines.loader import load_pipeline
@@ -52,6 +53,9 @@ from pipelines.runtime.topology import Topology, compile_pipeline
 from pipelines.runtime.watchdog import STALL_AFTER, Abandoned, Watchdog, WorkerNote, activity
 from pipelines.runtime.worker import Worker, WorkerReport
 from pipelines.settings import KafkaSettings
+
+if TYPE_CHECKING:  # prometheus_client is an extra: imported only when asked for
+    from pipelines.runtime.metrics import MetricsServer
 
 __all__ = ["RunOptions", "quiet_clients", "run", "worker_main"]
 
@@ -84,6 +88,9 @@ class RunOptions:
     max_dead_letter_ratio: float | None = None
     """The share of a step's records it may dead-letter before the run fails; None: the
     pipeline's ``max_dead_letter_ratio``."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics of the run on this port (see :mod:`pipelines.runtime.metrics`)."""
+    metrics_host: str = "127.0.0.1"
 
     @property
     def state_dir(self) -> Path | None:
@@ -247,15 +254,38 @@ async def _run(options: RunOptions, topology: Topology, state: RunState) -> RunS
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, interrupted, signum)
+    metrics = None
     try:
+        metrics = _serve_metrics(options, state)
         with Progress(state, enabled=options.progress) as progress:
             if options.backend == "memory":
                 await _run_here(options, topology, log, state, progress, stop)
             else:
                 await _supervise(options, topology, log, state, progress, stop)
     finally:
+        if metrics is not None:
+            metrics.close()
         await log.close()
     return state
+
+
+def _serve_metrics(options: RunOptions, state: RunState) -> MetricsServer | None:
+    """The run's ``/metrics`` endpoint, if asked for."""
+    if options.metrics_port is None:
+        return None
+    try:
+        from pipelines.runtime.metrics import MetricsServer
+    except ImportError:
+        raise PipelineError(
+            "--metrics-port needs the Prometheus client: pip install 'headwater[metrics]'"
+        ) from None
+    try:
+        return MetricsServer(state, options.metrics_port, options.metrics_host)
+    except OSError as error:
+        raise PipelineError(
+            f"cannot serve metrics on {options.metrics_host}:{options.metrics_port}: "
+            f"{error.strerror or error}; choose another --metrics-port"
+        ) from None
 
 
 async def _run_here(
@@ -390,6 +420,7 @@ class _Restarts:
                 self._recent.append(now)
                 new = _spawn(self._options, self._next_index)
                 progress.note(f"worker {new.index} started in place of worker {worker.index}")
+                progress.state.restarts += 1
                 self._next_index += 1
                 started.append(new)
         return started
