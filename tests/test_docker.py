@@ -1,21 +1,36 @@
-"""``docker/``: Docker does not run on the machines the tests run on, so the two files are
-checked as far as that allows. The compose file loads and pins the broker the tests use; the
-commands the image and the compose service run are run here, in a copy of the build context
-(the repository minus ``.dockerignore``), on the test broker for the compose service, twice:
-a second ``docker compose up`` must compute the same report again."""
+"""``docker/``: Docker does not run on the machines the tests run on, so the files are checked
+as far as that allows. The compose file loads and pins the broker the tests use; the commands
+the image and the compose service run are run here, in a copy of the build context (the
+repository minus ``.dockerignore``), on the test broker for the compose service, twice: a
+second ``docker compose up`` must compute the same report again. Prometheus scrapes the port
+the service serves its metrics on, and every query of the Grafana dashboard names a metric a
+run exports."""
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+import connectors
+from pipelines import Pipeline, Topic
+from pipelines.log.base import TopicPartition
+from pipelines.runtime.metrics import RunCollector
+from pipelines.runtime.progress import RunState
+from pipelines.runtime.sources import SourceProgress
+from pipelines.runtime.topology import compile_pipeline
+from pipelines.runtime.worker import WorkerReport
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
@@ -85,7 +100,7 @@ def in_image(command: str, cwd: Path, env: dict[str, str]) -> subprocess.Complet
 def test_the_compose_file_runs_the_broker_the_tests_run() -> None:
     services = compose()["services"]
     assert isinstance(services, dict)
-    assert set(services) == {"kafka", "headwater"}
+    assert set(services) == {"kafka", "headwater", "prometheus", "grafana"}
     pom = (ROOT / "scripts" / "kafka-pom.xml").read_text()
     version = re.search(r"<kafka.version>([^<]+)</kafka.version>", pom)
     assert version is not None
@@ -119,6 +134,14 @@ def test_the_compose_service_computes_the_same_report_every_time_it_is_brought_u
     service = compose()["services"]["headwater"]
     assert service["entrypoint"] == ["sh", "-c"]
     (command,) = service["command"]
+    # metrics on this machine only, on a free port (the container serves them to its network)
+    assert "--metrics-port 9464 --metrics-host 0.0.0.0" in command
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = command.replace(
+        "--metrics-port 9464 --metrics-host 0.0.0.0", f"--metrics-port {port}"
+    )
     env = {**service["environment"], "HEADWATER_BOOTSTRAP_SERVERS": KAFKA}
     reports = []
     for up in ("first", "second"):
@@ -130,3 +153,59 @@ def test_the_compose_service_computes_the_same_report_every_time_it_is_brought_u
         reports.append(report_of(done.stdout))
     assert reports[0] == reports[1]
     assert "bad lines are on the dead-letter topic" in reports[0]
+
+
+def test_prometheus_scrapes_the_port_the_service_serves_metrics_on() -> None:
+    (command,) = compose()["services"]["headwater"]["command"]
+    port = re.search(r"--metrics-port (\d+)", command)
+    assert port is not None
+    scrape = yaml.safe_load((DOCKER / "prometheus.yml").read_text())
+    (job,) = scrape["scrape_configs"]
+    assert job["static_configs"] == [{"targets": [f"headwater:{port[1]}"]}]
+    mounts = compose()["services"]["prometheus"]["volumes"]
+    assert "./prometheus.yml:/etc/prometheus/prometheus.yml:ro" in mounts
+    # --metrics-port needs the extra in the image
+    assert "pip install '.[metrics]'" in (DOCKER / "Dockerfile").read_text()
+
+
+def exported_metrics() -> set[str]:
+    """The names a run's /metrics holds (counters with their ``_total``)."""
+    pipeline = (
+        Pipeline("p")
+        .source(connectors.Iterable([1]), into=Topic("in"))
+        .map("m", lambda v: v)
+        .sink(connectors.Stdout())
+    )
+    state = RunState(compile_pipeline(pipeline), "embedded", 1)
+    state.lag = {TopicPartition("in", 0): 0}
+    state.reports[0] = WorkerReport(0, {"m": [1, 1, 0, 0, 0]}, [], 1)
+    state.sources = [SourceProgress("in")]
+    text = generate_latest(_registry(state)).decode()
+    return {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def _registry(state: RunState) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RunCollector(state))
+    return registry
+
+
+def test_every_query_of_the_grafana_dashboard_names_an_exported_metric() -> None:
+    dashboard = json.loads((DOCKER / "grafana" / "dashboards" / "headwater.json").read_text())
+    exported = exported_metrics()
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    queries += [v["query"] for v in dashboard["templating"]["list"]]
+    assert len(queries) >= 6
+    for query in queries:
+        names = set(re.findall(r"\bheadwater_[a-z_]+", query))
+        assert names, query
+        assert names <= exported, f"{query}: {names - exported} not exported ({sorted(exported)})"
+    provisioned = yaml.safe_load(
+        (DOCKER / "grafana" / "provisioning" / "dashboards" / "headwater.yml").read_text()
+    )
+    assert provisioned["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+    source = yaml.safe_load(
+        (DOCKER / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )
+    assert source["datasources"][0]["uid"] == "prometheus"
+    assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {"prometheus"}
