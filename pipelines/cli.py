@@ -27,7 +27,7 @@ import shlex
 import sys
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import version
 from pathlib import Path
 
@@ -35,14 +35,18 @@ import orjson
 from pydantic import ValidationError
 
 from pipelines.errors import PipelineError
+from pipelines.loader import load_pipeline
 from pipelines.log import BACKENDS, open_log
 from pipelines.log._partition_file import disk_error
 from pipelines.log.base import FetchedBatch, TopicPartition
 from pipelines.log.check import check_log
-from pipelines.runtime.logs import FORMATS, LEVELS, configure, json_lines, log
+from pipelines.runtime import deadletters
+from pipelines.runtime.logs import FORMATS, LEVELS, configure, json_lines
+from pipelines.runtime.logs import log as log_event
 from pipelines.runtime.progress import RunState
 from pipelines.runtime.reset import ResetOptions, reset_pipeline
 from pipelines.runtime.runner import RunOptions, quiet_clients, run
+from pipelines.runtime.topology import compile_pipeline
 from pipelines.runtime.watchdog import STALL_AFTER
 from pipelines.runtime.watermarks import split_markers
 from pipelines.settings import KafkaSettings
@@ -202,7 +206,72 @@ def _parser() -> argparse.ArgumentParser:
         _log_arguments(command, ("embedded", "kafka"), inherit=True)
     _log_check_arguments(commands)
     _reset_arguments(commands)
+    _dlq_arguments(commands)
     return parser
+
+
+def _dlq_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dlq = commands.add_parser("dlq", help="list, show and replay a pipeline's dead letters")
+    actions = dlq.add_subparsers(dest="dlq_command", required=True)
+    listing = actions.add_parser(
+        "list", help="dead letters by step and error, and how many replayed"
+    )
+    show = actions.add_parser("show", help="the dead letters themselves, one JSON object a line")
+    show.add_argument("-n", "--lines", type=int, default=10, help="at most this many (default 10)")
+    again = actions.add_parser(
+        "replay",
+        help="send dead letters back to the topics they came from (after fixing the step); "
+        "each is replayed once",
+    )
+    for command in (listing, show, again):
+        command.add_argument("module", help=MODULE_HELP)
+        _log_arguments(command, ("embedded", "kafka"))
+    for command in (show, again):
+        command.add_argument(
+            "--step", action="append", default=[], help="only this step's (repeat for more)"
+        )
+
+
+async def _dlq(args: argparse.Namespace) -> int:
+    kafka = _kafka_settings(args)
+    group = kafka.group_id if kafka is not None else None
+    topology = compile_pipeline(load_pipeline(args.module), group=group)
+    log = open_log(args.backend, data_dir=args.data_dir, kafka=kafka)
+    try:
+        if args.dlq_command == "list":
+            groups = await deadletters.summary(log, topology)
+            for g in groups:
+                print(
+                    f"{g.step}\t{g.error_type}\t{g.count:,} dead letters\t{g.replayed:,} "
+                    f"replayed\te.g. {g.example}"
+                )
+            if not groups:
+                print(f"no dead letters on {topology.pipeline.dead_letter_topic.name}")
+            return 0
+        if args.dlq_command == "show":
+            shown = 0
+            async for letter in deadletters.read_dead_letters(log, topology):
+                if shown >= args.lines:
+                    break
+                if args.step and letter.step not in args.step:
+                    continue
+                line = {
+                    "partition": letter.partition,
+                    "offset": letter.offset,
+                    "key": _text(letter.key),
+                    "value": _text(letter.value),
+                    "timestamp": letter.timestamp,
+                    "headers": {k: _text(v) for k, v in letter.headers},
+                }
+                print(orjson.dumps(line).decode())
+                shown += 1
+            return 0
+        sent = await deadletters.replay(log, topology, args.step)
+        for step, count in sent.items():
+            print(f"{step}: {count:,} dead letters replayed")
+        return 0
+    finally:
+        await log.close()
 
 
 def _reset_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -265,17 +334,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     quiet_clients()
     configure(getattr(args, "log_level", "info"), getattr(args, "log_format", "text"))
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "run": _run,
+        "worker": _run,
+        "log": _log_check,
+        "reset": _reset,
+        "dlq": lambda a: asyncio.run(_dlq(a)),
+        "topics": lambda a: asyncio.run(_topics(a)),
+    }
     try:
-        if args.command in ("run", "worker"):
-            return _run(args)
-        if args.command == "log":
-            return _log_check(args)
-        if args.command == "reset":
-            return _reset(args)
-        return asyncio.run(_topics(args))
+        return commands[args.command](args)
     except PipelineError as error:
         if json_lines():
-            log(logging.ERROR, str(error), {"event": "error"})
+            log_event(logging.ERROR, str(error), {"event": "error"})
         else:
             message = textwrap.fill(f"headwater: {error}", width=100, break_on_hyphens=False)
             print(message, file=sys.stderr)
@@ -378,7 +449,7 @@ def _summary(state: RunState, reset: str) -> None:
         "seconds": round(seconds, 3),
         "records": state.records,
     }
-    log(logging.INFO, f"{state.topology.pipeline.name} {outcome}", fields)
+    log_event(logging.INFO, f"{state.topology.pipeline.name} {outcome}", fields)
 
 
 def _reset_command(args: argparse.Namespace) -> str:
