@@ -46,6 +46,7 @@ from pipelines.runtime.logs import log as log_event
 from pipelines.runtime.progress import RunState
 from pipelines.runtime.reset import ResetOptions, reset_pipeline
 from pipelines.runtime.runner import RunOptions, quiet_clients, run
+from pipelines.runtime.status import describe, read_status
 from pipelines.runtime.topology import compile_pipeline
 from pipelines.runtime.watchdog import STALL_AFTER
 from pipelines.runtime.watermarks import split_markers
@@ -207,7 +208,30 @@ def _parser() -> argparse.ArgumentParser:
     _log_check_arguments(commands)
     _reset_arguments(commands)
     _dlq_arguments(commands)
+    status = commands.add_parser(
+        "status", help="how a pipeline's run is doing (or how it ended), from another shell"
+    )
+    status.add_argument("module", help=MODULE_HELP)
+    status.add_argument("--json", action="store_true", help="the status as one JSON object")
+    _log_arguments(status, ("embedded", "kafka"))
     return parser
+
+
+async def _status(args: argparse.Namespace) -> int:
+    kafka = _kafka_settings(args)
+    topology = compile_pipeline(
+        load_pipeline(args.module), group=kafka.group_id if kafka is not None else None
+    )
+    log = open_log(args.backend, data_dir=args.data_dir, kafka=kafka)
+    try:
+        document = await read_status(args.data_dir, topology, log)
+    finally:
+        await log.close()
+    if args.json:
+        print(orjson.dumps(document).decode())
+    else:
+        print(describe(document))
+    return 0
 
 
 def _dlq_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -340,6 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "log": _log_check,
         "reset": _reset,
         "dlq": lambda a: asyncio.run(_dlq(a)),
+        "status": lambda a: asyncio.run(_status(a)),
         "topics": lambda a: asyncio.run(_topics(a)),
     }
     try:

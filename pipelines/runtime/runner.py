@@ -49,6 +49,7 @@ from pipelines.runtime.engine import (
 from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.progress import Progress, RunState
 from pipelines.runtime.runlock import run_lock
+from pipelines.runtime.status import StatusFile
 from pipelines.runtime.topology import Topology, compile_pipeline
 from pipelines.runtime.watchdog import STALL_AFTER, Abandoned, Watchdog, WorkerNote, activity
 from pipelines.runtime.worker import Worker, WorkerReport
@@ -255,14 +256,26 @@ async def _run(options: RunOptions, topology: Topology, state: RunState) -> RunS
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, interrupted, signum)
     metrics = None
+    status = (
+        StatusFile(options.data_dir, state)
+        if options.sources and options.backend != "memory"
+        else None
+    )
+    outcome = "failed"
     try:
         metrics = _serve_metrics(options, state)
         with Progress(state, enabled=options.progress) as progress:
             if options.backend == "memory":
                 await _run_here(options, topology, log, state, progress, stop)
             else:
-                await _supervise(options, topology, log, state, progress, stop)
+                await _supervise(options, topology, log, state, progress, stop, status)
+        outcome = "finished" if state.stopped_by is None else "stopped"
+    except PipelineError as error:
+        outcome = f"failed: {error}"
+        raise
     finally:
+        if status is not None:
+            status.update(outcome, force=True)
         if metrics is not None:
             metrics.close()
         await log.close()
@@ -323,6 +336,7 @@ async def _supervise(
     state: RunState,
     progress: Progress,
     stop: asyncio.Event,
+    status: StatusFile | None = None,
 ) -> None:
     await prepare_topics(log, topology)
     if options.sources:
@@ -346,6 +360,8 @@ async def _supervise(
             sources.raise_failure()
             state.lag = await lag(log, topology)
             progress.refresh()
+            if status is not None:
+                status.update()
             finished = (
                 options.sources
                 and sources.done
