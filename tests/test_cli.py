@@ -16,6 +16,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from cli_support import assert_user_error, headwater
 
 from pipelines.runtime.runlock import run_lock
 
@@ -52,44 +53,10 @@ END_OF_TIME = 1 << 62  # the mark of an end-of-time marker (pipelines.runtime.wa
 LETTERS_ON_THE_LOG = 31 + 3
 
 
-def headwater(
-    *args: str | Path, cwd: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """``headwater ARGS`` in ``cwd``, as ``python -m pipelines.cli``."""
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *map(str, args)],
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
-
-
 def write(path: Path, source: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(textwrap.dedent(source))
     return path
-
-
-def assert_user_error(result: subprocess.CompletedProcess[str], *needles: str) -> str:
-    """Status 2 and one paragraph on stderr, starting ``headwater:``, containing ``needles``;
-    returns the paragraph joined into one line."""
-    stderr = result.stderr
-    assert result.returncode == 2, (result.returncode, stderr)
-    assert "Traceback" not in stderr, stderr
-    text = stderr.strip()
-    assert text, "nothing on stderr"
-    assert "\n\n" not in text, f"more than one paragraph:\n{stderr}"
-    assert text.startswith("headwater: "), stderr
-    starts = [line for line in text.splitlines() if line.startswith("headwater:")]
-    assert len(starts) == 1, stderr
-    assert result.stdout == ""
-    paragraph = " ".join(text.split())
-    for needle in needles:
-        assert needle in paragraph, f"{needle!r} not in:\n{stderr}"
-    return paragraph
 
 
 # -- headwater run: loading the module -------------------------------------------------------

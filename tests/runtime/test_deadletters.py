@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import textwrap
 import uuid
 from collections import Counter
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from cli_support import assert_user_error, headwater
 
 ORDERS = 200
 KAFKA = os.environ.get("HEADWATER_TEST_KAFKA", "127.0.0.1:9092")
@@ -42,17 +42,8 @@ pipeline = (
 """
 
 
-def headwater(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+def ok(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    done = headwater(*args, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, f"headwater {' '.join(args)}:\n{done.stdout}{done.stderr}"
     return done
 
@@ -77,16 +68,16 @@ def test_fix_the_step_replay_its_dead_letters_and_every_record_is_processed_once
     bad = Counter(range(0, ORDERS, 10))
     good = Counter(range(ORDERS)) - bad
 
-    headwater(tmp_path, "run", "orders.py", "--workers", "2", "--no-progress", *log)
+    ok(tmp_path, "run", "orders.py", "--workers", "2", "--no-progress", *log)
     assert totals(tmp_path) == good
 
-    listed = headwater(tmp_path, "dlq", "list", "orders.py", *log).stdout
+    listed = ok(tmp_path, "dlq", "list", "orders.py", *log).stdout
     (line,) = listed.splitlines()
     step, kind, count, replayed, example = line.split("\t")
     assert (step, kind, count, replayed) == ("total", "ValueError", "20 dead letters", "0 replayed")
     assert example.startswith("e.g. total (orders.py:10) raised ValueError: no price list")
 
-    shown = headwater(tmp_path, "dlq", "show", "orders.py", "--step", "total", "-n", "3", *log)
+    shown = ok(tmp_path, "dlq", "show", "orders.py", "--step", "total", "-n", "3", *log)
     letters = [orjson.loads(line) for line in shown.stdout.splitlines()]
     assert len(letters) == 3
     for letter in letters:
@@ -95,30 +86,20 @@ def test_fix_the_step_replay_its_dead_letters_and_every_record_is_processed_once
         assert letter["headers"]["headwater.source.topic"] == topic
 
     (tmp_path / "fixed").touch()
-    replayed_now = headwater(tmp_path, "dlq", "replay", "orders.py", *log).stdout
+    replayed_now = ok(tmp_path, "dlq", "replay", "orders.py", *log).stdout
     assert replayed_now.splitlines() == ["total: 20 dead letters replayed"]
-    again = headwater(tmp_path, "dlq", "replay", "orders.py", *log).stdout
+    again = ok(tmp_path, "dlq", "replay", "orders.py", *log).stdout
     assert again.splitlines() == ["total: 0 dead letters replayed"]  # each one once
 
-    headwater(tmp_path, "run", "orders.py", "--no-progress", *log)
+    ok(tmp_path, "run", "orders.py", "--no-progress", *log)
     assert totals(tmp_path) == Counter(range(ORDERS))  # every order once
-    listed = headwater(tmp_path, "dlq", "list", "orders.py", *log).stdout
+    listed = ok(tmp_path, "dlq", "list", "orders.py", *log).stdout
     assert listed.split("\t")[3] == "20 replayed"
 
 
 def test_replaying_a_step_without_dead_letters_is_a_user_error(tmp_path: Path) -> None:
     (tmp_path / "orders.py").write_text(textwrap.dedent(MODULE.format(name="o", topic="o")))
     (tmp_path / "orders.jsonl").write_bytes(b'{"id": 1, "price": 1}\n')
-    headwater(tmp_path, "run", "orders.py", "--no-progress")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "dlq", "replay", "orders.py", "--step", "totl"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 2, done.stderr
-    assert "no dead letters of step 'totl'; steps with dead letters: none" in done.stderr
+    ok(tmp_path, "run", "orders.py", "--no-progress")
+    done = headwater("dlq", "replay", "orders.py", "--step", "totl", cwd=tmp_path)
+    assert_user_error(done, "no dead letters of step 'totl'; steps with dead letters: none")

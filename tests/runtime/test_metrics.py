@@ -3,7 +3,6 @@ real multi-process run goes on, and the counters equal what the input holds."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -13,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from cli_support import clean_env
 from prometheus_client.parser import text_string_to_metric_families
 
 ORDERS = 2000
@@ -72,7 +72,6 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def start(tmp_path: Path, port: int) -> subprocess.Popen[str]:
     (tmp_path / "shop.py").write_text(textwrap.dedent(MODULE))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_")}
     return subprocess.Popen(
         [
             sys.executable,
@@ -87,7 +86,7 @@ def start(tmp_path: Path, port: int) -> subprocess.Popen[str]:
             str(port),
         ],
         cwd=tmp_path,
-        env=env,
+        env=clean_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from cli_support import clean_env, headwater
 
 ORDERS = 1000
 KAFKA = os.environ.get("HEADWATER_TEST_KAFKA", "127.0.0.1:9092")
@@ -45,20 +46,8 @@ pipeline = (
 """
 
 
-def env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_")}
-
-
 def status(tmp_path: Path, log: list[str]) -> dict[str, object]:
-    done = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "status", "shop.py", "--json", *log],
-        cwd=tmp_path,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = headwater("status", "shop.py", "--json", *log, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     found = orjson.loads(done.stdout)
     assert isinstance(found, dict)
@@ -88,7 +77,7 @@ def test_status_of_a_running_a_killed_and_a_finished_run(tmp_path: Path, backend
                 *log,
             ],
             cwd=tmp_path,
-            env=env(),
+            env=clean_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
@@ -138,25 +127,9 @@ def test_status_of_a_running_a_killed_and_a_finished_run(tmp_path: Path, backend
 def test_status_reads_as_lines_for_a_person(tmp_path: Path) -> None:
     (tmp_path / "shop.py").write_text(textwrap.dedent(MODULE.format(orders=10, name="shop")))
     (tmp_path / "gate").touch()
-    run = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "run", "shop.py", "--no-progress"],
-        cwd=tmp_path,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    run = headwater("run", "shop.py", "--no-progress", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    done = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "status", "shop.py"],
-        cwd=tmp_path,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = headwater("status", "shop.py", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].startswith("shop: finished (runner pid ")
