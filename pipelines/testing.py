@@ -7,7 +7,9 @@
     result = run_pipeline(pipeline, inputs={"clicks": [{"user": "ann", "url": "/p/1"}]})
     assert result.values("sink.stdout") == [...]
 
-``inputs`` replaces the connector of a source step (by step id) with the given values; every
+``inputs`` replaces the connector of a source step (by step id) with the given values, keyed
+by the replaced source's ``key=`` function if it has one (a value it cannot key gets none, as in
+a file source); every
 sink of the pipeline is replaced by an in-memory collector, so ``result`` holds what each sink
 would have received. Records that failed go to the dead-letter topic as they would in
 production: ``result.dead_letters``. Works in plain Python, pytest and inside Jupyter (where an
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -90,6 +92,22 @@ class TestResult:
         return self.topic(self.pipeline.dead_letter_topic.name)
 
 
+def _keyed_as(source: object) -> Callable[[Any], Any] | None:
+    """The key function of a replaced source (``key=`` of JsonLines, Csv, Iterable...), made to
+    give no key to a value it does not fit instead of failing."""
+    key = getattr(source, "key", None)
+    if not callable(key):
+        return None
+
+    def keyed(value: Any) -> Any:
+        try:
+            return key(value)
+        except Exception:  # a malformed value: no key, as a file source gives it
+            return None
+
+    return keyed
+
+
 def _prepared(
     pipeline: Pipeline, inputs: Mapping[str, Iterable[Any]]
 ) -> tuple[Pipeline, dict[str, Collect]]:
@@ -104,7 +122,8 @@ def _prepared(
     for declared in pipeline.steps:
         step = declared
         if step.step_id in inputs:
-            step = replace(step, source=IterableSource(list(inputs[step.step_id])))
+            key = _keyed_as(step.source)
+            step = replace(step, source=IterableSource(list(inputs[step.step_id]), key=key))
         elif step.kind == "sink" and step.sink is not None:
             sinks[step.step_id] = Collect()
             step = replace(step, sink=sinks[step.step_id])

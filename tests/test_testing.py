@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from connectors.files import JsonLines
 from connectors.memory import Collect, Iterable
 from connectors.topic import LogTopic
 from pipelines import Pipeline, Topic
@@ -40,6 +42,27 @@ def test_inputs_can_replace_every_source() -> None:
 def test_inputs_may_be_a_one_shot_generator() -> None:
     result = run_pipeline(two_sources(), inputs={"clicks": (c for c in "xyz"), "views": []})
     assert sorted(result.values("out")) == ["X", "Y", "Z"]
+
+
+def test_inputs_are_keyed_as_the_replaced_source_keys_its_records(tmp_path: Path) -> None:
+    """A file source's ``key=`` carries over to the values given in its place: each lands on
+    the partition its key hashes to, and a count per key sees them as one key."""
+    source = JsonLines(tmp_path / "unused.jsonl", key=lambda e: e["user"])
+    pipeline = (
+        Pipeline("p")
+        .source(source, into=Topic("clicks", partitions=4), step_id="clicks")
+        .count("per-user")
+        .sink(Collect(), step_id="out")
+    )
+    clicks = [{"user": u} for u in ["ann", "bob", "ann", "cid", "ann"]] + [b"not json"]
+    result = run_pipeline(pipeline, inputs={"clicks": clicks})
+    on_log = result.topic("clicks")
+    keyed = [r for r in on_log if r.key is not None]
+    assert len(keyed) == 5  # the malformed value gets no key, as in the file
+    for record in keyed:
+        assert record.partition == partition_for(record.key, 4)
+    finals = {record.key: record.value for record in result.records("out")}
+    assert finals == {"ann": 3, "bob": 1, "cid": 1}
 
 
 def test_without_inputs_the_declared_sources_are_read() -> None:
