@@ -23,6 +23,7 @@ compiled).
 from __future__ import annotations
 
 import functools
+import html
 import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -167,6 +168,23 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, steps={[s.step_id for s in self.steps]})"
+
+    def _repr_html_(self) -> str:
+        """The steps as a table, for notebooks: each step's kind, what it reads from, and the
+        topic it writes to or reads (with its partitions)."""
+        rows = []
+        for step in self.steps:
+            connector = step.source if step.source is not None else step.sink
+            what = step.kind if connector is None else connector
+            topic = f"{step.topic.name} ({step.topic.partitions})" if step.topic else ""
+            inputs = ", ".join(name for name, _ in step.inputs)
+            cells = (step.step_id, step.kind, str(what), inputs, topic)
+            rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+        head = "".join(f"<th>{h}</th>" for h in ("step", "kind", "what", "from", "topic"))
+        return (
+            f"<b>Pipeline {html.escape(self.name)}</b> ({self.processing_guarantee}, errors: "
+            f"{self.error_policy.value})<table><tr>{head}</tr>{''.join(rows)}</table>"
+        )
 
     @property
     def internal_prefix(self) -> str:

@@ -14,6 +14,13 @@ sink of the pipeline is replaced by an in-memory collector, so ``result`` holds 
 would have received. Records that failed go to the dead-letter topic as they would in
 production: ``result.dead_letters``. Works in plain Python, pytest and inside Jupyter (where an
 event loop is already running): use :func:`run_pipeline_async` from async code.
+
+A source that never ends (a generator that keeps yielding, a file followed) needs a stop:
+``count=`` stops once the sinks received at least that many records (the batches in flight
+finish, so a few more may arrive), ``timeout=`` after that many seconds; ``result.stopped_by``
+says which ("count", "timeout", or None: the input ran out). ``result.to_pandas(sink)`` gives
+a sink's records as a DataFrame (with ``headwater[notebook]``), and a result or a pipeline
+shows itself as a table in a notebook.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import asyncio
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from html import escape
 from typing import Any
 
 from connectors.memory import Collect
@@ -47,6 +55,53 @@ class TestResult:
     sinks: dict[str, Collect]
     log: MemoryLog
     pipeline: Pipeline
+    stopped_by: str | None = None
+    """``"count"`` or ``"timeout"`` when a stop ended the run; None when the input ran out."""
+
+    def __repr__(self) -> str:
+        sinks = ", ".join(f"{name}: {len(sink)}" for name, sink in sorted(self.sinks.items()))
+        stop = f", stopped by {self.stopped_by}" if self.stopped_by else ""
+        return (
+            f"<TestResult of {self.pipeline.name!r}: {sinks or 'no sinks'}; "
+            f"{len(self.dead_letters)} dead letters{stop}>"
+        )
+
+    def _repr_html_(self) -> str:
+        rows = "".join(
+            f"<tr><td>{escape(name)}</td><td>{len(sink):,}</td>"
+            f"<td>{escape(_preview(sink.values))}</td></tr>"
+            for name, sink in sorted(self.sinks.items())
+        )
+        stop = f"; stopped by {escape(self.stopped_by)}" if self.stopped_by else ""
+        return (
+            f"<b>{escape(self.pipeline.name)}</b>: {len(self.dead_letters):,} dead letters{stop}"
+            f"<table><tr><th>sink</th><th>records</th><th>first values</th></tr>{rows}</table>"
+        )
+
+    def to_pandas(self, sink_step: str) -> Any:
+        """The records sink step ``sink_step`` received as a pandas DataFrame: ``key``,
+        ``timestamp``, the value's fields as columns when values are dicts (else ``value``),
+        and the ``topic``, ``partition`` and ``offset`` each was read from."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("to_pandas needs pandas: pip install 'headwater[notebook]'") from None
+        records = self._sink(sink_step).records
+        values = [r.value for r in records]
+        if values and all(isinstance(v, dict) for v in values):
+            frame = pd.DataFrame.from_records(values)
+        else:
+            frame = pd.DataFrame({"value": values})
+        for column, data in (
+            ("offset", [r.offset for r in records]),
+            ("partition", [r.partition for r in records]),
+            ("topic", [r.topic for r in records]),
+            ("timestamp", [r.timestamp for r in records]),
+            ("key", [r.key for r in records]),
+        ):
+            if column not in frame.columns:
+                frame.insert(0, column, data)
+        return frame
 
     def values(self, sink_step: str) -> list[Any]:
         """The values sink step ``sink_step`` received, in arrival order."""
@@ -92,6 +147,11 @@ class TestResult:
         return self.topic(self.pipeline.dead_letter_topic.name)
 
 
+def _preview(values: list[Any], shown: int = 3) -> str:
+    text = ", ".join(repr(v) for v in values[:shown])
+    return text + (", ..." if len(values) > shown else "")
+
+
 def _keyed_as(source: object) -> Callable[[Any], Any] | None:
     """The key function of a replaced source (``key=`` of JsonLines, Csv, Iterable...), made to
     give no key to a value it does not fit instead of failing."""
@@ -133,21 +193,56 @@ def _prepared(
 
 
 async def run_pipeline_async(
-    pipeline: Pipeline, inputs: Mapping[str, Iterable[Any]] | None = None, *, workers: int = 1
+    pipeline: Pipeline,
+    inputs: Mapping[str, Iterable[Any]] | None = None,
+    *,
+    workers: int = 1,
+    count: int | None = None,
+    timeout: float | None = None,
 ) -> TestResult:
-    """Run ``pipeline`` on a fresh memory log until every input is processed."""
+    """Run ``pipeline`` on a fresh memory log until every input is processed, or until its
+    sinks received ``count`` records, or for ``timeout`` seconds."""
+    if count is not None and count < 1:
+        raise ValueError(f"count must be at least 1, not {count}")
+    if timeout is not None and not timeout > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, not {timeout}")
     prepared, sinks = _prepared(pipeline, inputs or {})
     log = MemoryLog()
-    await run_in_process(compile_pipeline(prepared), log, workers=workers)
-    return TestResult(sinks=sinks, log=log, pipeline=prepared)
+    stop = asyncio.Event()
+    result = TestResult(sinks=sinks, log=log, pipeline=prepared)
+
+    async def watch() -> None:
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+        while True:
+            if count is not None and sum(len(s) for s in sinks.values()) >= count:
+                result.stopped_by = "count"
+                break
+            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                result.stopped_by = "timeout"
+                break
+            await asyncio.sleep(0.01)
+        stop.set()
+
+    watcher = asyncio.create_task(watch()) if count is not None or timeout is not None else None
+    try:
+        await run_in_process(compile_pipeline(prepared), log, workers=workers, stop=stop)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+    return result
 
 
 def run_pipeline(
-    pipeline: Pipeline, inputs: Mapping[str, Iterable[Any]] | None = None, *, workers: int = 1
+    pipeline: Pipeline,
+    inputs: Mapping[str, Iterable[Any]] | None = None,
+    *,
+    workers: int = 1,
+    count: int | None = None,
+    timeout: float | None = None,
 ) -> TestResult:
     """:func:`run_pipeline_async` from synchronous code, also where a loop is already running
     (Jupyter): then the pipeline runs on its own loop in a helper thread."""
-    coroutine = run_pipeline_async(pipeline, inputs, workers=workers)
+    coroutine = run_pipeline_async(pipeline, inputs, workers=workers, count=count, timeout=timeout)
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -209,3 +210,78 @@ def test_run_pipeline_from_plain_code_runs_in_the_calling_thread() -> None:
 async def test_run_pipeline_async_from_async_code() -> None:
     result = await run_pipeline_async(two_sources(), inputs={"clicks": ["q"], "views": []})
     assert result.values("out") == ["Q"]
+
+
+# -- endless sources, DataFrames, notebook tables ----------------------------------------------
+
+
+def endless() -> Pipeline:
+    def numbers() -> Any:
+        n = 0
+        while True:
+            yield {"n": n, "even": n % 2 == 0}
+            n += 1
+
+    return (
+        Pipeline("p")
+        .source(Iterable(numbers), into=Topic("in", partitions=2))
+        .filter("even", lambda v: v["even"])
+        .sink(Collect(), step_id="out")
+    )
+
+
+def test_count_stops_an_endless_source_once_the_sinks_have_that_many() -> None:
+    result = run_pipeline(endless(), count=50)
+    assert result.stopped_by == "count"
+    values = result.values("out")
+    assert len(values) >= 50
+    assert all(v["even"] for v in values)
+    assert sorted(v["n"] for v in values)[:50] == list(range(0, 100, 2))
+
+
+def test_timeout_stops_an_endless_source() -> None:
+    started = time.monotonic()
+    result = run_pipeline(endless(), timeout=0.3)
+    assert result.stopped_by == "timeout"
+    assert time.monotonic() - started < 30  # it stopped: an endless run never returns
+    assert len(result.values("out")) > 0
+
+
+def test_a_finite_input_is_not_stopped() -> None:
+    result = run_pipeline(two_sources(), count=1000, timeout=60)
+    assert result.stopped_by is None
+    assert len(result.values("out")) == 2
+
+
+@pytest.mark.parametrize(("count", "timeout"), [(0, None), (None, 0), (None, -1.0)])
+def test_stops_must_be_positive(count: int | None, timeout: float | None) -> None:
+    with pytest.raises(ValueError, match="must be"):
+        run_pipeline(two_sources(), count=count, timeout=timeout)
+
+
+def test_to_pandas_gives_the_fields_and_where_each_record_came_from() -> None:
+    clicks = [{"user": "ann", "n": 1}, {"user": "bob", "n": 2}]
+    pipeline = (
+        Pipeline("p")
+        .source(Iterable(clicks, key=lambda c: c["user"]), into=Topic("clicks", partitions=3))
+        .sink(Collect(), step_id="out")
+    )
+    frame = run_pipeline(pipeline).to_pandas("out").sort_values("n")
+    assert list(frame.columns) == ["key", "timestamp", "topic", "partition", "offset", "user", "n"]
+    assert list(frame["user"]) == ["ann", "bob"]
+    assert list(frame["key"]) == ["ann", "bob"]
+    assert set(frame["topic"]) == {"clicks"}
+    assert list(frame["partition"]) == [partition_for(u.encode(), 3) for u in ("ann", "bob")]
+    plain = run_pipeline(two_sources()).to_pandas("out")
+    assert sorted(plain["value"]) == ["DECLARED CLICK", "DECLARED VIEW"]
+
+
+def test_a_result_and_a_pipeline_show_themselves_as_tables() -> None:
+    result = run_pipeline(two_sources(), inputs={"clicks": ["<a>"]})
+    assert repr(result) == "<TestResult of 'p': out: 2; 0 dead letters>"
+    table = result._repr_html_()
+    assert "<td>out</td><td>2</td>" in table
+    assert "&lt;A&gt;" in table  # values are escaped
+    steps = two_sources()._repr_html_()
+    for cell in ("<td>clicks</td>", "<td>merge</td>", "<td>upper</td>", "<td>clicks (1)</td>"):
+        assert cell in steps, steps
