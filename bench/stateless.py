@@ -319,9 +319,15 @@ def _size(path: Path) -> int:
 
 
 def throughput_run(
-    config: Config, template: Path, scratch: Path, workers: int, attempt: int
+    config: Config,
+    template: Path,
+    scratch: Path,
+    workers: int,
+    attempt: int,
+    metrics_port: int | None = None,
 ) -> ThroughputRun:
-    """Copy the pre-filled log and run the pipeline over it until drained."""
+    """Copy the pre-filled log and run the pipeline over it until drained (serving the run's
+    metrics on ``metrics_port`` if given, as ``headwater run --metrics-port`` does)."""
     data_dir = scratch / f"throughput-{workers}w-{attempt}"
     shutil.copytree(template, data_dir)
     os.sync()  # so writing back the copy does not overlap the timed run
@@ -329,8 +335,15 @@ def throughput_run(
     sampler.start()
     before = CpuSnapshot.now()
     started = time.time()
+    options = RunOptions(
+        spec=str(PIPELINE),
+        workers=workers,
+        data_dir=data_dir,
+        progress=False,
+        metrics_port=metrics_port,
+    )
     try:
-        run(RunOptions(spec=str(PIPELINE), workers=workers, data_dir=data_dir, progress=False))
+        run(options)
     finally:
         sampler.stop()
     cpu = CpuSnapshot.now().minus(before)  # the runner has joined its workers: counted

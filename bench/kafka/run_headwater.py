@@ -4,10 +4,11 @@
         [--partitions P] [--workers N] [--follow]
 
 Writes the pipeline module (a ``LogTopic`` source, the filter and the map of ``clicks.py``, a
-``LogTopic`` sink) into a temporary directory next to a copy of ``clicks.py`` and runs it as
-``headwater run --backend kafka`` does: ``pipelines.runtime.runner.run`` with ``N`` worker
-processes in one consumer group. Without ``--follow`` it returns once the group has committed
-the whole input; with it, it keeps going until SIGTERM (the latency phase).
+``LogTopic`` sink) into a temporary directory next to copies of ``clicks.py`` and of the
+``bench/workload.py`` it imports, and runs it as ``headwater run --backend kafka`` does:
+``pipelines.runtime.runner.run`` with ``N`` worker processes in one consumer group. Without
+``--follow`` it returns once the group has committed the whole input; with it, it keeps going
+until SIGTERM (the latency phase).
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ pipeline = (
 
 
 def write_pipeline(directory: Path, name: str, source: str, sink: str, partitions: int) -> Path:
-    """The pipeline module ``name`` and its neighbour ``clicks.py``, in ``directory``."""
+    """The pipeline module ``name`` and its neighbours ``clicks.py`` and the ``workload.py``
+    that ``clicks.py`` imports, in ``directory``."""
     shutil.copy(HERE / "clicks.py", directory / "clicks.py")
+    shutil.copy(HERE.parent / "workload.py", directory / "workload.py")
     module = directory / "pipeline.py"
     module.write_text(PIPELINE.format(name=name, source=source, sink=sink, partitions=partitions))
     return module

@@ -1,9 +1,20 @@
 """What a task knows of its inputs' progress (:class:`~pipelines.runtime.watermarks.InputMarks`),
-with an injected clock: nothing here waits for real time to pass."""
+with an injected clock: nothing here waits for real time to pass; and the markers a task writes
+for the tasks downstream when it hands its partitions over."""
 
 from __future__ import annotations
 
+import orjson
+
+import connectors
+from operators.windows import Tumbling
+from pipelines import Pipeline, Topic
 from pipelines.log.base import FetchedBatch, RawBatch, TopicPartition
+from pipelines.log.memory import MemoryLog
+from pipelines.runtime.engine import prepare_topics
+from pipelines.runtime.outbox import Outbox
+from pipelines.runtime.task import Task
+from pipelines.runtime.topology import compile_pipeline
 from pipelines.runtime.watermarks import (
     END_OF_TIME,
     NO_WATERMARK,
@@ -123,3 +134,62 @@ def test_markers_are_split_from_records_in_order() -> None:
     assert records.records.values == [b"v1", b"v2", None]
     assert list(records.offsets) == [10, 11, 13]
     assert records.next_offset == 14
+
+
+async def _markers(log: MemoryLog, topic: str) -> dict[int, list[tuple[str, int]]]:
+    """Partition -> the (writer, mark) of every marker on ``topic``."""
+    found: dict[int, list[tuple[str, int]]] = {}
+    for partition in range((await log.describe_topics())[topic].partitions):
+        fetched = await log.read(TopicPartition(topic, partition), 0, 1000)
+        found[partition] = split_markers(fetched)[1]
+    return found
+
+
+async def test_a_task_handing_over_leaves_its_markers_to_the_next_owner() -> None:
+    """A task whose mark moved since its last checkpoint hands its partition over (a rebalance,
+    or its worker stopping): it keeps the mark in its state but writes no marker, which nobody
+    would read at the end of a run; the next owner restores the mark and writes the markers at
+    its first checkpoint, once."""
+    pipeline = (
+        Pipeline("handover")
+        .source(connectors.Iterable([]), into=Topic("clicks", partitions=1))
+        .key_by("by-user", lambda click: click["user"])
+        .window("minute", Tumbling(minutes=1), time=lambda click: click["ts"])
+        .count("count")
+        .sink(connectors.LogTopic(Topic("counts", partitions=1)))
+    )
+    topology = compile_pipeline(pipeline)
+    sub = topology.by_topic["clicks"]
+    (source,) = topology.writers["clicks"][1]
+    clicks = TopicPartition("clicks", 0)
+    log = MemoryLog()
+    await prepare_topics(log, topology)
+    values = [orjson.dumps({"user": f"u{i % 2}", "ts": 60_000 * i}) for i in range(4)]
+    log.append(clicks, RawBatch([None] * 4, values, [0] * 4))
+    log.append(clicks, marker_batch(source, END_OF_TIME, 0))  # the source read its input
+    producer = log.producer()
+
+    owner = Task(topology, sub, 0, Outbox(producer), {}, {}, None)
+    await owner.restore(log, {})
+    owner.process(await log.read(clicks, 0, 100))
+    owner.advance(idle=False)
+    assert owner.mark == END_OF_TIME
+    owner.checkpoint_marks(0, handing_over=True)
+    owner.state.flush(owner.outbox, owner.positions)
+    await owner.outbox.send()
+    log.store_offsets(topology.group, dict(owner.positions))
+    owner.close()
+    by_user = f"{pipeline.internal_prefix}by-user"
+    partitions = topology.by_topic[by_user].topics[0].partitions
+    assert await _markers(log, by_user) == {p: [] for p in range(partitions)}
+
+    successor = Task(topology, sub, 0, Outbox(producer), {}, {}, None)
+    await successor.restore(log, await log.committed_offsets(topology.group, [clicks]))
+    assert successor.mark == END_OF_TIME
+    for _ in range(2):  # its first checkpoint writes the markers, the next one nothing
+        successor.checkpoint_marks(0)
+        successor.state.flush(successor.outbox, successor.positions)
+        await successor.outbox.send()
+    successor.close()
+    expected = [(f"{sub.index}.0", END_OF_TIME)]
+    assert await _markers(log, by_user) == {p: expected for p in range(partitions)}

@@ -9,6 +9,8 @@
   ``DEAD_LETTER`` it lands in the dead-letter topic with headers naming the sink step and the
   rest is written; ``SKIP`` drops and counts it; ``FAIL`` stops the run with the sink's message.
 - A failed flush is cut back and kept for a retry; a cut that fails too says what to do.
+- The cut spares what another writer of the file appends meanwhile: every append holds the
+  file's lock, so the other writer's lines follow the cut, never the partial line.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -367,3 +371,69 @@ async def test_a_cut_that_fails_too_says_what_to_remove(
     assert "remove everything after its first 9 bytes" in message
     assert len(path.read_bytes()) == 9 + 50  # the partial line the cut could not remove
     await writer.close()
+
+
+def lock_waiters(path: Path) -> int:
+    """How many ``flock`` requests on ``path`` wait for its holder (the kernel's lock table)."""
+    stat = path.stat()
+    file = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino} "
+    with open("/proc/locks") as table:
+        return sum(1 for line in table if " -> " in line and file in line)
+
+
+async def test_a_cut_back_spares_the_lines_another_writer_appended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(b'{"w":"before"}\n')
+    sink = JsonLinesSink(path)
+    failing = sink.open(SinkContext("p", "file", 0))
+    other = sink.open(SinkContext("p", "file", 1))
+    mine = [{"w": "a", "i": i} for i in range(100)]
+    theirs = [{"w": "b", "i": i} for i in range(100)]
+    failing.write(batch_of(mine))
+    other.write(batch_of(theirs))
+
+    torn = threading.Event()  # the failing append's first bytes are in the file
+    other_wrote = threading.Event()
+    failing_fd: list[int] = []
+    real_write = os.write
+
+    def write(fd: int, data: Any) -> int:
+        data = bytes(data)
+        if not failing_fd and b'"w":"a"' in data:  # the failing append: 50 bytes go
+            failing_fd.append(fd)
+            written = real_write(fd, data[:50])
+            torn.set()
+            return written
+        if failing_fd and fd == failing_fd[0]:
+            # the disk is full when the other writer has either appended after the partial
+            # line or is waiting for the lock (an event each, polled with a deadline)
+            deadline = time.monotonic() + TIMEOUT
+            while not (other_wrote.is_set() or lock_waiters(path)):
+                assert time.monotonic() < deadline, "the other writer neither wrote nor waited"
+                time.sleep(0.001)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written = real_write(fd, data)
+        if b'"w":"b"' in data:
+            other_wrote.set()
+        return written
+
+    async def flush_the_other() -> None:
+        assert await asyncio.to_thread(torn.wait, TIMEOUT)
+        await other.flush()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "write", write)
+        failed, flushed = await asyncio.gather(
+            failing.flush(), flush_the_other(), return_exceptions=True
+        )
+    assert isinstance(failed, ConnectorError), failed
+    assert "no partial line" in str(failed)
+    assert flushed is None, flushed
+    lines = path.read_bytes().splitlines()
+    assert lines[0] == b'{"w":"before"}'
+    assert [orjson.loads(line) for line in lines[1:]] == theirs
+    await failing.close()  # the kept buffer goes after them, once
+    await other.close()
+    assert [orjson.loads(line) for line in path.read_bytes().splitlines()[1:]] == theirs + mine

@@ -1,5 +1,5 @@
 """``headwater run`` with real worker processes on the embedded log: ``kill -9`` of a worker,
-SIGTERM / Ctrl-C of the runner, and resuming a stopped run.
+SIGTERM / Ctrl-C of the runner, resuming a stopped run, and running a finished one again.
 
 Each test writes a pipeline module into its temporary directory, starts the runner as a
 subprocess (``python -m pipelines.cli run``) in a new session, and checks what ends up on the
@@ -20,7 +20,9 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -466,3 +468,113 @@ def test_stop_mid_stream_then_resume(tmp_path: Path, signum: int) -> None:
     check_input(data_dir)
     # Nothing crashed: every stop checkpointed, so each record was processed exactly once.
     check_output(data_dir, exactly_once=True)
+
+
+WINDOWED_MODULE = """
+import connectors
+from operators.windows import Tumbling
+from pipelines import Pipeline, Topic
+
+EVENTS = [{"user": f"u{i % 3}", "ts": 1_700_000_000_000 + i * 7_000} for i in range(60)]
+
+pipeline = (
+    Pipeline("counts")
+    .source(connectors.Iterable(EVENTS), into=Topic("events", partitions=2))
+    .key_by("by-user", lambda e: e["user"])
+    .window("minute", Tumbling(minutes=1), time=lambda e: e["ts"])
+    .count("count")
+    .sink(connectors.LogTopic(Topic("counts", partitions=1)))
+)
+"""
+
+
+def test_a_finished_run_run_again_writes_no_markers_again(tmp_path: Path) -> None:
+    """The tasks of a second run restore the mark of the markers the first run wrote with its
+    marks: with nothing new to read they write no markers on the key_by topic (downstream tasks
+    already have that mark; markers written again would be read by nobody once the run ends)."""
+    module = tmp_path / "counts.py"
+    module.write_text(textwrap.dedent(WINDOWED_MODULE))
+    data_dir = tmp_path / "log"
+    with headwater_run(module, data_dir, workers=2, name="first") as runner:
+        assert runner.wait() == 0, runner.stderr()
+    first = read_topic(data_dir, "counts.by-user")
+    # each of the 2 tasks that write the topic ended with an end-of-time marker on every
+    # partition of it: the windows downstream closed on them
+    assert len(first.markers) == 2
+    assert all(
+        len({w for _, w, m in found if m == END_OF_TIME}) == 2 for found in first.markers.values()
+    ), first.markers
+    assert len(first.records) == 60
+
+    with headwater_run(module, data_dir, workers=2, name="second") as runner:
+        assert runner.wait() == 0, runner.stderr()
+    stderr = runner.stderr()
+    assert "source events: nothing new since the last run" in stderr, stderr
+    assert "lag: 0 records" in stderr, stderr
+    again = read_topic(data_dir, "counts.by-user")
+    assert again.markers == first.markers, (
+        "the second run wrote markers again for a mark the first run's markers carried: "
+        f"{again.markers} after it, {first.markers} before"
+    )
+    assert again.ends == first.ends
+
+
+KEYED_WINDOWED_MODULE = """
+from pathlib import Path
+
+import orjson
+
+import connectors
+from operators.windows import Tumbling
+from pipelines import Pipeline, Topic
+
+EVENTS = orjson.loads((Path(__file__).parent / "events.json").read_bytes())
+
+pipeline = (
+    Pipeline("minutes")
+    .source(
+        connectors.Iterable(EVENTS, key=lambda e: e["user"]), into=Topic("events", partitions=2)
+    )
+    .window("minute", Tumbling(minutes=1), time=lambda e: e["ts"])
+    .count("count")
+    .sink(connectors.JsonLinesSink(Path(__file__).parent / "counts.jsonl"), step_id="out")
+)
+"""
+
+
+def minute_counts(events: list[dict[str, Any]]) -> Counter[tuple[str, int]]:
+    """(user, window start) -> events in that minute: the reference, from the input alone."""
+    return Counter((e["user"], e["ts"] // 60_000 * 60_000) for e in events)
+
+
+def test_a_finished_run_given_newer_input_carries_on(tmp_path: Path) -> None:
+    """The end of the input closes every window without becoming the window step's
+    watermark: a later run whose source goes on with newer input counts it, none late."""
+    base = 1_700_000_040_000  # a minute boundary
+    first = [{"user": f"u{i % 3}", "ts": base + i * 7_000} for i in range(30)]
+    later = [{"user": f"u{i % 3}", "ts": base + 600_000 + i * 7_000} for i in range(30)]
+    (tmp_path / "events.json").write_bytes(orjson.dumps(first))
+    module = tmp_path / "minutes.py"
+    module.write_text(textwrap.dedent(KEYED_WINDOWED_MODULE))
+    data_dir = tmp_path / "log"
+
+    def counted() -> Counter[tuple[str, int]]:
+        found: Counter[tuple[str, int]] = Counter()
+        for line in (tmp_path / "counts.jsonl").read_bytes().splitlines():
+            result = orjson.loads(line)
+            start = datetime.fromisoformat(result["start"]).timestamp()
+            found[(result["key"], round(start * 1000))] += result["value"]
+        return found
+
+    with headwater_run(module, data_dir, workers=2, name="first") as runner:
+        assert runner.wait() == 0, runner.stderr()
+    assert counted() == minute_counts(first)
+
+    (tmp_path / "events.json").write_bytes(orjson.dumps(first + later))
+    with headwater_run(module, data_dir, workers=2, name="second") as runner:
+        assert runner.wait() == 0, runner.stderr()
+    stderr = runner.stderr()
+    assert f"source events: {len(later)} records written" in stderr, stderr
+    late = read_topic(data_dir, "minutes.count.late")
+    assert late.records == [], f"{len(late.records)} records of the later run went late"
+    assert counted() == minute_counts(first + later), stderr
