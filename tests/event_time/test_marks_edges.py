@@ -9,6 +9,7 @@ import time
 
 import orjson
 
+from event_time.test_input_marks import EXTERNAL, IDLE_MS, INTERNAL, FakeClock
 from pipelines.log.base import FetchedBatch, RawBatch, TopicPartition
 from pipelines.runtime.watermarks import (
     END_OF_TIME,
@@ -19,28 +20,7 @@ from pipelines.runtime.watermarks import (
     split_markers,
 )
 
-IDLE_MS = 10_000
-EXTERNAL = TopicPartition("clicks", 0)
-INTERNAL = TopicPartition("p.by-user", 0)
 WRITERS = frozenset({"0.0", "0.1"})
-
-
-class FakeClock:
-    """A clock the test moves by hand."""
-
-    def __init__(self) -> None:
-        self.seconds = 1000.0
-        self.wall = 1_780_000_000_000
-
-    def monotonic(self) -> float:
-        return self.seconds
-
-    def wall_ms(self) -> int:
-        return self.wall
-
-    def sleep(self, seconds: float) -> None:
-        self.seconds += seconds
-        self.wall += int(seconds * 1000)
 
 
 def both(clock: FakeClock) -> InputMarks:
