@@ -28,6 +28,7 @@ from pipelines import Pipeline, Topic
 from pipelines.log.base import TopicPartition
 from pipelines.runtime.metrics import RunCollector
 from pipelines.runtime.progress import RunState
+from pipelines.runtime.reset import Item, ResetPlan
 from pipelines.runtime.sources import SourceProgress
 from pipelines.runtime.topology import compile_pipeline
 from pipelines.runtime.worker import WorkerReport
@@ -121,10 +122,22 @@ def test_the_dockerfile_usage_line_runs_in_its_build_context(tmp_path: Path) -> 
 
 
 def report_of(stdout: str) -> str:
-    """The report's lines of the service's output (not what ``headwater reset`` removed: the
-    first ``up`` may find another run's leftovers on the broker)."""
-    reset = ("removed ", "kept ", "headwater reset", "nothing to reset")
-    return "\n".join(line for line in stdout.splitlines() if not line.startswith(reset))
+    """The report's lines of the service's output, without what ``headwater reset`` printed:
+    the first ``up`` may find another run's leftovers on the broker, or none (its plan, with
+    its indented items and what it keeps, each ``removed``/``kept`` line and the last word)."""
+    report: list[str] = []
+    in_plan = False
+    for line in stdout.splitlines():
+        if line.startswith(("resetting pipeline ", "nothing to reset ")):
+            in_plan = True
+        elif in_plan and (line.startswith("  ") or line == "and keeps:"):
+            pass
+        elif line.startswith(("removed ", "kept ", "headwater reset: ")):
+            in_plan = False
+        else:
+            in_plan = False
+            report.append(line)
+    return "\n".join(report)
 
 
 @pytest.mark.slow
@@ -209,3 +222,14 @@ def test_every_query_of_the_grafana_dashboard_names_an_exported_metric() -> None
     )
     assert source["datasources"][0]["uid"] == "prometheus"
     assert {p["datasource"]["uid"] for p in dashboard["panels"]} == {"prometheus"}
+
+
+def test_the_report_leaves_out_what_reset_printed_whether_it_found_leftovers_or_not() -> None:
+    report = "wrote 100 clicks\n64 views counted\n\n  minute  page  views\n  00:19   /p/1  756"
+    found = ResetPlan("clickstream", "kafka", remove=[Item("topic", "t", "its records")])
+    found.keep.append(Item("directory", "<data-dir>/state/clickstream/", "elsewhere too"))
+    outputs = [
+        "\n".join([*ResetPlan("clickstream", "kafka").lines(), report]),
+        "\n".join([*found.lines(), "removed topic 't'", "kept x", "headwater reset: done", report]),
+    ]
+    assert [report_of(output) for output in outputs] == [report, report]
