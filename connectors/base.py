@@ -111,6 +111,12 @@ class SinkWriter(ABC):
     async def flush(self) -> None:
         """Make everything written so far durable; on failure, leave the target as it was."""
 
+    async def start(self) -> None:  # noqa: B027 (optional: most writers need no start)
+        """Connect to the target and check it, before the first ``write`` (a writer that
+        needs no connection has nothing to do). A target that cannot be used (it refuses the
+        credentials, a table is missing) raises :class:`~pipelines.errors.ConnectorError`
+        saying what to do; the worker stops with it."""
+
     async def close(self) -> None:
         """Flush and release."""
         await self.flush()
@@ -125,11 +131,21 @@ class Sink(ABC):
     def open(self, ctx: SinkContext) -> SinkWriter:
         """A writer for one worker."""
 
-    def earlier_output(self) -> str | None:
-        """What the sink already holds, in words, if a run starting afresh would add to it (a
-        file with lines in it), else None. A run without any stored position or committed
-        offset refuses to start then, rather than write a second copy after the first."""
+    async def earlier_output(self, pipeline: str, step_id: str) -> str | None:
+        """What the sink already holds, in words, if a run of step ``step_id`` of
+        ``pipeline`` starting afresh would add to it (a file with lines in it), else None. A
+        run without any stored position or committed offset refuses to start then, rather
+        than write a second copy after the first."""
         return None
+
+    async def remembered(self, pipeline: str, step_id: str) -> str | None:
+        """What the sink keeps of the runs of step ``step_id`` of ``pipeline`` outside the
+        log (a database sink's input offsets), in words, if anything: ``headwater reset``
+        lists it and then calls :meth:`forget`."""
+        return None
+
+    async def forget(self, pipeline: str, step_id: str) -> None:  # noqa: B027 (optional)
+        """Remove what :meth:`remembered` describes, so that the next run starts afresh."""
 
 
 # Imported here, after the classes above: importing ``pipelines`` imports this module, for

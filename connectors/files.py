@@ -658,7 +658,7 @@ class JsonLinesSink(Sink):
     def __repr__(self) -> str:
         return f"JsonLinesSink({str(self.path)!r})"
 
-    def earlier_output(self) -> str | None:
+    async def earlier_output(self, pipeline: str, step_id: str) -> str | None:
         """The file's size, if it has anything in it (see :meth:`Sink.earlier_output`)."""
         return _earlier_output(self.path)
 
@@ -738,7 +738,7 @@ class CsvSink(Sink):
     def __repr__(self) -> str:
         return f"CsvSink({str(self.path)!r}, fields={self.fields!r})"
 
-    def earlier_output(self) -> str | None:
+    async def earlier_output(self, pipeline: str, step_id: str) -> str | None:
         """The file's size, if it has anything in it (see :meth:`Sink.earlier_output`)."""
         return _earlier_output(self.path)
 

@@ -15,7 +15,9 @@ reset removes exactly what makes a run resume, and what it would duplicate:
 - the local copies of its state (``<data-dir>/state/<group>/``);
 - the files of its ``JsonLinesSink`` and ``CsvSink`` steps, unless ``keep_outputs`` (the next
   run then refuses to start until they are moved away: see
-  :func:`pipelines.runtime.engine.refuse_a_second_copy`).
+  :func:`pipelines.runtime.engine.refuse_a_second_copy`);
+- what its sinks keep of its runs outside the log (:meth:`connectors.base.Sink.remembered`:
+  the input offsets of a ``PostgresSink``; its table and rows stay).
 
 The dead-letter and late-data topics stay unless ``dead_letters`` is given: they hold records
 nobody processed, which a user may still want. Topics the pipeline reads with ``LogTopic`` or
@@ -56,7 +58,7 @@ from pipelines.settings import KafkaSettings
 __all__ = ["ResetOptions", "ResetPlan", "plan_reset", "reset", "reset_pipeline"]
 
 T = TypeVar("T")
-Kind = Literal["group", "topic", "directory", "file"]
+Kind = Literal["group", "topic", "directory", "file", "sink"]
 
 _KAFKA_GROUP_NOT_EMPTY = 68
 _KAFKA_GROUP_NOT_FOUND = 69
@@ -96,6 +98,8 @@ class Item:
             return f"committed offsets of consumer group {self.name!r}: {self.why}"
         if self.kind == "topic":
             return f"topic {self.name!r}: {self.why}"
+        if self.kind == "sink":
+            return f"what sink step {self.name!r} keeps: {self.why}"
         return f"{self.kind} {self.name}: {self.why}"
 
 
@@ -410,6 +414,17 @@ def _local_items(topology: Topology, options: ResetOptions) -> tuple[list[Item],
     return remove, keep
 
 
+async def _sink_items(topology: Topology) -> list[Item]:
+    """What sinks outside the log keep of the pipeline's runs (a database sink's offsets)."""
+    items = []
+    for step in topology.sink_steps:
+        if step.sink is not None:
+            found = await step.sink.remembered(topology.pipeline.name, step.step_id)
+            if found is not None:
+                items.append(Item("sink", step.step_id, found))
+    return items
+
+
 async def plan_reset(topology: Topology, options: ResetOptions, store: _Store) -> ResetPlan:
     """What resetting ``topology``'s pipeline removes, as things are now."""
     plan = ResetPlan(topology.pipeline.name, store.where)
@@ -419,7 +434,7 @@ async def plan_reset(topology: Topology, options: ResetOptions, store: _Store) -
         plan.remove.append(Item("group", topology.group, why))
     topics, kept_topics = _topic_items(topology, options, await store.topics())
     local, kept_local = _local_items(topology, options)
-    plan.remove += topics + local
+    plan.remove += topics + local + await _sink_items(topology)
     plan.keep += kept_topics + kept_local
     return plan
 
@@ -437,6 +452,10 @@ async def _apply(plan: ResetPlan, topology: Topology, store: _Store) -> list[str
             shutil.rmtree(item.name)
         elif item.kind == "file":
             Path(item.name).unlink(missing_ok=True)
+        elif item.kind == "sink":
+            sink = next(s.sink for s in topology.sink_steps if s.step_id == item.name)
+            assert sink is not None
+            await sink.forget(topology.pipeline.name, item.name)
     return [f"removed {item}" for item in plan.remove]
 
 
@@ -463,7 +482,12 @@ def _holding_run_lock(data_dir: Path, pipeline: str) -> Iterator[None]:
 
 
 def _confirmation_refused(plan: ResetPlan) -> PipelineError:
-    names = {"group": "committed offsets", "topic": "topics", "directory": "local state"}
+    names = {
+        "group": "committed offsets",
+        "topic": "topics",
+        "directory": "local state",
+        "sink": "sink offsets",
+    }
     kinds = list(dict.fromkeys(names.get(item.kind, "output files") for item in plan.remove))
     return PipelineError(
         f"resetting pipeline {plan.pipeline!r} on {plan.where} removes its "

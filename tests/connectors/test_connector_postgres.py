@@ -1,0 +1,343 @@
+"""PostgresSink against a real PostgreSQL server: upserts and appends, values checked against
+the columns, exactly-once through the offsets stored with the rows (a replay, a second owner
+and a zombie write nothing twice), errors at start that say what to do, and a connection lost
+between flushes."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+from helpers_connectors import STAMP, make_batch
+from postgres_support import postgres_url, table_name
+from pydantic import BaseModel
+
+from connectors import SinkContext
+from connectors.base import UnwritableValue
+from connectors.postgres import OFFSETS_TABLE, PostgresSink
+from pipelines.batch import Batch
+from pipelines.errors import ConnectorError
+from pipelines.log.base import FetchedBatch, RawBatch
+
+
+def ctx(step: str = "sink.pg", worker: int = 0) -> SinkContext:
+    return SinkContext("pg-tests", step, worker)
+
+
+def batch_at(values: list[Any], first_offset: int, keys: list[Any] | None = None) -> Batch:
+    """A batch read from topic ``t`` partition 0 at offsets ``first_offset...``."""
+    count = len(values)
+    raw = RawBatch([None] * count, [None] * count, [STAMP] * count)
+    offsets = list(range(first_offset, first_offset + count))
+    fetched = FetchedBatch("t", 0, raw, offsets, first_offset + count)
+    return Batch(keys or [None] * count, values, [STAMP] * count, list(range(count)), fetched)
+
+
+@pytest.fixture
+async def db() -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(postgres_url())
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture(autouse=True)
+async def no_offsets_yet(db: asyncpg.Connection) -> None:
+    """No offsets stored by another test's writers (they share pipeline and step names)."""
+    if await db.fetchval("SELECT to_regclass($1)", OFFSETS_TABLE) is not None:
+        await db.execute(f"DELETE FROM {OFFSETS_TABLE} WHERE pipeline = 'pg-tests'")
+
+
+@pytest.fixture
+async def table(db: asyncpg.Connection) -> AsyncIterator[str]:
+    """An empty table ``(id bigint primary key, name text, score double precision)``."""
+    name = table_name()
+    await db.execute(f"CREATE TABLE {name} (id bigint PRIMARY KEY, name text, score float8)")
+    yield name
+    await db.execute(f"DROP TABLE {name}")
+
+
+@pytest.fixture
+async def log_table(db: asyncpg.Connection) -> AsyncIterator[str]:
+    """An empty table without a key: ``(id bigint NOT NULL, note text)``."""
+    name = table_name()
+    await db.execute(f"CREATE TABLE {name} (id bigint NOT NULL, note text)")
+    yield name
+    await db.execute(f"DROP TABLE {name}")
+
+
+async def rows(db: asyncpg.Connection, table: str) -> list[tuple[Any, ...]]:
+    return [tuple(r) for r in await db.fetch(f"SELECT * FROM {table} ORDER BY 1, 2")]
+
+
+async def started(sink: PostgresSink, context: SinkContext | None = None) -> Any:
+    writer = sink.open(context or ctx())
+    await writer.start()
+    return writer
+
+
+# -- upserts and appends -----------------------------------------------------------------------
+
+
+async def test_rows_are_upserted_on_the_key_and_the_last_of_a_flush_wins(
+    db: asyncpg.Connection, table: str
+) -> None:
+    writer = await started(PostgresSink(table, url=postgres_url(), key=["id"]))
+    writer.write(batch_at([{"id": 1, "name": "a", "score": 1.0}, {"id": 2, "name": "b"}], 0))
+    assert await rows(db, table) == []  # write only buffers
+    await writer.flush()
+    assert await rows(db, table) == [(1, "a", 1.0), (2, "b", None)]
+    writer.write(batch_at([{"id": 1, "name": "c", "score": 2}, {"id": 1, "name": "d"}], 2))
+    await writer.flush()
+    assert await rows(db, table) == [(1, "d", None), (2, "b", None)]
+    await writer.close()
+
+
+async def test_without_a_key_rows_are_appended(db: asyncpg.Connection, log_table: str) -> None:
+    writer = await started(PostgresSink(log_table, url=postgres_url()))
+    writer.write(batch_at([{"id": 1, "note": "x"}, {"id": 1, "note": "x"}], 0))
+    await writer.close()
+    assert await rows(db, log_table) == [(1, "x"), (1, "x")]
+
+
+class Score(BaseModel):
+    id: int
+    name: str
+    score: float | None = None
+    at: datetime
+
+
+async def test_a_table_made_from_a_model_takes_the_key_value_and_event_time(
+    db: asyncpg.Connection,
+) -> None:
+    name = table_name()
+    sink = PostgresSink(
+        name,
+        url=postgres_url(),
+        model=Score,
+        key=["player", "id"],
+        key_column="player",
+        timestamp_column="seen",
+        columns={"player": "text"},
+        create=True,
+    )
+    try:
+        writer = await started(sink)
+        at = datetime(2026, 1, 1, tzinfo=UTC)
+        writer.write(make_batch([Score(id=7, name="x", at=at)], keys=["alice"]))
+        await writer.close()
+        columns = await db.fetch(
+            "SELECT column_name, data_type, is_nullable FROM information_schema.columns "
+            "WHERE table_name = $1 ORDER BY ordinal_position",
+            name,
+        )
+        assert [tuple(c) for c in columns] == [
+            ("id", "bigint", "NO"),
+            ("name", "text", "NO"),
+            ("score", "double precision", "YES"),
+            ("at", "timestamp with time zone", "NO"),
+            ("seen", "timestamp with time zone", "NO"),
+            ("player", "text", "NO"),
+        ]
+        seen = datetime.fromtimestamp(STAMP / 1000, tz=UTC)
+        assert await rows(db, name) == [(7, "x", None, at, seen, "alice")]
+    finally:
+        await db.execute(f"DROP TABLE IF EXISTS {name}")
+
+
+async def test_a_scalar_goes_into_the_value_column_beside_its_key(
+    db: asyncpg.Connection,
+) -> None:
+    name = table_name()
+    await db.execute(f"CREATE TABLE {name} (page text PRIMARY KEY, views bigint NOT NULL)")
+    try:
+        sink = PostgresSink(
+            name, url=postgres_url(), key=["page"], key_column="page", value_column="views"
+        )
+        writer = await started(sink)
+        writer.write(make_batch([1, 1, 2], keys=["/a", "/b", "/a"]))
+        await writer.close()
+        assert await rows(db, name) == [("/a", 2), ("/b", 1)]
+    finally:
+        await db.execute(f"DROP TABLE {name}")
+
+
+# -- values the table cannot hold ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [
+        ({"id": "7", "name": "a"}, "column 'id': str '7' is not a bigint"),
+        ({"id": True, "name": "a"}, "column 'id': bool True is not a bigint"),
+        ({"id": None, "name": "a"}, "column 'id': it is null and the column is NOT NULL"),
+        ({"id": 1, "nmae": "a"}, "the table has no column 'nmae' for that field"),
+        (42, "a int value has no columns; pass value_column="),
+    ],
+)
+async def test_a_value_the_table_cannot_hold_is_refused_in_write(
+    db: asyncpg.Connection, table: str, value: Any, says: str
+) -> None:
+    writer = await started(PostgresSink(table, url=postgres_url(), key=["id"]))
+    with pytest.raises(UnwritableValue, match=says.replace("(", r"\(")):
+        writer.write(batch_at([{"id": 1, "name": "ok"}, value], 0))
+    writer.write(batch_at([{"id": 1, "name": "ok"}], 0))  # nothing of the refused batch stays
+    await writer.close()
+    assert await rows(db, table) == [(1, "ok", None)]
+
+
+# -- exactly-once ------------------------------------------------------------------------------
+
+
+async def test_a_replayed_batch_is_not_written_again(
+    db: asyncpg.Connection, log_table: str
+) -> None:
+    """After a crash between the sink's flush and the offsets' commit, the partition's next
+    owner replays the batch: its rows are in the table already, and stay there once."""
+    sink = PostgresSink(log_table, url=postgres_url())
+    first = await started(sink)
+    first.write(batch_at([{"id": n} for n in range(10)], 100))
+    await first.flush()
+    # a new owner replays offsets 100..119: only 110..119 are new
+    second = await started(sink, ctx(worker=1))
+    second.write(batch_at([{"id": n} for n in range(20)], 100))
+    await second.close()
+    assert sorted(r[0] for r in await rows(db, log_table)) == list(range(20))
+    stored = await db.fetch(
+        f"SELECT topic, partition, next_offset FROM {OFFSETS_TABLE} WHERE pipeline = 'pg-tests'"
+    )
+    assert [tuple(r) for r in stored] == [("t", 0, 120)]
+    await first.close()
+
+
+async def test_a_zombie_that_flushes_late_writes_nothing(
+    db: asyncpg.Connection, log_table: str
+) -> None:
+    sink = PostgresSink(log_table, url=postgres_url())
+    zombie = await started(sink)
+    zombie.write(batch_at([{"id": n} for n in range(5)], 0))  # not flushed before it stalled
+    owner = await started(sink, ctx(worker=1))
+    owner.write(batch_at([{"id": n} for n in range(8)], 0))
+    await owner.close()
+    await zombie.close()
+    assert sorted(r[0] for r in await rows(db, log_table)) == list(range(8))
+
+
+async def test_rows_emitted_on_time_passing_are_written_each_time(
+    db: asyncpg.Connection, log_table: str
+) -> None:
+    """A window closing on an idle partition comes from no input record: no offset guards it
+    (a table of windowed results needs a key, see the module docstring)."""
+    sink = PostgresSink(log_table, url=postgres_url())
+    writer = await started(sink)
+    nothing = FetchedBatch("t", 0, RawBatch([], [], []), [], -1)
+    for _ in range(2):
+        writer.write(Batch([None], [{"id": 9}], [STAMP], [-1], nothing))
+        await writer.flush()
+    await writer.close()
+    assert await rows(db, log_table) == [(9, None), (9, None)]
+
+
+async def test_without_exactly_once_a_replay_appends_again(
+    db: asyncpg.Connection, log_table: str
+) -> None:
+    sink = PostgresSink(log_table, url=postgres_url(), exactly_once=False)
+    writer = await started(sink)
+    for _ in range(2):
+        writer.write(batch_at([{"id": 1}], 0))
+        await writer.flush()
+    await writer.close()
+    assert await rows(db, log_table) == [(1, None), (1, None)]
+
+
+async def test_offsets_are_remembered_and_forgotten_per_step(
+    db: asyncpg.Connection, log_table: str
+) -> None:
+    sink = PostgresSink(log_table, url=postgres_url())
+    writer = await started(sink)
+    writer.write(batch_at([{"id": 1}], 0))
+    await writer.close()
+    remembered = await sink.remembered("pg-tests", "sink.pg")
+    assert remembered == f"1 input offsets in table {OFFSETS_TABLE}"
+    assert await sink.remembered("pg-tests", "other") is None
+    held = await sink.earlier_output("pg-tests", "sink.pg")
+    assert held is not None and "input offsets of an earlier run" in held
+    assert f"rows in table {log_table!r}, which it appends to" in held
+    await sink.forget("pg-tests", "sink.pg")
+    assert await sink.remembered("pg-tests", "sink.pg") is None
+
+
+# -- errors at start and on the way --------------------------------------------------------------
+
+
+async def test_a_wrong_password_is_an_error_that_says_so(table: str) -> None:
+    url = postgres_url().replace(":headwater@", ":wrong@")
+    with pytest.raises(ConnectorError, match="refused the user name or password") as caught:
+        await started(PostgresSink(table, url=url))
+    assert "wrong" not in str(caught.value)  # the password is not printed
+
+
+async def test_a_server_that_is_down_is_retried_then_named(table: str) -> None:
+    url = "postgresql://headwater:headwater@127.0.0.1:9/headwater"
+    with pytest.raises(ConnectorError, match=r"retried for 0.5 s\); is the server up") as caught:
+        await started(PostgresSink(table, url=url, retry_for=0.5))
+    assert "127.0.0.1:9" in str(caught.value) and "headwater:headwater" not in str(caught.value)
+
+
+async def test_a_missing_table_or_column_or_key_index_is_an_error_at_start(table: str) -> None:
+    url = postgres_url()
+    with pytest.raises(ConnectorError, match="table 'nope' does not exist"):
+        await started(PostgresSink("nope", url=url))
+    with pytest.raises(ConnectorError, match="has no column 'page'"):
+        await started(PostgresSink(table, url=url, key_column="page"))
+    with pytest.raises(ConnectorError, match=r"key=\['name'\] needs a primary key or unique"):
+        await started(PostgresSink(table, url=url, key=["name"]))
+
+
+def test_create_without_a_model_or_a_column_type_is_refused_at_once() -> None:
+    with pytest.raises(ConnectorError, match="create=True needs model="):
+        PostgresSink("x", create=True)
+    with pytest.raises(ConnectorError, match=re.escape("columns={'user': 'text'}")):
+        PostgresSink("x", model=Score, key_column="user", create=True)
+
+
+async def test_no_url_anywhere_says_where_to_put_one(
+    table: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("HEADWATER_POSTGRES_URL", raising=False)
+    with pytest.raises(ConnectorError, match="pass url= or set HEADWATER_POSTGRES_URL"):
+        await started(PostgresSink(table))
+    monkeypatch.setenv("HEADWATER_POSTGRES_URL", postgres_url())
+    await (await started(PostgresSink(table))).close()
+
+
+async def test_a_connection_lost_between_flushes_is_opened_again(
+    db: asyncpg.Connection, table: str
+) -> None:
+    writer = await started(PostgresSink(table, url=postgres_url(), key=["id"]))
+    writer.write(batch_at([{"id": 1}], 0))
+    await writer.flush()
+    await db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    writer.write(batch_at([{"id": 2}], 1))
+    await writer.close()
+    assert await rows(db, table) == [(1, None, None), (2, None, None)]
+
+
+async def test_a_batch_the_database_refuses_stops_the_sink_and_keeps_the_rows(
+    db: asyncpg.Connection, table: str
+) -> None:
+    await db.execute(f"ALTER TABLE {table} ADD CHECK (score >= 0)")
+    writer = await started(PostgresSink(table, url=postgres_url(), key=["id"]))
+    writer.write(batch_at([{"id": 1, "score": -1.0}], 0))
+    with pytest.raises(ConnectorError, match="refused a batch of 1 rows: CheckViolationError"):
+        await writer.flush()
+    assert await rows(db, table) == []
+    await db.execute(f"ALTER TABLE {table} DROP CONSTRAINT {table}_score_check")
+    await writer.close()  # the rows were kept for the next flush
+    assert await rows(db, table) == [(1, None, -1.0)]
