@@ -26,6 +26,7 @@ as a whole, up to ``retry_for`` seconds; wrong credentials, a missing table or c
 from __future__ import annotations
 
 import asyncio
+import operator
 import os
 import random
 import types
@@ -107,6 +108,7 @@ _ACCEPTS: dict[str, tuple[type, ...]] = {
     "bytea": (bytes,),
 }
 _JSON = ("json", "jsonb")
+_EXACT = frozenset({int, float, str, bool, bytes, Decimal, UUID, datetime, date})
 
 # the column types a table created from a model gets, by annotation
 _DDL_TYPES: dict[type, str] = {
@@ -144,6 +146,19 @@ class Column:
     sql_type: str  # as format_type gives it: "bigint", "character varying(20)"...
     type_name: str  # pg_type.typname: "int8", "varchar"...
     not_null: bool
+
+    @property
+    def checked(self) -> bool:
+        """Whether a value may be refused: the column is NOT NULL, or of a type checked."""
+        return self.not_null or self.type_name in _ACCEPTS
+
+    def passing(self) -> frozenset[type]:
+        """Types whose values this column takes without a closer look (no subclasses)."""
+        accepts = _ACCEPTS.get(self.type_name, ())
+        fast = {t for t in accepts if t in _EXACT}
+        if not self.not_null:
+            fast.add(type(None))
+        return frozenset(fast)
 
     def refusal(self, value: Any) -> str | None:
         """Why ``value`` cannot go into this column, or None when it can."""
@@ -389,6 +404,7 @@ class _PostgresWriter(SinkWriter):
         self._columns: list[Column] = []
         self._index: dict[str, int] = {}
         self._json: list[int] = []
+        self._checks: list[tuple[int, frozenset[type], Column]] = []
         self._insert = ""
         self._pending = _Pending()
         self._flushing = asyncio.Lock()
@@ -410,6 +426,7 @@ class _PostgresWriter(SinkWriter):
         self._columns = [Column(*row) for row in rows]
         self._index = {c.name: i for i, c in enumerate(self._columns)}
         self._json = [i for i, c in enumerate(self._columns) if c.type_name in _JSON]
+        self._checks = [(i, c.passing(), c) for i, c in enumerate(self._columns) if c.checked]
         await self._check_named_columns(connection)
         self._insert = self._insert_sql()
 
@@ -468,7 +485,9 @@ class _PostgresWriter(SinkWriter):
     def _row(self, batch: Batch, i: int) -> tuple[Any, ...]:
         sink, index = self._sink, self._index
         row: list[Any] = [None] * len(self._columns)
-        for name, cell in self._fields(batch.values[i]).items():
+        value = batch.values[i]
+        fields = value if type(value) is dict else self._fields(value)
+        for name, cell in fields.items():
             at = index.get(name)
             if at is None:
                 raise UnwritableValue(
@@ -481,8 +500,9 @@ class _PostgresWriter(SinkWriter):
         if sink.timestamp_column is not None:
             stamp = datetime.fromtimestamp(batch.timestamps[i] / 1000, tz=UTC)
             row[index[sink.timestamp_column]] = stamp
-        for column, cell in zip(self._columns, row, strict=True):
-            if (why := column.refusal(cell)) is not None:
+        for at, fast, column in self._checks:
+            cell = row[at]
+            if type(cell) not in fast and (why := column.refusal(cell)) is not None:
                 raise UnwritableValue(f"{self._what}: column {column.name!r}: {why}")
         for at in self._json:
             if row[at] is not None:
@@ -587,9 +607,9 @@ class _PostgresWriter(SinkWriter):
         )
 
     def _last_per_key(self, rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-        at = [self._index[name] for name in self._sink.key]
-        last = {tuple(row[i] for i in at): row for row in rows}
-        return list(last.values())
+        key_of = operator.itemgetter(*(self._index[name] for name in self._sink.key))
+        last = {key_of(row): row for row in rows}
+        return rows if len(last) == len(rows) else list(last.values())
 
     async def close(self) -> None:
         """Flush, then close the connection."""

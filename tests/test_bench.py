@@ -5,7 +5,8 @@ checks that it exits 0 and prints the numbers it is meant to print: that the lin
 and their numbers parse, not what the numbers are. Peers (Quix Streams, faust-streaming) are
 left out through the scripts' own options, so the tests need no ``[bench]`` extra. The Kafka
 scripts run against ``HEADWATER_TEST_KAFKA`` (default ``127.0.0.1:9092``) and fail when no
-broker answers, as the other Kafka tests do.
+broker answers, as the other Kafka tests do; the PostgreSQL one against
+``HEADWATER_TEST_POSTGRES``, which it fails without.
 
 Rates a script samples between two commits or two polls of the output (``bench/stateful.py``'s
 ``rec/s`` and ``output-sampled``) need more than one commit interval of input to be measured;
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pytest
 from cli_support import clean_env
+from postgres_support import postgres_url
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -38,6 +40,7 @@ SMOKE_TESTED = {
     "profile_stateless.py",
     "stateful.py",
     "metrics.py",
+    "postgres.py",
     "kafka/compare.py",
     "kafka/run_headwater.py",  # the Headwater workers compare.py starts
     "kafka/profile_worker.py",
@@ -94,6 +97,14 @@ def finite(output: str, pattern: str) -> list[float]:
 def test_every_bench_script_has_a_smoke_test() -> None:
     scripts = {str(path.relative_to(BENCH)) for path in BENCH.rglob("*.py")}
     assert scripts == SMOKE_TESTED | MODULES | PEER_WORKERS
+
+
+def test_postgres(tmp_path: Path) -> None:
+    url = postgres_url()
+    out = bench("postgres.py", "--url", url, "--records", "6000", "--keys", "1000", cwd=tmp_path)
+    finite(out, r"run 3 plain\s+{n} rows/s  {n} s$")
+    for mode in ("upsert", "append", "plain"):
+        finite(out, mode + r"\s+{n}\s+{n}ms\s+{n}ms$")
 
 
 def test_micro_floor(tmp_path: Path) -> None:
