@@ -1,4 +1,5 @@
-"""A PostgreSQL sink: batched upserts (or appends) into a table, exactly-once end to end.
+"""PostgreSQL: a sink of batched upserts (or appends) into a table, exactly-once end to end,
+and a source that polls a table for rows past the last value of an increasing column.
 
 Each worker's writer holds one connection (asyncpg). ``write`` turns the batch into rows and
 checks each value against its column's type, so a value the table cannot hold is refused there
@@ -31,7 +32,7 @@ import os
 import random
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -43,11 +44,20 @@ import asyncpg
 import orjson
 from pydantic import BaseModel
 
-from connectors.base import Sink, SinkContext, SinkWriter, UnwritableValue
+from connectors.base import (
+    Position,
+    Sink,
+    SinkContext,
+    SinkWriter,
+    Source,
+    SourceBatch,
+    UnwritableValue,
+)
 from pipelines.batch import Batch
 from pipelines.errors import ConnectorError
+from pipelines.record import to_millis
 
-__all__ = ["OFFSETS_TABLE", "PostgresSink"]
+__all__ = ["OFFSETS_TABLE", "PostgresSink", "PostgresSource"]
 
 OFFSETS_TABLE = "headwater_sink_offsets"
 """Where exactly-once sinks keep the input offsets their rows came from."""
@@ -618,3 +628,163 @@ class _PostgresWriter(SinkWriter):
         finally:
             if self._connection is not None:
                 await self._connection.close()
+
+
+# -- the source --------------------------------------------------------------------------------
+
+
+class PostgresSource(Source):
+    """The rows of ``table`` in the order of ``column``, read in batches of ``batch_size``;
+    with ``follow=True`` it polls every ``poll_interval`` seconds for rows past the last one
+    and never ends, else it ends at the last row there is.
+
+    Each row becomes a dict value. ``key`` names the column that gives the record's key (as
+    text), ``timestamp`` the ``timestamptz`` column that gives its event time (else the time of
+    reading). ``where`` adds a condition (SQL, on the table's columns). ``url`` is as for
+    :class:`PostgresSink`. Values keep their Python types (``datetime``, ``int``...), except
+    ``numeric`` and ``uuid`` values, which become strings: exact, and JSON can hold them.
+
+    **Position** is the value of ``column`` in the last row read (a number or a string): a
+    restarted pipeline goes on after it. So ``column`` must grow with every row committed:
+    an identity or serial column when one writer inserts, or a column the writers stamp in
+    commit order. Rows committed later with a lower value (two transactions that took ids 5
+    and 6, 6 committing first) are not read, and an updated row is not read again.
+    """
+
+    name = "postgres"
+
+    def __init__(
+        self,
+        table: str,
+        *,
+        column: str = "id",
+        url: str | None = None,
+        key: str | None = None,
+        timestamp: str | None = None,
+        where: str | None = None,
+        batch_size: int = 10_000,
+        follow: bool = False,
+        poll_interval: float = 1.0,
+        retry_for: float = 30.0,
+    ) -> None:
+        self.table = table
+        self.column = column
+        self.key = key
+        self.timestamp = timestamp
+        self.where = where
+        self.batch_size = batch_size
+        self.follow = follow
+        self.poll_interval = poll_interval
+        self._connector = PostgresSink(table, url=url, retry_for=retry_for)
+
+    def __repr__(self) -> str:
+        return f"PostgresSource({self.table!r}, column={self.column!r})"
+
+    async def read(self, position: Position | None) -> AsyncIterator[SourceBatch]:
+        """Batches of rows past ``position`` (the last ``column`` value read)."""
+        reader = _Reader(self._connector)
+        try:
+            sql_type = await self._check(await reader.connection())
+            last = position
+            while True:
+                if last is None:
+                    rows = await reader.fetch(self._query(None), self.batch_size)
+                else:
+                    query = self._query(sql_type)
+                    rows = await reader.fetch(query, str(last), self.batch_size)
+                if rows:
+                    last = _position(rows[-1][self.column], self.column)
+                    yield self._batch(rows, last)
+                if len(rows) < self.batch_size:
+                    if not self.follow:
+                        return
+                    await asyncio.sleep(self.poll_interval)
+        finally:
+            await reader.close()
+
+    def _query(self, sql_type: str | None) -> str:
+        """The next rows: after the last value read (given as text, cast to ``sql_type``), or
+        from the first when there is none (``sql_type`` None)."""
+        conditions = [] if sql_type is None else [f"{quote(self.column)} > $1::text::{sql_type}"]
+        if self.where:
+            conditions.append(f"({self.where})")
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        limit = "$1" if sql_type is None else "$2"
+        return (
+            f"SELECT * FROM {quote(self.table)}{where} ORDER BY {quote(self.column)} LIMIT {limit}"
+        )
+
+    async def _check(self, connection: asyncpg.Connection) -> str:
+        """The SQL type of ``column``, once the table and the columns named are there."""
+        types = {row[0]: row[1] for row in await connection.fetch(_COLUMNS, quote(self.table))}
+        columns = types.keys()
+        what = f"PostgresSource {self.table!r}"
+        if not columns:
+            raise ConnectorError(f"{what}: table {self.table!r} does not exist in the database")
+        for name in (self.column, self.key, self.timestamp):
+            if name is not None and name not in columns:
+                raise ConnectorError(
+                    f"{what}: table {self.table!r} has no column {name!r} (it has "
+                    f"{', '.join(sorted(columns))})"
+                )
+        sql_type: str = types[self.column]
+        return sql_type
+
+    def _batch(self, rows: list[Any], last: Position) -> SourceBatch:
+        values = [dict(row) for row in rows]
+        for value in values:
+            for name, cell in value.items():
+                if isinstance(cell, Decimal | UUID):
+                    value[name] = str(cell)
+        keys = None if self.key is None else [_key(v[self.key]) for v in values]
+        stamps = None
+        if self.timestamp is not None:
+            stamps = [to_millis(v[self.timestamp]) for v in values]
+        return SourceBatch(values, position=last, keys=keys, timestamps=stamps)
+
+
+class _Reader:
+    """A source's connection, opened again after a transient failure."""
+
+    def __init__(self, connector: PostgresSink) -> None:
+        self._connector = connector
+        self._connection: asyncpg.Connection | None = None
+
+    async def connection(self) -> asyncpg.Connection:
+        if self._connection is None or self._connection.is_closed():
+            self._connection = await self._connector.connect()
+        return self._connection
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]:
+        """The rows of ``query``, retried on a new connection after a transient failure."""
+
+        async def attempt() -> list[Any]:
+            connection = await self.connection()
+            try:
+                rows: list[Any] = await connection.fetch(query, *args)
+            except _TRANSIENT:
+                connection.terminate()
+                self._connection = None
+                raise
+            return rows
+
+        what = f"PostgresSource {self._connector.table!r}"
+        rows: list[Any] = await _retrying(attempt, what, self._connector.retry_for)
+        return rows
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+
+
+def _key(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _position(value: Any, column: str) -> Position:
+    """A ``column`` value as a position: a number, or the text of anything else."""
+    if isinstance(value, int | float | str) and not isinstance(value, bool):
+        return value
+    if isinstance(value, datetime | date | Decimal | UUID):
+        return str(value)
+    raise ConnectorError(f"PostgresSource: column {column!r} holds {value!r}, not a position")

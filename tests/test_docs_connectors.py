@@ -85,3 +85,27 @@ def test_the_postgres_example_counts_each_pages_views(tmp_path: Path) -> None:
     finally:
         execute("DROP TABLE IF EXISTS page_views")
         execute("DELETE FROM headwater_sink_offsets WHERE pipeline = 'page-views'")
+
+
+def test_the_postgres_source_example_sums_each_customers_orders(tmp_path: Path) -> None:
+    write_module(tmp_path)
+    rng = random.Random(11)
+    orders = [(i, f"c{rng.randint(1, 9)}", rng.randint(100, 99_999) / 100) for i in range(1, 801)]
+    execute("DROP TABLE IF EXISTS shop_orders; DROP TABLE IF EXISTS customer_totals")
+    execute("CREATE TABLE shop_orders (id bigint PRIMARY KEY, customer text, amount numeric(8,2))")
+    values = ", ".join(f"({i}, '{c}', {a})" for i, c, a in orders)
+    execute(f"INSERT INTO shop_orders VALUES {values}")
+    try:
+        env = {"HEADWATER_POSTGRES_URL": postgres_url()}
+        done = headwater("run", "shop.py:customer_totals", cwd=tmp_path, env=env)
+        assert done.returncode == 0, done.stderr
+        assert "source shop-orders: 800 records written" in done.stderr
+        found = dict(query("SELECT customer, spent FROM customer_totals"))
+        expected: dict[str, float] = {}
+        for _, customer, amount in orders:
+            expected[customer] = expected.get(customer, 0.0) + amount
+        assert found.keys() == expected.keys()
+        assert all(abs(found[c] - expected[c]) < 1e-6 for c in expected)
+    finally:
+        execute("DROP TABLE IF EXISTS shop_orders; DROP TABLE IF EXISTS customer_totals")
+        execute("DELETE FROM headwater_sink_offsets WHERE pipeline = 'customer-totals'")

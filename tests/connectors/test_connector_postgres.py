@@ -1,13 +1,16 @@
-"""PostgresSink against a real PostgreSQL server: upserts and appends, values checked against
-the columns, exactly-once through the offsets stored with the rows (a replay, a second owner
-and a zombie write nothing twice), errors at start that say what to do, and a connection lost
-between flushes."""
+"""PostgresSink and PostgresSource against a real PostgreSQL server: upserts and appends,
+values checked against the columns, exactly-once through the offsets stored with the rows (a
+replay, a second owner and a zombie write nothing twice), errors at start that say what to do,
+a connection lost between flushes; rows read in order, resumed after the last, followed as
+they are added."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -18,10 +21,13 @@ from pydantic import BaseModel
 
 from connectors import SinkContext
 from connectors.base import UnwritableValue
-from connectors.postgres import OFFSETS_TABLE, PostgresSink
+from connectors.postgres import OFFSETS_TABLE, PostgresSink, PostgresSource
 from pipelines.batch import Batch
 from pipelines.errors import ConnectorError
 from pipelines.log.base import FetchedBatch, RawBatch
+
+STAMP_2026 = 1_767_225_600_000
+"""2026-01-01 00:00 UTC in ms."""
 
 
 def ctx(step: str = "sink.pg", worker: int = 0) -> SinkContext:
@@ -341,3 +347,71 @@ async def test_a_batch_the_database_refuses_stops_the_sink_and_keeps_the_rows(
     await db.execute(f"ALTER TABLE {table} DROP CONSTRAINT {table}_score_check")
     await writer.close()  # the rows were kept for the next flush
     assert await rows(db, table) == [(1, None, -1.0)]
+
+
+# -- PostgresSource ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def orders(db: asyncpg.Connection) -> AsyncIterator[str]:
+    """A table of 25 orders, ids 1..25, one a minute from 2026-01-01 00:00 UTC."""
+    name = table_name()
+    await db.execute(
+        f"CREATE TABLE {name} (id bigint PRIMARY KEY, customer text, amount numeric(8, 2), "
+        "at timestamptz NOT NULL)"
+    )
+    await add_orders(db, name, 1, 25)
+    yield name
+    await db.execute(f"DROP TABLE {name}")
+
+
+async def add_orders(db: asyncpg.Connection, table: str, first: int, count: int) -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    await db.executemany(
+        f"INSERT INTO {table} VALUES ($1, $2, $3, $4)",
+        [
+            (i, f"c{i % 3}", Decimal(i) / 4, start + timedelta(minutes=i - 1))
+            for i in range(first, first + count)
+        ],
+    )
+
+
+async def test_the_source_reads_rows_in_order_and_resumes_after_the_last(orders: str) -> None:
+    source = PostgresSource(orders, url=postgres_url(), batch_size=10, key="customer")
+    batches = [batch async for batch in source.read(None)]
+    assert [len(b.values) for b in batches] == [10, 10, 5]
+    assert [b.position for b in batches] == [10, 20, 25]
+    first = batches[0]
+    assert first.values[0] == {
+        "id": 1,
+        "customer": "c1",
+        "amount": "0.25",  # numeric: exact, as text
+        "at": datetime(2026, 1, 1, tzinfo=UTC),
+    }
+    assert first.keys is not None and first.keys[:3] == ["c1", "c2", "c0"]
+    resumed = [v["id"] async for b in source.read(20) for v in b.values]
+    assert resumed == [21, 22, 23, 24, 25]
+
+
+async def test_the_source_follows_new_rows_and_resumes_on_a_timestamp(
+    db: asyncpg.Connection, orders: str
+) -> None:
+    source = PostgresSource(
+        orders, url=postgres_url(), column="at", timestamp="at", follow=True, poll_interval=0.05
+    )
+    reading = aiter(source.read("2026-01-01 00:19:00+00"))
+    batch = await anext(reading)
+    assert [v["id"] for v in batch.values] == [21, 22, 23, 24, 25]
+    assert batch.timestamps == [STAMP_2026 + (i - 1) * 60_000 for i in range(21, 26)]
+    assert batch.position == "2026-01-01 00:24:00+00:00"
+    await add_orders(db, orders, 26, 2)
+    later = await asyncio.wait_for(anext(reading), timeout=5)
+    assert [v["id"] for v in later.values] == [26, 27]
+    await reading.aclose()
+
+
+async def test_the_source_names_a_missing_table_or_column(orders: str) -> None:
+    with pytest.raises(ConnectorError, match="table 'nope' does not exist"):
+        await anext(aiter(PostgresSource("nope", url=postgres_url()).read(None)))
+    with pytest.raises(ConnectorError, match="has no column 'seq'"):
+        await anext(aiter(PostgresSource(orders, url=postgres_url(), column="seq").read(None)))
