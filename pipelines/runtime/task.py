@@ -184,6 +184,7 @@ class Task:
         self._marked = topology.marked.get(sub.index, [])
         self._sent = NO_WATERMARK  # the mark last written to the internal topics
         self._saved_sent = NO_WATERMARK
+        self._resumed: int | None = None  # the mark an end of time dropped to, not yet sent
         self._saved_marks: dict[str, list[object]] = {}
         self._stamped = sub.index in topology.stamped
         self._writers = writers
@@ -237,7 +238,7 @@ class Task:
         fetch, so quiet external inputs may follow the wall clock); whether it moved."""
         mark = self.marks.mark(idle=idle)
         if mark < self.mark == END_OF_TIME:  # an ended source resumed: the end is to come
-            self.mark = mark
+            self._dropped(mark)
         if mark <= self.mark:
             return False
         self.mark = mark
@@ -268,12 +269,14 @@ class Task:
 
         ``handing_over`` (the task's partitions are revoked, or the worker stops): no markers;
         the next owner writes them at its first checkpoint."""
-        if self._marked and not handing_over and self.mark not in (NO_WATERMARK, self._sent):
-            marker = marker_batch(self._writer_id, self.mark, now_ms)
-            for topic in self._marked:
-                for partition in range(topic.partitions):
-                    self.outbox.add_to_partition(topic.name, partition, marker)
-            self._sent = self.mark
+        resumed, self._resumed = self._resumed, None
+        if self._marked and not handing_over:
+            if resumed is not None and self._sent == END_OF_TIME:
+                # the downstream tasks took this task's end for good: its mark goes back, the
+                # records after the end are theirs to wait for, and the end comes again
+                self._send_marker(resumed, now_ms)
+            if self.mark not in (NO_WATERMARK, self._sent):
+                self._send_marker(self.mark, now_ms)
         store = self.state.stores[MARKS_STORE]
         marks = self.marks.dump()
         if marks != self._saved_marks:
@@ -282,6 +285,19 @@ class Task:
         if self._sent != self._saved_sent:
             store.put(_SENT_KEY, self._sent)
             self._saved_sent = self._sent
+
+    def _dropped(self, mark: int) -> None:
+        """The task's mark goes back from the end of time to ``mark``."""
+        self.mark = mark
+        if self._resumed is None:
+            self._resumed = mark
+
+    def _send_marker(self, mark: int, now_ms: int) -> None:
+        marker = marker_batch(self._writer_id, mark, now_ms)
+        for topic in self._marked:
+            for partition in range(topic.partitions):
+                self.outbox.add_to_partition(topic.name, partition, marker)
+        self._sent = mark
 
     def process(self, fetched: FetchedBatch) -> None:
         """Run one fetched batch through the sub-topology."""
@@ -295,7 +311,11 @@ class Task:
                 self._process(tp, fetched)
                 if self.mark == END_OF_TIME:  # records after an end: the steps hear it again
                     self.advance(idle=False)
-            self.marks.marked(tp, markers)
+            resumed = self.marks.marked(tp, markers)
+            if resumed is not None and self.mark == END_OF_TIME:
+                # an upstream task's sources resumed after the end (its records came before
+                # these markers): the end is to come again, after them
+                self._dropped(resumed)
             return
         self._process(tp, fetched)
 

@@ -190,19 +190,24 @@ class InputMarks:
         high = max(stamps, default=NO_WATERMARK)
         external.high = max(external.high, high)
 
-    def marked(self, tp: TopicPartition, markers: Iterable[tuple[str, int]]) -> None:
-        """Markers read from ``tp``, in order."""
+    def marked(self, tp: TopicPartition, markers: Iterable[tuple[str, int]]) -> int | None:
+        """Markers read from ``tp``, in order; the lowest mark an upstream writer that had
+        ended went back to (its sources resumed), if one did."""
         internal = self._internal.get(tp)
+        resumed: int | None = None
         for writer, mark in markers:
             if internal is not None:
                 known = internal.marks.get(writer, NO_WATERMARK)
                 # a writer's mark never goes back, but after an end its sources may resume
                 if writer in internal.writers and (mark > known or known == END_OF_TIME):
                     internal.marks[writer] = mark
+                    if known == END_OF_TIME and mark < END_OF_TIME:
+                        resumed = mark if resumed is None else min(resumed, mark)
                 continue
             external = self._external.get(tp)
             if external is not None and mark >= END_OF_TIME:
                 external.ended.add(writer)
+        return resumed
 
     def dump(self) -> dict[str, list[object]]:
         """What a restarted owner of the task needs to know (JSON): per input partition, the

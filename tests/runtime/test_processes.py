@@ -542,20 +542,36 @@ pipeline = (
 """
 
 
+REKEYED_WINDOWED_MODULE = KEYED_WINDOWED_MODULE.replace(
+    """connectors.Iterable(EVENTS, key=lambda e: e["user"]), into=Topic("events", partitions=2)
+    )""",
+    """connectors.Iterable(EVENTS), into=Topic("events", partitions=2)
+    )
+    .key_by("by-user", lambda e: e["user"])""",
+)
+"""The same, keyed by a ``key_by``: the window reads the repartition topic, whose markers the
+upstream tasks write."""
+
+
 def minute_counts(events: list[dict[str, Any]]) -> Counter[tuple[str, int]]:
     """(user, window start) -> events in that minute: the reference, from the input alone."""
     return Counter((e["user"], e["ts"] // 60_000 * 60_000) for e in events)
 
 
-def test_a_finished_run_given_newer_input_carries_on(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keyed_by", ["source", "key_by"])
+def test_a_finished_run_given_newer_input_carries_on(tmp_path: Path, keyed_by: str) -> None:
     """The end of the input closes every window without becoming the window step's
-    watermark: a later run whose source goes on with newer input counts it, none late."""
+    watermark: a later run whose source goes on with newer input counts it, none late. Behind
+    a ``key_by`` the upstream tasks tell the window's that their end is undone (a marker of
+    their mark going back), and the end comes again after the new records."""
     base = 1_700_000_040_000  # a minute boundary
     first = [{"user": f"u{i % 3}", "ts": base + i * 7_000} for i in range(30)]
     later = [{"user": f"u{i % 3}", "ts": base + 600_000 + i * 7_000} for i in range(30)]
     (tmp_path / "events.json").write_bytes(orjson.dumps(first))
     module = tmp_path / "minutes.py"
-    module.write_text(textwrap.dedent(KEYED_WINDOWED_MODULE))
+    module.write_text(
+        textwrap.dedent(KEYED_WINDOWED_MODULE if keyed_by == "source" else REKEYED_WINDOWED_MODULE)
+    )
     data_dir = tmp_path / "log"
 
     def counted() -> Counter[tuple[str, int]]:
