@@ -44,6 +44,7 @@ from typing import Any, BinaryIO, TypeAlias
 import orjson
 from pydantic import BaseModel
 
+from connectors._json import json_default
 from connectors.base import (
     Position,
     Sink,
@@ -481,12 +482,6 @@ class Csv(Source):
 # -- writing -------------------------------------------------------------------------------
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, BaseModel):
-        return value.model_dump(mode="json")
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
-
-
 def _append_hint(error: OSError) -> str:
     """What to do about an append that failed with ``error``."""
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -679,7 +674,7 @@ class _JsonLinesWriter(_BufferedWriter):
                 if isinstance(value, BaseModel):
                     append(value.__pydantic_serializer__.to_json(value) + b"\n")
                 else:
-                    append(dumps(value, default=_json_default, option=newline))
+                    append(dumps(value, default=json_default, option=newline))
         except (TypeError, ValueError) as error:
             raise UnwritableValue(
                 f"{self._what}: a value cannot be written as JSON ({error}); map the stream to "
@@ -698,7 +693,7 @@ def _cell(value: Any) -> Any:
         return value.isoformat()
     if isinstance(value, BaseModel):
         return value.__pydantic_serializer__.to_json(value).decode()
-    return orjson.dumps(value, default=_json_default).decode()
+    return orjson.dumps(value, default=json_default).decode()
 
 
 class CsvSink(Sink):

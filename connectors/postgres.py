@@ -37,13 +37,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID
 
 import asyncpg
 import orjson
 from pydantic import BaseModel
 
+from connectors._urls import redacted
 from connectors.base import (
     Position,
     Sink,
@@ -137,15 +137,6 @@ _DDL_TYPES: dict[type, str] = {
 def quote(name: str) -> str:
     """``name`` as an SQL identifier; a dotted name is a schema and a table."""
     return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
-
-
-def redacted(url: str) -> str:
-    """``url`` without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass(frozen=True, slots=True)

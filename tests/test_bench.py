@@ -41,6 +41,7 @@ SMOKE_TESTED = {
     "stateful.py",
     "metrics.py",
     "postgres.py",
+    "http_ingest.py",
     "kafka/compare.py",
     "kafka/run_headwater.py",  # the Headwater workers compare.py starts
     "kafka/profile_worker.py",
@@ -105,6 +106,18 @@ def test_postgres(tmp_path: Path) -> None:
     finite(out, r"run 3 plain\s+{n} rows/s  {n} s$")
     for mode in ("upsert", "append", "plain"):
         finite(out, mode + r"\s+{n}\s+{n}ms\s+{n}ms$")
+
+
+def test_http_ingest(tmp_path: Path) -> None:
+    out = bench("http_ingest.py", "--smoke", "--formats", "ndjson", "json", cwd=tmp_path)
+    for kind in ("ndjson", "json"):
+        finite(
+            out,
+            kind + r": {n} records/s, {n} requests/s, {n} batches \({n} records each\), "
+            r"POST latency p50 {n} ms, p99 {n} ms, max {n} ms$",
+        )
+        finite(out, kind + r" median: {n} records/s$")
+    finite(out, r"floor, orjson.loads per line: {n} records/s$")
 
 
 def test_micro_floor(tmp_path: Path) -> None:
