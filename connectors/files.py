@@ -37,9 +37,9 @@ from collections.abc import (
 )
 from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime, time
+from datetime import UTC, date, datetime, time
 from pathlib import Path
-from typing import Any, BinaryIO, TypeAlias
+from typing import Any, BinaryIO, Literal, TypeAlias
 
 import orjson
 from pydantic import BaseModel
@@ -638,6 +638,11 @@ class JsonLinesSink(Sink):
     full disk) is cut back: the file never keeps a partial line. ``fsync=True`` also fsyncs
     after each flush, for durability across a power loss rather than just a process crash.
 
+    ``shape`` (:data:`Shape`) says what a line holds: by default the value alone when it is a
+    dict or a model, or when the record has no key, and else ``{"key": ..., "value": ...,
+    "timestamp": ...}``, so that a keyed count says what it counts; ``"value"`` always the
+    value alone, ``"record"`` always the key and time with it.
+
     Append-only, at-least-once: records replayed after a crash (whose input offsets were not
     committed yet) are appended again, so the file may hold duplicates; consumers that need
     exactly-once should deduplicate on a field of the value. ``headwater reset`` removes the
@@ -646,9 +651,10 @@ class JsonLinesSink(Sink):
 
     name = "jsonlines"
 
-    def __init__(self, path: PathLike, *, fsync: bool = False) -> None:
+    def __init__(self, path: PathLike, *, fsync: bool = False, shape: Shape = "auto") -> None:
         self.path = Path(path)
         self.fsync = fsync
+        self.shape = _check_shape(shape, f"JsonLinesSink {str(path)!r}")
 
     def __repr__(self) -> str:
         return f"JsonLinesSink({str(self.path)!r})"
@@ -660,17 +666,22 @@ class JsonLinesSink(Sink):
     def open(self, ctx: SinkContext) -> SinkWriter:
         """Open the file for appending, for one worker."""
         what = f"JsonLinesSink {str(self.path)!r}"
-        return _JsonLinesWriter(_AppendFile(self.path, fsync=self.fsync, what=what), what)
+        file = _AppendFile(self.path, fsync=self.fsync, what=what)
+        return _JsonLinesWriter(file, what, self.shape)
 
 
 class _JsonLinesWriter(_BufferedWriter):
+    def __init__(self, file: _AppendFile, what: str, shape: Shape) -> None:
+        super().__init__(file, what)
+        self._shape = shape
+
     def write(self, batch: Batch) -> None:
         dumps = orjson.dumps
         newline = orjson.OPT_APPEND_NEWLINE
         lines: list[bytes] = []
         append = lines.append
         try:
-            for value in batch.values:
+            for value in _shaped(batch, self._shape):
                 if isinstance(value, BaseModel):
                     append(value.__pydantic_serializer__.to_json(value) + b"\n")
                 else:
@@ -696,6 +707,44 @@ def _cell(value: Any) -> Any:
     return orjson.dumps(value, default=json_default).decode()
 
 
+Shape: TypeAlias = Literal["auto", "value", "record"]
+"""What a file sink writes of a record: its value alone (``"value"``), the value with the
+record's key and event time (``"record"``: ``{"key": ..., "value": ..., "timestamp": ...}``,
+the time in ISO 8601, UTC), or (``"auto"``) the value alone when it names its own fields (a
+dict, a pydantic model) or the record has no key, else the record: a keyed count written as
+``1``, ``2`` would not say what it counts."""
+
+_SHAPES = ("auto", "value", "record")
+
+
+def _check_shape(shape: str, sink: str) -> Shape:
+    if shape not in _SHAPES:
+        raise ConnectorError(f"{sink}: shape must be one of {', '.join(_SHAPES)}, not {shape!r}")
+    return shape  # type: ignore[return-value]
+
+
+def _as_record(key: Any, value: Any, stamp: int) -> dict[str, Any]:
+    when = datetime.fromtimestamp(stamp / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
+    return {"key": key, "value": value, "timestamp": when}
+
+
+def _shaped(batch: Batch, shape: Shape, whole: tuple[type, ...] = (dict, BaseModel)) -> list[Any]:
+    """The values to write for ``batch``'s records (see :data:`Shape`); ``whole``: the types
+    of values that name their own fields (for ``"auto"``)."""
+    values = batch.values
+    if shape == "value":
+        return values
+    keys, stamps = batch.keys, batch.timestamps
+    if shape == "record":
+        return [_as_record(k, v, t) for k, v, t in zip(keys, values, stamps, strict=True)]
+    if keys.count(None) == len(keys):
+        return values
+    return [
+        v if k is None or isinstance(v, whole) else _as_record(k, v, t)
+        for k, v, t in zip(keys, values, stamps, strict=True)
+    ]
+
+
 class CsvSink(Sink):
     """A sink that appends each value as one CSV row to ``path``.
 
@@ -712,6 +761,10 @@ class CsvSink(Sink):
     file is empty; when ``fields`` is given and the file's header differs,
     :class:`~pipelines.errors.ConnectorError` is raised.
 
+    ``shape`` is as for :class:`JsonLinesSink`: by default a number or a string of a keyed
+    record is written as the row ``key, value, timestamp``; ``"record"`` writes every record
+    so (a dict or a model as JSON in the ``value`` column).
+
     A value that makes no row (a number, a string, a cell JSON cannot hold such as a ``set``)
     is not written: the sink step's error policy applies to its record, as in
     :class:`JsonLinesSink`. Like it too: ``O_APPEND``, parent directories created, ``write``
@@ -724,10 +777,16 @@ class CsvSink(Sink):
     name = "csv"
 
     def __init__(
-        self, path: PathLike, fields: Sequence[str] | None = None, *, fsync: bool = False
+        self,
+        path: PathLike,
+        fields: Sequence[str] | None = None,
+        *,
+        fsync: bool = False,
+        shape: Shape = "auto",
     ) -> None:
         self.path = Path(path)
         self.fields = None if fields is None else list(fields)
+        self.shape = _check_shape(shape, f"CsvSink {str(path)!r}")
         self.fsync = fsync
 
     def __repr__(self) -> str:
@@ -741,17 +800,20 @@ class CsvSink(Sink):
         """Open the file for appending, for one worker."""
         what = f"CsvSink {str(self.path)!r}"
         file = _AppendFile(self.path, fsync=self.fsync, what=what, readable=True)
-        return _CsvWriter(file, what, self.fields)
+        return _CsvWriter(file, what, self.fields, self.shape)
 
 
 class _CsvWriter(_BufferedWriter):
-    def __init__(self, file: _AppendFile, what: str, fields: list[str] | None) -> None:
+    def __init__(
+        self, file: _AppendFile, what: str, fields: list[str] | None, shape: Shape
+    ) -> None:
         super().__init__(file, what)
         self._declared = fields
         self._fields: list[str] | None = None
+        self._shape = shape
 
     def write(self, batch: Batch) -> None:
-        values = batch.values
+        values = _shaped(batch, self._shape, (dict, BaseModel, list, tuple))
         if not values:
             return
         fields = self._fields if self._fields is not None else self._header(values)

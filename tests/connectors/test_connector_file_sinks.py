@@ -10,7 +10,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from helpers_connectors import make_batch
+from helpers_connectors import STAMP, make_batch
 from pydantic import BaseModel
 
 from connectors import CsvSink, JsonLinesSink, SinkContext
@@ -240,3 +240,56 @@ def test_csv_sink_header_once_across_processes(tmp_path: Path) -> None:
     for w in range(4):
         assert [int(r[1]) for r in body if r[0] == str(w)] == list(range(100))
     assert all(r[2] == "a,b\nc" for r in body)
+
+
+# -- what a line holds of a record ---------------------------------------------------------------
+
+
+async def test_a_keyed_count_is_written_with_its_key_and_time(tmp_path: Path) -> None:
+    """By default a value that does not name its fields comes with its record's key; a dict, a
+    model or a record without a key is written alone."""
+    path = tmp_path / "counts.jsonl"
+    writer = JsonLinesSink(path).open(ctx())
+    writer.write(make_batch([1, 2, [3]], keys=["/a", "/b", "/c"]))
+    writer.write(make_batch([{"page": "/a", "views": 1}, 7], keys=["/a", None]))
+    await writer.close()
+    when = datetime.fromtimestamp(STAMP / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
+    assert [orjson.loads(line) for line in path.read_bytes().splitlines()] == [
+        {"key": "/a", "value": 1, "timestamp": when},
+        {"key": "/b", "value": 2, "timestamp": when},
+        {"key": "/c", "value": [3], "timestamp": when},
+        {"page": "/a", "views": 1},
+        7,
+    ]
+
+
+async def test_shape_value_and_record_write_the_value_alone_or_always_the_record(
+    tmp_path: Path,
+) -> None:
+    for shape, expected in [
+        ("value", [b"1", b'{"a":1}']),
+        ("record", [b'{"key":"k","value":1,', b'{"key":"k","value":{"a":1},']),
+    ]:
+        path = tmp_path / f"{shape}.jsonl"
+        writer = JsonLinesSink(path, shape=shape).open(ctx())
+        writer.write(make_batch([1, {"a": 1}], keys=["k", "k"]))
+        await writer.close()
+        lines = path.read_bytes().splitlines()
+        assert [line[: len(start)] for line, start in zip(lines, expected, strict=True)] == expected
+
+
+def test_an_unknown_shape_is_refused_at_once(tmp_path: Path) -> None:
+    with pytest.raises(ConnectorError, match="shape must be one of auto, value, record"):
+        JsonLinesSink(tmp_path / "x.jsonl", shape="keyed")
+    with pytest.raises(ConnectorError, match="shape must be one of"):
+        CsvSink(tmp_path / "x.csv", shape="row")
+
+
+async def test_a_csv_of_a_keyed_count_has_key_value_and_time_columns(tmp_path: Path) -> None:
+    path = tmp_path / "counts.csv"
+    writer = CsvSink(path).open(ctx())
+    writer.write(make_batch([1, 2], keys=["/a", "/b"]))
+    await writer.close()
+    rows = list(csv.reader(path.read_text().splitlines()))
+    when = datetime.fromtimestamp(STAMP / 1000, tz=UTC).isoformat().replace("+00:00", "Z")
+    assert rows == [["key", "value", "timestamp"], ["/a", "1", when], ["/b", "2", when]]
