@@ -42,6 +42,7 @@ SMOKE_TESTED = {
     "metrics.py",
     "postgres.py",
     "http_ingest.py",
+    "http_run.py",
     "kafka/compare.py",
     "kafka/run_headwater.py",  # the Headwater workers compare.py starts
     "kafka/profile_worker.py",
@@ -118,6 +119,15 @@ def test_http_ingest(tmp_path: Path) -> None:
         )
         finite(out, kind + r" median: {n} records/s$")
     finite(out, r"floor, orjson.loads per line: {n} records/s$")
+
+
+def test_http_run(tmp_path: Path) -> None:
+    out = bench("http_run.py", "--smoke", cwd=tmp_path)
+    finite(
+        out,
+        r"acknowledged on the log: {n} records/s, POST latency p50 {n} ms, p99 {n} ms, "
+        r"max {n} ms$",
+    )
 
 
 def test_micro_floor(tmp_path: Path) -> None:
