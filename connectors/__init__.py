@@ -6,7 +6,12 @@
 * :class:`Stdout`: one line per record on standard output;
 * :class:`LogTopic`: a topic on the pipeline's log, in or out.
 
-The contracts every connector follows are in :mod:`connectors.base`.
+Connectors to services live in their own modules, each behind an extra of its own so that
+their libraries are installed only when asked for: :mod:`connectors.postgres`
+(``headwater[postgres]``) and :mod:`connectors.http` (``headwater[http]``).
+
+The contracts every connector follows are in :mod:`connectors.base`; ``docs/connectors.md``
+shows how to write one.
 """
 
 from connectors.base import Position, Sink, SinkContext, SinkWriter, Source, SourceBatch
