@@ -28,6 +28,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pipelines imports this module: a runtime import would be circular
@@ -137,6 +138,12 @@ class Sink(ABC):
         run without any stored position or committed offset refuses to start then, rather
         than write a second copy after the first."""
         return None
+
+    def output_files(self, pipeline: str, step_id: str) -> list[Path]:
+        """The local files step ``step_id`` of ``pipeline`` wrote its output into, which
+        ``headwater reset`` removes (unless ``--keep-outputs``): a file sink's file. None by
+        default: a database's table or a topic belongs to more than the pipeline."""
+        return []
 
     async def remembered(self, pipeline: str, step_id: str) -> str | None:
         """What the sink keeps of the runs of step ``step_id`` of ``pipeline`` outside the

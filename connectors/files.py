@@ -663,6 +663,10 @@ class JsonLinesSink(Sink):
         """The file's size, if it has anything in it (see :meth:`Sink.earlier_output`)."""
         return _earlier_output(self.path)
 
+    def output_files(self, pipeline: str, step_id: str) -> list[Path]:
+        """The file (see :meth:`Sink.output_files`)."""
+        return [self.path]
+
     def open(self, ctx: SinkContext) -> SinkWriter:
         """Open the file for appending, for one worker."""
         what = f"JsonLinesSink {str(self.path)!r}"
@@ -711,7 +715,8 @@ Shape: TypeAlias = Literal["auto", "value", "record"]
 """What a file sink writes of a record: its value alone (``"value"``), the value with the
 record's key and event time (``"record"``: ``{"key": ..., "value": ..., "timestamp": ...}``,
 the time in ISO 8601, UTC), or (``"auto"``) the value alone when it names its own fields (a
-dict, a pydantic model) or the record has no key, else the record: a keyed count written as
+dict, a pydantic model, a dataclass such as a window's result) or the record has no key, else
+the record: a keyed count written as
 ``1``, ``2`` would not say what it counts."""
 
 _SHAPES = ("auto", "value", "record")
@@ -740,9 +745,13 @@ def _shaped(batch: Batch, shape: Shape, whole: tuple[type, ...] = (dict, BaseMod
     if keys.count(None) == len(keys):
         return values
     return [
-        v if k is None or isinstance(v, whole) else _as_record(k, v, t)
+        v if k is None or isinstance(v, whole) or _is_dataclass(v) else _as_record(k, v, t)
         for k, v, t in zip(keys, values, stamps, strict=True)
     ]
+
+
+def _is_dataclass(value: Any) -> bool:
+    return hasattr(type(value), "__dataclass_fields__")
 
 
 class CsvSink(Sink):
@@ -795,6 +804,10 @@ class CsvSink(Sink):
     async def earlier_output(self, pipeline: str, step_id: str) -> str | None:
         """The file's size, if it has anything in it (see :meth:`Sink.earlier_output`)."""
         return _earlier_output(self.path)
+
+    def output_files(self, pipeline: str, step_id: str) -> list[Path]:
+        """The file (see :meth:`Sink.output_files`)."""
+        return [self.path]
 
     def open(self, ctx: SinkContext) -> SinkWriter:
         """Open the file for appending, for one worker."""

@@ -43,6 +43,7 @@ SMOKE_TESTED = {
     "postgres.py",
     "http_ingest.py",
     "http_run.py",
+    "parquet.py",
     "kafka/compare.py",
     "kafka/run_headwater.py",  # the Headwater workers compare.py starts
     "kafka/profile_worker.py",
@@ -128,6 +129,14 @@ def test_http_run(tmp_path: Path) -> None:
         r"acknowledged on the log: {n} records/s, POST latency p50 {n} ms, p99 {n} ms, "
         r"max {n} ms$",
     )
+
+
+def test_parquet(tmp_path: Path) -> None:
+    out = bench("parquet.py", "--smoke", "--data-root", str(tmp_path), cwd=tmp_path)
+    for part in ("sink", "source"):
+        finite(out, rf"run 1 {part}\s+{{n}} records/s  {{n}} s, CPU {{n}} s \(.*\)$")
+    finite(out, r"ParquetSink write\+flush: {n} records/s \(median\), CPU {n} µs/record$")
+    finite(out, r"ParquetSource read: {n} records/s \(median\), CPU {n} µs/record$")
 
 
 def test_micro_floor(tmp_path: Path) -> None:

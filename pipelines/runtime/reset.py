@@ -13,7 +13,8 @@ reset removes exactly what makes a run resume, and what it would duplicate:
 - the topics its sources write into: its own copy of its input, which its sources write again
   on the next run (kept, the next run would read that input twice);
 - the local copies of its state (``<data-dir>/state/<group>/``);
-- the files of its ``JsonLinesSink`` and ``CsvSink`` steps, unless ``keep_outputs`` (the next
+- the files its sinks wrote (:meth:`connectors.base.Sink.output_files`: a ``JsonLinesSink`` or
+  ``CsvSink`` file, a local ``ParquetSink``'s files), unless ``keep_outputs`` (the next
   run then refuses to start until they are moved away: see
   :func:`pipelines.runtime.engine.refuse_a_second_copy`);
 - what its sinks keep of its runs outside the log (:meth:`connectors.base.Sink.remembered`:
@@ -47,7 +48,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from connectors.files import CsvSink, JsonLinesSink
 from pipelines.errors import LogError, PipelineError
 from pipelines.loader import load_pipeline
 from pipelines.log._locks import held, locked
@@ -76,7 +76,7 @@ class ResetOptions:
     data_dir: Path = Path(".headwater")
     kafka: KafkaSettings | None = None
     keep_outputs: bool = False
-    """Keep the files of the ``JsonLinesSink`` and ``CsvSink`` steps."""
+    """Keep the files the sinks wrote (``JsonLinesSink``, ``CsvSink``, ``ParquetSink``...)."""
     dead_letters: bool = False
     """Also remove the dead-letter and late-data topics."""
 
@@ -357,9 +357,10 @@ def _failure_topics(topology: Topology) -> list[tuple[str, str]]:
 
 def _output_files(topology: Topology) -> list[tuple[Path, str]]:
     return [
-        (step.sink.path, f"output of {type(step.sink).__name__} step {step.step_id!r}")
+        (path, f"output of {type(step.sink).__name__} step {step.step_id!r}")
         for step in topology.sink_steps
-        if isinstance(step.sink, JsonLinesSink | CsvSink)
+        if step.sink is not None
+        for path in step.sink.output_files(topology.pipeline.name, step.step_id)
     ]
 
 
