@@ -12,7 +12,8 @@
 
 Kafka connection settings come from the flags or from ``HEADWATER_*`` environment variables
 (see :class:`pipelines.settings.KafkaSettings`); the SASL password only from
-``HEADWATER_SASL_PASSWORD``, so that it never shows in a process list.
+``HEADWATER_SASL_PASSWORD`` and the password of an encrypted TLS client key only from
+``HEADWATER_SSL_KEY_PASSWORD``, so that they never show in a process list.
 
 Every error a user can cause (a bad module path, a missing attribute, an invalid pipeline, an
 unreadable input) prints one paragraph that says what to fix, and exits with status 2.
@@ -61,6 +62,9 @@ _KAFKA_FLAGS = (
     "security_protocol",
     "sasl_mechanism",
     "sasl_username",
+    "ssl_cafile",
+    "ssl_certfile",
+    "ssl_keyfile",
 )
 
 
@@ -100,12 +104,41 @@ def _log_arguments(
         default=default(None),
     )
     kafka.add_argument("--sasl-username", default=default(None))
+    kafka.add_argument(
+        "--ssl-cafile",
+        type=Path,
+        metavar="PEM",
+        default=default(None),
+        help="CA certificate(s) that signed the brokers' certificates (default: the system's)",
+    )
+    kafka.add_argument(
+        "--ssl-certfile",
+        type=Path,
+        metavar="PEM",
+        default=default(None),
+        help="client certificate, for brokers that require one (mutual TLS)",
+    )
+    kafka.add_argument(
+        "--ssl-keyfile",
+        type=Path,
+        metavar="PEM",
+        default=default(None),
+        help="the client certificate's private key (its password: HEADWATER_SSL_KEY_PASSWORD)",
+    )
+    kafka.add_argument(
+        "--ssl-check-hostname",
+        action=argparse.BooleanOptionalAction,
+        default=default(None),
+        help="check that a broker's certificate names the host it was reached at (default on)",
+    )
 
 
 def _kafka_settings(args: argparse.Namespace) -> KafkaSettings | None:
     if args.backend != "kafka":
         return None
     given = {flag: getattr(args, flag) for flag in _KAFKA_FLAGS if getattr(args, flag)}
+    if args.ssl_check_hostname is not None:
+        given["ssl_check_hostname"] = args.ssl_check_hostname
     try:
         return KafkaSettings(**given)
     except ValidationError as error:
@@ -305,7 +338,9 @@ def _reset_arguments(commands: argparse._SubParsersAction[argparse.ArgumentParse
     reset.add_argument("module", help=MODULE_HELP)
     reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     reset.add_argument(
-        "--keep-outputs", action="store_true", help="keep the files of JsonLinesSink/CsvSink steps"
+        "--keep-outputs",
+        action="store_true",
+        help="keep the files the sinks wrote (JsonLinesSink, CsvSink, ParquetSink)",
     )
     reset.add_argument(
         "--dead-letters", action="store_true", help="also remove the dead-letter and late topics"

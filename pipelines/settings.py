@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipelines.errors import LogError
+
 __all__ = ["KafkaSettings"]
 
 
@@ -31,8 +33,15 @@ class KafkaSettings(BaseSettings):
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
     ssl_cafile: Path | None = None
+    """PEM file of the CA(s) that signed the brokers' certificates (default: the system's)."""
     ssl_certfile: Path | None = None
+    """PEM file of this client's certificate, for brokers that require one (mutual TLS)."""
     ssl_keyfile: Path | None = None
+    """PEM file of the certificate's private key (default: in ``ssl_certfile``)."""
+    ssl_key_password: SecretStr | None = None
+    """The password of an encrypted ``ssl_keyfile``: from ``HEADWATER_SSL_KEY_PASSWORD`` only."""
+    ssl_check_hostname: bool = True
+    """Check that a broker's certificate names the host it was reached at."""
     replication_factor: int = 1
     """Replicas of the topics Headwater creates."""
     connect_timeout: float = 15.0
@@ -46,14 +55,7 @@ class KafkaSettings(BaseSettings):
             "security_protocol": self.security_protocol,
         }
         if self.security_protocol in ("SSL", "SASL_SSL"):
-            context = ssl.create_default_context(
-                cafile=str(self.ssl_cafile) if self.ssl_cafile else None
-            )
-            if self.ssl_certfile is not None:
-                context.load_cert_chain(
-                    str(self.ssl_certfile), str(self.ssl_keyfile) if self.ssl_keyfile else None
-                )
-            options["ssl_context"] = context
+            options["ssl_context"] = self.ssl_context()
         if self.sasl_mechanism is not None:
             options["sasl_mechanism"] = self.sasl_mechanism
             options["sasl_plain_username"] = self.sasl_username
@@ -61,3 +63,48 @@ class KafkaSettings(BaseSettings):
                 self.sasl_password.get_secret_value() if self.sasl_password else None
             )
         return options
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS settings as an :class:`ssl.SSLContext`; a :class:`LogError` that names the
+        file and the setting when a CA, certificate or key cannot be loaded."""
+        try:
+            context = ssl.create_default_context(
+                cafile=str(self.ssl_cafile) if self.ssl_cafile else None
+            )
+        except (OSError, ssl.SSLError) as error:
+            raise LogError(
+                f"cannot load the CA certificates from {self.ssl_cafile} ({_reason(error)}); "
+                "check --ssl-cafile (HEADWATER_SSL_CAFILE): a PEM file of the CA that signed "
+                "the brokers' certificates"
+            ) from None
+        context.check_hostname = self.ssl_check_hostname
+        if self.ssl_certfile is None:
+            if self.ssl_keyfile is not None:
+                raise LogError(
+                    "--ssl-keyfile (HEADWATER_SSL_KEYFILE) is set without a certificate; "
+                    "give the client certificate with --ssl-certfile (HEADWATER_SSL_CERTFILE)"
+                )
+            return context
+        password = self.ssl_key_password.get_secret_value() if self.ssl_key_password else None
+        try:
+            context.load_cert_chain(
+                str(self.ssl_certfile),
+                str(self.ssl_keyfile) if self.ssl_keyfile else None,
+                password=password or (lambda: ""),  # never prompt on the terminal
+            )
+        except (OSError, ssl.SSLError) as error:
+            raise LogError(
+                f"cannot load the client certificate {self.ssl_certfile} with key "
+                f"{self.ssl_keyfile or self.ssl_certfile} ({_reason(error)}); check "
+                "--ssl-certfile and --ssl-keyfile (HEADWATER_SSL_CERTFILE, "
+                "HEADWATER_SSL_KEYFILE): PEM files of a certificate and its private key, and "
+                "HEADWATER_SSL_KEY_PASSWORD if the key is encrypted"
+            ) from None
+        return context
+
+
+def _reason(error: OSError | ssl.SSLError) -> str:
+    """What went wrong loading a file, without the file's content."""
+    if isinstance(error, ssl.SSLError):
+        return str(error.reason or error.strerror or type(error).__name__).lower().replace("_", " ")
+    return error.strerror or str(error)

@@ -28,6 +28,31 @@
 #   JAVA_HOME               Java 17+ to use [java on PATH]
 #   PYTHON                  interpreter with aiokafka for the readiness probe [python3]
 #
+# Secured mode (KAFKA_SECURED=1, for every command): a SECOND, separate broker that
+# demands authentication, for the tests of Kafka security. `start` then also creates a
+# throwaway PKI with openssl in KAFKA_SECURED_STATE_DIR/tls (a CA, the broker's certificate
+# for 127.0.0.1/localhost, a client certificate signed by that CA, and a client
+# certificate from a second, UNTRUSTED CA), formats storage with SCRAM-SHA-512 users
+# `admin` (a super user) and `pipeline` (no ACLs: grant them), and starts a broker with:
+#   SASL_SSL  KAFKA_SECURED_PORT [9192]             SCRAM-SHA-512 over TLS
+#   SSL       KAFKA_SECURED_SSL_PORT [9193]         TLS, client certificate required
+#                                                   (also the inter-broker listener)
+#   CONTROLLER KAFKA_SECURED_CONTROLLER_PORT [9194] TLS, client certificate required
+# ACLs are enforced (StandardAuthorizer, deny when no ACL matches); super users are
+# User:admin and the broker's own certificate, User:CN=headwater-broker.
+# Its state lives in KAFKA_SECURED_STATE_DIR [/tmp/headwater-kafka-secured] (KAFKA_PORT,
+# KAFKA_CONTROLLER_PORT and KAFKA_STATE_DIR are ignored then); `start` prints the SASL_SSL
+# address, then the SSL address, one a line, and writes secured.env in the state dir:
+# KEY=VALUE lines (readable by `source` and by a test) with the addresses, the CA, the
+# client certificate, key and key password, the untrusted CA and client certificate, and
+# the user names and passwords. `stop` deletes the data, the PKI and secured.env.
+#
+#   KAFKA_SECURED=1 bash scripts/kafka.sh start    # about 7 s once the jars are cached
+#   KAFKA_SECURED=1 bash scripts/kafka.sh status
+#   KAFKA_SECURED=1 bash scripts/kafka.sh stop
+#
+# Secured mode needs openssl on PATH.
+#
 # Messages go to stderr; every failure exits non-zero.
 #
 # Files in KAFKA_STATE_DIR: kafka.pid, broker.log (stdout/stderr of the
@@ -40,9 +65,19 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 POM="$SCRIPT_DIR/kafka-pom.xml"
 
 KAFKA_HOME="${KAFKA_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/headwater-kafka}"
+KAFKA_SECURED="${KAFKA_SECURED:-0}"
+if [[ "$KAFKA_SECURED" == 1 ]]; then
+  # Own variables, so that a KAFKA_PORT exported for the PLAINTEXT broker never points
+  # the secured one at the same ports or state.
+  KAFKA_PORT="${KAFKA_SECURED_PORT:-9192}"
+  KAFKA_SSL_PORT="${KAFKA_SECURED_SSL_PORT:-9193}"
+  KAFKA_CONTROLLER_PORT="${KAFKA_SECURED_CONTROLLER_PORT:-9194}"
+  KAFKA_STATE_DIR="${KAFKA_SECURED_STATE_DIR:-/tmp/headwater-kafka-secured}"
+else
 KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
 KAFKA_STATE_DIR="${KAFKA_STATE_DIR:-/tmp/headwater-kafka-$KAFKA_PORT}"
+fi
 KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms512m -Xmx512m}"
 KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-60}"
 KAFKA_STOP_TIMEOUT="${KAFKA_STOP_TIMEOUT:-30}"
@@ -63,6 +98,8 @@ FORMAT_LOG="$KAFKA_STATE_DIR/format.log"
 SERVER_PROPS="$KAFKA_STATE_DIR/server.properties"
 LOG4J_CONF="$KAFKA_STATE_DIR/log4j2.properties"
 DATA_DIR="$KAFKA_STATE_DIR/data"
+TLS_DIR="$KAFKA_STATE_DIR/tls"
+SECURED_ENV="$KAFKA_STATE_DIR/secured.env"
 
 # ---------------------------------------------------------------- helpers
 
@@ -75,11 +112,38 @@ need() {
 
 check_settings() {
   local v
+  [[ "$KAFKA_SECURED" == 0 || "$KAFKA_SECURED" == 1 ]] ||
+    die "KAFKA_SECURED must be 0 or 1, got '$KAFKA_SECURED'"
+  if secured; then
+    for v in KAFKA_PORT KAFKA_SSL_PORT KAFKA_CONTROLLER_PORT; do
+      [[ "${!v}" =~ ^[0-9]+$ ]] || die "${v/KAFKA_/KAFKA_SECURED_} must be a number, got '${!v}'"
+    done
+    [[ "$KAFKA_PORT" != "$KAFKA_CONTROLLER_PORT" && "$KAFKA_PORT" != "$KAFKA_SSL_PORT" &&
+       "$KAFKA_SSL_PORT" != "$KAFKA_CONTROLLER_PORT" ]] ||
+      die "KAFKA_SECURED_PORT, KAFKA_SECURED_SSL_PORT and KAFKA_SECURED_CONTROLLER_PORT must differ"
+  fi
   for v in KAFKA_PORT KAFKA_CONTROLLER_PORT KAFKA_START_TIMEOUT KAFKA_STOP_TIMEOUT; do
     [[ "${!v}" =~ ^[0-9]+$ ]] || die "$v must be a number, got '${!v}'"
   done
   [[ "$KAFKA_PORT" != "$KAFKA_CONTROLLER_PORT" ]] ||
     die "KAFKA_PORT and KAFKA_CONTROLLER_PORT must differ"
+}
+
+secured() { [[ "$KAFKA_SECURED" == 1 ]]; }
+
+# The ports this broker listens on.
+broker_ports() {
+  if secured; then
+    printf '%s\n' "$KAFKA_PORT" "$KAFKA_SSL_PORT" "$KAFKA_CONTROLLER_PORT"
+  else
+    printf '%s\n' "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"
+  fi
+}
+
+# What `start` prints on stdout: the bootstrap address(es).
+print_addresses() {
+  printf '%s:%s\n' "$HOST" "$KAFKA_PORT"
+  if secured; then printf '%s:%s\n' "$HOST" "$KAFKA_SSL_PORT"; fi
 }
 
 kafka_version() {
@@ -257,9 +321,9 @@ ensure_jars() {
 
 # ---------------------------------------------------------------- config
 
-write_config() {
-  mkdir -p "$KAFKA_STATE_DIR"
-  cat >"$SERVER_PROPS" <<EOF
+# The listener part of server.properties of the PLAINTEXT broker.
+plaintext_listeners() {
+  cat <<EOF
 # Generated by scripts/kafka.sh; rewritten on every start.
 # One KRaft node acting as broker and controller, with a static voter set,
 # so storage is formatted with just a cluster id (no --standalone).
@@ -272,6 +336,56 @@ advertised.listeners=PLAINTEXT://$HOST:$KAFKA_PORT,CONTROLLER://$HOST:$KAFKA_CON
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 log.dirs=$DATA_DIR
+EOF
+}
+
+# The listener and security part of server.properties of the secured broker: every
+# listener is TLS; the broker talks to itself and to its controller over the SSL
+# listeners with its own certificate (a super user), clients over SASL_SSL (SCRAM) or SSL
+# with a client certificate.
+secured_listeners() {
+  cat <<EOF
+# Generated by scripts/kafka.sh (KAFKA_SECURED=1); rewritten on every start.
+# One KRaft node acting as broker and controller, with a static voter set.
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@$HOST:$KAFKA_CONTROLLER_PORT
+controller.listener.names=CONTROLLER
+listeners=SASL_SSL://$HOST:$KAFKA_PORT,SSL://$HOST:$KAFKA_SSL_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
+advertised.listeners=SASL_SSL://$HOST:$KAFKA_PORT,SSL://$HOST:$KAFKA_SSL_PORT,CONTROLLER://$HOST:$KAFKA_CONTROLLER_PORT
+inter.broker.listener.name=SSL
+listener.security.protocol.map=CONTROLLER:SSL,SSL:SSL,SASL_SSL:SASL_SSL
+log.dirs=$DATA_DIR
+
+# TLS: the broker's key and certificate (PKCS12), the test CA as trust store (PEM).
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$TLS_DIR/broker.p12
+ssl.keystore.password=$BROKER_STORE_PASSWORD
+ssl.key.password=$BROKER_STORE_PASSWORD
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS_DIR/ca.pem
+ssl.endpoint.identification.algorithm=https
+listener.name.ssl.ssl.client.auth=required
+listener.name.controller.ssl.client.auth=required
+listener.name.sasl_ssl.ssl.client.auth=none
+
+# SASL: SCRAM-SHA-512 only; the users are created when the storage is formatted.
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+
+# ACLs: nothing is allowed without one, except to the super users.
+authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer
+allow.everyone.if.no.acl.found=false
+super.users=User:$ADMIN_USER;User:CN=headwater-broker
+EOF
+}
+
+write_config() {
+  mkdir -p "$KAFKA_STATE_DIR"
+  {
+    if secured; then secured_listeners; else plaintext_listeners; fi
+    cat <<EOF
 
 # A single broker cannot satisfy the default replication of internal topics.
 offsets.topic.replication.factor=1
@@ -300,6 +414,7 @@ log.cleaner.dedupe.buffer.size=33554432
 num.network.threads=2
 num.io.threads=4
 EOF
+  } >"$SERVER_PROPS"
 
   cat >"$LOG4J_CONF" <<'EOF'
 # Generated by scripts/kafka.sh: everything to stdout, which goes to broker.log.
@@ -332,14 +447,127 @@ format_storage() {
   local cluster_id
   cluster_id="$(new_cluster_id)"
   printf '%s\n' "$cluster_id" >"$KAFKA_STATE_DIR/cluster.id"
+  local -a scram=()
+  if secured; then
+    # SCRAM users must exist before the broker starts: they go into the first metadata.
+    scram=(--add-scram "SCRAM-SHA-512=[name=$ADMIN_USER,password=$ADMIN_PASSWORD]"
+           --add-scram "SCRAM-SHA-512=[name=$PIPELINE_USER,password=$PIPELINE_PASSWORD]")
+  fi
   if ! "$JAVA" -Xmx256m "-Dlog4j2.configurationFile=$LOG4J_CONF" -cp "$(lib_dir)/*" \
       kafka.tools.StorageTool format -t "$cluster_id" -c "$SERVER_PROPS" \
-      >"$FORMAT_LOG" 2>&1 </dev/null; then
+      ${scram[@]+"${scram[@]}"} >"$FORMAT_LOG" 2>&1 </dev/null; then
     show_log_tail "$FORMAT_LOG" 30
     die "formatting $DATA_DIR failed"
   fi
   [[ -f "$DATA_DIR/meta.properties" ]] || { show_log_tail "$FORMAT_LOG" 30; die "format did not write $DATA_DIR/meta.properties"; }
   say "formatted $DATA_DIR (cluster id $cluster_id)"
+}
+
+# ---------------------------------------------------------------- secured mode
+
+ADMIN_USER=admin
+PIPELINE_USER=pipeline
+CLIENT_CN=headwater-pipeline
+
+new_password() {
+  local pw=""
+  while (( ${#pw} < 24 )); do
+    pw+="$(head -c 32 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')"
+  done
+  printf '%s\n' "${pw:0:24}"
+}
+
+# openssl, with its output in $TLS_DIR/openssl.log (shown on failure).
+ossl() {
+  if ! openssl "$@" >>"$TLS_DIR/openssl.log" 2>&1 </dev/null; then
+    show_log_tail "$TLS_DIR/openssl.log" 20
+    die "openssl $1 failed"
+  fi
+}
+
+# new_ca NAME CN: a self-signed CA, NAME.key and NAME.pem.
+new_ca() {
+  local name="$1" cn="$2"
+  printf 'basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\n' \
+    >"$TLS_DIR/$name.ext"
+  ossl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$TLS_DIR/$name.key"
+  ossl req -new -key "$TLS_DIR/$name.key" -subj "/CN=$cn" -out "$TLS_DIR/$name.csr"
+  ossl x509 -req -in "$TLS_DIR/$name.csr" -signkey "$TLS_DIR/$name.key" -days 30 \
+    -extfile "$TLS_DIR/$name.ext" -out "$TLS_DIR/$name.pem"
+}
+
+# new_leaf NAME CN CA USAGE [SAN]: NAME.key (unencrypted) and NAME.pem signed by CA.
+new_leaf() {
+  local name="$1" cn="$2" ca="$3" usage="$4" san="${5:-}"
+  {
+    printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\n'
+    printf 'extendedKeyUsage=%s\n' "$usage"
+    [[ -z "$san" ]] || printf 'subjectAltName=%s\n' "$san"
+  } >"$TLS_DIR/$name.ext"
+  ossl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$TLS_DIR/$name.key"
+  ossl req -new -key "$TLS_DIR/$name.key" -subj "/CN=$cn" -out "$TLS_DIR/$name.csr"
+  ossl x509 -req -in "$TLS_DIR/$name.csr" -CA "$TLS_DIR/$ca.pem" -CAkey "$TLS_DIR/$ca.key" \
+    -set_serial "0x$(head -c 8 /dev/urandom | od -An -tx1 | tr -d ' \n')" -days 30 \
+    -extfile "$TLS_DIR/$name.ext" -out "$TLS_DIR/$name.pem"
+}
+
+# A fresh throwaway PKI and fresh passwords, for one `start` of the secured broker.
+make_pki() {
+  need openssl "secured mode makes its certificates with openssl"
+  rm -rf "$TLS_DIR"
+  mkdir -p "$TLS_DIR"
+  chmod 700 "$TLS_DIR"
+  BROKER_STORE_PASSWORD="$(new_password)"
+  ADMIN_PASSWORD="$(new_password)"
+  PIPELINE_PASSWORD="$(new_password)"
+  CLIENT_KEY_PASSWORD="$(new_password)"
+  export CLIENT_KEY_PASSWORD BROKER_STORE_PASSWORD
+
+  new_ca ca "Headwater test CA"
+  new_ca untrusted-ca "Untrusted test CA"
+  new_leaf broker headwater-broker ca serverAuth,clientAuth "IP:$HOST,DNS:localhost"
+  new_leaf client "$CLIENT_CN" ca clientAuth
+  new_leaf untrusted-client "$CLIENT_CN" untrusted-ca clientAuth
+  # the broker's key store: its key, certificate and the CA
+  ossl pkcs12 -export -in "$TLS_DIR/broker.pem" -inkey "$TLS_DIR/broker.key" \
+    -certfile "$TLS_DIR/ca.pem" -name broker -out "$TLS_DIR/broker.p12" \
+    -passout env:BROKER_STORE_PASSWORD
+  # the trusted client's key, encrypted with a password (the untrusted one's is not)
+  ossl pkcs8 -topk8 -v2 aes-256-cbc -in "$TLS_DIR/client.key" -out "$TLS_DIR/client-key.pem" \
+    -passout env:CLIENT_KEY_PASSWORD
+  rm -f "$TLS_DIR"/*.csr "$TLS_DIR"/*.ext "$TLS_DIR/client.key" "$TLS_DIR/broker.key"
+  export -n CLIENT_KEY_PASSWORD BROKER_STORE_PASSWORD
+  say "made a throwaway CA and certificates in $TLS_DIR"
+}
+
+write_secured_env() {
+  local tmp="$SECURED_ENV.partial"
+  ( umask 077 && cat >"$tmp" <<EOF
+# Written by scripts/kafka.sh (KAFKA_SECURED=1) for the tests; deleted by stop.
+KAFKA_SECURED_SASL_SSL_BOOTSTRAP=$HOST:$KAFKA_PORT
+KAFKA_SECURED_SSL_BOOTSTRAP=$HOST:$KAFKA_SSL_PORT
+KAFKA_SECURED_SASL_MECHANISM=SCRAM-SHA-512
+KAFKA_SECURED_CA=$TLS_DIR/ca.pem
+KAFKA_SECURED_ADMIN_USER=$ADMIN_USER
+KAFKA_SECURED_ADMIN_PASSWORD=$ADMIN_PASSWORD
+KAFKA_SECURED_PIPELINE_USER=$PIPELINE_USER
+KAFKA_SECURED_PIPELINE_PASSWORD=$PIPELINE_PASSWORD
+KAFKA_SECURED_CLIENT_CERT=$TLS_DIR/client.pem
+KAFKA_SECURED_CLIENT_KEY=$TLS_DIR/client-key.pem
+KAFKA_SECURED_CLIENT_KEY_PASSWORD=$CLIENT_KEY_PASSWORD
+KAFKA_SECURED_CLIENT_PRINCIPAL=User:CN=$CLIENT_CN
+KAFKA_SECURED_UNTRUSTED_CA=$TLS_DIR/untrusted-ca.pem
+KAFKA_SECURED_UNTRUSTED_CLIENT_CERT=$TLS_DIR/untrusted-client.pem
+KAFKA_SECURED_UNTRUSTED_CLIENT_KEY=$TLS_DIR/untrusted-client.key
+EOF
+  ) && mv "$tmp" "$SECURED_ENV"
+}
+
+# The admin credentials for the readiness probe, from secured.env.
+load_admin_credentials() {
+  [[ -f "$SECURED_ENV" ]] || die "no $SECURED_ENV: start the secured broker with 'start'"
+  ADMIN_PASSWORD="$(sed -n 's/^KAFKA_SECURED_ADMIN_PASSWORD=//p' "$SECURED_ENV")"
+  [[ -n "$ADMIN_PASSWORD" ]] || die "no admin password in $SECURED_ENV"
 }
 
 # ---------------------------------------------------------------- process control
@@ -385,7 +613,7 @@ end_process() {
 
 wait_ports_free() {
   local waited=0 p
-  for p in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+  for p in $(broker_ports); do
     while port_open "$p"; do
       (( waited < 50 )) || die "port $p on $HOST is in use by another process"
       sleep 0.2; waited=$((waited + 1))
@@ -413,9 +641,19 @@ async def main(bootstrap, timeout, pid):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             break
+        secured = {}
+        if os.environ.get("KAFKA_PROBE_CAFILE"):
+            import ssl
+            secured = dict(
+                security_protocol="SASL_SSL",
+                ssl_context=ssl.create_default_context(cafile=os.environ["KAFKA_PROBE_CAFILE"]),
+                sasl_mechanism="SCRAM-SHA-512",
+                sasl_plain_username=os.environ["KAFKA_PROBE_USER"],
+                sasl_plain_password=os.environ["KAFKA_PROBE_PASSWORD"],
+            )
         admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap,
                                     client_id="headwater-kafka-probe",
-                                    request_timeout_ms=5000)
+                                    request_timeout_ms=5000, **secured)
         try:
             async def probe():
                 await admin.start()
@@ -443,7 +681,13 @@ sys.exit(asyncio.run(main(sys.argv[1], float(sys.argv[2]), int(sys.argv[3]))))
 
 client_probe() {
   # $1 timeout seconds, $2 broker pid (0: do not watch a process)
-  "$PYTHON" -c "$PROBE_PY" "$HOST:$KAFKA_PORT" "$1" "$2"
+  if secured; then
+    # as the admin over SASL_SSL; the password through the environment, not argv
+    KAFKA_PROBE_CAFILE="$TLS_DIR/ca.pem" KAFKA_PROBE_USER="$ADMIN_USER" \
+      KAFKA_PROBE_PASSWORD="$ADMIN_PASSWORD" "$PYTHON" -c "$PROBE_PY" "$HOST:$KAFKA_PORT" "$1" "$2"
+    return
+  fi
+  env -u KAFKA_PROBE_CAFILE "$PYTHON" -c "$PROBE_PY" "$HOST:$KAFKA_PORT" "$1" "$2"
 }
 
 check_probe_deps() {
@@ -492,33 +736,45 @@ cmd_start() {
 
   local pid
   if pid="$(running_pid)"; then
+    if secured; then load_admin_credentials; fi
     if port_open "$KAFKA_PORT" && client_probe 10 "$pid" 2>/dev/null; then
       say "already running and ready on $HOST:$KAFKA_PORT (pid $pid)"
-      printf '%s:%s\n' "$HOST" "$KAFKA_PORT"
+      print_addresses
       return 0
     fi
     say "broker (pid $pid) is running but not ready yet; waiting"
     wait_ready "$pid"
-    printf '%s:%s\n' "$HOST" "$KAFKA_PORT"
+    print_addresses
     return 0
   fi
   rm -f "$PID_FILE"
 
   local p
-  for p in "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT"; do
+  for p in $(broker_ports); do
+    if secured; then
+      ! port_open "$p" || die "port $p on $HOST is already in use by another process (set KAFKA_SECURED_PORT / KAFKA_SECURED_SSL_PORT / KAFKA_SECURED_CONTROLLER_PORT)"
+    else
     ! port_open "$p" || die "port $p on $HOST is already in use by another process (set KAFKA_PORT / KAFKA_CONTROLLER_PORT)"
+    fi
   done
 
   local started=$SECONDS
   mkdir -p "$KAFKA_STATE_DIR"
   rm -rf "$DATA_DIR"
   : >"$BROKER_LOG"
+  if secured; then
+    rm -f "$SECURED_ENV"
+    make_pki
+  fi
   write_config
+  if secured; then chmod 600 "$SERVER_PROPS"; fi
   format_storage
+  if secured; then write_secured_env; fi
   launch_broker
   wait_ready "$(read_pid)"
   say "start took $((SECONDS - started))s in total"
-  printf '%s:%s\n' "$HOST" "$KAFKA_PORT"
+  if secured; then say "clients' certificates, keys and passwords: $SECURED_ENV"; fi
+  print_addresses
 }
 
 cmd_stop() {
@@ -535,6 +791,7 @@ cmd_stop() {
   fi
   rm -f "$PID_FILE" "$KAFKA_STATE_DIR/cluster.id"
   rm -rf "$DATA_DIR"
+  if secured; then rm -rf "$TLS_DIR" "$SECURED_ENV" "$SERVER_PROPS"; fi
 }
 
 cmd_status() {
@@ -546,6 +803,7 @@ cmd_status() {
   fi
   local listeners
   listeners="$(sed -n 's/^listeners=//p' "$SERVER_PROPS" 2>/dev/null || true)"
+  if secured; then load_admin_credentials; fi
   if port_open "$KAFKA_PORT" && client_probe 5 "$pid" 2>/dev/null; then
     say "running and ready: pid $pid, listeners $listeners, log $BROKER_LOG"
     return 0
@@ -566,6 +824,7 @@ cmd_restart_broker() {
   check_probe_deps
   [[ -f "$DATA_DIR/meta.properties" && -f "$SERVER_PROPS" ]] ||
     die "no formatted broker data in $DATA_DIR; use 'start' first"
+  if secured; then load_admin_credentials; fi
   ensure_jars
 
   local pid started=$SECONDS

@@ -12,12 +12,17 @@
   the worker serialises them with its loop (see :mod:`pipelines.runtime.worker`).
 
 Connection problems surface as :class:`~pipelines.errors.LogError` within
-``KafkaSettings.connect_timeout`` seconds, naming the bootstrap servers, never a secret.
+``KafkaSettings.connect_timeout`` seconds, naming the bootstrap servers, never a secret. When
+the cluster cannot be reached, one more connection to a bootstrap server finds out why (aiokafka
+only says it could not bootstrap), so that a refused password, an untrusted broker certificate,
+a missing or refused client certificate or a TLS/plaintext mix-up each get their own message;
+the broker denying an operation by its ACLs names the principal and what to grant.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -25,8 +30,20 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka import TopicPartition as KafkaPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.conn import create_conn
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
-from aiokafka.errors import KafkaError, ProducerFenced, TopicAlreadyExistsError
+from aiokafka.errors import (
+    ClusterAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    KafkaConnectionError,
+    KafkaError,
+    ProducerFenced,
+    SaslAuthenticationFailed,
+    TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+    UnsupportedSaslMechanismError,
+)
 from aiokafka.structs import OffsetAndMetadata
 
 from pipelines.errors import FencedError, LogError, TopicError
@@ -51,11 +68,167 @@ _READ_POLL_MS = 200
 _TOPIC_CONFIG = 1  # DescribeConfigs config_source: set on the topic itself
 
 
+_DENIED = (
+    TopicAuthorizationFailedError,
+    GroupAuthorizationFailedError,
+    ClusterAuthorizationFailedError,
+    TransactionalIdAuthorizationFailed,
+)
+"""What a broker answers to an operation its ACLs do not allow."""
+_DENIED_CODES = {error.errno: error for error in _DENIED}
+_DIAGNOSE_TIMEOUT = 5.0
+"""Seconds the extra connection that finds out why the cluster is unreachable may take."""
+_REFUSED_CERTIFICATE = (
+    "ALERT_BAD_CERTIFICATE",
+    "ALERT_CERTIFICATE_REQUIRED",
+    "ALERT_CERTIFICATE_UNKNOWN",
+    "ALERT_UNKNOWN_CA",
+    "ALERT_HANDSHAKE_FAILURE",
+    "ALERT_ACCESS_DENIED",
+)
+
+
+def _principal(settings: KafkaSettings) -> str:
+    """Who the cluster sees, in words."""
+    if settings.sasl_mechanism is not None:
+        return f"user {settings.sasl_username!r}"
+    if settings.ssl_certfile is not None:
+        return f"the subject of the client certificate {settings.ssl_certfile} (User:CN=...)"
+    return "the anonymous user (User:ANONYMOUS)"
+
+
+def denied(settings: KafkaSettings, what: str, error: BaseException) -> LogError:
+    """The LogError for an operation the cluster's ACLs refused (``error`` one of _DENIED)."""
+    if isinstance(error, TopicAuthorizationFailedError):
+        grant = "on the pipeline's topics (Describe, Create, Read, Write)"
+    elif isinstance(error, GroupAuthorizationFailedError):
+        grant = "on its consumer group (Read, Describe; see --group-id)"
+    elif isinstance(error, TransactionalIdAuthorizationFailed):
+        grant = "on its transactional ids (Write, Describe; they start with the group name)"
+    else:
+        grant = "on the cluster (what the operation needs, e.g. IdempotentWrite or Create)"
+    return LogError(
+        f"Kafka at {settings.bootstrap_servers} denied {_principal(settings)} the right to "
+        f"{what} ({type(error).__name__}): the cluster's ACLs do not allow it. Ask its "
+        f"administrator to grant that principal ACLs {grant}, or run as a principal that has "
+        "them"
+    )
+
+
+def _refusal(settings: KafkaSettings, error: BaseException) -> LogError | None:
+    """The LogError that says why a connection attempt failed with ``error``, when it is a
+    matter of security settings (None otherwise: an unreachable or hung broker)."""
+    return _protocol_refusal(settings, error) or _certificate_refusal(settings, error)
+
+
+def _protocol_refusal(settings: KafkaSettings, error: BaseException) -> LogError | None:
+    """SASL refusals, and TLS spoken to a plaintext listener or the other way round."""
+    at = f"Kafka at {settings.bootstrap_servers}"
+    cause = error.__cause__ or error.__context__
+    if isinstance(error, SaslAuthenticationFailed):
+        return LogError(
+            f"{at} refused the SASL credentials of user {settings.sasl_username!r} "
+            f"({settings.sasl_mechanism}): the user is unknown or the password is wrong. Check "
+            "--sasl-username (HEADWATER_SASL_USERNAME), the password in HEADWATER_SASL_PASSWORD "
+            "and --sasl-mechanism"
+        )
+    if isinstance(error, UnsupportedSaslMechanismError):
+        return LogError(
+            f"{at} does not accept the SASL mechanism {settings.sasl_mechanism}; set "
+            "--sasl-mechanism (HEADWATER_SASL_MECHANISM) to one the cluster enables"
+        )
+    if isinstance(error, ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(error):
+        return LogError(
+            f"{at} does not speak TLS on that port; check --security-protocol "
+            f"(now {settings.security_protocol}) and --bootstrap-servers"
+        )
+    if (
+        isinstance(error, KafkaConnectionError)
+        and isinstance(cause, asyncio.IncompleteReadError)
+        and settings.security_protocol in ("PLAINTEXT", "SASL_PLAINTEXT")
+    ):
+        return LogError(
+            f"{at} closed the connection at the first request: it may expect TLS; check "
+            f"--security-protocol (now {settings.security_protocol}) and --bootstrap-servers"
+        )
+    return None
+
+
+def _certificate_refusal(settings: KafkaSettings, error: BaseException) -> LogError | None:
+    """An untrusted broker certificate, or a client certificate missing or refused."""
+    at = f"Kafka at {settings.bootstrap_servers}"
+    cause = error.__cause__ or error.__context__
+    if isinstance(error, ssl.SSLCertVerificationError):
+        reason = error.verify_message or "not verified"
+        if "mismatch" in reason.lower():
+            return LogError(
+                f"the TLS certificate of {at} does not name the host it was reached at "
+                f"({reason}): use a bootstrap address its certificate names, or, for a test "
+                "cluster only, turn hostname checks off with --no-ssl-check-hostname"
+            )
+        return LogError(
+            f"{at} presented a TLS certificate this client does not trust ({reason}): check "
+            "--ssl-cafile (HEADWATER_SSL_CAFILE), which must be the CA that signed the "
+            "brokers' certificates"
+        )
+    if not isinstance(cause, ssl.SSLError) or not any(
+        alert in str(cause) for alert in _REFUSED_CERTIFICATE
+    ):
+        return None
+    alert = str(cause.reason or cause).lower().replace("_", " ")
+    if settings.ssl_certfile is None:
+        return LogError(
+            f"{at} requires a client certificate (mutual TLS) and closed the connection "
+            f"({alert}); give one signed by a CA the cluster trusts with --ssl-certfile "
+            "and --ssl-keyfile (HEADWATER_SSL_CERTFILE, HEADWATER_SSL_KEYFILE)"
+        )
+    return LogError(
+        f"{at} refused the client certificate {settings.ssl_certfile} ({alert}): it is "
+        "not signed by a CA the cluster trusts, or has expired; use a certificate the "
+        "cluster's CA signed (--ssl-certfile, --ssl-keyfile)"
+    )
+
+
+async def _diagnose(settings: KafkaSettings) -> LogError | None:
+    """Why the bootstrap servers cannot be used, when it is a matter of security settings:
+    one connection (TLS handshake, SASL) to each in turn, as the client makes them."""
+    options = settings.client_options()
+    del options["bootstrap_servers"]
+    for server in settings.bootstrap_servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        if not host or not port.isdigit():
+            continue
+        try:
+            conn = await asyncio.wait_for(
+                create_conn(
+                    host.strip("[]"),
+                    int(port),
+                    request_timeout_ms=int(_DIAGNOSE_TIMEOUT * 1000),
+                    **options,
+                ),
+                _DIAGNOSE_TIMEOUT,
+            )
+        except (TimeoutError, KafkaError, OSError) as error:
+            refusal = _refusal(settings, error)
+            if refusal is not None:
+                return refusal
+        else:
+            conn.close()
+    return None
+
+
 async def _reach(settings: KafkaSettings, what: str, action: Awaitable[T]) -> T:
-    """``action``, or a clear LogError when the cluster does not answer in time."""
+    """``action``, or a clear LogError when the cluster does not answer in time, refuses this
+    client's credentials or certificate, or denies the action by its ACLs."""
     try:
         return await asyncio.wait_for(action, settings.connect_timeout)
+    except _DENIED as error:
+        raise denied(settings, what, error) from error
     except (TimeoutError, KafkaError, OSError) as error:
+        if not isinstance(error, TimeoutError):
+            refusal = await _diagnose(settings)
+            if refusal is not None:
+                raise refusal from error
         detail = str(error) or type(error).__name__
         raise LogError(
             f"cannot {what} on Kafka at {settings.bootstrap_servers} within "
@@ -343,11 +516,13 @@ class KafkaConsumer(Consumer):
             self._returned.pop(tp, None)
 
     async def close(self) -> None:
-        if self._listener is not None and self.owned:
-            await self._listener.on_partitions_revoked(
-                [KafkaPartition(tp.topic, tp.partition) for tp in self.owned]
-            )
-        await self._consumer.stop()
+        try:
+            if self._listener is not None and self.owned:
+                await self._listener.on_partitions_revoked(
+                    [KafkaPartition(tp.topic, tp.partition) for tp in self.owned]
+                )
+        finally:
+            await self._consumer.stop()
 
 
 class KafkaLog(LogBackend):
@@ -409,6 +584,8 @@ class KafkaLog(LogBackend):
         except TopicAlreadyExistsError:
             response = None
         for name, code, *_ in getattr(response, "topic_errors", ()):
+            if code in _DENIED_CODES:
+                raise denied(self.settings, f"create topic {name!r}", _DENIED_CODES[code]())
             if code not in (0, TopicAlreadyExistsError.errno):
                 raise TopicError(f"Kafka refused to create topic {name!r} (error code {code})")
         await self._wait_for_topics([s.name for s in specs])
