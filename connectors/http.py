@@ -28,7 +28,6 @@ import contextlib
 import email.utils
 import hmac
 import os
-import random
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ import orjson
 from aiohttp import web
 from pydantic import BaseModel
 
+from connectors._backoff import Backoff
 from connectors._json import json_default
 from connectors._urls import redacted
 from connectors.base import (
@@ -820,7 +820,7 @@ class _WebhookWriter(SinkWriter):
     async def _deliver(self, chunk: _Chunk) -> None:
         """POST one chunk, retrying what may pass on a later attempt."""
         sink = self._sink
-        delay = 0.1
+        backoff = Backoff()
         records = f"{len(chunk.payloads):,} record{'s' if len(chunk.payloads) != 1 else ''}"
         for attempt in range(1, sink.max_attempts + 1):
             try:
@@ -840,11 +840,7 @@ class _WebhookWriter(SinkWriter):
                         f"with {failed.message}; the records stay unsent and their input offsets "
                         "uncommitted, so the next run sends them again: is the receiver up?"
                     ) from None
-                if failed.wait is not None:
-                    await asyncio.sleep(min(failed.wait, sink.max_retry_after))
-                else:
-                    await asyncio.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, 5.0)
+                await backoff.wait(at_least=min(failed.wait or 0.0, sink.max_retry_after))
             else:
                 return
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import operator
 import os
-import random
 import types
 import typing
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -43,6 +42,7 @@ import asyncpg
 import orjson
 from pydantic import BaseModel
 
+from connectors._backoff import Backoff
 from connectors._urls import redacted
 from connectors.base import (
     Position,
@@ -375,23 +375,19 @@ async def _table_has_rows(connection: asyncpg.Connection, table: str) -> bool:
 
 
 async def _retrying(attempt: Any, what: str, retry_for: float) -> Any:
-    """``await attempt()``, again with doubling backoff and jitter while it fails on a
-    transient error (a refused or dropped connection, a server starting or shutting down), for
-    up to ``retry_for`` seconds; then :class:`ConnectorError`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + retry_for
-    delay = 0.1
+    """``await attempt()``, again after a :class:`~connectors._backoff.Backoff` wait while it
+    fails on a transient error (a refused or dropped connection, a server starting or shutting
+    down), for up to ``retry_for`` seconds; then :class:`ConnectorError`."""
+    backoff = Backoff(retry_for)
     while True:
         try:
             return await attempt()
         except _TRANSIENT as error:
-            if loop.time() + delay > deadline:
+            if not await backoff.wait():
                 raise ConnectorError(
                     f"{what}: {type(error).__name__}: {error or 'no answer'} (retried for "
                     f"{retry_for:g} s); is the server up and the URL right?"
                 ) from error
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 2, 5.0)
 
 
 class _PostgresWriter(SinkWriter):

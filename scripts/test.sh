@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Install Headwater with its test dependencies, start real Kafka brokers (one plain, one
-# secured) and a real PostgreSQL server, run the whole test suite, stop what it started.
+# secured), a real PostgreSQL server and a real Redis, run the whole test suite, stop what it
+# started.
 # Usage: bash scripts/test.sh [pytest arguments]. With HEADWATER_TEST_KAFKA=host:port set, that
 # broker is used and none is started; likewise HEADWATER_TEST_KAFKA_SECURED (with
-# HEADWATER_TEST_KAFKA_SECURED_DIR) and HEADWATER_TEST_POSTGRES=postgresql://...
+# HEADWATER_TEST_KAFKA_SECURED_DIR), HEADWATER_TEST_REDIS=redis://... and
+# HEADWATER_TEST_POSTGRES=postgresql://...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +29,13 @@ if [ -z "${HEADWATER_TEST_KAFKA_SECURED:-}" ]; then
   unset KAFKA_SECURED
   export HEADWATER_TEST_KAFKA_SECURED
   export HEADWATER_TEST_KAFKA_SECURED_DIR=${KAFKA_SECURED_STATE_DIR:-/tmp/headwater-kafka-secured}
+fi
+
+if [ -z "${HEADWATER_TEST_REDIS:-}" ]; then
+  bash scripts/redis.sh fetch
+  bash scripts/redis.sh status >/dev/null 2>&1 || stops+=("bash scripts/redis.sh stop")
+  HEADWATER_TEST_REDIS=$(bash scripts/redis.sh start)
+  export HEADWATER_TEST_REDIS
 fi
 
 if [ -z "${HEADWATER_TEST_POSTGRES:-}" ]; then
