@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import shlex
 import sys
 import textwrap
@@ -42,6 +43,7 @@ from pipelines.log._partition_file import disk_error
 from pipelines.log.base import FetchedBatch, TopicPartition
 from pipelines.log.check import check_log
 from pipelines.runtime import deadletters
+from pipelines.runtime.acls import kafka_acls_commands, pipeline_acls
 from pipelines.runtime.logs import FORMATS, LEVELS, configure, json_lines
 from pipelines.runtime.logs import log as log_event
 from pipelines.runtime.progress import RunState
@@ -247,7 +249,44 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("module", help=MODULE_HELP)
     status.add_argument("--json", action="store_true", help="the status as one JSON object")
     _log_arguments(status, ("embedded", "kafka"))
+    acls = commands.add_parser(
+        "acls", help="the Kafka ACLs a pipeline's run needs, and the commands that grant them"
+    )
+    acls.add_argument("module", help=MODULE_HELP)
+    acls.add_argument(
+        "--principal",
+        default="User:PIPELINE",
+        help="who the pipeline runs as: User:NAME for a SASL user, User:CN=... for a client "
+        "certificate (default User:PIPELINE, to replace)",
+    )
+    acls.add_argument("--json", action="store_true", help="the ACLs as one JSON array")
+    acls.add_argument(
+        "--group-id", default=None, help="consumer group (default: the pipeline name)"
+    )
+    acls.add_argument(
+        "--bootstrap-servers",
+        metavar="HOST:PORT",
+        default=os.environ.get("HEADWATER_BOOTSTRAP_SERVERS", "localhost:9092"),
+        help="for the kafka-acls.sh lines (default $HEADWATER_BOOTSTRAP_SERVERS)",
+    )
     return parser
+
+
+def _acls(args: argparse.Namespace) -> int:
+    group = args.group_id or os.environ.get("HEADWATER_GROUP_ID")
+    topology = compile_pipeline(load_pipeline(args.module), group=group)
+    acls = pipeline_acls(topology)
+    if args.json:
+        print(orjson.dumps([acl.as_json() for acl in acls], option=orjson.OPT_INDENT_2).decode())
+        return 0
+    print(f"ACLs pipeline {topology.pipeline.name!r} needs on Kafka, for {args.principal}:")
+    for acl in acls:
+        name = acl.name + ("*" if acl.prefixed else "")
+        print(f"  {acl.resource:15} {name:40} {', '.join(acl.operations):30} {acl.why}")
+    print("\nTo grant them with Kafka's kafka-acls.sh:")
+    for line in kafka_acls_commands(acls, args.principal, args.bootstrap_servers):
+        print(f"  {line}")
+    return 0
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -400,6 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "reset": _reset,
         "dlq": lambda a: asyncio.run(_dlq(a)),
         "status": lambda a: asyncio.run(_status(a)),
+        "acls": _acls,
         "topics": lambda a: asyncio.run(_topics(a)),
     }
     try:

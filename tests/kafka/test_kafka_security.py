@@ -305,6 +305,62 @@ def test_exactly_once_count_over_sasl_ssl_as_a_scram_user_with_acls(
     _assert_no_secret(secured, result.stdout, result.stderr)
 
 
+_RESOURCES = {"Topic": _TOPIC, "Group": _GROUP, "TransactionalId": _TRANSACTIONAL_ID}
+_OPERATIONS = {"READ": 3, "WRITE": 4, "CREATE": 5, "DESCRIBE": 8}
+_LITERAL = 3
+
+
+async def _grant_exactly(secured: Secured, principal: str, acls: list[dict[str, Any]]) -> None:
+    """Allow ``principal`` each operation of each ACL ``headwater acls --json`` printed."""
+    admin = _admin(secured)
+    try:
+        await admin.start()
+        for acl in acls:
+            pattern = _PREFIXED if acl["prefixed"] else _LITERAL
+            for operation in acl["operations"]:
+                request = CreateAclsRequest(
+                    _RESOURCES[acl["resource"]],
+                    acl["name"],
+                    pattern,
+                    principal,
+                    "*",
+                    _OPERATIONS[operation],
+                    _ALLOW,
+                )
+                response = await admin._send_request(request)
+                for code, message in response.creation_responses:
+                    assert code == 0, f"creating an ACL failed: error {code} {message}"
+    finally:
+        await admin.close()
+
+
+@pytest.mark.timeout(180)
+def test_the_acls_headwater_acls_prints_are_enough_to_run(
+    secured: Secured, prefix: str, tmp_path: Path
+) -> None:
+    """``headwater acls`` derives the ACLs from the pipeline (its topics, group and, under
+    exactly-once, transactional ids); granted exactly those and nothing else, the ``pipeline``
+    user runs the exactly-once count, and the output is the count of the input."""
+    module, expected = _pipeline(tmp_path, prefix)
+    principal = f"User:{secured.pipeline_user}"
+    listed = headwater("acls", module, "--principal", principal, "--json", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    acls = orjson.loads(listed.stdout)
+    assert {(a["resource"], a["name"]) for a in acls} >= {
+        ("Topic", f"{prefix}-in"),
+        ("Group", prefix),
+        ("TransactionalId", f"{prefix}."),
+    }
+    asyncio.run(_grant_exactly(secured, principal, acls))
+    flags, env = _sasl(secured, secured.pipeline_user, secured.pipeline_password)
+    result = _run(module, flags, env, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert _final_counts(tmp_path) == dict(expected)
+    text = headwater("acls", module, "--principal", principal, cwd=tmp_path).stdout
+    assert f"--allow-principal {principal} --operation Describe --operation Write " in text
+    assert f"--transactional-id {prefix}. --resource-pattern-type prefixed" in text
+
+
 @pytest.mark.timeout(180)
 def test_exactly_once_count_over_mutual_tls_as_the_certificate_principal(
     secured: Secured, prefix: str, tmp_path: Path
