@@ -5,9 +5,11 @@ than:
 
 - on every topic the pipeline owns (the topics its sources write, its ``key_by`` repartition
   topics, state and event-time changelogs, source positions, dead letters and late data):
-  ``CREATE`` (a run creates the missing ones), ``DESCRIBE``, ``READ`` and ``WRITE``;
-- on a topic it reads with ``LogTopic`` and does not own: ``DESCRIBE`` and ``READ``; on one a
-  ``LogTopic`` sink writes: ``DESCRIBE`` and ``WRITE`` (and ``CREATE`` if it is to be created);
+  ``CREATE`` (a run creates the missing ones), ``DESCRIBE``, ``DESCRIBE_CONFIGS`` (a run reads
+  whether a topic is compacted, and its retention), ``READ`` and ``WRITE``;
+- on a topic it reads with ``LogTopic`` and does not own: ``DESCRIBE``, ``DESCRIBE_CONFIGS``
+  and ``READ``; on one a ``LogTopic`` sink writes: ``DESCRIBE``, ``DESCRIBE_CONFIGS`` and
+  ``WRITE`` (and ``CREATE`` if it is to be created);
 - on its consumer group: ``READ`` and ``DESCRIBE``;
 - under exactly-once, on the transactional ids of its tasks' producers (``<group>.`` and the
   sub-topology and partition): ``WRITE`` and ``DESCRIBE``, as one prefixed ACL.
@@ -27,7 +29,8 @@ __all__ = ["Acl", "kafka_acls_commands", "pipeline_acls"]
 
 Resource = Literal["Topic", "Group", "TransactionalId"]
 
-_OWNED = ("CREATE", "DESCRIBE", "READ", "WRITE")
+_OWNED = ("CREATE", "DESCRIBE", "DESCRIBE_CONFIGS", "READ", "WRITE")
+_TOOL_NAMES = {"DESCRIBE_CONFIGS": "DescribeConfigs"}  # kafka-acls.sh --operation names
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,10 +56,13 @@ def pipeline_acls(topology: Topology) -> list[Acl]:
     for topic in [*topology.topics, topology.positions_topic]:
         name = topic.name
         if name in read and name not in written:
-            acls.append(Acl("Topic", name, ("DESCRIBE", "READ"), "read with LogTopic"))
+            operations = ("DESCRIBE", "DESCRIBE_CONFIGS", "READ")
+            acls.append(Acl("Topic", name, operations, "read with LogTopic"))
         elif name in written and name not in read:
             why = "written by a LogTopic sink (CREATE only if the run is to create it)"
-            acls.append(Acl("Topic", name, ("CREATE", "DESCRIBE", "WRITE"), why))
+            acls.append(
+                Acl("Topic", name, ("CREATE", "DESCRIBE", "DESCRIBE_CONFIGS", "WRITE"), why)
+            )
         else:
             acls.append(Acl("Topic", name, _OWNED, "the pipeline's own"))
     acls.append(Acl("Group", topology.group, ("DESCRIBE", "READ"), "its workers' consumer group"))
@@ -77,7 +83,9 @@ def kafka_acls_commands(acls: list[Acl], principal: str, bootstrap: str) -> list
     """``kafka-acls.sh`` command lines that grant ``acls`` to ``principal``."""
     lines = []
     for acl in acls:
-        operations = " ".join(f"--operation {op.title()}" for op in acl.operations)
+        operations = " ".join(
+            f"--operation {_TOOL_NAMES.get(op, op.title())}" for op in acl.operations
+        )
         pattern = " --resource-pattern-type prefixed" if acl.prefixed else ""
         lines.append(
             f"kafka-acls.sh --bootstrap-server {bootstrap} --add --allow-principal {principal} "

@@ -305,8 +305,13 @@ def test_exactly_once_count_over_sasl_ssl_as_a_scram_user_with_acls(
     _assert_no_secret(secured, result.stdout, result.stderr)
 
 
+def _broker_log() -> list[str]:
+    """The lines of the secured broker's log (its authorizer logs every denial there)."""
+    return (Path(SECURED_DIR) / "broker.log").read_text(errors="replace").splitlines()
+
+
 _RESOURCES = {"Topic": _TOPIC, "Group": _GROUP, "TransactionalId": _TRANSACTIONAL_ID}
-_OPERATIONS = {"READ": 3, "WRITE": 4, "CREATE": 5, "DESCRIBE": 8}
+_OPERATIONS = {"READ": 3, "WRITE": 4, "CREATE": 5, "DESCRIBE": 8, "DESCRIBE_CONFIGS": 10}
 _LITERAL = 3
 
 
@@ -356,6 +361,8 @@ def test_the_acls_headwater_acls_prints_are_enough_to_run(
     result = _run(module, flags, env, tmp_path)
     assert result.returncode == 0, result.stderr
     assert _final_counts(tmp_path) == dict(expected)
+    denied = [line for line in _broker_log() if f"{principal} is Denied" in line and prefix in line]
+    assert not denied, f"the broker denied the run what it asked for: {denied[:3]}"
     text = headwater("acls", module, "--principal", principal, cwd=tmp_path).stdout
     assert f"--allow-principal {principal} --operation Describe --operation Write " in text
     assert f"--transactional-id {prefix}. --resource-pattern-type prefixed" in text
@@ -468,6 +475,12 @@ def test_no_acls_granted_is_one_paragraph(
     result = _run(module, flags, env, tmp_path)
     assert_user_error(result, f"denied {who}", "ACLs", "grant")
     _assert_no_secret(secured, result.stdout, result.stderr)
+    principal = (
+        f"User:{secured.pipeline_user}" if listener == "sasl_ssl" else secured.client_principal
+    )
+    assert any(
+        f"Principal = {principal} is Denied" in line and prefix in line for line in _broker_log()
+    ), "the broker's log shows no denial of the run"
 
 
 @pytest.mark.timeout(120)

@@ -25,10 +25,21 @@ def test_each_topic_gets_what_the_pipeline_does_with_it() -> None:
     acls = {
         (a.resource, a.name): a for a in pipeline_acls(compile_pipeline(pipeline("at_least_once")))
     }
-    assert acls["Topic", "shop.orders"].operations == ("DESCRIBE", "READ")
-    assert acls["Topic", "shop.counts"].operations == ("CREATE", "DESCRIBE", "WRITE")
+    assert acls["Topic", "shop.orders"].operations == ("DESCRIBE", "DESCRIBE_CONFIGS", "READ")
+    assert acls["Topic", "shop.counts"].operations == (
+        "CREATE",
+        "DESCRIBE",
+        "DESCRIBE_CONFIGS",
+        "WRITE",
+    )
     for owned in ("orders.by-customer", "orders.count.changelog", "orders.source-positions"):
-        assert acls["Topic", owned].operations == ("CREATE", "DESCRIBE", "READ", "WRITE")
+        assert acls["Topic", owned].operations == (
+            "CREATE",
+            "DESCRIBE",
+            "DESCRIBE_CONFIGS",
+            "READ",
+            "WRITE",
+        )
     assert acls["Group", "orders"].operations == ("DESCRIBE", "READ")
     assert not any(resource == "TransactionalId" for resource, _ in acls)
 
