@@ -135,9 +135,24 @@ def check_dead_letters(state: RunState, limit: float) -> None:
 
 def quiet_clients() -> None:
     """Keep the Kafka client's own logging out of the user's terminal: it reports every
-    rebalance, and during a broker outage thousands of reconnection attempts a second. What
-    matters reaches the user as Headwater's own errors (connection timeouts name the servers)."""
+    rebalance, and during a broker outage thousands of reconnection attempts a second; and the
+    exceptions of its background tasks nobody retrieved. What matters reaches the user as
+    Headwater's own errors (connection timeouts name the servers)."""
     logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _ClientLeftovers) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_ClientLeftovers())
+
+
+class _ClientLeftovers(logging.Filter):
+    """Drops asyncio's report of an exception nobody retrieved when it is the Kafka client's
+    (a send of a producer fenced while its worker was stopping with an error of its own): the
+    user hears of what went wrong from Headwater, in one paragraph, not as a traceback after
+    it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return error is None or not type(error).__module__.startswith("aiokafka")
 
 
 def worker_main(options: RunOptions, index: int, channel: Connection, parent: int) -> None:
