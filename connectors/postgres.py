@@ -57,7 +57,7 @@ from pipelines.batch import Batch
 from pipelines.errors import ConnectorError
 from pipelines.record import to_millis
 
-__all__ = ["OFFSETS_TABLE", "PostgresSink", "PostgresSource"]
+__all__ = ["OFFSETS_TABLE", "PostgresSink", "PostgresSource", "Reader"]
 
 OFFSETS_TABLE = "headwater_sink_offsets"
 """Where exactly-once sinks keep the input offsets their rows came from."""
@@ -669,7 +669,7 @@ class PostgresSource(Source):
 
     async def read(self, position: Position | None) -> AsyncIterator[SourceBatch]:
         """Batches of rows past ``position`` (the last ``column`` value read)."""
-        reader = _Reader(self._connector)
+        reader = Reader(self._connector, f"PostgresSource {self.table!r}")
         try:
             sql_type = await self._check(await reader.connection())
             last = position
@@ -730,11 +730,13 @@ class PostgresSource(Source):
         return SourceBatch(values, position=last, keys=keys, timestamps=stamps)
 
 
-class _Reader:
-    """A source's connection, opened again after a transient failure."""
+class Reader:
+    """A source's connection, opened again after a transient failure (``what`` names the
+    source in errors)."""
 
-    def __init__(self, connector: PostgresSink) -> None:
+    def __init__(self, connector: PostgresSink, what: str) -> None:
         self._connector = connector
+        self._what = what
         self._connection: asyncpg.Connection | None = None
 
     async def connection(self) -> asyncpg.Connection:
@@ -753,10 +755,13 @@ class _Reader:
                 connection.terminate()
                 self._connection = None
                 raise
+            except asyncpg.PostgresError as error:
+                raise ConnectorError(
+                    f"{self._what}: the database refused a query: {type(error).__name__}: {error}"
+                ) from error
             return rows
 
-        what = f"PostgresSource {self._connector.table!r}"
-        rows: list[Any] = await _retrying(attempt, what, self._connector.retry_for)
+        rows: list[Any] = await _retrying(attempt, self._what, self._connector.retry_for)
         return rows
 
     async def close(self) -> None:

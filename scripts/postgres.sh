@@ -570,13 +570,17 @@ port = $PG_PORT
 unix_socket_directories = '$SOCKET_DIR'
 max_connections = 200
 password_encryption = 'scram-sha-256'
+# logical decoding, for the change-data-capture source
+wal_level = logical
+max_replication_slots = 20
+max_wal_senders = 20
 EOF
 }
 
-# pg_ctl start, waiting until the server accepts connections. The default
-# port lies in Linux's ephemeral range (32768-60999): an outgoing connection
-# of another program can hold 127.0.0.1:PG_PORT as its local address (also
-# for the 60 s of its TIME-WAIT), and the bind fails although nothing listens
+# pg_ctl start, waiting until the server accepts connections. Should PG_PORT
+# lie in Linux's ephemeral range (32768-60999), an outgoing connection of
+# another program can hold 127.0.0.1:PG_PORT as its local address (also for
+# the 60 s of its TIME-WAIT), and the bind fails although nothing listens
 # there. That case is retried until PG_START_TIMEOUT.
 launch_server() {
   local deadline=$((SECONDS + PG_START_TIMEOUT)) offset left out taken told="" hint=""
