@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 import asyncpg
+import orjson
 import pytest
 from helpers_connectors import STAMP, make_batch
 from postgres_support import postgres_url, table_name
@@ -415,3 +416,22 @@ async def test_the_source_names_a_missing_table_or_column(orders: str) -> None:
         await anext(aiter(PostgresSource("nope", url=postgres_url()).read(None)))
     with pytest.raises(ConnectorError, match="has no column 'seq'"):
         await anext(aiter(PostgresSource(orders, url=postgres_url(), column="seq").read(None)))
+
+
+async def test_json_columns_take_nested_values_and_uuid_columns_take_text(
+    db: asyncpg.Connection,
+) -> None:
+    name = table_name()
+    await db.execute(f"CREATE TABLE {name} (id uuid PRIMARY KEY, doc jsonb, tags json)")
+    try:
+        writer = await started(PostgresSink(name, url=postgres_url(), key=["id"]))
+        doc = {"a": [1, {"b": None}], "when": "2026-01-01"}
+        writer.write(make_batch([{"id": "7b4f8c1e-1f7e-4d55-9c4b-4a1d3c2e5f60", "doc": doc}]))
+        with pytest.raises(UnwritableValue, match="column 'tags'"):
+            writer.write(make_batch([{"id": "7b4f8c1e-1f7e-4d55-9c4b-4a1d3c2e5f61", "tags": {1j}}]))
+        await writer.close()
+        (row,) = await db.fetch(f"SELECT id::text, doc::text, tags FROM {name}")
+        assert row[0] == "7b4f8c1e-1f7e-4d55-9c4b-4a1d3c2e5f60"
+        assert orjson.loads(row[1]) == doc and row[2] is None
+    finally:
+        await db.execute(f"DROP TABLE {name}")
