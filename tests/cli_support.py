@@ -30,13 +30,15 @@ def headwater(
     env: Mapping[str, str] | None = None,
     timeout: float = TIMEOUT,
     preexec_fn: Callable[[], None] | None = None,
+    stdin: int = subprocess.DEVNULL,
 ) -> subprocess.CompletedProcess[str]:
-    """``headwater ARGS`` in ``cwd``; its status, stdout and stderr."""
+    """``headwater ARGS`` in ``cwd``; its status, stdout and stderr (``stdin``: a file
+    descriptor to read, such as a pseudo-terminal's; by default none)."""
     return subprocess.run(
         [sys.executable, "-m", "pipelines.cli", *map(str, args)],
         cwd=cwd,
         env=clean_env(env),
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -12,13 +12,13 @@ import asyncio
 import os
 import struct
 import subprocess
-import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
+from cli_support import headwater
 
 from pipelines.errors import CorruptLogError
 from pipelines.log._local import GroupConsumer
@@ -27,29 +27,10 @@ from pipelines.log.base import RawBatch, TopicPartition, TopicSpec
 from pipelines.log.embedded import EmbeddedLog
 from pipelines.runtime.runlock import run_lock
 
-ROOT = Path(__file__).resolve().parents[2]
-TIMEOUT = 120.0
 FRAMES = 50  # per partition
 PER_FRAME = 100  # records per frame
 RECORDS = FRAMES * PER_FRAME
 NUMBERS = TopicPartition("numbers", 0)  # the partition the tests damage; partition 1 stays intact
-
-
-def headwater(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``headwater ARGS`` in ``cwd``, as ``python -m pipelines.cli``."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
 
 
 def text(result: subprocess.CompletedProcess[str]) -> str:

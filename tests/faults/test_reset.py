@@ -25,8 +25,8 @@ from pathlib import Path
 
 import orjson
 import pytest
+from cli_support import assert_user_error, headwater
 
-TIMEOUT = 90.0
 KAFKA_BOOTSTRAP = os.environ.get("HEADWATER_TEST_KAFKA", "127.0.0.1:9092")
 
 MODULE = """
@@ -54,36 +54,6 @@ pipeline = (
     .sink(connectors.JsonLinesSink("out.jsonl"), step_id="file")
 )
 """
-
-
-def headwater(
-    *args: str | Path, cwd: Path, stdin: int | None = subprocess.DEVNULL
-) -> subprocess.CompletedProcess[str]:
-    """``headwater ARGS`` in ``cwd`` (standard input: not a terminal, unless given)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_")}
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        stdin=stdin,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-    )
-
-
-def one_paragraph(result: subprocess.CompletedProcess[str], *needles: str) -> str:
-    """Status 2, nothing on stdout, one paragraph on stderr holding ``needles``."""
-    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-    assert result.stdout == ""
-    text = result.stderr.strip()
-    assert "Traceback" not in text and "\n\n" not in text, text
-    assert text.startswith("headwater: "), text
-    paragraph = " ".join(text.split())
-    for needle in needles:
-        assert needle in paragraph, f"{needle!r} not in:\n{text}"
-    return paragraph
 
 
 def module(tmp_path: Path, name: str = "letters", topic: str = "letters") -> Path:
@@ -158,7 +128,7 @@ def test_keep_outputs_keeps_the_file_and_dead_letters_go_only_when_asked(tmp_pat
     assert (tmp_path / ".headwater" / "topics" / "letters.dead-letters").is_dir()
 
     refused = headwater("run", path, "--no-progress", cwd=tmp_path)
-    one_paragraph(refused, "its sinks already hold output: file ('out.jsonl' holds")
+    assert_user_error(refused, "its sinks already hold output: file ('out.jsonl' holds")
     (tmp_path / "out.jsonl").rename(tmp_path / "kept.jsonl")
     ran(headwater("run", path, "--no-progress", cwd=tmp_path))
     assert output(tmp_path) == first
@@ -174,7 +144,7 @@ def test_reset_without_yes_and_without_a_terminal_is_refused(tmp_path: Path) -> 
     path = module(tmp_path)
     ran(headwater("run", path, "--no-progress", cwd=tmp_path))
     result = headwater("reset", path, cwd=tmp_path)
-    one_paragraph(
+    assert_user_error(
         result,
         "resetting pipeline 'letters' on the embedded log in .headwater removes",
         "standard input is not a terminal",
@@ -255,7 +225,7 @@ def test_reset_is_refused_while_a_runner_runs_the_pipeline(tmp_path: Path) -> No
     with running(path, tmp_path) as runner:
         wait_for("the run's first output", lambda: out.exists() and out.stat().st_size, runner)
         result = headwater("reset", path, "--yes", cwd=tmp_path)
-        one_paragraph(
+        assert_user_error(
             result,
             "cannot reset pipeline 'tail': it is running on data directory .headwater",
             f"(runner pid {runner.pid})",
@@ -339,7 +309,7 @@ def test_a_fresh_start_over_earlier_output_is_refused(tmp_path: Path, backend: s
     assert output(tmp_path) == first
     subprocess.run(["rm", "-rf", str(tmp_path / ".headwater")], check=True)
     again = headwater("run", "letters.py", "--backend", backend, cwd=tmp_path)
-    one_paragraph(
+    assert_user_error(
         again,
         "pipeline 'letters' starts afresh",
         "its sinks already hold output: file ('out.jsonl' holds",
