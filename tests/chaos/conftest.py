@@ -23,19 +23,11 @@ from pathlib import Path
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from processes import stat_fields
 
 KAFKA_BOOTSTRAP = os.environ.get("HEADWATER_TEST_KAFKA", "127.0.0.1:9092")
 
 _PROBE_TIMEOUT = 30.0
-
-
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, session...)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()
 
 
 class Sessions:
@@ -56,7 +48,7 @@ class Sessions:
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
-            fields = _stat(int(entry.name))
+            fields = stat_fields(int(entry.name))
             if fields is not None and fields[3] in wanted and fields[0] != "Z":
                 found.append(int(entry.name))
         return sorted(found)

@@ -92,6 +92,7 @@ from chaos.inflight import (
     wait_for_a_fresh_batch,
     where,
 )
+from processes import alive, tail, worker_pids
 
 from pipelines.log import EmbeddedLog
 from pipelines.log.base import TopicPartition
@@ -306,10 +307,6 @@ class Sessions(Protocol):
     def alive(self) -> list[int]: ...
 
 
-def _tail(text: str, lines: int = 40) -> str:
-    return "\n".join(text.splitlines()[-lines:])
-
-
 @dataclass
 class Cli:
     """A ``headwater`` command running in the background, in its own session."""
@@ -334,7 +331,7 @@ class Cli:
         except subprocess.TimeoutExpired:
             self.kill_session()
             pytest.fail(
-                f"`headwater {self.name}` did not finish in {timeout:.0f}s:\n{_tail(self.stderr())}"
+                f"`headwater {self.name}` did not finish in {timeout:.0f}s:\n{tail(self.stderr())}"
             )
 
     def terminate(self, timeout: float = 30.0) -> int:
@@ -372,34 +369,6 @@ def start(sessions: Sessions, args: Sequence[str], *, cwd: Path, name: str) -> C
     return Cli(process, name, err)
 
 
-def _stat(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()
-
-
-def alive(pid: int) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[0] != "Z"
-
-
-def worker_pids(parent: int) -> list[int]:
-    """The live worker processes of a ``headwater run|worker`` process (spawned children)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = _stat(int(entry.name))
-        if fields is None or fields[0] == "Z" or int(fields[1]) != parent:
-            continue
-        with contextlib.suppress(OSError):
-            if b"spawn_main" in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-    return sorted(found)
-
-
 def gone(pid: int) -> Callable[[], bool]:
     return lambda: not alive(pid)
 
@@ -423,10 +392,10 @@ def wait_until(
             if not cli.running():
                 pytest.fail(
                     f"`headwater {cli.name}` ended (status {cli.process.returncode}) before "
-                    f"{what}:\n{_tail(cli.stderr())}"
+                    f"{what}:\n{tail(cli.stderr())}"
                 )
         if time.monotonic() > deadline:
-            where = "".join(f"\n--- {c.name}:\n{_tail(c.stderr())}" for c in watch)
+            where = "".join(f"\n--- {c.name}:\n{tail(c.stderr())}" for c in watch)
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{where}")
         time.sleep(interval)
 
@@ -979,7 +948,7 @@ def run_chaos(
             os.kill(victim, signal.SIGKILL)
         except ProcessLookupError:
             logs = "".join(
-                f"\n--- {c.name}:\n{_tail(c.stderr())}" for c in [runner, *chaos.replacements]
+                f"\n--- {c.name}:\n{tail(c.stderr())}" for c in [runner, *chaos.replacements]
             )
             pytest.fail(f"worker {victim} ({whose}) ended before the test killed it{logs}")
         job.paused.touch()  # no new input until every partition has an owner again
@@ -1025,12 +994,12 @@ def finish_chaos(runner: Cli, job: Job, view: LogView, chaos: Chaos, sessions: S
     job.open_gate()
     code = runner.wait(120)
     stderr = runner.stderr()
-    assert code == 0, _tail(stderr)
-    assert "Traceback" not in stderr, _tail(stderr)
-    assert "lag: 0 records" in stderr, _tail(stderr)
+    assert code == 0, tail(stderr)
+    assert "Traceback" not in stderr, tail(stderr)
+    assert "lag: 0 records" in stderr, tail(stderr)
     if any(whose == "run" for _, whose in chaos.killed):
-        assert "killed by signal 9" in stderr, _tail(stderr)
-    assert records_written(stderr, job.input_topic) == job.data.events, _tail(stderr)
+        assert "killed by signal 9" in stderr, tail(stderr)
+    assert records_written(stderr, job.input_topic) == job.data.events, tail(stderr)
 
     wait_for_output_to_settle(view, job)
     survivors = [r for r in chaos.replacements if r.running()]
@@ -1040,8 +1009,8 @@ def finish_chaos(runner: Cli, job: Job, view: LogView, chaos: Chaos, sessions: S
     for replacement in survivors:
         code = replacement.terminate()
         text = replacement.stderr()
-        assert code in (0, 128 + signal.SIGTERM), f"{replacement.name}:\n{_tail(text)}"
-        assert "Traceback" not in text, f"{replacement.name}:\n{_tail(text)}"
+        assert code in (0, 128 + signal.SIGTERM), f"{replacement.name}:\n{tail(text)}"
+        assert "Traceback" not in text, f"{replacement.name}:\n{tail(text)}"
     for replacement in chaos.replacements:  # those whose worker was killed end by themselves
         replacement.wait(30)
     wait_for_no_process(sessions)
@@ -1142,7 +1111,7 @@ def test_chaos_embedded(
     )
     finish_chaos(runner, job, view, chaos, sessions)
     if not by_hand:
-        assert runner.stderr().count("started in place of worker") == 6, _tail(runner.stderr())
+        assert runner.stderr().count("started in place of worker") == 6, tail(runner.stderr())
 
 
 @pytest.mark.slow
@@ -1302,13 +1271,13 @@ def test_restart_after_killing_everything(
     second = start(sessions, command, cwd=tmp_path, name="second")
     code = second.wait(90)
     stderr = second.stderr()
-    assert code == 0, _tail(stderr)
-    assert "Traceback" not in stderr, _tail(stderr)
-    assert "lag: 0 records" in stderr, _tail(stderr)
+    assert code == 0, tail(stderr)
+    assert "Traceback" not in stderr, tail(stderr)
+    assert "lag: 0 records" in stderr, tail(stderr)
     wait_for_no_process(sessions)
 
     # the source resumed from its stored position: each event is on the input topic once
-    assert records_written(stderr, job.input_topic) == total - written, _tail(stderr)
+    assert records_written(stderr, job.input_topic) == total - written, tail(stderr)
     assert view.count(job.input_topic, 6) == total
     inputs = Counter(orjson.loads(v)["id"] for vs in view.values(job.input_topic, 6) for v in vs)
     assert inputs == Counter(range(total))
@@ -1317,7 +1286,7 @@ def test_restart_after_killing_everything(
     steps = summary_counts(stderr)
     counted = steps["count"][0]
     uncommitted = view.values(job.repartition_topic, 6, since=committed_at)
-    assert counted == sum(map(len, uncommitted)), _tail(stderr)
+    assert counted == sum(map(len, uncommitted)), tail(stderr)
     assert counted < total, f"the second run counted {counted:,} of {total:,} records"
     check(view, job)
 
@@ -1407,7 +1376,7 @@ def test_rebalance_while_a_window_is_open(tmp_path: Path, sessions: Sessions) ->
         watch=[runner, joining],
     )
     code = joining.terminate()
-    assert code in (0, 128 + signal.SIGTERM), _tail(joining.stderr())
+    assert code in (0, 128 + signal.SIGTERM), tail(joining.stderr())
     assert members(data_dir, job.group) == 2
     since = committed_now(view, job)
     wait_until(
@@ -1421,8 +1390,8 @@ def test_rebalance_while_a_window_is_open(tmp_path: Path, sessions: Sessions) ->
     job.open_gate()
     code = runner.wait(60)
     stderr = runner.stderr()
-    assert code == 0, _tail(stderr)
-    assert "Traceback" not in stderr, _tail(stderr)
+    assert code == 0, tail(stderr)
+    assert "Traceback" not in stderr, tail(stderr)
     wait_for_no_process(sessions)
 
     joined = summary_counts(joining.stderr())

@@ -59,6 +59,7 @@ from chaos.inflight import (
     wait_for_a_fresh_batch,
     where,
 )
+from processes import alive, stat_fields, tail, worker_pids
 
 from pipelines.log._commits import CommitRecord, pending_commits, read_commit, write_commit
 from pipelines.log._local import GroupConsumer
@@ -223,24 +224,6 @@ def write_job(
 # -- processes -------------------------------------------------------------------------------------
 
 
-def _stat(pid: int) -> list[str] | None:
-    """The fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, session...)."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text.rsplit(")", 1)[1].split()
-
-
-def alive(pid: int) -> bool:
-    fields = _stat(pid)
-    return fields is not None and fields[0] != "Z"
-
-
-def _tail(text: str, lines: int = 40) -> str:
-    return "\n".join(text.splitlines()[-lines:])
-
-
 @dataclass
 class Cli:
     """A ``headwater`` command running in the background, in its own session."""
@@ -265,7 +248,7 @@ class Cli:
         except subprocess.TimeoutExpired:
             self.kill_session()
             pytest.fail(
-                f"`headwater {self.name}` did not finish in {timeout:.0f}s:\n{_tail(self.stderr())}"
+                f"`headwater {self.name}` did not finish in {timeout:.0f}s:\n{tail(self.stderr())}"
             )
 
     def terminate(self, timeout: float = 30.0) -> int:
@@ -311,7 +294,7 @@ class Commands:
         found = []
         for entry in Path("/proc").iterdir():
             if entry.name.isdigit():
-                fields = _stat(int(entry.name))
+                fields = stat_fields(int(entry.name))
                 if fields is not None and fields[0] != "Z" and fields[3] in sessions:
                     found.append(int(entry.name))
         return sorted(found)
@@ -340,21 +323,6 @@ def commands() -> Iterator[Commands]:
     assert not left, f"processes of the test outlived it even after SIGKILL: {left}"
 
 
-def worker_pids(parent: int) -> list[int]:
-    """The live worker processes of a ``headwater run|worker`` process (spawned children)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        fields = _stat(int(entry.name))
-        if fields is None or fields[0] == "Z" or int(fields[1]) != parent:
-            continue
-        with contextlib.suppress(OSError):
-            if b"spawn_main" in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-    return sorted(found)
-
-
 def wait_until(
     condition: Callable[[], bool],
     *,
@@ -370,10 +338,10 @@ def wait_until(
             if not cli.running():
                 pytest.fail(
                     f"`headwater {cli.name}` ended (status {cli.process.returncode}) before "
-                    f"{what}:\n{_tail(cli.stderr())}"
+                    f"{what}:\n{tail(cli.stderr())}"
                 )
         if time.monotonic() > deadline:
-            where = "".join(f"\n--- {c.name}:\n{_tail(c.stderr())}" for c in watch)
+            where = "".join(f"\n--- {c.name}:\n{tail(c.stderr())}" for c in watch)
             pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{where}")
         time.sleep(interval)
 
@@ -754,7 +722,7 @@ def _flock_holders() -> dict[int, int]:
 
 
 def _stopped_or_gone(pid: int) -> bool:
-    fields = _stat(pid)
+    fields = stat_fields(pid)
     return fields is None or fields[0] in ("T", "t", "Z", "X")
 
 
@@ -915,17 +883,17 @@ def finish(runner: Cli, job: Job, view: LogView, chaos: Chaos, commands: Command
     job.gate.touch()
     code = runner.wait(120)
     stderr = runner.stderr()
-    assert code == 0, f"{_tail(stderr)}\n{chaos.text()}"
-    assert "Traceback" not in stderr, _tail(stderr)
-    assert "lag: 0 records" in stderr, _tail(stderr)
+    assert code == 0, f"{tail(stderr)}\n{chaos.text()}"
+    assert "Traceback" not in stderr, tail(stderr)
+    assert "lag: 0 records" in stderr, tail(stderr)
     if any(whose == "run" for _, whose, _ in chaos.killed):
-        assert "killed by signal 9" in stderr, _tail(stderr)
+        assert "killed by signal 9" in stderr, tail(stderr)
     for replacement in chaos.replacements:
         if replacement.running() and worker_pids(replacement.pid):
             code = replacement.terminate()
             text = replacement.stderr()
-            assert code in (0, 128 + signal.SIGTERM), f"{replacement.name}:\n{_tail(text)}"
-            assert "Traceback" not in text, f"{replacement.name}:\n{_tail(text)}"
+            assert code in (0, 128 + signal.SIGTERM), f"{replacement.name}:\n{tail(text)}"
+            assert "Traceback" not in text, f"{replacement.name}:\n{tail(text)}"
     for replacement in chaos.replacements:  # those whose worker was killed end by themselves
         if replacement.running():
             replacement.terminate()
