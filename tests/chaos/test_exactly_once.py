@@ -59,7 +59,7 @@ from chaos.inflight import (
     wait_for_a_fresh_batch,
     where,
 )
-from processes import alive, stat_fields, tail, worker_pids
+from processes import Cli, alive, stat_fields, tail, worker_pids
 
 from pipelines.log._commits import CommitRecord, pending_commits, read_commit, write_commit
 from pipelines.log._local import GroupConsumer
@@ -222,46 +222,6 @@ def write_job(
 
 
 # -- processes -------------------------------------------------------------------------------------
-
-
-@dataclass
-class Cli:
-    """A ``headwater`` command running in the background, in its own session."""
-
-    process: subprocess.Popen[bytes]
-    name: str
-    stderr_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def wait(self, timeout: float) -> int:
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill_session()
-            pytest.fail(
-                f"`headwater {self.name}` did not finish in {timeout:.0f}s:\n{tail(self.stderr())}"
-            )
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        """SIGTERM to the command (as a service manager stops it), then wait for it."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
-        return self.wait(timeout)
-
-    def kill_session(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=10)
 
 
 class Commands:
