@@ -27,3 +27,7 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, print_blob=True, max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+# the Kafka broker's fixtures, for every directory whose tests use it
+from kafka_support import kafka, kafka_names, pytest_runtest_makereport  # noqa: E402, F401

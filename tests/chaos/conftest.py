@@ -1,33 +1,23 @@
-"""Fixtures of the chaos tests: the commands a test starts never outlive it, and the Kafka broker.
+"""Fixtures of the chaos tests: the commands a test starts never outlive it.
 
 Every ``headwater`` command a chaos test starts runs in its own session (process group), and its
 worker processes are in that session too. :func:`sessions` kills every such session at the end
 of the test, whatever happened in it, and waits until no process of them is left.
 
-The Kafka tests use the broker of ``bash scripts/kafka.sh start``, found through
-``HEADWATER_TEST_KAFKA`` (default ``127.0.0.1:9092``); a test that needs it fails when it does not
-answer. Names on the broker are unique per test (:func:`kafka_names`); the topics of a test that
-passed are deleted afterwards, those of a failed one stay for a post-mortem.
+The Kafka tests use the broker fixtures of tests/kafka_support.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
 import time
-import uuid
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aiokafka.admin import AIOKafkaAdminClient
 from processes import stat_fields
-
-KAFKA_BOOTSTRAP = os.environ.get("HEADWATER_TEST_KAFKA", "127.0.0.1:9092")
-
-_PROBE_TIMEOUT = 30.0
 
 
 class Sessions:
@@ -77,87 +67,3 @@ def sessions() -> Iterator[Sessions]:
     yield started
     left = started.kill_all()
     assert not left, f"processes of the test outlived it even after SIGKILL: {left}"
-
-
-# -- the Kafka broker ----------------------------------------------------------------------------
-
-
-async def _probe(bootstrap: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
-    try:
-        await admin.start()
-        cluster = await admin.describe_cluster()
-        if not cluster.get("brokers"):
-            raise RuntimeError("the cluster metadata lists no brokers")
-        await admin.find_coordinator("headwater-chaos-probe")
-    finally:
-        with contextlib.suppress(Exception):
-            await admin.close()
-
-
-async def _wait_for_broker(bootstrap: str, timeout: float) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        try:
-            await asyncio.wait_for(_probe(bootstrap), 10)
-        except Exception as error:
-            if loop.time() > deadline:
-                raise RuntimeError(f"{type(error).__name__}: {error}") from error
-            await asyncio.sleep(0.5)
-        else:
-            return
-
-
-@pytest.fixture
-def kafka() -> str:
-    """The bootstrap address of the test broker, once it answers (the test fails otherwise)."""
-    try:
-        asyncio.run(_wait_for_broker(KAFKA_BOOTSTRAP, _PROBE_TIMEOUT))
-    except RuntimeError as error:
-        pytest.fail(
-            f"no Kafka broker answers at {KAFKA_BOOTSTRAP} (HEADWATER_TEST_KAFKA) within "
-            f"{_PROBE_TIMEOUT:.0f}s: {error}; start one with `bash scripts/kafka.sh start`",
-            pytrace=False,
-        )
-    return KAFKA_BOOTSTRAP
-
-
-async def _delete_topics_of(bootstrap: str, run: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
-    try:
-        await asyncio.wait_for(admin.start(), 10)
-        mine = [t for t in await admin.list_topics() if run in t]
-        if mine:
-            await asyncio.wait_for(admin.delete_topics(mine), 20)
-    finally:
-        with contextlib.suppress(Exception):
-            await admin.close()
-
-
-_PASSED = pytest.StashKey[bool]()
-
-
-@pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    report = yield
-    if report.when == "call":
-        item.stash[_PASSED] = report.passed
-    return report
-
-
-@pytest.fixture
-def kafka_names(request: pytest.FixtureRequest) -> Iterator[Callable[[str], str]]:
-    """``kafka_names("chaos")`` -> ``"chaos-1a2b3c4d5e"``: names unique to this test; its topics
-    are deleted once it has passed."""
-    run = uuid.uuid4().hex[:10]
-
-    def name(prefix: str) -> str:
-        return f"{prefix}-{run}"
-
-    yield name
-    if request.node.stash.get(_PASSED, False):
-        with contextlib.suppress(Exception):
-            asyncio.run(_delete_topics_of(KAFKA_BOOTSTRAP, run))
