@@ -170,8 +170,11 @@ class Pipeline:
         return f"Pipeline({self.name!r}, steps={[s.step_id for s in self.steps]})"
 
     def _repr_html_(self) -> str:
-        """The steps as a table, for notebooks: each step's kind, what it reads from, and the
-        topic it writes to or reads (with its partitions)."""
+        """For notebooks: the graph (:mod:`pipelines.graph`), then the steps as a table: each
+        step's kind, what it reads from, and the topic it writes to or reads (with its
+        partitions)."""
+        from pipelines.graph import svg  # the graph compiles the pipeline: it imports this
+
         rows = []
         for step in self.steps:
             connector = step.source if step.source is not None else step.sink
@@ -183,7 +186,8 @@ class Pipeline:
         head = "".join(f"<th>{h}</th>" for h in ("step", "kind", "what", "from", "topic"))
         return (
             f"<b>Pipeline {html.escape(self.name)}</b> ({self.processing_guarantee}, errors: "
-            f"{self.error_policy.value})<table><tr>{head}</tr>{''.join(rows)}</table>"
+            f"{self.error_policy.value})<div>{svg(self)}</div>"
+            f"<table><tr>{head}</tr>{''.join(rows)}</table>"
         )
 
     @property
