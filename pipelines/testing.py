@@ -18,9 +18,12 @@ event loop is already running): use :func:`run_pipeline_async` from async code.
 A source that never ends (a generator that keeps yielding, a file followed) needs a stop:
 ``count=`` stops once the sinks received at least that many records (the batches in flight
 finish, so a few more may arrive), ``timeout=`` after that many seconds; ``result.stopped_by``
-says which ("count", "timeout", or None: the input ran out). ``result.to_pandas(sink)`` gives
-a sink's records as a DataFrame (with ``headwater[notebook]``), and a result or a pipeline
-shows itself as a table in a notebook.
+says which ("count", "timeout", or None: the input ran out). ``result.to_pandas(name)`` gives
+a sink's records, an inspected step's or a topic's as a DataFrame (with
+``headwater[notebook]``), and a result or a pipeline shows itself as a table in a notebook.
+
+``inspect=`` names steps (or ``True``: every step) whose output is kept as well, so what flows
+out of a step in the middle of the pipeline can be looked at: ``result.inspect("parse")``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from html import escape
 from typing import Any
 
@@ -37,11 +40,13 @@ from connectors.memory import Iterable as IterableSource
 from pipelines.errors import PipelineDefinitionError
 from pipelines.log.base import TopicPartition
 from pipelines.log.memory import MemoryLog
-from pipelines.pipeline import Pipeline, Step
+from pipelines.pipeline import OUT, Pipeline, Port, Step
 from pipelines.record import Record, from_millis
+from pipelines.runtime.deadletters import Group, summary
 from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.topology import compile_pipeline
 from pipelines.runtime.watermarks import split_markers
+from pipelines.topic import Topic
 
 __all__ = ["TestResult", "run_pipeline", "run_pipeline_async"]
 
@@ -57,6 +62,10 @@ class TestResult:
     pipeline: Pipeline
     stopped_by: str | None = None
     """``"count"`` or ``"timeout"`` when a stop ended the run; None when the input ran out."""
+    inspected: dict[Port, Collect] = field(default_factory=dict)
+    """What flowed out of each inspected step's outputs."""
+    dead_letter_groups: list[Group] = field(default_factory=list)
+    """The dead letters counted by step and error type, with the first one's error."""
 
     def __repr__(self) -> str:
         sinks = ", ".join(f"{name}: {len(sink)}" for name, sink in sorted(self.sinks.items()))
@@ -78,16 +87,28 @@ class TestResult:
             f"<table><tr><th>sink</th><th>records</th><th>first values</th></tr>{rows}</table>"
         )
 
-    def to_pandas(self, sink_step: str) -> Any:
-        """The records sink step ``sink_step`` received as a pandas DataFrame: ``key``,
-        ``timestamp``, the value's fields as columns when values are dicts (else ``value``),
-        and the ``topic``, ``partition`` and ``offset`` each was read from."""
+    def to_pandas(self, name: str) -> Any:
+        """The records of sink step ``name``, of inspected step ``name`` (see :meth:`inspect`)
+        or of topic ``name`` (decoded) as a pandas DataFrame: ``key``, ``timestamp``, the
+        value's fields as columns when values are dicts or models (else ``value``), and the
+        ``topic``, ``partition`` and ``offset`` each was read from."""
         try:
             import pandas as pd
         except ImportError:
             raise ImportError("to_pandas needs pandas: pip install 'headwater[notebook]'") from None
-        records = self._sink(sink_step).records
-        values = [r.value for r in records]
+        if name in self.sinks:
+            records = self.records(name)
+        elif any(step_id == name for step_id, _ in self.inspected):
+            records = self.inspect(name)
+        elif name in self._topics():
+            records = self.topic(name, decode=True)
+        else:
+            raise KeyError(
+                f"{name!r} is no sink step, inspected step or topic of the run; sinks: "
+                f"{sorted(self.sinks)}, inspected: {sorted(p for p, _ in self.inspected)}, "
+                f"topics: {sorted(self._topics())}"
+            )
+        values = [_fields(r.value) for r in records]
         if values and all(isinstance(v, dict) for v in values):
             frame = pd.DataFrame.from_records(values)
         else:
@@ -111,6 +132,24 @@ class TestResult:
         """The records sink step ``sink_step`` received."""
         return list(self._sink(sink_step).records)
 
+    def inspect(self, step_id: str, port: str | None = None) -> list[Record]:
+        """The records that flowed out of step ``step_id`` (of its ``port``: a branch has
+        ``"matched"``, the default, and ``"rest"``), when the run was asked to inspect it."""
+        if port is None:
+            port = OUT if (step_id, OUT) in self.inspected else "matched"
+        try:
+            return list(self.inspected[(step_id, port)].records)
+        except KeyError:
+            known = sorted(f"{s}:{p}" if p != OUT else s for s, p in self.inspected)
+            raise KeyError(
+                f"step {step_id!r} (output {port!r}) was not inspected; run with "
+                f"inspect=[{step_id!r}] or inspect=True (inspected: {known})"
+            ) from None
+
+    def _topics(self) -> dict[str, Topic]:
+        topology = compile_pipeline(self.pipeline)
+        return {t.name: t for t in (*topology.topics, self.pipeline.dead_letter_topic)}
+
     def _sink(self, step_id: str) -> Collect:
         try:
             return self.sinks[step_id]
@@ -119,9 +158,10 @@ class TestResult:
                 f"no sink step {step_id!r}; the pipeline's sinks are {sorted(self.sinks)}"
             ) from None
 
-    def topic(self, name: str) -> list[Record]:
+    def topic(self, name: str, *, decode: bool = False) -> list[Record]:
         """Every record on topic ``name``, partition by partition (not the watermark markers
-        among them)."""
+        among them): keys and values as bytes, or with ``decode=True`` as the topic's serdes
+        read them (a record they cannot read keeps its bytes)."""
         found: list[Record] = []
         for partition in range(self.log.spec(name).partitions):
             fetched = self.log.read_now(TopicPartition(name, partition), 0, 1 << 62)
@@ -139,12 +179,35 @@ class TestResult:
                 )
                 for i in range(len(raw))
             ]
-        return found
+        return _decoded(found, self._topics()[name]) if decode else found
 
     @property
     def dead_letters(self) -> list[Record]:
         """Records that failed: original bytes, with the error and step in their headers."""
         return self.topic(self.pipeline.dead_letter_topic.name)
+
+
+def _decoded(records: list[Record], topic: Topic) -> list[Record]:
+    """``records`` with key and value read by ``topic``'s serdes, where they can be."""
+
+    def read(serde: Any, data: bytes | None) -> Any:
+        if data is None:
+            return None
+        try:
+            return serde.deserialize(data)
+        except Exception:  # shown as it is on the log
+            return data
+
+    return [
+        replace(r, key=read(topic.key_serde, r.key), value=read(topic.value_serde, r.value))
+        for r in records
+    ]
+
+
+def _fields(value: Any) -> Any:
+    """A model's fields as a dict (for DataFrame columns); any other value as it is."""
+    dump = getattr(value, "model_dump", None)
+    return dump() if callable(dump) else value
 
 
 def _preview(values: list[Any], shown: int = 3) -> str:
@@ -166,6 +229,34 @@ def _keyed_as(source: object) -> Callable[[Any], Any] | None:
             return None
 
     return keyed
+
+
+def _taps(pipeline: Pipeline, inspect: Iterable[str] | bool) -> dict[Port, Step]:
+    """A collecting sink step on each output of each inspected step."""
+    ids = {s.step_id: s for s in pipeline.steps}
+    wanted = (
+        [s.step_id for s in pipeline.steps if s.kind != "sink"]
+        if inspect is True
+        else list(inspect or ())
+    )
+    unknown = [name for name in wanted if name not in ids]
+    if unknown:
+        raise PipelineDefinitionError(
+            f"inspect names no step: {unknown}; the steps are {sorted(ids)}"
+        )
+    taps: dict[Port, Step] = {}
+    for name in wanted:
+        step = ids[name]
+        if step.kind == "sink":
+            raise PipelineDefinitionError(
+                f"step {name!r} is a sink: result.values({name!r}) has what it received",
+                step=name,
+            )
+        for port in ("matched", "rest") if step.kind == "branch" else (OUT,):
+            taps[(name, port)] = Step(
+                f"{name}.inspect.{port}", "sink", inputs=((name, port),), sink=Collect()
+            )
+    return taps
 
 
 def _prepared(
@@ -199,17 +290,23 @@ async def run_pipeline_async(
     workers: int = 1,
     count: int | None = None,
     timeout: float | None = None,
+    inspect: Iterable[str] | bool = (),
 ) -> TestResult:
     """Run ``pipeline`` on a fresh memory log until every input is processed, or until its
-    sinks received ``count`` records, or for ``timeout`` seconds."""
+    sinks received ``count`` records, or for ``timeout`` seconds, keeping what flows out of
+    the ``inspect`` steps."""
     if count is not None and count < 1:
         raise ValueError(f"count must be at least 1, not {count}")
     if timeout is not None and not timeout > 0:
         raise ValueError(f"timeout must be a positive number of seconds, not {timeout}")
     prepared, sinks = _prepared(pipeline, inputs or {})
+    taps = _taps(prepared, inspect)
+    if taps:
+        prepared = prepared._derive((*prepared.steps, *taps.values()), prepared.tail)
     log = MemoryLog()
     stop = asyncio.Event()
-    result = TestResult(sinks=sinks, log=log, pipeline=prepared)
+    inspected = {port: tap.sink for port, tap in taps.items() if isinstance(tap.sink, Collect)}
+    result = TestResult(sinks=sinks, log=log, pipeline=prepared, inspected=inspected)
 
     async def watch() -> None:
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
@@ -224,11 +321,13 @@ async def run_pipeline_async(
         stop.set()
 
     watcher = asyncio.create_task(watch()) if count is not None or timeout is not None else None
+    topology = compile_pipeline(prepared)
     try:
-        await run_in_process(compile_pipeline(prepared), log, workers=workers, stop=stop)
+        await run_in_process(topology, log, workers=workers, stop=stop)
     finally:
         if watcher is not None:
             watcher.cancel()
+    result.dead_letter_groups = await summary(log, topology)
     return result
 
 
@@ -239,10 +338,13 @@ def run_pipeline(
     workers: int = 1,
     count: int | None = None,
     timeout: float | None = None,
+    inspect: Iterable[str] | bool = (),
 ) -> TestResult:
     """:func:`run_pipeline_async` from synchronous code, also where a loop is already running
     (Jupyter): then the pipeline runs on its own loop in a helper thread."""
-    coroutine = run_pipeline_async(pipeline, inputs, workers=workers, count=count, timeout=timeout)
+    coroutine = run_pipeline_async(
+        pipeline, inputs, workers=workers, count=count, timeout=timeout, inspect=inspect
+    )
     try:
         asyncio.get_running_loop()
     except RuntimeError:

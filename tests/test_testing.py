@@ -285,3 +285,73 @@ def test_a_result_and_a_pipeline_show_themselves_as_tables() -> None:
     steps = two_sources()._repr_html_()
     for cell in ("<td>clicks</td>", "<td>merge</td>", "<td>upper</td>", "<td>clicks (1)</td>"):
         assert cell in steps, steps
+
+
+# -- inspect=, decoded topics, dead-letter groups ---------------------------------------------
+
+
+def branched() -> Pipeline:
+    """numbers -> parse (int) -> branch even -> two sinks; "x" fails to parse."""
+    parsed = (
+        Pipeline("b")
+        .source(Iterable(["1", "2", "x", "3", "4"]), into=Topic("numbers"), step_id="numbers")
+        .map("parse", int)
+    )
+    rest = parsed.branch("even", lambda n: n % 2 == 0, lambda e: e.sink(Collect(), step_id="evens"))
+    return rest.map("tenfold", lambda n: n * 10).sink(Collect(), step_id="odds")
+
+
+def test_inspect_keeps_what_flows_out_of_a_step_in_the_middle() -> None:
+    result = run_pipeline(branched(), inspect=["parse", "even"])
+    assert sorted(r.value for r in result.inspect("parse")) == [1, 2, 3, 4]
+    assert sorted(r.value for r in result.inspect("even")) == [2, 4]
+    assert sorted(r.value for r in result.inspect("even", "rest")) == [1, 3]
+    assert sorted(result.values("odds")) == [10, 30]  # the sinks still get their records
+    frame = result.to_pandas("parse")
+    assert sorted(frame["value"]) == [1, 2, 3, 4]
+    assert set(frame["topic"]) == {"numbers"}
+    with pytest.raises(KeyError, match="was not inspected"):
+        result.inspect("tenfold")
+
+
+def test_inspect_true_keeps_every_step_but_the_sinks() -> None:
+    result = run_pipeline(branched(), inspect=True)
+    assert sorted(r.value for r in result.inspect("tenfold")) == [10, 30]
+    assert sorted(r.value for r in result.inspect("numbers")) == ["1", "2", "3", "4", "x"]
+
+
+@pytest.mark.parametrize(
+    ("inspect", "message"), [(["nope"], "inspect names no step"), (["odds"], "is a sink")]
+)
+def test_inspect_refuses_what_it_cannot_inspect(inspect: list[str], message: str) -> None:
+    with pytest.raises(PipelineDefinitionError, match=message):
+        run_pipeline(branched(), inspect=inspect)
+
+
+def test_a_topic_reads_decoded_with_its_serdes_and_to_pandas_takes_a_topic() -> None:
+    clicks = [{"user": "ann", "n": 1}, {"user": "bob", "n": 2}]
+    pipeline = (
+        Pipeline("p")
+        .source(Iterable(clicks, key=lambda c: c["user"]), into=Topic("clicks", partitions=3))
+        .key_by("by-n", lambda c: c["n"], key=Json())
+        .sink(Collect(), step_id="out")
+    )
+    result = run_pipeline(pipeline)
+    assert {r.value for r in result.topic("clicks")} == {
+        b'{"user":"ann","n":1}',
+        b'{"user":"bob","n":2}',
+    }
+    decoded = result.topic("clicks", decode=True)
+    assert sorted((r.key, r.value["n"]) for r in decoded) == [("ann", 1), ("bob", 2)]
+    frame = result.to_pandas("p.by-n").sort_values("n")
+    assert list(frame["key"]) == [1, 2]
+    assert list(frame["user"]) == ["ann", "bob"]
+    with pytest.raises(KeyError, match="no sink step, inspected step or topic"):
+        result.to_pandas("nothing")
+
+
+def test_dead_letters_are_counted_by_step_and_error_type() -> None:
+    result = run_pipeline(branched())
+    [group] = result.dead_letter_groups
+    assert (group.step, group.error_type, group.count) == ("parse", "ValueError", 1)
+    assert "invalid literal" in group.example
