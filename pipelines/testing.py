@@ -18,9 +18,11 @@ event loop is already running): use :func:`run_pipeline_async` from async code.
 A source that never ends (a generator that keeps yielding, a file followed) needs a stop:
 ``count=`` stops once the sinks received at least that many records (the batches in flight
 finish, so a few more may arrive), ``timeout=`` after that many seconds; ``result.stopped_by``
-says which ("count", "timeout", or None: the input ran out). ``result.to_pandas(name)`` gives
-a sink's records, an inspected step's or a topic's as a DataFrame (with
-``headwater[notebook]``), and a result or a pipeline shows itself as a table in a notebook.
+says which ("count", "timeout", "stop" for the ``stop`` event of :func:`run_pipeline_async`,
+"interrupt" for an interrupted notebook cell, or None: the input ran out).
+``result.to_pandas(name)`` gives a sink's records, an inspected step's or a topic's as a
+DataFrame (with ``headwater[notebook]``), and a result or a pipeline shows itself as a table
+in a notebook.
 
 ``inspect=`` names steps (or ``True``: every step) whose output is kept as well, so what flows
 out of a step in the middle of the pipeline can be looked at: ``result.inspect("parse")``.
@@ -31,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from html import escape
 from typing import Any
@@ -291,10 +294,11 @@ async def run_pipeline_async(
     count: int | None = None,
     timeout: float | None = None,
     inspect: Iterable[str] | bool = (),
+    stop: asyncio.Event | None = None,
 ) -> TestResult:
-    """Run ``pipeline`` on a fresh memory log until every input is processed, or until its
-    sinks received ``count`` records, or for ``timeout`` seconds, keeping what flows out of
-    the ``inspect`` steps."""
+    """Run ``pipeline`` on a fresh memory log until every input is processed, its sinks
+    received ``count`` records, ``timeout`` seconds passed or ``stop`` is set, keeping what
+    flows out of the ``inspect`` steps."""
     if count is not None and count < 1:
         raise ValueError(f"count must be at least 1, not {count}")
     if timeout is not None and not timeout > 0:
@@ -304,7 +308,7 @@ async def run_pipeline_async(
     if taps:
         prepared = prepared._derive((*prepared.steps, *taps.values()), prepared.tail)
     log = MemoryLog()
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
     inspected = {port: tap.sink for port, tap in taps.items() if isinstance(tap.sink, Collect)}
     result = TestResult(sinks=sinks, log=log, pipeline=prepared, inspected=inspected)
 
@@ -321,12 +325,15 @@ async def run_pipeline_async(
         stop.set()
 
     watcher = asyncio.create_task(watch()) if count is not None or timeout is not None else None
+    assert stop is not None
     topology = compile_pipeline(prepared)
     try:
         await run_in_process(topology, log, workers=workers, stop=stop)
     finally:
         if watcher is not None:
             watcher.cancel()
+    if result.stopped_by is None and stop.is_set():
+        result.stopped_by = "stop"
     result.dead_letter_groups = await summary(log, topology)
     return result
 
@@ -341,25 +348,70 @@ def run_pipeline(
     inspect: Iterable[str] | bool = (),
 ) -> TestResult:
     """:func:`run_pipeline_async` from synchronous code, also where a loop is already running
-    (Jupyter): then the pipeline runs on its own loop in a helper thread."""
-    coroutine = run_pipeline_async(
-        pipeline, inputs, workers=workers, count=count, timeout=timeout, inspect=inspect
-    )
+    (Jupyter): then the pipeline runs on its own loop in a helper thread, and interrupting the
+    cell stops it (``result.stopped_by == "interrupt"``) instead of leaving it running."""
+    options: dict[str, Any] = {
+        "workers": workers,
+        "count": count,
+        "timeout": timeout,
+        "inspect": inspect,
+    }
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(coroutine)
-    outcome: list[TestResult | BaseException] = []
+        return asyncio.run(run_pipeline_async(pipeline, inputs, **options))
+    return _OnItsOwnLoop(pipeline, inputs, options).result()
 
-    def target() -> None:
+
+class _OnItsOwnLoop:
+    """A run on a loop of its own in a helper thread, which an interrupt stops cleanly."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        inputs: Mapping[str, Iterable[Any]] | None,
+        options: dict[str, Any],
+    ) -> None:
+        self._args = (pipeline, inputs, options)
+        self._stop: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
+        self._outcome: TestResult | BaseException | None = None
+        self._started, self._finished = threading.Event(), threading.Event()
+        # waited on rather than Thread.join: an interrupt landing inside join() can leave the
+        # thread looking finished while it still runs
+        threading.Thread(target=self._main, name="headwater-testing").start()
+
+    def _main(self) -> None:
         try:
-            outcome.append(asyncio.run(coroutine))
+            self._outcome = asyncio.run(self._run())
         except BaseException as error:
-            outcome.append(error)
+            self._outcome = error
+        finally:
+            self._started.set()
+            self._finished.set()
 
-    thread = threading.Thread(target=target, name="headwater-testing")
-    thread.start()
-    thread.join()
-    if isinstance(outcome[0], BaseException):
-        raise outcome[0]
-    return outcome[0]
+    async def _run(self) -> TestResult:
+        pipeline, inputs, options = self._args
+        stop = asyncio.Event()
+        self._stop = (asyncio.get_running_loop(), stop)
+        self._started.set()
+        return await run_pipeline_async(pipeline, inputs, stop=stop, **options)
+
+    def result(self) -> TestResult:
+        interrupted = False
+        try:
+            self._finished.wait()
+        except KeyboardInterrupt:
+            interrupted = True
+            self._started.wait()
+            if self._stop is not None:
+                loop, stop = self._stop
+                with suppress(RuntimeError):  # the loop closed: the run has just ended
+                    loop.call_soon_threadsafe(stop.set)
+            self._finished.wait()
+        outcome = self._outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert outcome is not None
+        if interrupted:
+            outcome.stopped_by = "interrupt"
+        return outcome

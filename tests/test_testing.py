@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
 import threading
 import time
 from pathlib import Path
@@ -245,6 +247,31 @@ def test_timeout_stops_an_endless_source() -> None:
     assert result.stopped_by == "timeout"
     assert time.monotonic() - started < 30  # it stopped: an endless run never returns
     assert len(result.values("out")) > 0
+
+
+async def test_an_interrupted_notebook_cell_stops_the_run_instead_of_leaving_it_running() -> None:
+    def interrupt() -> None:
+        time.sleep(0.5)
+        signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+
+    # Jupyter's kernel runs cells with Python's own SIGINT handler (KeyboardInterrupt), where
+    # pytest's loop runner would cancel its task instead
+    default = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        threading.Thread(target=interrupt).start()
+        result = run_pipeline(endless())  # from a running loop, as in Jupyter: a helper thread
+    finally:
+        signal.signal(signal.SIGINT, default)
+    assert result.stopped_by == "interrupt"
+    assert len(result.values("out")) > 0
+    assert not [t for t in threading.enumerate() if t.name == "headwater-testing"]
+
+
+async def test_run_pipeline_async_stops_when_its_stop_event_is_set() -> None:
+    stop = asyncio.Event()
+    asyncio.get_running_loop().call_later(0.3, stop.set)
+    result = await run_pipeline_async(endless(), stop=stop)
+    assert result.stopped_by == "stop"
 
 
 def test_a_finite_input_is_not_stopped() -> None:
