@@ -943,7 +943,7 @@ def _check_copartitioned(
             f"and {second_name} from {described(second_topics)}; {fix}",
             step=step_id,
         )
-    if topics[0].partitions > 1 and len({repr(t.key_serde) for t in topics}) > 1:
+    if topics[0].partitions > 1 and len({t.key_serde.partitioning for t in topics}) > 1:
         serdes = ", ".join(f"{t.name!r} {t.key_serde!r}" for t in topics)
         raise PipelineDefinitionError(
             f"join {step_id!r} needs {first_name} and {second_name} keyed alike, but their "

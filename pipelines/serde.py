@@ -12,7 +12,7 @@ neighbours into valid JSON and shift every value after it, so each record is dec
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Generic, TypeVar
 
 import orjson
@@ -46,6 +46,24 @@ class Serde(ABC):
         """The bytes of each value."""
         serialize = self.serialize
         return [serialize(v) for v in values]
+
+    @property
+    def partitioning(self) -> str:
+        """What puts a key on its partition, to compare: topics whose key serdes have equal
+        partitioning (and as many partitions) put a key on the same partition. The partitioner
+        hashes the bytes a key serde writes, so this is the serde itself, unless the topic is
+        partitioned by other bytes than its keys (a Faust table's changelog follows the topic
+        that feeds the table)."""
+        return repr(self)
+
+    def table_row(
+        self, raw_key: bytes, key: Any, value: Any, rows: Mapping[bytes, Any]
+    ) -> tuple[bytes, Any]:
+        """The row that a record of a table topic keyed by this serde sets, and the row's new
+        value (``None`` deletes it), given the table's current ``rows``: by default the row of
+        the record's key bytes, to its value. A key serde overrides this to keep rows by a
+        normalised key, or to fold several records into one row."""
+        return raw_key, value
 
     def deserialize_many(self, data: Sequence[bytes | None]) -> Decoded:
         """Each value, with the records that failed reported by index instead of raised."""

@@ -3,7 +3,10 @@
 The topic is the table's changelog (keep it compacted): a record sets its key to its value, and
 a record with a ``None`` value (a tombstone, or JSON ``null``) deletes the key. Rows are kept by
 the key's *bytes* as they are on the topic, so a stream key finds its row when it serialises,
-with the table topic's key serde, to the same bytes.
+with the table topic's key serde, to the same bytes. A key serde can choose otherwise through
+:meth:`~pipelines.serde.Serde.table_row`: keep rows by its own normalised bytes (keys another
+program wrote with other JSON spacing or escapes), or fold several keys into one row (the
+windows of a key of a Faust windowed table, see :mod:`connectors.faust`).
 
 When its task is assigned, the store is *bootstrapped*: the partition is read from offset 0 to
 its end at that moment, so a table written before the stream is complete before the first
@@ -82,31 +85,31 @@ class TableStore:
         if raw.keys.count(None) == count:
             return  # no keys, nothing to look up
         values, value_errors = self.topic.value_serde.deserialize_many(raw.values)
-        _, key_errors = self.topic.key_serde.deserialize_many(raw.keys)
-        rows = self._rows
-        for index, (key, value) in enumerate(zip(raw.keys, values, strict=True)):
-            if key is None or index in value_errors or index in key_errors:
+        keys, key_errors = self.topic.key_serde.deserialize_many(raw.keys)
+        for index, (raw_key, value) in enumerate(zip(raw.keys, values, strict=True)):
+            if raw_key is None or index in value_errors or index in key_errors:
                 continue
-            if value is None:
-                rows.pop(key, None)
-            else:
-                rows[key] = value
+            self._set(raw_key, keys[index], value)
 
     def apply(self, batch: Batch) -> int:
         """Apply table records received as input (already deserialised), skipping those the
         bootstrap applied; returns how many were applied."""
-        rows = self._rows
         applied = 0
         after = self.bootstrapped_to
         for index, value in enumerate(batch.values):
             if batch.offset_at(index) < after:
                 continue
-            key = batch.raw_key_at(index)
-            if key is None:
+            raw_key = batch.raw_key_at(index)
+            if raw_key is None:
                 continue
-            if value is None:
-                rows.pop(key, None)
-            else:
-                rows[key] = value
+            self._set(raw_key, batch.keys[index], value)
             applied += 1
         return applied
+
+    def _set(self, raw_key: bytes, key: Any, value: Any) -> None:
+        """Apply one record: the row its key serde says it sets, ``None`` deleting it."""
+        row, new = self.topic.key_serde.table_row(raw_key, key, value, self._rows)
+        if new is None:
+            self._rows.pop(row, None)
+        else:
+            self._rows[row] = new
