@@ -1,9 +1,13 @@
 """The operator contract: ``open(ctx)`` / ``process(batch)`` / ``close()``.
 
-``process`` is synchronous and works on a whole :class:`~pipelines.batch.Batch`; async belongs
-to connectors. An operator never decides what happens to a record whose user function raised:
-it reports it with :meth:`StepContext.reject` and the runtime applies the step's error policy
-(fail, skip, or dead-letter with the original bytes).
+``process`` is synchronous and works on a whole :class:`~pipelines.batch.Batch`: the task that
+calls it never awaits. An async step function does not change that: its operator runs the
+batch's calls concurrently on a loop of their own and waits for them all
+(:mod:`operators.concurrent`).
+
+An operator never decides what happens to a record whose user function raised: it reports it
+with :meth:`StepContext.reject` and the runtime applies the step's error policy (fail, skip, or
+dead-letter with the original bytes).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ if TYPE_CHECKING:  # the pipelines package imports this module: no runtime impor
 
 __all__ = [
     "USER_MODULE_PREFIX",
+    "CallsEach",
     "Operator",
     "StepContext",
     "call_each",
@@ -155,6 +160,21 @@ def user_error(step_id: str, what: str, error: Exception, batch: Batch, index: i
     )
     rejection.__cause__ = error
     return rejection
+
+
+class CallsEach(Protocol):
+    """How an operator calls its user function on a batch: :func:`call_each` for a plain
+    function, :class:`~operators.concurrent.Concurrent` for an async one."""
+
+    def __call__(
+        self,
+        ctx: StepContext,
+        fn: Callable[[Any], Any],
+        batch: Batch,
+        items: Sequence[Any] | None = None,
+        *,
+        name: str | None = None,
+    ) -> tuple[list[Any], set[int]]: ...
 
 
 def call_each(

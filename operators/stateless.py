@@ -1,15 +1,20 @@
 """Stateless operators: ``map``, ``filter``, ``flat_map``, ``peek`` and ``key_by``.
 
 Each one calls its user function once per record through :func:`~operators.base.call_each`
-and drops the records whose call failed (the runtime has already routed them).
+and drops the records whose call failed (the runtime has already routed them). ``map``,
+``filter``, ``flat_map`` and ``peek`` also take an async function, given with how to call it
+(``concurrent``, see :mod:`operators.concurrent`); ``key_by`` decides where records go and
+takes a plain function only.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from operators.base import Operator, call_each, describe_function
+from operators.base import CallsEach, Operator, call_each, describe_function
+from operators.concurrent import Concurrent, listed
 
 if TYPE_CHECKING:
     from pipelines.batch import Batch
@@ -21,15 +26,23 @@ def _without(batch: Batch, failed: set[int]) -> Batch:
     return batch.take([i for i in range(len(batch)) if i not in failed])
 
 
+def _calls(concurrent: Concurrent | None) -> CallsEach:
+    """How to call a step function: in turn, or, when it is async, ``concurrent``ly."""
+    return call_each if concurrent is None else concurrent
+
+
 class Map(Operator):
     """Replace each value with ``fn(value)``."""
 
-    def __init__(self, step_id: str, fn: Callable[[Any], Any]) -> None:
+    def __init__(
+        self, step_id: str, fn: Callable[[Any], Any], *, concurrent: Concurrent | None = None
+    ) -> None:
         super().__init__(step_id)
         self.fn = fn
+        self._calls = _calls(concurrent)
 
     def process(self, batch: Batch) -> Batch:
-        values, failed = call_each(self.ctx, self.fn, batch)
+        values, failed = self._calls(self.ctx, self.fn, batch)
         mapped = batch.with_values(values)
         return _without(mapped, failed) if failed else mapped
 
@@ -37,12 +50,19 @@ class Map(Operator):
 class Filter(Operator):
     """Keep the records for which ``predicate(value)`` is true."""
 
-    def __init__(self, step_id: str, predicate: Callable[[Any], object]) -> None:
+    def __init__(
+        self,
+        step_id: str,
+        predicate: Callable[[Any], object],
+        *,
+        concurrent: Concurrent | None = None,
+    ) -> None:
         super().__init__(step_id)
         self.predicate = predicate
+        self._calls = _calls(concurrent)
 
     def process(self, batch: Batch) -> Batch:
-        keep, failed = call_each(self.ctx, self.predicate, batch)
+        keep, failed = self._calls(self.ctx, self.predicate, batch)
         if failed:
             for index in failed:
                 keep[index] = False
@@ -50,17 +70,28 @@ class Filter(Operator):
 
 
 class FlatMap(Operator):
-    """Replace each value with the values of the iterable ``fn(value)`` returns (maybe none)."""
+    """Replace each value with the values of the iterable ``fn(value)`` returns (maybe none),
+    or, for an async ``fn``, of the iterable it returns or of the async generator it is."""
 
-    def __init__(self, step_id: str, fn: Callable[[Any], Iterable[Any]]) -> None:
+    def __init__(
+        self,
+        step_id: str,
+        fn: Callable[[Any], Iterable[Any]],
+        *,
+        concurrent: Concurrent | None = None,
+    ) -> None:
         super().__init__(step_id)
         self.fn = fn
+        self._calls = _calls(concurrent)
+        # a call's items are gathered within it, so that an error while iterating fails the
+        # record the call was for
+        self._listed: Callable[[Any], Any] = (
+            (lambda value: list(fn(value))) if concurrent is None else functools.partial(listed, fn)
+        )
+        self._name = describe_function(fn)
 
     def process(self, batch: Batch) -> Batch:
-        fn = self.fn
-        expanded, failed = call_each(
-            self.ctx, lambda value: list(fn(value)), batch, name=describe_function(fn)
-        )
+        expanded, failed = self._calls(self.ctx, self._listed, batch, name=self._name)
         indices = [i for i, items in enumerate(expanded) if i not in failed for _ in items]
         values = [item for i, items in enumerate(expanded) if i not in failed for item in items]
         return batch.take(indices).with_values(values)
@@ -69,12 +100,15 @@ class FlatMap(Operator):
 class Peek(Operator):
     """Call ``fn(value)`` for its side effect and pass every record on unchanged."""
 
-    def __init__(self, step_id: str, fn: Callable[[Any], object]) -> None:
+    def __init__(
+        self, step_id: str, fn: Callable[[Any], object], *, concurrent: Concurrent | None = None
+    ) -> None:
         super().__init__(step_id)
         self.fn = fn
+        self._calls = _calls(concurrent)
 
     def process(self, batch: Batch) -> Batch:
-        _, failed = call_each(self.ctx, self.fn, batch)
+        _, failed = self._calls(self.ctx, self.fn, batch)
         return _without(batch, failed) if failed else batch
 
 

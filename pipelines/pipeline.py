@@ -26,7 +26,7 @@ import functools
 import html
 import inspect
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -46,6 +46,7 @@ from operators.aggregations import (
     as_aggregation,
 )
 from operators.base import Operator, describe_function
+from operators.concurrent import DEFAULT_CONCURRENCY, Concurrent
 from operators.joins import JoinHow, StreamJoin, TableJoin
 from operators.routing import Branch, Merge
 from operators.stateful import Aggregate, Dedupe, EventTime
@@ -317,12 +318,19 @@ class Pipeline:
         *,
         on_error: ErrorPolicy | None = None,
         timeout: float | None = None,
+        concurrency: int | None = None,
     ) -> Pipeline:
         """Replace each value with ``fn(value)``. ``timeout``: seconds one call may take
         before it fails with :class:`~pipelines.runtime.watchdog.StepTimeout`, routed by the
-        error policy (see :func:`~pipelines.runtime.watchdog.with_timeout`)."""
-        fn = _bounded(step_id, fn, timeout)
-        return self._operator(step_id, lambda: Map(step_id, fn), on_error, transforms=True)
+        error policy (see :func:`~pipelines.runtime.watchdog.with_timeout`).
+
+        ``fn`` may be an ``async def``: the calls of a batch then run concurrently, at most
+        ``concurrency`` (default 100) at once, on one event loop of the process that every
+        async step shares for the whole run (see :mod:`operators.concurrent`)."""
+        fn, concurrent = _step_function(step_id, fn, timeout, concurrency)
+        return self._operator(
+            step_id, lambda: Map(step_id, fn, concurrent=concurrent), on_error, transforms=True
+        )
 
     def filter(
         self,
@@ -331,24 +339,32 @@ class Pipeline:
         *,
         on_error: ErrorPolicy | None = None,
         timeout: float | None = None,
+        concurrency: int | None = None,
     ) -> Pipeline:
-        """Keep the records for which ``predicate(value)`` is true (``timeout`` as for
-        :meth:`map`)."""
-        predicate = _bounded(step_id, predicate, timeout)
-        return self._operator(step_id, lambda: Filter(step_id, predicate), on_error)
+        """Keep the records for which ``predicate(value)`` is true (``timeout``, an async
+        ``predicate`` and ``concurrency`` as for :meth:`map`)."""
+        predicate, concurrent = _step_function(step_id, predicate, timeout, concurrency)
+        return self._operator(
+            step_id, lambda: Filter(step_id, predicate, concurrent=concurrent), on_error
+        )
 
     def flat_map(
         self,
         step_id: str,
-        fn: Callable[[Any], Iterable[Any]],
+        fn: Callable[[Any], Iterable[Any] | Awaitable[Iterable[Any]] | AsyncIterable[Any]],
         *,
         on_error: ErrorPolicy | None = None,
         timeout: float | None = None,
+        concurrency: int | None = None,
     ) -> Pipeline:
         """Replace each value with every value of ``fn(value)`` (none, one or many;
-        ``timeout`` as for :meth:`map`, bounding the call, not the iteration)."""
-        fn = _bounded(step_id, fn, timeout)
-        return self._operator(step_id, lambda: FlatMap(step_id, fn), on_error, transforms=True)
+        ``timeout`` as for :meth:`map`, bounding the call, not the iteration). An async ``fn``
+        (``concurrency`` as for :meth:`map`) returns an iterable or is an async generator
+        function; its ``timeout`` bounds the call and the iteration."""
+        fn, concurrent = _step_function(step_id, fn, timeout, concurrency, generators=True)
+        return self._operator(
+            step_id, lambda: FlatMap(step_id, fn, concurrent=concurrent), on_error, transforms=True
+        )
 
     def peek(
         self,
@@ -357,11 +373,12 @@ class Pipeline:
         *,
         on_error: ErrorPolicy | None = None,
         timeout: float | None = None,
+        concurrency: int | None = None,
     ) -> Pipeline:
-        """Call ``fn(value)`` for its side effect; records pass unchanged (``timeout`` as for
-        :meth:`map`)."""
-        fn = _bounded(step_id, fn, timeout)
-        return self._operator(step_id, lambda: Peek(step_id, fn), on_error)
+        """Call ``fn(value)`` for its side effect; records pass unchanged (``timeout``, an
+        async ``fn`` and ``concurrency`` as for :meth:`map`)."""
+        fn, concurrent = _step_function(step_id, fn, timeout, concurrency)
+        return self._operator(step_id, lambda: Peek(step_id, fn, concurrent=concurrent), on_error)
 
     def key_by(
         self,
@@ -976,31 +993,78 @@ def _keeps_values(step: Step) -> bool:
     )
 
 
-def _bounded(step_id: str, fn: Callable[[Any], Any], timeout: float | None) -> Any:
-    """``fn``, checked, with each call limited to ``timeout`` seconds if one is given."""
-    _check_callable(step_id, fn)
-    if timeout is None:
-        return fn
+def _step_function(
+    step_id: str,
+    fn: Callable[[Any], Any],
+    timeout: float | None,
+    concurrency: int | None,
+    *,
+    generators: bool = False,
+) -> tuple[Callable[[Any], Any], Concurrent | None]:
+    """``fn``, checked, and how its calls run: a plain function's one after the other, each
+    limited to ``timeout`` seconds by a timer if one is given; an async function's
+    concurrently (:class:`~operators.concurrent.Concurrent`). ``generators``: the step also
+    takes an async generator function (``flat_map``: its items are the step's values)."""
+    _require_callable(step_id, fn)
+    seconds = None if timeout is None else _seconds(step_id, timeout)
+    if not _is_async(fn):
+        if concurrency is not None:
+            raise PipelineDefinitionError(
+                f"step {step_id!r}: concurrency= is for async functions, and "
+                f"{describe_function(fn)} is a plain one, called once per record in turn. "
+                "Drop concurrency=, or make the function an async def",
+                step=step_id,
+            )
+        return (fn if seconds is None else with_timeout(fn, seconds)), None
+    if not generators and inspect.isasyncgenfunction(_call_of(fn)):
+        raise PipelineDefinitionError(
+            f"step {step_id!r}: {describe_function(fn)} is an async generator function, "
+            "whose calls give an iterator, not a result to await. Only flat_map takes one (its "
+            "items become the step's values); here, return the result from an async def",
+            step=step_id,
+        )
+    return fn, Concurrent(_concurrency(step_id, concurrency), seconds)
+
+
+def _seconds(step_id: str, timeout: object) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise PipelineDefinitionError(
             f"step {step_id!r}: timeout must be a positive number of seconds, not {timeout!r}",
             step=step_id,
         )
-    return with_timeout(fn, float(timeout))
+    return float(timeout)
 
 
-def _check_callable(step_id: str, fn: object) -> None:
+def _concurrency(step_id: str, concurrency: object) -> int:
+    if concurrency is None:
+        return DEFAULT_CONCURRENCY
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise PipelineDefinitionError(
+            f"step {step_id!r}: concurrency must be a positive whole number of calls in "
+            f"flight at once, not {concurrency!r}",
+            step=step_id,
+        )
+    return concurrency
+
+
+def _require_callable(step_id: str, fn: object) -> Callable[..., Any]:
     if not callable(fn):
         raise PipelineDefinitionError(
             f"step {step_id!r} needs a function, got {type(fn).__name__} {fn!r}", step=step_id
         )
-    if _is_async(fn):
+    return fn
+
+
+def _check_callable(step_id: str, fn: object) -> None:
+    """``fn`` is a plain function: the steps that take no async function call this."""
+    function = _require_callable(step_id, fn)
+    if _is_async(function):
         raise PipelineDefinitionError(
-            f"step {step_id!r}: {describe_function(fn)} is an async function. Step functions "
-            "are called synchronously, a batch at a time, so what it returns (a coroutine, "
-            "never awaited) would reach the next step. Make it a plain def (blocking calls are "
-            "fine; bound them with timeout=), or do the asynchronous work in a source "
-            "connector.",
+            f"step {step_id!r}: {describe_function(function)} is an async function. This "
+            "step calls its functions synchronously, so what it returns (a coroutine, never "
+            "awaited) would be taken for its result. Make it a plain def (blocking calls are "
+            "fine), or do the asynchronous work in a step before it: map, filter, flat_map and "
+            "peek take an async def.",
             step=step_id,
         )
 
@@ -1008,6 +1072,12 @@ def _check_callable(step_id: str, fn: object) -> None:
 def _is_async(fn: object) -> bool:
     """``fn`` is an ``async def`` (or an object whose ``__call__`` is), a partial of one, or
     an async generator function."""
-    call = fn if inspect.isroutine(fn) or isinstance(fn, functools.partial) else None
-    call = call or getattr(fn, "__call__", None)  # noqa: B004 - the method itself is wanted
+    call = _call_of(fn)
     return inspect.iscoroutinefunction(call) or inspect.isasyncgenfunction(call)
+
+
+def _call_of(fn: object) -> object:
+    """What calling ``fn`` runs: ``fn`` itself (a function, a method, a partial) or the
+    ``__call__`` of an object."""
+    call = fn if inspect.isroutine(fn) or isinstance(fn, functools.partial) else None
+    return call or getattr(fn, "__call__", None)  # noqa: B004 - the method itself is wanted

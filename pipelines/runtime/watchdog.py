@@ -16,7 +16,9 @@ that visible and bounded:
   each call of the user function with a real-time interval timer; a call that runs over raises
   :class:`StepTimeout` inside it, and the step's error policy routes that record like any other
   error. Timers are signals, which only the main thread receives: elsewhere (a pipeline run
-  from a thread) the calls go unbounded, with a warning.
+  from a thread) the calls go unbounded, with a warning. An ``async def`` step function needs
+  no timer: each of its calls is cancelled on its loop once it runs over, and fails with the
+  same error (:mod:`operators.concurrent`).
 
 Interrupting works for Python code and for the blocking calls Python retries on a signal
 (sleeps, socket and file I/O); a C extension that never checks for signals cannot be interrupted
@@ -47,6 +49,7 @@ __all__ = [
     "Watchdog",
     "WorkerNote",
     "activity",
+    "overran",
     "with_timeout",
 ]
 
@@ -228,7 +231,12 @@ def with_timeout(fn: Callable[[Any], Any], seconds: float) -> Callable[[Any], An
 
 
 def _time_out(signum: int, frame: FrameType | None) -> None:
-    raise StepTimeout(f"did not return within {_Timers.bound:g} s")
+    raise overran(_Timers.bound)
+
+
+def overran(seconds: float) -> StepTimeout:
+    """The error of a call of a user function that ran longer than its step's ``timeout``."""
+    return StepTimeout(f"did not return within {seconds:g} s")
 
 
 def _warn_unbounded(fn: Callable[[Any], Any]) -> None:

@@ -29,6 +29,10 @@ leaves the group. A step stuck in a user function when the worker is told to sto
 (:mod:`pipelines.runtime.watchdog`): the worker then leaves without a checkpoint, and what it did
 since the last one is processed again by the partitions' next owner.
 
+The calls of async step functions run on the process's step loop (:mod:`operators.steploop`),
+not on the worker's: a worker holds that loop while it runs, and the last worker of the process
+to leave closes it, once its tasks are closed.
+
 Rebalance callbacks run inside ``poll`` on the local backends but in aiokafka's coordinator task
 on Kafka, so a lock makes a callback wait until the batch in hand is processed, sent and
 checkpointed; batches of a partition revoked in the meantime are dropped unprocessed (their
@@ -45,6 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from connectors.base import SinkContext, SinkWriter
+from operators.steploop import step_loop
 from pipelines.errors import FencedError
 from pipelines.log.base import FetchedBatch, LogBackend, TopicPartition, TransactionalProducer
 from pipelines.runtime.outbox import Outbox
@@ -136,6 +141,7 @@ class Worker:
         await self._consumer.subscribe([t.name for t in self.topology.input_topics], self)
         next_checkpoint = time.monotonic() + self._commit_interval
         next_report = next_tick = 0.0
+        step_loop.hold()  # the loop of async steps lives as long as a worker of the process
         try:
             while not self.stop.is_set():
                 fetched = await self._consumer.poll(self._max_batch, timeout=0.1)
@@ -165,7 +171,10 @@ class Worker:
         except Abandoned as stopped:
             self.abandoned = str(stopped)
         finally:
-            await self._shutdown()
+            try:
+                await self._shutdown()
+            finally:
+                step_loop.release()  # after the tasks closed: their steps are done with it
 
     @property
     def pending(self) -> int:
