@@ -8,8 +8,8 @@
     assert result.values("sink.stdout") == [...]
 
 ``inputs`` replaces the connector of a source step (by step id) with the given values, keyed
-by the replaced source's ``key=`` function if it has one (a value it cannot key gets none, as in
-a file source); every
+and timed by the replaced source's ``key=`` and ``timestamp=`` functions if it has them (a value
+they cannot read gets no key, as in a file source, and the time of reading); every
 sink of the pipeline is replaced by an in-memory collector, so ``result`` holds what each sink
 would have received. Records that failed go to the dead-letter topic as they would in
 production: ``result.dead_letters``. Works in plain Python, pytest and inside Jupyter (where an
@@ -150,8 +150,17 @@ class TestResult:
             ) from None
 
     def _topics(self) -> dict[str, Topic]:
+        """Every topic of the run by name, with the serdes that read it: a late-data topic
+        holds the bytes its step's records were read with, so it reads with that topic's."""
         topology = compile_pipeline(self.pipeline)
-        return {t.name: t for t in (*topology.topics, self.pipeline.dead_letter_topic)}
+        found = {t.name: t for t in (*topology.topics, self.pipeline.dead_letter_topic)}
+        for sub in topology.subtopologies:
+            for step in sub.steps:
+                late = topology.late_topics.get(step.step_id)
+                if late is not None and sub.topics:
+                    read = sub.topics[0]
+                    found[late.name] = Topic(late.name, key=read.key_serde, value=read.value_serde)
+        return found
 
     def _sink(self, step_id: str) -> Collect:
         try:
@@ -218,20 +227,21 @@ def _preview(values: list[Any], shown: int = 3) -> str:
     return text + (", ..." if len(values) > shown else "")
 
 
-def _keyed_as(source: object) -> Callable[[Any], Any] | None:
-    """The key function of a replaced source (``key=`` of JsonLines, Csv, Iterable...), made to
-    give no key to a value it does not fit instead of failing."""
-    key = getattr(source, "key", None)
-    if not callable(key):
+def _as_replaced(source: object, attribute: str) -> Callable[[Any], Any] | None:
+    """The ``key`` or ``timestamp`` function of a replaced source (``key=`` of JsonLines, Csv,
+    Iterable...), made to give ``None`` for a value it does not fit instead of failing (a key
+    the way a file source does; a timestamp then is the time of reading)."""
+    function = getattr(source, attribute, None)
+    if not callable(function):
         return None
 
-    def keyed(value: Any) -> Any:
+    def applied(value: Any) -> Any:
         try:
-            return key(value)
-        except Exception:  # a malformed value: no key, as a file source gives it
+            return function(value)
+        except Exception:  # a malformed value: as the replaced source would treat it
             return None
 
-    return keyed
+    return applied
 
 
 def _taps(pipeline: Pipeline, inspect: Iterable[str] | bool) -> dict[Port, Step]:
@@ -276,8 +286,12 @@ def _prepared(
     for declared in pipeline.steps:
         step = declared
         if step.step_id in inputs:
-            key = _keyed_as(step.source)
-            step = replace(step, source=IterableSource(list(inputs[step.step_id]), key=key))
+            source = IterableSource(
+                list(inputs[step.step_id]),
+                key=_as_replaced(step.source, "key"),
+                timestamp=_as_replaced(step.source, "timestamp"),
+            )
+            step = replace(step, source=source)
         elif step.kind == "sink" and step.sink is not None:
             sinks[step.step_id] = Collect()
             step = replace(step, sink=sinks[step.step_id])

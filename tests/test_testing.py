@@ -6,6 +6,7 @@ import asyncio
 import signal
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 from connectors.files import JsonLines
 from connectors.memory import Collect, Iterable
 from connectors.topic import LogTopic
+from operators.windows import Tumbling
 from pipelines import Pipeline, Topic
 from pipelines.errors import ErrorPolicy, PipelineDefinitionError, StepError
 from pipelines.partitioner import partition_for
@@ -382,3 +384,24 @@ def test_dead_letters_are_counted_by_step_and_error_type() -> None:
     [group] = result.dead_letter_groups
     assert (group.step, group.error_type, group.count) == ("parse", "ValueError", 1)
     assert "invalid literal" in group.example
+
+
+def test_a_late_data_topic_reads_decoded_with_the_serdes_its_records_were_read_with() -> None:
+    """3,000 events in one minute, then one a day earlier: its window is long closed."""
+    on_time = [{"id": i, "at": 86_400_000 + i} for i in range(3000)]
+    late = {"id": -1, "at": 0}
+    pipeline = (
+        Pipeline("late")
+        .source(
+            Iterable([*on_time, late], key=lambda v: "k", timestamp=lambda v: v["at"]),
+            into=Topic("events", value=Json()),
+            step_id="events",
+        )
+        .window("minutes", Tumbling(timedelta(minutes=1)), lateness=timedelta(seconds=1))
+        .count("count")
+        .sink(Collect(), step_id="out")
+    )
+    result = run_pipeline(pipeline, inputs={"events": [*on_time, late]})
+    [record] = result.topic("late.count.late", decode=True)
+    assert record.value == late  # timed by the replaced source's timestamp=, so late
+    assert result.to_pandas("late.count.late")["id"].tolist() == [-1]
