@@ -42,8 +42,9 @@ class KafkaSettings(BaseSettings):
     """The password of an encrypted ``ssl_keyfile``: from ``HEADWATER_SSL_KEY_PASSWORD`` only."""
     ssl_check_hostname: bool = True
     """Check that a broker's certificate names the host it was reached at."""
-    replication_factor: int = 1
-    """Replicas of the topics Headwater creates."""
+    replication_factor: int | None = None
+    """Replicas of the topics Headwater creates; by default as many as the cluster has brokers,
+    up to 3 (so a topic on a cluster of 3 or more survives the loss of a broker)."""
     connect_timeout: float = 15.0
     """Seconds to wait for the cluster before failing with a clear error."""
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Install Headwater with its test dependencies, start real Kafka brokers (one plain, one
-# secured), a real PostgreSQL server and a real Redis, run the whole test suite, stop what it
-# started.
+# secured, and a cluster of three), a real PostgreSQL server and a real Redis, run the whole
+# test suite, stop what it started.
 # Usage: bash scripts/test.sh [pytest arguments]. With HEADWATER_TEST_KAFKA=host:port set, that
 # broker is used and none is started; likewise HEADWATER_TEST_KAFKA_SECURED (with
-# HEADWATER_TEST_KAFKA_SECURED_DIR), HEADWATER_TEST_REDIS=redis://... and
-# HEADWATER_TEST_POSTGRES=postgresql://...
+# HEADWATER_TEST_KAFKA_SECURED_DIR), HEADWATER_TEST_KAFKA_CLUSTER=host:port,host:port,host:port,
+# HEADWATER_TEST_REDIS=redis://... and HEADWATER_TEST_POSTGRES=postgresql://...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +29,13 @@ if [ -z "${HEADWATER_TEST_KAFKA_SECURED:-}" ]; then
   unset KAFKA_SECURED
   export HEADWATER_TEST_KAFKA_SECURED
   export HEADWATER_TEST_KAFKA_SECURED_DIR=${KAFKA_SECURED_STATE_DIR:-/tmp/headwater-kafka-secured}
+fi
+
+# three brokers with every topic on all of them, for the test that kills one mid-run
+if [ -z "${HEADWATER_TEST_KAFKA_CLUSTER:-}" ]; then
+  KAFKA_BROKERS=3 bash scripts/kafka.sh status >/dev/null 2>&1 || stops+=("env KAFKA_BROKERS=3 bash scripts/kafka.sh stop")
+  HEADWATER_TEST_KAFKA_CLUSTER=$(KAFKA_BROKERS=3 bash scripts/kafka.sh start | head -n 1)
+  export HEADWATER_TEST_KAFKA_CLUSTER
 fi
 
 if [ -z "${HEADWATER_TEST_REDIS:-}" ]; then

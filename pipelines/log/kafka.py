@@ -1,7 +1,8 @@
 """The ``kafka`` backend: topics, producers and consumer groups on Apache Kafka, via aiokafka.
 
 - Topics are created through the admin client with the pipeline's partition counts
-  (``cleanup.policy=compact`` for compacted topics); a topic that exists with another partition
+  (``cleanup.policy=compact`` for compacted topics) and ``KafkaSettings.replication_factor``
+  replicas, by default one per broker up to 3; a topic that exists with another partition
   count is refused with a message that says so.
 - Producers are idempotent with ``acks=all`` and append whole batches through aiokafka's batch
   API (one ``BatchBuilder`` per partition and send: about ten times cheaper per record than
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
@@ -66,6 +67,11 @@ __all__ = ["KafkaConsumer", "KafkaLog", "KafkaProducer"]
 T = TypeVar("T")
 _READ_POLL_MS = 200
 _TOPIC_CONFIG = 1  # DescribeConfigs config_source: set on the topic itself
+_RETRY_BACKOFF = 0.25
+"""Seconds between two tries of an admin request that failed with a retriable error."""
+_DEFAULT_REPLICAS = 3
+"""Replicas of a topic Headwater creates, unless the settings say otherwise (fewer when the
+cluster has fewer brokers)."""
 
 
 _DENIED = (
@@ -217,11 +223,27 @@ async def _diagnose(settings: KafkaSettings) -> LogError | None:
     return None
 
 
-async def _reach(settings: KafkaSettings, what: str, action: Awaitable[T]) -> T:
+async def _reach(
+    settings: KafkaSettings, what: str, action: Awaitable[T] | Callable[[], Awaitable[T]]
+) -> T:
     """``action``, or a clear LogError when the cluster does not answer in time, refuses this
-    client's credentials or certificate, or denies the action by its ACLs."""
+    client's credentials or certificate, or denies the action by its ACLs. Given as a function
+    that makes the request, an action that fails with an error Kafka calls retriable (a broker
+    that died, a coordinator or leader moving to another broker) is made again until the
+    connect timeout is up."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.connect_timeout
     try:
-        return await asyncio.wait_for(action, settings.connect_timeout)
+        while True:
+            attempt = action() if callable(action) else action
+            try:
+                return await asyncio.wait_for(attempt, max(deadline - loop.time(), 0.001))
+            except KafkaError as error:
+                if not (callable(action) and error.retriable):
+                    raise
+                if loop.time() + _RETRY_BACKOFF >= deadline:
+                    raise
+            await asyncio.sleep(_RETRY_BACKOFF)
     except _DENIED as error:
         raise denied(settings, what, error) from error
     except (TimeoutError, KafkaError, OSError) as error:
@@ -567,18 +589,17 @@ class KafkaLog(LogBackend):
                 )
             if spec.partitions < 1:
                 raise TopicError(f"topic {spec.name!r} needs at least one partition")
-        new = [
-            NewTopic(
-                spec.name,
-                spec.partitions,
-                self.settings.replication_factor,
-                topic_configs=_topic_configs(spec),
-            )
-            for spec in specs
-            if spec.name not in existing
-        ]
-        if not new:
+        wanted = [spec for spec in specs if spec.name not in existing]
+        if not wanted:
             return
+        replicas = self.settings.replication_factor
+        if replicas is None:
+            cluster = await _reach(self.settings, "describe the cluster", admin.describe_cluster)
+            replicas = max(1, min(_DEFAULT_REPLICAS, len(cluster.get("brokers", ()))))
+        new = [
+            NewTopic(spec.name, spec.partitions, replicas, topic_configs=_topic_configs(spec))
+            for spec in wanted
+        ]
         try:
             response = await _reach(self.settings, "create topics", admin.create_topics(new))
         except TopicAlreadyExistsError:
@@ -601,7 +622,7 @@ class KafkaLog(LogBackend):
 
     async def describe_topics(self) -> dict[str, TopicSpec]:
         admin = await self._admin_client()
-        topics = await _reach(self.settings, "describe topics", admin.describe_topics())
+        topics = await _reach(self.settings, "describe topics", admin.describe_topics)
         counts = {
             t["topic"]: len(t["partitions"])
             for t in topics
@@ -612,7 +633,7 @@ class KafkaLog(LogBackend):
         wanted = {"cleanup.policy": None, "retention.ms": None}
         resources = [ConfigResource(ConfigResourceType.TOPIC, name, wanted) for name in counts]
         responses = await _reach(
-            self.settings, "describe topics", admin.describe_configs(resources)
+            self.settings, "describe topics", lambda: admin.describe_configs(resources)
         )
         specs = {}
         for response in responses:
@@ -636,7 +657,7 @@ class KafkaLog(LogBackend):
     async def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
         reader = await self._reader_client()
         ends = await _reach(
-            self.settings, "read end offsets", reader.end_offsets(_partitions(partitions))
+            self.settings, "read end offsets", lambda: reader.end_offsets(_partitions(partitions))
         )
         return {TopicPartition(tp.topic, tp.partition): offset for tp, offset in ends.items()}
 
@@ -647,7 +668,7 @@ class KafkaLog(LogBackend):
         found = await _reach(
             self.settings,
             "read committed offsets",
-            admin.list_consumer_group_offsets(group, partitions=_partitions(partitions)),
+            lambda: admin.list_consumer_group_offsets(group, partitions=_partitions(partitions)),
         )
         return {
             TopicPartition(tp.topic, tp.partition): meta.offset
