@@ -40,8 +40,9 @@ from pipelines.errors import PipelineError
 from pipelines.loader import load_pipeline
 from pipelines.log import BACKENDS, open_log
 from pipelines.log._partition_file import disk_error
-from pipelines.log.base import FetchedBatch, TopicPartition
+from pipelines.log.base import FetchedBatch, LogBackend, TopicPartition, TopicSpec
 from pipelines.log.check import check_log
+from pipelines.log.embedded import EmbeddedLog
 from pipelines.runtime import deadletters
 from pipelines.runtime.acls import kafka_acls_commands, pipeline_acls
 from pipelines.runtime.logs import FORMATS, LEVELS, configure, json_lines
@@ -584,7 +585,8 @@ async def _topics(args: argparse.Namespace) -> int:
         if args.topics_command == "list":
             for name, spec in sorted(specs.items()):
                 tps = [TopicPartition(name, p) for p in range(spec.partitions)]
-                total = sum((await log.end_offsets(tps)).values())
+                starts = await log.start_offsets(tps)
+                total = sum(end - starts[tp] for tp, end in (await log.end_offsets(tps)).items())
                 print(f"{name}\t{spec.partitions} partitions\t{total:,} records")
             return 0
         found = specs.get(args.name)
@@ -596,13 +598,12 @@ async def _topics(args: argparse.Namespace) -> int:
         spec = found
         tps = [TopicPartition(spec.name, p) for p in range(spec.partitions)]
         ends = await log.end_offsets(tps)
+        starts = await log.start_offsets(tps)
         if args.topics_command == "describe":
-            print(f"{spec.name}: {spec.partitions} partitions, compacted={spec.compacted}")
-            for tp in tps:
-                print(f"  partition {tp.partition}: {ends[tp]:,} records")
+            _describe_topic(log, spec, starts, ends)
             return 0
         for tp in tps:
-            fetched = await log.read(tp, max(0, ends[tp] - args.lines), args.lines)
+            fetched = await log.read(tp, max(starts[tp], ends[tp] - args.lines), args.lines)
             if args.markers:
                 for offset, (writer, mark) in _markers(fetched):
                     print(
@@ -628,6 +629,30 @@ async def _topics(args: argparse.Namespace) -> int:
         return 0
     finally:
         await log.close()
+
+
+def _describe_topic(
+    log: LogBackend,
+    spec: TopicSpec,
+    starts: dict[TopicPartition, int],
+    ends: dict[TopicPartition, int],
+) -> None:
+    """A topic's settings, then per partition: its records, the offsets they span, and on the
+    embedded log its segment files and their size on disk."""
+    retention = "none" if spec.retention_ms is None else f"{spec.retention_ms:,} ms"
+    print(
+        f"{spec.name}: {spec.partitions} partitions, compacted={spec.compacted}, "
+        f"retention {retention}"
+    )
+    for tp in sorted(ends, key=lambda tp: tp.partition):
+        line = (
+            f"  partition {tp.partition}: {ends[tp] - starts[tp]:,} records "
+            f"(offsets {starts[tp]:,} to {ends[tp]:,})"
+        )
+        if isinstance(log, EmbeddedLog):
+            _, segments, size = log.size_on_disk(tp)
+            line += f", {segments} segment{'s' if segments != 1 else ''}, {size:,} bytes"
+        print(line)
 
 
 def _markers(fetched: FetchedBatch) -> list[tuple[int, tuple[str, int]]]:

@@ -370,7 +370,7 @@ def test_topics_data_dir_option(finished_run: Path, tmp_path: Path) -> None:
     shutil.copytree(finished_run / ".headwater", data_dir)
     result = headwater("topics", "describe", "upper", "--data-dir", data_dir, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0] == "upper: 2 partitions, compacted=False"
+    assert result.stdout.splitlines()[0] == "upper: 2 partitions, compacted=False, retention none"
     listed = headwater("topics", "list", "--data-dir", data_dir, cwd=tmp_path)
     assert "upper\t2 partitions\t30 records" in listed.stdout.splitlines()
 
@@ -381,8 +381,11 @@ def test_topics_describe(finished_run: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[0] == "letters: 3 partitions, compacted=False"
+    assert lines[0] == "letters: 3 partitions, compacted=False, retention none"
     counts = [int(line.split(":")[1].split()[0]) for line in lines[1:]]
+    for line, count in zip(lines[1:], counts, strict=True):  # nothing removed: from offset 0
+        assert f"(offsets 0 to {count:,}), 1 segment, " in line, line
+        assert int(line.rsplit(", ", 1)[1].split()[0].replace(",", "")) > 0  # bytes on disk
     assert [line.split(":")[0].strip() for line in lines[1:]] == [
         "partition 0",
         "partition 1",
@@ -391,7 +394,7 @@ def test_topics_describe(finished_run: Path) -> None:
     assert sum(counts) == LETTERS_ON_THE_LOG  # the 31 records and one marker per partition
     assert all(count >= 1 for count in counts)  # every partition has at least its marker
     positions = headwater("topics", "describe", "letters.source-positions", cwd=finished_run)
-    assert positions.stdout.splitlines()[0].endswith("1 partitions, compacted=True")
+    assert positions.stdout.splitlines()[0].endswith("1 partitions, compacted=True, retention none")
 
 
 def _tail(finished_run: Path, topic: str, *more: str) -> list[dict[str, object]]:

@@ -42,6 +42,7 @@ A writer checks under its lock that the file was not replaced since it opened it
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -69,6 +70,8 @@ _NO_KEYS = 1
 _HEADERS = 2
 _TXN = 4
 _HOLE = 8  # offsets lost to damage, moved out by `headwater log check --repair` (no records)
+_SEAL = 16  # the segment's last frame: the partition goes on in the next (no records)
+_SEAL_INFO = struct.Struct("<q")  # a seal's payload: the newest timestamp, then transactions
 _TXN_MARK = struct.Struct("<QQ")
 _END = struct.Struct("<Q")  # the acknowledged end, in <p>.end
 _REPAIR = (
@@ -173,6 +176,24 @@ def hole_header(base_offset: int, count: int, padding: int) -> bytes:
     return _HEADER.pack(padding, crc, base_offset, count, _HOLE)
 
 
+def seal_frame(end_offset: int, newest: int, transactions: dict[int, int]) -> bytes:
+    """The frame that ends a segment at ``end_offset``: it holds the newest record timestamp
+    of the segment (what time-based retention judges it by) and the last sequence of every
+    transaction written to the partition so far (so the next segment's writers still refuse
+    a transaction's frame a second time)."""
+    payload = _SEAL_INFO.pack(newest) + orjson.dumps({str(t): q for t, q in transactions.items()})
+    head = _HEADER.pack(len(payload), 0, end_offset, 0, _SEAL)
+    crc = zlib.crc32(payload, zlib.crc32(head[_CRC_FROM:]))
+    return _HEADER.pack(len(payload), crc, end_offset, 0, _SEAL) + payload
+
+
+def _seal_info(frame: bytes) -> tuple[int, dict[int, int]]:
+    """The newest timestamp and the transactions a seal frame holds."""
+    newest: int = _SEAL_INFO.unpack_from(frame, _HEADER.size)[0]
+    listed = orjson.loads(frame[_HEADER.size + _SEAL_INFO.size :])
+    return newest, {int(t): int(q) for t, q in listed.items()}
+
+
 def _checksum_ok(frame: bytes) -> bool:
     length: int
     crc: int
@@ -227,30 +248,72 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-class PartitionFile:
-    """Reads and appends one partition's file; safe to use from several processes at once."""
+class _Sealed(Exception):
+    """The segment was sealed by another writer: append to the next one."""
 
-    def __init__(self, path: Path, *, fsync: bool = False) -> None:
+
+class _Segment:
+    """Reads and appends one segment file; safe to use from several processes at once.
+
+    ``base`` is the offset of its first record. ``transactions`` (transaction -> the last
+    sequence seen) is shared by the segments of a partition. Without ``create`` the file must
+    exist (a sealed segment, or one another writer created): :class:`FileNotFoundError` if
+    retention removed it."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        base: int = 0,
+        fsync: bool = False,
+        create: bool = True,
+        transactions: dict[int, int] | None = None,
+    ) -> None:
         self.path = path
+        self.base = base
         self._fsync = fsync
-        self._fd = _open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
-        try:
-            self._end_fd = _open(path.with_suffix(".end"), os.O_RDWR | os.O_CREAT)
-        except LogError:
-            os.close(self._fd)
-            raise
+        if create:
+            self._fd = _open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+        else:
+            self._fd = os.open(path, os.O_RDWR | os.O_APPEND)  # missing: the caller rescans
+        self._end_fd = -1  # <p>.end, opened when first needed (see _end)
         # frames indexed so far: base offsets and file positions, in order
         self._bases: list[int] = []
         self._positions: list[int] = []
         self._indexed_end = 0  # file position after the last indexed frame
-        self._next_offset = 0
+        self._next_offset = base
         self._cached: tuple[int, int, RawBatch] | None = None  # (position, base, records)
-        self._transactions: dict[int, int] = {}  # transaction -> last sequence in the file
+        self._transactions = {} if transactions is None else transactions
         self._holes: dict[int, int] = {}  # file position -> offsets lost, of each hole frame
+        self.sealed = False
+        self.newest: int | None = None
+        """The newest record timestamp in the segment, once it is sealed."""
+
+    @property
+    def size(self) -> int:
+        """Bytes of whole frames indexed so far."""
+        return self._indexed_end
 
     def close(self) -> None:
         os.close(self._fd)
-        os.close(self._end_fd)
+        if self._end_fd >= 0:
+            os.close(self._end_fd)
+
+    def _end(self, *, create: bool) -> int:
+        """The fd of ``<p>.end`` (-1 if it does not exist and ``create`` is false: a segment
+        being removed by retention must not get its ``.end`` back)."""
+        if self._end_fd < 0:
+            path = self.path.with_suffix(".end")
+            if create:
+                self._end_fd = _open(path, os.O_RDWR | os.O_CREAT)
+            else:
+                try:
+                    self._end_fd = os.open(path, os.O_RDWR)
+                except FileNotFoundError:
+                    return -1
+                except OSError as error:
+                    raise disk_error(path, "open", error) from error
+        return self._end_fd
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -309,6 +372,12 @@ class PartitionFile:
             self._positions.append(self._indexed_end)
             self._indexed_end += len(frame)
             self._next_offset = base + count
+            if flags & _SEAL:
+                self.sealed = True
+                self.newest, transactions = _seal_info(frame)
+                for transaction, sequence in transactions.items():
+                    self._note_transaction(transaction, sequence)
+                return  # nothing follows a seal
 
     def end_offset(self) -> int:
         """The offset the next appended record will get, as far as this reader can see."""
@@ -397,29 +466,67 @@ class PartitionFile:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             self._recover_tail()
+            if self.sealed:
+                raise _Sealed
             if txn is not None and self._transactions.get(txn[0], -1) >= txn[1]:
                 return None
             base = self._next_offset
-            frame = encode_frame(base, batch, txn)
-            _write_all(self._fd, frame)
-            if self._fsync:
-                os.fsync(self._fd)
-            os.pwrite(self._end_fd, _END.pack(self._indexed_end + len(frame)), 0)
+            self._write_frame(encode_frame(base, batch, txn), base, len(batch))
             if txn is not None:
                 self._note_transaction(*txn)
-            self._bases.append(base)
-            self._positions.append(self._indexed_end)
-            self._indexed_end += len(frame)
-            self._next_offset = base + len(batch)
             # cache a copy: the caller may reuse (clear, refill) its batch once we return
             self._cached = (self._positions[-1], base, batch.copy())
             return base
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
+    def _write_frame(self, frame: bytes, base: int, count: int) -> None:
+        """Under the write lock: write ``frame``, acknowledge it and index it."""
+        _write_all(self._fd, frame)
+        if self._fsync:
+            os.fsync(self._fd)
+        os.pwrite(self._end(create=True), _END.pack(self._indexed_end + len(frame)), 0)
+        self._bases.append(base)
+        self._positions.append(self._indexed_end)
+        self._indexed_end += len(frame)
+        self._next_offset = base + count
+
+    def seal(self) -> None:
+        """End the segment with a seal frame (see :func:`seal_frame`), unless another writer
+        has; appends then go to the next segment, which starts at this one's end offset."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                self._recover_tail()
+                if not self.sealed:
+                    newest = self._newest_timestamp()
+                    frame = seal_frame(self._next_offset, newest, self._transactions)
+                    self._write_frame(frame, self._next_offset, 0)
+                    self.sealed, self.newest = True, newest
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except OSError as error:
+            raise disk_error(self.path, "seal", error) from error
+
+    def _newest_timestamp(self) -> int:
+        """The newest timestamp of the records indexed (-1 without any)."""
+        newest = -1
+        for position in self._positions:
+            head = os.pread(self._fd, _HEADER.size + _TXN_MARK.size, position)
+            _, _, _, count, flags = _HEADER.unpack_from(head)
+            if not count or flags & _HOLE:
+                continue
+            at = position + _HEADER.size + (_TXN_MARK.size if flags & _TXN else 0)
+            timestamps = _ints("q", count).unpack(os.pread(self._fd, 8 * count, at))
+            newest = max(newest, *timestamps)
+        return newest
+
     def _acknowledged_end(self) -> int:
         """The byte end of the frames appends have acknowledged (0 if never recorded)."""
-        raw = os.pread(self._end_fd, _END.size, 0)
+        fd = self._end(create=False)
+        if fd < 0:
+            return 0
+        raw = os.pread(fd, _END.size, 0)
         return _END.unpack(raw)[0] if len(raw) == _END.size else 0
 
     def _raise_damaged(self) -> None:
@@ -470,6 +577,232 @@ class PartitionFile:
                 self._indexed_end,
             )
             os.ftruncate(self._fd, self._indexed_end)
+
+
+class OffsetOutOfRange(LogError):
+    """A read below the start of a partition: retention or a purge removed those records."""
+
+    def __init__(self, message: str, *, log_start: int) -> None:
+        super().__init__(message)
+        self.log_start = log_start
+
+
+DEFAULT_SEGMENT_BYTES = 64 << 20
+
+
+def segment_paths(first: Path) -> list[tuple[int, Path]]:
+    """The segment files of the partition whose first segment is ``first`` (``<p>.log``; the
+    others are ``<p>-<base offset>.log``), as (base offset, path), oldest first."""
+    found: list[tuple[int, Path]] = []
+    prefix = f"{first.stem}-"
+    try:
+        with os.scandir(first.parent) as entries:
+            for entry in entries:
+                name = entry.name
+                if name == first.name:
+                    found.append((0, Path(entry.path)))
+                elif name.startswith(prefix) and name.endswith(".log"):
+                    digits = name[len(prefix) : -len(".log")]
+                    if digits.isdecimal():
+                        found.append((int(digits), Path(entry.path)))
+    except OSError as error:
+        raise disk_error(first.parent, "list the segments in", error) from error
+    return sorted(found)
+
+
+class PartitionFile:
+    """One partition: a chain of segment files, each ending in a seal that names where the
+    next starts; appends go to the newest (the *active* segment). Safe to use from several
+    processes at once.
+
+    A writer seals the active segment once it holds ``segment_bytes`` (under the segment's
+    write lock, so every writer then finds it sealed and moves on) and appends to the next,
+    which it creates; a reader that reaches a seal opens the next segment once it exists.
+    Whole sealed segments can then be removed, oldest first (:meth:`drop`): what retention and
+    purges do. A read below the first remaining segment raises :class:`OffsetOutOfRange`.
+    """
+
+    _OPEN_SEALED = 2  # sealed segments kept open per partition (reads go forward)
+
+    def __init__(
+        self, path: Path, *, fsync: bool = False, segment_bytes: int = DEFAULT_SEGMENT_BYTES
+    ) -> None:
+        self.path = path
+        self._fsync = fsync
+        self._segment_bytes = segment_bytes
+        self._transactions: dict[int, int] = {}
+        self._sealed: dict[int, _Segment] = {}
+        self._bases = [base for base, _ in segment_paths(path)] or [0]
+        self._active = self._segment(self._bases[-1], create=True)
+        self._seals_read = len(self._bases) == 1
+        """Whether the transactions of earlier segments are known (read from the last seal
+        when a transaction first appends)."""
+
+    def close(self) -> None:
+        for segment in (*self._sealed.values(), self._active):
+            segment.close()
+        self._sealed.clear()
+
+    def _segment_path(self, base: int) -> Path:
+        if base == 0:
+            return self.path
+        return self.path.with_name(f"{self.path.stem}-{base:020d}.log")
+
+    def _segment(self, base: int, *, create: bool) -> _Segment:
+        return _Segment(
+            self._segment_path(base),
+            base=base,
+            fsync=self._fsync,
+            create=create,
+            transactions=self._transactions,
+        )
+
+    def _move_on(self, *, create: bool) -> None:
+        """While the active segment is sealed, make the next one active (a writer creates it;
+        a reader waits for it)."""
+        active = self._active
+        while True:
+            following = active.end_offset()
+            if not active.sealed:
+                return
+            try:
+                successor = self._segment(following, create=create)
+            except FileNotFoundError:
+                return  # sealed, the next not created yet: no newer records either
+            self._keep_sealed(active)
+            self._active = active = successor
+            if following not in self._bases:
+                self._bases.append(following)
+
+    def _keep_sealed(self, segment: _Segment) -> None:
+        """Keep ``segment`` open as the most recently used; close the least recently used
+        beyond the few kept."""
+        self._sealed.pop(segment.base, None)
+        self._sealed[segment.base] = segment
+        while len(self._sealed) > self._OPEN_SEALED:
+            self._sealed.pop(next(iter(self._sealed))).close()
+
+    def _sealed_segment(self, base: int) -> _Segment:
+        found = self._sealed.get(base) or self._segment(base, create=False)
+        self._keep_sealed(found)
+        return found
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def log_start(self) -> int:
+        """The first offset still on the log (records below were removed)."""
+        self._bases = [base for base, _ in segment_paths(self.path)] or self._bases
+        return self._bases[0]
+
+    def end_offset(self) -> int:
+        """The offset the next appended record will get, as far as this reader can see."""
+        end = self._active.end_offset()
+        if self._active.sealed:
+            self._move_on(create=False)
+            end = self._active.end_offset()
+        return end
+
+    def read(self, offset: int, max_records: int) -> tuple[RawBatch, int]:
+        """Records from ``offset`` on (at most ``max_records``, all from one segment) and the
+        offset after them (see :meth:`_Segment.read`)."""
+        if offset >= self._active.base:
+            records, following = self._active.read(offset, max_records)
+            if not records and self._active.sealed and offset >= self._active._next_offset:
+                self._move_on(create=False)
+                if offset >= self._active.base and not self._active.sealed:
+                    return self._active.read(offset, max_records)
+            return records, following
+        try:
+            segment = self._sealed_segment(self._base_of(offset))
+        except FileNotFoundError:
+            segment = self._sealed_segment(self._base_of(offset, rescan=True))
+        return segment.read(offset, max_records)
+
+    def _base_of(self, offset: int, *, rescan: bool = False) -> int:
+        """The base of the sealed segment holding ``offset``."""
+        if rescan or offset < self._bases[0]:
+            self.log_start()
+        if offset < self._bases[0]:
+            raise OffsetOutOfRange(
+                f"{self.path}: offset {offset:,} is no longer on the log, which now starts at "
+                f"offset {self._bases[0]:,}: retention or a purge removed the records below",
+                log_start=self._bases[0],
+            )
+        return self._bases[bisect_right(self._bases, offset) - 1]
+
+    # -- appending ---------------------------------------------------------------------------
+
+    def append(self, batch: RawBatch, txn: tuple[int, int] | None = None) -> int | None:
+        """Append ``batch`` as one frame to the active segment (see :meth:`_Segment.append`),
+        then seal it if it is full."""
+        if txn is not None and not self._seals_read:
+            self._read_last_seal()
+        while True:
+            try:
+                base = self._active.append(batch, txn)
+            except _Sealed:
+                self._move_on(create=True)
+                continue
+            break
+        if self._active.size >= self._segment_bytes:
+            self.roll()
+        return base
+
+    def _read_last_seal(self) -> None:
+        """Learn the transactions written to earlier segments from the newest seal."""
+        sealed = [base for base in self._bases if base < self._active.base]
+        if sealed:
+            with contextlib.suppress(FileNotFoundError):  # removed: nothing to recover there
+                self._sealed_segment(sealed[-1]).end_offset()
+        self._seals_read = True
+
+    def roll(self) -> None:
+        """Seal the active segment (unless it is empty) and start the next."""
+        if self._active.end_offset() == self._active.base:
+            return
+        if not self._seals_read:  # the seal carries every transaction written so far
+            self._read_last_seal()
+        self._active.seal()
+        self._move_on(create=True)
+
+    # -- removing ----------------------------------------------------------------------------
+
+    def segments(self) -> list[tuple[int, int, Path]]:
+        """Every segment as (base offset, end offset, path), oldest first; the last one is the
+        active segment, whose end moves."""
+        listed = segment_paths(self.path)
+        ends = [base for base, _ in listed[1:]] + [self.end_offset()]
+        return [(base, end, path) for (base, path), end in zip(listed, ends, strict=True)]
+
+    def newest_timestamp(self, base: int) -> int | None:
+        """The newest record timestamp of the sealed segment at ``base`` (None if gone)."""
+        try:
+            segment = self._sealed_segment(base)
+        except FileNotFoundError:
+            return None
+        segment.end_offset()
+        return segment.newest
+
+    def drop(self, below: int) -> list[Path]:
+        """Remove the sealed segments whose records all lie below offset ``below``, oldest
+        first; never the active one. Returns the files removed."""
+        removed: list[Path] = []
+        for base, end, path in self.segments()[:-1]:
+            if end > below:
+                break
+            segment = self._sealed.pop(base, None)
+            if segment is not None:
+                segment.close()
+            for gone in (path, path.with_suffix(".end")):
+                try:
+                    gone.unlink()
+                except FileNotFoundError:
+                    continue  # another process removed it
+                except OSError as error:
+                    raise disk_error(gone, "remove", error) from error
+            removed.append(path)
+        self.log_start()
+        return removed
 
 
 def _extend(out: RawBatch, records: RawBatch, start: int, stop: int) -> None:

@@ -235,6 +235,25 @@ class LogBackend(ABC):
     def consumer(self, group: str) -> Consumer:
         """A new consumer that joins ``group`` when it subscribes."""
 
+    async def start_offsets(
+        self, partitions: Sequence[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        """The first offset still on the log of each partition (records below were dropped
+        by retention or a purge). By default nothing is ever dropped: 0."""
+        return dict.fromkeys(partitions, 0)
+
+    async def purge(self, below: Mapping[TopicPartition, int]) -> None:
+        """Let the log drop the records of each partition below the offset given (records every
+        reader has processed: a repartition topic below its group's committed offsets). The
+        log may keep some: the embedded log drops whole sealed segments only. By default it
+        keeps everything."""
+        del below
+
+    async def enforce_retention(self, specs: Sequence[TopicSpec], now_ms: int) -> None:
+        """Drop what the ``retention_ms`` of each topic in ``specs`` lets go, as of ``now_ms``.
+        Kafka's brokers do this themselves; by default nothing is dropped."""
+        del specs, now_ms
+
     @abstractmethod
     async def close(self) -> None:
         """Release the backend's resources."""

@@ -61,13 +61,15 @@ from pipelines.log._partition_file import (
     _HEADERS,
     _HOLE,
     _NO_KEYS,
+    _SEAL,
     _TXN,
     hole_header,
+    segment_paths,
 )
 
 __all__ = ["Damage", "LogCheck", "PartitionCheck", "check_log", "users"]
 
-_KNOWN_FLAGS = _NO_KEYS | _HEADERS | _TXN | _HOLE
+_KNOWN_FLAGS = _NO_KEYS | _HEADERS | _TXN | _HOLE | _SEAL
 _MAX_COUNT = 0xFFFFFFFF  # the count field of a frame header
 _CHUNK = 1 << 24  # bytes copied at a time
 
@@ -124,6 +126,8 @@ class PartitionCheck:
     topic: str
     partition: int
     path: Path
+    base: int = 0
+    """The first offset of the segment file checked (the partition's first file: 0)."""
     size: int = 0
     acknowledged: int = 0
     frames: int = 0
@@ -139,7 +143,8 @@ class PartitionCheck:
 
     @property
     def name(self) -> str:
-        return f"{self.topic}[{self.partition}]"
+        segment = f" from offset {self.base:,}" if self.path.stem != str(self.partition) else ""
+        return f"{self.topic}[{self.partition}]{segment}"
 
     def line(self) -> str:
         """One line saying how the partition is."""
@@ -232,15 +237,16 @@ def check_log(data_dir: Path, topics: Sequence[str] = (), *, repair: bool = Fals
     """Check every partition of ``topics`` (all of them when empty) in ``data_dir``; with
     ``repair``, then repair each damaged one (see the module docstring)."""
     found = [
-        check_partition(data_dir, topic, partition)
+        check_segment(data_dir, topic, partition, base)
         for topic, count in _topics(data_dir, topics).items()
         for partition in range(count)
+        for base in _segment_bases(data_dir, topic, partition)
     ]
     result = LogCheck(data_dir, found)
     if repair and result.damaged:
         _refuse_if_in_use(data_dir)
         result.partitions = [
-            check_partition(data_dir, p.topic, p.partition, repair=True) if p.damage else p
+            check_segment(data_dir, p.topic, p.partition, p.base, repair=True) if p.damage else p
             for p in found
         ]
         result.repaired = True
@@ -277,13 +283,20 @@ def _partition_count(meta: Path) -> int:
         ) from None
 
 
-def check_partition(
-    data_dir: Path, topic: str, partition: int, *, repair: bool = False
+def _segment_bases(data_dir: Path, topic: str, partition: int) -> list[int]:
+    """The base offsets of the partition's segment files (``[0]`` when it has none yet)."""
+    listed = segment_paths(data_dir / "topics" / topic / f"{partition}.log")
+    return [base for base, _ in listed] or [0]
+
+
+def check_segment(
+    data_dir: Path, topic: str, partition: int, base: int = 0, *, repair: bool = False
 ) -> PartitionCheck:
-    """Check one partition under its ``flock`` (exclusive with ``repair``, which then rewrites
-    the file if it is damaged)."""
-    path = data_dir / "topics" / topic / f"{partition}.log"
-    found = PartitionCheck(topic, partition, path, acknowledged=_acknowledged_end(path))
+    """Check one segment file of a partition under its ``flock`` (exclusive with ``repair``,
+    which then rewrites the file if it is damaged)."""
+    first = data_dir / "topics" / topic / f"{partition}.log"
+    path = first if base == 0 else first.with_name(f"{partition}-{base:020d}.log")
+    found = PartitionCheck(topic, partition, path, base, acknowledged=_acknowledged_end(path))
     try:
         with _locked(path, exclusive=repair) as view:
             found.size = len(view)
@@ -341,7 +354,7 @@ def _locked(path: Path, *, exclusive: bool) -> Iterator[Buffer]:
 
 def _walk(view: Buffer, found: PartitionCheck, committed: int) -> None:
     """Note every frame of ``view`` in ``found``, and what is torn or damaged."""
-    size, position, offset = found.size, 0, 0
+    size, position, offset = found.size, 0, found.base
     while position < size:
         end = _frame_end(view, position, size)
         if end is not None:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import orjson
 
-from pipelines.errors import CorruptLogError, LogError, TopicError
+from pipelines.errors import CorruptLogError, LogError, PipelineDefinitionError, TopicError
 from pipelines.log._commits import (
     CommitRecord,
     fsync_directory,
@@ -46,7 +46,12 @@ from pipelines.log._commits import (
 )
 from pipelines.log._local import LocalLog, LocalTransaction, Membership, new_member_id
 from pipelines.log._locks import locked
-from pipelines.log._partition_file import PartitionFile, disk_error
+from pipelines.log._partition_file import (
+    DEFAULT_SEGMENT_BYTES,
+    OffsetOutOfRange,
+    PartitionFile,
+    disk_error,
+)
 from pipelines.log.base import FetchedBatch, RawBatch, TopicPartition, TopicSpec
 
 __all__ = ["DEFAULT_DATA_DIR", "EmbeddedLog"]
@@ -91,6 +96,27 @@ def _exists(path: Path) -> bool:
     except OSError as error:
         raise disk_error(path, "look for", error) from error
     return True
+
+
+SEGMENT_BYTES_VARIABLE = "HEADWATER_SEGMENT_BYTES"
+
+
+def _segment_bytes_from_env() -> int:
+    """The size at which partitions start a new segment file: ``HEADWATER_SEGMENT_BYTES``, or
+    64 MiB. Whole segments are what retention and purges remove."""
+    raw = os.environ.get(SEGMENT_BYTES_VARIABLE)
+    if not raw:
+        return DEFAULT_SEGMENT_BYTES
+    try:
+        size = int(raw)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise PipelineDefinitionError(
+            f"{SEGMENT_BYTES_VARIABLE}={raw!r}: give the segment size in bytes, a positive "
+            "integer (the default is 67108864, 64 MiB)"
+        )
+    return size
 
 
 def _file_name(tp: TopicPartition) -> str:
@@ -255,9 +281,16 @@ class EmbeddedLog(LocalLog):
 
     name = "embedded"
 
-    def __init__(self, data_dir: Path | str = DEFAULT_DATA_DIR, *, fsync: bool = False) -> None:
+    def __init__(
+        self,
+        data_dir: Path | str = DEFAULT_DATA_DIR,
+        *,
+        fsync: bool = False,
+        segment_bytes: int | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self._fsync = fsync
+        self._segment_bytes = segment_bytes or _segment_bytes_from_env()
         self._topics_dir = self.data_dir / "topics"
         self._groups_dir = self.data_dir / "groups"
         for directory in (self._topics_dir, self._groups_dir):
@@ -315,7 +348,9 @@ class EmbeddedLog(LocalLog):
             if not _exists(topic_dir / "topic.json"):
                 raise TopicError(f"no topic {tp.topic!r} in {self.data_dir}")
             found = self._files[tp] = PartitionFile(
-                topic_dir / f"{tp.partition}.log", fsync=self._fsync
+                topic_dir / f"{tp.partition}.log",
+                fsync=self._fsync,
+                segment_bytes=self._segment_bytes,
             )
         return found
 
@@ -382,7 +417,17 @@ class EmbeddedLog(LocalLog):
         self._file(tp).append(batch)
 
     def read_now(self, tp: TopicPartition, offset: int, max_records: int) -> FetchedBatch:
-        records, next_offset = self._file(tp).read(offset, max_records)
+        try:
+            records, next_offset = self._file(tp).read(offset, max_records)
+        except OffsetOutOfRange as error:
+            raise OffsetOutOfRange(
+                f"cannot read offset {offset:,} of topic {tp.topic!r} partition "
+                f"{tp.partition}: the log now starts at offset {error.log_start:,}, as the "
+                "topic's retention removed the records before it while this consumer was "
+                "behind. Give the topic a longer retention_ms, or run `headwater reset` to "
+                "process what is left from the start",
+                log_start=error.log_start,
+            ) from None
         return FetchedBatch(
             tp.topic, tp.partition, records, range(offset, offset + len(records)), next_offset
         )
@@ -469,6 +514,43 @@ class EmbeddedLog(LocalLog):
                 path.unlink()
         finally:
             os.close(fd)
+
+    async def start_offsets(
+        self, partitions: Sequence[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        return {tp: self._file(tp).log_start() for tp in partitions}
+
+    async def purge(self, below: Mapping[TopicPartition, int]) -> None:
+        for tp, offset in below.items():
+            self._file(tp).drop(below=offset)
+
+    async def enforce_retention(self, specs: Sequence[TopicSpec], now_ms: int) -> None:
+        """Remove each partition's sealed segments, oldest first, while their newest record
+        is older than the topic's ``retention_ms``: the active segment stays, so a partition
+        keeps at most one segment's worth past its retention."""
+        for spec in specs:
+            if spec.retention_ms is None:
+                continue
+            for partition in range(spec.partitions):
+                file = self._file(TopicPartition(spec.name, partition))
+                expired = 0
+                for base, end, _ in file.segments()[:-1]:
+                    newest = file.newest_timestamp(base)
+                    if newest is None or newest >= now_ms - spec.retention_ms:
+                        break
+                    expired = end
+                if expired:
+                    file.drop(below=expired)
+
+    def size_on_disk(self, tp: TopicPartition) -> tuple[int, int, int]:
+        """A partition's first offset still on the log, its segment files and their bytes."""
+        file = self._file(tp)
+        segments = file.segments()
+        size = 0
+        for _, _, path in segments:
+            with contextlib.suppress(FileNotFoundError):
+                size += path.stat().st_size
+        return file.log_start(), len(segments), size
 
     async def wait_for_append(self, timeout: float) -> None:
         await asyncio.sleep(min(timeout, _POLL_SECONDS))

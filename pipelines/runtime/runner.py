@@ -46,6 +46,7 @@ from pipelines.runtime.engine import (
     prepare_topics,
     refuse_a_second_copy,
 )
+from pipelines.runtime.housekeeping import Housekeeping
 from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.progress import Progress, RunState
 from pipelines.runtime.runlock import run_lock
@@ -359,6 +360,7 @@ async def _supervise(
     workers = [_spawn(options, i) for i in range(options.workers)]
     restarts = _Restarts(options)
     sources = Sources(log, topology)
+    housekeeping = Housekeeping(log, topology)
     state.sources = sources.progress
     finished_once = False  # the end is confirmed by two checks in a row (a report in flight)
     limit = _dead_letter_limit(options, topology)
@@ -373,6 +375,7 @@ async def _supervise(
             if all(w.process.exitcode is not None for w in workers) and not restarts.pending:
                 raise RunFailed("every worker has stopped before the input was processed")
             sources.raise_failure()
+            await housekeeping.run_due()
             state.lag = await lag(log, topology)
             progress.refresh()
             if status is not None:

@@ -506,10 +506,10 @@ def test_a_reader_racing_the_cut_of_a_torn_tail_sees_no_corruption(
     def fstat(fd: int) -> os.stat_result:
         nonlocal raced
         result = real_fstat(fd)
-        if fd == reader._fd and not raced:  # right after the reader took the size
+        if fd == reader._active._fd and not raced:  # right after the reader took the size
             raced = True
-            writer._recover_tail()  # as append does under its lock: cut the torn tail...
-            os.write(writer._fd, new_frame[:written])  # ...and start writing
+            writer._active._recover_tail()  # as append does under its lock: cut the torn tail...
+            os.write(writer._active._fd, new_frame[:written])  # ...and start writing
         return result
 
     monkeypatch.setattr(os, "fstat", fstat)
@@ -517,7 +517,7 @@ def test_a_reader_racing_the_cut_of_a_torn_tail_sees_no_corruption(
     assert raced
     monkeypatch.undo()
 
-    os.write(writer._fd, new_frame[written:])  # the writer finishes its frame
+    os.write(writer._active._fd, new_frame[written:])  # the writer finishes its frame
     assert reader.end_offset() == 14
     records, next_offset = reader.read(0, 100)
     assert next_offset == 14

@@ -1,0 +1,155 @@
+"""Housekeeping keeps a running pipeline's embedded log bounded: repartition topics purged below
+the group's committed offsets, topics past their ``retention_ms`` trimmed, whole sealed
+segments at a time; and the pipeline's output stays what the input alone says."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import orjson
+import pytest
+from cli_support import headwater
+
+from pipelines.errors import PipelineDefinitionError
+from pipelines.log._partition_file import segment_paths
+from pipelines.log.base import RawBatch, TopicPartition, TopicSpec
+from pipelines.log.embedded import EmbeddedLog
+from pipelines.runtime.housekeeping import Housekeeping, housekeeping_seconds
+from pipelines.runtime.topology import compile_pipeline
+
+SMALL = 4096
+
+
+def numbered(start: int, count: int, stamp: int) -> RawBatch:
+    numbers = range(start, start + count)
+    return RawBatch([b"k%d" % n for n in numbers], [b"%d" % n for n in numbers], [stamp] * count)
+
+
+PIPELINE = """
+from datetime import timedelta
+import os
+from connectors.files import JsonLines, JsonLinesSink
+from pipelines import Pipeline, Topic
+
+pipeline = (
+    Pipeline("kept", processing_guarantee=os.environ.get("GUARANTEE", "at_least_once"))
+    .source(
+        JsonLines("events.jsonl"),
+        into=Topic("events", partitions=2, retention_ms=int(os.environ["RETENTION_MS"])),
+    )
+    .key_by("by-user", lambda e: e["user"])
+    .count("count")
+    .sink(JsonLinesSink("counts.jsonl"))
+)
+"""
+
+
+async def test_a_round_purges_repartition_topics_below_the_committed_offsets(
+    tmp_path: Path,
+) -> None:
+    module = tmp_path / "kept.py"
+    module.write_text(PIPELINE)
+    import importlib.util
+    import os
+
+    os.environ["RETENTION_MS"] = "60000"
+    try:
+        spec = importlib.util.spec_from_file_location("kept_pipeline", module)
+        assert spec is not None and spec.loader is not None
+        loaded = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded)
+    finally:
+        del os.environ["RETENTION_MS"]
+    topology = compile_pipeline(loaded.pipeline)
+    log = EmbeddedLog(tmp_path / "data", segment_bytes=SMALL)
+    await log.create_topics([t.spec for t in topology.topics])
+    by_user = TopicPartition("kept.by-user", 0)
+    events = TopicPartition("events", 0)
+    now = int(time.time() * 1000)
+    for start in range(0, 3000, 50):
+        log.append(by_user, numbered(start, 50, now))
+        log.append(events, numbered(start, 50, now - 120_000 if start < 2000 else now))
+    log.store_offsets(topology.group, {by_user: 1500})
+
+    await Housekeeping(log, topology, every=1.0).run()
+
+    repartition_start, _, _ = log.size_on_disk(by_user)
+    assert 1000 < repartition_start <= 1500  # whole segments below the committed offset
+    events_start, _, _ = log.size_on_disk(events)
+    assert 1500 < events_start <= 2000  # whole segments older than the retention
+    assert log.read_now(by_user, repartition_start, 10).records.values[0] == (
+        b"%d" % repartition_start
+    )
+    untouched = TopicPartition("kept.by-user", 1)
+    assert log.size_on_disk(untouched)[0] == 0
+
+
+def test_the_round_interval_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEADWATER_HOUSEKEEPING_SECONDS", "0.5")
+    assert housekeeping_seconds() == 0.5
+    monkeypatch.setenv("HEADWATER_HOUSEKEEPING_SECONDS", "soon")
+    with pytest.raises(PipelineDefinitionError, match="positive number"):
+        housekeeping_seconds()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_a_run_keeps_its_repartition_topic_bounded_and_its_counts_exact(
+    tmp_path: Path, guarantee: str
+) -> None:
+    """60,000 events over 500 users through a key_by: the repartition topic's start moves up
+    while the run goes on, and every user's last count is its number of events."""
+    (tmp_path / "kept.py").write_text(PIPELINE)
+    users = [f"u{(i * 7919) % 500}" for i in range(60_000)]
+    (tmp_path / "events.jsonl").write_bytes(
+        b"".join(orjson.dumps({"user": u, "i": i}) + b"\n" for i, u in enumerate(users))
+    )
+    run = headwater(
+        "run",
+        "kept.py",
+        "--workers",
+        "2",
+        cwd=tmp_path,
+        env={
+            "HEADWATER_SEGMENT_BYTES": "16384",
+            "HEADWATER_HOUSEKEEPING_SECONDS": "0.2",
+            "RETENTION_MS": str(7 * 24 * 3600 * 1000),
+            "GUARANTEE": guarantee,
+        },
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    last: dict[str, int] = {}
+    for line in (tmp_path / "counts.jsonl").read_bytes().splitlines():
+        row = orjson.loads(line)
+        last[row["key"]] = max(last.get(row["key"], 0), row["value"])
+    assert last == dict(Counter(users))
+    for partition in range(2):
+        first = tmp_path / ".headwater" / "topics" / "kept.by-user" / f"{partition}.log"
+        segments = segment_paths(first)
+        assert segments[0][0] > 0, "the repartition topic was never purged"
+        assert len(segments) <= 3, segments
+    events = tmp_path / ".headwater" / "topics" / "events" / "0.log"
+    assert segment_paths(events)[0][0] == 0  # within its retention: kept whole
+
+
+def test_records_appended_while_purging_are_kept(tmp_path: Path) -> None:
+    log = EmbeddedLog(tmp_path, segment_bytes=SMALL)
+    import asyncio
+
+    asyncio.run(log.create_topics([TopicSpec("t", 1)]))
+    tp = TopicPartition("t", 0)
+    for start in range(0, 1000, 50):
+        log.append(tp, numbered(start, 50, 0))
+    asyncio.run(log.purge({tp: 10**9}))
+    start = log.size_on_disk(tp)[0]
+    log.append(tp, numbered(1000, 50, 0))
+    values = []
+    offset = start
+    while offset < 1050:
+        fetched = log.read_now(tp, offset, 100)
+        values += fetched.records.values
+        offset = fetched.next_offset
+    assert values == [b"%d" % n for n in range(start, 1050)]
