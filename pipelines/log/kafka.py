@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka import TopicPartition as KafkaPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic, RecordsToDelete
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.conn import create_conn
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
@@ -660,6 +660,30 @@ class KafkaLog(LogBackend):
             self.settings, "read end offsets", lambda: reader.end_offsets(_partitions(partitions))
         )
         return {TopicPartition(tp.topic, tp.partition): offset for tp, offset in ends.items()}
+
+    async def start_offsets(
+        self, partitions: Sequence[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        reader = await self._reader_client()
+        starts = await _reach(
+            self.settings,
+            "read start offsets",
+            lambda: reader.beginning_offsets(_partitions(partitions)),
+        )
+        return {TopicPartition(tp.topic, tp.partition): offset for tp, offset in starts.items()}
+
+    async def purge(self, below: Mapping[TopicPartition, int]) -> None:
+        """Delete the records below each offset (Kafka's DeleteRecords): the log start moves
+        up at once, and the broker frees whole segments below it."""
+        wanted = {
+            KafkaPartition(tp.topic, tp.partition): RecordsToDelete(offset)
+            for tp, offset in below.items()
+            if offset > 0
+        }
+        if not wanted:
+            return
+        admin = await self._admin_client()
+        await _reach(self.settings, "delete records", lambda: admin.delete_records(wanted))
 
     async def committed_offsets(
         self, group: str, partitions: Sequence[TopicPartition]

@@ -52,6 +52,7 @@ def pipeline_acls(topology: Topology) -> list[Acl]:
     steps = topology.pipeline.steps
     read = {s.topic.name for s in steps if s.kind == "read" and s.topic is not None}
     written = {s.topic.name for s in steps if s.kind == "sink" and s.topic is not None}
+    repartitioned = {s.topic.name for s in steps if s.kind == "key_by" and s.topic is not None}
     acls: list[Acl] = []
     for topic in [*topology.topics, topology.positions_topic]:
         name = topic.name
@@ -63,6 +64,9 @@ def pipeline_acls(topology: Topology) -> list[Acl]:
             acls.append(
                 Acl("Topic", name, ("CREATE", "DESCRIBE", "DESCRIBE_CONFIGS", "WRITE"), why)
             )
+        elif name in repartitioned:
+            why = "the pipeline's own, purged below its committed offsets (DELETE)"
+            acls.append(Acl("Topic", name, (*_OWNED, "DELETE"), why))
         else:
             acls.append(Acl("Topic", name, _OWNED, "the pipeline's own"))
     acls.append(Acl("Group", topology.group, ("DESCRIBE", "READ"), "its workers' consumer group"))

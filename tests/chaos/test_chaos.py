@@ -308,8 +308,10 @@ class Sessions(Protocol):
 
 
 def _env() -> dict[str, str]:
-    """This environment without the HEADWATER_* settings of whoever runs the tests."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_")}
+    """This environment without the HEADWATER_* settings of whoever runs the tests, and no
+    purges: the checks read every record a run wrote to its repartition topic."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_")}
+    return {**env, "HEADWATER_HOUSEKEEPING_SECONDS": "3600"}
 
 
 def start(sessions: Sessions, args: Sequence[str], *, cwd: Path, name: str) -> Cli:

@@ -230,10 +230,14 @@ class Commands:
 
     def __init__(self) -> None:
         self.started: list[Cli] = []
+        self.env: dict[str, str] = {"HEADWATER_HOUSEKEEPING_SECONDS": "3600"}
+        """Settings every command gets (the runner's own ``HEADWATER_*`` are left out). No
+        purges: the checks read every copy a run wrote to its repartition topic."""
 
     def start(self, args: Sequence[str], *, cwd: Path, name: str) -> Cli:
         out, err = cwd / f"{name}.stdout", cwd / f"{name}.stderr"
         env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_")}
+        env.update(self.env)
         with out.open("wb") as stdout, err.open("wb") as stderr:
             process = subprocess.Popen(
                 [sys.executable, "-m", "pipelines.cli", *args],
@@ -924,6 +928,22 @@ def test_exactly_once_embedded_under_kill_9(tmp_path: Path, commands: Commands) 
     assert not left, f"commit files never applied (a later claim would apply them late): {left}"
     check_in_flight(view, job, chaos)
     print(chaos.text())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_exactly_once_embedded_under_kill_9_while_segments_roll(
+    tmp_path: Path, commands: Commands
+) -> None:
+    """The same run with 32 KiB segments: every partition rolls many times, and workers are
+    killed while they seal segments and follow seals. (No purges: the check reads every copy
+    on the repartition topic.)"""
+    commands.env["HEADWATER_SEGMENT_BYTES"] = "32768"
+    job, view, chaos = _embedded_chaos(tmp_path, commands, "exactly_once")
+    check_exactly_once(emitted(view, job), repartition_copies(view, job), job, chaos)
+    rolled = list((tmp_path / "log" / "topics").glob("*/0-*.log"))
+    assert len(rolled) > 10, rolled
+    check_in_flight(view, job, chaos)
 
 
 @pytest.mark.slow
