@@ -51,6 +51,14 @@ class Aggregation(ABC):
         """Whether :meth:`merge` works (session windows need it)."""
         return type(self).merge is not Aggregation.merge
 
+    @property
+    def order_free(self) -> bool:
+        """Whether merging accumulators of any split of the values, in any order, gives what
+        folding them in arrival order gives: what a salted aggregation (``key_by(...,
+        salt=N)``) needs, as it folds a key's records in several partial accumulators and
+        merges those."""
+        return False
+
     def merge(self, left: Any, right: Any) -> Any:
         """One accumulator for the values of both (needed by session windows)."""
         raise NotImplementedError(
@@ -61,6 +69,8 @@ class Aggregation(ABC):
 
 class Count(Aggregation):
     """How many records."""
+
+    order_free = True
 
     def initial(self) -> int:
         return 0
@@ -74,6 +84,8 @@ class Count(Aggregation):
 
 class Sum(Aggregation):
     """The sum of ``of(value)`` (the value itself by default)."""
+
+    order_free = True
 
     def __init__(self, of: Callable[[Any], Any] = _identity) -> None:
         self.of = of
@@ -90,6 +102,8 @@ class Sum(Aggregation):
 
 class Min(Aggregation):
     """The smallest ``of(value)``."""
+
+    order_free = True
 
     def __init__(self, of: Callable[[Any], Any] = _identity) -> None:
         self.of = of
@@ -108,6 +122,8 @@ class Min(Aggregation):
 class Max(Aggregation):
     """The largest ``of(value)``."""
 
+    order_free = True
+
     def __init__(self, of: Callable[[Any], Any] = _identity) -> None:
         self.of = of
 
@@ -124,6 +140,8 @@ class Max(Aggregation):
 
 class Mean(Aggregation):
     """The mean of ``of(value)`` (accumulated as ``[sum, count]``)."""
+
+    order_free = True
 
     def __init__(self, of: Callable[[Any], Any] = _identity) -> None:
         self.of = of
@@ -200,6 +218,12 @@ class Fold(Aggregation):
     def can_merge(self) -> bool:
         return self._merge is not None
 
+    @property
+    def order_free(self) -> bool:
+        """Given a ``merge``, taken as the user's word that it combines partials in any
+        order."""
+        return self._merge is not None
+
     def merge(self, left: Any, right: Any) -> Any:
         if self._merge is None:
             return super().merge(left, right)
@@ -224,6 +248,10 @@ class Many(Aggregation):
     @property
     def can_merge(self) -> bool:
         return all(part.can_merge for part in self.parts.values())
+
+    @property
+    def order_free(self) -> bool:
+        return all(part.order_free for part in self.parts.values())
 
     def merge(self, left: dict[str, Any], right: dict[str, Any]) -> dict[str, Any]:
         return {name: part.merge(left[name], right[name]) for name, part in self.parts.items()}

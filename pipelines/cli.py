@@ -45,6 +45,7 @@ from pipelines.log.check import check_log
 from pipelines.log.embedded import EmbeddedLog
 from pipelines.runtime import deadletters
 from pipelines.runtime.acls import kafka_acls_commands, pipeline_acls
+from pipelines.runtime.hotkeys import HOT_KEY_MIN_RECORDS, HOT_KEY_SHARE
 from pipelines.runtime.logs import FORMATS, LEVELS, configure, json_lines
 from pipelines.runtime.logs import log as log_event
 from pipelines.runtime.progress import RunState
@@ -215,6 +216,14 @@ def _parser() -> argparse.ArgumentParser:
             help="share (0 to 1) of a step's records it may send to dead letters before the "
             "run fails, judged after 100 records (default: the pipeline's "
             "max_dead_letter_ratio, 0.5)",
+        )
+        command.add_argument(
+            "--hot-key-share",
+            type=float,
+            default=HOT_KEY_SHARE,
+            metavar="SHARE",
+            help="warn when one key carries more than this share (0 to 1) of a partition's "
+            f"records, judged after {HOT_KEY_MIN_RECORDS:,} records (default {HOT_KEY_SHARE:g})",
         )
         command.add_argument(
             "--stall-after",
@@ -476,6 +485,8 @@ def _run(args: argparse.Namespace) -> int:
     ratio = args.max_dead_letter_ratio
     if ratio is not None and not 0 <= ratio <= 1:
         raise PipelineError(f"--max-dead-letter-ratio must be from 0 to 1, not {ratio:g}")
+    if not 0 <= args.hot_key_share <= 1:
+        raise PipelineError(f"--hot-key-share must be from 0 to 1, not {args.hot_key_share:g}")
     options = RunOptions(
         spec=args.module,
         workers=args.workers,
@@ -488,6 +499,7 @@ def _run(args: argparse.Namespace) -> int:
         restart_limit=args.max_restarts,
         stall_after=args.stall_after,
         max_dead_letter_ratio=ratio,
+        hot_key_share=args.hot_key_share,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
     )

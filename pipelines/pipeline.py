@@ -49,13 +49,21 @@ from operators.base import Operator, describe_function
 from operators.concurrent import DEFAULT_CONCURRENCY, Concurrent
 from operators.joins import JoinHow, StreamJoin, TableJoin
 from operators.routing import Branch, Merge
+from operators.salted import (
+    MAX_SALT,
+    MergePartials,
+    PartialAggregate,
+    SaltedKey,
+    SaltedKeyBy,
+    Unsalt,
+)
 from operators.stateful import Aggregate, Dedupe, EventTime
 from operators.stateless import Filter, FlatMap, KeyBy, Map, Peek
 from operators.windowed import EmitMode, WindowedAggregate
 from operators.windows import Windows
 from pipelines.errors import ErrorPolicy, PipelineDefinitionError
 from pipelines.runtime.watchdog import with_timeout
-from pipelines.serde import Json, Model, Serde
+from pipelines.serde import Json, Model, Serde, Str, serde_for
 from pipelines.topic import Topic
 
 __all__ = ["Pipeline", "Port", "Step"]
@@ -99,6 +107,9 @@ class Step:
     idle_ms: int | None = None
     """For a step that waits on event time (a window, a stream join): how long an input may be
     quiet before its mark follows the wall clock."""
+    salt: int | None = None
+    """For a ``key_by`` with ``salt=``, and the partial aggregation that must follow it: the
+    sub-keys each key is spread over (see :mod:`operators.salted`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +232,8 @@ class Pipeline:
                 "(aggregate, count, sum, ...)",
                 step=step.step_id,
             )
+        if step.salt is None:
+            self._refuse_after_salt(self._tail, step.kind, step.step_id)
         if not _STEP_ID.fullmatch(step.step_id):
             raise PipelineDefinitionError(
                 f"step id {step.step_id!r} must start with a letter or digit and use only "
@@ -252,6 +265,27 @@ class Pipeline:
             return None
         step = self.step(self._tail[0])
         return step if step.kind == "window" else None
+
+    def _salted_at(self, port: Port | None) -> Step | None:
+        """The salted ``key_by`` at ``port``, which only a mergeable aggregation may follow."""
+        if port is None:
+            return None
+        step = self.step(port[0])
+        return step if step.kind == "key_by" and step.salt is not None else None
+
+    def _refuse_after_salt(self, port: Port | None, kind: str, step_id: str) -> None:
+        """Refuse a step other than an aggregation after a salted ``key_by``: nothing else
+        knows how to put a key's sub-keys back together."""
+        salted = self._salted_at(port)
+        if salted is not None:
+            raise PipelineDefinitionError(
+                f"key_by {salted.step_id!r} has salt={salted.salt}, so an aggregation that can "
+                "merge partial results in any order must follow it (aggregate with Count, Sum, "
+                "Min, Max, Mean or a dict of them; count, sum, min, max, mean); "
+                f"{kind} {step_id!r} cannot (windows, joins, merges, dedupe and other steps "
+                "are not supported after salt=)",
+                step=step_id,
+            )
 
     def _require_tail(self, step_id: str) -> Port:
         if self._tail is None:
@@ -389,6 +423,7 @@ class Pipeline:
         key: Serde | type[Any] | None = None,
         value: Serde | type[Any] | None = None,
         on_error: ErrorPolicy | None = None,
+        salt: int | None = None,
     ) -> Pipeline:
         """Re-key each record with ``fn(value)`` and repartition by the new key.
 
@@ -398,9 +433,22 @@ class Pipeline:
         default to text, and values to the serde of the topic they were read from when no
         ``map``/``flat_map`` has changed them since, else to JSON (``value=SomeModel`` gives
         models back).
+
+        ``salt=N`` (2 to 256) spreads each key over N sub-keys, so a hot key's records go to up
+        to N partitions; the aggregation that must follow runs per sub-key, and its partial
+        results are merged per key into the result it would give without salt (see
+        :mod:`operators.salted`; it emits each key's result once per batch of partials, not
+        once per record).
         """
         _check_callable(step_id, fn)
         tail = self._require_tail(step_id)
+        salts = None if salt is None else _salts(step_id, salt)
+        if salts is not None:
+            key = SaltedKey(serde_for(key, default=Str()))
+
+        def build() -> Operator:
+            return KeyBy(step_id, fn) if salts is None else SaltedKeyBy(step_id, fn, salts)
+
         topic = Topic(
             f"{self.internal_prefix}{step_id}",
             partitions=partitions or self._partitions_at(tail),
@@ -412,9 +460,10 @@ class Pipeline:
                 step_id,
                 "key_by",
                 inputs=(tail,),
-                operator=lambda: KeyBy(step_id, fn),
+                operator=build,
                 topic=topic,
                 error_policy=on_error,
+                salt=salt,
             )
         )
 
@@ -452,6 +501,9 @@ class Pipeline:
             chosen = as_aggregation(aggregation)
         except TypeError as error:
             raise PipelineDefinitionError(str(error), step=step_id) from None
+        salted = self._salted_at(self._tail)
+        if salted is not None:
+            return self._salted_aggregate(step_id, salted, chosen, ttl, on_error)
         window = self._pending_window()
         ttl_ms = None if ttl is None else _span_ms(step_id, "ttl", ttl)
         if window is None:
@@ -488,6 +540,66 @@ class Pipeline:
 
         return self._operator(
             step_id, build, on_error, transforms=True, stateful=True, windowed=True
+        )
+
+    def _salted_aggregate(
+        self,
+        step_id: str,
+        salted: Step,
+        aggregation: Aggregation,
+        ttl: timedelta | None,
+        on_error: ErrorPolicy | None,
+    ) -> Pipeline:
+        """``aggregate`` after a salted ``key_by``: partials per sub-key, a ``key_by`` back to
+        the key, and their merge (see :mod:`operators.salted`)."""
+        if not aggregation.order_free:
+            raise PipelineDefinitionError(
+                f"key_by {salted.step_id!r} has salt=, and {type(aggregation).__name__} cannot "
+                "merge partial results into what it gives without salt (its result depends on "
+                "the order of the records, or it has no merge): use Count, Sum, Min, Max or "
+                "Mean (or a dict of them), a Fold with merge=, or leave out salt=",
+                step=step_id,
+            )
+        if ttl is not None:
+            raise PipelineDefinitionError(
+                f"ttl= is not supported after a salted key_by ({salted.step_id!r}): leave out "
+                "ttl= or salt=",
+                step=step_id,
+            )
+        partial_id, by_key_id = f"{step_id}.partials", f"{step_id}.by-key"
+        partials = self._with(
+            Step(
+                partial_id,
+                "operator",
+                inputs=(self._require_tail(step_id),),
+                operator=lambda: PartialAggregate(partial_id, aggregation),
+                error_policy=on_error,
+                transforms=True,
+                stateful=True,
+                salt=salted.salt,
+            )
+        )
+        assert salted.topic is not None and isinstance(salted.topic.key_serde, SaltedKey)
+        by_key = partials._with(
+            Step(
+                by_key_id,
+                "key_by",
+                inputs=((partial_id, OUT),),
+                operator=lambda: Unsalt(by_key_id),
+                topic=Topic(
+                    f"{self.internal_prefix}{by_key_id}",
+                    partitions=salted.topic.partitions,
+                    key=salted.topic.key_serde.inner,
+                ),
+                error_policy=on_error,
+            )
+        )
+        return by_key._operator(
+            step_id,
+            lambda: MergePartials(step_id, aggregation),
+            on_error,
+            transforms=True,
+            stateful=True,
         )
 
     def count(self, step_id: str, *, ttl: timedelta | None = None) -> Pipeline:
@@ -802,6 +914,7 @@ class Pipeline:
 
     def _join_tail(self, step_id: str) -> Port:
         tail = self._require_tail(step_id)
+        self._refuse_after_salt(tail, "join", step_id)
         window = self._pending_window()
         if window is not None:
             raise PipelineDefinitionError(
@@ -873,6 +986,7 @@ class Pipeline:
                     f"cannot merge pipeline {other.name!r} into {self.name!r}", step=step_id
                 )
             tails.append(other._require_tail(step_id))
+            other._refuse_after_salt(other.tail, "merge", step_id)
             for step in other.steps:
                 mine = known.get(step.step_id)
                 if mine is None:
@@ -883,6 +997,7 @@ class Pipeline:
                         f"step id {step.step_id!r} means different steps in the merged chains",
                         step=step_id,
                     )
+        self._refuse_after_salt(self._tail, "merge", step_id)
         merged = self._derive(tuple(steps), None)
         return merged._with(
             Step(step_id, "merge", inputs=tuple(tails), operator=lambda: Merge(step_id))
@@ -934,6 +1049,16 @@ class Pipeline:
         """Where records go that fail under the ``DEAD_LETTER`` policy: original bytes, and the
         error, step and source position in headers."""
         return Topic(f"{self.internal_prefix}dead-letters", value=bytes, key=bytes)
+
+
+def _salts(step_id: str, salt: object) -> int:
+    if isinstance(salt, bool) or not isinstance(salt, int) or not 2 <= salt <= MAX_SALT:
+        raise PipelineDefinitionError(
+            f"step {step_id!r}: salt must be a whole number of sub-keys from 2 to {MAX_SALT}, "
+            f"not {salt!r}",
+            step=step_id,
+        )
+    return salt
 
 
 def _check_how(step_id: str, how: str) -> None:

@@ -44,6 +44,7 @@ SMOKE_TESTED = {
     "http_ingest.py",
     "http_run.py",
     "parquet.py",
+    "hot_keys.py",
     "kafka/compare.py",
     "kafka/run_headwater.py",  # the Headwater workers compare.py starts
     "kafka/profile_worker.py",
@@ -52,6 +53,7 @@ MODULES = {
     "workload.py",
     "stateless_pipeline.py",
     "stateful_pipeline.py",
+    "hot_keys_pipeline.py",
     "kafka/broker.py",
     "kafka/clicks.py",
 }
@@ -137,6 +139,15 @@ def test_parquet(tmp_path: Path) -> None:
         finite(out, rf"run 1 {part}\s+{{n}} records/s  {{n}} s, CPU {{n}} s \(.*\)$")
     finite(out, r"ParquetSink write\+flush: {n} records/s \(median\), CPU {n} µs/record$")
     finite(out, r"ParquetSource read: {n} records/s \(median\), CPU {n} µs/record$")
+
+
+def test_hot_keys(tmp_path: Path) -> None:
+    out = bench("hot_keys.py", "--smoke", "--data-root", str(tmp_path), cwd=tmp_path)
+    for arm in ("unsalted", "salt=8"):
+        finite(
+            out, arm + r", {n} records: {n} records/s \({n} s\), hottest key {n}% of its partition$"
+        )
+    finite(out, r"salted / unsalted: {n}x$")
 
 
 def test_micro_floor(tmp_path: Path) -> None:

@@ -16,7 +16,10 @@ Every metric carries the ``pipeline`` label:
 - ``headwater_records_per_second``: the same, averaged over the last seconds;
 - ``headwater_consumer_lag_records`` (``topic``, ``partition``): records not processed yet;
 - ``headwater_workers``: worker processes reporting now;
-- ``headwater_worker_restarts_total``: workers started in place of one that died.
+- ``headwater_worker_restarts_total``: workers started in place of one that died;
+- ``headwater_hot_key_share`` (``topic``, ``partition``, ``key``): the estimated share of a
+  partition's records its top keys carry (:mod:`pipelines.runtime.hotkeys`), for the top
+  :data:`HOT_KEYS_SHOWN` keys of each partition only, so the keys seen bound no label set.
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 if TYPE_CHECKING:
     from pipelines.runtime.progress import RunState
 
-__all__ = ["STEP_COUNTS", "MetricsServer", "RunCollector"]
+__all__ = ["HOT_KEYS_SHOWN", "STEP_COUNTS", "MetricsServer", "RunCollector"]
 
+HOT_KEYS_SHOWN = 3
+"""Top keys per partition with a ``headwater_hot_key_share`` series."""
 STEP_COUNTS = ("in", "out", "skipped", "dead_lettered", "late")
 """The counts a step reports, in the order of :meth:`RunState.step_totals`."""
 
@@ -96,6 +101,15 @@ class RunCollector(Collector):
         )
         restarts.add_metric([pipeline], state.restarts)
         yield restarts
+        hot = GaugeMetricFamily(
+            "headwater_hot_key_share",
+            "Estimated share of a partition's records that one of its top keys carries",
+            labels=["pipeline", "topic", "partition", "key"],
+        )
+        for load in state.hot_keys():
+            for key, share in load.top[:HOT_KEYS_SHOWN]:
+                hot.add_metric([pipeline, load.topic, str(load.partition), key], share)
+        yield hot
 
 
 _WHAT = {

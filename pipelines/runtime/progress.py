@@ -20,6 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pipelines.log.base import TopicPartition
+from pipelines.runtime.hotkeys import PartitionKeys, hot_keys_over
 from pipelines.runtime.logs import LOGGER, configure, json_lines, log
 from pipelines.runtime.sources import SourceProgress
 from pipelines.runtime.topology import Topology
@@ -53,6 +54,8 @@ class RunState:
     _samples: deque[tuple[float, int]] = field(default_factory=deque)
     rate: float = 0.0
     """Records processed per second over the last :data:`RATE_WINDOW` seconds."""
+    hot_warned: set[tuple[str, int, str]] = field(default_factory=set)
+    """The (topic, partition, key) already warned about as hot: each is warned about once."""
 
     @property
     def records(self) -> int:
@@ -79,6 +82,17 @@ class RunState:
                 found.setdefault(step_id, error)
         return found
 
+    def hot_keys(self) -> list[PartitionKeys]:
+        """Per input partition, its top keys as the latest report that has it says (a worker
+        that died keeps its last report; the partition's new owner sends newer ones)."""
+        latest: dict[tuple[str, int], tuple[float, PartitionKeys]] = {}
+        for report in list(self.reports.values()):
+            for load in report.hot_keys:
+                where = (load.topic, load.partition)
+                if where not in latest or latest[where][0] < report.at:
+                    latest[where] = (report.at, load)
+        return [load for _, (_, load) in sorted(latest.items())]
+
     def step_totals(self) -> dict[str, list[int]]:
         """Per step: records in, out, skipped, dead-lettered, late, summed over workers."""
         totals: dict[str, list[int]] = {}
@@ -100,6 +114,9 @@ def render(state: RunState) -> Group:
         (f"{state.rate:,.0f} records/s", "bold green"),
     )
     parts: list[Text | Table] = [title, _steps_table(state), _lag_table(state)]
+    hot = _hot_keys_table(state)
+    if hot.row_count:
+        parts.append(hot)
     parts += [Text(note, style="yellow") for note in state.notes[-5:]]
     return Group(*parts)
 
@@ -140,6 +157,24 @@ def _lag_table(state: RunState) -> Table:
         worst, partition = max(lags, key=lambda lag: (lag[0], -lag[1]))
         most = f"{worst:,} (partition {partition})" if worst else ""
         table.add_row(topic, str(len(lags)), f"{sum(b for b, _ in lags):,}", most)
+    return table
+
+
+_HOT_ROWS = 5
+
+
+def _hot_keys_table(state: RunState) -> Table:
+    """The partitions whose top key carries the largest share of their records, with it."""
+    tops = [(load.top[0], load) for load in state.hot_keys() if load.top]
+    tops.sort(key=lambda item: -item[0][1])
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    table.add_column("hot key")
+    table.add_column("partition")
+    table.add_column("share", justify="right")
+    table.add_column("of records", justify="right")
+    for (key, share), load in tops[:_HOT_ROWS]:
+        where = f"{load.topic}[{load.partition}]"
+        table.add_row(key, where, f"{share:.0%}", f"{load.records:,}")
     return table
 
 
@@ -199,6 +234,21 @@ class Progress:
         self.state.notes.append(message)
         if self._live is None:
             log(level, message, {"event": "note", "pipeline": self.state.topology.pipeline.name})
+
+    def warn_hot_keys(self, share: float) -> None:
+        """A warning note, once per key and partition, for each key that carries more than
+        ``share`` of a partition's records (see :mod:`pipelines.runtime.hotkeys`)."""
+        for load, key, part in hot_keys_over(self.state.hot_keys(), share):
+            seen = (load.topic, load.partition, key)
+            if seen in self.state.hot_warned:
+                continue
+            self.state.hot_warned.add(seen)
+            self.note(
+                f"hot key {key!r} carries {part:.0%} of partition {load.topic}[{load.partition}] "
+                f"({load.records:,} records so far): one task processes all of it; to spread it "
+                "over partitions before an aggregation, key_by(..., salt=N)",
+                logging.WARNING,
+            )
 
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:

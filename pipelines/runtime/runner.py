@@ -46,6 +46,7 @@ from pipelines.runtime.engine import (
     prepare_topics,
     refuse_a_second_copy,
 )
+from pipelines.runtime.hotkeys import HOT_KEY_SHARE
 from pipelines.runtime.housekeeping import Housekeeping
 from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.progress import Progress, RunState
@@ -90,6 +91,9 @@ class RunOptions:
     max_dead_letter_ratio: float | None = None
     """The share of a step's records it may dead-letter before the run fails; None: the
     pipeline's ``max_dead_letter_ratio``."""
+    hot_key_share: float = HOT_KEY_SHARE
+    """Warn when one key carries more than this share of a partition's records (see
+    :mod:`pipelines.runtime.hotkeys`); above 1: never."""
     metrics_port: int | None = None
     """Serve Prometheus metrics of the run on this port (see :mod:`pipelines.runtime.metrics`)."""
     metrics_host: str = "127.0.0.1"
@@ -327,6 +331,7 @@ async def _run_here(
 ) -> None:
     def on_report(report: WorkerReport) -> None:
         state.reports[report.worker] = report
+        progress.warn_hot_keys(options.hot_key_share)
         progress.refresh()
 
     await prepare_topics(log, topology)
@@ -370,6 +375,7 @@ async def _supervise(
         while not stop.is_set():
             _collect_reports(workers, state, progress, restart=options.restart != "never")
             check_dead_letters(state, limit)
+            progress.warn_hot_keys(options.hot_key_share)
             if options.restart != "never":
                 workers += restarts.due(workers, progress)
             if all(w.process.exitcode is not None for w in workers) and not restarts.pending:
@@ -397,6 +403,7 @@ async def _supervise(
         await _stop_workers(workers, state, progress)
         state.lag = await lag(log, topology)
     _collect_reports(workers, state, progress)
+    progress.warn_hot_keys(options.hot_key_share)
     check_dead_letters(state, limit)
 
 

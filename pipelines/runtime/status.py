@@ -29,6 +29,10 @@ from pipelines.runtime.topology import Topology
 __all__ = ["StatusFile", "describe", "read_status"]
 
 _EVERY = 1.0
+_TOP_KEYS = 3
+"""Top keys per partition in the status file."""
+_HOT_PARTITIONS = 5
+"""Partitions ``headwater status`` lists, those whose top key has the largest share first."""
 
 
 def status_path(data_dir: Path, pipeline: str) -> Path:
@@ -71,6 +75,14 @@ class StatusFile:
             },
             "first_rejected": state.first_errors(),
             "sources": {s.step_id: s.records for s in state.sources},
+            "hot_keys": {
+                f"{load.topic}[{load.partition}]": {
+                    "records": load.records,
+                    "top": [[key, round(share, 4)] for key, share in load.top[:_TOP_KEYS]],
+                }
+                for load in state.hot_keys()
+                if load.top
+            },
             "notes": state.notes[-10:],
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -127,5 +139,16 @@ def describe(document: dict[str, Any]) -> str:
     worst = max(behind.items(), key=lambda item: item[1], default=("", 0))
     most = f" (most behind: {worst[0]}, {worst[1]:,})" if worst[1] else ""
     lines.append(f"  lag: {sum(behind.values()):,} records{most}")
+    lines += _hot_key_lines(document.get("hot_keys", {}))
     lines += [f"  note: {note}" for note in document.get("notes", [])[-5:]]
     return "\n".join(lines)
+
+
+def _hot_key_lines(hot: dict[str, Any]) -> list[str]:
+    """The partitions whose top key carries the largest share, with their top keys."""
+    ranked = sorted(hot.items(), key=lambda item: -item[1]["top"][0][1])[:_HOT_PARTITIONS]
+    lines = ["  hot keys (share of the partition's records):"] if ranked else []
+    for where, load in ranked:
+        keys = ", ".join(f"{key!r} {share:.0%}" for key, share in load["top"])
+        lines.append(f"    {where}: {keys} ({load['records']:,} records)")
+    return lines

@@ -30,6 +30,7 @@ from pipelines.errors import ErrorPolicy, RecordError, RecordSource
 from pipelines.log.base import FetchedBatch, LogBackend, RawBatch, TopicPartition
 from pipelines.pipeline import OUT, Port, Step
 from pipelines.record import Headers
+from pipelines.runtime.hotkeys import KeySampler
 from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.state import TaskState
 from pipelines.runtime.topology import SubTopology, Topology
@@ -173,6 +174,8 @@ class Task:
             TopicPartition(t.name, partition): 0 for t in sub.topics
         }
         """The offset after the last record processed, per input partition."""
+        self.samplers = {tp: KeySampler() for tp in self.positions}
+        """The key load of each input partition (:mod:`pipelines.runtime.hotkeys`)."""
         self.marks = InputMarks(
             {tp: topology.writers[tp.topic] for tp in self.positions},
             idle_ms=topology.idle_ms,
@@ -320,6 +323,7 @@ class Task:
         self._process(tp, fetched)
 
     def _process(self, tp: TopicPartition, fetched: FetchedBatch) -> None:
+        self.samplers[tp].sample(fetched.records.keys)
         entry = self.sub.entries[fetched.topic]
         ctx = self._contexts[entry.step_id]
         batch = self._decode(ctx, entry, fetched)

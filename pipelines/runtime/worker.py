@@ -52,6 +52,7 @@ from connectors.base import SinkContext, SinkWriter
 from operators.steploop import step_loop
 from pipelines.errors import FencedError
 from pipelines.log.base import FetchedBatch, LogBackend, TopicPartition, TransactionalProducer
+from pipelines.runtime.hotkeys import PartitionKeys
 from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.task import StepStats, Task
 from pipelines.runtime.topology import Topology
@@ -87,6 +88,8 @@ class WorkerReport:
     """The error is transient (a log that did not answer): a restart may get past it."""
     first_errors: dict[str, str] = field(default_factory=dict)
     """Per step that rejected records: what went wrong with the first."""
+    hot_keys: list[PartitionKeys] = field(default_factory=list)
+    """Per input partition of this worker's tasks: its top keys and their shares."""
     at: float = field(default_factory=time.time)
 
 
@@ -197,6 +200,7 @@ class Worker:
             task.advance(idle=False)
 
     async def _shutdown(self) -> None:
+        loads = self._hot_keys()  # the tasks close with the consumer: the last word has these
         try:
             # revokes everything: checkpoints through on_revoked, unless the work in hand was
             # abandoned half done (then nothing since the last checkpoint is kept: the
@@ -207,7 +211,7 @@ class Worker:
                 for writer in self._writers.values():
                     await writer.close()
             await self._producer.close()
-            self._send_report(done=True)
+            self._send_report(done=True, hot_keys=loads)
 
     async def _checkpoint(self, partitions: frozenset[TopicPartition] | None = None) -> None:
         """Make the outputs, markers and state changes durable, commit the offsets after them,
@@ -326,7 +330,17 @@ class Worker:
                 if transaction is not None:
                     await transaction.close()
 
-    def _send_report(self, *, done: bool = False) -> None:
+    def _hot_keys(self) -> list[PartitionKeys]:
+        """The key load of every input partition of the worker's tasks."""
+        return [
+            sampler.report(tp.topic, tp.partition)
+            for task in self._tasks.values()
+            for tp, sampler in task.samplers.items()
+        ]
+
+    def _send_report(
+        self, *, done: bool = False, hot_keys: list[PartitionKeys] | None = None
+    ) -> None:
         if self._report is None:
             return
         self._report(
@@ -342,5 +356,6 @@ class Worker:
                     for step_id, s in self._stats.items()
                     if s.first_error is not None
                 },
+                hot_keys=self._hot_keys() if hot_keys is None else hot_keys,
             )
         )
