@@ -10,6 +10,7 @@ A frame::
     header   <I payload_len> <I crc32(of everything after this field)> <q base_offset>
              <I count> <I flags>
     payload  <Q transaction> <Q sequence>   (only with flag TXN: the transaction that wrote it)
+             count x <I offset - base_offset> (only with flag SPARSE: a compacted frame)
     payload  count x <q timestamp_ms>
              count x <i key_len>     (absent when flag NO_KEYS: every key is None)
              count x <i value_len>   (-1 for a None value)
@@ -32,6 +33,11 @@ incomplete): the writer stops with :class:`~pipelines.errors.CorruptLogError` an
 so intact records after the damage are never thrown away. Neither is a file shorter than its
 acknowledged end (records were removed).
 
+Segments: a partition is a chain of segment files (``<p>.log``, then ``<p>-<base>.log``), each
+ended by a seal frame once it is full (see :class:`PartitionFile`); whole sealed segments are
+what retention and purges remove, and what compaction (:mod:`pipelines.log._compaction`)
+rewrites with sparse frames, each record keeping its offset.
+
 Holes: ``headwater log check --repair`` (:mod:`pipelines.log.check`) replaces damaged bytes by
 a *hole* frame (flag HOLE, ``count`` = the offsets lost, zero padding, no records), so every
 intact record keeps its offset. Readers index holes apart (``_holes``, empty in a file without
@@ -48,8 +54,11 @@ import fcntl
 import logging
 import os
 import struct
+import time
 import zlib
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate, pairwise
 from pathlib import Path
@@ -71,6 +80,7 @@ _HEADERS = 2
 _TXN = 4
 _HOLE = 8  # offsets lost to damage, moved out by `headwater log check --repair` (no records)
 _SEAL = 16  # the segment's last frame: the partition goes on in the next (no records)
+_SPARSE = 32  # offsets not consecutive (a compacted segment): count x <I offset - base> follow
 _SEAL_INFO = struct.Struct("<q")  # a seal's payload: the newest timestamp, then transactions
 _TXN_MARK = struct.Struct("<QQ")
 _END = struct.Struct("<Q")  # the acknowledged end, in <p>.end
@@ -108,15 +118,24 @@ def _slices(buffer: bytes, start: int, lengths: list[int]) -> tuple[list[bytes |
     return pieces, start
 
 
-def encode_frame(base_offset: int, batch: RawBatch, txn: tuple[int, int] | None = None) -> bytes:
+def encode_frame(
+    base_offset: int,
+    batch: RawBatch,
+    txn: tuple[int, int] | None = None,
+    offsets: Sequence[int] | None = None,
+) -> bytes:
     """One frame holding ``batch`` at ``base_offset``, marked with ``txn`` (transaction,
-    sequence) when a transaction wrote it."""
+    sequence) when a transaction wrote it; with ``offsets`` (increasing, none below
+    ``base_offset``), each record at its own offset instead of one after the other."""
     count = len(batch)
     flags = 0
     parts = []
     if txn is not None:
         flags |= _TXN
         parts.append(_TXN_MARK.pack(*txn))
+    if offsets is not None:
+        flags |= _SPARSE
+        parts.append(_ints("I", count).pack(*(o - base_offset for o in offsets)))
     parts.append(_ints("q", count).pack(*batch.timestamps))
     if batch.keys.count(None) == count:
         flags |= _NO_KEYS
@@ -139,8 +158,18 @@ def encode_frame(base_offset: int, batch: RawBatch, txn: tuple[int, int] | None 
 
 def decode_frame(frame: bytes) -> tuple[int, RawBatch]:
     """The base offset and records of a whole frame (checked by the caller)."""
+    base, records, _ = _decode(frame)
+    return base, records
+
+
+def _decode(frame: bytes) -> tuple[int, RawBatch, list[int] | None]:
+    """The base offset, records and (in a sparse frame) each record's offset minus the base."""
     _, _, base, count, flags = _HEADER.unpack_from(frame)
     pos = _HEADER.size + (_TXN_MARK.size if flags & _TXN else 0)
+    deltas: list[int] | None = None
+    if flags & _SPARSE:
+        deltas = list(_ints("I", count).unpack_from(frame, pos))
+        pos += 4 * count
     timestamps = list(_ints("q", count).unpack_from(frame, pos))
     pos += 8 * count
     key_lengths: list[int] | None = None
@@ -161,7 +190,16 @@ def decode_frame(frame: bytes) -> tuple[int, RawBatch]:
             tuple((n, v.encode("latin-1")) for n, v in record)
             for record in orjson.loads(frame[pos:])
         ]
-    return base, RawBatch(keys, values, timestamps, headers)
+    return base, RawBatch(keys, values, timestamps, headers), deltas
+
+
+def _span(frame: bytes) -> int:
+    """How many offsets a whole frame covers: its records', up to the last (sparse)."""
+    _, _, _, count, flags = _HEADER.unpack_from(frame)
+    if not flags & _SPARSE or not count:
+        return int(count)
+    at = _HEADER.size + (_TXN_MARK.size if flags & _TXN else 0) + 4 * (count - 1)
+    return int(struct.unpack_from("<I", frame, at)[0]) + 1
 
 
 def hole_header(base_offset: int, count: int, padding: int) -> bytes:
@@ -176,22 +214,37 @@ def hole_header(base_offset: int, count: int, padding: int) -> bytes:
     return _HEADER.pack(padding, crc, base_offset, count, _HOLE)
 
 
-def seal_frame(end_offset: int, newest: int, transactions: dict[int, int]) -> bytes:
-    """The frame that ends a segment at ``end_offset``: it holds the newest record timestamp
-    of the segment (what time-based retention judges it by) and the last sequence of every
-    transaction written to the partition so far (so the next segment's writers still refuse
-    a transaction's frame a second time)."""
-    payload = _SEAL_INFO.pack(newest) + orjson.dumps({str(t): q for t, q in transactions.items()})
-    head = _HEADER.pack(len(payload), 0, end_offset, 0, _SEAL)
+@dataclass(frozen=True, slots=True)
+class Seal:
+    """What the seal frame that ends a segment says."""
+
+    end: int
+    """The offset after the segment's last: where the next segment starts."""
+    newest: int
+    """The newest record timestamp of the segment (-1 without records): what time-based
+    retention judges it by."""
+    transactions: dict[int, int]
+    """The last sequence of every transaction written to the partition so far, so that the
+    next segment's writers still refuse a transaction's frame a second time."""
+    sealed_at: int
+    """When the segment was sealed, in ms since the epoch (the age of its tombstones)."""
+
+
+def seal_frame(seal: Seal) -> bytes:
+    """The frame that ends a segment (see :class:`Seal`)."""
+    listed = {"t": {str(t): q for t, q in seal.transactions.items()}, "at": seal.sealed_at}
+    payload = _SEAL_INFO.pack(seal.newest) + orjson.dumps(listed)
+    head = _HEADER.pack(len(payload), 0, seal.end, 0, _SEAL)
     crc = zlib.crc32(payload, zlib.crc32(head[_CRC_FROM:]))
-    return _HEADER.pack(len(payload), crc, end_offset, 0, _SEAL) + payload
+    return _HEADER.pack(len(payload), crc, seal.end, 0, _SEAL) + payload
 
 
-def _seal_info(frame: bytes) -> tuple[int, dict[int, int]]:
-    """The newest timestamp and the transactions a seal frame holds."""
+def _seal_of(frame: bytes) -> Seal:
+    _, _, end, _, _ = _HEADER.unpack_from(frame)
     newest: int = _SEAL_INFO.unpack_from(frame, _HEADER.size)[0]
     listed = orjson.loads(frame[_HEADER.size + _SEAL_INFO.size :])
-    return newest, {int(t): int(q) for t, q in listed.items()}
+    transactions = {int(t): int(q) for t, q in listed["t"].items()}
+    return Seal(end, newest, transactions, int(listed["at"]))
 
 
 def _checksum_ok(frame: bytes) -> bool:
@@ -282,12 +335,16 @@ class _Segment:
         self._positions: list[int] = []
         self._indexed_end = 0  # file position after the last indexed frame
         self._next_offset = base
-        self._cached: tuple[int, int, RawBatch] | None = None  # (position, base, records)
+        # the last frame read: (position, base, records, sparse offsets)
+        self._cached: tuple[int, int, RawBatch, list[int] | None] | None = None
         self._transactions = {} if transactions is None else transactions
         self._holes: dict[int, int] = {}  # file position -> offsets lost, of each hole frame
-        self.sealed = False
-        self.newest: int | None = None
-        """The newest record timestamp in the segment, once it is sealed."""
+        self.sealed_as: Seal | None = None
+        """What the segment's seal says, once it is sealed."""
+
+    @property
+    def sealed(self) -> bool:
+        return self.sealed_as is not None
 
     @property
     def size(self) -> int:
@@ -371,11 +428,10 @@ class _Segment:
             self._bases.append(base)
             self._positions.append(self._indexed_end)
             self._indexed_end += len(frame)
-            self._next_offset = base + count
+            self._next_offset = base + (_span(frame) if flags & _SPARSE else count)
             if flags & _SEAL:
-                self.sealed = True
-                self.newest, transactions = _seal_info(frame)
-                for transaction, sequence in transactions.items():
+                self.sealed_as = _seal_of(frame)
+                for transaction, sequence in self.sealed_as.transactions.items():
                     self._note_transaction(transaction, sequence)
                 return  # nothing follows a seal
 
@@ -384,25 +440,41 @@ class _Segment:
         self._index_new_frames()
         return self._next_offset
 
-    def read(self, offset: int, max_records: int) -> tuple[RawBatch, int]:
-        """Records from ``offset`` on (at most ``max_records``) and the offset after them.
+    def read(self, offset: int, max_records: int) -> tuple[RawBatch, Sequence[int], int]:
+        """Records from ``offset`` on (at most ``max_records``), their offsets and the offset
+        after them.
 
-        The records returned have consecutive offsets: a read stops before a hole (offsets
-        whose records were lost, see :func:`hole_header`), and a read that starts in one returns
-        no records and the offset after it.
+        Offsets run one after the other except in a compacted segment, whose records keep
+        the offsets they were written at. A read stops before a hole (offsets whose records
+        were lost, see :func:`hole_header`), and a read that starts in one returns no records
+        and the offset after it.
         """
         if offset + max_records > self._next_offset:
             self._index_new_frames()
         out = RawBatch([], [], [], None)
+        first = offset
+        offsets: list[int] | None = None  # only once a sparse frame was read
         while len(out) < max_records and offset < self._next_offset:
             if self._holes and (past := self._past_holes(offset)) > offset:
-                return out, offset if len(out) else past
-            records, base = self._frame_containing(offset)
-            start = offset - base
-            stop = min(len(records), start + max_records - len(out))
+                if len(out):
+                    break
+                return out, range(past, past), past
+            records, base, deltas, following = self._frame_containing(offset)
+            if deltas is None:
+                start = offset - base
+                stop = min(len(records), start + max_records - len(out))
+                if offsets is not None:
+                    offsets.extend(range(base + start, base + stop))
+                offset = base + stop
+            else:
+                if offsets is None:
+                    offsets = list(range(first, offset))
+                start = bisect_left(deltas, offset - base)
+                stop = min(len(records), start + max_records - len(out))
+                offsets.extend(base + d for d in deltas[start:stop])
+                offset = base + deltas[stop - 1] + 1 if stop < len(records) else following
             _extend(out, records, start, stop)
-            offset = base + stop
-        return out, offset
+        return out, (range(first, offset) if offsets is None else offsets), offset
 
     def _past_holes(self, offset: int) -> int:
         """The first offset from ``offset`` on that no hole covers."""
@@ -416,22 +488,26 @@ class _Segment:
             offset = end
         return offset
 
-    def _frame_containing(self, offset: int) -> tuple[RawBatch, int]:
+    def _frame_containing(self, offset: int) -> tuple[RawBatch, int, list[int] | None, int]:
+        """The records of the frame holding ``offset``, its base, its records' offsets minus
+        the base (sparse frames only) and the base of the frame after it."""
         index = bisect_right(self._bases, offset) - 1
         if index < 0:
             raise CorruptLogError(f"{self.path}: offset {offset} is before the first frame")
         position = self._positions[index]
-        if self._cached is not None and self._cached[0] == position:
-            return self._cached[2], self._cached[1]
+        following = self._bases[index + 1] if index + 1 < len(self._bases) else self._next_offset
+        cached = self._cached
+        if cached is not None and cached[0] == position:
+            return cached[2], cached[1], cached[3], following
         end = self._positions[index + 1] if index + 1 < len(self._positions) else self._indexed_end
         frame = os.pread(self._fd, end - position, position)
         if not _checksum_ok(frame):
             raise CorruptLogError(
                 f"{self.path}: frame at byte {position:,} fails its checksum. {_REPAIR}"
             )
-        base, records = decode_frame(frame)
-        self._cached = (position, base, records)
-        return records, base
+        base, records, deltas = _decode(frame)
+        self._cached = (position, base, records, deltas)
+        return records, base, deltas, following
 
     # -- appending ---------------------------------------------------------------------------
 
@@ -475,7 +551,7 @@ class _Segment:
             if txn is not None:
                 self._note_transaction(*txn)
             # cache a copy: the caller may reuse (clear, refill) its batch once we return
-            self._cached = (self._positions[-1], base, batch.copy())
+            self._cached = (self._positions[-1], base, batch.copy(), None)
             return base
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
@@ -499,10 +575,14 @@ class _Segment:
             try:
                 self._recover_tail()
                 if not self.sealed:
-                    newest = self._newest_timestamp()
-                    frame = seal_frame(self._next_offset, newest, self._transactions)
-                    self._write_frame(frame, self._next_offset, 0)
-                    self.sealed, self.newest = True, newest
+                    seal = Seal(
+                        self._next_offset,
+                        self._newest_timestamp(),
+                        dict(self._transactions),
+                        int(time.time() * 1000),
+                    )
+                    self._write_frame(seal_frame(seal), self._next_offset, 0)
+                    self.sealed_as = seal
             finally:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
         except OSError as error:
@@ -702,16 +782,16 @@ class PartitionFile:
             end = self._active.end_offset()
         return end
 
-    def read(self, offset: int, max_records: int) -> tuple[RawBatch, int]:
-        """Records from ``offset`` on (at most ``max_records``, all from one segment) and the
-        offset after them (see :meth:`_Segment.read`)."""
+    def read(self, offset: int, max_records: int) -> tuple[RawBatch, Sequence[int], int]:
+        """Records from ``offset`` on (at most ``max_records``, all from one segment), their
+        offsets and the offset after them (see :meth:`_Segment.read`)."""
         if offset >= self._active.base:
-            records, following = self._active.read(offset, max_records)
-            if not records and self._active.sealed and offset >= self._active._next_offset:
+            found = self._active.read(offset, max_records)
+            if not found[0] and self._active.sealed and offset >= self._active._next_offset:
                 self._move_on(create=False)
                 if offset >= self._active.base and not self._active.sealed:
                     return self._active.read(offset, max_records)
-            return records, following
+            return found
         try:
             segment = self._sealed_segment(self._base_of(offset))
         except FileNotFoundError:
@@ -774,14 +854,24 @@ class PartitionFile:
         ends = [base for base, _ in listed[1:]] + [self.end_offset()]
         return [(base, end, path) for (base, path), end in zip(listed, ends, strict=True)]
 
-    def newest_timestamp(self, base: int) -> int | None:
-        """The newest record timestamp of the sealed segment at ``base`` (None if gone)."""
+    def seal_of(self, base: int) -> Seal | None:
+        """What the seal of the sealed segment at ``base`` says (None if it is gone)."""
         try:
             segment = self._sealed_segment(base)
         except FileNotFoundError:
             return None
         segment.end_offset()
-        return segment.newest
+        return segment.sealed_as
+
+    def sealed_segment(self, base: int) -> _Segment:
+        """The sealed segment at ``base``, open for reading (FileNotFoundError if gone)."""
+        return self._sealed_segment(base)
+
+    def forget(self, base: int) -> None:
+        """Close the sealed segment at ``base`` if it is open: its file was replaced."""
+        segment = self._sealed.pop(base, None)
+        if segment is not None:
+            segment.close()
 
     def drop(self, below: int) -> list[Path]:
         """Remove the sealed segments whose records all lie below offset ``below``, oldest

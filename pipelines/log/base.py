@@ -249,6 +249,11 @@ class LogBackend(ABC):
         keeps everything."""
         del below
 
+    async def compact(self, specs: Sequence[TopicSpec], now_ms: int) -> None:
+        """Compact the compacted topics among ``specs``: keep the last record of each key.
+        Kafka's brokers do this themselves; by default nothing is done."""
+        del specs, now_ms
+
     async def enforce_retention(self, specs: Sequence[TopicSpec], now_ms: int) -> None:
         """Drop what the ``retention_ms`` of each topic in ``specs`` lets go, as of ``now_ms``.
         Kafka's brokers do this themselves; by default nothing is dropped."""

@@ -62,14 +62,16 @@ from pipelines.log._partition_file import (
     _HOLE,
     _NO_KEYS,
     _SEAL,
+    _SPARSE,
     _TXN,
+    _TXN_MARK,
     hole_header,
     segment_paths,
 )
 
 __all__ = ["Damage", "LogCheck", "PartitionCheck", "check_log", "users"]
 
-_KNOWN_FLAGS = _NO_KEYS | _HEADERS | _TXN | _HOLE | _SEAL
+_KNOWN_FLAGS = _NO_KEYS | _HEADERS | _TXN | _HOLE | _SEAL | _SPARSE
 _MAX_COUNT = 0xFFFFFFFF  # the count field of a frame header
 _CHUNK = 1 << 24  # bytes copied at a time
 
@@ -396,7 +398,11 @@ def _note_frame(view: Buffer, position: int, found: PartitionCheck) -> int:
             found.holes.append((base, base + count))
     else:
         found.records += count
-    found.end_offset = base + count
+    span = count
+    if flags & _SPARSE and count:  # a compacted frame: up to its last record's offset
+        at = position + _HEADER.size + (_TXN_MARK.size if flags & _TXN else 0) + 4 * (count - 1)
+        span = struct.unpack_from("<I", view, at)[0] + 1
+    found.end_offset = base + span
     return found.end_offset
 
 

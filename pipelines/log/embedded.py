@@ -44,6 +44,7 @@ from pipelines.log._commits import (
     read_commit,
     write_commit,
 )
+from pipelines.log._compaction import TOMBSTONE_MS, compact
 from pipelines.log._local import LocalLog, LocalTransaction, Membership, new_member_id
 from pipelines.log._locks import locked
 from pipelines.log._partition_file import (
@@ -99,24 +100,26 @@ def _exists(path: Path) -> bool:
 
 
 SEGMENT_BYTES_VARIABLE = "HEADWATER_SEGMENT_BYTES"
+"""The size at which a partition starts a new segment file (64 MiB by default): whole sealed
+segments are what retention, purges and compaction remove or rewrite."""
+TOMBSTONE_MS_VARIABLE = "HEADWATER_TOMBSTONE_MS"
+"""How long compaction keeps a tombstone after its segment was sealed (an hour by default)."""
 
 
-def _segment_bytes_from_env() -> int:
-    """The size at which partitions start a new segment file: ``HEADWATER_SEGMENT_BYTES``, or
-    64 MiB. Whole segments are what retention and purges remove."""
-    raw = os.environ.get(SEGMENT_BYTES_VARIABLE)
+def _positive_from_env(variable: str, default: int, what: str) -> int:
+    """A positive integer setting from the environment, or ``default``."""
+    raw = os.environ.get(variable)
     if not raw:
-        return DEFAULT_SEGMENT_BYTES
+        return default
     try:
-        size = int(raw)
+        value = int(raw)
     except ValueError:
-        size = 0
-    if size < 1:
+        value = 0
+    if value < 1:
         raise PipelineDefinitionError(
-            f"{SEGMENT_BYTES_VARIABLE}={raw!r}: give the segment size in bytes, a positive "
-            "integer (the default is 67108864, 64 MiB)"
+            f"{variable}={raw!r}: give {what}, a positive integer (the default is {default})"
         )
-    return size
+    return value
 
 
 def _file_name(tp: TopicPartition) -> str:
@@ -290,7 +293,12 @@ class EmbeddedLog(LocalLog):
     ) -> None:
         self.data_dir = Path(data_dir)
         self._fsync = fsync
-        self._segment_bytes = segment_bytes or _segment_bytes_from_env()
+        self._segment_bytes = segment_bytes or _positive_from_env(
+            SEGMENT_BYTES_VARIABLE, DEFAULT_SEGMENT_BYTES, "the segment size in bytes"
+        )
+        self._tombstone_ms = _positive_from_env(
+            TOMBSTONE_MS_VARIABLE, TOMBSTONE_MS, "how long compaction keeps a tombstone, in ms"
+        )
         self._topics_dir = self.data_dir / "topics"
         self._groups_dir = self.data_dir / "groups"
         for directory in (self._topics_dir, self._groups_dir):
@@ -418,7 +426,7 @@ class EmbeddedLog(LocalLog):
 
     def read_now(self, tp: TopicPartition, offset: int, max_records: int) -> FetchedBatch:
         try:
-            records, next_offset = self._file(tp).read(offset, max_records)
+            records, offsets, next_offset = self._file(tp).read(offset, max_records)
         except OffsetOutOfRange as error:
             raise OffsetOutOfRange(
                 f"cannot read offset {offset:,} of topic {tp.topic!r} partition "
@@ -428,9 +436,7 @@ class EmbeddedLog(LocalLog):
                 "process what is left from the start",
                 log_start=error.log_start,
             ) from None
-        return FetchedBatch(
-            tp.topic, tp.partition, records, range(offset, offset + len(records)), next_offset
-        )
+        return FetchedBatch(tp.topic, tp.partition, records, offsets, next_offset)
 
     def store_offsets(self, group: str, offsets: Mapping[TopicPartition, int]) -> None:
         offsets_dir = self._offsets_dir(group)
@@ -524,6 +530,29 @@ class EmbeddedLog(LocalLog):
         for tp, offset in below.items():
             self._file(tp).drop(below=offset)
 
+    async def compact(self, specs: Sequence[TopicSpec], now_ms: int) -> None:
+        """Compact each partition of the compacted topics among ``specs`` whose sealed
+        segments are dirty enough (see :mod:`pipelines.log._compaction`); a partition another
+        process is compacting is left to it."""
+        for spec in specs:
+            if not spec.compacted:
+                continue
+            for partition in range(spec.partitions):
+                file = self._file(TopicPartition(spec.name, partition))
+                with _on_disk(file.path, "compact"):
+                    fd = _try_lock(file.path.with_suffix(".compacting.lock"))
+                if fd is None:
+                    continue
+                try:
+                    compact(
+                        file,
+                        segment_bytes=self._segment_bytes,
+                        now_ms=now_ms,
+                        tombstone_ms=self._tombstone_ms,
+                    )
+                finally:
+                    os.close(fd)
+
     async def enforce_retention(self, specs: Sequence[TopicSpec], now_ms: int) -> None:
         """Remove each partition's sealed segments, oldest first, while their newest record
         is older than the topic's ``retention_ms``: the active segment stays, so a partition
@@ -535,8 +564,8 @@ class EmbeddedLog(LocalLog):
                 file = self._file(TopicPartition(spec.name, partition))
                 expired = 0
                 for base, end, _ in file.segments()[:-1]:
-                    newest = file.newest_timestamp(base)
-                    if newest is None or newest >= now_ms - spec.retention_ms:
+                    seal = file.seal_of(base)
+                    if seal is None or seal.newest >= now_ms - spec.retention_ms:
                         break
                     expired = end
                 if expired:

@@ -9,7 +9,9 @@ The runner calls :meth:`Housekeeping.run_due` as it supervises; every
   way. The embedded log drops whole sealed segments (see
   :mod:`pipelines.log._partition_file`), so each partition keeps its active segment.
 * applies the ``retention_ms`` of the pipeline's topics on backends that do not do so
-  themselves (the embedded log; Kafka's brokers apply retention on their own).
+  themselves (the embedded log; Kafka's brokers apply retention on their own);
+* compacts its compacted topics (state changelogs, source positions, tables) on those
+  backends: the last record of each key stays (see :mod:`pipelines.log._compaction`).
 
 A consumer that falls behind a topic's retention gets an error naming the topic when it reads
 below the log's new start, never a silent skip.
@@ -74,6 +76,10 @@ class Housekeeping:
         if internal:
             committed = await self._log.committed_offsets(topology.group, internal)
             await self._log.purge(committed)
+        now = int(time.time() * 1000)
         kept = [t.spec for t in topology.topics if t.retention_ms is not None]
         if kept:
-            await self._log.enforce_retention(kept, int(time.time() * 1000))
+            await self._log.enforce_retention(kept, now)
+        compacted = [t.spec for t in (*topology.topics, topology.positions_topic) if t.compacted]
+        if compacted:
+            await self._log.compact(compacted, now)

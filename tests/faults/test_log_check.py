@@ -462,12 +462,12 @@ def holed(data_dir: Path) -> Iterator[Path]:
 
 def test_a_read_stops_at_a_hole_and_one_in_it_skips_it(holed: Path) -> None:
     file = PartitionFile(partition_file(holed))
-    records, next_offset = file.read(950, 500)
+    records, _, next_offset = file.read(950, 500)
     assert (len(records), next_offset) == (50, 1000)  # only the records before the hole
     assert file.read(1000, 500)[0].values == []
-    assert file.read(1000, 500)[1] == 1100  # no records, and the offset after the hole
-    assert file.read(1042, 5) == (RawBatch([], [], [], None), 1100)
-    records, next_offset = file.read(1100, 5)
+    assert file.read(1000, 500)[2] == 1100  # no records, and the offset after the hole
+    assert file.read(1042, 5) == (RawBatch([], [], [], None), range(1100, 1100), 1100)
+    records, _, next_offset = file.read(1100, 5)
     assert (records.values, next_offset) == ([value(0, n) for n in range(1100, 1105)], 1105)
     assert file.end_offset() == RECORDS
     file.close()

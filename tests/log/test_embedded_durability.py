@@ -519,7 +519,7 @@ def test_a_reader_racing_the_cut_of_a_torn_tail_sees_no_corruption(
 
     os.write(writer._active._fd, new_frame[written:])  # the writer finishes its frame
     assert reader.end_offset() == 14
-    records, next_offset = reader.read(0, 100)
+    records, _, next_offset = reader.read(0, 100)
     assert next_offset == 14
     assert_numbered(records, 14)
     reader.close()

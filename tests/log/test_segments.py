@@ -62,7 +62,7 @@ def read_all(partition: PartitionFile, start: int = 0) -> list[int]:
     found: list[int] = []
     offset = start
     while offset < partition.end_offset():
-        records, following = partition.read(offset, 1000)
+        records, _, following = partition.read(offset, 1000)
         found += [int(v) for v in records.values]  # type: ignore[arg-type]
         assert following > offset, f"no progress at {offset}"
         offset = following
@@ -91,7 +91,10 @@ def test_a_partition_rolls_into_sealed_segments_and_reads_across_them(tmp_path: 
     assert read_all(PartitionFile(path, segment_bytes=SMALL)) == list(range(end))
     assert read_all(reader, start=777) == list(range(777, end))
     for base, end_of, _ in writer.segments()[:-1]:
-        assert writer.newest_timestamp(base) == end_of - 1  # timestamps are offsets here
+        seal = writer.seal_of(base)
+        assert seal is not None
+        assert seal.newest == end_of - 1  # timestamps are offsets here
+        assert seal.end == end_of
 
 
 def test_a_writer_with_a_stale_segment_follows_the_seal(tmp_path: Path) -> None:

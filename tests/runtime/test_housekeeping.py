@@ -13,6 +13,7 @@ import pytest
 from cli_support import headwater
 
 from pipelines.errors import PipelineDefinitionError
+from pipelines.log._compaction import compact
 from pipelines.log._partition_file import segment_paths
 from pipelines.log.base import RawBatch, TopicPartition, TopicSpec
 from pipelines.log.embedded import EmbeddedLog
@@ -64,7 +65,7 @@ async def test_a_round_purges_repartition_topics_below_the_committed_offsets(
         del os.environ["RETENTION_MS"]
     topology = compile_pipeline(loaded.pipeline)
     log = EmbeddedLog(tmp_path / "data", segment_bytes=SMALL)
-    await log.create_topics([t.spec for t in topology.topics])
+    await log.create_topics([t.spec for t in (*topology.topics, topology.positions_topic)])
     by_user = TopicPartition("kept.by-user", 0)
     events = TopicPartition("events", 0)
     now = int(time.time() * 1000)
@@ -96,30 +97,24 @@ def test_the_round_interval_comes_from_the_environment(monkeypatch: pytest.Monke
 
 @pytest.mark.slow
 @pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
-def test_a_run_keeps_its_repartition_topic_bounded_and_its_counts_exact(
+def test_a_run_keeps_its_topics_bounded_and_its_counts_exact(
     tmp_path: Path, guarantee: str
 ) -> None:
     """60,000 events over 500 users through a key_by: the repartition topic's start moves up
-    while the run goes on, and every user's last count is its number of events."""
+    and the count's changelog is compacted while the run goes on, every user's last count is
+    its number of events, and a second run restores them from the compacted changelog."""
     (tmp_path / "kept.py").write_text(PIPELINE)
     users = [f"u{(i * 7919) % 500}" for i in range(60_000)]
     (tmp_path / "events.jsonl").write_bytes(
         b"".join(orjson.dumps({"user": u, "i": i}) + b"\n" for i, u in enumerate(users))
     )
-    run = headwater(
-        "run",
-        "kept.py",
-        "--workers",
-        "2",
-        cwd=tmp_path,
-        env={
-            "HEADWATER_SEGMENT_BYTES": "16384",
-            "HEADWATER_HOUSEKEEPING_SECONDS": "0.2",
-            "RETENTION_MS": str(7 * 24 * 3600 * 1000),
-            "GUARANTEE": guarantee,
-        },
-        timeout=240,
-    )
+    env = {
+        "HEADWATER_SEGMENT_BYTES": "4096",
+        "HEADWATER_HOUSEKEEPING_SECONDS": "0.2",
+        "RETENTION_MS": str(7 * 24 * 3600 * 1000),
+        "GUARANTEE": guarantee,
+    }
+    run = headwater("run", "kept.py", "--workers", "2", cwd=tmp_path, env=env, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     last: dict[str, int] = {}
     for line in (tmp_path / "counts.jsonl").read_bytes().splitlines():
@@ -130,9 +125,38 @@ def test_a_run_keeps_its_repartition_topic_bounded_and_its_counts_exact(
         first = tmp_path / ".headwater" / "topics" / "kept.by-user" / f"{partition}.log"
         segments = segment_paths(first)
         assert segments[0][0] > 0, "the repartition topic was never purged"
-        assert len(segments) <= 3, segments
+        assert len(segments) <= 6, segments
     events = tmp_path / ".headwater" / "topics" / "events" / "0.log"
     assert segment_paths(events)[0][0] == 0  # within its retention: kept whole
+    log = EmbeddedLog(tmp_path / ".headwater")
+    written = kept = 0
+    for partition in range(2):  # the changelog compacted whole: one record per key
+        changelog = TopicPartition("kept.count.changelog", partition)
+        file = log._file(changelog)
+        file.roll()
+        compact(file, segment_bytes=4096, now_ms=int(time.time() * 1000), force=True)
+        offset, end = 0, file.end_offset()
+        written += end
+        keys: list[bytes | None] = []
+        while offset < end:
+            fetched = log.read_now(changelog, offset, 1000)
+            keys += fetched.records.keys
+            offset = fetched.next_offset
+        kept += len(keys)
+        assert len(keys) == len(set(keys))
+    assert kept < written, (kept, written)
+
+    # a second run restores the counts from the compacted changelog and goes on from them
+    more = [f"u{(i * 31) % 500}" for i in range(20_000)]
+    with (tmp_path / "events.jsonl").open("ab") as file:
+        file.write(b"".join(orjson.dumps({"user": u}) + b"\n" for u in more))
+    again = headwater("run", "kept.py", "--workers", "2", cwd=tmp_path, env=env, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    last = {}
+    for line in (tmp_path / "counts.jsonl").read_bytes().splitlines():
+        row = orjson.loads(line)
+        last[row["key"]] = max(last.get(row["key"], 0), row["value"])
+    assert last == dict(Counter(users + more))
 
 
 def test_records_appended_while_purging_are_kept(tmp_path: Path) -> None:
