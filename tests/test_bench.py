@@ -45,6 +45,7 @@ SMOKE_TESTED = {
     "http_run.py",
     "parquet.py",
     "hot_keys.py",
+    "disk_soak.py",
     "kafka/compare.py",
     "kafka/run_headwater.py",  # the Headwater workers compare.py starts
     "kafka/profile_worker.py",
@@ -139,6 +140,15 @@ def test_parquet(tmp_path: Path) -> None:
         finite(out, rf"run 1 {part}\s+{{n}} records/s  {{n}} s, CPU {{n}} s \(.*\)$")
     finite(out, r"ParquetSink write\+flush: {n} records/s \(median\), CPU {n} µs/record$")
     finite(out, r"ParquetSource read: {n} records/s \(median\), CPU {n} µs/record$")
+
+
+def test_disk_soak(tmp_path: Path) -> None:
+    out = bench("disk_soak.py", "--smoke", cwd=tmp_path)
+    at_half, at_end = finite(out, r"disk at half time: {n} MB, at the end: {n} MB$")
+    (bound,) = finite(out, r"bound \(.*\): {n} MB$")
+    assert max(at_half, at_end) <= bound
+    finite(out, r"windows counted as the input says: {n} of {n}$")
+    assert "bounded and exact" in out
 
 
 def test_hot_keys(tmp_path: Path) -> None:
