@@ -26,12 +26,18 @@ in a notebook.
 
 ``inspect=`` names steps (or ``True``: every step) whose output is kept as well, so what flows
 out of a step in the middle of the pipeline can be looked at: ``result.inspect("parse")``.
+
+``topics=`` writes records to topics of the pipeline before it starts: ``(key, value)`` pairs
+per topic name, serialised with the topic's serdes and placed on the partition of their key.
+That is how a table a ``join_table`` reads is there in full before the first record of the
+stream: ``run_pipeline(p, inputs={...}, topics={"customers": [("c1", {...})]})``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
@@ -41,13 +47,15 @@ from typing import Any
 from connectors.memory import Collect
 from connectors.memory import Iterable as IterableSource
 from pipelines.errors import PipelineDefinitionError
-from pipelines.log.base import TopicPartition
+from pipelines.log.base import RawBatch, TopicPartition
 from pipelines.log.memory import MemoryLog
+from pipelines.partitioner import partition_for
 from pipelines.pipeline import OUT, Pipeline, Port, Step
 from pipelines.record import Record, from_millis
 from pipelines.runtime.deadletters import Group, summary
+from pipelines.runtime.engine import prepare_topics
 from pipelines.runtime.inprocess import run_in_process
-from pipelines.runtime.topology import compile_pipeline
+from pipelines.runtime.topology import Topology, compile_pipeline
 from pipelines.runtime.watermarks import split_markers
 from pipelines.topic import Topic
 
@@ -244,6 +252,32 @@ def _as_replaced(source: object, attribute: str) -> Callable[[Any], Any] | None:
     return applied
 
 
+async def _prefill(
+    log: MemoryLog, topology: Topology, topics: Mapping[str, Iterable[tuple[Any, Any]]]
+) -> None:
+    """Write the ``(key, value)`` pairs of ``topics`` to those topics of ``topology``."""
+    declared = {t.name: t for t in topology.topics}
+    unknown = sorted(set(topics) - set(declared))
+    if unknown:
+        raise PipelineDefinitionError(
+            f"topics= names no topic of the pipeline: {unknown}; its topics are {sorted(declared)}"
+        )
+    await prepare_topics(log, topology)
+    stamp = int(time.time() * 1000)
+    for name, pairs in topics.items():
+        topic = declared[name]
+        batches: dict[int, RawBatch] = {}
+        for key, value in pairs:
+            raw_key = None if key is None else topic.key_serde.serialize(key)
+            partition = 0 if raw_key is None else partition_for(raw_key, topic.partitions)
+            batch = batches.setdefault(partition, RawBatch([], [], [], None))
+            batch.keys.append(raw_key)
+            batch.values.append(None if value is None else topic.value_serde.serialize(value))
+            batch.timestamps.append(stamp)
+        for partition, batch in sorted(batches.items()):
+            log.append(TopicPartition(name, partition), batch)
+
+
 def _taps(pipeline: Pipeline, inspect: Iterable[str] | bool) -> dict[Port, Step]:
     """A collecting sink step on each output of each inspected step."""
     ids = {s.step_id: s for s in pipeline.steps}
@@ -309,6 +343,7 @@ async def run_pipeline_async(
     timeout: float | None = None,
     inspect: Iterable[str] | bool = (),
     stop: asyncio.Event | None = None,
+    topics: Mapping[str, Iterable[tuple[Any, Any]]] | None = None,
 ) -> TestResult:
     """Run ``pipeline`` on a fresh memory log until every input is processed, its sinks
     received ``count`` records, ``timeout`` seconds passed or ``stop`` is set, keeping what
@@ -341,6 +376,7 @@ async def run_pipeline_async(
     watcher = asyncio.create_task(watch()) if count is not None or timeout is not None else None
     assert stop is not None
     topology = compile_pipeline(prepared)
+    await _prefill(log, topology, topics or {})
     try:
         await run_in_process(topology, log, workers=workers, stop=stop)
     finally:
@@ -360,6 +396,7 @@ def run_pipeline(
     count: int | None = None,
     timeout: float | None = None,
     inspect: Iterable[str] | bool = (),
+    topics: Mapping[str, Iterable[tuple[Any, Any]]] | None = None,
 ) -> TestResult:
     """:func:`run_pipeline_async` from synchronous code, also where a loop is already running
     (Jupyter): then the pipeline runs on its own loop in a helper thread, and interrupting the
@@ -369,6 +406,7 @@ def run_pipeline(
         "count": count,
         "timeout": timeout,
         "inspect": inspect,
+        "topics": topics,
     }
     try:
         asyncio.get_running_loop()

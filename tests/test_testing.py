@@ -405,3 +405,23 @@ def test_a_late_data_topic_reads_decoded_with_the_serdes_its_records_were_read_w
     [record] = result.topic("late.count.late", decode=True)
     assert record.value == late  # timed by the replaced source's timestamp=, so late
     assert result.to_pandas("late.count.late")["id"].tolist() == [-1]
+
+
+def test_topics_are_written_before_the_run_so_a_table_is_whole_for_the_first_record() -> None:
+    customers = Topic("customers", partitions=3, compacted=True)
+    orders = [{"n": n, "customer": f"c{n % 7}"} for n in range(200)]
+    table = {f"c{i}": {"tier": "gold" if i % 2 else "plain"} for i in range(5)}  # c5, c6: none
+    pipeline = (
+        Pipeline("shop")
+        .source(Iterable([]), into=Topic("orders", partitions=3), step_id="orders")
+        .key_by("by-customer", lambda o: o["customer"], partitions=3)
+        .join_table("tiers", customers, lambda o, c: {**o, "tier": c["tier"]})
+        .sink(Collect(), step_id="out")
+    )
+    result = run_pipeline(
+        pipeline, inputs={"orders": orders}, topics={"customers": list(table.items())}
+    )
+    expected = [{**o, **table[o["customer"]]} for o in orders if o["customer"] in table]
+    assert sorted(result.values("out"), key=lambda o: o["n"]) == expected
+    with pytest.raises(PipelineDefinitionError, match="topics= names no topic"):
+        run_pipeline(pipeline, topics={"nope": []})
