@@ -30,6 +30,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
@@ -650,7 +651,7 @@ def _describe_topic(
     ends: dict[TopicPartition, int],
 ) -> None:
     """A topic's settings, then per partition: its records, the offsets they span, and on the
-    embedded log its segment files and their size on disk."""
+    embedded log its segment files, their size on disk and how far compaction got, when."""
     retention = "none" if spec.retention_ms is None else f"{spec.retention_ms:,} ms"
     print(
         f"{spec.name}: {spec.partitions} partitions, compacted={spec.compacted}, "
@@ -664,6 +665,11 @@ def _describe_topic(
         if isinstance(log, EmbeddedLog):
             _, segments, size = log.size_on_disk(tp)
             line += f", {segments} segment{'s' if segments != 1 else ''}, {size:,} bytes"
+            compacted = log.compacted_to(tp)
+            if compacted is not None:
+                offset, at = compacted
+                when = datetime.fromtimestamp(at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+                line += f", compacted up to offset {offset:,} at {when}"
         print(line)
 
 

@@ -581,6 +581,17 @@ class EmbeddedLog(LocalLog):
                 size += path.stat().st_size
         return file.log_start(), len(segments), size
 
+    def compacted_to(self, tp: TopicPartition) -> tuple[int, float] | None:
+        """The offset up to which the partition was compacted and when (seconds since the
+        epoch), or None if it never was (see :mod:`pipelines.log._compaction`)."""
+        clean = self._file(tp).path.with_suffix(".clean")
+        try:
+            return int(clean.read_bytes()), clean.stat().st_mtime
+        except (FileNotFoundError, ValueError):
+            return None
+        except OSError as error:
+            raise disk_error(clean, "read", error) from error
+
     async def wait_for_append(self, timeout: float) -> None:
         await asyncio.sleep(min(timeout, _POLL_SECONDS))
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import shutil
 import signal
 import time
 from pathlib import Path
+
+from cli_support import headwater
 
 from pipelines.log._compaction import compact
 from pipelines.log._partition_file import PartitionFile, segment_paths
@@ -137,6 +140,9 @@ async def test_the_embedded_log_reads_a_compacted_partition_with_its_offsets(
     assert len(fetched.offsets) == len(fetched.records)
     checked = check_log(tmp_path)
     assert not checked.damaged, [p.line() for p in checked.partitions]
+    described = headwater("topics", "describe", "state", "--data-dir", tmp_path, cwd=tmp_path)
+    assert described.returncode == 0, described.stderr
+    assert re.search(r"compacted up to offset [\d,]+ at \d{4}-\d\d-\d\d ", described.stdout)
 
 
 def test_a_crash_between_the_rename_and_the_removals_loses_and_repeats_nothing(
