@@ -14,6 +14,7 @@ the default) and across machines (Apache Kafka)::
     )
 """
 
+import pipelines._packages  # noqa: F401 - first: checks operators and connectors are ours
 from pipelines.batch import Batch
 from pipelines.errors import (
     ConnectorError,
