@@ -532,26 +532,34 @@ class EmbeddedLog(LocalLog):
 
     async def compact(self, specs: Sequence[TopicSpec], now_ms: int) -> None:
         """Compact each partition of the compacted topics among ``specs`` whose sealed
-        segments are dirty enough (see :mod:`pipelines.log._compaction`); a partition another
-        process is compacting is left to it."""
+        segments are dirty enough (see :mod:`pipelines.log._compaction`), in a thread: it
+        reads and rewrites whole segments, which must not hold up the caller's event loop."""
         for spec in specs:
             if not spec.compacted:
                 continue
             for partition in range(spec.partitions):
-                file = self._file(TopicPartition(spec.name, partition))
-                with _on_disk(file.path, "compact"):
-                    fd = _try_lock(file.path.with_suffix(".compacting.lock"))
-                if fd is None:
-                    continue
-                try:
-                    compact(
-                        file,
-                        segment_bytes=self._segment_bytes,
-                        now_ms=now_ms,
-                        tombstone_ms=self._tombstone_ms,
-                    )
-                finally:
-                    os.close(fd)
+                tp = TopicPartition(spec.name, partition)
+                await asyncio.to_thread(self._compact_partition, tp, now_ms)
+
+    def _compact_partition(self, tp: TopicPartition, now_ms: int) -> None:
+        """Compact one partition with a partition file of its own (the log's are used by the
+        event loop meanwhile), unless another process is compacting it."""
+        path = self._file(tp).path
+        with _on_disk(path, "compact"):
+            fd = _try_lock(path.with_suffix(".compacting.lock"))
+        if fd is None:
+            return
+        file = PartitionFile(path, fsync=self._fsync, segment_bytes=self._segment_bytes)
+        try:
+            compact(
+                file,
+                segment_bytes=self._segment_bytes,
+                now_ms=now_ms,
+                tombstone_ms=self._tombstone_ms,
+            )
+        finally:
+            file.close()
+            os.close(fd)
 
     async def enforce_retention(self, specs: Sequence[TopicSpec], now_ms: int) -> None:
         """Remove each partition's sealed segments, oldest first, while their newest record
