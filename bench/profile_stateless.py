@@ -65,9 +65,9 @@ Probe = tuple[int, str, str, str]
 
 PROBES: list[Probe] = [
     (0, "pipelines.log._local", "GroupConsumer._fetch", "consumer fetch"),
-    (1, "pipelines.log._partition_file", "PartitionFile._index_new_frames", "index new frames"),
-    (1, "pipelines.log._partition_file", "PartitionFile._frame_containing", "read frame"),
-    (2, "pipelines.log._partition_file", "decode_frame", "decode_frame"),
+    (1, "pipelines.log._partition_file", "_Segment._index_new_frames", "index new frames"),
+    (1, "pipelines.log._partition_file", "_Segment._frame_containing", "read frame"),
+    (2, "pipelines.log._partition_file", "_decode", "decode a frame"),
     (0, "pipelines.runtime.task", "Task.process", "Task.process"),
     (1, "pipelines.runtime.task", "Task._decode", "Task._decode"),
     (2, "pipelines.serde", "Json.deserialize_many", "Json.deserialize_many (orjson.loads)"),
@@ -79,7 +79,7 @@ PROBES: list[Probe] = [
     (2, "pipelines.runtime.outbox", "Outbox.add", "Outbox.add"),
     (0, "pipelines.runtime.outbox", "Outbox.send", "Outbox.send"),
     (1, "pipelines.log._partition_file", "PartitionFile.append", "PartitionFile.append"),
-    (2, "pipelines.log._partition_file", "PartitionFile._recover_tail", "recover tail (index)"),
+    (2, "pipelines.log._partition_file", "_Segment._recover_tail", "recover tail (index)"),
     (2, "pipelines.log._partition_file", "encode_frame", "encode_frame"),
     (0, "pipelines.runtime.worker", "Worker._checkpoint", "Worker._checkpoint"),
 ]

@@ -1062,8 +1062,8 @@ def quix_ratios(config: Config, bench: Bench) -> list[str]:
 
 PROBES: list[Probe] = [
     (0, "pipelines.log._local", "GroupConsumer._fetch", "consumer fetch"),
-    (1, "pipelines.log._partition_file", "PartitionFile._frame_containing", "read frame (all)"),
-    (2, "pipelines.log._partition_file", "decode_frame", "decode_frame (all)"),
+    (1, "pipelines.log._partition_file", "_Segment._frame_containing", "read frame (all)"),
+    (2, "pipelines.log._partition_file", "_decode", "decode a frame (all)"),
     (0, "pipelines.runtime.task", "Task.process", "Task.process"),
     (1, "pipelines.runtime.task", "Task._decode", "Task._decode"),
     (2, "pipelines.serde", "Json.deserialize_many", "Json.deserialize_many (values)"),
