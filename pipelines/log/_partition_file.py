@@ -541,9 +541,10 @@ class _Segment:
     def _append(self, batch: RawBatch, txn: tuple[int, int] | None) -> int | None:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            self._recover_tail()
-            if self.sealed:
+            self._index_new_frames(locked=True)
+            if self.sealed:  # by another writer; the file may even be purged since
                 raise _Sealed
+            self._recover_tail()
             if txn is not None and self._transactions.get(txn[0], -1) >= txn[1]:
                 return None
             base = self._next_offset
@@ -573,7 +574,9 @@ class _Segment:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
-                self._recover_tail()
+                self._index_new_frames(locked=True)
+                if not self.sealed:
+                    self._recover_tail()
                 if not self.sealed:
                     seal = Seal(
                         self._next_offset,
@@ -745,14 +748,25 @@ class PartitionFile:
             following = active.end_offset()
             if not active.sealed:
                 return
-            try:
-                successor = self._segment(following, create=create)
-            except FileNotFoundError:
+            successor = self._successor(following, create=create)
+            if successor is None:
                 return  # sealed, the next not created yet: no newer records either
             self._keep_sealed(active)
             self._active = active = successor
             if following not in self._bases:
                 self._bases.append(following)
+
+    def _successor(self, following: int, *, create: bool) -> _Segment | None:
+        """The segment after one that ends at ``following``: the first that exists from there
+        on (a purge may have removed the next ones since), or a new one if ``create`` and there
+        is none; None if there is none yet."""
+        later = [base for base, _ in segment_paths(self.path) if base >= following]
+        if not later and not create:
+            return None
+        try:
+            return self._segment(later[0] if later else following, create=not later)
+        except FileNotFoundError:
+            return None  # removed in between: looked for again next time
 
     def _keep_sealed(self, segment: _Segment) -> None:
         """Keep ``segment`` open as the most recently used; close the least recently used

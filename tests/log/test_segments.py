@@ -215,3 +215,28 @@ def test_kill_9_while_rolling_loses_no_acknowledged_record(tmp_path: Path) -> No
         values = read_all(PartitionFile(path))
         assert values == list(range(len(values)))
         assert len(values) > acknowledged[number]
+
+
+def test_a_writer_whose_segment_was_sealed_and_purged_goes_on_in_the_newest(
+    tmp_path: Path,
+) -> None:
+    """A worker's active segment is sealed by another writer, which goes on for several
+    segments, and a purge removes them all but the newest: the first writer's next append
+    goes to the newest segment, and a reader's end offset follows."""
+    path = tmp_path / "0.log"
+    early = PartitionFile(path, segment_bytes=1 << 30)
+    early.append(numbered(0, 10))
+    assert early.end_offset() == 10
+    other = PartitionFile(path, segment_bytes=SMALL)
+    end = fill_from(other, 10, 30)
+    other.drop(below=end)
+    assert early.end_offset() == end  # follows past the purged segments
+    early.append(numbered(end, 5))
+    assert read_all(other, start=other.log_start())[-5:] == list(range(end, end + 5))
+
+
+def fill_from(partition: PartitionFile, start: int, batches: int) -> int:
+    for _ in range(batches):
+        partition.append(numbered(start, 50))
+        start += 50
+    return start
