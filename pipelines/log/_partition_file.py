@@ -541,8 +541,7 @@ class _Segment:
     def _append(self, batch: RawBatch, txn: tuple[int, int] | None) -> int | None:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            self._index_new_frames(locked=True)
-            if self.sealed:  # by another writer; the file may even be purged since
+            if self._sealed_since():
                 raise _Sealed
             self._recover_tail()
             if txn is not None and self._transactions.get(txn[0], -1) >= txn[1]:
@@ -556,6 +555,23 @@ class _Segment:
             return base
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _sealed_since(self) -> bool:
+        """Under the write lock: whether another writer sealed the segment (its file may even
+        be purged since, which is no replacement). A file replaced otherwise raises as
+        :meth:`_check_not_replaced` says."""
+        try:
+            self._check_not_replaced()
+        except CorruptLogError as replaced:
+            try:
+                self._index_new_frames(locked=True)
+            except CorruptLogError:
+                raise replaced from None
+            if not self.sealed:
+                raise
+            return True
+        self._index_new_frames(locked=True)
+        return self.sealed
 
     def _write_frame(self, frame: bytes, base: int, count: int) -> None:
         """Under the write lock: write ``frame``, acknowledge it and index it."""
@@ -574,8 +590,7 @@ class _Segment:
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
-                self._index_new_frames(locked=True)
-                if not self.sealed:
+                if not self._sealed_since():
                     self._recover_tail()
                 if not self.sealed:
                     seal = Seal(
