@@ -92,7 +92,8 @@ class Names:
         return f"{prefix}-{self.run}"
 
 
-async def _delete_topics_of(bootstrap: str, run: str) -> None:
+async def delete_topics_of(bootstrap: str, run: str) -> None:
+    """Delete the topics on ``bootstrap`` whose names contain ``run`` (a test's own)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
     try:
         await asyncio.wait_for(admin.start(), 10)
@@ -124,4 +125,4 @@ def kafka_names(request: pytest.FixtureRequest) -> Iterator[Callable[[str], str]
     yield names
     if request.node.stash.get(PASSED, False):
         with contextlib.suppress(Exception):
-            asyncio.run(_delete_topics_of(KAFKA_BOOTSTRAP, names.run))
+            asyncio.run(delete_topics_of(KAFKA_BOOTSTRAP, names.run))

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
+from kafka_support import delete_topics_of
 from processes import Cli, tail, worker_pids
 from test_exactly_once import (
     EVENTS,
@@ -187,18 +188,6 @@ async def _topics_of(bootstrap: str, run: str) -> dict[str, list[tuple[int, list
             await admin.close()
 
 
-async def _delete_topics(bootstrap: str, run: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
-    try:
-        await asyncio.wait_for(admin.start(), 10)
-        mine = [t for t in await admin.list_topics() if run in t]
-        if mine:
-            await asyncio.wait_for(admin.delete_topics(mine), 20)
-    finally:
-        with contextlib.suppress(Exception):
-            await admin.close()
-
-
 def _output_end(view: KafkaView, topic: str) -> int:
     """The output topic's committed end (the sum of its last stable offsets)."""
     return sum(view.ends(topic, OUTPUT_PARTITIONS).values())
@@ -320,4 +309,4 @@ def test_exactly_once_survives_losing_a_broker(
         f"{stall:.1f}s"
     )
     with contextlib.suppress(Exception):
-        asyncio.run(_delete_topics(cluster.bootstrap, run))
+        asyncio.run(delete_topics_of(cluster.bootstrap, run))

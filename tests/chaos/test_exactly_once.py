@@ -59,6 +59,7 @@ from chaos.inflight import (
     wait_for_a_fresh_batch,
     where,
 )
+from kafka_support import delete_topics_of
 from processes import Cli, alive, stat_fields, tail, worker_pids
 
 from pipelines.log._commits import CommitRecord, pending_commits, read_commit, write_commit
@@ -993,18 +994,6 @@ def broker() -> str:
             return KAFKA_BOOTSTRAP
 
 
-async def _delete_topics(bootstrap: str, run: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
-    try:
-        await asyncio.wait_for(admin.start(), 10)
-        mine = [t for t in await admin.list_topics() if run in t]
-        if mine:
-            await asyncio.wait_for(admin.delete_topics(mine), 20)
-    finally:
-        with contextlib.suppress(Exception):
-            await admin.close()
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_exactly_once_kafka_under_kill_9(tmp_path: Path, commands: Commands, broker: str) -> None:
@@ -1055,7 +1044,7 @@ def test_exactly_once_kafka_under_kill_9(tmp_path: Path, commands: Commands, bro
     check_in_flight(view, job, chaos)
     print(chaos.text())
     with contextlib.suppress(Exception):
-        asyncio.run(_delete_topics(broker, run))
+        asyncio.run(delete_topics_of(broker, run))
 
 
 # -- 4. a commit whose writer died before it was applied -------------------------------------------
