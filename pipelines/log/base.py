@@ -254,6 +254,12 @@ class LogBackend(ABC):
         Kafka's brokers do this themselves; by default nothing is done."""
         del specs, now_ms
 
+    async def roll_segments(self, specs: Sequence[TopicSpec], now_ms: int) -> None:
+        """Start a new segment in each partition of ``specs`` whose active one has been open
+        too long, so its records can expire, be purged or compacted. Kafka's brokers roll
+        segments themselves (``segment.ms``); by default there are no segments."""
+        del specs, now_ms
+
     async def enforce_retention(self, specs: Sequence[TopicSpec], now_ms: int) -> None:
         """Drop what the ``retention_ms`` of each topic in ``specs`` lets go, as of ``now_ms``.
         Kafka's brokers do this themselves; by default nothing is dropped."""

@@ -102,6 +102,12 @@ def _exists(path: Path) -> bool:
 SEGMENT_BYTES_VARIABLE = "HEADWATER_SEGMENT_BYTES"
 """The size at which a partition starts a new segment file (64 MiB by default): whole sealed
 segments are what retention, purges and compaction remove or rewrite."""
+SEGMENT_MS_VARIABLE = "HEADWATER_SEGMENT_MS"
+"""How long a partition's active segment of a topic the housekeeping looks after (a purged,
+retained or compacted one) may stay open before it is sealed however small it is (an hour by
+default; a topic's ``retention_ms`` if shorter): what lets an idle partition's last records
+expire, be purged or compacted."""
+SEGMENT_MS = 3_600_000
 TOMBSTONE_MS_VARIABLE = "HEADWATER_TOMBSTONE_MS"
 """How long compaction keeps a tombstone after its segment was sealed (an hour by default)."""
 
@@ -299,6 +305,12 @@ class EmbeddedLog(LocalLog):
         self._tombstone_ms = _positive_from_env(
             TOMBSTONE_MS_VARIABLE, TOMBSTONE_MS, "how long compaction keeps a tombstone, in ms"
         )
+        self._segment_ms = _positive_from_env(
+            SEGMENT_MS_VARIABLE, SEGMENT_MS, "how long a segment may stay open, in ms"
+        )
+        # the active segment of each partition rolled by age, and when it was first seen holding
+        # records (in this process: a restart only delays a roll)
+        self._open_since: dict[TopicPartition, tuple[int, int]] = {}
         self._topics_dir = self.data_dir / "topics"
         self._groups_dir = self.data_dir / "groups"
         for directory in (self._topics_dir, self._groups_dir):
@@ -578,6 +590,26 @@ class EmbeddedLog(LocalLog):
                     expired = end
                 if expired:
                     file.drop(below=expired)
+
+    async def roll_segments(self, specs: Sequence[TopicSpec], now_ms: int) -> None:
+        """Seal each partition's active segment once it has held records for
+        ``HEADWATER_SEGMENT_MS`` (or the topic's ``retention_ms``, if shorter), however small:
+        only sealed segments are dropped or compacted, so a partition that went quiet would
+        otherwise keep its last records for good. Writers follow the seal into a new segment."""
+        for spec in specs:
+            age = min(self._segment_ms, spec.retention_ms or self._segment_ms)
+            for partition in range(spec.partitions):
+                tp = TopicPartition(spec.name, partition)
+                file = self._file(tp)
+                base, end, _ = file.segments()[-1]
+                if end == base:
+                    continue  # empty: nothing to let go
+                seen = self._open_since.get(tp)
+                if seen is None or seen[0] != base:
+                    self._open_since[tp] = (base, now_ms)
+                elif now_ms - seen[1] >= age:
+                    file.roll()
+                    del self._open_since[tp]
 
     def size_on_disk(self, tp: TopicPartition) -> tuple[int, int, int]:
         """A partition's first offset still on the log, its segment files and their bytes."""

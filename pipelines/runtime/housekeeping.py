@@ -3,6 +3,9 @@
 The runner calls :meth:`Housekeeping.run_due` as it supervises; every
 ``HEADWATER_HOUSEKEEPING_SECONDS`` (10 by default) it
 
+* seals the active segment of each topic below that has held records for
+  ``HEADWATER_SEGMENT_MS`` (an hour; a topic's ``retention_ms`` if shorter), since only sealed
+  segments are dropped or compacted: a partition that went quiet lets its last records go too;
 * purges each ``key_by`` topic of the pipeline below the offsets the pipeline's group has
   committed. Only that group reads those topics, the records below are processed, and a
   restore reads changelogs, never them: Kafka Streams purges its repartition topics the same
@@ -65,21 +68,28 @@ class Housekeeping:
         self._due = time.monotonic() + self._every
 
     async def run(self) -> None:
-        """Purge the repartition topics and apply retention now."""
+        """Roll segments open too long, purge the repartition topics, apply retention and
+        compact, now."""
         topology = self._topology
-        internal = [
-            TopicPartition(step.topic.name, partition)
+        purged = [
+            step.topic.spec
             for step in topology.pipeline.steps
             if step.kind == "key_by" and step.topic is not None
-            for partition in range(step.topic.partitions)
         ]
-        if internal:
+        kept = [t.spec for t in topology.topics if t.retention_ms is not None]
+        compacted = [t.spec for t in (*topology.topics, topology.positions_topic) if t.compacted]
+        now = int(time.time() * 1000)
+        looked_after = {spec.name: spec for spec in (*purged, *kept, *compacted)}
+        await self._log.roll_segments(list(looked_after.values()), now)
+        if purged:
+            internal = [
+                TopicPartition(spec.name, partition)
+                for spec in purged
+                for partition in range(spec.partitions)
+            ]
             committed = await self._log.committed_offsets(topology.group, internal)
             await self._log.purge(committed)
-        now = int(time.time() * 1000)
-        kept = [t.spec for t in topology.topics if t.retention_ms is not None]
         if kept:
             await self._log.enforce_retention(kept, now)
-        compacted = [t.spec for t in (*topology.topics, topology.positions_topic) if t.compacted]
         if compacted:
             await self._log.compact(compacted, now)

@@ -177,3 +177,43 @@ def test_records_appended_while_purging_are_kept(tmp_path: Path) -> None:
         values += fetched.records.values
         offset = fetched.next_offset
     assert values == [b"%d" % n for n in range(start, 1050)]
+
+
+async def test_a_quiet_partition_s_last_records_expire_once_its_segment_is_old(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records in the active segment of a partition nobody writes to any more are sealed off
+    after ``HEADWATER_SEGMENT_MS`` (or the topic's retention, if shorter) and then expire; a
+    writer that comes back appends after them."""
+    monkeypatch.setenv("HEADWATER_SEGMENT_MS", "5000")
+    log = EmbeddedLog(tmp_path)  # 64 MiB segments: a few records never fill one
+    kept = TopicSpec("kept", 1, retention_ms=60_000)
+    other = TopicSpec("other", 1)  # no retention: rolled after HEADWATER_SEGMENT_MS
+    await log.create_topics([kept, other])
+    tp, other_tp = TopicPartition("kept", 0), TopicPartition("other", 0)
+    now = int(time.time() * 1000)
+    log.append(tp, numbered(0, 50, now - 120_000))
+    log.append(other_tp, numbered(0, 50, now))
+
+    await log.roll_segments([kept, other], now)  # first seen: not rolled yet
+    await log.roll_segments([kept, other], now + 4_000)
+    assert len(log._file(tp).segments()) == len(log._file(other_tp).segments()) == 1
+    await log.roll_segments([kept, other], now + 5_000)
+    assert len(log._file(tp).segments()) == len(log._file(other_tp).segments()) == 2
+
+    await log.enforce_retention([kept], now + 5_000)
+    assert log.size_on_disk(tp)[0] == 50  # the quiet records expired
+    assert log.size_on_disk(other_tp)[0] == 0  # no retention: kept
+
+    log.append(tp, numbered(50, 10, now))
+    fetched = log.read_now(tp, 50, 100)
+    assert list(fetched.offsets) == list(range(50, 60))
+    await log.roll_segments([kept], now + 10_000)
+    await log.roll_segments([kept], now + 20_000)  # a segment of new records rolls too
+    assert log._file(tp).segments()[-1][0] == 60
+
+
+def test_the_age_of_a_segment_is_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEADWATER_SEGMENT_MS", "soon")
+    with pytest.raises(PipelineDefinitionError, match="HEADWATER_SEGMENT_MS='soon'"):
+        EmbeddedLog(tmp_path)
