@@ -270,8 +270,9 @@ class GroupConsumer(Consumer):
             self._log.recover_transactions(self._group)
             committed = await self._log.committed_offsets(self._group, claimed)
             _check_within(self._group, committed, await self._log.end_offsets(claimed))
-            for tp in claimed:
-                self._positions[tp] = committed.get(tp, 0)
+            starts = await self._log.start_offsets(claimed)
+            for tp in claimed:  # nothing committed: from the first record still on the log
+                self._positions[tp] = committed.get(tp, starts[tp])
             await listener.on_assigned(frozenset(claimed))
         if len(self._positions) < len(target):
             self._next_check = now + REBALANCE_CHECK_SECONDS / 4  # a claim is still held elsewhere

@@ -86,10 +86,13 @@ async def _partitions(log: LogBackend, topology: Topology) -> list[TopicPartitio
 async def read_dead_letters(
     log: LogBackend, topology: Topology, since: dict[TopicPartition, int] | None = None
 ) -> AsyncIterator[DeadLetter]:
-    """Every dead letter of the pipeline, partition by partition, from ``since`` (or 0)."""
+    """Every dead letter of the pipeline, partition by partition, from ``since`` (or the log's
+    start: a retention on the dead-letter topic may have removed the oldest)."""
     for tp in await _partitions(log, topology):
         end = (await log.end_offsets([tp]))[tp]
-        offset = (since or {}).get(tp, 0)
+        offset = (since or {}).get(tp)
+        if offset is None:
+            offset = (await log.start_offsets([tp]))[tp]
         while offset < end:
             fetched = await log.read(tp, offset, _READ)
             raw = fetched.records

@@ -64,7 +64,7 @@ async def load_positions(log: LogBackend, topic: Topic) -> dict[str, Any]:
     """The last stored position of each source step."""
     tp = TopicPartition(topic.name, 0)
     positions: dict[str, Any] = {}
-    offset = 0
+    offset = (await log.start_offsets([tp]))[tp]
     while True:
         fetched = await log.read(tp, offset, _READ_CHUNK)
         if fetched.next_offset <= offset:  # (a read in a repaired hole moves past it)

@@ -216,9 +216,12 @@ class Task:
         return frozenset(self.positions)
 
     async def restore(self, log: LogBackend, committed: Mapping[TopicPartition, int]) -> None:
-        """Start from the committed offsets and the state they reflect."""
+        """Start from the committed offsets (where nothing is, the log's start) and the state
+        they reflect."""
+        fresh = [tp for tp in self.positions if tp not in committed]
+        starts = await log.start_offsets(fresh) if fresh else {}
         for tp in self.positions:
-            self.positions[tp] = committed.get(tp, 0)
+            self.positions[tp] = committed.get(tp, starts.get(tp, 0))
         await self.state.restore(log, committed)
         store = self.state.stores[MARKS_STORE]
         self.marks.load(store.get(_MARKS_KEY))

@@ -64,11 +64,13 @@ class TableStore:
         return list(self._rows.items())
 
     async def bootstrap(self, log: LogBackend) -> int:
-        """Read the partition from offset 0 to its current end; returns the records read."""
+        """Read the partition from its start (offset 0 unless retention removed records) to its
+        current end; returns the records read."""
         tp = self.topic_partition
         end = (await log.end_offsets([tp]))[tp]
         self._rows.clear()
-        offset = read = 0
+        offset = (await log.start_offsets([tp]))[tp]
+        read = 0
         while offset < end:
             fetched = await log.read(tp, offset, min(_BOOTSTRAP_CHUNK, end - offset))
             if fetched.next_offset <= offset:  # (a read in a repaired hole moves past it)

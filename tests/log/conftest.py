@@ -33,7 +33,8 @@ async def _memory(_tmp_path: Path) -> LogBackend:
 
 
 async def _embedded(tmp_path: Path) -> LogBackend:
-    return EmbeddedLog(tmp_path / "embedded")
+    # small segments: the contract holds across rolls, and purges drop whole segments
+    return EmbeddedLog(tmp_path / "embedded", segment_bytes=4096)
 
 
 async def _kafka(_tmp_path: Path) -> LogBackend:

@@ -348,6 +348,28 @@ async def test_one_member_gets_everything_and_a_new_member_resumes(
     await second.consumer.close()
 
 
+async def test_a_new_group_starts_at_the_first_record_still_on_the_log(
+    log: LogBackend, names: Names
+) -> None:
+    """Records purged (or expired) below the log's start are not asked for: a group with
+    nothing committed starts where the log now starts, with no error and nothing skipped."""
+    topic = names("topic")
+    await log.create_topics([TopicSpec(topic, 1)])
+    tp = TopicPartition(topic, 0)
+    await produce(log, topic, {0: [numbered(0, n, 20) for n in range(0, 1000, 20)]})
+    await log.purge({tp: 600})
+    start = (await log.start_offsets([tp]))[tp]
+    assert start <= 600
+    if log.name != "memory":  # the memory log keeps everything
+        assert start > 0
+    member = await Member.join(log, names("group"), [topic])
+    try:
+        await poll_until([member], lambda: len(member.seen) >= 1000 - start)
+        assert member.offsets(tp) == list(range(start, 1000))
+    finally:
+        await member.consumer.close()
+
+
 async def test_two_members_split_partitions_and_consume_once(log: LogBackend, names: Names) -> None:
     topic = await topic_with_records(log, names, partitions=4, per=25)
     group = names("group")

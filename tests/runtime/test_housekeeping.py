@@ -18,7 +18,10 @@ from pipelines.log._partition_file import segment_paths
 from pipelines.log.base import RawBatch, TopicPartition, TopicSpec
 from pipelines.log.embedded import EmbeddedLog
 from pipelines.runtime.housekeeping import Housekeeping, housekeeping_seconds
+from pipelines.runtime.sources import load_positions
 from pipelines.runtime.topology import compile_pipeline
+from pipelines.state.table import TableStore
+from pipelines.topic import Topic
 
 SMALL = 4096
 
@@ -217,3 +220,28 @@ def test_the_age_of_a_segment_is_checked(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("HEADWATER_SEGMENT_MS", "soon")
     with pytest.raises(PipelineDefinitionError, match="HEADWATER_SEGMENT_MS='soon'"):
         EmbeddedLog(tmp_path)
+
+
+async def test_readers_from_the_beginning_start_where_the_log_now_starts(tmp_path: Path) -> None:
+    """A table's bootstrap and the source positions read a topic from its first record still
+    on the log, not from offset 0, which retention may have removed."""
+    log = EmbeddedLog(tmp_path, segment_bytes=SMALL)
+    table_topic = Topic("customers", partitions=1, retention_ms=60_000, key=bytes, value=bytes)
+    positions_topic = Topic("positions", partitions=1, compacted=True, value=dict)
+    await log.create_topics([table_topic.spec, positions_topic.spec])
+    customers, positions = TopicPartition("customers", 0), TopicPartition("positions", 0)
+    now = int(time.time() * 1000)
+    for start in range(0, 1000, 50):
+        stamp = now - 120_000 if start < 500 else now
+        log.append(customers, numbered(start, 50, stamp))
+        log.append(positions, RawBatch([b"source"] * 50, [b"%d" % start] * 50, [stamp] * 50))
+    await log.enforce_retention([table_topic.spec], now)
+    log._file(positions).drop(below=500)  # as if retention had removed them too
+    start = log.size_on_disk(customers)[0]
+    assert 0 < start <= 500
+
+    table = TableStore(table_topic, 0)
+    assert await table.bootstrap(log) == 1000 - start
+    assert table.get(b"k999") == b"999"
+    assert table.get(b"k0") is None
+    assert await load_positions(log, positions_topic) == {"source": 950}
