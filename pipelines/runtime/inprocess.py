@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from pipelines.log.base import LogBackend
 from pipelines.runtime.engine import Sources, is_drained, prepare_topics
+from pipelines.runtime.housekeeping import Housekeeping
 from pipelines.runtime.sources import SourceProgress
 from pipelines.runtime.topology import Topology
 from pipelines.runtime.worker import COMMIT_INTERVAL, MAX_BATCH, Worker, WorkerReport
@@ -64,11 +65,13 @@ async def run_in_process(
     ]
     worker_tasks = [asyncio.create_task(w.run(), name=f"worker {w.index}") for w in members]
     sources = Sources(log, topology)
+    housekeeping = Housekeeping(log, topology)
     run.sources = sources.progress
     try:
         await sources.start()
         while stop is None or not stop.is_set():
             sources.raise_failure()
+            await housekeeping.run_due()
             for task in worker_tasks:
                 if task.done():
                     task.result()  # a worker only ends early by raising

@@ -10,14 +10,17 @@ from pathlib import Path
 
 import orjson
 import pytest
-from cli_support import headwater
+from support.cli import headwater
 
+from connectors.memory import Collect, Iterable
 from pipelines.errors import PipelineDefinitionError
 from pipelines.log._compaction import compact
 from pipelines.log._partition_file import segment_paths
 from pipelines.log.base import RawBatch, TopicPartition, TopicSpec
 from pipelines.log.embedded import EmbeddedLog
+from pipelines.pipeline import Pipeline
 from pipelines.runtime.housekeeping import Housekeeping, housekeeping_seconds
+from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.sources import load_positions
 from pipelines.runtime.topology import compile_pipeline
 from pipelines.state.table import TableStore
@@ -245,3 +248,28 @@ async def test_readers_from_the_beginning_start_where_the_log_now_starts(tmp_pat
     assert table.get(b"k999") == b"999"
     assert table.get(b"k0") is None
     assert await load_positions(log, positions_topic) == {"source": 950}
+
+
+async def test_an_in_process_run_keeps_its_log_bounded_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run inside the process (a notebook's ``watch``, ``pipelines.testing``) has the same
+    housekeeping as ``headwater run``: its repartition topic is purged as it goes."""
+    monkeypatch.setenv("HEADWATER_HOUSEKEEPING_SECONDS", "0.05")
+    users = [f"u{(i * 7919) % 500}" for i in range(40_000)]
+    counts = Collect()
+    pipeline = (
+        Pipeline("inside")
+        .source(Iterable([{"user": u} for u in users]), into=Topic("events", partitions=2))
+        .key_by("by-user", lambda e: e["user"])
+        .count("count")
+        .sink(counts)
+    )
+    log = EmbeddedLog(tmp_path, segment_bytes=SMALL)
+    await run_in_process(compile_pipeline(pipeline), log, max_batch=500)
+    starts = await log.start_offsets([TopicPartition("inside.by-user", p) for p in range(2)])
+    assert all(start > 0 for start in starts.values()), starts
+    last: dict[str, int] = {}
+    for user, count in zip(counts.keys, counts.values, strict=True):
+        last[user] = max(last.get(user, 0), count)
+    assert last == dict(Counter(users))
