@@ -29,10 +29,10 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:  # pipelines imports this module: a runtime import would be circular
-    from pipelines.batch import Batch
+from pipelines.batch import Batch
+from pipelines.errors import ConnectorError
 
 __all__ = [
     "Position",
@@ -71,8 +71,6 @@ def int_position(position: Position | None, what: str, unit: str) -> int:
     if position is None:
         return 0
     if isinstance(position, bool) or not isinstance(position, int) or position < 0:
-        from pipelines.errors import ConnectorError
-
         raise ConnectorError(
             f"{what} resumes from {unit}, got position {position!r}; the stored position "
             "belongs to another kind of source: give this step another step_id or reset the "
@@ -153,11 +151,6 @@ class Sink(ABC):
 
     async def forget(self, pipeline: str, step_id: str) -> None:  # noqa: B027 (optional)
         """Remove what :meth:`remembered` describes, so that the next run starts afresh."""
-
-
-# Imported here, after the classes above: importing ``pipelines`` imports this module, for
-# them, and must find them defined when a program imports ``connectors`` first.
-from pipelines.errors import ConnectorError  # noqa: E402
 
 
 class UnwritableValue(ConnectorError):

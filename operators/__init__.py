@@ -17,7 +17,7 @@ from operators.aggregations import (
     Reduce,
     Sum,
 )
-from operators.base import Operator, StepContext, call_each, user_error
+from operators.base import Operator, StepContext, call_each, reject_call
 from operators.joins import StreamJoin, TableJoin
 from operators.routing import Branch, Merge
 from operators.stateful import Aggregate, Dedupe, EventTime
@@ -59,5 +59,5 @@ __all__ = [
     "WindowedAggregate",
     "Windows",
     "call_each",
-    "user_error",
+    "reject_call",
 ]

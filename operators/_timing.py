@@ -14,11 +14,10 @@ sources go on with newer input then carries on where this one stopped.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from pipelines.batch import Batch
-    from pipelines.state.store import KeyValueStore
+from pipelines.batch import Batch
+from pipelines.state.store import KeyValueStore
 
 __all__ = [
     "END_OF_TIME",
@@ -85,6 +84,4 @@ class Emitted:
 
     def batch(self, like: Batch) -> Batch:
         """The records as a batch read from the same place as ``like``."""
-        from pipelines.batch import Batch
-
         return Batch(self.keys, self.values, self.stamps, self.origins, like.fetched)

@@ -7,7 +7,9 @@ batch's calls concurrently on a loop of their own and waits for them all
 
 An operator never decides what happens to a record whose user function raised: it reports it
 with :meth:`StepContext.reject` and the runtime applies the step's error policy (fail, skip, or
-dead-letter with the original bytes).
+dead-letter with the original bytes). :func:`reject_call` is how every operator does that for a
+user function's error, from the ``except`` of the ``try`` around the call (or around the loop of
+calls, as :func:`call_each` has), so a record that passes pays for no call of its own.
 """
 
 from __future__ import annotations
@@ -20,12 +22,11 @@ import traceback
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from itertools import islice
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:  # the pipelines package imports this module: no runtime import back
-    from pipelines.batch import Batch
-    from pipelines.errors import RecordError, StepError
-    from pipelines.state.store import KeyValueStore
+from pipelines.batch import Batch
+from pipelines.errors import RecordError, StepError
+from pipelines.state.store import KeyValueStore
 
 __all__ = [
     "USER_MODULE_PREFIX",
@@ -34,7 +35,7 @@ __all__ = [
     "StepContext",
     "call_each",
     "describe_function",
-    "user_error",
+    "reject_call",
 ]
 
 USER_MODULE_PREFIX = "headwater_user_"
@@ -149,17 +150,33 @@ def _raised_at(error: BaseException) -> str:
     return f" at {_short(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
 
 
-def user_error(step_id: str, what: str, error: Exception, batch: Batch, index: int) -> StepError:
-    """The error that routes record ``index`` when ``what`` (a user function) raised on it."""
-    from pipelines.errors import StepError
+def reject_call(
+    ctx: StepContext,
+    fn: Callable[..., Any],
+    error: Exception,
+    batch: Batch,
+    index: int,
+    *,
+    name: str | None = None,
+) -> None:
+    """Reject record ``index`` of ``batch`` through ``ctx``, for the step's error policy to
+    route: the user function ``fn`` (for an aggregation, its class) raised ``error`` on it.
+    ``name`` is what the message calls ``fn`` (default: :func:`describe_function`)::
 
+        try:
+            result = fn(value)
+        except Exception as error:  # any user error: routed by the step's policy
+            reject_call(ctx, fn, error, batch, index)
+            continue
+    """
     rejection = StepError(
-        f"{what} raised {type(error).__name__}: {error}{_raised_at(error)}",
-        step=step_id,
+        f"{name or describe_function(fn)} raised {type(error).__name__}: {error}"
+        f"{_raised_at(error)}",
+        step=ctx.step_id,
         source=batch.source_of(index),
     )
     rejection.__cause__ = error
-    return rejection
+    ctx.reject(batch, index, rejection)
 
 
 class CallsEach(Protocol):
@@ -202,7 +219,6 @@ def call_each(
             index = len(results)
             failed.add(index)
             results.append(None)
-            what = name or describe_function(fn)
-            ctx.reject(batch, index, user_error(ctx.step_id, what, error, batch, index))
+            reject_call(ctx, fn, error, batch, index, name=name)
         else:
             return results, failed

@@ -16,13 +16,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterable, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from operators.base import StepContext, describe_function, user_error
+from operators.base import StepContext, reject_call
 from operators.steploop import step_loop
-
-if TYPE_CHECKING:
-    from pipelines.batch import Batch
+from pipelines.batch import Batch
+from pipelines.runtime.watchdog import overran
 
 __all__ = ["DEFAULT_CONCURRENCY", "Concurrent", "listed"]
 
@@ -52,8 +51,7 @@ class Concurrent:
         values = batch.values if items is None else items
         results, errors = step_loop.run(self._call_all(fn, values))
         for index in sorted(errors):
-            what = name or describe_function(fn)
-            ctx.reject(batch, index, user_error(ctx.step_id, what, errors[index], batch, index))
+            reject_call(ctx, fn, errors[index], batch, index, name=name)
         return results, set(errors)
 
     async def _call_all(
@@ -84,9 +82,6 @@ class Concurrent:
         except TimeoutError:
             if not scope.expired():
                 raise  # the function's own (a client's timeout): its error, not the step's
-            # not at import: the pipelines package imports the operators
-            from pipelines.runtime.watchdog import overran
-
             raise overran(self.timeout) from None
 
 

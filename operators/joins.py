@@ -41,18 +41,18 @@ import heapq
 from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ValidationError
 
 from operators._timing import END_OF_TIME, Emitted, advance, close_at, watermark
-from operators.base import Operator, describe_function, user_error
+from operators.base import Operator, reject_call
 from operators.stateful import missing_key_error
-
-if TYPE_CHECKING:
-    from pipelines.batch import Batch
-    from pipelines.state.table import TableStore
+from pipelines.batch import Batch
+from pipelines.errors import StepError
+from pipelines.state.store import decode_key, encode_key
+from pipelines.state.table import TableStore
 
 __all__ = ["Join", "JoinHow", "StreamJoin", "TableJoin"]
 
@@ -97,8 +97,6 @@ class TableJoin(Join):
         if side == RIGHT:
             self.table.apply(batch)
             return batch.take([])
-        from pipelines.errors import StepError
-
         ctx, table, merge = self.ctx, self.table, self.merge
         inner = self.how == "inner"
         results: list[Any] = []
@@ -124,8 +122,7 @@ class TableJoin(Join):
             try:
                 results.append(merge(value, row))
             except Exception as error:  # a user function failed: routed by the policy
-                what = describe_function(merge)
-                ctx.reject(batch, index, user_error(self.step_id, what, error, batch, index))
+                reject_call(ctx, merge, error, batch, index)
                 continue
             kept.append(index)
         out = batch if len(kept) == len(batch) else batch.take(kept)
@@ -271,9 +268,6 @@ class StreamJoin(Join):
     # -- processing ----------------------------------------------------------------------------
 
     def process_side(self, side: int, batch: Batch) -> Batch:
-        from pipelines.errors import StepError
-        from pipelines.state.store import decode_key, encode_key
-
         self._index()
         ctx, store, merge = self.ctx, self.ctx.store, self.merge
         codec = self._codecs[side]
@@ -313,8 +307,7 @@ class StreamJoin(Join):
                 try:
                     joined = merge(*pair)
                 except Exception as error:  # a user function failed: routed by the policy
-                    what = describe_function(merge)
-                    ctx.reject(batch, index, user_error(self.step_id, what, error, batch, index))
+                    reject_call(ctx, merge, error, batch, index)
                     continue
                 emitted.add(key, joined, max(stamp, partner.time), index)
             entry = _Entry(side, state_key, stamp, self._next_seq, stored, live, bool(partners))
@@ -344,9 +337,7 @@ class StreamJoin(Join):
             except Exception as error:  # a user function failed: routed by the policy
                 alone = Emitted()
                 alone.add(entry.key, entry.value, entry.time, -1)
-                lone = alone.batch(batch)
-                what = describe_function(self.merge)
-                self.ctx.reject(lone, 0, user_error(self.step_id, what, error, lone, 0))
+                reject_call(self.ctx, self.merge, error, alone.batch(batch), 0)
                 continue
             emitted.add(entry.key, joined, entry.time, -1)
         return needed

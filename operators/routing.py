@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from operators.base import Operator, call_each
-
-if TYPE_CHECKING:
-    from pipelines.batch import Batch
+from pipelines.batch import Batch
 
 __all__ = ["Branch", "Merge"]
 

@@ -25,17 +25,15 @@ means, minimums and maximums, not ``collect`` or ``reduce``.
 from __future__ import annotations
 
 from functools import reduce
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from operators.aggregations import Aggregation
-from operators.base import Operator, describe_function, user_error
+from operators.base import Operator, reject_call
 from operators.stateful import missing_key_error
 from operators.stateless import KeyBy
+from pipelines.batch import Batch
 from pipelines.errors import InvalidRecord
 from pipelines.serde import Serde
-
-if TYPE_CHECKING:
-    from pipelines.batch import Batch
 
 __all__ = [
     "MAX_SALT",
@@ -119,8 +117,7 @@ class PartialAggregate(Operator):
                     acc = aggregation.initial()
                 accs[key] = aggregation.fold(acc, value)
             except Exception as error:  # a user function failed: routed by the policy
-                what = describe_function(type(aggregation))
-                ctx.reject(batch, index, user_error(self.step_id, what, error, batch, index))
+                reject_call(ctx, type(aggregation), error, batch, index)
                 continue
             last[key] = index
         for key, acc in accs.items():
@@ -155,8 +152,7 @@ class MergePartials(Operator):
             try:
                 result = aggregation.result(reduce(aggregation.merge, partials.values()))
             except Exception as error:  # a user merge failed: routed by the policy
-                what = describe_function(type(aggregation))
-                ctx.reject(batch, index, user_error(self.step_id, what, error, batch, index))
+                reject_call(ctx, type(aggregation), error, batch, index)
                 continue
             store.put(key, partials)
             results.append(result)

@@ -5,15 +5,14 @@ rebalance; see :mod:`pipelines.state.store`."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from operators._expiry import Expiry
 from operators.aggregations import Aggregation
-from operators.base import Operator, StepContext, call_each, describe_function, user_error
-
-if TYPE_CHECKING:
-    from pipelines.batch import Batch
-    from pipelines.errors import StepError
+from operators.base import Operator, StepContext, call_each, describe_function, reject_call
+from pipelines.batch import Batch
+from pipelines.errors import StepError
+from pipelines.record import event_millis
 
 __all__ = ["Aggregate", "Dedupe", "EventTime", "missing_key_error", "stamped"]
 
@@ -21,8 +20,6 @@ _MISSING = object()
 
 
 def missing_key_error(step_id: str, batch: Batch, index: int) -> StepError:
-    from pipelines.errors import StepError
-
     return StepError(
         "a keyed step got a record without a key; re-key the stream with key_by(...) first",
         step=step_id,
@@ -74,8 +71,7 @@ class Aggregate(Operator):
                 acc = aggregation.fold(acc, value)
                 result = aggregation.result(acc)
             except Exception as error:  # a user function failed: routed by the policy
-                what = describe_function(type(aggregation))
-                ctx.reject(batch, index, user_error(self.step_id, what, error, batch, index))
+                reject_call(ctx, type(aggregation), error, batch, index)
                 continue
             if expiry is None:
                 store.put(key, acc)
@@ -174,7 +170,6 @@ def stamped(ctx: StepContext, time: Callable[[Any], Any], batch: Batch) -> Batch
     """``batch`` with each record's timestamp set to ``time(value)``: a datetime (tz-aware),
     an ISO-8601 string with a time zone, or milliseconds since the epoch. A record whose
     ``time`` raises or returns anything else is rejected through ``ctx``."""
-    from pipelines.record import event_millis
 
     def millis(value: Any) -> int:
         return event_millis(time(value))

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from operators.base import CallsEach, Operator, call_each, describe_function
 from operators.concurrent import Concurrent, listed
-
-if TYPE_CHECKING:
-    from pipelines.batch import Batch
+from pipelines.batch import Batch
 
 __all__ = ["Filter", "FlatMap", "KeyBy", "Map", "Peek"]
 

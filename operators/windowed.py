@@ -22,16 +22,15 @@ import heapq
 import itertools
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from operators._timing import END_OF_TIME, WATERMARK_KEY, Emitted, advance, close_at, watermark
 from operators.aggregations import Aggregation
-from operators.base import Operator, describe_function, user_error
+from operators.base import Operator, reject_call
 from operators.stateful import missing_key_error
 from operators.windows import Window, Windows
-
-if TYPE_CHECKING:
-    from pipelines.batch import Batch
+from pipelines.batch import Batch
+from pipelines.record import from_millis
 
 __all__ = ["EmitMode", "WindowResult", "WindowedAggregate"]
 
@@ -50,12 +49,6 @@ class WindowResult:
     final: bool
     """True for the result a window emits when it closes (once, in either emit mode); False
     for the updates ``emit="update"`` emits while it is open."""
-
-
-def _datetime(millis: int) -> datetime:
-    from pipelines.record import from_millis
-
-    return from_millis(millis)
 
 
 class WindowedAggregate(Operator):
@@ -153,8 +146,7 @@ class WindowedAggregate(Operator):
                     self._open(key, window)
             acc = aggregation.fold(acc, value)
         except Exception as error:  # a user function failed: routed by the policy
-            what = describe_function(type(aggregation))
-            self.ctx.reject(batch, index, user_error(self.step_id, what, error, batch, index))
+            reject_call(self.ctx, type(aggregation), error, batch, index)
             return None
         if self.windows.merging:
             self._replace_sessions(key, absorbed, window)
@@ -217,8 +209,8 @@ class WindowedAggregate(Operator):
     def _result(self, key: Any, window: Window, acc: Any, *, final: bool) -> WindowResult:
         return WindowResult(
             key=key,
-            start=_datetime(window.start),
-            end=_datetime(window.end),
+            start=from_millis(window.start),
+            end=from_millis(window.end),
             value=self.aggregation.result(acc),
             final=final,
         )

@@ -25,14 +25,12 @@ Every metric carries the ``pipeline`` label:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-if TYPE_CHECKING:
-    from pipelines.runtime.progress import RunState
+from pipelines.runtime.progress import RunState
 
 __all__ = ["HOT_KEYS_SHOWN", "STEP_COUNTS", "MetricsServer", "RunCollector"]
 
