@@ -21,13 +21,11 @@ the partition again, which costs about one deserialisation per record on the top
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pipelines.batch import Batch
 from pipelines.log.base import LogBackend, RawBatch, TopicPartition
 from pipelines.topic import Topic
-
-if TYPE_CHECKING:
-    from pipelines.batch import Batch
 
 __all__ = ["TableStore"]
 
