@@ -652,7 +652,10 @@ def _describe_topic(
 ) -> None:
     """A topic's settings, then per partition: its records, the offsets they span, and on the
     embedded log its segment files, their size on disk and how far compaction got, when."""
-    retention = "none" if spec.retention_ms is None else f"{spec.retention_ms:,} ms"
+    limits = [f"{spec.retention_ms:,} ms"] if spec.retention_ms is not None else []
+    if spec.retention_bytes is not None:
+        limits.append(f"{spec.retention_bytes:,} bytes a partition")
+    retention = " or ".join(limits) or "none"
     print(
         f"{spec.name}: {spec.partitions} partitions, compacted={spec.compacted}, "
         f"retention {retention}"

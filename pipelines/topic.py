@@ -63,6 +63,7 @@ class Topic:
         "key_serde",
         "name",
         "partitions",
+        "retention_bytes",
         "retention_ms",
         "time",
         "value_serde",
@@ -77,6 +78,7 @@ class Topic:
         key: Serde | type[Any] | None = None,
         compacted: bool = False,
         retention_ms: int | None = None,
+        retention_bytes: int | None = None,
         time: Callable[[Any], Any] | None = None,
     ) -> None:
         _check_name(name)
@@ -89,7 +91,17 @@ class Topic:
         self.value_serde = serde_for(value, default=Json())
         self.key_serde = serde_for(key, default=Str())
         self.compacted = compacted
+        for setting, limit in (
+            ("retention_ms", retention_ms),
+            ("retention_bytes", retention_bytes),
+        ):
+            if limit is not None and (not isinstance(limit, int) or limit < 1):
+                raise PipelineDefinitionError(
+                    f"topic {name!r}: {setting}= needs a positive whole number or None (keep "
+                    f"everything), got {limit!r}"
+                )
         self.retention_ms = retention_ms
+        self.retention_bytes = retention_bytes
         if time is not None and not callable(time):
             raise PipelineDefinitionError(
                 f"topic {name!r}: time= needs a function of the value, got {time!r}"
@@ -99,7 +111,9 @@ class Topic:
     @property
     def spec(self) -> TopicSpec:
         """What the log needs to create this topic."""
-        return TopicSpec(self.name, self.partitions, self.compacted, self.retention_ms)
+        return TopicSpec(
+            self.name, self.partitions, self.compacted, self.retention_ms, self.retention_bytes
+        )
 
     def __repr__(self) -> str:
         return (

@@ -50,6 +50,9 @@ class TopicSpec:
     partitions: int
     compacted: bool = False
     retention_ms: int | None = None
+    retention_bytes: int | None = None
+    """Per partition, as Kafka's ``retention.bytes``: the oldest segments go while the rest
+    still hold at least this many bytes."""
 
 
 @dataclass(slots=True)
@@ -261,7 +264,8 @@ class LogBackend(ABC):
         del specs, now_ms
 
     async def enforce_retention(self, specs: Sequence[TopicSpec], now_ms: int) -> None:
-        """Drop what the ``retention_ms`` of each topic in ``specs`` lets go, as of ``now_ms``.
+        """Drop what the ``retention_ms`` and ``retention_bytes`` of each topic in ``specs`` let
+        go, as of ``now_ms``.
         Kafka's brokers do this themselves; by default nothing is dropped."""
         del specs, now_ms
 

@@ -128,6 +128,35 @@ def _positive_from_env(variable: str, default: int, what: str) -> int:
     return value
 
 
+def _expired(file: PartitionFile, spec: TopicSpec, now_ms: int) -> int:
+    """The offset below which ``spec``'s retention lets ``file``'s sealed segments go (0 for
+    none)."""
+    segments = file.segments()
+    sizes = [_size(path) for _, _, path in segments]
+    left = sum(sizes)
+    expired = 0
+    for (base, end, _), size in zip(segments[:-1], sizes, strict=False):
+        too_old = False
+        if spec.retention_ms is not None:
+            seal = file.seal_of(base)
+            too_old = seal is not None and seal.newest < now_ms - spec.retention_ms
+        too_big = spec.retention_bytes is not None and left - size >= spec.retention_bytes
+        if not (too_old or too_big):
+            break
+        expired, left = end, left - size
+    return expired
+
+
+def _size(path: Path) -> int:
+    """Bytes of a segment file (0 once another process removed it)."""
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+    except OSError as error:
+        raise disk_error(path, "look at", error) from error
+
+
 def _file_name(tp: TopicPartition) -> str:
     return f"{tp.topic}.{tp.partition}"
 
@@ -165,7 +194,13 @@ def _read_topic_spec(topic_dir: Path) -> TopicSpec | None:
     wrong = _topic_problem(meta)
     if wrong is not None:
         raise _damaged_topic(topic_dir, wrong, meta)
-    return TopicSpec(topic_dir.name, meta["partitions"], meta["compacted"], meta["retention_ms"])
+    return TopicSpec(
+        topic_dir.name,
+        meta["partitions"],
+        meta["compacted"],
+        meta["retention_ms"],
+        meta.get("retention_bytes"),  # (absent from topics made before it existed)
+    )
 
 
 def _topic_problem(meta: object) -> str | None:
@@ -344,6 +379,7 @@ class EmbeddedLog(LocalLog):
             "partitions": spec.partitions,
             "compacted": spec.compacted,
             "retention_ms": spec.retention_ms,
+            "retention_bytes": spec.retention_bytes,
         }
         with _on_disk(topic_dir / "topic.json", "write"):
             topic_dir.mkdir(exist_ok=True)
@@ -575,19 +611,13 @@ class EmbeddedLog(LocalLog):
 
     async def enforce_retention(self, specs: Sequence[TopicSpec], now_ms: int) -> None:
         """Remove each partition's sealed segments, oldest first, while their newest record
-        is older than the topic's ``retention_ms``: the active segment stays, so a partition
-        keeps at most one segment's worth past its retention."""
+        is older than the topic's ``retention_ms``, or while the segments after them still
+        hold ``retention_bytes``: the active segment stays, so a partition keeps at most one
+        segment's worth past its retention."""
         for spec in specs:
-            if spec.retention_ms is None:
-                continue
             for partition in range(spec.partitions):
                 file = self._file(TopicPartition(spec.name, partition))
-                expired = 0
-                for base, end, _ in file.segments()[:-1]:
-                    seal = file.seal_of(base)
-                    if seal is None or seal.newest >= now_ms - spec.retention_ms:
-                        break
-                    expired = end
+                expired = _expired(file, spec, now_ms)
                 if expired:
                     file.drop(below=expired)
 

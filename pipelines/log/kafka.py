@@ -630,7 +630,7 @@ class KafkaLog(LogBackend):
         }
         if not counts:
             return {}
-        wanted = {"cleanup.policy": None, "retention.ms": None}
+        wanted = {"cleanup.policy": None, "retention.ms": None, "retention.bytes": None}
         resources = [ConfigResource(ConfigResourceType.TOPIC, name, wanted) for name in counts]
         responses = await _reach(
             self.settings, "describe topics", lambda: admin.describe_configs(resources)
@@ -648,9 +648,8 @@ class KafkaLog(LogBackend):
                     name,
                     counts[name],
                     compacted="compact" in overrides.get("cleanup.policy", ""),
-                    retention_ms=int(overrides["retention.ms"])
-                    if "retention.ms" in overrides
-                    else None,
+                    retention_ms=_limit(overrides.get("retention.ms")),
+                    retention_bytes=_limit(overrides.get("retention.bytes")),
                 )
         return specs
 
@@ -748,4 +747,13 @@ def _topic_configs(spec: TopicSpec) -> dict[str, str]:
     configs = {"cleanup.policy": "compact" if spec.compacted else "delete"}
     if spec.retention_ms is not None:
         configs["retention.ms"] = str(spec.retention_ms)
+    if spec.retention_bytes is not None:
+        configs["retention.bytes"] = str(spec.retention_bytes)
     return configs
+
+
+def _limit(config: str | None) -> int | None:
+    """A retention setting of a topic (None where it is not set, or -1: unlimited)."""
+    if config is None or int(config) < 0:
+        return None
+    return int(config)

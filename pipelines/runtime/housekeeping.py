@@ -11,7 +11,8 @@ The runner calls :meth:`Housekeeping.run_due` as it supervises; every
   restore reads changelogs, never them: Kafka Streams purges its repartition topics the same
   way. The embedded log drops whole sealed segments (see
   :mod:`pipelines.log._partition_file`), so each partition keeps its active segment.
-* applies the ``retention_ms`` of the pipeline's topics on backends that do not do so
+* applies the ``retention_ms`` and ``retention_bytes`` of the pipeline's topics on backends
+  that do not do so
   themselves (the embedded log; Kafka's brokers apply retention on their own);
 * compacts its compacted topics (state changelogs, source positions, tables) on those
   backends: the last record of each key stays (see :mod:`pipelines.log._compaction`).
@@ -76,7 +77,11 @@ class Housekeeping:
             for step in topology.pipeline.steps
             if step.kind == "key_by" and step.topic is not None
         ]
-        kept = [t.spec for t in topology.topics if t.retention_ms is not None]
+        kept = [
+            t.spec
+            for t in topology.topics
+            if t.retention_ms is not None or t.retention_bytes is not None
+        ]
         compacted = [t.spec for t in (*topology.topics, topology.positions_topic) if t.compacted]
         now = int(time.time() * 1000)
         looked_after = {spec.name: spec for spec in (*purged, *kept, *compacted)}

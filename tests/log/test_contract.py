@@ -98,7 +98,7 @@ async def poll_until(members: Sequence[Member], done: Callable[[], bool]) -> Non
             await member.poll()
 
 
-def numbered(partition: int, start: int, count: int, *, keyed: bool = True) -> RawBatch:
+def partition_batch(partition: int, start: int, count: int, *, keyed: bool = True) -> RawBatch:
     """``count`` records whose values say where they belong: ``b"p<partition>-<n>"``."""
     numbers = range(start, start + count)
     return RawBatch(
@@ -123,7 +123,7 @@ async def topic_with_records(log: LogBackend, names: Names, partitions: int, per
     """A topic of ``partitions`` partitions holding ``per`` numbered records on each."""
     topic = names("topic")
     await log.create_topics([TopicSpec(topic, partitions)])
-    await produce(log, topic, {p: [numbered(p, 0, per)] for p in range(partitions)})
+    await produce(log, topic, {p: [partition_batch(p, 0, per)] for p in range(partitions)})
     return topic
 
 
@@ -171,11 +171,13 @@ async def test_create_topics_needs_a_partition(log: LogBackend, names: Names) ->
 async def test_describe_topics(log: LogBackend, names: Names) -> None:
     plain = TopicSpec(names("plain"), 2)
     compacted = TopicSpec(names("compacted"), 1, compacted=True, retention_ms=60_000)
+    capped = TopicSpec(names("capped"), 1, retention_bytes=1 << 20)
     assert plain.name not in await log.describe_topics()
-    await log.create_topics([plain, compacted])
+    await log.create_topics([plain, compacted, capped])
     topics = await log.describe_topics()
     assert topics[plain.name] == plain
     assert topics[compacted.name] == compacted
+    assert topics[capped.name] == capped
 
 
 # -- producing and reading -------------------------------------------------------------------
@@ -269,7 +271,11 @@ async def test_end_offsets(log: LogBackend, names: Names) -> None:
     await log.create_topics([TopicSpec(topic, 3)])
     tps = sorted(all_partitions(topic, 3))
     assert await log.end_offsets(tps) == dict.fromkeys(tps, 0)
-    await produce(log, topic, {0: [numbered(0, 0, 5), numbered(0, 5, 2)], 2: [numbered(2, 0, 1)]})
+    await produce(
+        log,
+        topic,
+        {0: [partition_batch(0, 0, 5), partition_batch(0, 5, 2)], 2: [partition_batch(2, 0, 1)]},
+    )
     assert await log.end_offsets(tps) == {tps[0]: 7, tps[1]: 0, tps[2]: 1}
     assert await log.end_offsets([tps[2]]) == {tps[2]: 1}
 
@@ -278,7 +284,9 @@ async def test_read_with_max_records(log: LogBackend, names: Names) -> None:
     topic = names("t")
     tp = TopicPartition(topic, 0)
     await log.create_topics([TopicSpec(topic, 1)])
-    await produce(log, topic, {0: [numbered(0, 0, 5), numbered(0, 5, 3, keyed=False)]})
+    await produce(
+        log, topic, {0: [partition_batch(0, 0, 5), partition_batch(0, 5, 3, keyed=False)]}
+    )
 
     def check(fetched: FetchedBatch, first: int, count: int) -> None:
         expected = range(first, first + count)
@@ -337,7 +345,7 @@ async def test_one_member_gets_everything_and_a_new_member_resumes(
     assert first.listener.events[-1] == ("revoked", everything)
     assert first.consumer.assignment() == frozenset()
 
-    await produce(log, topic, {p: [numbered(p, 10, 2)] for p in range(3)})
+    await produce(log, topic, {p: [partition_batch(p, 10, 2)] for p in range(3)})
     second = await Member.join(log, group, [topic])
     await poll_until([second], lambda: len(second.seen) >= 12)
     assert second.listener.ever_assigned() == everything
@@ -356,7 +364,7 @@ async def test_a_new_group_starts_at_the_first_record_still_on_the_log(
     topic = names("topic")
     await log.create_topics([TopicSpec(topic, 1)])
     tp = TopicPartition(topic, 0)
-    await produce(log, topic, {0: [numbered(0, n, 20) for n in range(0, 1000, 20)]})
+    await produce(log, topic, {0: [partition_batch(0, n, 20) for n in range(0, 1000, 20)]})
     await log.purge({tp: 600})
     start = (await log.start_offsets([tp]))[tp]
     assert start <= 600
@@ -485,7 +493,7 @@ async def test_poll_returns_as_soon_as_records_arrive(log: LogBackend, names: Na
 
     async def produce_later() -> None:
         await asyncio.sleep(0.1)
-        await produce(log, topic, {0: [numbered(0, 0, 3)]})
+        await produce(log, topic, {0: [partition_batch(0, 0, 3)]})
 
     started = time.monotonic()
     producing = asyncio.create_task(produce_later())

@@ -273,3 +273,31 @@ async def test_an_in_process_run_keeps_its_log_bounded_too(
     for user, count in zip(counts.keys, counts.values, strict=True):
         last[user] = max(last.get(user, 0), count)
     assert last == dict(Counter(users))
+
+
+async def test_a_size_limit_keeps_the_newest_segments_that_hold_it(tmp_path: Path) -> None:
+    """``retention_bytes``, per partition as on Kafka: the oldest sealed segments go while
+    the ones after them still hold that many bytes; a round drops nothing more after."""
+    log = EmbeddedLog(tmp_path, segment_bytes=SMALL)
+    capped = Topic("capped", partitions=1, retention_bytes=5 * SMALL).spec
+    await log.create_topics([capped])
+    tp = TopicPartition("capped", 0)
+    now = int(time.time() * 1000)
+    for start in range(0, 3000, 50):
+        log.append(tp, numbered(start, 50, now))
+    before = log.size_on_disk(tp)
+    await log.enforce_retention([capped], now)
+    start, segments, size = log.size_on_disk(tp)
+    assert before[2] > 10 * SMALL
+    assert 5 * SMALL <= size < 6 * SMALL + SMALL // 2, (size, segments)
+    fetched = log.read_now(tp, start, 10)
+    assert fetched.records.values[0] == b"%d" % start
+    await log.enforce_retention([capped], now)
+    assert log.size_on_disk(tp) == (start, segments, size)
+
+
+def test_a_retention_must_be_a_positive_whole_number() -> None:
+    with pytest.raises(PipelineDefinitionError, match="retention_bytes= needs a positive"):
+        Topic("t", retention_bytes=0)
+    with pytest.raises(PipelineDefinitionError, match="retention_ms= needs a positive"):
+        Topic("t", retention_ms=1.5)  # type: ignore[arg-type]
