@@ -123,8 +123,12 @@ class FetchedBatch:
 class RebalanceListener(Protocol):
     """Told by a consumer when partitions are assigned to it or taken away.
 
-    Both callbacks run inside :meth:`Consumer.poll`, between batches. ``on_revoked`` is the
-    last chance to flush and commit: the partition is handed over when it returns.
+    On the local backends (memory, embedded) both callbacks run inside :meth:`Consumer.poll`,
+    between batches. On Kafka they run in aiokafka's group coordinator task, concurrently with
+    the consumer's owner, whenever the group rebalances: a listener that touches what the
+    poll loop touches must serialise with it (the worker holds a lock around each batch).
+    ``on_revoked`` is the last chance to flush and commit: the partition is handed over when it
+    returns.
     """
 
     async def on_assigned(self, partitions: frozenset[TopicPartition]) -> None: ...
@@ -178,12 +182,14 @@ class Consumer(ABC):
 
     @abstractmethod
     async def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
-        """Join the group for ``topics``; assignments arrive through ``listener`` in poll."""
+        """Join the group for ``topics``; assignments arrive through ``listener`` (see
+        :class:`RebalanceListener` for when its callbacks run)."""
 
     @abstractmethod
     async def poll(self, max_records: int, timeout: float) -> list[FetchedBatch]:
         """Fetch up to ``max_records`` from the assigned partitions, waiting up to ``timeout``
-        seconds for data; runs rebalance callbacks first when the group changed."""
+        seconds for data. On the local backends it runs the rebalance callbacks first when the
+        group changed; on Kafka they run on their own (see :class:`RebalanceListener`)."""
 
     @abstractmethod
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:

@@ -12,17 +12,10 @@ Checkpoints also write each task's watermark markers to the internal topics it f
 mark moved, and keep what it knows of its inputs' marks in its state (see
 :mod:`pipelines.runtime.watermarks`).
 
-Checkpoint order, which makes the default guarantee at-least-once: state changes into the
-outbox -> flush the sink writers -> send the outbox and flush the producer -> commit the offsets
-after the processed batches -> copy the committed state to local disk. A crash at any point
-replays from the last commit and loses nothing. A batch whose records were all filtered out
-still advances its partition's offset.
-
-Under exactly-once each task has its own outbox and transactional producer (named after the
-group, sub-topology and partition, which fences a zombie on Kafka): a checkpoint commits the
-task's outputs, changelog records and input offsets in one transaction, so a crash replays only
-what no transaction committed, and nothing written to the log twice is ever visible. Sinks
-outside the log (files, stdout) stay at-least-once.
+What a checkpoint does, in which order, and how at-least-once and exactly-once differ is
+:mod:`pipelines.runtime.checkpoint`'s: the worker only says when (and which tasks, on a
+revocation). A batch whose records were all filtered out still advances its partition's offset.
+Sinks outside the log (files, stdout) stay at-least-once under either guarantee.
 
 Stopping (``stop`` is set, e.g. on SIGTERM) finishes the batch in hand, checkpoints, revokes and
 leaves the group. A step stuck in a user function when the worker is told to stop is interrupted
@@ -51,9 +44,9 @@ from pathlib import Path
 from connectors.base import SinkContext, SinkWriter
 from operators.steploop import step_loop
 from pipelines.errors import FencedError
-from pipelines.log.base import FetchedBatch, LogBackend, TopicPartition, TransactionalProducer
+from pipelines.log.base import FetchedBatch, LogBackend, TopicPartition
+from pipelines.runtime.checkpoint import Checkpoint, Fenced, TaskKey, checkpoint_for
 from pipelines.runtime.hotkeys import PartitionKeys
-from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.task import StepStats, Task
 from pipelines.runtime.topology import Topology
 from pipelines.runtime.watchdog import Abandoned
@@ -117,14 +110,13 @@ class Worker:
         self._report = report
         self._max_batch = max_batch
         self._commit_interval = commit_interval
-        self._producer = log.producer()
         self._consumer = log.consumer(topology.group)
-        self._outbox = Outbox(self._producer)
-        self._exactly_once = topology.pipeline.processing_guarantee == "exactly_once"
-        self._transactions: dict[tuple[int, int], TransactionalProducer] = {}
+        self._checkpoints: Checkpoint = checkpoint_for(
+            log, self._consumer, topology.group, topology.pipeline.processing_guarantee
+        )
         self._writers: dict[str, SinkWriter] = {}
         self._stats: dict[str, StepStats] = {}
-        self._tasks: dict[tuple[int, int], Task] = {}
+        self._tasks: dict[TaskKey, Task] = {}
         self._positions: dict[TopicPartition, int] = {}  # processed, not yet committed
         self._fenced: set[TopicPartition] = set()  # of dropped zombie tasks, until a rebalance
         self._records = 0
@@ -158,7 +150,7 @@ class Worker:
                         # windows too early
                         moved = any([task.advance(idle=True) for task in self._tasks.values()])
                         next_tick = now + TICK_INTERVAL
-                    await self._send_outboxes()
+                    await self._drop_all_fenced(await self._checkpoints.send(self._tasks))
                     # idle with progress to commit, or a mark that moved: checkpoint now, so
                     # what the end of a run waits for is durable when this worker reports
                     if now >= next_checkpoint or (not fetched and self._positions) or moved:
@@ -210,60 +202,27 @@ class Worker:
             if self.abandoned is None:
                 for writer in self._writers.values():
                     await writer.close()
-            await self._producer.close()
+            await self._checkpoints.close()
             self._send_report(done=True, hot_keys=loads)
 
     async def _checkpoint(self, partitions: frozenset[TopicPartition] | None = None) -> None:
-        """Make the outputs, markers and state changes durable, commit the offsets after them,
-        then copy the committed state to local disk."""
+        """Checkpoint every task, or those of ``partitions`` (being revoked): see
+        :mod:`pipelines.runtime.checkpoint`."""
         tasks = {
             key: task
             for key, task in self._tasks.items()
             if partitions is None or task.partitions & partitions
         }
-        now_ms = self._clock.wall_ms()
-        for task in tasks.values():
-            task.checkpoint_marks(now_ms, handing_over=partitions is not None)
-            task.state.flush(task.outbox, task.positions)
-        for writer in self._writers.values():
-            await writer.flush()
-        if self._exactly_once:
-            for key, task in list(tasks.items()):
-                done = {
-                    tp: self._positions.pop(tp) for tp in task.partitions & self._positions.keys()
-                }
-                try:
-                    await task.outbox.send()
-                    await self._transactions[key].commit(done, self.topology.group)
-                except FencedError as error:
-                    del tasks[key]
-                    await self._drop_fenced(key, error)
-        else:
-            await self._outbox.send()
-            await self._producer.flush()
-            chosen = {
-                tp: offset
-                for tp, offset in self._positions.items()
-                if partitions is None or tp in partitions
-            }
-            if chosen:
-                await self._consumer.commit(chosen)
-                for tp in chosen:
-                    del self._positions[tp]
-        for task in tasks.values():
-            await task.state.persist(self._log)
+        fenced = await self._checkpoints.run(
+            tasks, self._positions, self._writers.values(), self._clock.wall_ms(), partitions
+        )
+        await self._drop_all_fenced(fenced)
 
-    async def _send_outboxes(self) -> None:
-        if self._exactly_once:
-            for key, task in list(self._tasks.items()):
-                try:
-                    await task.outbox.send()
-                except FencedError as error:
-                    await self._drop_fenced(key, error)
-        else:
-            await self._outbox.send()
+    async def _drop_all_fenced(self, fenced: Fenced) -> None:
+        for key, error in fenced:
+            await self._drop_fenced(key, error)
 
-    async def _drop_fenced(self, key: tuple[int, int], error: FencedError) -> None:
+    async def _drop_fenced(self, key: TaskKey, error: FencedError) -> None:
         """Drop a task whose transactions a newer owner took over: the group moved its
         partitions in a rebalance this worker has not seen yet (it was too slow to rejoin).
         What it did since its last commit is aborted; its partitions are skipped until the
@@ -274,7 +233,7 @@ class Worker:
         for tp in task.partitions:
             self._positions.pop(tp, None)
         task.close()
-        await self._transactions.pop(key).close()
+        await self._checkpoints.release(key)
 
     async def on_assigned(self, partitions: frozenset[TopicPartition]) -> None:
         async with self._lock:
@@ -288,16 +247,11 @@ class Worker:
             sub = self.topology.by_topic[tp.topic]
             key = (sub.index, tp.partition)
             if key not in self._tasks:
-                outbox = self._outbox
-                if self._exactly_once:
-                    name = f"{self.topology.group}.{sub.index}.{tp.partition}"
-                    self._transactions[key] = self._log.transactional_producer(name)
-                    outbox = Outbox(self._transactions[key])
                 task = Task(
                     self.topology,
                     sub,
                     tp.partition,
-                    outbox,
+                    self._checkpoints.outbox(key),
                     self._writers,
                     self._stats,
                     self._state_dir,
@@ -326,9 +280,7 @@ class Worker:
             sub = self.topology.subtopologies[sub_index]
             if not any(TopicPartition(t.name, partition) in still_owned for t in sub.topics):
                 self._tasks.pop(key).close()
-                transaction = self._transactions.pop(key, None)
-                if transaction is not None:
-                    await transaction.close()
+                await self._checkpoints.release(key)
 
     def _hot_keys(self) -> list[PartitionKeys]:
         """The key load of every input partition of the worker's tasks."""
