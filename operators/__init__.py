@@ -1,5 +1,6 @@
 """The operator library. Pipelines use these through the ``Pipeline`` methods of the same names;
-write your own by subclassing :class:`Operator`.
+write your own by subclassing :class:`Operator` (declaring its inputs and outputs with
+:class:`Ports` when it has other than one of each) and run it with ``Pipeline.apply``.
 
 Aggregations (``Count()``, ``Sum(of)`` ...) and windows (``Tumbling``, ``Hopping``, ``Sliding``,
 ``Session``) are the values ``Pipeline.aggregate`` and ``Pipeline.window`` take.
@@ -17,7 +18,7 @@ from operators.aggregations import (
     Reduce,
     Sum,
 )
-from operators.base import Operator, StepContext, call_each, reject_call
+from operators.base import Operator, Ports, StepContext, call_each, reject_call
 from operators.joins import StreamJoin, TableJoin
 from operators.routing import Branch, Merge
 from operators.stateful import Aggregate, Dedupe, EventTime
@@ -46,6 +47,7 @@ __all__ = [
     "Min",
     "Operator",
     "Peek",
+    "Ports",
     "Reduce",
     "Session",
     "Sliding",

@@ -1,9 +1,24 @@
-"""The operator contract: ``open(ctx)`` / ``process(batch)`` / ``close()``.
+"""The operator contract: ``open(ctx)`` / ``process(batch)`` / ``close()``, and the ports.
 
 ``process`` is synchronous and works on a whole :class:`~pipelines.batch.Batch`: the task that
 calls it never awaits. An async step function does not change that: its operator runs the
 batch's calls concurrently on a loop of their own and waits for them all
 (:mod:`operators.concurrent`).
+
+**Ports.** An operator declares its named inputs and outputs in the class attribute
+:attr:`Operator.ports` (a :class:`Ports`); the runtime wires the step's upstream streams to the
+inputs and the downstream steps to the outputs by those declarations, and never looks at the
+operator's class. Most operators keep the default, one input ``"in"`` and one output ``"out"``,
+and implement ``process(batch) -> Batch``: the hot path is one call per batch, nothing
+allocated around it. An operator with another number of inputs or outputs implements the
+general form, ``process_ports(input, batch)``: ``input`` is the index (in ``ports.inputs``) of
+the input the batch arrived on, and it returns one batch per output, in ``ports.outputs``
+order. Several streams may feed one input (``merge`` has one input fed by every chain it
+merges); with several inputs, each is fed by one stream, in the order the pipeline declares
+them. Whatever an operator has to emit as event time passes (``on_watermark``) leaves by its
+first output. State that the runtime prepares for a step comes through its context, not the
+operator's class: the keyed store (``ctx.store``) and, for a ``join_table``, the table
+(``ctx.table``).
 
 An operator never decides what happens to a record whose user function raised: it reports it
 with :meth:`StepContext.reject` and the runtime applies the step's error policy (fail, skip, or
@@ -19,19 +34,23 @@ import inspect
 import os
 import sys
 import traceback
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from pipelines.batch import Batch
 from pipelines.errors import RecordError, StepError
 from pipelines.state.store import KeyValueStore
+from pipelines.state.table import TableStore
 
 __all__ = [
+    "IN",
+    "OUT",
     "USER_MODULE_PREFIX",
     "CallsEach",
     "Operator",
+    "Ports",
     "StepContext",
     "call_each",
     "describe_function",
@@ -40,6 +59,36 @@ __all__ = [
 
 USER_MODULE_PREFIX = "headwater_user_"
 """The name of a pipeline module loaded from its path starts with this."""
+
+IN, OUT = "in", "out"
+"""The names of the default input and output of an operator."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ports:
+    """The named inputs and outputs of an operator (see the module docstring): a step's
+    output is the pair (step id, output name), as downstream steps name it."""
+
+    inputs: tuple[str, ...] = (IN,)
+    outputs: tuple[str, ...] = (OUT,)
+
+    def __post_init__(self) -> None:
+        for what, names in (("inputs", self.inputs), ("outputs", self.outputs)):
+            if (
+                not isinstance(names, tuple)
+                or not names
+                or not all(isinstance(name, str) and name for name in names)
+                or len(set(names)) != len(names)
+            ):
+                raise ValueError(
+                    f"Ports {what} must be a tuple of one or more distinct non-empty names, "
+                    f"not {names!r}"
+                )
+
+    @property
+    def single(self) -> bool:
+        """One input and one output: the operator implements ``process``."""
+        return len(self.inputs) == 1 and len(self.outputs) == 1
 
 
 class StepContext(Protocol):
@@ -56,6 +105,12 @@ class StepContext(Protocol):
         """The step's keyed state on this partition (stateful steps only)."""
         ...
 
+    @property
+    def table(self) -> TableStore:
+        """The partition of the table the step looks keys up in (``join_table`` steps only),
+        read from the table topic before the step's first batch."""
+        ...
+
     def reject(self, batch: Batch, index: int, error: RecordError) -> None:
         """Apply the step's error policy to record ``index`` of ``batch`` (may raise)."""
 
@@ -67,12 +122,23 @@ class StepContext(Protocol):
         what moves the mark of the input partition they were read from."""
 
 
-class Operator(ABC):
-    """One step's processing for one task."""
+class Operator:
+    """One step's processing for one task: ``process`` (one input, one output) or
+    ``process_ports`` (other :attr:`ports`), see the module docstring."""
+
+    ports: ClassVar[Ports] = Ports()
+    """The operator's inputs and outputs; a subclass with others declares them here."""
 
     def __init__(self, step_id: str) -> None:
         self.step_id = step_id
         self._ctx: StepContext | None = None
+        cls = type(self)
+        needed = "process" if cls.ports.single else "process_ports"
+        if getattr(cls, needed) is getattr(Operator, needed):
+            raise TypeError(
+                f"operator {step_id!r}: {cls.__name__} has inputs {list(cls.ports.inputs)} "
+                f"and outputs {list(cls.ports.outputs)}, so it must define {needed}"
+            )
 
     @property
     def ctx(self) -> StepContext:
@@ -84,9 +150,19 @@ class Operator(ABC):
         """Called once before the first batch of a task."""
         self._ctx = ctx
 
-    @abstractmethod
     def process(self, batch: Batch) -> Batch:
-        """The batch this step passes on."""
+        """The batch this step passes on (an operator with one input and one output)."""
+        raise NotImplementedError(
+            f"operator {self.step_id!r}: {type(self).__name__} has inputs "
+            f"{list(self.ports.inputs)} and outputs {list(self.ports.outputs)}: "
+            "call process_ports(input, batch)"
+        )
+
+    def process_ports(self, input: int, batch: Batch) -> Sequence[Batch]:
+        """What this step passes on for ``batch``, arrived on input number ``input`` (an
+        index in ``ports.inputs``): one batch per output, in ``ports.outputs`` order. An
+        operator with one input and one output need not define it: it is ``process``."""
+        return (self.process(batch),)
 
     @property
     def pending(self) -> int:
@@ -96,10 +172,11 @@ class Operator(ABC):
     def on_watermark(self, mark: int, batch: Batch) -> Batch:
         """Every input of the task has progressed to event time ``mark`` (see
         :mod:`operators._timing`); returns what that lets the step emit (windows that close,
-        say), as records read from the same place as the empty ``batch``."""
+        say), as records read from the same place as the empty ``batch``, on its first
+        output."""
         return batch
 
-    def close(self) -> None:  # noqa: B027 - optional hook, nothing to do by default
+    def close(self) -> None:
         """Called once when the task ends (revocation or shutdown)."""
 
 

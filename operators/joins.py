@@ -1,18 +1,21 @@
 """Joins: a stream with a table (``join_table``) and two streams within a time bound
 (``join_stream``).
 
-A join has two inputs: side 0, the stream the join was declared on (the *left* side, whose key
-the results carry), and side 1, the table or the other stream. The task hands each batch to
-:meth:`Join.process_side` with the side it arrived on. Both inputs must be keyed the same way
-and co-partitioned, so the records of one key meet in one task.
+A join is an operator with two inputs and one output (:class:`~operators.base.Ports`): side 0,
+the stream the join was declared on (the *left* side, whose key the results carry), and side 1,
+the table or the other stream. The runtime tells it the side a batch arrived on as it tells any
+operator with several inputs: ``process_ports(side, batch)``, which returns the join's one
+output batch. Both inputs must be keyed the same way and co-partitioned, so the records of one
+key meet in one task.
 
 **Stream-table.** The table is a :class:`~pipelines.state.table.TableStore` the runtime
-bootstraps from the table topic when the task is assigned, then keeps up to date with the table
-records it receives as input. Each stream record is looked up by its key: ``merge(value, row)``
-when the key has a row; otherwise an inner join drops the record and a left join emits
-``merge(value, None)``. Results keep the stream record's key and timestamp. Table records are
-applied in the order they are read: a stream record sees the table as of the table records
-processed before it (no synchronisation by timestamp between the two topics).
+bootstraps from the table topic when the task is assigned and gives the step as ``ctx.table``;
+the join keeps it up to date with the table records it receives on its second input. Each
+stream record is looked up by its key: ``merge(value, row)`` when the key has a row; otherwise
+an inner join drops the record and a left join emits ``merge(value, None)``. Results keep the
+stream record's key and timestamp. Table records are applied in the order they are read: a
+stream record sees the table as of the table records processed before it (no synchronisation
+by timestamp between the two topics).
 
 **Stream-stream.** Records of the two sides join when their keys are equal and their event
 times (record timestamps) differ by at most ``within``. Each side's records wait in the step's
@@ -38,7 +41,6 @@ from __future__ import annotations
 
 import bisect
 import heapq
-from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -47,57 +49,38 @@ import orjson
 from pydantic import BaseModel, ValidationError
 
 from operators._timing import END_OF_TIME, Emitted, advance, close_at, watermark
-from operators.base import Operator, reject_call
+from operators.base import Operator, Ports, reject_call
 from operators.stateful import missing_key_error
 from pipelines.batch import Batch
 from pipelines.errors import StepError
 from pipelines.state.store import decode_key, encode_key
-from pipelines.state.table import TableStore
 
-__all__ = ["Join", "JoinHow", "StreamJoin", "TableJoin"]
+__all__ = ["JoinHow", "StreamJoin", "TableJoin"]
 
 JoinHow = Literal["inner", "left"]
 LEFT, RIGHT = 0, 1
 
 
-class Join(Operator):
-    """An operator with two inputs (see the module docstring)."""
-
-    def process(self, batch: Batch) -> Batch:
-        return self.process_side(LEFT, batch)
-
-    @abstractmethod
-    def process_side(self, side: int, batch: Batch) -> Batch:
-        """What the step emits for ``batch`` arriving on input ``side`` (0 or 1)."""
-
-
 # -- stream-table ------------------------------------------------------------------------------
 
 
-class TableJoin(Join):
+class TableJoin(Operator):
     """Look each stream record's key up in a table (see the module docstring)."""
+
+    ports = Ports(inputs=("stream", "table"))
 
     def __init__(self, step_id: str, merge: Callable[[Any, Any], Any], how: JoinHow) -> None:
         super().__init__(step_id)
         self.merge = merge
         self.how = how
-        self._table: TableStore | None = None
 
-    def attach(self, table: TableStore) -> None:
-        """Use ``table`` (the task's store of the table topic's partition)."""
-        self._table = table
-
-    @property
-    def table(self) -> TableStore:
-        if self._table is None:
-            raise RuntimeError(f"join {self.step_id!r} has no table attached")
-        return self._table
-
-    def process_side(self, side: int, batch: Batch) -> Batch:
+    def process_ports(self, side: int, batch: Batch) -> tuple[Batch]:
+        """What the step emits for ``batch`` arriving on ``side`` (a table batch: nothing)."""
         if side == RIGHT:
-            self.table.apply(batch)
-            return batch.take([])
-        ctx, table, merge = self.ctx, self.table, self.merge
+            self.ctx.table.apply(batch)
+            return (batch.take([]),)
+        ctx, merge = self.ctx, self.merge
+        table = ctx.table
         inner = self.how == "inner"
         results: list[Any] = []
         kept: list[int] = []
@@ -126,7 +109,7 @@ class TableJoin(Join):
                 continue
             kept.append(index)
         out = batch if len(kept) == len(batch) else batch.take(kept)
-        return out.with_values(results)
+        return (out.with_values(results),)
 
 
 # -- stream-stream -----------------------------------------------------------------------------
@@ -180,8 +163,10 @@ class _Entry:
         return (self.side, self.key, self.time, self.seq)
 
 
-class StreamJoin(Join):
+class StreamJoin(Operator):
     """Join two keyed streams within a time bound (see the module docstring)."""
+
+    ports = Ports(inputs=("left", "right"))
 
     def __init__(
         self,
@@ -267,7 +252,8 @@ class StreamJoin(Join):
 
     # -- processing ----------------------------------------------------------------------------
 
-    def process_side(self, side: int, batch: Batch) -> Batch:
+    def process_ports(self, side: int, batch: Batch) -> tuple[Batch]:
+        """What the step emits for ``batch`` arriving on ``side``: the pairs it completes."""
         self._index()
         ctx, store, merge = self.ctx, self.ctx.store, self.merge
         codec = self._codecs[side]
@@ -314,7 +300,7 @@ class StreamJoin(Join):
             self._next_seq += 1
             store.put(entry.state_key, [stored, entry.matched])
             self._add(entry)
-        return emitted.batch(batch)
+        return (emitted.batch(batch),)
 
     def _expire(self, batch: Batch, emitted: Emitted, watermark: int) -> int:
         """Forget the records ``watermark`` has passed (by ``within`` + ``grace``); with

@@ -18,6 +18,11 @@ under the prefix ``<pipeline>.`` (see :attr:`Pipeline.internal_prefix`), which t
 given may not use. Mistakes in the graph raise :class:`~pipelines.errors.PipelineDefinitionError`
 naming the step, when it is declared (or, for those only the whole graph shows, when it is
 compiled).
+
+A step's outputs are the ones its operator declares (:class:`operators.base.Ports`): ``"out"``
+for most, ``"matched"`` and ``"rest"`` for a branch, the declared names for an operator of
+one's own run with :meth:`Pipeline.apply`, whose other outputs, like a branch's matched records,
+go down the chains ``then=`` builds.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from operators.aggregations import (
     Sum,
     as_aggregation,
 )
-from operators.base import Operator, describe_function
+from operators.base import OUT, Operator, describe_function
 from operators.concurrent import DEFAULT_CONCURRENCY, Concurrent
 from operators.joins import JoinHow, StreamJoin, TableJoin
 from operators.routing import Branch, Merge
@@ -66,17 +71,17 @@ from pipelines.runtime.watchdog import with_timeout
 from pipelines.serde import Json, Model, Serde, Str, serde_for
 from pipelines.topic import Topic
 
-__all__ = ["Pipeline", "Port", "Step"]
+__all__ = ["OUT", "Pipeline", "Port", "Step"]
 
 StepKind = Literal["source", "read", "operator", "key_by", "branch", "merge", "sink", "window"]
 Port = tuple[str, str]
-"""An output of a step: (step id, output name). Branches have "matched" and "rest"."""
+"""An output of a step: (step id, output name), a name its operator declares (most have
+``OUT``; branches have "matched" and "rest")."""
 
 Guarantee = Literal["at_least_once", "exactly_once"]
 """``at_least_once`` (the default): a crash replays, never loses. ``exactly_once``: outputs to
 the log, state changes and consumed offsets commit in one transaction per task."""
 
-OUT = "out"
 _STEP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -87,6 +92,8 @@ class Step:
     step_id: str
     kind: StepKind
     inputs: tuple[Port, ...] = ()
+    outputs: tuple[str, ...] = (OUT,)
+    """The names of the step's outputs, as its operator declares them (``ports.outputs``)."""
     operator: Callable[[], Operator] | None = None
     topic: Topic | None = None
     source: Source | None = None
@@ -246,7 +253,8 @@ class Pipeline:
                 "every step needs its own id",
                 step=step.step_id,
             )
-        return self._derive((*self.steps, step), tail if tail is not None else (step.step_id, OUT))
+        default = (step.step_id, step.outputs[0])
+        return self._derive((*self.steps, step), tail if tail is not None else default)
 
     def _derive(self, steps: tuple[Step, ...], tail: Port | None) -> Pipeline:
         """A pipeline like this one with other steps and tail."""
@@ -785,7 +793,7 @@ class Pipeline:
                 f"join_table needs the table as a Topic, got {type(table).__name__}",
                 step=step_id,
             )
-        tail = self._join_tail(step_id)
+        tail = self._input_tail(step_id, "join")
         chain = self
         table_port, table = self._table_input(step_id, table)
         if table_port == tail:
@@ -852,12 +860,8 @@ class Pipeline:
                 f"join_stream needs another chain of this pipeline, got {type(other).__name__}",
                 step=step_id,
             )
-        if other.name != self.name:
-            raise PipelineDefinitionError(
-                f"cannot join a chain of pipeline {other.name!r} into {self.name!r}",
-                step=step_id,
-            )
-        left, right = self._join_tail(step_id), other._join_tail(step_id)
+        joined = self._absorb(step_id, (other,), "join")
+        left, right = self._input_tail(step_id, "join"), other._input_tail(step_id, "join")
         if left == right:
             raise PipelineDefinitionError(
                 "join_stream needs two different streams; to join a stream with itself, "
@@ -874,18 +878,6 @@ class Pipeline:
             "re-key both streams to the same number of partitions before the join, "
             "with key_by(..., partitions=N) on each",
         )
-        joined = self
-        known = {s.step_id: s for s in self.steps}
-        for step in other.steps:
-            mine = known.get(step.step_id)
-            if mine is None:
-                joined = joined._with(step, tail=left)
-                known[step.step_id] = step
-            elif mine is not step:
-                raise PipelineDefinitionError(
-                    f"step id {step.step_id!r} means different steps in the joined chains",
-                    step=step_id,
-                )
         models = (_model_of(joined._value_serde_at(left)), _model_of(joined._value_serde_at(right)))
 
         def build() -> Operator:
@@ -912,16 +904,54 @@ class Pipeline:
             )
         )
 
-    def _join_tail(self, step_id: str) -> Port:
+    def _input_tail(self, step_id: str, kind: str) -> Port:
+        """The tail, as an input of the ``kind`` step ``step_id`` (a join, an operator of one's
+        own): neither a salted ``key_by`` nor a window may be there."""
         tail = self._require_tail(step_id)
-        self._refuse_after_salt(tail, "join", step_id)
+        self._refuse_after_salt(tail, kind, step_id)
         window = self._pending_window()
         if window is not None:
             raise PipelineDefinitionError(
-                f"window {window.step_id!r} must be followed by an aggregation, not a join",
+                f"window {window.step_id!r} must be followed by an aggregation, not "
+                f"{kind} {step_id!r}",
                 step=step_id,
             )
         return tail
+
+    def _absorb(self, step_id: str, others: Iterable[Pipeline], kind: str) -> Pipeline:
+        """This chain, its tail kept, with the steps of ``others`` (chains of this pipeline)
+        it lacks: the steps the ``kind`` step ``step_id`` that all of them feed needs."""
+        steps = list(self.steps)
+        known = {s.step_id: s for s in steps}
+        for other in others:
+            if other.name != self.name:
+                raise PipelineDefinitionError(
+                    f"cannot {kind} a chain of pipeline {other.name!r} into {self.name!r}",
+                    step=step_id,
+                )
+            for step in other.steps:
+                mine = known.get(step.step_id)
+                if mine is None:
+                    steps.append(step)
+                    known[step.step_id] = step
+                elif mine is not step:
+                    raise PipelineDefinitionError(
+                        f"step id {step.step_id!r} means different steps in the chains of "
+                        f"{kind} {step_id!r}",
+                        step=step_id,
+                    )
+        return self._derive(tuple(steps), self._tail)
+
+    def _then(self, step_id: str, port: Port, build: Callable[[Pipeline], Pipeline]) -> Pipeline:
+        """The chain ``build`` makes of this one with its tail at ``port`` (an output of step
+        ``step_id``), checked to extend it."""
+        built = build(self._derive(self.steps, port))
+        if not isinstance(built, Pipeline) or built.steps[: len(self.steps)] != self.steps:
+            raise PipelineDefinitionError(
+                "then= must return the pipeline it was given, extended with more steps",
+                step=step_id,
+            )
+        return built
 
     def _table_input(self, step_id: str, table: Topic) -> tuple[Port | None, Topic]:
         """The port that already reads ``table`` in this chain (a source, a LogTopic or a
@@ -957,49 +987,104 @@ class Pipeline:
         this returns goes on with the records that did not match."""
         _check_callable(step_id, predicate)
         tail = self._require_tail(step_id)
+        matched, rest = Branch.ports.outputs
         split = self._with(
             Step(
                 step_id,
                 "branch",
                 inputs=(tail,),
+                outputs=Branch.ports.outputs,
                 operator=lambda: Branch(step_id, predicate),
                 error_policy=on_error,
             )
         )
-        matched = split._derive(split.steps, (step_id, "matched"))
-        built = then(matched)
-        if not isinstance(built, Pipeline) or built.steps[: len(split.steps)] != split.steps:
+        built = split._then(step_id, (step_id, matched), then)
+        return built._derive(built.steps, (step_id, rest))
+
+    def apply(
+        self,
+        step_id: str,
+        operator: Callable[[str], Operator],
+        *others: Pipeline,
+        then: Mapping[str, Callable[[Pipeline], Pipeline]] | None = None,
+        stateful: bool = False,
+        on_error: ErrorPolicy | None = None,
+    ) -> Pipeline:
+        """Run an operator of one's own: the subclass of :class:`operators.Operator` that
+        ``operator(step_id)`` builds (the class itself, or a function of the step id), once
+        per task.
+
+        Its inputs (``ports.inputs``, see :mod:`operators.base`) are fed by this chain and by
+        ``others``, other chains of this pipeline, in that order: one chain per input. Chains
+        read from different topics need equal partition counts, and keys alike if the
+        operator relies on the records of a key meeting in one task. The chain this returns
+        goes on from the operator's first output; ``then`` maps the name of another output to
+        a function that builds its chain, like :meth:`branch`'s ``then`` (records of an output
+        no step reads are dropped). ``stateful=True`` gives the operator keyed state,
+        ``ctx.store``, kept in a changelog topic like any stateful step's. The operator may
+        replace values: a ``key_by`` after it writes JSON values unless given ``value=``.
+        """
+        _require_callable(step_id, operator)
+        try:
+            built = operator(step_id)
+        except Exception as error:  # the user's class or function: say which step it is for
             raise PipelineDefinitionError(
-                "then= must return the pipeline it was given, extended with more steps",
+                f"{describe_function(operator)}({step_id!r}) raised {type(error).__name__}: "
+                f"{error}",
+                step=step_id,
+            ) from error
+        if not isinstance(built, Operator) or built.step_id != step_id:
+            what = f"operator {built.step_id!r}" if isinstance(built, Operator) else built
+            raise PipelineDefinitionError(
+                f"apply needs a subclass of operators.Operator, or a function of the step id "
+                f"that builds one for step {step_id!r}; {describe_function(operator)} "
+                f"built {what!r}",
                 step=step_id,
             )
-        return built._derive(built.steps, (step_id, "rest"))
+        ports = built.ports
+        chains = (self, *others)
+        if len(chains) != len(ports.inputs):
+            raise PipelineDefinitionError(
+                f"{type(built).__name__} has the inputs {list(ports.inputs)}: apply needs a "
+                f"chain for each, this one and {len(ports.inputs) - 1} more, got {len(chains)}",
+                step=step_id,
+            )
+        first, *rest = ports.outputs
+        unknown = sorted(set(then or {}) - set(rest))
+        if unknown:
+            raise PipelineDefinitionError(
+                f"then= names {unknown}, which are no outputs of {type(built).__name__} other "
+                f"than {first!r} (the chain apply returns goes on from it): it has "
+                f"{list(ports.outputs)}",
+                step=step_id,
+            )
+        joined = self._absorb(step_id, others, "apply")
+        tails = tuple(chain._input_tail(step_id, "apply") for chain in chains)
+        chain = joined._with(
+            Step(
+                step_id,
+                "operator",
+                inputs=tails,
+                outputs=ports.outputs,
+                operator=lambda: operator(step_id),
+                error_policy=on_error,
+                transforms=True,
+                stateful=stateful,
+            )
+        )
+        for name, build in (then or {}).items():
+            chain = chain._then(step_id, (step_id, name), build)
+        return chain._derive(chain.steps, (step_id, first))
 
     def merge(self, step_id: str, *others: Pipeline) -> Pipeline:
         """One stream of the records of this chain and of each of ``others``."""
         tails = [self._require_tail(step_id)]
-        steps = list(self.steps)
-        known = {s.step_id: s for s in steps}
+        merged = self._absorb(step_id, others, "merge")
         for other in others:
-            if other.name != self.name:
-                raise PipelineDefinitionError(
-                    f"cannot merge pipeline {other.name!r} into {self.name!r}", step=step_id
-                )
             tails.append(other._require_tail(step_id))
             other._refuse_after_salt(other.tail, "merge", step_id)
-            for step in other.steps:
-                mine = known.get(step.step_id)
-                if mine is None:
-                    steps.append(step)
-                    known[step.step_id] = step
-                elif mine is not step:
-                    raise PipelineDefinitionError(
-                        f"step id {step.step_id!r} means different steps in the merged chains",
-                        step=step_id,
-                    )
         self._refuse_after_salt(self._tail, "merge", step_id)
-        merged = self._derive(tuple(steps), None)
-        return merged._with(
+        return merged._derive(merged.steps, None)._with(
             Step(step_id, "merge", inputs=tuple(tails), operator=lambda: Merge(step_id))
         )
 

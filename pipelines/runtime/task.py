@@ -6,6 +6,13 @@ hands what leaves the sub-topology to the worker's :class:`~pipelines.runtime.ou
 (repartition and output topics, the dead-letter topic) or to its sink writers. It never awaits:
 the worker that owns the consume loop does the I/O.
 
+The task runs every operator the same way, by what it declares (:class:`operators.base.Ports`),
+never by its class: it wires each step once, when the task starts, to the steps each of its
+outputs feeds and to the input of theirs it feeds. An operator with one input and one output
+gets ``process(batch)`` and its batch goes on by its one output; any other gets
+``process_ports(input, batch)`` and each batch it returns goes on by its output. What a step
+needs prepared comes through its context (:class:`_StepContext`): its store, a join's table.
+
 Event time: the task keeps what it knows of its inputs' progress
 (:class:`~pipelines.runtime.watermarks.InputMarks`), fed by the markers it reads and by the
 event times of the records it reads (or that a step of it sets). :meth:`Task.advance` tells
@@ -22,13 +29,11 @@ from typing import Any
 
 from connectors.base import SinkWriter, UnwritableValue
 from operators.base import Operator, call_each
-from operators.joins import Join, TableJoin
-from operators.routing import Branch
 from operators.stateful import stamped
 from pipelines.batch import Batch
 from pipelines.errors import ErrorPolicy, RecordError, RecordSource
 from pipelines.log.base import FetchedBatch, LogBackend, RawBatch, TopicPartition
-from pipelines.pipeline import OUT, Port, Step
+from pipelines.pipeline import Port, Step
 from pipelines.record import Headers
 from pipelines.runtime.hotkeys import KeySampler
 from pipelines.runtime.outbox import Outbox
@@ -47,6 +52,7 @@ from pipelines.runtime.watermarks import (
     split_markers,
 )
 from pipelines.state.store import KeyValueStore
+from pipelines.state.table import TableStore
 from pipelines.topic import Topic
 
 __all__ = ["StepStats", "Task", "error_headers"]
@@ -96,7 +102,7 @@ def source_headers(source: RecordSource) -> Headers:
 class _StepContext:
     """The :class:`~operators.base.StepContext` of one step in one task."""
 
-    __slots__ = ("_store", "_task", "partition", "policy", "stats", "step_id")
+    __slots__ = ("_store", "_table", "_task", "partition", "policy", "stats", "step_id")
 
     def __init__(self, task: Task, step: Step, stats: StepStats) -> None:
         self._task = task
@@ -105,12 +111,19 @@ class _StepContext:
         self.policy = step.error_policy or task.topology.pipeline.error_policy
         self.stats = stats
         self._store = task.state.stores.get(step.step_id)
+        self._table = task.state.tables.get(step.step_id)
 
     @property
     def store(self) -> KeyValueStore:
         if self._store is None:
             raise RuntimeError(f"step {self.step_id!r} is not stateful: it has no store")
         return self._store
+
+    @property
+    def table(self) -> TableStore:
+        if self._table is None:
+            raise RuntimeError(f"step {self.step_id!r} is no join_table: it has no table")
+        return self._table
 
     def reject(self, batch: Batch, index: int, error: RecordError) -> None:
         if self.policy is ErrorPolicy.FAIL:
@@ -148,6 +161,34 @@ class _StepContext:
 
     def observe(self, batch: Batch) -> None:
         self._task.marks.observe(batch.fetched.topic_partition, batch.timestamps)
+
+
+_Links = tuple[tuple["_Node", int], ...]
+"""Where one output of a step goes in its task: each step it feeds, with the number of the
+input of that step's operator it feeds."""
+
+
+@dataclass(slots=True, eq=False)
+class _Node:
+    """One step as its task runs it, wired once (see the module docstring)."""
+
+    step: Step
+    ctx: _StepContext
+    operator: Operator | None = None
+    """None for a step that reads a topic, a sink, and a step that runs in another task (a
+    ``key_by`` read here, a window whose event time is set here: their context is needed)."""
+    single: bool = True
+    """One input and one output: the task calls ``process``; else ``process_ports``."""
+    outputs: tuple[_Links, ...] = ()
+    """Per output of the step (``step.outputs``), the steps of this task it feeds."""
+
+    def input_for(self, port: Port) -> int:
+        """The number of the operator's input that ``port`` feeds: with one input, every
+        stream the step reads goes into it; else the step reads one stream per input, in
+        order."""
+        if self.operator is None or len(self.operator.ports.inputs) == 1:
+            return 0
+        return self.step.inputs.index(port)
 
 
 class Task:
@@ -191,24 +232,33 @@ class Task:
         self._saved_marks: dict[str, list[object]] = {}
         self._stamped = sub.index in topology.stamped
         self._writers = writers
-        self._contexts: dict[str, _StepContext] = {}
-        self._operators: dict[str, Operator] = {}
+        self._nodes: dict[str, _Node] = {}
         for step in sub.steps:
             stats.setdefault(step.step_id, StepStats())
-            ctx = self._contexts[step.step_id] = _StepContext(self, step, stats[step.step_id])
+            node = self._nodes[step.step_id] = _Node(
+                step, _StepContext(self, step, stats[step.step_id])
+            )
             if step.operator is not None:
-                operator = self._operators[step.step_id] = step.operator()
-                operator.open(ctx)
-                if isinstance(operator, TableJoin):  # the table the state bootstraps
-                    operator.attach(self.state.tables[step.step_id])
+                node.operator = step.operator()
+                node.single = node.operator.ports.single
+                node.operator.open(node.ctx)
         borrowed = [*sub.entries.values()]  # a key_by read here, run upstream
         borrowed += [
             topology.stamps[s.step_id][1] for s in sub.steps if s.step_id in topology.stamps
         ]
         for step in borrowed:  # and a window downstream whose event time is set here
-            if step.step_id not in self._contexts:
+            if step.step_id not in self._nodes:
                 stats.setdefault(step.step_id, StepStats())
-                self._contexts[step.step_id] = _StepContext(self, step, stats[step.step_id])
+                self._nodes[step.step_id] = _Node(
+                    step, _StepContext(self, step, stats[step.step_id])
+                )
+        here = {step.step_id: self._nodes[step.step_id] for step in sub.steps}
+        for node in self._nodes.values():
+            node.outputs = tuple(
+                self._links(here, (node.step.step_id, name)) for name in node.step.outputs
+            )
+        self._running = [(n, n.operator) for n in here.values() if n.operator is not None]
+        self._entries = {topic: self._nodes[step.step_id] for topic, step in sub.entries.items()}
 
     @property
     def partitions(self) -> frozenset[TopicPartition]:
@@ -229,15 +279,26 @@ class Task:
         self._sent = self._saved_sent = store.get(_SENT_KEY, NO_WATERMARK)
         self.advance(idle=False)
 
+    def _links(self, here: Mapping[str, _Node], port: Port) -> _Links:
+        """The steps of this task (``here``) that ``port`` feeds, each with its input that
+        ``port`` feeds (a ``key_by``'s output is read from its topic, by another task or by
+        this one as an entry)."""
+        children = self.topology.children.get(port, ())
+        return tuple(
+            (here[c.step_id], here[c.step_id].input_for(port))
+            for c in children
+            if c.step_id in here
+        )
+
     def close(self) -> None:
-        for operator in self._operators.values():
+        for _, operator in self._running:
             operator.close()
         self.state.close()
 
     @property
     def pending(self) -> int:
         """Results that wait for time to pass (open windows), over every step."""
-        return sum(operator.pending for operator in self._operators.values())
+        return sum(operator.pending for _, operator in self._running)
 
     def advance(self, *, idle: bool) -> bool:
         """Tell the steps the inputs' mark if it moved (``idle``: the worker has nothing to
@@ -252,12 +313,12 @@ class Task:
         nothing = FetchedBatch(tp.topic, tp.partition, RawBatch([], [], []), [], -1)
         empty = Batch([], [], [], [], nothing)
         try:
-            for step_id, operator in self._operators.items():
-                activity.enter(step_id)
+            for node, operator in self._running:
+                activity.enter(node.step.step_id)
                 out = operator.on_watermark(mark, empty)
-                if len(out):
-                    self._contexts[step_id].stats.records_out += len(out)
-                    self._emit((step_id, OUT), out)
+                if len(out):  # by the first output (see operators.base)
+                    node.ctx.stats.records_out += len(out)
+                    self._emit(node.outputs[0], out)
         finally:
             activity.idle()
         return True
@@ -327,8 +388,8 @@ class Task:
 
     def _process(self, tp: TopicPartition, fetched: FetchedBatch) -> None:
         self.samplers[tp].sample(fetched.records.keys)
-        entry = self.sub.entries[fetched.topic]
-        ctx = self._contexts[entry.step_id]
+        node = self._entries[fetched.topic]
+        entry, ctx = node.step, node.ctx
         batch = self._decode(ctx, entry, fetched)
         if entry.kind != "key_by":
             ctx.stats.records_in += len(fetched.records)
@@ -340,7 +401,7 @@ class Task:
         if entry.kind != "key_by":
             ctx.stats.records_out += len(batch)
         try:
-            self._emit((entry.step_id, OUT), batch)
+            self._emit(node.outputs[0], batch)
         finally:
             activity.idle()
 
@@ -366,50 +427,54 @@ class Task:
             ctx.reject(batch, index, error)
         return batch.take([i for i in range(count) if i not in errors])
 
-    def _emit(self, port: Port, batch: Batch) -> None:
+    def _emit(self, links: _Links, batch: Batch) -> None:
         if not batch:
             return
-        for child in self.topology.children.get(port, ()):
-            self._run(child, batch, port)
+        for node, into in links:
+            self._run(node, batch, into)
 
-    def _run(self, step: Step, batch: Batch, port: Port) -> None:
-        """Run ``batch``, arriving from ``port``, through ``step``."""
+    def _run(self, node: _Node, batch: Batch, into: int) -> None:
+        """Run ``batch``, arriving on input number ``into``, through the step of ``node``."""
+        step = node.step
         activity.enter(step.step_id)
-        stats = self._contexts[step.step_id].stats
+        stats = node.ctx.stats
         stats.records_in += len(batch)
-        if step.kind == "sink":
+        operator = node.operator
+        if operator is None:  # a sink: the one step without an operator that a stream feeds
             if step.topic is not None:
                 self._write_topic(step, step.topic, batch)
                 stats.records_out += len(batch)
             else:
                 stats.records_out += self._write_sink(step, batch)
             return
-        operator = self._operators[step.step_id]
-        if isinstance(operator, Branch):
-            matched, rest = operator.split(batch)
-            stats.records_out += len(matched) + len(rest)
-            self._emit((step.step_id, "matched"), matched)
-            self._emit((step.step_id, "rest"), rest)
+        if not node.single:
+            outs = operator.process_ports(into, batch)
+            if len(outs) != len(node.outputs):
+                raise TypeError(
+                    f"step {step.step_id!r}: {type(operator).__name__}.process_ports returned "
+                    f"{len(outs)} batches for its {len(node.outputs)} outputs "
+                    f"{list(step.outputs)}"
+                )
+            for links, out in zip(node.outputs, outs, strict=True):
+                stats.records_out += len(out)
+                self._emit(links, out)
             return
-        if isinstance(operator, Join):  # two inputs: which side the batch arrived on
-            out = operator.process_side(step.inputs.index(port), batch)
-        else:
-            out = operator.process(batch)
+        out = operator.process(batch)
         stats.records_out += len(out)
         if step.kind == "key_by":
             assert step.topic is not None
             stamp = self.topology.stamps.get(step.step_id)
             if stamp is not None:  # a window downstream reads its event time from here
                 time, window = stamp
-                out = stamped(self._contexts[window.step_id], time, out)
+                out = stamped(self._nodes[window.step_id].ctx, time, out)
                 self.marks.observe(out.fetched.topic_partition, out.timestamps)
             self._write_topic(step, step.topic, out)
         else:
-            self._emit((step.step_id, OUT), out)
+            self._emit(node.outputs[0], out)
 
     def _write_topic(self, step: Step, topic: Topic, batch: Batch) -> None:
         """Serialise ``batch`` with ``topic``'s serdes into the outbox."""
-        ctx = self._contexts[step.step_id]
+        ctx = self._nodes[step.step_id].ctx
         values, failed = call_each(
             ctx,
             topic.value_serde.serialize,
@@ -455,7 +520,7 @@ class Task:
     def _write_each(self, step: Step, writer: SinkWriter, batch: Batch) -> int:
         """Write ``batch`` a record at a time, rejecting those the writer refuses (the error
         names the sink step and the record); how many it took."""
-        ctx = self._contexts[step.step_id]
+        ctx = self._nodes[step.step_id].ctx
         written = 0
         for index in range(len(batch)):
             try:

@@ -431,7 +431,7 @@ class Feeder:
     def feed(self, join: StreamJoin, chunk: list[Event]) -> tuple[list[Any], list[Any]]:
         """(what processing the chunk emitted, what the mark moving after it emitted)."""
         side, batch = as_batch(chunk)
-        processed = join.process_side(side, batch).values
+        processed = join.process_ports(side, batch)[0].values
         self.mark = max([e[2] for e in chunk] + ([] if self.mark is None else [self.mark]))
         return processed, join.on_watermark(self.mark, EMPTY).values
 
@@ -560,10 +560,10 @@ def test_stream_join_gives_merge_models_on_a_model_typed_side_also_after_a_resto
 
     store = KeyValueStore("pair", 0)
     join = operator(store)
-    assert join.process_side(0, batch(Click(user="ann", page="/a"), T0)).values == []
-    assert join.process_side(1, batch({"page": "/b"}, T0 + 5)).values == ["/a//b"]
+    assert join.process_ports(0, batch(Click(user="ann", page="/a"), T0))[0].values == []
+    assert join.process_ports(1, batch({"page": "/b"}, T0 + 5))[0].values == ["/a//b"]
     join = operator(restored(store))  # the click comes back as a Click
-    assert join.process_side(1, batch({"page": "/c"}, T0 + 8)).values == ["/a//c"]
+    assert join.process_ports(1, batch({"page": "/c"}, T0 + 8))[0].values == ["/a//c"]
     assert seen == [(Click, dict), (Click, dict)]
 
 
