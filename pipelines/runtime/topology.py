@@ -145,9 +145,7 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
     for sub in subs.values():
         counts = {t.name: t.partitions for t in sub.topics}
         if len(set(counts.values())) > 1:
-            merge = next(
-                (s.step_id for s in sub.steps if s.kind == "merge" or s.join is not None), None
-            )
+            merge = next((s.step_id for s in sub.steps if len(s.inputs) > 1), None)
             raise PipelineDefinitionError(
                 f"merged or joined streams come from topics with different partition counts "
                 f"{counts}; give them the same number of partitions or key_by before merging",
