@@ -22,8 +22,9 @@ restore
     each partition's state is restored from the changelog with
     ``pipelines.runtime.state.TaskState.restore`` (a fresh EmbeddedLog each time, as a fresh
     worker has): into memory only (no state directory), and as a fresh worker process does it
-    (an empty state directory: the replayed records also go into a new local copy). Reported:
-    changelog records read per second, best of 3.
+    (an empty state directory: the restored state also goes into a new local copy), then from
+    the copy that wrote. Reported: changelog records read per second, best of 3, and a warning
+    if the restores do not all end with the same number of keys.
 exactly-once
     the keyed count again with ``processing_guarantee="exactly_once"``: its rate over the
     at-least-once rate, per backend.
@@ -263,10 +264,14 @@ class RestoreResult:
     only, as an in-process run restores)."""
     fresh_seconds: list[float]
     """Per attempt: with an empty state directory, as a fresh worker process restores (it also
-    writes what it replays into a new local copy)."""
+    writes the restored state into a new local copy)."""
+    copy_seconds: list[float]
+    """Per attempt: from the local copy the fresh restore just wrote (its snapshot)."""
     local_entries: int
     local_seconds: float
     """Restoring from the local SQLite copies (before they were deleted), for comparison."""
+    same_keys: bool
+    """Whether every restore ended with the same number of keys."""
 
     @property
     def replay_rate(self) -> float:
@@ -698,19 +703,27 @@ async def time_restore(
 
 def measure_restore(data_dir: Path, topology: Topology) -> RestoreResult:
     """Time a restore from the local copies; delete them; time restores from the changelog,
-    into memory only and as a fresh worker (an empty state directory of its own)."""
+    into memory only and as a fresh worker (an empty state directory of its own), then from
+    the copy that fresh restore wrote."""
     local_seconds, _, _, local_keys = asyncio.run(
         time_restore(data_dir, topology, data_dir / "state")
     )
     shutil.rmtree(data_dir / "state")
-    replay, fresh = [], []
+    replay, fresh, copy = [], [], []
+    keys = {local_keys}
     for attempt in range(RESTORE_ATTEMPTS):
-        elapsed, read, applied, keys = asyncio.run(time_restore(data_dir, topology, None))
+        elapsed, read, applied, restored = asyncio.run(time_restore(data_dir, topology, None))
         replay.append(elapsed)
         state_dir = data_dir / f"state-fresh-{attempt}"
-        fresh.append(asyncio.run(time_restore(data_dir, topology, state_dir))[0])
+        for seconds in (fresh, copy):  # the first writes the copy, the second reads it
+            elapsed, _, _, restored_here = asyncio.run(time_restore(data_dir, topology, state_dir))
+            seconds.append(elapsed)
+            keys.add(restored_here)
         shutil.rmtree(state_dir)
-    return RestoreResult(read, applied, keys, replay, fresh, local_keys, local_seconds)
+        keys.add(restored)
+    return RestoreResult(
+        read, applied, restored, replay, fresh, copy, local_keys, local_seconds, len(keys) == 1
+    )
 
 
 # -- Quix Streams ---------------------------------------------------------------------------
@@ -901,6 +914,13 @@ def report_restore(result: RestoreResult) -> None:
         f"in {result.local_seconds:.2f} s",
         flush=True,
     )
+    print(
+        f"  restore from the copy the fresh worker wrote: {attempts(result.copy_seconds)} s "
+        f"({result.keys / min(result.copy_seconds):,.0f} keys/s)",
+        flush=True,
+    )
+    if not result.same_keys:
+        print("    WARNING: the restores did not all end with the same number of keys")
 
 
 def run_all(config: Config, bench: Bench) -> None:

@@ -80,6 +80,7 @@ _HEADERS = 2
 _TXN = 4
 _HOLE = 8  # offsets lost to damage, moved out by `headwater log check --repair` (no records)
 _SEAL = 16  # the segment's last frame: the partition goes on in the next (no records)
+_SHARED = 64  # with HEADERS: one header set, shared by every record
 _SPARSE = 32  # offsets not consecutive (a compacted segment): count x <I offset - base> follow
 _SEAL_INFO = struct.Struct("<q")  # a seal's payload: the newest timestamp, then transactions
 _TXN_MARK = struct.Struct("<QQ")
@@ -147,9 +148,11 @@ def encode_frame(
     parts.append(b"".join([v for v in batch.values if v is not None]))
     if batch.headers is not None:
         flags |= _HEADERS
-        parts.append(
-            orjson.dumps([[[n, v.decode("latin-1")] for n, v in h] for h in batch.headers])
-        )
+        headers = batch.headers
+        if count and headers.count(headers[0]) == count:
+            flags |= _SHARED
+            headers = headers[:1]
+        parts.append(orjson.dumps([[[n, v.decode("latin-1")] for n, v in h] for h in headers]))
     payload = b"".join(parts)
     head = _HEADER.pack(len(payload), 0, base_offset, count, flags)
     crc = zlib.crc32(payload, zlib.crc32(head[_CRC_FROM:]))
@@ -190,6 +193,8 @@ def _decode(frame: bytes) -> tuple[int, RawBatch, list[int] | None]:
             tuple((n, v.encode("latin-1")) for n, v in record)
             for record in orjson.loads(frame[pos:])
         ]
+        if flags & _SHARED:
+            headers = headers * count
     return base, RawBatch(keys, values, timestamps, headers), deltas
 
 
@@ -932,4 +937,7 @@ def _extend(out: RawBatch, records: RawBatch, start: int, stop: int) -> None:
     out.values.extend(records.values if whole else records.values[start:stop])
     out.timestamps.extend(records.timestamps if whole else records.timestamps[start:stop])
     if out.headers is not None:
-        out.headers.extend(records.header_at(i) for i in range(start, stop))
+        if records.headers is None:
+            out.headers.extend([()] * (stop - start))
+        else:
+            out.headers.extend(records.headers if whole else records.headers[start:stop])

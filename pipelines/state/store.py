@@ -7,13 +7,21 @@ the input positions they reflect. A restore applies a changelog record only if t
 are all at or below the offsets the group committed, so an update whose input was never committed
 (the worker died between writing the changelog and committing) is not applied: that input will
 be processed again. Keys and values travel as JSON; restored values are decoded only when a key
-is first read again, so a restore costs about one dict insertion per changelog record.
+is first read again.
+
+A restore (:meth:`KeyValueStore.apply`) works on runs of records with the same header (the
+records of one changelog batch, found by ``itertools.groupby``, which compares headers in C and
+costs least when they are one shared object): each distinct header is judged once, and a run is
+applied with one ``dict.update`` of its keys and values (the last value of a key wins). Only a
+run with tombstones costs Python work per record, to find the keys whose last value deletes
+them. Memory holds the last committed value of each key, as raw bytes, and nothing else.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any
+from itertools import groupby
+from typing import Any, cast
 
 import orjson
 
@@ -110,31 +118,56 @@ class KeyValueStore:
         count = len(keys)
         return RawBatch(keys, values, [now_ms] * count, [header] * count)
 
-    def apply(self, batch: RawBatch, committed: Mapping[str, int]) -> RawBatch:
+    def apply(self, batch: RawBatch, committed: Mapping[str, int]) -> int:
         """Restore: apply the changelog records of ``batch`` whose input positions are committed
-        (``committed`` by ``topic/partition``), before any processing; returns those records
-        (for the local copy, which must hold them too)."""
+        (``committed`` by ``topic/partition``), before any processing; returns how many it
+        applied. Records come in runs that share one header (a changelog batch), each judged
+        once and applied with one ``dict.update``."""
+        keys, values = batch.keys, batch.values
+        if batch.headers is None:
+            runs: list[tuple[Headers, int]] = [((), len(keys))]
+        else:
+            runs = [(header, len(list(run))) for header, run in groupby(batch.headers)]
         verdicts: dict[Headers, bool] = {}
-        applied = RawBatch([], [], [])
-        raw = self._raw
-        headers = batch.headers if batch.headers is not None else [()] * len(batch)
-        for key, value, header in zip(batch.keys, batch.values, headers, strict=True):
+        applied = start = 0
+        for header, count in runs:
+            stop = start + count
             verdict = verdicts.get(header)
             if verdict is None:
                 verdict = verdicts[header] = _reflects_committed(header, committed)
-            if not verdict or key is None:
-                continue
-            if value is None:
-                raw.pop(key, None)
-            else:
-                raw[key] = value
-            applied.keys.append(key)
-            applied.values.append(value)
+            if verdict:
+                applied += self._update(keys[start:stop], values[start:stop])
+            start = stop
         return applied
 
-    def load(self, entries: Mapping[bytes, bytes]) -> None:
-        """Start from ``entries`` (a durable local copy), as raw changelog bytes."""
-        self._raw.update(entries)
+    def _update(self, keys: list[bytes | None], values: list[bytes | None]) -> int:
+        """Set ``keys`` to ``values`` in order, the last value of a key winning; a None value
+        deletes (a keyless record, which a changelog never has, is left out)."""
+        if None in keys:
+            kept = [i for i, key in enumerate(keys) if key is not None]
+            keys, values = [keys[i] for i in kept], [values[i] for i in kept]
+        present = cast("list[bytes]", keys)
+        raw = cast("dict[bytes, bytes | None]", self._raw)
+        raw.update(zip(present, values, strict=True))
+        if None in values:  # tombstones: a key whose last value here is None goes
+            for key in {k for k, v in zip(present, values, strict=True) if v is None}:
+                if raw[key] is None:
+                    del raw[key]
+        return len(present)
+
+    def load(self, entries: dict[bytes, bytes]) -> None:
+        """Start from ``entries`` (a durable local copy, as raw changelog bytes), which the
+        store takes over."""
+        if self._raw:
+            self._raw.update(entries)
+        else:
+            self._raw = entries
+
+    def restored(self) -> Mapping[bytes, bytes]:
+        """The whole state as raw changelog bytes, right after a restore (before anything is
+        read or written): what a local copy of the store holds."""
+        assert not self._values and not self._dirty, "the store was used since its restore"
+        return self._raw
 
 
 def _reflects_committed(header: Headers, committed: Mapping[str, int]) -> bool:

@@ -48,10 +48,8 @@ def test_restore_applies_committed_updates_and_skips_the_rest() -> None:
     uncommitted_batch = _changes(before, 20)
 
     after = KeyValueStore("count", 0)
-    applied = after.apply(committed_batch, {"orders/0": 10})
-    skipped = after.apply(uncommitted_batch, {"orders/0": 10})
-    assert sorted(applied.keys) == [b'"ann"', b'["bob",60000]']
-    assert len(skipped) == 0
+    assert after.apply(committed_batch, {"orders/0": 10}) == 2
+    assert after.apply(uncommitted_batch, {"orders/0": 10}) == 0
     assert after.get("ann") == 1
     assert after.get(("bob", 60_000)) == {"n": 2}
     assert dict(after.items()) == {"ann": 1, ("bob", 60_000): {"n": 2}}

@@ -1,0 +1,387 @@
+"""Restoring from the changelog: the last committed value of each key, whatever the runs of
+headers, tombstones and uncommitted updates, chunk boundaries and local copies; and a local
+copy that a kill -9 interrupted while it was being written is not trusted."""
+
+from __future__ import annotations
+
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from connectors import JsonLines, LogTopic
+from pipelines import Pipeline, Topic
+from pipelines.log import EmbeddedLog
+from pipelines.log.base import RawBatch, TopicPartition
+from pipelines.runtime import state as task_state
+from pipelines.runtime.engine import prepare_topics
+from pipelines.runtime.outbox import Outbox
+from pipelines.runtime.state import TaskState
+from pipelines.runtime.topology import compile_pipeline
+from pipelines.state import local as local_module
+from pipelines.state.local import LocalStore
+from pipelines.state.store import KeyValueStore, encode_key
+
+INPUTS = [TopicPartition("orders", 0), TopicPartition("orders", 1)]
+KEYS: list[Any] = [f"k{n}" for n in range(30)] + [("w", n * 60_000) for n in range(10)]
+
+Changelog = list[tuple[dict[TopicPartition, int], RawBatch]]
+
+
+def write_changes(store: KeyValueStore, rng: random.Random, batches: int) -> Changelog:
+    """``batches`` changelog batches of ``store``: random puts and deletes, each batch
+    reflecting random positions on the two inputs."""
+    changelog = []
+    for _ in range(batches):
+        for _ in range(rng.randint(1, 30)):
+            key = rng.choice(KEYS)
+            if rng.random() < 0.25:
+                store.delete(key)
+            else:
+                store.put(key, rng.randint(0, 1000))
+        positions = {tp: rng.randint(0, 100) for tp in INPUTS}
+        batch = store.changes(positions, now_ms=0)
+        assert batch is not None
+        changelog.append((positions, batch))
+    return changelog
+
+
+def reference(changelog: Changelog, committed: dict[TopicPartition, int]) -> dict[Any, Any]:
+    """Record by record: one whose positions are all committed sets its key (or deletes it)."""
+    state: dict[bytes, bytes] = {}
+    for positions, batch in changelog:
+        if any(offset > committed.get(tp, 0) for tp, offset in positions.items()):
+            continue
+        for key, value in zip(batch.keys, batch.values, strict=True):
+            assert key is not None
+            if value is None:
+                state.pop(key, None)
+            else:
+                state[key] = value
+    restored = KeyValueStore("reference", 0)
+    restored.load(state)
+    return dict(restored.items())
+
+
+def by_name(committed: dict[TopicPartition, int]) -> dict[str, int]:
+    return {f"{tp.topic}/{tp.partition}": offset for tp, offset in committed.items()}
+
+
+def as_read(changelog: Changelog, rng: random.Random, *, shared: bool) -> list[RawBatch]:
+    """The changelog as a restore reads it: cut into chunks anywhere (inside batches too), each
+    record's header the one object of its batch (``shared``) or an equal copy of its own (as a
+    frame that stores headers record by record decodes them)."""
+    stream = RawBatch([], [], [], [])
+    for _, batch in changelog:
+        stream.extend(batch)
+    if not shared:
+        stream.headers = [tuple(list(header)) for header in stream.headers or []]
+    cuts = sorted(rng.sample(range(1, len(stream)), 12))
+    return [stream.take(range(a, b)) for a, b in pairwise([0, *cuts, len(stream)])]
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("seed", range(8))
+def test_apply_keeps_the_last_committed_value_of_each_key(seed: int, shared: bool) -> None:
+    rng = random.Random(seed)
+    changelog = write_changes(KeyValueStore("count", 0), rng, 40)
+    committed = {tp: rng.randint(30, 100) for tp in INPUTS}
+    store = KeyValueStore("count", 0)
+    applied = sum(
+        store.apply(chunk, by_name(committed)) for chunk in as_read(changelog, rng, shared=shared)
+    )
+    expected = reference(changelog, committed)
+    assert dict(store.items()) == expected
+    assert len(store) == len(expected)
+    kept = [b for p, b in changelog if all(o <= committed[tp] for tp, o in p.items())]
+    assert applied == sum(len(b) for b in kept)
+    assert 0 < len(kept) < len(changelog)  # (the seeds mix committed and uncommitted runs)
+
+
+def test_apply_takes_records_without_headers_and_leaves_keyless_ones_out() -> None:
+    store = KeyValueStore("count", 0)
+    batch = RawBatch([b'"a"', None, b'"b"', b'"a"'], [b"1", b"2", b"3", None], [0] * 4)
+    assert store.apply(batch, {}) == 3
+    assert dict(store.items()) == {"b": 3}
+
+
+def test_a_tombstone_then_a_value_in_one_run_keeps_the_value() -> None:
+    before = KeyValueStore("count", 0)
+    before.put("a", 1)
+    written = before.changes({INPUTS[0]: 1}, now_ms=0)
+    assert written is not None and written.headers is not None
+    batch = RawBatch(
+        [b'"a"', b'"a"', b'"b"', b'"b"'], [None, b"2", b"3", None], [0] * 4, written.headers * 4
+    )
+    store = KeyValueStore("count", 0)
+    store.load({b'"b"': b"9"})
+    assert store.apply(batch, {"orders/0": 1}) == 4
+    assert dict(store.items()) == {"a": 2}
+
+
+# -- through TaskState, with and without local copies ----------------------------------------
+
+
+class Restores:
+    """A count's changelog on an embedded log, written batch by batch, and restores of its
+    partition 0 (as new owners of it, sharing one state directory)."""
+
+    def __init__(self, tmp_path: Path, log: EmbeddedLog) -> None:
+        pipeline = (
+            Pipeline("restore-runs")
+            .source(JsonLines(tmp_path / "events.jsonl"), into=Topic("events", partitions=1))
+            .key_by("by-user", lambda e: e["user"])
+            .count("count")
+            .sink(LogTopic(Topic("counts", partitions=1)))
+        )
+        self.topology = compile_pipeline(pipeline)
+        self.sub = self.topology.by_topic["restore-runs.by-user"]
+        self.log = log
+        self.outbox = Outbox(log.producer())
+        self.state_dir = tmp_path / "state"
+        self.rng = random.Random(3)
+        self._writer = KeyValueStore("count", 0)
+        self.changelog: Changelog = []
+
+    async def write(self, batches: int) -> None:
+        written = write_changes(self._writer, self.rng, batches)
+        for _, batch in written:
+            self.outbox.add_to_partition(self.topology.changelog_topic("count").name, 0, batch)
+            await self.outbox.send()
+        self.changelog += written
+
+    async def restored(self, committed: dict[TopicPartition, int], *, copy: bool) -> TaskState:
+        state = TaskState(self.topology, self.sub, 0, self.state_dir if copy else None)
+        await state.restore(self.log, committed)
+        return state
+
+
+@pytest.fixture
+async def restores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Restores]:
+    """Small restore chunks, snapshot parts and fold threshold, so that a few hundred records
+    cross every boundary."""
+    monkeypatch.setattr(task_state, "_RESTORE_CHUNK", 37)
+    monkeypatch.setattr(local_module, "_PART", 7)
+    monkeypatch.setattr(local_module, "_FOLD_AT", 12)
+    log = EmbeddedLog(tmp_path / "log")
+    made = Restores(tmp_path, log)
+    await prepare_topics(log, made.topology)
+    try:
+        yield made
+    finally:
+        await log.close()
+
+
+async def test_a_restore_with_local_copies_equals_the_committed_changelog(
+    restores: Restores,
+) -> None:
+    """Into memory; as a fresh worker (an empty state directory: it writes its copy); from that
+    copy alone (nothing to replay); from the copy and a tail of the changelog."""
+    await restores.write(60)
+    committed = {tp: 60 for tp in INPUTS}
+    expected = reference(restores.changelog, committed)
+    assert len(expected) > 0
+
+    into_memory = await restores.restored(committed, copy=False)
+    assert dict(into_memory.stores["count"].items()) == expected
+    into_memory.close()
+    fresh = await restores.restored(committed, copy=True)
+    assert fresh.restored > 0
+    assert dict(fresh.stores["count"].items()) == expected
+    fresh.close()
+
+    again = await restores.restored(committed, copy=True)
+    assert again.restored == 0
+    assert dict(again.stores["count"].items()) == expected
+    again.close()
+
+    await restores.write(30)
+    tail = await restores.restored(committed, copy=True)
+    assert 0 < tail.restored < sum(len(b) for _, b in restores.changelog)
+    assert dict(tail.stores["count"].items()) == reference(restores.changelog, committed)
+    tail.close()
+
+
+async def test_checkpoints_after_a_snapshot_keep_the_copy_exact(
+    restores: Restores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints of the owner that wrote the snapshot: its deletes become tombstones, and
+    enough of them fold into a new snapshot; the next owner restores the same state."""
+    snapshots: list[int] = []
+    write_snapshot = LocalStore._write_snapshot
+
+    def counted(local: LocalStore, entries: Mapping[bytes, bytes]) -> None:
+        snapshots.append(len(entries))
+        write_snapshot(local, entries)
+
+    monkeypatch.setattr(LocalStore, "_write_snapshot", counted)
+    await restores.write(60)
+    committed = {tp: 60 for tp in INPUTS}
+    owner = await restores.restored(committed, copy=True)
+    assert snapshots == [len(reference(restores.changelog, committed))]  # (the marks: empty)
+    store = owner.stores["count"]
+    for round_ in range(10):
+        for key in restores.rng.sample(KEYS, 10):
+            if store.get(key) is None:
+                store.put(key, round_)
+            else:
+                store.delete(key)
+        owner.flush(restores.outbox, committed)
+        await restores.outbox.send()
+        await owner.persist(restores.log)
+    expected = dict(store.items())
+    owner.close()
+    assert len(snapshots) > 1  # folded
+    following = await restores.restored(committed, copy=True)
+    assert following.restored == 0
+    assert dict(following.stores["count"].items()) == expected
+    following.close()
+
+
+# -- the local copy ----------------------------------------------------------------------------
+
+
+def test_a_snapshot_with_rows_and_tombstones_on_top_round_trips(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local_module, "_PART", 3)
+    monkeypatch.setattr(local_module, "_FOLD_AT", 6)
+    path = tmp_path / "s" / "0.sqlite"
+    local = LocalStore(path)
+    assert local.load() == ({}, 0)
+    state = {encode_key(f"k{n}"): b"%d" % n for n in range(6)}
+    local.replace(state, 4)
+    assert local.load() == (state, 4)
+
+    def save(changes: list[tuple[bytes, bytes | None]], offset: int) -> None:
+        keys, values = [k for k, _ in changes], [v for _, v in changes]
+        local.save(RawBatch(list(keys), values, [0] * len(keys)), offset)
+        for key, value in changes:
+            if value is None:
+                state.pop(key, None)
+            else:
+                state[key] = value
+
+    # a key deleted then set again (two checkpoints accumulated): the last change counts
+    save([(b'"k1"', None), (b'"k2"', b"22"), (b'"k1"', b"11"), (b'"k3"', None)], 5)
+    save([(b'"new"', b"1"), (b'"k4"', None), (b'"k5"', None)], 6)
+    local.close()
+    local = LocalStore(path)
+    assert local.load() == (state, 6)
+    rows = local._db.execute("select count(*) from changed").fetchone()[0]
+    assert rows == 6  # k1, k2, new set; k3, k4, k5 tombstones over the snapshot
+    save([(b'"k0"', None), (b'"new"', None), (b'"k2"', None)], 7)  # 6 tombstones: a fold
+    assert local._db.execute("select count(*) from changed").fetchone()[0] == 0
+    assert local.load() == (state, 7)
+    local.close()
+
+
+def test_without_a_snapshot_a_delete_removes_the_row(tmp_path: Path) -> None:
+    local = LocalStore(tmp_path / "0.sqlite")
+    local.save(RawBatch([b'"a"', b'"b"'], [b"1", b"2"], [0, 0]), 2)
+    local.save(RawBatch([b'"a"'], [None], [0]), 3)
+    assert local.load() == ({b'"b"': b"2"}, 3)
+    assert local._db.execute("select count(*) from changed").fetchone()[0] == 1
+    local.close()
+
+
+_KILLED_WHILE_REPLACING = """
+import os, signal, sys
+from pathlib import Path
+from pipelines.state import local
+
+copy = local.LocalStore(Path(sys.argv[1]))
+if sys.argv[2] == "old":
+    copy.replace({b'"old"': b"1"}, 5)
+local._PART = 100
+packed = local._pack
+
+def dying(entries):
+    for number, part in enumerate(packed(entries)):
+        if number == 300:  # ~3 MB of parts written, more than SQLite's page cache holds
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield part
+
+local._pack = dying
+copy.replace({b'"k%d"' % n: b"x" * 100 for n in range(50_000)}, 9)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before", ["old", "fresh"])
+def test_a_copy_killed_while_being_replaced_is_not_trusted(tmp_path: Path, before: str) -> None:
+    path = tmp_path / "0.sqlite"
+    child = subprocess.run(
+        [sys.executable, "-c", _KILLED_WHILE_REPLACING, str(path), before],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    wal = path.with_name(path.name + "-wal")
+    assert wal.stat().st_size > 1 << 20  # the unfinished snapshot reached the file
+    local = LocalStore(path)
+    expected = ({b'"old"': b"1"}, 5) if before == "old" else ({}, 0)
+    assert local.load() == expected
+    local.close()
+
+
+# -- copies of older versions (a row per entry in ``kv``, the offset as ``changelog``) ---------
+
+_OLDER_SCHEMA = """
+create table if not exists kv (k blob primary key, v blob not null) without rowid;
+create table if not exists meta (name text primary key, value integer not null);
+"""
+
+
+def older_version_writes(path: Path, entries: dict[bytes, bytes], offset: int) -> None:
+    """What an older version's restore leaves: every entry a row, and the offset."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(_OLDER_SCHEMA)
+    db.execute("begin")
+    db.executemany("insert or replace into kv values (?, ?)", entries.items())
+    db.execute("insert or replace into meta values ('changelog', ?)", (offset,))
+    db.execute("commit")
+    db.close()
+
+
+def older_version_loads(path: Path) -> tuple[dict[bytes, bytes], int]:
+    db = sqlite3.connect(path, isolation_level=None)
+    db.executescript(_OLDER_SCHEMA)
+    row = db.execute("select value from meta where name = 'changelog'").fetchone()
+    loaded = ({}, 0) if row is None else (dict(db.execute("select k, v from kv")), int(row[0]))
+    db.close()
+    return loaded
+
+
+def test_a_copy_of_an_older_version_is_taken_over(tmp_path: Path) -> None:
+    path = tmp_path / "0.sqlite"
+    older_version_writes(path, {b'"a"': b"1", b'"b"': b"2"}, 7)
+    local = LocalStore(path)
+    assert local.load() == ({b'"a"': b"1", b'"b"': b"2"}, 7)
+    local.save(RawBatch([b'"a"'], [None], [0]), 8)
+    assert local.load() == ({b'"b"': b"2"}, 8)
+    local.close()
+
+
+def test_an_older_version_does_not_trust_a_copy_of_this_one_and_back(tmp_path: Path) -> None:
+    """A downgrade restores from the changelog and writes its own rows; the upgrade after it
+    takes those, not the snapshot from before."""
+    path = tmp_path / "0.sqlite"
+    local = LocalStore(path)
+    local.replace({b'"a"': b"1", b'"b"': b"2"}, 7)
+    local.save(RawBatch([b'"b"', b'"c"'], [None, b"3"], [0, 0]), 8)
+    local.close()
+    assert older_version_loads(path) == ({}, 0)
+    older_version_writes(path, {b'"a"': b"5"}, 9)  # (the older version's restore)
+    local = LocalStore(path)
+    assert local.load() == ({b'"a"': b"5"}, 9)
+    local.close()
