@@ -161,9 +161,10 @@ def _file_name(tp: TopicPartition) -> str:
     return f"{tp.topic}.{tp.partition}"
 
 
-def _try_lock(path: Path) -> int | None:
-    """An fd holding an exclusive lock on ``path``, or None if another holder has it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def _try_lock(path: Path, *, create: bool = True) -> int | None:
+    """An fd holding an exclusive lock on ``path`` (created if missing and ``create``, else
+    :class:`FileNotFoundError`), or None if another holder has it."""
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -557,15 +558,21 @@ class EmbeddedLog(LocalLog):
 
     def _recover(self, path: Path) -> None:
         try:
-            fd = _try_lock(path)
+            fd = _try_lock(path, create=False)  # (creating it would leave an empty commit)
         except FileNotFoundError:
             return  # its writer just finished
         if fd is None:
             return  # its writer is alive and applying it
         try:
-            if path.exists():
-                self._apply(read_commit(path))
+            if not path.exists():
+                return  # its writer finished while this waited for the lock
+            if path.stat().st_size == 0:
+                # never a commit (those are renamed into place whole): the empty file an earlier
+                # version's recovery created when a commit went between listing and locking
                 path.unlink()
+                return
+            self._apply(read_commit(path))
+            path.unlink()
         finally:
             os.close(fd)
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support.logs import numbered
 
 from pipelines.errors import CorruptLogError
 from pipelines.log._local import GroupConsumer
@@ -200,7 +201,7 @@ def children() -> Iterator[Callable[..., Child]]:
         child.stop()
 
 
-async def read_all(log: EmbeddedLog, tp: TopicPartition, chunk: int = 333) -> RawBatch:
+async def read_partition(log: EmbeddedLog, tp: TopicPartition, chunk: int = 333) -> RawBatch:
     """Every record of ``tp``, checking that offsets run on without gaps."""
     records = RawBatch([], [], [])
     offset = 0
@@ -214,11 +215,6 @@ async def read_all(log: EmbeddedLog, tp: TopicPartition, chunk: int = 333) -> Ra
         records.values.extend(fetched.records.values)
         records.timestamps.extend(fetched.records.timestamps)
         offset = fetched.next_offset
-
-
-def numbered(start: int, count: int) -> RawBatch:
-    numbers = range(start, start + count)
-    return RawBatch([b"k%d" % n for n in numbers], [b"%d" % n for n in numbers], list(numbers))
 
 
 def assert_numbered(records: RawBatch, count: int) -> None:
@@ -256,7 +252,7 @@ async def test_acknowledged_records_survive_kill_9_of_the_writer(
     ends = await log.end_offsets(tps)
     for tp in tps:
         assert ends[tp] >= acknowledged[tp.partition]  # maybe one more batch, never fewer
-        assert_numbered(await read_all(log, tp), ends[tp])
+        assert_numbered(await read_partition(log, tp), ends[tp])
 
     # the log takes appends again right where it ends (a torn tail, if any, is cut)
     producer = log.producer()
@@ -266,7 +262,7 @@ async def test_acknowledged_records_survive_kill_9_of_the_writer(
     await log.close()
     reopened = EmbeddedLog(tmp_path)
     for tp in tps:
-        assert_numbered(await read_all(reopened, tp), ends[tp] + 5)
+        assert_numbered(await read_partition(reopened, tp), ends[tp] + 5)
     await reopened.close()
 
 
@@ -301,7 +297,7 @@ async def test_a_torn_tail_is_invisible_and_cut_by_the_next_append(
     producer = first.producer()
     for start, count in ((0, 3), (3, 4), (7, 5)):
         await producer.send("t", 0, numbered(start, count))
-    assert_numbered(await read_all(first, tp), 12)  # `first` has indexed the intact frames
+    assert_numbered(await read_partition(first, tp), 12)  # `first` has indexed the intact frames
 
     path = tmp_path / "topics" / "t" / "0.log"
     intact_size = path.stat().st_size
@@ -312,9 +308,9 @@ async def test_a_torn_tail_is_invisible_and_cut_by_the_next_append(
 
     reader = EmbeddedLog(tmp_path)
     assert await reader.end_offsets([tp]) == {tp: 12}
-    assert_numbered(await read_all(reader, tp), 12)
+    assert_numbered(await read_partition(reader, tp), 12)
     assert await first.end_offsets([tp]) == {tp: 12}
-    assert_numbered(await read_all(first, tp), 12)
+    assert_numbered(await read_partition(first, tp), 12)
     assert path.stat().st_size == intact_size + len(torn)  # readers leave the file alone
 
     writer = EmbeddedLog(tmp_path)
@@ -322,7 +318,7 @@ async def test_a_torn_tail_is_invisible_and_cut_by_the_next_append(
     assert path.stat().st_size == intact_size + len(encode_frame(12, numbered(12, 2)))
     for log in (writer, reader, first, EmbeddedLog(tmp_path)):
         assert await log.end_offsets([tp]) == {tp: 14}
-        assert_numbered(await read_all(log, tp), 14)
+        assert_numbered(await read_partition(log, tp), 14)
         await log.close()
 
 
@@ -388,7 +384,7 @@ async def test_two_processes_append_to_one_partition(
         return 1 + (batch * 31 + writer * 17) % 150
 
     log = EmbeddedLog(tmp_path)
-    records = await read_all(log, TopicPartition("shared", 0), chunk=1000)
+    records = await read_partition(log, TopicPartition("shared", 0), chunk=1000)
     expected = sum(size(w, b) for w in (1, 2) for b in range(batches))
     assert len(records) == expected
     # every batch is there once, whole and in order, and each writer's batches in its order
@@ -594,3 +590,26 @@ async def test_damage_below_the_acknowledged_end_is_never_cut(tmp_path: Path, da
     assert str(path) in str(caught.value)
     assert "Nothing is cut" in str(caught.value)
     assert path.read_bytes() == damaged
+
+
+async def test_a_commit_applied_between_listing_and_locking_is_left_alone(
+    tmp_path: Path,
+) -> None:
+    """A recovery lists a group's pending commits, and one of them is applied and removed by
+    its writer before the recovery locks it: the recovery must skip it, not create an empty
+    commit file in its place (which every later recovery failed to read, so workers that
+    claimed the group's partitions crashed over and over). An empty commit file left by that
+    is removed."""
+    log = EmbeddedLog(tmp_path)
+    await log.create_topics([TopicSpec("out", 1)])
+    commits = tmp_path / "groups" / "g" / "commits"
+    commits.mkdir(parents=True)
+    gone = commits / f"{7:016x}-1.commit"  # listed, then applied and removed by its writer
+    log._recover(gone)
+    assert not gone.exists()
+    assert os.listdir(commits) == []
+
+    (commits / f"{8:016x}-1.commit").touch()  # what that left behind before
+    log.recover_transactions("g")
+    assert os.listdir(commits) == []
+    assert await log.end_offsets([TopicPartition("out", 0)]) == {TopicPartition("out", 0): 0}
