@@ -31,6 +31,10 @@ out of a step in the middle of the pipeline can be looked at: ``result.inspect("
 per topic name, serialised with the topic's serdes and placed on the partition of their key.
 That is how a table a ``join_table`` reads is there in full before the first record of the
 stream: ``run_pipeline(p, inputs={...}, topics={"customers": [("c1", {...})]})``.
+
+An operator of your own (a subclass of :class:`operators.Operator`) is tested on its own with
+:class:`OperatorHarness`: batches in, the watermark moved by hand, its state checkpointed and
+restored in a fresh operator, and what it emitted, rejected and found late kept for the test.
 """
 
 from __future__ import annotations
@@ -41,25 +45,37 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from html import escape
 from typing import Any
 
 from connectors.memory import Collect
 from connectors.memory import Iterable as IterableSource
-from pipelines.errors import PipelineDefinitionError
-from pipelines.log.base import RawBatch, TopicPartition
+from operators.base import Operator
+from pipelines.batch import Batch
+from pipelines.errors import ErrorPolicy, PipelineDefinitionError, RecordError
+from pipelines.log.base import FetchedBatch, RawBatch, TopicPartition
 from pipelines.log.memory import MemoryLog
 from pipelines.partitioner import partition_for
 from pipelines.pipeline import OUT, Pipeline, Port, Step
-from pipelines.record import Record, from_millis
+from pipelines.record import Record, from_millis, to_millis
 from pipelines.runtime.deadletters import Group, summary
 from pipelines.runtime.engine import prepare_topics
 from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.topology import Topology, compile_pipeline
-from pipelines.runtime.watermarks import split_markers
+from pipelines.runtime.watermarks import END_OF_TIME, split_markers
+from pipelines.state.store import KeyValueStore
+from pipelines.state.table import TableStore
 from pipelines.topic import Topic
 
-__all__ = ["TestResult", "run_pipeline", "run_pipeline_async"]
+__all__ = [
+    "Checkpoint",
+    "OperatorHarness",
+    "Rejection",
+    "TestResult",
+    "run_pipeline",
+    "run_pipeline_async",
+]
 
 
 @dataclass(slots=True)
@@ -144,10 +160,11 @@ class TestResult:
         return list(self._sink(sink_step).records)
 
     def inspect(self, step_id: str, port: str | None = None) -> list[Record]:
-        """The records that flowed out of step ``step_id`` (of its ``port``: a branch has
-        ``"matched"``, the default, and ``"rest"``), when the run was asked to inspect it."""
-        if port is None:
-            port = OUT if (step_id, OUT) in self.inspected else "matched"
+        """The records that flowed out of step ``step_id`` (of its output ``port``: the first
+        it declares by default; a branch has ``"matched"`` and ``"rest"``), when the run was
+        asked to inspect it."""
+        if port is None:  # the inspected outputs of a step are kept in their declared order
+            port = next((p for s, p in self.inspected if s == step_id), OUT)
         try:
             return list(self.inspected[(step_id, port)].records)
         except KeyError:
@@ -299,7 +316,7 @@ def _taps(pipeline: Pipeline, inspect: Iterable[str] | bool) -> dict[Port, Step]
                 f"step {name!r} is a sink: result.values({name!r}) has what it received",
                 step=name,
             )
-        for port in ("matched", "rest") if step.kind == "branch" else (OUT,):
+        for port in step.outputs:
             taps[(name, port)] = Step(
                 f"{name}.inspect.{port}", "sink", inputs=((name, port),), sink=Collect()
             )
@@ -467,3 +484,270 @@ class _OnItsOwnLoop:
         if interrupted:
             outcome.stopped_by = "interrupt"
         return outcome
+
+
+# -- one operator, by hand -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A record an operator rejected, and why (see :attr:`OperatorHarness.rejected`)."""
+
+    record: Record
+    error: RecordError
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """What a task keeps of one operator at a checkpoint: its state's changelog up to there,
+    the input positions it reflects and the watermark the operator was last told. A harness
+    built with ``checkpoint=`` starts from it, as the next owner of a partition does."""
+
+    changelog: tuple[RawBatch, ...]
+    positions: Mapping[TopicPartition, int]
+    watermark: int | None
+
+
+class _HarnessContext:
+    """The :class:`~operators.base.StepContext` an :class:`OperatorHarness` gives its operator:
+    it keeps what the operator rejects, sends late and observes."""
+
+    __slots__ = ("_harness", "partition", "step_id", "store")
+
+    def __init__(
+        self, harness: OperatorHarness, step_id: str, partition: int, store: KeyValueStore
+    ) -> None:
+        self._harness = harness
+        self.step_id = step_id
+        self.partition = partition
+        self.store = store
+
+    @property
+    def table(self) -> TableStore:
+        raise RuntimeError(
+            f"step {self.step_id!r} has no table: the runtime prepares one for a join_table only"
+        )
+
+    def reject(self, batch: Batch, index: int, error: RecordError) -> None:
+        self._harness.rejected.append(Rejection(batch.record(index), error))
+        if self._harness.error_policy is ErrorPolicy.FAIL:
+            raise error
+
+    def late(self, batch: Batch, index: int) -> None:
+        self._harness.late.append(batch.record(index))
+
+    def observe(self, batch: Batch) -> None:
+        self._harness._observed(batch.timestamps)
+
+
+class OperatorHarness:
+    """One operator (a subclass of :class:`operators.Operator`) driven by hand, in a step
+    context as the runtime gives it for one partition: keyed state (:attr:`store`), records it
+    rejects and late records kept for the test (:attr:`rejected`, :attr:`late`), and what it
+    emits kept in order (:attr:`emitted`)::
+
+        harness = OperatorHarness(lambda: MyOperator("mine"))
+        out = harness.send([{"n": 1}, {"n": 2}], keys=["a", "b"], timestamps=[1000, 2000])
+        harness.advance(5000)  # the watermark: what the operator emits as time passes
+        assert [r.value for r in harness.emitted] == [...]
+
+    ``send`` gives the operator one batch (``send_records`` a batch of
+    :class:`~pipelines.record.Record`, ``send_batch`` a :class:`~pipelines.batch.Batch`), read
+    from ``topic`` at the next offsets, and returns the batch it passes on by its first output.
+    An operator with several inputs (:class:`operators.Ports`) is given a batch on the one
+    ``input=`` names (by name or number); :meth:`output` has what left by any output.
+    ``advance(mark)`` tells it the watermark moved (only forward: a mark at or below the last
+    does nothing, as in the runtime); without a mark, to the largest event time it has seen
+    (what the runtime's watermark is for one input partition); ``finish()`` tells it the input
+    ended.
+
+    ``checkpoint()`` is what a checkpoint keeps (the state's changes, the input positions, the
+    watermark); ``OperatorHarness(factory, checkpoint=saved)`` restores it in a fresh operator,
+    as the worker taking over after a crash does: what the operator did after the checkpoint is
+    lost and its input comes again.
+
+    Under ``error_policy=ErrorPolicy.FAIL`` a rejection raises its error out of ``send``, as
+    it stops a run; under the others it is kept in :attr:`rejected` only. ``store=`` gives the
+    operator a store of the test's own (a subclass that counts reads, say) instead of a fresh
+    :class:`~pipelines.state.store.KeyValueStore`.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    def __init__(
+        self,
+        operator: Operator | Callable[[], Operator],
+        *,
+        topic: str = "input",
+        partition: int = 0,
+        error_policy: ErrorPolicy = ErrorPolicy.DEAD_LETTER,
+        checkpoint: Checkpoint | None = None,
+        store: KeyValueStore | None = None,
+    ) -> None:
+        self.operator = operator if isinstance(operator, Operator) else operator()
+        self.topic = topic
+        self.partition = partition
+        self.error_policy = ErrorPolicy(error_policy)
+        self.rejected: list[Rejection] = []
+        """Every record the operator rejected (its error policy routes it), with the error."""
+        self.late: list[Record] = []
+        """Every record the operator sent to its late-data topic."""
+        self.watermark: int | None = None
+        """The event-time mark the operator was last told (ms), None before the first."""
+        self._outputs: dict[str, list[Record]] = {n: [] for n in self.operator.ports.outputs}
+        step_id = self.operator.step_id
+        store = KeyValueStore(step_id, partition) if store is None else store
+        self._ctx = _HarnessContext(self, step_id, partition, store)
+        self._positions: dict[TopicPartition, int] = {}
+        self._changelog: list[RawBatch] = []
+        self._high: int | None = None  # the largest event time the operator has seen
+        self._stamps_observed = False  # the operator sets event times (ctx.observe)
+        if checkpoint is not None:
+            self._changelog = list(checkpoint.changelog)
+            self._positions = dict(checkpoint.positions)
+            committed = {f"{tp.topic}/{tp.partition}": o for tp, o in self._positions.items()}
+            for changes in self._changelog:
+                self._ctx.store.apply(changes, committed)
+        self.operator.open(self._ctx)
+        if checkpoint is not None and checkpoint.watermark is not None:
+            self.advance(checkpoint.watermark)  # as a restored task tells its steps
+
+    @property
+    def store(self) -> KeyValueStore:
+        """The operator's keyed state on this partition."""
+        return self._ctx.store
+
+    @property
+    def pending(self) -> int:
+        """Results the operator holds until time passes (open windows)."""
+        return self.operator.pending
+
+    @property
+    def emitted(self) -> list[Record]:
+        """Every record the operator passed on by its first output, in order: from batches
+        and as time passed."""
+        return self._outputs[self.operator.ports.outputs[0]]
+
+    def output(self, name: str) -> list[Record]:
+        """Every record the operator passed on by its output ``name``, in order."""
+        if name not in self._outputs:
+            raise KeyError(f"{name!r} is no output of the operator: {list(self._outputs)}")
+        return self._outputs[name]
+
+    def send(
+        self,
+        values: Iterable[Any],
+        *,
+        keys: Iterable[Any] | None = None,
+        timestamps: Iterable[int | datetime] | None = None,
+        input: int | str = 0,
+    ) -> Batch:
+        """One batch of ``values`` (with ``keys``, and event times in ms or as datetimes; by
+        default no keys and time 0) through the operator; the batch it passes on."""
+        values = list(values)
+        count = len(values)
+        keys = [None] * count if keys is None else list(keys)
+        stamps = [0] * count if timestamps is None else [_millis(t) for t in timestamps]
+        if not len(keys) == len(stamps) == count:
+            raise ValueError(
+                f"{count} values, {len(keys)} keys and {len(stamps)} timestamps: give one each"
+            )
+        index = self._input(input)
+        return self.send_batch(self._batch(keys, values, stamps, index), input=index)
+
+    def send_records(self, records: Iterable[Record], *, input: int | str = 0) -> Batch:
+        """One batch of ``records`` (their keys, values and event times) through the operator;
+        the batch it passes on."""
+        records = list(records)
+        return self.send(
+            [r.value for r in records],
+            keys=[r.key for r in records],
+            timestamps=[r.timestamp for r in records],
+            input=input,
+        )
+
+    def send_batch(self, batch: Batch, *, input: int | str = 0) -> Batch:
+        """``batch`` through the operator, as the runtime calls it; the batch it passes on."""
+        index = self._input(input)
+        if batch.timestamps:
+            self._seen(batch.timestamps)
+        outs = self.operator.process_ports(index, batch)
+        for name, out in zip(self.operator.ports.outputs, outs, strict=True):
+            self._outputs[name] += out.records()
+        return outs[0]
+
+    def advance(self, mark: int | datetime | None = None) -> Batch:
+        """Tell the operator every input has reached event time ``mark`` (by default the
+        largest it has seen); what that lets it emit. Nothing happens unless the mark moves
+        forward."""
+        if mark is None:
+            if self._high is None:
+                raise ValueError("no event time seen yet: give the mark")
+            mark = self._high
+        millis = _millis(mark)
+        if self.watermark is not None and millis <= self.watermark:
+            return self._empty()
+        self.watermark = millis
+        out = self.operator.on_watermark(millis, self._empty())
+        self.emitted.extend(out.records())
+        return out
+
+    def finish(self) -> Batch:
+        """Tell the operator its input ended (every open window closes); what it emits."""
+        return self.advance(END_OF_TIME)
+
+    def checkpoint(self) -> Checkpoint:
+        """What a checkpoint now keeps: the state's changes so far, the positions after the
+        records sent and the watermark."""
+        changes = self.store.changes(self._positions, now_ms=0)
+        if changes is not None:
+            self._changelog.append(changes)
+        return Checkpoint(tuple(self._changelog), dict(self._positions), self.watermark)
+
+    def close(self) -> None:
+        """Close the operator, as its task ends."""
+        self.operator.close()
+
+    def _input(self, input: int | str) -> int:
+        """The number of the operator's input ``input`` (a name or a number)."""
+        inputs = self.operator.ports.inputs
+        if isinstance(input, str):
+            if input in inputs:
+                return inputs.index(input)
+        elif 0 <= input < len(inputs):
+            return input
+        raise ValueError(
+            f"input {input!r}: {type(self.operator).__name__} has inputs {list(inputs)}"
+        )
+
+    def _batch(self, keys: list[Any], values: list[Any], stamps: list[int], index: int) -> Batch:
+        """A batch read at the next offsets of input ``index`` (input 0 reads ``topic``, the
+        others ``<topic>-<index>``)."""
+        tp = TopicPartition(f"{self.topic}-{index}" if index else self.topic, self.partition)
+        first = self._positions.get(tp, 0)
+        count = len(values)
+        self._positions[tp] = first + count
+        raw = RawBatch([None] * count, [None] * count, stamps)
+        offsets = list(range(first, first + count))
+        fetched = FetchedBatch(tp.topic, tp.partition, raw, offsets, first + count)
+        return Batch(keys, values, stamps, list(range(count)), fetched)
+
+    def _empty(self) -> Batch:
+        nothing = FetchedBatch(self.topic, self.partition, RawBatch([], [], []), [], -1)
+        return Batch([], [], [], [], nothing)
+
+    def _seen(self, stamps: list[int]) -> None:
+        """Event times read with the records (unless the operator sets its own)."""
+        if not self._stamps_observed:
+            self._high = max([*stamps, *([] if self._high is None else [self._high])])
+
+    def _observed(self, stamps: list[int]) -> None:
+        """Event times the operator set (``ctx.observe``): they are what moves the mark."""
+        if not self._stamps_observed:
+            self._stamps_observed, self._high = True, None
+        if stamps:
+            self._high = max([*stamps, *([] if self._high is None else [self._high])])
+
+
+def _millis(when: int | datetime) -> int:
+    return when if isinstance(when, int) else to_millis(when)

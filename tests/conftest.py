@@ -15,6 +15,11 @@ takes the profile loaded when it is declared as its parent):
   examples for the tests that do not set their own.
 
 A test's own ``@settings(max_examples=...)`` overrides the profile's example count in both.
+
+The fixtures of the test servers are plugins of every directory: the Kafka broker's
+(tests/support/kafka.py) and the PostgreSQL server's (tests/support/postgres.py). ``tests/`` is
+on the path (pyproject.toml's ``pythonpath``): tests import what they share from the
+``support`` package.
 """
 
 import os
@@ -28,6 +33,4 @@ settings.register_profile(
 settings.register_profile("dev", deadline=None, print_blob=True, max_examples=500)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-
-# the Kafka broker's fixtures, for every directory whose tests use it
-from kafka_support import kafka, kafka_names, pytest_runtest_makereport  # noqa: E402, F401
+pytest_plugins = ["support.kafka", "support.postgres"]

@@ -23,8 +23,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_support import clean_env
-from postgres_support import postgres_url
+from support.cli import clean_env
+from support.postgres import postgres_url
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"

@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Callable
 from importlib.metadata import version
@@ -16,11 +15,9 @@ from pathlib import Path
 
 import orjson
 import pytest
-from cli_support import assert_user_error, headwater
+from support.cli import TIMEOUT, assert_user_error, headwater, write_module
 
 from pipelines.runtime.runlock import run_lock
-
-TIMEOUT = 60.0
 
 GOOD_MODULE = """
 import connectors
@@ -53,12 +50,6 @@ END_OF_TIME = 1 << 62  # the mark of an end-of-time marker (pipelines.runtime.wa
 LETTERS_ON_THE_LOG = 31 + 3
 
 
-def write(path: Path, source: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(textwrap.dedent(source))
-    return path
-
-
 # -- headwater run: loading the module -------------------------------------------------------
 
 
@@ -76,7 +67,7 @@ def test_a_directory_instead_of_a_module(tmp_path: Path) -> None:
 
 
 def test_a_module_with_a_syntax_error(tmp_path: Path) -> None:
-    write(
+    write_module(
         tmp_path / "broken.py",
         """
         from pipelines import Pipeline
@@ -111,7 +102,7 @@ pipeline = (
 
 @pytest.mark.parametrize("spelled", ["relative", "absolute"])
 def test_a_module_that_raises_on_import(tmp_path: Path, spelled: str) -> None:
-    module = write(tmp_path / "jobs" / "raises.py", RAISES)
+    module = write_module(tmp_path / "jobs" / "raises.py", RAISES)
     spec = "jobs/raises.py" if spelled == "relative" else str(module)
     result = headwater("run", spec, cwd=tmp_path)
     # the innermost line of the module that raised: `return SETTINGS[name]`
@@ -119,7 +110,7 @@ def test_a_module_that_raises_on_import(tmp_path: Path, spelled: str) -> None:
 
 
 def test_a_module_that_imports_a_missing_package(tmp_path: Path) -> None:
-    write(tmp_path / "needs.py", "import no_such_package_anywhere\n")
+    write_module(tmp_path / "needs.py", "import no_such_package_anywhere\n")
     result = headwater("run", "needs.py", cwd=tmp_path)
     assert_user_error(result, "ModuleNotFoundError", "no_such_package_anywhere")
 
@@ -128,8 +119,8 @@ def test_a_module_that_imports_a_missing_package(tmp_path: Path) -> None:
 def test_a_module_named_by_its_dotted_name(tmp_path: Path, spec: str) -> None:
     """A module name is imported from the working directory (or the installed packages), by
     the runner and by each of its workers."""
-    write(tmp_path / "jobs" / "__init__.py", "")
-    write(tmp_path / "jobs" / "letters.py", GOOD_MODULE)
+    write_module(tmp_path / "jobs" / "__init__.py", "")
+    write_module(tmp_path / "jobs" / "letters.py", GOOD_MODULE)
     result = headwater("run", spec, "--workers", "2", "--data-dir", "log", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "headwater: letters finished" in result.stderr
@@ -146,8 +137,8 @@ def test_an_unknown_module_name(tmp_path: Path) -> None:
 
 
 def test_a_module_name_whose_module_raises_on_import(tmp_path: Path) -> None:
-    write(tmp_path / "jobs" / "__init__.py", "")
-    write(tmp_path / "jobs" / "raises.py", RAISES)
+    write_module(tmp_path / "jobs" / "__init__.py", "")
+    write_module(tmp_path / "jobs" / "raises.py", RAISES)
     result = headwater("run", "jobs.raises", cwd=tmp_path)
     assert_user_error(result, "importing jobs.raises failed at line 9", "KeyError: 'topic'")
 
@@ -159,13 +150,13 @@ def test_version(tmp_path: Path) -> None:
 
 
 def test_a_missing_attribute(tmp_path: Path) -> None:
-    write(tmp_path / "letters.py", GOOD_MODULE)
+    write_module(tmp_path / "letters.py", GOOD_MODULE)
     result = headwater("run", "letters.py:pipelin", cwd=tmp_path)
     assert_user_error(result, "has no attribute 'pipelin'", "its pipelines are: pipeline")
 
 
 def test_an_attribute_that_is_not_a_pipeline(tmp_path: Path) -> None:
-    write(tmp_path / "letters.py", GOOD_MODULE)
+    write_module(tmp_path / "letters.py", GOOD_MODULE)
     result = headwater("run", "letters.py:LETTERS", cwd=tmp_path)
     assert_user_error(result, "letters.py:LETTERS is a list, not a Pipeline")
 
@@ -193,19 +184,19 @@ def needs_an_argument(config):
 def test_an_attribute_whose_factory_fails(tmp_path: Path, attribute: str, needle: str) -> None:
     """``module.py:attribute`` may name a function returning the pipeline; when calling it
     fails, that is a user error like any other failure to load."""
-    write(tmp_path / "factories.py", FACTORIES)
+    write_module(tmp_path / "factories.py", FACTORIES)
     result = headwater("run", f"factories.py:{attribute}", cwd=tmp_path)
     assert_user_error(result, attribute, needle)
 
 
 def test_a_module_without_a_pipeline(tmp_path: Path) -> None:
-    write(tmp_path / "empty.py", "from pipelines import Pipeline\nNAME = 'x'\n")
+    write_module(tmp_path / "empty.py", "from pipelines import Pipeline\nNAME = 'x'\n")
     result = headwater("run", "empty.py", cwd=tmp_path)
     assert_user_error(result, "empty.py defines no Pipeline", "pipeline = Pipeline(")
 
 
 def test_a_module_with_several_pipelines(tmp_path: Path) -> None:
-    write(
+    write_module(
         tmp_path / "two.py",
         """
         import connectors
@@ -224,7 +215,7 @@ def test_a_module_with_several_pipelines(tmp_path: Path) -> None:
 
 
 def test_a_module_with_an_invalid_pipeline(tmp_path: Path) -> None:
-    write(
+    write_module(
         tmp_path / "dup.py",
         """
         import connectors
@@ -248,7 +239,7 @@ def test_a_module_with_an_invalid_pipeline(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("workers", ["0", "-2"])
 def test_workers_must_be_positive(tmp_path: Path, workers: str) -> None:
-    write(tmp_path / "letters.py", GOOD_MODULE)
+    write_module(tmp_path / "letters.py", GOOD_MODULE)
     result = headwater("run", "letters.py", "--workers", workers, cwd=tmp_path)
     assert_user_error(result, f"--workers must be at least 1, not {workers}")
     assert not (tmp_path / ".headwater" / "topics" / "letters").exists()
@@ -294,14 +285,14 @@ def test_an_unreadable_input_file(
     tmp_path: Path, make: Callable[[Path], tuple[str, list[str]]], workers: str
 ) -> None:
     path, needles = make(tmp_path)
-    write(tmp_path / "lines.py", JSONLINES.format(path=path))
+    write_module(tmp_path / "lines.py", JSONLINES.format(path=path))
     result = headwater("run", "lines.py", "--workers", workers, "--no-progress", cwd=tmp_path)
     assert_user_error(result, "JsonLines source", *needles, "step 'lines'")
 
 
 def test_an_unreadable_input_file_with_progress_shown(tmp_path: Path) -> None:
     """With progress on (the default), the error is still one paragraph, and the last thing."""
-    write(tmp_path / "lines.py", JSONLINES.format(path="missing.jsonl"))
+    write_module(tmp_path / "lines.py", JSONLINES.format(path="missing.jsonl"))
     result = headwater("run", "lines.py", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -311,10 +302,10 @@ def test_an_unreadable_input_file_with_progress_shown(tmp_path: Path) -> None:
 
 
 def test_a_topic_redeclared_with_other_partitions(tmp_path: Path) -> None:
-    write(tmp_path / "letters.py", GOOD_MODULE)
+    write_module(tmp_path / "letters.py", GOOD_MODULE)
     first = headwater("run", "letters.py", "--no-progress", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    write(tmp_path / "letters.py", GOOD_MODULE.replace("partitions=3", "partitions=4"))
+    write_module(tmp_path / "letters.py", GOOD_MODULE.replace("partitions=3", "partitions=4"))
     result = headwater("run", "letters.py", "--no-progress", cwd=tmp_path)
     assert_user_error(result, "topic 'letters' exists", "3 partitions, not 4")
 
@@ -326,7 +317,7 @@ def test_a_topic_redeclared_with_other_partitions(tmp_path: Path) -> None:
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory where ``headwater run letters.py`` has run to the end (default data dir)."""
     directory = tmp_path_factory.mktemp("cli-run")
-    write(directory / "letters.py", GOOD_MODULE)
+    write_module(directory / "letters.py", GOOD_MODULE)
     result = headwater("run", "letters.py", "--workers", "2", cwd=directory)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
@@ -476,7 +467,7 @@ def test_topics_without_a_log(tmp_path: Path) -> None:
 
 
 def test_run_on_the_memory_backend(tmp_path: Path) -> None:
-    write(tmp_path / "letters.py", GOOD_MODULE)
+    write_module(tmp_path / "letters.py", GOOD_MODULE)
     result = headwater("run", "letters.py", "--backend", "memory", "--workers", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "letters: 31 in, 30 out, 1 to dead letters" in result.stderr
@@ -503,7 +494,7 @@ pipeline = (
 
 
 def test_a_crashing_worker_is_restarted_up_to_the_limit(tmp_path: Path) -> None:
-    write(tmp_path / "crash.py", CRASHING)
+    write_module(tmp_path / "crash.py", CRASHING)
     result = headwater("run", "crash.py", "--max-restarts", "2", "--no-progress", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
@@ -514,7 +505,7 @@ def test_a_crashing_worker_is_restarted_up_to_the_limit(tmp_path: Path) -> None:
 
 
 def test_without_restarts_a_crashing_worker_ends_the_run(tmp_path: Path) -> None:
-    write(tmp_path / "crash.py", CRASHING)
+    write_module(tmp_path / "crash.py", CRASHING)
     result = headwater("run", "crash.py", "--restart", "never", "--no-progress", cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
@@ -537,7 +528,7 @@ pipeline = (
 
 
 def test_a_second_runner_of_a_running_pipeline_is_refused(tmp_path: Path) -> None:
-    write(tmp_path / "tail.py", FOLLOWING)
+    write_module(tmp_path / "tail.py", FOLLOWING)
     (tmp_path / "in.jsonl").write_text('{"n": 1}\n')
     lock = tmp_path / ".headwater" / "runs" / "tail.lock"
     first = subprocess.Popen(
@@ -579,7 +570,7 @@ def test_a_second_runner_of_a_running_pipeline_is_refused(tmp_path: Path) -> Non
 def test_a_damaged_committed_offset_stops_the_run(
     tmp_path: Path, content: bytes, needles: list[str]
 ) -> None:
-    write(tmp_path / "letters.py", GOOD_MODULE)
+    write_module(tmp_path / "letters.py", GOOD_MODULE)
     assert headwater("run", "letters.py", "--no-progress", cwd=tmp_path).returncode == 0
     offsets = tmp_path / ".headwater" / "groups" / "letters" / "offsets" / "letters.0"
     assert int(offsets.read_bytes()) > 0
@@ -596,7 +587,7 @@ def test_a_damaged_committed_offset_stops_the_run(
 
 
 def test_a_second_run_says_its_source_found_nothing_new(tmp_path: Path) -> None:
-    write(tmp_path / "letters.py", GOOD_MODULE)
+    write_module(tmp_path / "letters.py", GOOD_MODULE)
     first = headwater("run", "letters.py", "--no-progress", "--data-dir", "log", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "  source letters: 31 records written" in first.stderr
@@ -633,7 +624,7 @@ pipeline = (
 
 def typo_module(tmp_path: Path, *, every: int = 1, setting: str = "") -> Path:
     """2,000 orders; ``total`` misspells a field for every ``every``-th (KeyError, line 9)."""
-    return write(tmp_path / "typo.py", TYPO.format(every=every, setting=setting))
+    return write_module(tmp_path / "typo.py", TYPO.format(every=every, setting=setting))
 
 
 @pytest.mark.parametrize("backend", ["embedded", "memory"])
@@ -699,7 +690,7 @@ def test_the_dead_letter_limit_is_a_share(tmp_path: Path, ratio: str) -> None:
 
 
 def test_the_summary_says_how_long_the_run_took_and_how_fast_it_read(tmp_path: Path) -> None:
-    write(tmp_path / "letters.py", GOOD_MODULE)
+    write_module(tmp_path / "letters.py", GOOD_MODULE)
     result = headwater("run", "letters.py", "--no-progress", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     line = r"^  took ([\d.,]+) s: ([\d,]+) records read from the log, ([\d,]+) records/s$"

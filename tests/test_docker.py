@@ -22,6 +22,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from support.kafka import KAFKA_BOOTSTRAP
 
 import connectors
 from pipelines import Pipeline, Topic
@@ -35,7 +36,6 @@ from pipelines.runtime.worker import WorkerReport
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKER = ROOT / "docker"
-KAFKA = os.environ.get("HEADWATER_TEST_KAFKA", "127.0.0.1:9092")
 
 
 def compose() -> dict[str, object]:
@@ -155,7 +155,7 @@ def test_the_compose_service_computes_the_same_report_every_time_it_is_brought_u
     command = command.replace(
         "--metrics-port 9464 --metrics-host 0.0.0.0", f"--metrics-port {port}"
     )
-    env = {**service["environment"], "HEADWATER_BOOTSTRAP_SERVERS": KAFKA}
+    env = {**service["environment"], "HEADWATER_BOOTSTRAP_SERVERS": KAFKA_BOOTSTRAP}
     reports = []
     for up in ("first", "second"):
         context = build_context(tmp_path / up)  # each `up` is a new container

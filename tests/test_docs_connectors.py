@@ -7,25 +7,20 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shlex
 import sqlite3
 from collections import Counter
 from pathlib import Path
 
-from cli_support import headwater
-from postgres_support import execute, postgres_url, query
+from support.cli import headwater
+from support.docs import DOCS, code_blocks
+from support.postgres import execute, postgres_url, query
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "connectors.md"
-
-
-def blocks(language: str) -> list[str]:
-    text = DOC.read_text()
-    return re.findall(rf"^```{language}\n(.*?)^```", text, re.MULTILINE | re.DOTALL)
+DOC = DOCS / "connectors.md"
 
 
-def write_module(directory: Path) -> None:
-    (directory / "shop.py").write_text("\n\n".join(blocks("python")))
+def write_shop_module(directory: Path) -> None:
+    (directory / "shop.py").write_text("\n\n".join(code_blocks(DOC, "python")))
 
 
 def add_orders(db: Path, first_id: int, count: int) -> list[tuple[int, str, int]]:
@@ -42,12 +37,12 @@ def add_orders(db: Path, first_id: int, count: int) -> list[tuple[int, str, int]
     return orders
 
 
-def totals(db: Path) -> dict[str, int]:
+def sqlite_totals(db: Path) -> dict[str, int]:
     with sqlite3.connect(db) as connection:
         return dict(connection.execute("SELECT key, value FROM totals"))
 
 
-def reference(orders: list[tuple[int, str, int]]) -> dict[str, int]:
+def summed_amounts(orders: list[tuple[int, str, int]]) -> dict[str, int]:
     summed: Counter[str] = Counter()
     for _, customer, amount in orders:
         summed[customer] += amount
@@ -55,24 +50,24 @@ def reference(orders: list[tuple[int, str, int]]) -> dict[str, int]:
 
 
 def test_the_sqlite_source_and_sink_of_the_page_sum_the_orders(tmp_path: Path) -> None:
-    write_module(tmp_path)
-    (command,) = (line for block in blocks("bash") for line in block.splitlines())
+    write_shop_module(tmp_path)
+    (command,) = (line for block in code_blocks(DOC, "bash") for line in block.splitlines())
     args = shlex.split(command, comments=True)
     assert args[:2] == ["headwater", "run"]
     orders = add_orders(tmp_path / "shop.db", 1, 1500)
     done = headwater(*args[1:], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "source orders: 1,500 records written" in done.stderr
-    assert totals(tmp_path / "shop.db") == reference(orders)
+    assert sqlite_totals(tmp_path / "shop.db") == summed_amounts(orders)
     orders += add_orders(tmp_path / "shop.db", 1501, 200)
     again = headwater(*args[1:], cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     assert "source orders: 200 records written" in again.stderr
-    assert totals(tmp_path / "shop.db") == reference(orders)
+    assert sqlite_totals(tmp_path / "shop.db") == summed_amounts(orders)
 
 
 def test_the_postgres_example_counts_each_pages_views(tmp_path: Path) -> None:
-    write_module(tmp_path)
+    write_shop_module(tmp_path)
     rng = random.Random(7)
     pages = [f"/p/{rng.randint(1, 12)}" for _ in range(2000)]
     (tmp_path / "clicks.jsonl").write_text("".join(json.dumps({"page": p}) + "\n" for p in pages))
@@ -88,7 +83,7 @@ def test_the_postgres_example_counts_each_pages_views(tmp_path: Path) -> None:
 
 
 def test_the_postgres_source_example_sums_each_customers_orders(tmp_path: Path) -> None:
-    write_module(tmp_path)
+    write_shop_module(tmp_path)
     rng = random.Random(11)
     orders = [(i, f"c{rng.randint(1, 9)}", rng.randint(100, 99_999) / 100) for i in range(1, 801)]
     execute("DROP TABLE IF EXISTS shop_orders; DROP TABLE IF EXISTS customer_totals")

@@ -14,17 +14,16 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import random
-import re
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import orjson
 import pytest
 from faust.serializers import codecs
+from support.docs import DOCS, code_blocks
 
 from pipelines.log.base import RawBatch, TopicPartition
 from pipelines.log.memory import MemoryLog
@@ -34,28 +33,24 @@ from pipelines.runtime.topology import compile_pipeline
 from pipelines.runtime.watermarks import split_markers
 from pipelines.topic import Topic
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "from-faust.md"
+DOC = DOCS / "from-faust.md"
 PARTITIONS = 3
 MINUTE = 60.0
-
-
-def blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", DOC.read_text(), re.MULTILINE | re.DOTALL)
 
 
 @pytest.fixture(scope="module")
 def faust_app() -> dict[str, Any]:
     """The namespace of the page's Faust app, declared."""
     namespace: dict[str, Any] = {"__name__": "faust_shop"}
-    exec(compile("\n\n".join(blocks("py")), f"{DOC.name} (py)", "exec"), namespace)
+    exec(compile("\n\n".join(code_blocks(DOC, "py")), f"{DOC.name} (py)", "exec"), namespace)
     return namespace
 
 
 @pytest.fixture(scope="module")
-def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
+def shop_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
     """The page's Headwater blocks as one imported module."""
     path = tmp_path_factory.mktemp("from-faust") / "from_faust_shop.py"
-    path.write_text("\n\n".join(blocks("python")))
+    path.write_text("\n\n".join(code_blocks(DOC, "python")))
     spec = importlib.util.spec_from_file_location("from_faust_shop", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -65,7 +60,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ModuleType]:
     del sys.modules[spec.name]
 
 
-def make_orders() -> list[dict[str, Any]]:
+def make_shop_orders() -> list[dict[str, Any]]:
     rng = random.Random(5)
     customers = ["ana", "bob", "Zoë", "李", "eve"]
     return [
@@ -79,13 +74,13 @@ def window(ts: float) -> tuple[float, float]:
     return start, start + MINUTE - 0.1
 
 
-def minute_changes(orders: list[dict[str, Any]]) -> list[tuple[str, tuple[float, float], Any]]:
+def minute_changes(shop_orders: list[dict[str, Any]]) -> list[tuple[str, tuple[float, float], Any]]:
     """What a windowed Faust table of orders per customer per minute writes to its changelog:
     counts in two minutes per customer, the older one updated last (a late order), and a third,
     older minute expiring (a tombstone)."""
     changes: list[tuple[str, tuple[float, float], Any]] = []
-    for customer in sorted({o["customer"] for o in orders}):
-        n = sum(o["customer"] == customer for o in orders)
+    for customer in sorted({o["customer"] for o in shop_orders}):
+        n = sum(o["customer"] == customer for o in shop_orders)
         changes += [
             (customer, window(1000.0), 1),
             (customer, window(1100.0), n),
@@ -124,7 +119,7 @@ Written = dict[str, list[tuple[bytes | None, bytes | None]]]
 
 
 async def run_the_pages_pipelines(
-    faust_app: dict[str, Any], shop: ModuleType, orders: list[dict[str, Any]]
+    faust_app: dict[str, Any], shop_module: ModuleType, shop_orders: list[dict[str, Any]]
 ) -> Written:
     """Put on a memory log what the Faust app would have written, run the page's pipelines on
     it, and give what they wrote."""
@@ -132,45 +127,50 @@ async def run_the_pages_pipelines(
     faust_order = faust_app["Order"]
     await put(
         log,
-        shop.orders,
-        [(o["id"].encode(), faust_order(**o).dumps(serializer="json"), p(o["id"])) for o in orders],
+        shop_module.orders,
+        [
+            (o["id"].encode(), faust_order(**o).dumps(serializer="json"), p(o["id"]))
+            for o in shop_orders
+        ],
     )
     # a table change goes to the partition of the group_by record: its customer's raw text
     await put(
         log,
-        shop.customer_totals,
+        shop_module.customer_totals,
         [
             (codecs.dumps("json", c), codecs.dumps("json", t), p(c))
-            for c, t in totals_of(orders).items()
+            for c, t in totals_of(shop_orders).items()
         ],
     )
     await put(
         log,
-        shop.minutes,
+        shop_module.minutes,
         [
             (codecs.dumps("json", (c, w)), None if n is None else codecs.dumps("json", n), p(c))
-            for c, w, n in minute_changes(orders)
+            for c, w, n in minute_changes(shop_orders)
         ],
     )
-    for pipeline in (shop.large_orders, shop.totals, shop.enriched):
+    for pipeline in (shop_module.large_orders, shop_module.totals, shop_module.enriched):
         await run_in_process(compile_pipeline(pipeline), log)
     outputs = ("large-orders", "customer-totals", "enriched-orders")
     return {name: await contents(log, name) for name in outputs}
 
 
 @pytest.fixture(scope="module")
-def orders() -> list[dict[str, Any]]:
-    return make_orders()
+def shop_orders() -> list[dict[str, Any]]:
+    return make_shop_orders()
 
 
 @pytest.fixture(scope="module")
-def written(faust_app: dict[str, Any], shop: ModuleType, orders: list[dict[str, Any]]) -> Written:
-    return asyncio.run(run_the_pages_pipelines(faust_app, shop, orders))
+def written(
+    faust_app: dict[str, Any], shop_module: ModuleType, shop_orders: list[dict[str, Any]]
+) -> Written:
+    return asyncio.run(run_the_pages_pipelines(faust_app, shop_module, shop_orders))
 
 
-def totals_of(orders: list[dict[str, Any]]) -> dict[str, float]:
+def totals_of(shop_orders: list[dict[str, Any]]) -> dict[str, float]:
     totals: dict[str, float] = defaultdict(float)
-    for o in orders:
+    for o in shop_orders:
         totals[o["customer"]] += o["amount"]
     return totals
 
@@ -185,28 +185,30 @@ def test_the_pages_faust_app_is_a_faust_app(faust_app: dict[str, Any]) -> None:
 
 
 def test_large_orders_are_faust_records_the_faust_app_reads(
-    written: Written, faust_app: dict[str, Any], orders: list[dict[str, Any]]
+    written: Written, faust_app: dict[str, Any], shop_orders: list[dict[str, Any]]
 ) -> None:
     large = written["large-orders"]
     assert all(value and b'"__faust":{"ns":"shop.Order"}' in value for _, value in large)
     read = [faust_app["Order"].loads(value, serializer="json") for _, value in large]
     assert sorted((o.id, o.customer, o.amount) for o in read) == sorted(
-        (o["id"], o["customer"], o["amount"]) for o in orders if o["amount"] > 100
+        (o["id"], o["customer"], o["amount"]) for o in shop_orders if o["amount"] > 100
     )
 
 
-def test_totals_end_at_each_customers_sum(written: Written, orders: list[dict[str, Any]]) -> None:
+def test_totals_end_at_each_customers_sum(
+    written: Written, shop_orders: list[dict[str, Any]]
+) -> None:
     latest = {key: orjson.loads(value) for key, value in written["customer-totals"] if value}
-    expected = totals_of(orders)
+    expected = totals_of(shop_orders)
     assert latest.keys() == {c.encode() for c in expected}
     assert all(abs(latest[c.encode()] - t) < 1e-6 for c, t in expected.items())
 
 
 def test_enriched_orders_join_the_faust_tables(
-    written: Written, shop: ModuleType, orders: list[dict[str, Any]]
+    written: Written, shop_module: ModuleType, shop_orders: list[dict[str, Any]]
 ) -> None:
-    totals = totals_of(orders)
-    counts = Counter(o["customer"] for o in orders)
+    totals = totals_of(shop_orders)
+    counts = Counter(o["customer"] for o in shop_orders)
     found = sorted(
         (orjson.loads(value) for _, value in written["enriched-orders"] if value),
         key=lambda row: row["id"],
@@ -219,9 +221,9 @@ def test_enriched_orders_join_the_faust_tables(
                 "orders_this_minute": counts[o["customer"]],  # the latest minute's count
                 "minute_start": window(1100.0)[0],
             }
-            for o in orders
+            for o in shop_orders
         ),
         key=lambda row: row["id"],
     )
     assert found == expected
-    compile_pipeline(shop.per_minute)  # declared as well
+    compile_pipeline(shop_module.per_minute)  # declared as well

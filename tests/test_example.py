@@ -80,7 +80,7 @@ def _minute(ts: datetime) -> str:
 
 
 @dataclass
-class Reference:
+class ClickstreamReference:
     """What the pipeline must produce from ``lines``, computed without Headwater."""
 
     lines: list[bytes]
@@ -104,9 +104,9 @@ class Reference:
         assert counted.total() + late == self.views.total()
 
 
-def reference(path: Path) -> Reference:
+def clickstream_reference(path: Path) -> ClickstreamReference:
     lines = [line for line in path.read_bytes().split(b"\n") if line]
-    ref = Reference(lines, Counter(), Counter(), Counter(), Counter())
+    ref = ClickstreamReference(lines, Counter(), Counter(), Counter(), Counter())
     newest: datetime | None = None
     for line in lines:
         click = _click(line)
@@ -154,7 +154,7 @@ def sink_rows(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
 
 
-def counted(rows: list[dict[str, Any]]) -> Counter[PageMinute]:
+def page_minute_counts(rows: list[dict[str, Any]]) -> Counter[PageMinute]:
     """The page-minute counts of the minutes file (each page-minute once: checked)."""
     found = Counter({(r["page"], r["minute"]): r["views"] for r in rows})
     assert len(found) == len(rows), "a window was emitted more than once"
@@ -209,7 +209,7 @@ def parse_report(stdout: str) -> PrintedReport:
     )
 
 
-def check_report(printed: PrintedReport, ref: Reference) -> None:
+def check_report(printed: PrintedReport, ref: ClickstreamReference) -> None:
     """The report's tables are the reference's (its rows are ones no late click can change:
     checked), and its counts within the reference's bounds."""
     assert busiest_minutes(ref.views) == busiest_minutes(ref.certain)
@@ -225,7 +225,7 @@ def check_report(printed: PrintedReport, ref: Reference) -> None:
 # -- running it ------------------------------------------------------------------------------
 
 
-def _run(
+def _python(
     args: list[str], cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -259,7 +259,7 @@ class Workspace:
         return self.directory / ".hw"
 
     def generate(self) -> None:
-        generated = _run(
+        generated = _python(
             [str(EXAMPLE / "generate.py"), "--events", str(EVENTS), "--out", str(self.clicks)],
             self.directory,
         )
@@ -268,14 +268,14 @@ class Workspace:
 
     def headwater_run(self) -> subprocess.CompletedProcess[str]:
         """``headwater run`` of the example module with 2 workers, on this directory."""
-        return _run(
+        return _python(
             ["-m", "pipelines.cli", "run", MODULE, "--workers", "2", "--data-dir", ".hw"],
             self.directory,
             env={"CLICKS_INPUT": str(self.clicks), "CLICKS_OUTPUT": str(self.out)},
         )
 
     def report(self) -> subprocess.CompletedProcess[str]:
-        return _run([str(EXAMPLE / "report.py"), "out", "--data-dir", ".hw"], self.directory)
+        return _python([str(EXAMPLE / "report.py"), "out", "--data-dir", ".hw"], self.directory)
 
 
 @dataclass(frozen=True)
@@ -283,18 +283,20 @@ class ExampleRun(Workspace):
     """A workspace after one ``headwater run``: what it printed, and the reference."""
 
     result: subprocess.CompletedProcess[str]
-    ref: Reference
+    ref: ClickstreamReference
 
 
 @pytest.fixture(scope="module")
 def example_run(tmp_path_factory: pytest.TempPathFactory) -> ExampleRun:
     workspace = Workspace(tmp_path_factory.mktemp("clickstream"))
     workspace.generate()
-    return ExampleRun(workspace.directory, workspace.headwater_run(), reference(workspace.clicks))
+    return ExampleRun(
+        workspace.directory, workspace.headwater_run(), clickstream_reference(workspace.clicks)
+    )
 
 
 @dataclass
-class Contents:
+class TopicRecords:
     """What a topic holds: its data records, and apart from them its watermark markers."""
 
     records: list[Record]
@@ -302,12 +304,12 @@ class Contents:
     """The (partition, writer, mark) of each marker, partition by partition."""
 
 
-def _read_topic(data_dir: Path, name: str) -> Contents:
-    async def read() -> Contents:
+def _read_records(data_dir: Path, name: str) -> TopicRecords:
+    async def read() -> TopicRecords:
         log = EmbeddedLog(data_dir)
         try:
             spec = (await log.describe_topics())[name]
-            found = Contents([], [])
+            found = TopicRecords([], [])
             for partition in range(spec.partitions):
                 fetched = await log.read(TopicPartition(name, partition), 0, 1 << 30)
                 data, markers = split_markers(fetched)
@@ -357,7 +359,7 @@ def test_the_generator_is_deterministic_and_shaped_as_documented(tmp_path: Path)
         workspace.directory.mkdir()
         workspace.generate()
     assert one.clicks.read_bytes() == two.clicks.read_bytes()
-    ref = reference(one.clicks)
+    ref = clickstream_reference(one.clicks)
     assert len(ref.lines) == EVENTS
     # both kinds of bad line
     malformed = [line for line in ref.bad if not _is_json(line)]
@@ -420,12 +422,12 @@ def test_headwater_run_counts_each_page_minute_once_within_the_bounds(
     result, ref = example_run.result, example_run.ref
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    minutes = counted(sink_rows(example_run.out / "page-minutes.jsonl"))
+    minutes = page_minute_counts(sink_rows(example_run.out / "page-minutes.jsonl"))
     _, windows, late = _step_counts(result.stderr, "views-per-minute")
     ref.check_counts(minutes, late)
     assert windows == len(minutes)
     assert late == len(
-        _read_topic(example_run.data_dir, "clickstream.views-per-minute.late").records
+        _read_records(example_run.data_dir, "clickstream.views-per-minute.late").records
     )
     # the summary adds up
     valid = EVENTS - ref.bad.total()
@@ -440,9 +442,9 @@ def test_headwater_run_counts_each_page_minute_once_within_the_bounds(
 @pytest.mark.slow
 def test_running_totals_add_up_each_pages_minutes(example_run: ExampleRun) -> None:
     assert example_run.result.returncode == 0, example_run.result.stderr
-    minutes = counted(sink_rows(example_run.out / "page-minutes.jsonl"))
+    minutes = page_minute_counts(sink_rows(example_run.out / "page-minutes.jsonl"))
     totals = sink_rows(example_run.out / "page-totals.jsonl")
-    assert counted(totals).keys() == minutes.keys()
+    assert page_minute_counts(totals).keys() == minutes.keys()
     so_far: Counter[str] = Counter()
     for page, minute in sorted(minutes):
         so_far[page] += minutes[(page, minute)]
@@ -459,7 +461,7 @@ def test_running_totals_add_up_each_pages_minutes(example_run: ExampleRun) -> No
 @pytest.mark.slow
 def test_each_page_is_read_from_one_partition(example_run: ExampleRun) -> None:
     assert example_run.result.returncode == 0, example_run.result.stderr
-    clicks = _read_topic(example_run.data_dir, "clicks")
+    clicks = _read_records(example_run.data_dir, "clicks")
     assert Counter(r.value for r in clicks.records) == Counter(example_run.ref.lines)
     for record in clicks.records:
         click = _click(record.value)
@@ -473,13 +475,13 @@ def test_each_page_is_read_from_one_partition(example_run: ExampleRun) -> None:
 @pytest.mark.slow
 def test_dead_letters_hold_exactly_the_bad_lines(example_run: ExampleRun) -> None:
     assert example_run.result.returncode == 0, example_run.result.stderr
-    dead_letters = _read_topic(example_run.data_dir, "clickstream.dead-letters")
+    dead_letters = _read_records(example_run.data_dir, "clickstream.dead-letters")
     assert not dead_letters.markers
     dead = dead_letters.records
     assert Counter(r.value for r in dead) == example_run.ref.bad
     clicks = {
         (r.partition, r.offset): r.value
-        for r in _read_topic(example_run.data_dir, "clicks").records
+        for r in _read_records(example_run.data_dir, "clicks").records
     }
     for record in dead:
         headers = {name: value.decode() for name, value in record.headers}
@@ -503,7 +505,7 @@ def test_dead_letters_hold_exactly_the_bad_lines(example_run: ExampleRun) -> Non
 @pytest.mark.slow
 def test_the_late_topic_holds_only_clicks_beyond_the_bound(example_run: ExampleRun) -> None:
     assert example_run.result.returncode == 0, example_run.result.stderr
-    late = _read_topic(example_run.data_dir, "clickstream.views-per-minute.late").records
+    late = _read_records(example_run.data_dir, "clickstream.views-per-minute.late").records
     assert not Counter(r.value for r in late) - example_run.ref.beyond_lines
     for record in late:
         assert dict(record.headers)["headwater.late"] == b"views-per-minute"
@@ -526,7 +528,7 @@ def test_report_prints_the_reference_tables(example_run: ExampleRun) -> None:
 
 
 def test_report_without_output_says_what_to_do(tmp_path: Path) -> None:
-    report = _run([str(EXAMPLE / "report.py"), str(tmp_path / "nothing")], tmp_path)
+    report = _python([str(EXAMPLE / "report.py"), str(tmp_path / "nothing")], tmp_path)
     assert report.returncode == 1
     assert "run `python3 examples/clickstream/generate.py && headwater run " in report.stderr
     assert "Traceback" not in report.stderr
@@ -613,7 +615,7 @@ def test_the_readme_first_command_works_in_a_fresh_virtualenv(tmp_path: Path) ->
     assert "Traceback" not in ran.stderr
     assert "clickstream finished" in ran.stderr
     printed = parse_report(ran.stdout)
-    check_report(printed, reference(repo / "data" / "clicks.jsonl"))
+    check_report(printed, clickstream_reference(repo / "data" / "clicks.jsonl"))
     # ... as README shows it, but for the two lines the late clicks' timing could change
     timed = (0, next(i for i, line in enumerate(printed.lines) if "clicks came after" in line))
     sample = readme_sample()
@@ -635,10 +637,10 @@ def _import_example(monkeypatch: pytest.MonkeyPatch, clicks: Path, out: Path) ->
 def test_in_memory_run_gives_the_reference(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     workspace = Workspace(tmp_path)
     workspace.generate()
-    ref = reference(workspace.clicks)
+    ref = clickstream_reference(workspace.clicks)
     example = _import_example(monkeypatch, workspace.clicks, workspace.out)
     result = run_pipeline(example.pipeline, workers=2)
-    minutes = counted(result.values("page-minutes-file"))
+    minutes = page_minute_counts(result.values("page-minutes-file"))
     late = result.topic("clickstream.views-per-minute.late")
     ref.check_counts(minutes, len(late))
     assert not Counter(r.value for r in late) - ref.beyond_lines

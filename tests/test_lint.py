@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(*command: str) -> subprocess.CompletedProcess[str]:
+def python_module(*command: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", *command],
         cwd=ROOT,
@@ -23,15 +23,15 @@ def run(*command: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_mypy_strict_finds_nothing() -> None:
-    done = run("mypy")
+    done = python_module("mypy")
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_ruff_finds_nothing() -> None:
-    done = run("ruff", "check", ".")
+    done = python_module("ruff", "check", ".")
     assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_ruff_format_changes_nothing() -> None:
-    done = run("ruff", "format", "--check", ".")
+    done = python_module("ruff", "format", "--check", ".")
     assert done.returncode == 0, done.stdout + done.stderr

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_support import clean_env
+from support.cli import clean_env
 
 
 @pytest.mark.parametrize("name", ["operators", "connectors"])

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from pydantic import BaseModel
+from support.values import PageClick, from_values
 
 from connectors.memory import Collect, Iterable
 from connectors.topic import LogTopic
@@ -16,24 +16,15 @@ from pipelines.runtime.topology import compile_pipeline
 from pipelines.serde import Bytes, Json, Model, Str
 
 
-class Click(BaseModel):
-    user: str
-    url: str
-
-
 def _identity(value: Any) -> Any:
     return value
-
-
-def started(partitions: int = 1, *, topic: str = "in", name: str = "p") -> Pipeline:
-    return Pipeline(name).source(Iterable([1, 2, 3]), into=Topic(topic, partitions=partitions))
 
 
 # -- immutability and the shape of the chain ------------------------------------------------
 
 
 def test_adding_a_step_returns_a_new_pipeline_and_leaves_the_original_unchanged() -> None:
-    base = started()
+    base = from_values()
     steps_before = base.steps
     tail_before = base.tail
 
@@ -49,7 +40,7 @@ def test_adding_a_step_returns_a_new_pipeline_and_leaves_the_original_unchanged(
 
 
 def test_two_extensions_of_one_pipeline_do_not_see_each_other() -> None:
-    base = started()
+    base = from_values()
     left = base.map("left", _identity)
     right = base.filter("right", bool)
 
@@ -61,7 +52,7 @@ def test_two_extensions_of_one_pipeline_do_not_see_each_other() -> None:
 
 def test_chain_links_each_step_to_the_previous_tail() -> None:
     pipeline = (
-        started()
+        from_values()
         .map("m", _identity)
         .filter("f", bool)
         .flat_map("fm", lambda v: [v])
@@ -90,14 +81,14 @@ def test_chain_links_each_step_to_the_previous_tail() -> None:
 
 
 def test_a_sink_does_not_move_the_tail_so_a_stream_can_feed_several_sinks() -> None:
-    pipeline = started().map("m", _identity).sink(Collect(), step_id="one")
+    pipeline = from_values().map("m", _identity).sink(Collect(), step_id="one")
     assert pipeline.tail == ("m", "out")
     both = pipeline.sink(Collect(), step_id="two")
     assert both.step("one").inputs == both.step("two").inputs == (("m", "out"),)
 
 
 def test_sink_step_ids_default_to_the_connector_or_topic_name() -> None:
-    pipeline = started().sink(Collect()).sink(LogTopic(Topic("out")))
+    pipeline = from_values().sink(Collect()).sink(LogTopic(Topic("out")))
     assert [s.step_id for s in pipeline.steps] == ["in", "sink.collect", "to.out"]
     assert pipeline.step("to.out").topic is not None
     assert pipeline.step("to.out").topic.name == "out"
@@ -105,7 +96,7 @@ def test_sink_step_ids_default_to_the_connector_or_topic_name() -> None:
 
 def test_step_lookup_of_an_unknown_id_raises_key_error() -> None:
     with pytest.raises(KeyError):
-        started().step("nope")
+        from_values().step("nope")
 
 
 def test_error_policy_is_kept_along_the_chain_and_on_error_is_stored_per_step() -> None:
@@ -125,7 +116,7 @@ def test_error_policy_is_kept_along_the_chain_and_on_error_is_stored_per_step() 
 
 
 def test_duplicate_step_id_raises_naming_the_step() -> None:
-    pipeline = started().map("enrich", _identity)
+    pipeline = from_values().map("enrich", _identity)
     with pytest.raises(PipelineDefinitionError, match="used twice") as caught:
         pipeline.filter("enrich", bool)
     assert caught.value.step == "enrich"
@@ -135,7 +126,7 @@ def test_duplicate_step_id_raises_naming_the_step() -> None:
 
 def test_operator_reusing_the_source_step_id_is_a_duplicate() -> None:
     with pytest.raises(PipelineDefinitionError, match="used twice") as caught:
-        started(topic="clicks").map("clicks", _identity)
+        from_values(topic="clicks").map("clicks", _identity)
     assert caught.value.step == "clicks"
 
 
@@ -156,7 +147,7 @@ BAD_IDS = [
 @pytest.mark.parametrize("bad", BAD_IDS)
 def test_bad_step_ids_are_refused(bad: str) -> None:
     with pytest.raises(PipelineDefinitionError, match="step id") as caught:
-        started().map(bad, _identity)
+        from_values().map(bad, _identity)
     assert caught.value.step == bad
 
 
@@ -183,7 +174,7 @@ def test_topic_partitions_must_be_a_positive_int(bad: Any) -> None:
 @pytest.mark.parametrize("good", ["a", "A", "9", "a.b_c-D", "x" * 100])
 def test_good_step_ids_and_pipeline_names_are_accepted(good: str) -> None:
     assert Pipeline(good).name == good
-    assert started().map(good, _identity).steps[-1].step_id == good
+    assert from_values().map(good, _identity).steps[-1].step_id == good
 
 
 OPERATORS: dict[str, Callable[[Pipeline, str, Any], Pipeline]] = {
@@ -208,7 +199,7 @@ def test_sink_and_merge_before_a_source_are_refused() -> None:
         Pipeline("p").sink(Collect(), step_id="out")
     assert caught.value.step == "out"
     with pytest.raises(PipelineDefinitionError, match="no input") as caught:
-        Pipeline("p").merge("mg", started())
+        Pipeline("p").merge("mg", from_values())
     assert caught.value.step == "mg"
 
 
@@ -216,7 +207,7 @@ def test_sink_and_merge_before_a_source_are_refused() -> None:
 @pytest.mark.parametrize("not_a_function", [42, "v * 2", None])
 def test_non_callable_function_is_refused(method: str, not_a_function: object) -> None:
     with pytest.raises(PipelineDefinitionError, match="needs a function") as caught:
-        OPERATORS[method](started(), "step", not_a_function)
+        OPERATORS[method](from_values(), "step", not_a_function)
     assert caught.value.step == "step"
     assert type(not_a_function).__name__ in str(caught.value)
 
@@ -252,7 +243,7 @@ def test_log_topic_source_reads_its_own_topic() -> None:
 @pytest.mark.parametrize("not_a_sink", [[], print, "stdout", Collect])
 def test_sink_with_something_that_is_not_a_sink_is_refused(not_a_sink: object) -> None:
     with pytest.raises(PipelineDefinitionError, match="needs a connectors Sink or LogTopic") as e:
-        started().sink(not_a_sink)  # type: ignore[arg-type]
+        from_values().sink(not_a_sink)  # type: ignore[arg-type]
     assert type(not_a_sink).__name__ in str(e.value)
 
 
@@ -262,7 +253,7 @@ def test_sink_with_something_that_is_not_a_sink_is_refused(not_a_sink: object) -
         lambda matched: None,
         lambda matched: "a pipeline",
         lambda matched: Pipeline("p"),
-        lambda matched: started().map("x", _identity),
+        lambda matched: from_values().map("x", _identity),
     ],
     ids=["none", "string", "new-pipeline", "unrelated-chain"],
 )
@@ -270,13 +261,13 @@ def test_branch_then_must_return_the_pipeline_it_was_given(
     then: Callable[[Pipeline], Any],
 ) -> None:
     with pytest.raises(PipelineDefinitionError, match="then= must return") as caught:
-        started().branch("split", bool, then=then)
+        from_values().branch("split", bool, then=then)
     assert caught.value.step == "split"
 
 
 def test_branch_wires_matched_into_then_and_continues_with_the_rest() -> None:
     pipeline = (
-        started()
+        from_values()
         .branch("split", lambda v: v > 1, then=lambda m: m.map("big", _identity))
         .map("small", _identity)
     )
@@ -287,8 +278,8 @@ def test_branch_wires_matched_into_then_and_continues_with_the_rest() -> None:
 
 
 def test_merge_of_pipelines_with_different_names_is_refused() -> None:
-    ours = started(name="p")
-    theirs = started(name="q", topic="other")
+    ours = from_values(name="p")
+    theirs = from_values(name="q", topic="other")
     with pytest.raises(PipelineDefinitionError, match="cannot merge") as caught:
         ours.merge("mg", theirs)
     assert caught.value.step == "mg"
@@ -305,7 +296,7 @@ def test_merge_of_chains_whose_step_ids_mean_different_steps_is_refused() -> Non
 
 
 def test_merge_joins_tails_and_keeps_shared_steps_once() -> None:
-    base = started()
+    base = from_values()
     left = base.map("left", _identity)
     right = base.map("right", _identity)
     merged = left.merge("mg", right)
@@ -320,7 +311,7 @@ def test_merge_joins_tails_and_keeps_shared_steps_once() -> None:
 def test_key_by_creates_the_repartition_topic_named_after_pipeline_and_step() -> None:
     pipeline = (
         Pipeline("clicks")
-        .source(Iterable([]), into=Topic("raw", partitions=4, value=Click))
+        .source(Iterable([]), into=Topic("raw", partitions=4, value=PageClick))
         .key_by("by-user", lambda c: c.user)
     )
     topic = pipeline.step("by-user").topic
@@ -328,12 +319,12 @@ def test_key_by_creates_the_repartition_topic_named_after_pipeline_and_step() ->
     assert topic.name == "clicks.by-user"
     assert topic.partitions == 4
     assert isinstance(topic.value_serde, Model)
-    assert topic.value_serde.model is Click
+    assert topic.value_serde.model is PageClick
     assert isinstance(topic.key_serde, Str)
 
 
 def test_key_by_partitions_and_key_serde_can_be_given() -> None:
-    pipeline = started(partitions=4).key_by("k", _identity, partitions=7, key=bytes)
+    pipeline = from_values(partitions=4).key_by("k", _identity, partitions=7, key=bytes)
     topic = pipeline.step("k").topic
     assert topic is not None
     assert topic.partitions == 7
@@ -342,7 +333,7 @@ def test_key_by_partitions_and_key_serde_can_be_given() -> None:
 
 
 def test_key_by_defaults_to_the_largest_topic_feeding_a_merge() -> None:
-    small = started(partitions=2, topic="small")
+    small = from_values(partitions=2, topic="small")
     large = small.source(Iterable([]), into=Topic("large", partitions=6))
     merged = small.merge("mg", large).key_by("k", str)  # declared only: not compiled
     topic = merged.step("k").topic
@@ -351,12 +342,12 @@ def test_key_by_defaults_to_the_largest_topic_feeding_a_merge() -> None:
 
 
 def _independent_chains() -> Pipeline:
-    big = started(partitions=8, topic="big").sink(Collect(), step_id="big-out")
+    big = from_values(partitions=8, topic="big").sink(Collect(), step_id="big-out")
     return big.source(Iterable([]), into=Topic("small", partitions=2)).key_by("k", str)
 
 
 def _key_by_after_key_by() -> Pipeline:
-    return started(partitions=8).key_by("first", str, partitions=2).key_by("k", str)
+    return from_values(partitions=8).key_by("first", str, partitions=2).key_by("k", str)
 
 
 @pytest.mark.parametrize(
@@ -382,7 +373,7 @@ def test_pipeline_without_source_does_not_compile() -> None:
 
 
 def test_merge_of_topics_with_different_partition_counts_is_refused_at_compile_time() -> None:
-    two = started(partitions=2, topic="two")
+    two = from_values(partitions=2, topic="two")
     three = two.source(Iterable([]), into=Topic("three", partitions=3))
     merged = two.merge("mg", three).sink(Collect(), step_id="out")  # declaring is fine
 
@@ -397,7 +388,7 @@ def test_merge_of_topics_with_different_partition_counts_is_refused_at_compile_t
 
 
 def test_merge_after_key_by_to_equal_partitions_compiles_into_one_sub_topology() -> None:
-    two = started(partitions=2, topic="two").key_by("rekeyed", str, partitions=3)
+    two = from_values(partitions=2, topic="two").key_by("rekeyed", str, partitions=3)
     three = two.source(Iterable([]), into=Topic("three", partitions=3))
     topology = compile_pipeline(two.merge("mg", three).sink(Collect(), step_id="out"))
 
@@ -409,7 +400,9 @@ def test_merge_after_key_by_to_equal_partitions_compiles_into_one_sub_topology()
 
 
 def test_topic_declared_twice_with_different_partition_counts_is_refused() -> None:
-    pipeline = started(partitions=2, topic="shared").sink(LogTopic(Topic("shared", partitions=3)))
+    pipeline = from_values(partitions=2, topic="shared").sink(
+        LogTopic(Topic("shared", partitions=3))
+    )
     with pytest.raises(PipelineDefinitionError, match="'shared'") as caught:
         compile_pipeline(pipeline)
     assert "2" in str(caught.value)
@@ -417,13 +410,13 @@ def test_topic_declared_twice_with_different_partition_counts_is_refused() -> No
 
 
 def test_topic_clashing_with_the_dead_letter_topic_is_refused() -> None:
-    pipeline = started().sink(LogTopic(Topic("p.dead-letters", partitions=4)))
+    pipeline = from_values().sink(LogTopic(Topic("p.dead-letters", partitions=4)))
     with pytest.raises(PipelineDefinitionError, match=r"'p\.dead-letters'"):
         compile_pipeline(pipeline)
 
 
 def test_topic_declared_twice_alike_is_listed_once() -> None:
-    pipeline = started(partitions=2).sink(LogTopic(Topic("out", partitions=5)))
+    pipeline = from_values(partitions=2).sink(LogTopic(Topic("out", partitions=5)))
     pipeline = pipeline.source(LogTopic(Topic("out", partitions=5)), step_id="reread")
     topology = compile_pipeline(pipeline.sink(Collect(), step_id="sink"))
     names = [t.name for t in topology.topics]
@@ -433,7 +426,7 @@ def test_topic_declared_twice_alike_is_listed_once() -> None:
 
 def test_compile_cuts_sub_topologies_at_the_key_by() -> None:
     pipeline = (
-        started(partitions=3)
+        from_values(partitions=3)
         .map("a", _identity)
         .filter("f", bool)
         .key_by("k", str)
@@ -476,7 +469,7 @@ def test_compile_cuts_sub_topologies_at_the_key_by() -> None:
 
 def test_compile_keeps_both_branches_in_one_sub_topology() -> None:
     pipeline = (
-        started(partitions=2)
+        from_values(partitions=2)
         .branch("split", bool, then=lambda m: m.sink(Collect(), step_id="yes"))
         .sink(Collect(), step_id="no")
     )
@@ -488,7 +481,7 @@ def test_compile_keeps_both_branches_in_one_sub_topology() -> None:
 
 
 def test_compile_gives_each_unrelated_source_its_own_sub_topology() -> None:
-    first = started(partitions=2, topic="a").sink(Collect(), step_id="a-out")
+    first = from_values(partitions=2, topic="a").sink(Collect(), step_id="a-out")
     both = first.source(Iterable([]), into=Topic("b", partitions=5)).sink(
         Collect(), step_id="b-out"
     )
@@ -506,6 +499,6 @@ def test_dead_letter_topic_name_and_format() -> None:
     assert topic.partitions == 1
     assert isinstance(topic.value_serde, Bytes)
     assert isinstance(topic.key_serde, Bytes)
-    compiled = compile_pipeline(started(name="orders"))
+    compiled = compile_pipeline(from_values(name="orders"))
     assert "orders.dead-letters" in [t.name for t in compiled.topics]
     assert "orders.dead-letters" not in [t.name for t in compiled.input_topics]

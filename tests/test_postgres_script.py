@@ -16,25 +16,18 @@ from urllib.parse import SplitResult, urlsplit
 
 import asyncpg
 import pytest
+from support.postgres import postgres_url
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "postgres.sh"
 TCP_LISTEN = "0A"
 
 
-def postgres_url() -> SplitResult:
-    """The URL of the test server, or a failure saying how to start one."""
-    url = os.environ.get("HEADWATER_TEST_POSTGRES")
-    if not url:
-        pytest.fail(
-            "HEADWATER_TEST_POSTGRES is not set: run `bash scripts/postgres.sh start` and export "
-            "the URL it prints, e.g. "
-            'export HEADWATER_TEST_POSTGRES="$(bash scripts/postgres.sh start)"',
-            pytrace=False,
-        )
-    parts = urlsplit(url)
-    assert parts.scheme in {"postgresql", "postgres"}, f"not a PostgreSQL URL: {url}"
-    assert parts.port is not None, f"no port in {url}"
+def server_url() -> SplitResult:
+    """The parts of the test server's URL (the test fails without one)."""
+    parts = urlsplit(postgres_url())
+    assert parts.scheme in {"postgresql", "postgres"}, f"not a PostgreSQL URL: {parts.geturl()}"
+    assert parts.port is not None, f"no port in {parts.geturl()}"
     return parts
 
 
@@ -74,7 +67,7 @@ async def test_the_server_listens_on_127_0_0_1_only() -> None:
     """The URL names 127.0.0.1, the server is configured for it alone, the only listening
     socket on its port is bound to 127.0.0.1 (not 0.0.0.0 or ::), and other loopback addresses
     are refused."""
-    url = postgres_url()
+    url = server_url()
     port = url.port
     assert port is not None
     assert url.hostname == "127.0.0.1"
@@ -93,7 +86,7 @@ async def test_the_server_listens_on_127_0_0_1_only() -> None:
 async def test_the_right_password_is_accepted_and_a_wrong_one_refused() -> None:
     """The URL's credentials log in as ``headwater`` (stored as a SCRAM-SHA-256 verifier); the
     same user with a wrong password over TCP is refused."""
-    url = postgres_url()
+    url = server_url()
     connection = await asyncpg.connect(url.geturl(), timeout=5)
     try:
         assert await connection.fetchval("SELECT current_user") == "headwater"
@@ -109,7 +102,7 @@ async def test_the_right_password_is_accepted_and_a_wrong_one_refused() -> None:
 
 def test_status_reports_the_server_running() -> None:
     """``bash scripts/postgres.sh status`` for the URL's port exits 0 (running and answering)."""
-    port = postgres_url().port
+    port = server_url().port
     done = subprocess.run(
         ["bash", str(SCRIPT), "status"],
         env={**os.environ, "PG_PORT": str(port)},

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from support.values import PageClick
 
 from connectors.memory import Collect, Iterable
 from pipelines import Json, Model, Pipeline, Topic
 from pipelines.testing import run_pipeline
 
-
-class Click(BaseModel):
-    user: str
-    url: str
-
-
 CLICKS = [{"user": f"u{i % 3}", "url": f"/p/{i}"} for i in range(30)]
 
 
 def _source() -> Pipeline:
-    return Pipeline("p").source(Iterable(CLICKS), into=Topic("clicks", partitions=2, value=Click))
+    return Pipeline("p").source(
+        Iterable(CLICKS), into=Topic("clicks", partitions=2, value=PageClick)
+    )
 
 
 def test_untouched_values_keep_their_model() -> None:
@@ -26,7 +22,7 @@ def test_untouched_values_keep_their_model() -> None:
     assert isinstance(pipeline.step("k").topic.value_serde, Model)  # type: ignore[union-attr]
     out = run_pipeline(pipeline.sink(Collect(), step_id="out")).values("out")
     assert sorted(c.url for c in out) == sorted(c["url"] for c in CLICKS[1:])
-    assert all(isinstance(c, Click) for c in out)
+    assert all(isinstance(c, PageClick) for c in out)
 
 
 def test_mapped_values_travel_as_json() -> None:
@@ -39,10 +35,10 @@ def test_mapped_values_travel_as_json() -> None:
 def test_value_serde_can_be_given() -> None:
     pipeline = (
         _source()
-        .map("m", lambda c: Click(user=c.user.upper(), url=c.url))
-        .key_by("k", lambda c: c.user, value=Click)
+        .map("m", lambda c: PageClick(user=c.user.upper(), url=c.url))
+        .key_by("k", lambda c: c.user, value=PageClick)
         .sink(Collect(), step_id="out")
     )
     out = run_pipeline(pipeline).values("out")
     assert {c.user for c in out} == {"U0", "U1", "U2"}
-    assert all(isinstance(c, Click) for c in out)
+    assert all(isinstance(c, PageClick) for c in out)

@@ -8,6 +8,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from support.values import from_values
 
 from connectors.memory import Collect, Iterable
 from connectors.topic import LogTopic
@@ -16,10 +17,6 @@ from pipelines import Pipeline, Topic
 from pipelines.errors import PipelineDefinitionError
 from pipelines.runtime.topology import compile_pipeline
 from pipelines.testing import run_pipeline
-
-
-def started(topic: str = "in", *, name: str = "p", step_id: str | None = None) -> Pipeline:
-    return Pipeline(name).source(Iterable([1, 2]), into=Topic(topic), step_id=step_id)
 
 
 def refused(pipeline: Pipeline) -> PipelineDefinitionError:
@@ -71,7 +68,9 @@ def test_topic_takes_every_name_kafka_takes_up_to_200_characters(good: str) -> N
 
 
 def test_a_source_into_the_dead_letter_topic_is_refused_naming_the_step() -> None:
-    error = refused(started("p.dead-letters", step_id="raw").sink(Collect(), step_id="out"))
+    error = refused(
+        from_values(topic="p.dead-letters", step_id="raw").sink(Collect(), step_id="out")
+    )
     message = str(error)
     assert error.step == "raw"
     assert "topic 'p.dead-letters' is the dead-letter topic of pipeline 'p'" in message
@@ -87,21 +86,21 @@ def test_a_log_topic_source_reading_the_dead_letter_topic_is_refused() -> None:
 
 
 def test_a_sink_into_the_source_positions_topic_is_refused() -> None:
-    pipeline = started().sink(LogTopic(Topic("p.source-positions", value=dict)))
+    pipeline = from_values().sink(LogTopic(Topic("p.source-positions", value=dict)))
     error = refused(pipeline)
     assert error.step == "to.p.source-positions"
     assert "is where the sources of pipeline 'p' keep their positions" in str(error)
 
 
 def test_a_source_into_a_key_by_topic_is_refused() -> None:
-    keyed = started().key_by("by-user", str)
+    keyed = from_values().key_by("by-user", str)
     error = refused(keyed.source(Iterable([3]), into=Topic("p.by-user"), step_id="sneaky"))
     assert error.step == "sneaky"
     assert "the topic key_by 'by-user' of pipeline 'p' repartitions through" in str(error)
 
 
 def test_reading_or_writing_a_key_by_topic_as_a_log_topic_is_refused() -> None:
-    keyed = started().key_by("by-user", str)
+    keyed = from_values().key_by("by-user", str)
     reread = keyed.source(LogTopic(Topic("p.by-user")), step_id="reread")
     assert refused(reread).step == "reread"
     written = keyed.sink(LogTopic(Topic("p.by-user")), step_id="write-back")
@@ -109,7 +108,7 @@ def test_reading_or_writing_a_key_by_topic_as_a_log_topic_is_refused() -> None:
 
 
 def test_sinks_into_changelog_marks_and_late_topics_are_refused() -> None:
-    counted = started().key_by("k", str).window("minute", Tumbling(minutes=1)).count("count")
+    counted = from_values().key_by("k", str).window("minute", Tumbling(minutes=1)).count("count")
     cases = {
         "p.count.changelog": "is named like a state changelog of pipeline 'p'",
         "p.marks-0.changelog": "is named like a state changelog of pipeline 'p'",
@@ -123,14 +122,14 @@ def test_sinks_into_changelog_marks_and_late_topics_are_refused() -> None:
 
 
 def test_any_name_under_the_prefix_is_refused_even_one_the_pipeline_does_not_use_yet() -> None:
-    error = refused(started("p.raw").sink(Collect(), step_id="out"))
+    error = refused(from_values(topic="p.raw").sink(Collect(), step_id="out"))
     assert error.step == "p.raw"
     assert "topic 'p.raw' is named in the internal namespace of pipeline 'p'" in str(error)
     assert "e.g. 'p-raw'" in str(error)
 
 
 def test_a_join_table_under_the_prefix_is_refused_naming_the_join() -> None:
-    stream = started().key_by("k", str)
+    stream = from_values().key_by("k", str)
     error = refused(stream.join_table("enrich", Topic("p.users"), _pair))
     assert error.step == "enrich"  # not the reader the join adds for its table
     assert "'p.users'" in str(error)
@@ -156,7 +155,7 @@ def test_a_table_join_with_a_key_by_topic_of_the_pipeline_is_allowed_and_runs() 
 
 
 def test_the_check_runs_before_anything_runs() -> None:
-    pipeline = started("p.dead-letters").sink(Collect(), step_id="out")
+    pipeline = from_values(topic="p.dead-letters").sink(Collect(), step_id="out")
     with pytest.raises(PipelineDefinitionError, match="dead-letter topic") as caught:
         run_pipeline(pipeline, {"p.dead-letters": [1]})
     assert caught.value.step == "p.dead-letters"
@@ -175,7 +174,9 @@ def test_the_prefix_is_the_pipeline_name_and_a_dot() -> None:
 
 @pytest.mark.parametrize("name", ["p", "p-dead-letters", "pp.raw", "P.raw", "q.p.k", "in.p"])
 def test_ordinary_names_still_compile(name: str) -> None:
-    pipeline = started(name).key_by("k", str).sink(LogTopic(Topic(f"{name}-out")), step_id="o")
+    pipeline = (
+        from_values(topic=name).key_by("k", str).sink(LogTopic(Topic(f"{name}-out")), step_id="o")
+    )
     topology = compile_pipeline(pipeline)
     assert name in [t.name for t in topology.input_topics]
 
@@ -188,7 +189,7 @@ def test_another_pipeline_may_read_this_ones_internal_topics() -> None:
 
 def test_every_topic_the_pipeline_makes_itself_is_under_the_prefix() -> None:
     """The premise of the rule: internal topics all live under ``<pipeline>.``."""
-    left = started("clicks").key_by("clicks-by-user", str)
+    left = from_values(topic="clicks").key_by("clicks-by-user", str)
     right = left.source(Iterable([]), into=Topic("views")).key_by("views-by-user", str)
     pipeline = (
         left.join_stream("pair", right, timedelta(seconds=1), _pair)

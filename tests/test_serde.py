@@ -101,7 +101,7 @@ def test_bytes_deserialize_many_is_the_identity(items: list[bytes | None]) -> No
     assert Bytes().deserialize_many(items) == (items, {})
 
 
-class Order(BaseModel):
+class ShopOrder(BaseModel):
     order_id: int
     customer: str
     amount: float
@@ -110,7 +110,7 @@ class Order(BaseModel):
 
 
 orders = st.builds(
-    Order,
+    ShopOrder,
     order_id=INT64,
     customer=st.text(),
     amount=FINITE,
@@ -120,18 +120,18 @@ orders = st.builds(
 
 
 @given(orders)
-def test_model_round_trips_a_model_instance(order: Order) -> None:
-    serde = Model(Order)
+def test_model_round_trips_a_model_instance(order: ShopOrder) -> None:
+    serde = Model(ShopOrder)
     decoded = serde.deserialize(serde.serialize(order))
-    assert isinstance(decoded, Order)
+    assert isinstance(decoded, ShopOrder)
     assert decoded == order
 
 
 @given(orders)
-def test_model_reads_what_json_wrote_from_a_plain_dict(order: Order) -> None:
-    data = Model(Order).serialize(order.model_dump())
-    assert Model(Order).deserialize(data) == order
-    assert Model(Order).deserialize(Json().serialize(order)) == order  # Json dumps models too
+def test_model_reads_what_json_wrote_from_a_plain_dict(order: ShopOrder) -> None:
+    data = Model(ShopOrder).serialize(order.model_dump())
+    assert Model(ShopOrder).deserialize(data) == order
+    assert Model(ShopOrder).deserialize(Json().serialize(order)) == order  # Json dumps models too
 
 
 # -- malformed records are reported by index ---------------------------------------------------
@@ -185,21 +185,21 @@ def test_str_deserialize_many_reports_invalid_utf8_by_index() -> None:
 
 def test_model_deserialize_many_reports_invalid_items_by_index() -> None:
     good = b'{"order_id": 1, "customer": "ann", "amount": 2.5}'
-    decoded, errors = Model(Order).deserialize_many(
+    decoded, errors = Model(ShopOrder).deserialize_many(
         [good, b'{"order_id": ', b'{"order_id": "x", "customer": "bob", "amount": 1}', good]
     )
-    expected = Order(order_id=1, customer="ann", amount=2.5)
+    expected = ShopOrder(order_id=1, customer="ann", amount=2.5)
     assert decoded == [expected, None, None, expected]
     assert sorted(errors) == [1, 2]
     assert "order_id" in errors[2].message
 
 
 def test_model_validation_failure_names_the_field() -> None:
-    serde = Model(Order)
+    serde = Model(ShopOrder)
     with pytest.raises(InvalidRecord) as caught:
         serde.deserialize(b'{"order_id": "seven", "customer": "ann", "amount": 1.0}')
     message = caught.value.message
-    assert message.startswith("does not validate as Order:")
+    assert message.startswith("does not validate as ShopOrder:")
     assert "order_id:" in message
     assert "integer" in message
     assert isinstance(caught.value.__cause__, ValidationError)
@@ -207,7 +207,7 @@ def test_model_validation_failure_names_the_field() -> None:
 
 def test_model_validation_failure_names_nested_and_missing_fields() -> None:
     with pytest.raises(InvalidRecord) as caught:
-        Model(Order).deserialize(b'{"order_id": 1, "amount": 1.0, "tags": ["a", 2]}')
+        Model(ShopOrder).deserialize(b'{"order_id": 1, "amount": 1.0, "tags": ["a", 2]}')
     message = caught.value.message
     assert "customer: Field required" in message
     assert "tags.1:" in message
@@ -215,7 +215,7 @@ def test_model_validation_failure_names_nested_and_missing_fields() -> None:
 
 def test_model_of_something_that_is_not_an_object_says_root() -> None:
     with pytest.raises(InvalidRecord, match="<root>"):
-        Model(Order).deserialize(b"[1, 2]")
+        Model(ShopOrder).deserialize(b"[1, 2]")
 
 
 # -- serializing the wrong type -------------------------------------------------------------------
@@ -247,7 +247,7 @@ def test_json_serialize_of_an_unsupported_value_raises_type_error() -> None:
 
 @pytest.mark.parametrize(
     ("spec", "kind"),
-    [(bytes, Bytes), (str, Str), (dict, Json), (list, Json), (Order, Model)],
+    [(bytes, Bytes), (str, Str), (dict, Json), (list, Json), (ShopOrder, Model)],
 )
 def test_serde_for_maps_types_to_serdes(spec: type[Any], kind: type[Serde]) -> None:
     serde = serde_for(spec, default=Bytes())
@@ -255,10 +255,10 @@ def test_serde_for_maps_types_to_serdes(spec: type[Any], kind: type[Serde]) -> N
 
 
 def test_serde_for_a_model_keeps_the_model_class() -> None:
-    serde = serde_for(Order, default=Json())
+    serde = serde_for(ShopOrder, default=Json())
     assert isinstance(serde, Model)
-    assert serde.model is Order
-    assert repr(serde) == "Model(Order)"
+    assert serde.model is ShopOrder
+    assert repr(serde) == "Model(ShopOrder)"
 
 
 def test_serde_for_none_is_the_default_and_a_serde_is_itself() -> None:

@@ -6,7 +6,7 @@ import asyncio
 import signal
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +15,21 @@ import pytest
 from connectors.files import JsonLines
 from connectors.memory import Collect, Iterable
 from connectors.topic import LogTopic
+from operators import Operator
+from operators.aggregations import Count
+from operators.joins import StreamJoin
+from operators.routing import Branch
+from operators.stateful import EventTime
+from operators.windowed import WindowedAggregate
 from operators.windows import Tumbling
-from pipelines import Pipeline, Topic
+from pipelines import Batch, Pipeline, Record, Topic
 from pipelines.errors import ErrorPolicy, PipelineDefinitionError, StepError
+from pipelines.log.base import TopicPartition
 from pipelines.partitioner import partition_for
+from pipelines.runtime.watermarks import END_OF_TIME
 from pipelines.serde import Json
-from pipelines.testing import run_pipeline, run_pipeline_async
+from pipelines.state.store import KeyValueStore
+from pipelines.testing import OperatorHarness, run_pipeline, run_pipeline_async
 
 
 def two_sources() -> Pipeline:
@@ -425,3 +434,167 @@ def test_topics_are_written_before_the_run_so_a_table_is_whole_for_the_first_rec
     assert sorted(result.values("out"), key=lambda o: o["n"]) == expected
     with pytest.raises(PipelineDefinitionError, match="topics= names no topic"):
         run_pipeline(pipeline, topics={"nope": []})
+
+
+# -- OperatorHarness -------------------------------------------------------------------------------
+
+
+class RunningMax(Operator):
+    """A keyed operator of the kind a user writes: it passes on ``(key, max so far)`` whenever a
+    key's maximum grows, keeps the maxima in its state, rejects values that are not numbers,
+    sends records behind the watermark to the late-data topic and, as time passes, emits the
+    keys whose maximum has not grown since (``("quiet", key)``)."""
+
+    def process(self, batch: Batch) -> Batch:
+        keep, values = [], []
+        for i, (key, value) in enumerate(zip(batch.keys, batch.values, strict=True)):
+            if not isinstance(value, int):
+                error = StepError(f"{value!r} is no number", step=self.step_id)
+                error.source = batch.source_of(i)
+                self.ctx.reject(batch, i, error)
+            elif self.watermark is not None and batch.timestamps[i] < self.watermark:
+                self.ctx.late(batch, i)
+            elif value > self.ctx.store.get(key, value - 1):
+                self.ctx.store.put(key, value)
+                self.ctx.store.put(("grew", key), True)
+                keep.append(i)
+                values.append((key, value))
+        return batch.take(keep).with_values(values)
+
+    @property
+    def watermark(self) -> int | None:
+        return self.ctx.store.get(("watermark",))
+
+    def on_watermark(self, mark: int, batch: Batch) -> Batch:
+        stamp = self.watermark or 0  # the results are of the time up to the mark before
+        if mark <= stamp:  # told again after a restore: nothing new
+            return batch
+        self.ctx.store.put(("watermark",), mark)
+        quiet = sorted(k for k, _ in self.ctx.store.items() if isinstance(k, str))
+        quiet = [k for k in quiet if not self.ctx.store.get(("grew", k))]
+        for key, _ in list(self.ctx.store.items()):
+            if isinstance(key, tuple) and key[0] == "grew":
+                self.ctx.store.delete(key)
+        return Batch(
+            quiet,
+            [("quiet", k) for k in quiet],
+            [stamp] * len(quiet),
+            [-1] * len(quiet),
+            batch.fetched,
+        )
+
+
+def test_the_harness_passes_batches_through_the_operator_and_keeps_what_it_emits() -> None:
+    harness = OperatorHarness(lambda: RunningMax("max"))
+    out = harness.send([3, 5, 4], keys=["a", "a", "b"], timestamps=[10, 20, 30])
+    assert out.values == [("a", 3), ("a", 5), ("b", 4)]
+    assert out.keys == ["a", "a", "b"]
+    harness.send_records([Record("b", 9, datetime(2026, 1, 1, tzinfo=UTC))])
+    assert [(r.value, r.offset) for r in harness.emitted] == [
+        (("a", 3), 0),
+        (("a", 5), 1),
+        (("b", 4), 2),
+        (("b", 9), 3),  # read at the next offset of the input partition
+    ]
+    assert harness.emitted[-1].timestamp == datetime(2026, 1, 1, tzinfo=UTC)
+    assert harness.store.get("a") == 5 and harness.store.get("b") == 9
+
+
+def test_the_harness_keeps_what_the_operator_rejects_with_where_it_was_read() -> None:
+    harness = OperatorHarness(RunningMax("max"), topic="numbers", partition=3)
+    assert harness.send([1, "two", 3], keys=["k", "k", "k"]).values == [("k", 1), ("k", 3)]
+    [rejection] = harness.rejected
+    assert rejection.record.value == "two"
+    assert (rejection.record.topic, rejection.record.partition, rejection.record.offset) == (
+        "numbers",
+        3,
+        1,
+    )
+    assert rejection.error.step == "max"
+    assert str(rejection.error.source) == "numbers[3]@1"
+
+
+def test_under_the_fail_policy_a_rejection_raises_out_of_send() -> None:
+    harness = OperatorHarness(RunningMax("max"), error_policy=ErrorPolicy.FAIL)
+    with pytest.raises(StepError, match="'x' is no number"):
+        harness.send([1, "x"], keys=["k", "k"])
+    assert [r.record.value for r in harness.rejected] == ["x"]
+
+
+def test_the_watermark_moves_only_forward_and_by_default_to_the_largest_time_seen() -> None:
+    harness = OperatorHarness(lambda: RunningMax("max"))
+    with pytest.raises(ValueError, match="no event time seen yet"):
+        harness.advance()
+    harness.send([1, 2], keys=["a", "b"], timestamps=[500, 100])
+    assert harness.advance().values == []  # both grew in the batch before
+    assert harness.watermark == 500
+    harness.send([5], keys=["a"], timestamps=[600])
+    assert harness.advance(400).values == []  # behind the watermark: the operator is not told
+    assert harness.watermark == 500
+    assert harness.advance(700).values == [("quiet", "b")]
+    harness.send([7, 8], keys=["b", "a"], timestamps=[650, 900])  # 650 is behind 700: late
+    assert [(r.key, r.value) for r in harness.late] == [("b", 7)]
+    assert harness.finish().values == [("quiet", "b")]
+    assert harness.watermark == END_OF_TIME
+    assert [r.value for r in harness.emitted if r.value[0] == "quiet"] == [
+        ("quiet", "b"),
+        ("quiet", "b"),
+    ]
+
+
+def test_a_checkpoint_restores_the_state_and_watermark_in_a_fresh_operator() -> None:
+    first = OperatorHarness(lambda: RunningMax("max"))
+    first.send([5, 3], keys=["a", "b"], timestamps=[100, 100])
+    first.advance(100)
+    saved = first.checkpoint()
+    first.send([9], keys=["a"], timestamps=[200])  # after the checkpoint: lost in the crash
+
+    given = KeyValueStore("max", 0)  # a store of the test's own: the restore fills it
+    again = OperatorHarness(lambda: RunningMax("max"), checkpoint=saved, store=given)
+    assert again.store is given
+    assert again.watermark == 100
+    assert again.store.get("a") == 5 and again.store.get("b") == 3
+    out = again.send([9, 4], keys=["a", "b"], timestamps=[200, 200])  # read again, and more
+    assert out.values == [("a", 9), ("b", 4)]
+    assert [r.offset for r in again.emitted] == [2, 3]  # after the checkpoint's positions
+    assert again.checkpoint().positions == {TopicPartition("input", 0): 4}
+
+
+def test_the_harness_drives_built_in_operators_with_several_ports_and_windows() -> None:
+    join = OperatorHarness(
+        lambda: StreamJoin("pair", lambda a, b: [a, b], how="inner", within_ms=10, grace_ms=0)
+    )
+    assert join.send(["L"], keys=["k"], timestamps=[100]).values == []
+    assert join.send(["R"], keys=["k"], timestamps=[105], input="right").values == [["L", "R"]]
+    assert join.send(["R2"], keys=["k"], timestamps=[108], input=1).values == [["L", "R2"]]
+    assert [r.offset for r in join.emitted] == [0, 1]  # each input is a topic of its own
+    with pytest.raises(ValueError, match=r"input 1: RunningMax has inputs \['in'\]"):
+        OperatorHarness(RunningMax("max")).send([1], input=1)
+
+    branch = OperatorHarness(Branch("small", lambda n: n < 10))
+    assert branch.send([3, 30, 4]).values == [3, 4]
+    assert [r.value for r in branch.output("rest")] == [30]
+    assert branch.output("matched") is branch.emitted
+
+    windows = OperatorHarness(
+        WindowedAggregate(
+            "minute",
+            Tumbling(timedelta(minutes=1)),
+            Count(),
+            emit="close",
+            grace_ms=0,
+            lateness_ms=0,
+        )
+    )
+    windows.send(["x", "y", "z"], keys=["a", "a", "b"], timestamps=[0, 59_999, 60_000])
+    assert windows.pending == 2
+    assert [(r.key, r.value.value) for r in windows.advance(60_000).records()] == [("a", 2)]
+    assert [(r.key, r.value.value) for r in windows.finish().records()] == [("b", 1)]
+
+
+def test_the_default_mark_follows_the_event_times_an_operator_sets() -> None:
+    harness = OperatorHarness(EventTime("time", lambda v: v["at"]))
+    read_at = datetime(2030, 1, 1, tzinfo=UTC)  # the time of reading: not the event time
+    harness.send([{"at": 1_000}, {"at": 3_000}], timestamps=[read_at, read_at])
+    assert harness.advance().values == []
+    assert harness.watermark == 3_000

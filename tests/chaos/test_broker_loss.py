@@ -31,24 +31,21 @@ from pathlib import Path
 
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
-from kafka_support import delete_topics_of
-from processes import Cli, tail, worker_pids
+from chaos.jobs import Chaos
+from support.cli import Cli, Sessions, tail, wait_until
+from support.kafka import delete_topics_of
+from support.logs import KafkaView
+from support.processes import worker_pids
 from test_exactly_once import (
     EVENTS,
     HOLD,
     INPUT_PARTITIONS,
     OUTPUT_PARTITIONS,
-    Chaos,
-    Commands,
-    KafkaView,
-    check_exactly_once,
+    check_counts_exactly_once,
     check_repartition,
-    commands,  # noqa: F401  (the fixture)
-    count,
-    emitted,
+    emitted_counts,
     repartition_copies,
-    wait_until,
-    write_job,
+    write_count_job,
 )
 
 CLUSTER_VARIABLE = "HEADWATER_TEST_KAFKA_CLUSTER"
@@ -225,13 +222,13 @@ def _watch_failover(
 @pytest.mark.timeout(180)
 def test_exactly_once_survives_losing_a_broker(
     tmp_path: Path,
-    commands: Commands,  # noqa: F811
+    sessions: Sessions,
     cluster: Cluster,
 ) -> None:
     run = uuid.uuid4().hex[:10]
     # while the gate is closed the source writes 1,000 events every 0.5 s: the input outlasts
     # the failover; once the output has recovered the gate opens and the rest goes at full speed
-    job = write_job(
+    job = write_count_job(
         tmp_path,
         guarantee="exactly_once",
         pace=0.5,
@@ -242,7 +239,7 @@ def test_exactly_once_survives_losing_a_broker(
     view = KafkaView(cluster.bootstrap)
     flags = ["--no-progress", "--data-dir", str(tmp_path / "state")]
     flags += ["--backend", "kafka", "--bootstrap-servers", cluster.bootstrap]
-    runner = commands.start(
+    runner = sessions.start(
         ["run", str(job.module), "--workers", "2", *flags], cwd=tmp_path, name="run"
     )
     wait_until(
@@ -276,7 +273,7 @@ def test_exactly_once_survives_losing_a_broker(
     assert led, f"broker {coordinator} leads no partition of the pipeline: {topics}"
 
     output_at_kill = _output_end(view, job.output_topic)
-    input_at_kill = count(view, job.input_topic, INPUT_PARTITIONS)
+    input_at_kill = view.count(job.input_topic, INPUT_PARTITIONS)
     killed_at = time.monotonic()
     cluster.kafka_sh("kill", str(victim))
     assert output_at_kill > 0 and input_at_kill < HOLD * EVENTS, (
@@ -287,7 +284,7 @@ def test_exactly_once_survives_losing_a_broker(
     assert stall < STALL_LIMIT, f"the output stood still {stall:.1f}s after the kill"
 
     # the rest of the input at full speed, with 2 of 3 brokers; the run ends by itself
-    assert count(view, job.input_topic, INPUT_PARTITIONS) < EVENTS, "the source ended early"
+    assert view.count(job.input_topic, INPUT_PARTITIONS) < EVENTS, "the source ended early"
     job.gate.touch()
     code = runner.wait(120)
     stderr = runner.stderr()
@@ -297,11 +294,11 @@ def test_exactly_once_survives_losing_a_broker(
     assert len(_brokers(cluster.bootstrap)) == BROKERS - 1, "the killed broker came back"
 
     # read_committed, against the reference computed from the input alone
-    assert count(view, job.input_topic, INPUT_PARTITIONS) == EVENTS
+    assert view.count(job.input_topic, INPUT_PARTITIONS) == EVENTS
     copies = repartition_copies(view, job)
     check_repartition(copies, job, exactly_once=True)
     chaos = Chaos(killed=[(coordinator, f"broker (node {victim})", "kill -9 of a broker")])
-    check_exactly_once(emitted(view, job), copies, job, chaos)
+    check_counts_exactly_once(emitted_counts(view, job), copies, job, chaos)
     print(
         f"killed broker {coordinator} (kafka.sh node {victim}): the group coordinator, leader "
         f"of {len(led)} partitions ({', '.join(led)}); {output_at_kill} records on the output "

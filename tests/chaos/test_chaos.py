@@ -20,7 +20,7 @@ into a 6-partition topic, re-keys them by user (``key_by``: the repartition topi
 from the record, ``emit="close"``, never idle by the wall clock) and writes one
 :class:`~operators.windowed.WindowResult` per closed window to a 3-partition output topic.
 The reference is computed here in plain Python from the input file alone
-(:func:`reference`): it knows nothing of partitions, workers, batches or the log.
+(:func:`expected_windows`): it knows nothing of partitions, workers, batches or the log.
 
 What makes the reference exact:
 
@@ -39,12 +39,12 @@ What makes the reference exact:
 
 What each guarantee promises, and what is checked:
 
-- **exactly-once** (:func:`check_exactly_once`): every window is emitted once, final, with the
-  reference count, on the committed output (read as a ``read_committed`` client on Kafka;
-  everything on the embedded log is committed); the repartition topic holds every event once
-  and nothing is late.
-- **at-least-once**, the default (:func:`check_at_least_once`): nothing is lost, but counts are
-  not exact. A worker killed after sending records to the repartition topic and before
+- **exactly-once** (:func:`check_windows_exactly_once`): every window is emitted once, final,
+  with the reference count, on the committed output (read as a ``read_committed`` client on
+  Kafka; everything on the embedded log is committed); the repartition topic holds every event
+  once and nothing is late.
+- **at-least-once**, the default (:func:`check_windows_at_least_once`): nothing is lost, but
+  counts are not exact. A worker killed after sending records to the repartition topic and before
   committing its input offsets makes the next owner of the partition replay those inputs and
   append them to the repartition topic again. The count step reads each copy like any record:
   a copy whose window is still open is counted again, one whose window has closed is late. So
@@ -59,40 +59,43 @@ hold for it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import random
 import re
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
-from aiokafka import TopicPartition as KafkaPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from chaos.inflight import (
     TRACE,
     Kill,
-    copy_bound,
     describe,
     in_flight,
     read_by,
     traced_pids,
-    wait_for_a_fresh_batch,
-    where,
 )
-from processes import Cli, alive, tail, worker_pids
+from chaos.jobs import (
+    EXTRA_KILLS,
+    Chaos,
+    Job,
+    caught_in_flight,
+    check_in_flight,
+    committed_now,
+    positions,
+    progress_everywhere,
+    wait_for_no_process,
+)
+from support.cli import Cli, Sessions, summary_counts, tail, wait_until
+from support.logs import EmbeddedView, KafkaView, LogView
+from support.processes import alive, worker_pids
 
 from pipelines.log import EmbeddedLog
 from pipelines.log.base import TopicPartition
@@ -141,7 +144,7 @@ class Dataset:
 
 
 @functools.cache
-def reference(data: Dataset) -> dict[tuple[str, int], int]:
+def expected_windows(data: Dataset) -> dict[tuple[str, int], int]:
     """Each (user, window start in ms): its number of events."""
     return dict(Counter((user, data.window_of(ts)) for _, user, ts in data.rows()))
 
@@ -214,60 +217,17 @@ pipeline = (
 
 
 @dataclass(frozen=True)
-class Job:
-    """A pipeline module written into a test's directory, with its data and names."""
+class WindowJob(Job):
+    """A job counting each user's events of :attr:`data` in windows (:data:`JOB`)."""
 
-    directory: Path
     data: Dataset
-    name: str
-    input_topic: str
-    output_topic: str
-    guarantee: str
-
-    @property
-    def exactly_once(self) -> bool:
-        return self.guarantee == "exactly_once"
-
-    @property
-    def module(self) -> Path:
-        return self.directory / "job.py"
-
-    @property
-    def gate(self) -> Path:
-        return self.directory / "gate"
-
-    @property
-    def quiet(self) -> Path:
-        return self.directory / "quiet"
-
-    @property
-    def paused(self) -> Path:
-        return self.directory / "paused"
-
-    @property
-    def group(self) -> str:
-        return self.name
-
-    @property
-    def repartition_topic(self) -> str:
-        return f"{self.name}.by-user"
 
     @property
     def late_topic(self) -> str:
         return f"{self.name}.count.late"
 
-    @property
-    def changelog_topic(self) -> str:
-        return f"{self.name}.count.changelog"
 
-    def open_gate(self) -> None:
-        self.gate.touch()
-
-    def wait_for_a_fresh_batch(self) -> None:
-        wait_for_a_fresh_batch(self.quiet)
-
-
-def write_job(
+def write_window_job(
     directory: Path,
     data: Dataset,
     *,
@@ -277,8 +237,8 @@ def write_job(
     name: str = "chaos",
     input_topic: str = "events",
     output_topic: str = "counts",
-) -> Job:
-    job = Job(directory, data, name, input_topic, output_topic, guarantee)
+) -> WindowJob:
+    job = WindowJob(directory, name, input_topic, output_topic, guarantee, "by-user", "id", data)
     data.write(directory / "events.jsonl")
     job.module.write_text(
         textwrap.dedent(JOB).format(
@@ -299,38 +259,6 @@ def write_job(
 # -- running headwater -----------------------------------------------------------------------------
 
 
-class Sessions(Protocol):
-    """conftest.Sessions: the sessions a test started, all killed when it ends."""
-
-    def add(self, session: int) -> None: ...
-
-    def alive(self) -> list[int]: ...
-
-
-def _env() -> dict[str, str]:
-    """This environment without the HEADWATER_* settings of whoever runs the tests, and no
-    purges: the checks read every record a run wrote to its repartition topic."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_")}
-    return {**env, "HEADWATER_HOUSEKEEPING_SECONDS": "3600"}
-
-
-def start(sessions: Sessions, args: Sequence[str], *, cwd: Path, name: str) -> Cli:
-    """Start ``headwater ARGS`` in the background, in a new session the test will kill."""
-    out, err = cwd / f"{name}.stdout", cwd / f"{name}.stderr"
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.cli", *args],
-            cwd=cwd,
-            stdout=stdout,
-            stderr=stderr,
-            stdin=subprocess.DEVNULL,
-            env=_env(),
-            start_new_session=True,
-        )
-    sessions.add(process.pid)
-    return Cli(process, name, err)
-
-
 def gone(pid: int) -> Callable[[], bool]:
     return lambda: not alive(pid)
 
@@ -339,226 +267,10 @@ def has_workers(cli: Cli, count: int) -> Callable[[], bool]:
     return lambda: len(worker_pids(cli.pid)) == count
 
 
-def wait_until(
-    condition: Callable[[], bool],
-    *,
-    timeout: float,
-    what: str,
-    watch: Sequence[Cli] = (),
-    interval: float = 0.1,
-) -> None:
-    """Poll ``condition``; fail if it stays false for ``timeout`` s or a watched command ends."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        for cli in watch:
-            if not cli.running():
-                pytest.fail(
-                    f"`headwater {cli.name}` ended (status {cli.process.returncode}) before "
-                    f"{what}:\n{tail(cli.stderr())}"
-                )
-        if time.monotonic() > deadline:
-            where = "".join(f"\n--- {c.name}:\n{tail(c.stderr())}" for c in watch)
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{where}")
-        time.sleep(interval)
-
-
-def summary_counts(stderr: str) -> dict[str, tuple[int, int]]:
-    """Step id -> (records in, records out) from the summary ``headwater run|worker`` prints."""
-    found = {}
-    for match in re.finditer(r"^  (\S+): ([\d,]+) in, ([\d,]+) out", stderr, re.MULTILINE):
-        found[match[1]] = (int(match[2].replace(",", "")), int(match[3].replace(",", "")))
-    return found
-
-
 def records_written(stderr: str, topic: str) -> int | None:
     """What the summary says the source step ``topic`` wrote."""
     match = re.search(rf"^  source {re.escape(topic)}: ([\d,]+) records written", stderr, re.M)
     return None if match is None else int(match[1].replace(",", ""))
-
-
-# -- reading the log -------------------------------------------------------------------------------
-
-
-class LogView(Protocol):
-    """What the tests read from a log, as any other client would."""
-
-    def count(self, topic: str, partitions: int) -> int:
-        """Records on ``topic`` now (0 while it does not exist)."""
-
-    def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]:
-        """The offsets ``group`` has committed on ``topic`` (0 where none)."""
-
-    def ends(self, topic: str, partitions: int) -> dict[int, int]:
-        """The end offset of each partition of ``topic``."""
-
-    def values(self, topic: str, partitions: int) -> list[list[bytes]]:
-        """Every value on ``topic``, partition by partition, in order."""
-
-    def entries(self, topic: str, partitions: int) -> list[list[tuple[int, bytes]]]:
-        """Every (offset, value) on ``topic``, partition by partition, in order."""
-
-
-class EmbeddedView:
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-
-    def _run(self, work: Callable[[EmbeddedLog], Any]) -> Any:
-        async def go() -> Any:
-            log = EmbeddedLog(self.data_dir)
-            try:
-                return await work(log)
-            finally:
-                await log.close()
-
-        return asyncio.run(go())
-
-    def _exists(self, topic: str) -> bool:
-        return (self.data_dir / "topics" / topic / "topic.json").exists()
-
-    def ends(self, topic: str, partitions: int) -> dict[int, int]:
-        if not self._exists(topic):
-            return dict.fromkeys(range(partitions), 0)
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-
-        async def work(log: EmbeddedLog) -> dict[int, int]:
-            found = await log.end_offsets(tps)
-            return {tp.partition: offset for tp, offset in found.items()}
-
-        return self._run(work)  # type: ignore[no-any-return]
-
-    def count(self, topic: str, partitions: int) -> int:
-        # records, not offsets: watermark markers (no value) take offsets too
-        return sum(len(values) for values in self.values(topic, partitions))
-
-    def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-
-        async def work(log: EmbeddedLog) -> dict[int, int]:
-            found = await log.committed_offsets(group, tps)
-            return {tp.partition: found.get(tp, 0) for tp in tps}
-
-        return self._run(work)  # type: ignore[no-any-return]
-
-    def values(
-        self, topic: str, partitions: int, since: dict[int, int] | None = None
-    ) -> list[list[bytes]]:
-        """Each partition's record values (markers left out), from offset ``since[p]`` on."""
-        return [[v for _, v in e] for e in self.entries(topic, partitions, since)]
-
-    def entries(
-        self, topic: str, partitions: int, since: dict[int, int] | None = None
-    ) -> list[list[tuple[int, bytes]]]:
-        """Each partition's (offset, value) pairs (markers left out), from ``since[p]`` on."""
-        if not self._exists(topic):
-            return [[] for _ in range(partitions)]
-
-        async def work(log: EmbeddedLog) -> list[list[tuple[int, bytes]]]:
-            found: list[list[tuple[int, bytes]]] = []
-            for partition in range(partitions):
-                tp = TopicPartition(topic, partition)
-                offset, entries = (since or {}).get(partition, 0), []
-                while True:
-                    fetched = await log.read(tp, offset, 50_000)
-                    if not len(fetched.records):
-                        break
-                    entries += [
-                        (o, v)
-                        for o, v in zip(fetched.offsets, fetched.records.values, strict=True)
-                        if v is not None
-                    ]
-                    offset = fetched.next_offset
-                found.append(entries)
-            return found
-
-        return self._run(work)  # type: ignore[no-any-return]
-
-
-class KafkaView:
-    """Reads Kafka as any ``read_committed`` client does (records of aborted transactions are
-    not seen); ``KafkaView(bootstrap, "read_uncommitted")`` sees them too."""
-
-    def __init__(self, bootstrap: str, isolation_level: str = "read_committed") -> None:
-        self.bootstrap = bootstrap
-        self.isolation_level = isolation_level
-
-    @contextlib.asynccontextmanager
-    async def _consumer(self) -> Any:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level=self.isolation_level,
-        )
-        await consumer.start()
-        try:
-            yield consumer
-        finally:
-            await consumer.stop()
-
-    def ends(self, topic: str, partitions: int) -> dict[int, int]:
-        async def go() -> dict[int, int]:
-            async with self._consumer() as consumer:
-                if topic not in await consumer.topics():
-                    return dict.fromkeys(range(partitions), 0)
-                tps = [KafkaPartition(topic, p) for p in range(partitions)]
-                found = await consumer.end_offsets(tps)
-                return {tp.partition: offset for tp, offset in found.items()}
-
-        return asyncio.run(go())
-
-    def count(self, topic: str, partitions: int) -> int:
-        # records, not offsets: watermark markers (no value) take offsets too
-        return sum(len(values) for values in self.values(topic, partitions))
-
-    def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]:
-        async def go() -> dict[int, int]:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
-            await admin.start()
-            try:
-                tps = [KafkaPartition(topic, p) for p in range(partitions)]
-                found = await admin.list_consumer_group_offsets(group, partitions=tps)
-            finally:
-                await admin.close()
-            return {
-                p: max(0, found[KafkaPartition(topic, p)].offset)
-                if KafkaPartition(topic, p) in found
-                else 0
-                for p in range(partitions)
-            }
-
-        return asyncio.run(go())
-
-    def values(self, topic: str, partitions: int) -> list[list[bytes]]:
-        return [[v for _, v in e] for e in self.entries(topic, partitions)]
-
-    def entries(self, topic: str, partitions: int) -> list[list[tuple[int, bytes]]]:
-        """Each partition's (offset, value) pairs (markers left out)."""
-
-        async def go() -> list[list[tuple[int, bytes]]]:
-            async with self._consumer() as consumer:
-                if topic not in await consumer.topics():
-                    return [[] for _ in range(partitions)]
-                tps = [KafkaPartition(topic, p) for p in range(partitions)]
-                consumer.assign(tps)
-                ends = await consumer.end_offsets(tps)
-                await consumer.seek_to_beginning(*tps)
-                found: dict[int, list[tuple[int, bytes]]] = {p: [] for p in range(partitions)}
-                deadline = time.monotonic() + 60
-                todo = [tp for tp in tps if ends[tp] > 0]
-                while todo:
-                    fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=50_000)
-                    for tp, messages in fetched.items():
-                        found[tp.partition] += [
-                            (m.offset, m.value)
-                            for m in messages
-                            if m.offset < ends[tp] and m.value is not None
-                        ]
-                    todo = [tp for tp in todo if await consumer.position(tp) < ends[tp]]
-                    assert time.monotonic() < deadline, f"reading {topic} took over 60s"
-                return [found[p] for p in range(partitions)]
-
-        return asyncio.run(go())
 
 
 # -- checking the results --------------------------------------------------------------------------
@@ -588,7 +300,7 @@ class Outcome:
         return sum(1 for v in self.emissions.values() if len(v) > 1)
 
 
-def read_outcome(view: LogView, job: Job) -> Outcome:
+def read_outcome(view: LogView, job: WindowJob) -> Outcome:
     emissions: dict[Window, list[int]] = defaultdict(list)
     not_final = 0
     # a user's results are all on one partition (keyed by user), so this is their write order
@@ -621,7 +333,7 @@ class Repartitioned:
             f"({self.events[window]} distinct events)"
         )
 
-    def late_report(self, job: Job, on_topic: Counter[int]) -> str:
+    def late_report(self, job: WindowJob, on_topic: Counter[int]) -> str:
         """Where the records on the late-data topic sit on the repartition topic."""
         if not on_topic:
             return ""
@@ -640,7 +352,7 @@ class Repartitioned:
         )
 
 
-def repartitioned(job: Job, partitions: list[list[bytes]]) -> Repartitioned:
+def repartitioned(job: WindowJob, partitions: list[list[bytes]]) -> Repartitioned:
     """Tally the records of the repartition topic (its values, partition by partition)."""
     found = Repartitioned()
     for partition, values in enumerate(partitions):
@@ -656,7 +368,7 @@ def repartitioned(job: Job, partitions: list[list[bytes]]) -> Repartitioned:
     return found
 
 
-def late_ids(view: LogView, job: Job) -> Counter[int]:
+def late_event_ids(view: LogView, job: WindowJob) -> Counter[int]:
     """Event id -> how many times it is on the late-data topic."""
     return Counter(orjson.loads(raw)["id"] for vs in view.values(job.late_topic, 1) for raw in vs)
 
@@ -665,7 +377,7 @@ def _when(start: int) -> str:
     return datetime.fromtimestamp(start / 1000).astimezone().isoformat()
 
 
-def _fail(job: Job, what: str, problems: list[tuple[Window, str]], context: str) -> None:
+def _fail(job: WindowJob, what: str, problems: list[tuple[Window, str]], context: str) -> None:
     (user, start), first = problems[0]
     more = "".join(f"\nnext: {u} @ {s}: {w}" for (u, s), w in problems[1:6])
     pytest.fail(
@@ -675,11 +387,13 @@ def _fail(job: Job, what: str, problems: list[tuple[Window, str]], context: str)
     )
 
 
-def check_exactly_once(view: LogView, job: Job, outcome: Outcome, context: str = "") -> None:
+def check_windows_exactly_once(
+    view: LogView, job: WindowJob, outcome: Outcome, context: str = ""
+) -> None:
     """What exactly-once promises (and at-least-once gives when nothing crashes): the
     repartition topic holds every event once, every window is emitted once, final, with its
     reference count, and nothing is late."""
-    expected = reference(job.data)
+    expected = expected_windows(job.data)
     given = repartitioned(job, view.values(job.repartition_topic, 6))
     unknown = sorted(i for i in given.copies if not 0 <= i < job.data.events)
     missing = [i for i in range(job.data.events) if given.copies[i] == 0]
@@ -689,7 +403,7 @@ def check_exactly_once(view: LogView, job: Job, outcome: Outcome, context: str =
         f"{len(missing)} events never reached {job.repartition_topic} (lost), e.g. "
         f"{missing[:5]}\n{context}"
     )
-    late = late_ids(view, job)
+    late = late_event_ids(view, job)
     late_in = Counter(given.window_of[i] for i in late.elements() if i in given.window_of)
     problems: list[tuple[Window, str]] = []
     for window in sorted(expected.keys() | outcome.emissions.keys()):
@@ -739,12 +453,14 @@ class Replays:
         )
 
 
-def check_at_least_once(view: LogView, job: Job, outcome: Outcome, context: str = "") -> Replays:
+def check_windows_at_least_once(
+    view: LogView, job: WindowJob, outcome: Outcome, context: str = ""
+) -> Replays:
     """What at-least-once promises, and that the state never double counts a record it
     restored: every event reaches the repartition topic; every window is emitted, every
     emission final and of the same value, at least the reference and at most the records of
     it on the repartition topic (copies included)."""
-    expected = reference(job.data)
+    expected = expected_windows(job.data)
     given = repartitioned(job, view.values(job.repartition_topic, 6))
     unknown = sorted(i for i in given.copies if not 0 <= i < job.data.events)
     missing = [i for i in range(job.data.events) if given.copies[i] == 0]
@@ -753,7 +469,7 @@ def check_at_least_once(view: LogView, job: Job, outcome: Outcome, context: str 
         f"{len(missing)} events never reached {job.repartition_topic} (lost), e.g. "
         f"{missing[:5]}\n{context}"
     )
-    late = late_ids(view, job)
+    late = late_event_ids(view, job)
     problems: list[tuple[Window, str]] = []
     for window in sorted(expected.keys() | outcome.emissions.keys()):
         want = expected.get(window)
@@ -782,7 +498,7 @@ def check_at_least_once(view: LogView, job: Job, outcome: Outcome, context: str 
 
 
 def wait_for_output_to_settle(
-    view: LogView, job: Job, *, quiet_for: float = 3.0, timeout: float = 30.0
+    view: LogView, job: WindowJob, *, quiet_for: float = 3.0, timeout: float = 30.0
 ) -> int:
     """Wait until nothing more is written to the output topic for ``quiet_for`` seconds (the
     windows still open in ``headwater worker`` processes close once the source's end reaches
@@ -800,72 +516,13 @@ def wait_for_output_to_settle(
         time.sleep(0.25)
 
 
-def wait_for_no_process(sessions: Sessions, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while (left := sessions.alive()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not left, f"processes still alive after every command was stopped: {left}"
-
-
 # -- chaos: kill -9 workers at random, each time start a replacement -------------------------------
 
 
-@dataclass
-class Chaos:
-    """What happened during the kills."""
-
-    killed: list[tuple[int, str]] = field(default_factory=list)
-    """(pid, whose worker: 'run' or a replacement's name) of every worker killed."""
-    kills: list[Kill] = field(default_factory=list)
-    """The input offsets around each kill, to tell what it caught in flight."""
-    replacements: list[Cli] = field(default_factory=list)
-    seed: int = 0
-
-    def describe(self) -> str:
-        kills = ", ".join(f"{pid} ({whose})" for pid, whose in self.killed)
-        return f"workers killed: {kills}; random seed {self.seed}"
-
-
-def progress_everywhere(
-    view: LogView, job: Job, *, since: dict[str, dict[int, int]]
-) -> Callable[[], bool]:
-    """A condition: every partition of the input and repartition topics that had records not
-    committed at ``since`` has had more committed: whoever owns each partition now works."""
-
-    def check() -> bool:
-        for topic, before in since.items():
-            now = view.committed(job.group, topic, 6)
-            ends = view.ends(topic, 6)
-            if any(now[p] <= before[p] < ends[p] for p in range(6)):
-                return False
-        return True
-
-    return check
-
-
-def committed_now(view: LogView, job: Job) -> dict[str, dict[int, int]]:
-    return {t: view.committed(job.group, t, 6) for t in (job.input_topic, job.repartition_topic)}
-
-
-EXTRA_KILLS = 4
-"""Kills a chaos run may add when none of the planned ones caught work in flight."""
-
-
-def positions(view: LogView, job: Job) -> dict[int, tuple[int, int]]:
-    """Event id -> (partition, offset) on the input topic."""
-    return where(view.entries(job.input_topic, 6), "id")
-
-
-def caught_in_flight(view: LogView, job: Job, chaos: Chaos) -> list[int]:
-    """For each kill: the events its victim read and had not committed."""
-    found = positions(view, job)
-    return [in_flight(job.directory, kill, found) for kill in chaos.kills]
-
-
-def run_chaos(
+def kill_at_random(
     *,
     runner: Cli,
-    job: Job,
+    job: WindowJob,
     view: LogView,
     sessions: Sessions,
     worker_args: Callable[[int], list[str]] | None,
@@ -885,6 +542,7 @@ def run_chaos(
     seed = random.randrange(1 << 32)
     rng = random.Random(seed)
     chaos = Chaos(seed=seed)
+    started = time.monotonic()
     round_ = 0
     while round_ < kills or (
         round_ < kills + EXTRA_KILLS and not any(caught_in_flight(view, job, chaos))
@@ -914,7 +572,7 @@ def run_chaos(
             )
             pytest.fail(f"worker {victim} ({whose}) ended before the test killed it{logs}")
         job.paused.touch()  # no new input until every partition has an owner again
-        chaos.killed.append((victim, whose))
+        chaos.killed.append((victim, whose, "at random"))
         wait_until(gone(victim), timeout=10, what=f"worker {victim} to die", interval=0.002)
         since = committed_now(view, job)  # from now on only the new owners commit
         chaos.kills.append(Kill((victim,), before, since[job.input_topic]))
@@ -929,7 +587,7 @@ def run_chaos(
             )
         else:
             name = f"worker-{round_}"
-            replacement = start(sessions, worker_args(round_), cwd=job.directory, name=name)
+            replacement = sessions.start(worker_args(round_), cwd=job.directory, name=name)
             chaos.replacements.append(replacement)
             watch.append(replacement)
             wait_until(
@@ -945,11 +603,14 @@ def run_chaos(
             watch=watch,
             interval=0.25,
         )
+    chaos.seconds = time.monotonic() - started
     job.paused.unlink()
     return chaos
 
 
-def finish_chaos(runner: Cli, job: Job, view: LogView, chaos: Chaos, sessions: Sessions) -> None:
+def finish_chaos(
+    runner: Cli, job: WindowJob, view: LogView, chaos: Chaos, sessions: Sessions
+) -> None:
     """Let the input run out; the run must end by itself with status 0. Then wait for the output
     to settle, stop the replacements (SIGTERM) and check every window."""
     assert view.count(job.input_topic, 6) < job.data.events, "the source finished during chaos"
@@ -959,7 +620,7 @@ def finish_chaos(runner: Cli, job: Job, view: LogView, chaos: Chaos, sessions: S
     assert code == 0, tail(stderr)
     assert "Traceback" not in stderr, tail(stderr)
     assert "lag: 0 records" in stderr, tail(stderr)
-    if any(whose == "run" for _, whose in chaos.killed):
+    if any(whose == "run" for _, whose, _ in chaos.killed):
         assert "killed by signal 9" in stderr, tail(stderr)
     assert records_written(stderr, job.input_topic) == job.data.events, tail(stderr)
 
@@ -981,37 +642,18 @@ def finish_chaos(runner: Cli, job: Job, view: LogView, chaos: Chaos, sessions: S
     # every offset committed, the source's end-of-time marker after each partition's records too
     assert view.committed(job.group, job.input_topic, 6) == view.ends(job.input_topic, 6)
     replays = check(view, job, chaos.describe())
-    check_in_flight(view, job, chaos.kills, replays, chaos.describe())
+    check_in_flight(view, job, chaos, None if replays is None else replays.copies)
 
 
-def check_in_flight(
-    view: LogView, job: Job, kills: Sequence[Kill], replays: Replays | None, context: str
-) -> None:
-    """The kills caught work in flight (events read and not committed), and under
-    at-least-once the copies on the repartition topic are no more than the kills caught."""
-    found = positions(view, job)
-    caught = [in_flight(job.directory, kill, found) for kill in kills]
-    report = describe(job.directory, kills, found)
-    print(f"in flight:\n{report}")
-    assert any(caught), f"no kill caught an event read and not committed:\n{report}\n{context}"
-    if replays is not None:
-        bound = copy_bound(job.directory, kills, found)
-        assert replays.copies <= bound, (
-            f"{replays.copies} copies on {job.repartition_topic}, more than the {bound} events "
-            f"the killed workers can have read and not committed: a replay went back further "
-            f"than the last commit\n{report}\n{context}"
-        )
-
-
-def check(view: LogView, job: Job, context: str = "") -> Replays | None:
+def check(view: LogView, job: WindowJob, context: str = "") -> Replays | None:
     """What the job's guarantee promises (see the module docstring); under at-least-once,
     what the replays did."""
     outcome = read_outcome(view, job)
     if job.exactly_once:
-        check_exactly_once(view, job, outcome, context)
+        check_windows_exactly_once(view, job, outcome, context)
         print(f"exactly-once: {len(outcome.emissions)} windows, each emitted once; {context}")
         return None
-    replays = check_at_least_once(view, job, outcome, context)
+    replays = check_windows_at_least_once(view, job, outcome, context)
     print(f"at-least-once: {replays}; {context}")
     return replays
 
@@ -1041,12 +683,12 @@ def test_chaos_embedded(
     hand-started ``headwater worker`` or only by the runner itself (which starts a new worker
     in place of each one killed)."""
     # while the gate is closed the source writes 1,000 events every 0.12 s: 24 s for all
-    job = write_job(tmp_path, CHAOS_DATA, pace=0.12, guarantee=guarantee)
+    job = write_window_job(tmp_path, CHAOS_DATA, pace=0.12, guarantee=guarantee)
     data_dir = tmp_path / "log"
     view = EmbeddedView(data_dir)
     flags = ["--no-progress", "--data-dir", str(data_dir)]
-    runner = start(
-        sessions, ["run", str(job.module), "--workers", "3", *flags], cwd=tmp_path, name="run"
+    runner = sessions.start(
+        ["run", str(job.module), "--workers", "3", *flags], cwd=tmp_path, name="run"
     )
     wait_until(has_workers(runner, 3), timeout=30, what="3 workers")
     wait_until(
@@ -1056,7 +698,7 @@ def test_chaos_embedded(
         watch=[runner],
     )
     by_hand = replaced_by == "headwater worker"
-    chaos = run_chaos(
+    chaos = kill_at_random(
         runner=runner,
         job=job,
         view=view,
@@ -1082,12 +724,12 @@ def test_workers_stop_when_their_runner_is_killed(tmp_path: Path, sessions: Sess
     """kill -9 of the runner alone, one of its workers stuck (stopped with SIGSTOP, as one
     stuck in a user function would not read its pipe): every worker dies with the runner (the
     kernel's parent-death signal); none lives on as an orphan holding partitions."""
-    job = write_job(tmp_path, RESTART_DATA, pace=0.15)
+    job = write_window_job(tmp_path, RESTART_DATA, pace=0.15)
     data_dir = tmp_path / "log"
     view = EmbeddedView(data_dir)
     flags = ["--no-progress", "--data-dir", str(data_dir)]
-    runner = start(
-        sessions, ["run", str(job.module), "--workers", "3", *flags], cwd=tmp_path, name="run"
+    runner = sessions.start(
+        ["run", str(job.module), "--workers", "3", *flags], cwd=tmp_path, name="run"
     )
     wait_until(has_workers(runner, 3), timeout=30, what="3 workers")
     wait_until(
@@ -1119,7 +761,7 @@ def test_chaos_kafka(
     # while the gate is closed the source writes 1,000 events every 0.5 s; a killed member is
     # noticed by the group coordinator after its session timeout (10 s), so each kill costs
     # 10-15 s
-    job = write_job(
+    job = write_window_job(
         tmp_path,
         CHAOS_DATA,
         pace=0.5,
@@ -1139,8 +781,8 @@ def test_chaos_kafka(
         "--bootstrap-servers",
         kafka,
     ]
-    runner = start(
-        sessions, ["run", str(job.module), "--workers", "3", *flags], cwd=tmp_path, name="run"
+    runner = sessions.start(
+        ["run", str(job.module), "--workers", "3", *flags], cwd=tmp_path, name="run"
     )
     wait_until(has_workers(runner, 3), timeout=30, what="3 workers")
     wait_until(
@@ -1150,7 +792,7 @@ def test_chaos_kafka(
         watch=[runner],
         interval=0.5,
     )
-    chaos = run_chaos(
+    chaos = kill_at_random(
         runner=runner,
         job=job,
         view=view,
@@ -1188,14 +830,14 @@ RESTART_DATA = Dataset(events=100_000, users=40, span_ms=2 * HOUR_MS, window_min
 def test_restart_after_killing_everything(
     tmp_path: Path, sessions: Sessions, guarantee: str
 ) -> None:
-    job = write_job(tmp_path, RESTART_DATA, pace=0.15, guarantee=guarantee)
+    job = write_window_job(tmp_path, RESTART_DATA, pace=0.15, guarantee=guarantee)
     data_dir = tmp_path / "log"
     view = EmbeddedView(data_dir)
     command = ["run", str(job.module), "--workers", "3", "--no-progress"]
     command += ["--data-dir", str(data_dir)]
     total = job.data.events
 
-    first = start(sessions, command, cwd=tmp_path, name="first")
+    first = sessions.start(command, cwd=tmp_path, name="first")
     wait_until(has_workers(first, 3), timeout=30, what="3 workers")
     wait_until(
         lambda: (
@@ -1230,7 +872,7 @@ def test_restart_after_killing_everything(
     assert copies, f"no local state copy under {data_dir / 'state'}"
 
     job.open_gate()
-    second = start(sessions, command, cwd=tmp_path, name="second")
+    second = sessions.start(command, cwd=tmp_path, name="second")
     code = second.wait(90)
     stderr = second.stderr()
     assert code == 0, tail(stderr)
@@ -1254,7 +896,7 @@ def test_restart_after_killing_everything(
 
 
 def check_read_once_what_was_not_committed(
-    view: LogView, job: Job, kill: Kill, before: set[int]
+    view: LogView, job: WindowJob, kill: Kill, before: set[int]
 ) -> None:
     """The workers of the run after ``kill`` (those not among ``before``) read each event the
     kill left not committed once, and nothing else; the kill had caught some in flight."""
@@ -1291,13 +933,13 @@ def members(data_dir: Path, group: str) -> int:
 @pytest.mark.timeout(120)
 def test_rebalance_while_a_window_is_open(tmp_path: Path, sessions: Sessions) -> None:
     # 500 events every 0.1 s: 16 s for the whole file, 8 s per hour of event time
-    job = write_job(tmp_path, REBALANCE_DATA, pace=0.1, batch=500)
+    job = write_window_job(tmp_path, REBALANCE_DATA, pace=0.1, batch=500)
     data_dir = tmp_path / "log"
     view = EmbeddedView(data_dir)
     half = job.data.events // 2
     flags = ["--no-progress", "--data-dir", str(data_dir)]
-    runner = start(
-        sessions, ["run", str(job.module), "--workers", "2", *flags], cwd=tmp_path, name="run"
+    runner = sessions.start(
+        ["run", str(job.module), "--workers", "2", *flags], cwd=tmp_path, name="run"
     )
     wait_until(has_workers(runner, 2), timeout=30, what="2 workers")
     wait_until(
@@ -1310,11 +952,8 @@ def test_rebalance_while_a_window_is_open(tmp_path: Path, sessions: Sessions) ->
 
     # a third worker joins: it takes partitions 4 and 5 (the newest member sorts last), and
     # partition 2 moves between the runner's workers, each with its first windows open
-    joining = start(
-        sessions,
-        ["worker", str(job.module), "--backend", "embedded", *flags],
-        cwd=tmp_path,
-        name="joining",
+    joining = sessions.start(
+        ["worker", str(job.module), "--backend", "embedded", *flags], cwd=tmp_path, name="joining"
     )
     wait_until(lambda: members(data_dir, job.group) == 3, timeout=30, what="3 members")
     since = committed_now(view, job)
@@ -1360,7 +999,7 @@ def test_rebalance_while_a_window_is_open(tmp_path: Path, sessions: Sessions) ->
     assert joined.get("count", (0, 0))[0] > 0, "the third worker counted nothing"
     # nothing crashed: every move checkpointed, so at-least-once gives what exactly-once
     # promises: each event once on the repartition topic, each window emitted once, exactly
-    check_exactly_once(view, job, read_outcome(view, job))
+    check_windows_exactly_once(view, job, read_outcome(view, job))
 
 
 # -- 5. what test_chaos_embedded found, reduced: the local state copy after a crash ----------------

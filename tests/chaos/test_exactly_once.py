@@ -39,36 +39,38 @@ import textwrap
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer
-from aiokafka import TopicPartition as KafkaPartition
-from aiokafka.admin import AIOKafkaAdminClient
 from chaos.inflight import (
     TRACE,
     Kill,
     a_busy_worker,
-    copy_bound,
-    describe,
-    in_flight,
     wait_for_a_fresh_batch,
-    where,
 )
-from kafka_support import delete_topics_of
-from processes import Cli, alive, stat_fields, tail, worker_pids
+from chaos.jobs import (
+    EXTRA_KILLS,
+    Chaos,
+    Job,
+    caught_in_flight,
+    check_in_flight,
+    committed_now,
+    progress_everywhere,
+    wait_for_no_process,
+)
+from support.cli import Cli, Sessions, tail, wait_until
+from support.kafka import delete_topics_of
+from support.logs import EmbeddedView, KafkaView, LogView
+from support.processes import alive, stat_fields, worker_pids
 
 from pipelines.log._commits import CommitRecord, pending_commits, read_commit, write_commit
 from pipelines.log._local import GroupConsumer
 from pipelines.log.base import RawBatch, TopicPartition, TopicSpec
 from pipelines.log.embedded import EmbeddedLog
-from pipelines.runtime.watermarks import is_marker
-
-KAFKA_BOOTSTRAP = os.environ.get("HEADWATER_TEST_KAFKA", "127.0.0.1:9092")
 
 EVENTS = 100_000
 KEYS = 12
@@ -90,12 +92,12 @@ def event_keys() -> tuple[str, ...]:
 
 
 @functools.cache
-def reference() -> dict[str, int]:
+def key_counts() -> dict[str, int]:
     """Each key's number of events: its final count."""
     return dict(Counter(event_keys()))
 
 
-def write_events(path: Path) -> None:
+def write_numbered_events(path: Path) -> None:
     dumps = orjson.dumps
     path.write_bytes(
         b"".join(dumps({"n": n, "key": key}) + b"\n" for n, key in enumerate(event_keys()))
@@ -159,42 +161,7 @@ pipeline = (
 '''
 
 
-@dataclass(frozen=True)
-class Job:
-    """A pipeline module written into a test's directory, with its data and names."""
-
-    directory: Path
-    name: str
-    input_topic: str
-    output_topic: str
-    guarantee: str
-
-    @property
-    def module(self) -> Path:
-        return self.directory / "job.py"
-
-    @property
-    def gate(self) -> Path:
-        return self.directory / "gate"
-
-    @property
-    def quiet(self) -> Path:
-        return self.directory / "quiet"
-
-    @property
-    def paused(self) -> Path:
-        return self.directory / "paused"
-
-    @property
-    def group(self) -> str:
-        return self.name
-
-    @property
-    def repartition_topic(self) -> str:
-        return f"{self.name}.by-key"
-
-
-def write_job(
+def write_count_job(
     directory: Path,
     *,
     guarantee: str,
@@ -204,8 +171,8 @@ def write_job(
     input_topic: str = "events",
     output_topic: str = "counts",
 ) -> Job:
-    job = Job(directory, name, input_topic, output_topic, guarantee)
-    write_events(directory / "events.jsonl")
+    job = Job(directory, name, input_topic, output_topic, guarantee, "by-key", "n")
+    write_numbered_events(directory / "events.jsonl")
     job.module.write_text(
         textwrap.dedent(JOB).format(
             guarantee=guarantee,
@@ -222,262 +189,6 @@ def write_job(
     return job
 
 
-# -- processes -------------------------------------------------------------------------------------
-
-
-class Commands:
-    """The ``headwater`` commands a test started, each in its own session; at the end of the
-    test every process of those sessions is killed, whatever happened."""
-
-    def __init__(self) -> None:
-        self.started: list[Cli] = []
-        self.env: dict[str, str] = {"HEADWATER_HOUSEKEEPING_SECONDS": "3600"}
-        """Settings every command gets (the runner's own ``HEADWATER_*`` are left out). No
-        purges: the checks read every copy a run wrote to its repartition topic."""
-
-    def start(self, args: Sequence[str], *, cwd: Path, name: str) -> Cli:
-        out, err = cwd / f"{name}.stdout", cwd / f"{name}.stderr"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_")}
-        env.update(self.env)
-        with out.open("wb") as stdout, err.open("wb") as stderr:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "pipelines.cli", *args],
-                cwd=cwd,
-                stdout=stdout,
-                stderr=stderr,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-            )
-        cli = Cli(process, name, err)
-        self.started.append(cli)
-        return cli
-
-    def alive(self) -> list[int]:
-        """Live processes of the started sessions (whoever their parent is now)."""
-        sessions = {str(c.pid) for c in self.started}
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                fields = stat_fields(int(entry.name))
-                if fields is not None and fields[0] != "Z" and fields[3] in sessions:
-                    found.append(int(entry.name))
-        return sorted(found)
-
-    def kill_all(self, timeout: float = 15.0) -> list[int]:
-        deadline = time.monotonic() + timeout
-        while (left := self.alive()) and time.monotonic() < deadline:
-            for cli in self.started:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(cli.pid, signal.SIGKILL)
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.05)
-        for cli in self.started:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                cli.process.wait(timeout=5)
-        return self.alive()
-
-
-@pytest.fixture
-def commands() -> Iterator[Commands]:
-    started = Commands()
-    yield started
-    left = started.kill_all()
-    assert not left, f"processes of the test outlived it even after SIGKILL: {left}"
-
-
-def wait_until(
-    condition: Callable[[], bool],
-    *,
-    timeout: float,
-    what: str,
-    watch: Sequence[Cli] = (),
-    interval: float = 0.1,
-) -> None:
-    """Poll ``condition``; fail if it stays false for ``timeout`` s or a watched command ends."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        for cli in watch:
-            if not cli.running():
-                pytest.fail(
-                    f"`headwater {cli.name}` ended (status {cli.process.returncode}) before "
-                    f"{what}:\n{tail(cli.stderr())}"
-                )
-        if time.monotonic() > deadline:
-            where = "".join(f"\n--- {c.name}:\n{tail(c.stderr())}" for c in watch)
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{where}")
-        time.sleep(interval)
-
-
-# -- reading the log -------------------------------------------------------------------------------
-
-Entry = tuple[int, bytes | None, bytes | None]
-"""(offset, key, value) of one record."""
-
-
-class LogView(Protocol):
-    """What the tests read from a log, as any other client would."""
-
-    def ends(self, topic: str, partitions: int) -> dict[int, int]: ...
-
-    def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]: ...
-
-    def records(self, topic: str, partitions: int) -> list[list[Entry]]:
-        """Every (committed) record, partition by partition in offset order, without the
-        watermark markers."""
-        ...
-
-
-class EmbeddedView:
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-
-    def _run(self, work: Callable[[EmbeddedLog], Any]) -> Any:
-        async def go() -> Any:
-            log = EmbeddedLog(self.data_dir)
-            try:
-                return await work(log)
-            finally:
-                await log.close()
-
-        return asyncio.run(go())
-
-    def _exists(self, topic: str) -> bool:
-        return (self.data_dir / "topics" / topic / "topic.json").exists()
-
-    def ends(self, topic: str, partitions: int) -> dict[int, int]:
-        if not self._exists(topic):
-            return dict.fromkeys(range(partitions), 0)
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-
-        async def work(log: EmbeddedLog) -> dict[int, int]:
-            return {tp.partition: o for tp, o in (await log.end_offsets(tps)).items()}
-
-        return self._run(work)  # type: ignore[no-any-return]
-
-    def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]:
-        tps = [TopicPartition(topic, p) for p in range(partitions)]
-
-        async def work(log: EmbeddedLog) -> dict[int, int]:
-            found = await log.committed_offsets(group, tps)
-            return {tp.partition: found.get(tp, 0) for tp in tps}
-
-        return self._run(work)  # type: ignore[no-any-return]
-
-    def records(self, topic: str, partitions: int) -> list[list[Entry]]:
-        async def work(log: EmbeddedLog) -> list[list[Entry]]:
-            found = []
-            for partition in range(partitions):
-                tp = TopicPartition(topic, partition)
-                offset, entries = 0, []
-                while True:
-                    fetched = await log.read(tp, offset, 50_000)
-                    if not len(fetched.records):
-                        break
-                    entries += [
-                        (o, k, v)
-                        for o, k, v in zip(
-                            fetched.offsets,
-                            fetched.records.keys,
-                            fetched.records.values,
-                            strict=True,
-                        )
-                        if not is_marker(k, v)
-                    ]
-                    offset = fetched.next_offset
-                found.append(entries)
-            return found
-
-        return self._run(work)  # type: ignore[no-any-return]
-
-
-class KafkaView:
-    """Reads Kafka as any read_committed client does."""
-
-    def __init__(self, bootstrap: str) -> None:
-        self.bootstrap = bootstrap
-
-    @contextlib.asynccontextmanager
-    async def _consumer(self) -> Any:
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap,
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            isolation_level="read_committed",
-        )
-        await asyncio.wait_for(consumer.start(), 30)
-        try:
-            yield consumer
-        finally:
-            await consumer.stop()
-
-    def ends(self, topic: str, partitions: int) -> dict[int, int]:
-        async def go() -> dict[int, int]:
-            async with self._consumer() as consumer:
-                if topic not in await consumer.topics():
-                    return dict.fromkeys(range(partitions), 0)
-                tps = [KafkaPartition(topic, p) for p in range(partitions)]
-                found = await consumer.end_offsets(tps)
-                return {tp.partition: offset for tp, offset in found.items()}
-
-        return asyncio.run(asyncio.wait_for(go(), 60))
-
-    def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]:
-        async def go() -> dict[int, int]:
-            admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=10_000)
-            await admin.start()
-            try:
-                tps = [KafkaPartition(topic, p) for p in range(partitions)]
-                found = await admin.list_consumer_group_offsets(group, partitions=tps)
-            finally:
-                await admin.close()
-            return {
-                p: max(0, found[KafkaPartition(topic, p)].offset)
-                if KafkaPartition(topic, p) in found
-                else 0
-                for p in range(partitions)
-            }
-
-        return asyncio.run(asyncio.wait_for(go(), 60))
-
-    def records(self, topic: str, partitions: int) -> list[list[Entry]]:
-        """Every committed record up to the end (the last stable offset), partition by
-        partition, in offset order."""
-
-        async def go() -> list[list[Entry]]:
-            async with self._consumer() as consumer:
-                if topic not in await consumer.topics():
-                    return [[] for _ in range(partitions)]
-                tps = [KafkaPartition(topic, p) for p in range(partitions)]
-                consumer.assign(tps)
-                ends = await consumer.end_offsets(tps)
-                await consumer.seek_to_beginning(*tps)
-                found: dict[int, list[Entry]] = {p: [] for p in range(partitions)}
-                deadline = time.monotonic() + 90
-                todo = [tp for tp in tps if ends[tp] > 0]
-                while todo:
-                    fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=50_000)
-                    for tp, messages in fetched.items():
-                        found[tp.partition] += [
-                            (m.offset, m.key, m.value)
-                            for m in messages
-                            if m.offset < ends[tp] and not is_marker(m.key, m.value)
-                        ]
-                    todo = [tp for tp in todo if await consumer.position(tp) < ends[tp]]
-                    assert time.monotonic() < deadline, f"reading {topic} took over 90s"
-                return [found[p] for p in range(partitions)]
-
-        return asyncio.run(go())
-
-
-def count(view: LogView, topic: str, partitions: int) -> int:
-    """Records on ``topic`` (markers take offsets but are not counted)."""
-    return sum(map(len, view.records(topic, partitions)))
-
-
 # -- checking the results --------------------------------------------------------------------------
 
 
@@ -491,7 +202,7 @@ class Emitted:
     """(partition, offset) of each."""
 
 
-def emitted(view: LogView, job: Job) -> dict[str, Emitted]:
+def emitted_counts(view: LogView, job: Job) -> dict[str, Emitted]:
     found: dict[str, Emitted] = defaultdict(Emitted)
     for partition, entries in enumerate(view.records(job.output_topic, OUTPUT_PARTITIONS)):
         for offset, key, value in entries:
@@ -569,13 +280,13 @@ def given_per_key(copies: Counter[int]) -> tuple[Counter[str], Counter[str]]:
     return given, distinct
 
 
-def check_exactly_once(
+def check_counts_exactly_once(
     outputs: dict[str, Emitted], copies: Counter[int], job: Job, chaos: Chaos
 ) -> None:
     """Every key's counts are exactly 1..N_key, N_key its reference count: nothing lost,
     nothing duplicated. Fails naming the first key that differs, with what the repartition
     topic gave the count step for it (copies there mean the fault is upstream of the count)."""
-    expected = reference()
+    expected = key_counts()
     given, distinct = given_per_key(copies)
     bad = []
     for key in sorted(expected.keys() | outputs.keys()):
@@ -591,19 +302,21 @@ def check_exactly_once(
     if bad:
         pytest.fail(
             f"exactly-once broken: {len(bad)} of {len(expected)} keys differ from 1..N_key.\n"
-            f"First: {bad[0]}\n" + "".join(f"next: {line}\n" for line in bad[1:4]) + chaos.text(),
+            f"First: {bad[0]}\n"
+            + "".join(f"next: {line}\n" for line in bad[1:4])
+            + chaos.describe(),
             pytrace=False,
         )
 
 
-def check_at_least_once(
+def check_counts_at_least_once(
     outputs: dict[str, Emitted], copies: Counter[int], job: Job, chaos: Chaos
 ) -> None:
     """Nothing lost: every key's counts include every number 1..N_key, and its last count is
     exactly the number of its records the count step was given (every event at least once,
     plus the copies a replay put on the repartition topic: a count never double counts what
     it read, and never forgets any of it)."""
-    expected = reference()
+    expected = key_counts()
     given, _ = given_per_key(copies)
     bad = []
     for key in sorted(expected.keys() | outputs.keys()):
@@ -622,55 +335,12 @@ def check_at_least_once(
         pytest.fail(
             f"at-least-once broken: {len(bad)} of {len(expected)} keys.\nFirst: {bad[0]}\n"
             + "".join(f"next: {line}\n" for line in bad[1:4])
-            + chaos.text(),
+            + chaos.describe(),
             pytrace=False,
         )
 
 
 # -- chaos: kill -9 workers mid-stream, each time start a replacement ------------------------------
-
-
-@dataclass
-class Chaos:
-    """What happened during the kills."""
-
-    killed: list[tuple[int, str, str]] = field(default_factory=list)
-    """(pid, whose worker: 'run' or a replacement's name, how it was chosen)."""
-    replacements: list[Cli] = field(default_factory=list)
-    kills: list[Kill] = field(default_factory=list)
-    """The input offsets committed after each kill, to tell what it caught in flight."""
-    seconds: float = 0.0
-    commits_left: int = 0
-    """Kills that left a commit file behind (the worker died past its commit point)."""
-
-    def text(self) -> str:
-        lines = [f"kills ({self.seconds:.1f}s):"]
-        lines += [f"  worker {pid} of {whose}: {how}" for pid, whose, how in self.killed]
-        return "\n".join(lines)
-
-
-def committed_now(view: LogView, job: Job) -> dict[str, dict[int, int]]:
-    return {
-        topic: view.committed(job.group, topic, INPUT_PARTITIONS)
-        for topic in (job.input_topic, job.repartition_topic)
-    }
-
-
-def progress_everywhere(
-    view: LogView, job: Job, *, since: dict[str, dict[int, int]]
-) -> Callable[[], bool]:
-    """A condition: every partition of the input and repartition topics that had records not
-    committed at ``since`` has had more committed since: whoever owns it now works."""
-
-    def check() -> bool:
-        for topic, before in since.items():
-            now = view.committed(job.group, topic, INPUT_PARTITIONS)
-            ends = view.ends(topic, INPUT_PARTITIONS)
-            if any(now[p] <= before[p] < ends[p] for p in range(INPUT_PARTITIONS)):
-                return False
-        return True
-
-    return check
 
 
 def _flock_holders() -> dict[int, int]:
@@ -719,44 +389,12 @@ def kill_a_worker_with_a_commit_in_hand(
     return None
 
 
-EXTRA_KILLS = 4
-"""Kills a chaos run may add when none of the planned ones caught work in flight."""
-
-
-def positions(view: LogView, job: Job) -> dict[int, tuple[int, int]]:
-    """Event number -> (partition, offset) on the input topic."""
-    entries = view.records(job.input_topic, INPUT_PARTITIONS)
-    return where([[(o, v) for o, _, v in e if v is not None] for e in entries], "n")
-
-
-def caught_in_flight(view: LogView, job: Job, chaos: Chaos) -> list[int]:
-    """For each kill: the events its victim read and had not committed."""
-    found = positions(view, job)
-    return [in_flight(job.directory, kill, found) for kill in chaos.kills]
-
-
-def check_in_flight(view: LogView, job: Job, chaos: Chaos, copies: int | None = None) -> None:
-    """The kills caught work in flight (events read and not committed); with ``copies`` (the
-    copies on the repartition topic, under at-least-once), no more copies than that."""
-    found = positions(view, job)
-    caught = [in_flight(job.directory, kill, found) for kill in chaos.kills]
-    report = describe(job.directory, chaos.kills, found)
-    print(f"in flight:\n{report}")
-    assert any(caught), f"no kill caught an event read and not committed:\n{report}"
-    if copies is not None:
-        bound = copy_bound(job.directory, chaos.kills, found)
-        assert copies <= bound, (
-            f"{copies} copies on {job.repartition_topic}, more than the {bound} events the "
-            f"killed workers can have read and not committed\n{report}\n{chaos.text()}"
-        )
-
-
-def run_chaos(
+def kill_busy_workers(
     *,
     runner: Cli,
     job: Job,
     view: LogView,
-    commands: Commands,
+    sessions: Sessions,
     worker_args: Sequence[str],
     kills: int,
     rng: random.Random,
@@ -781,10 +419,10 @@ def run_chaos(
         round_ += 1
         job.paused.unlink(missing_ok=True)
         time.sleep(rng.uniform(*pause))
-        assert count(view, job.input_topic, INPUT_PARTITIONS) < HOLD * EVENTS, (
+        assert view.count(job.input_topic, INPUT_PARTITIONS) < HOLD * EVENTS, (
             f"kill {round_ + 1} ({kills} planned) would come after the source stopped writing (it "
             f"holds at {HOLD:.0%} of the file until the gate opens): slow it down (pace)\n"
-            + chaos.text()
+            + chaos.describe()
         )
         own = worker_pids(runner.pid)
         whose = {pid: "run" for pid in own} if len(own) > 1 else {}
@@ -821,7 +459,7 @@ def run_chaos(
         chaos.killed.append((victim, whose[victim], how))
 
         name = f"worker-{round_ + 1}"
-        replacement = commands.start(worker_args, cwd=job.directory, name=name)
+        replacement = sessions.start(worker_args, cwd=job.directory, name=name)
         chaos.replacements.append(replacement)
         wait_until(
             lambda r=replacement: len(worker_pids(r.pid)) == 1,
@@ -841,14 +479,14 @@ def run_chaos(
     return chaos
 
 
-def finish(runner: Cli, job: Job, view: LogView, chaos: Chaos, commands: Commands) -> None:
+def finish_counting(runner: Cli, job: Job, view: LogView, chaos: Chaos, sessions: Sessions) -> None:
     """Let the input run out; the run must end by itself with status 0 and nothing left to
     process. Then stop the replacements (SIGTERM): they leave cleanly."""
-    assert count(view, job.input_topic, INPUT_PARTITIONS) < EVENTS, "the source ended in chaos"
+    assert view.count(job.input_topic, INPUT_PARTITIONS) < EVENTS, "the source ended in chaos"
     job.gate.touch()
     code = runner.wait(120)
     stderr = runner.stderr()
-    assert code == 0, f"{tail(stderr)}\n{chaos.text()}"
+    assert code == 0, f"{tail(stderr)}\n{chaos.describe()}"
     assert "Traceback" not in stderr, tail(stderr)
     assert "lag: 0 records" in stderr, tail(stderr)
     if any(whose == "run" for _, whose, _ in chaos.killed):
@@ -862,12 +500,9 @@ def finish(runner: Cli, job: Job, view: LogView, chaos: Chaos, commands: Command
     for replacement in chaos.replacements:  # those whose worker was killed end by themselves
         if replacement.running():
             replacement.terminate()
-    deadline = time.monotonic() + 15
-    while (left := commands.alive()) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not left, f"processes still alive after every command was stopped: {left}"
+    wait_for_no_process(sessions)
     # every event is on the input topic once, and the group committed all of it
-    assert count(view, job.input_topic, INPUT_PARTITIONS) == EVENTS
+    assert view.count(job.input_topic, INPUT_PARTITIONS) == EVENTS
     committed = view.committed(job.group, job.input_topic, INPUT_PARTITIONS)
     ends = view.ends(job.input_topic, INPUT_PARTITIONS)
     assert all(committed[p] == ends[p] for p in range(INPUT_PARTITIONS)), (committed, ends)
@@ -877,31 +512,31 @@ def finish(runner: Cli, job: Job, view: LogView, chaos: Chaos, commands: Command
 
 
 def _embedded_chaos(
-    tmp_path: Path, commands: Commands, guarantee: str
+    tmp_path: Path, sessions: Sessions, guarantee: str
 ) -> tuple[Job, EmbeddedView, Chaos]:
     # while the gate is closed the source writes 1,000 events every 0.25 s (25 s for all)
-    job = write_job(tmp_path, guarantee=guarantee, pace=0.25)
+    job = write_count_job(tmp_path, guarantee=guarantee, pace=0.25)
     exactly_once = guarantee == "exactly_once"
     data_dir = tmp_path / "log"
     view = EmbeddedView(data_dir)
     flags = ["--no-progress", "--data-dir", str(data_dir)]
-    runner = commands.start(
+    runner = sessions.start(
         ["run", str(job.module), "--workers", "3", *flags], cwd=tmp_path, name="run"
     )
     wait_until(
         lambda: len(worker_pids(runner.pid)) == 3, timeout=30, what="3 workers", watch=[runner]
     )
     wait_until(
-        lambda: count(view, job.output_topic, OUTPUT_PARTITIONS) > 0,
+        lambda: view.count(job.output_topic, OUTPUT_PARTITIONS) > 0,
         timeout=30,
         what="the first counts",
         watch=[runner],
     )
-    chaos = run_chaos(
+    chaos = kill_busy_workers(
         runner=runner,
         job=job,
         view=view,
-        commands=commands,
+        sessions=sessions,
         worker_args=["worker", str(job.module), "--backend", "embedded", *flags],
         kills=6,
         rng=random.Random(),
@@ -910,16 +545,16 @@ def _embedded_chaos(
         takeover_timeout=20,
         commits_dir=data_dir / "groups" / job.group / "commits" if exactly_once else None,
     )
-    finish(runner, job, view, chaos, commands)
+    finish_counting(runner, job, view, chaos, sessions)
     return job, view, chaos
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
-def test_exactly_once_embedded_under_kill_9(tmp_path: Path, commands: Commands) -> None:
-    job, view, chaos = _embedded_chaos(tmp_path, commands, "exactly_once")
+def test_exactly_once_embedded_under_kill_9(tmp_path: Path, sessions: Sessions) -> None:
+    job, view, chaos = _embedded_chaos(tmp_path, sessions, "exactly_once")
     copies = repartition_copies(view, job)
-    check_exactly_once(emitted(view, job), copies, job, chaos)
+    check_counts_exactly_once(emitted_counts(view, job), copies, job, chaos)
     check_repartition(copies, job, exactly_once=True)
     # Catching a worker between a commit point and the end of its apply depends on timing (it
     # usually happens: see chaos.commits_left); the crash at each such point is proven
@@ -928,20 +563,20 @@ def test_exactly_once_embedded_under_kill_9(tmp_path: Path, commands: Commands) 
     left = [p.name for p in pending_commits(commits_dir)]
     assert not left, f"commit files never applied (a later claim would apply them late): {left}"
     check_in_flight(view, job, chaos)
-    print(chaos.text())
+    print(chaos.describe())
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_exactly_once_embedded_under_kill_9_while_segments_roll(
-    tmp_path: Path, commands: Commands
+    tmp_path: Path, sessions: Sessions
 ) -> None:
     """The same run with 32 KiB segments: every partition rolls many times, and workers are
     killed while they seal segments and follow seals. (No purges: the check reads every copy
     on the repartition topic.)"""
-    commands.env["HEADWATER_SEGMENT_BYTES"] = "32768"
-    job, view, chaos = _embedded_chaos(tmp_path, commands, "exactly_once")
-    check_exactly_once(emitted(view, job), repartition_copies(view, job), job, chaos)
+    sessions.env["HEADWATER_SEGMENT_BYTES"] = "32768"
+    job, view, chaos = _embedded_chaos(tmp_path, sessions, "exactly_once")
+    check_counts_exactly_once(emitted_counts(view, job), repartition_copies(view, job), job, chaos)
     rolled = list((tmp_path / "log" / "topics").glob("*/0-*.log"))
     assert len(rolled) > 10, rolled
     check_in_flight(view, job, chaos)
@@ -949,59 +584,30 @@ def test_exactly_once_embedded_under_kill_9_while_segments_roll(
 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
-def test_at_least_once_can_duplicate_but_never_loses(tmp_path: Path, commands: Commands) -> None:
-    job, view, chaos = _embedded_chaos(tmp_path, commands, "at_least_once")
+def test_at_least_once_can_duplicate_but_never_loses(tmp_path: Path, sessions: Sessions) -> None:
+    job, view, chaos = _embedded_chaos(tmp_path, sessions, "at_least_once")
     copies = repartition_copies(view, job)
     check_repartition(copies, job, exactly_once=False)
-    outputs = emitted(view, job)
-    check_at_least_once(outputs, copies, job, chaos)
+    outputs = emitted_counts(view, job)
+    check_counts_at_least_once(outputs, copies, job, chaos)
     extra_events = copies.total() - EVENTS
     extra_counts = sum(len(e.counts) for e in outputs.values()) - EVENTS
     check_in_flight(view, job, chaos, copies=extra_events)
-    print(chaos.text())
+    print(chaos.describe())
     print(f"copies: {extra_events} on the repartition topic, {extra_counts} re-emitted counts")
 
 
 # -- 3. Kafka --------------------------------------------------------------------------------------
 
 
-async def _probe(bootstrap: str) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=5000)
-    try:
-        await admin.start()
-        await admin.describe_cluster()
-    finally:
-        with contextlib.suppress(Exception):
-            await admin.close()
-
-
-@pytest.fixture
-def broker() -> str:
-    """The test broker's address, once it answers (the test fails when it does not)."""
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            asyncio.run(asyncio.wait_for(_probe(KAFKA_BOOTSTRAP), 10))
-        except Exception as error:
-            if time.monotonic() > deadline:
-                pytest.fail(
-                    f"no Kafka broker answers at {KAFKA_BOOTSTRAP} (HEADWATER_TEST_KAFKA): "
-                    f"{error!r}; start one with `bash scripts/kafka.sh start`",
-                    pytrace=False,
-                )
-            time.sleep(0.5)
-        else:
-            return KAFKA_BOOTSTRAP
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(200)
-def test_exactly_once_kafka_under_kill_9(tmp_path: Path, commands: Commands, broker: str) -> None:
+def test_exactly_once_kafka_under_kill_9(tmp_path: Path, sessions: Sessions, kafka: str) -> None:
     run = uuid.uuid4().hex[:10]
     # while the gate is closed the source writes 1,000 events every second; a killed member
     # is noticed by the group coordinator after its session timeout (10 s): each kill costs
     # 10-15 s
-    job = write_job(
+    job = write_count_job(
         tmp_path,
         guarantee="exactly_once",
         pace=1.0,
@@ -1009,27 +615,27 @@ def test_exactly_once_kafka_under_kill_9(tmp_path: Path, commands: Commands, bro
         input_topic=f"eos-events-{run}",
         output_topic=f"eos-counts-{run}",
     )
-    view = KafkaView(broker)
+    view = KafkaView(kafka)
     flags = ["--no-progress", "--data-dir", str(tmp_path / "state")]
-    flags += ["--backend", "kafka", "--bootstrap-servers", broker]
-    runner = commands.start(
+    flags += ["--backend", "kafka", "--bootstrap-servers", kafka]
+    runner = sessions.start(
         ["run", str(job.module), "--workers", "3", *flags], cwd=tmp_path, name="run"
     )
     wait_until(
         lambda: len(worker_pids(runner.pid)) == 3, timeout=30, what="3 workers", watch=[runner]
     )
     wait_until(
-        lambda: count(view, job.output_topic, OUTPUT_PARTITIONS) > 0,
+        lambda: view.count(job.output_topic, OUTPUT_PARTITIONS) > 0,
         timeout=60,
         what="the first committed counts",
         watch=[runner],
         interval=0.5,
     )
-    chaos = run_chaos(
+    chaos = kill_busy_workers(
         runner=runner,
         job=job,
         view=view,
-        commands=commands,
+        sessions=sessions,
         worker_args=["worker", str(job.module), *flags],
         kills=5,
         rng=random.Random(),
@@ -1037,14 +643,14 @@ def test_exactly_once_kafka_under_kill_9(tmp_path: Path, commands: Commands, bro
         delay=(0.02, 0.15),
         takeover_timeout=60,
     )
-    finish(runner, job, view, chaos, commands)
+    finish_counting(runner, job, view, chaos, sessions)
     copies = repartition_copies(view, job)
-    check_exactly_once(emitted(view, job), copies, job, chaos)
+    check_counts_exactly_once(emitted_counts(view, job), copies, job, chaos)
     check_repartition(copies, job, exactly_once=True)
     check_in_flight(view, job, chaos)
-    print(chaos.text())
+    print(chaos.describe())
     with contextlib.suppress(Exception):
-        asyncio.run(delete_topics_of(broker, run))
+        asyncio.run(delete_topics_of(kafka, run))
 
 
 # -- 4. a commit whose writer died before it was applied -------------------------------------------

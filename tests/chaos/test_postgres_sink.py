@@ -18,8 +18,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from postgres_support import execute, postgres_url, query, table_name
-from runtime.test_processes import headwater_run, wait_until, worker_pids
+from support.cli import background, wait_until
+from support.postgres import execute, postgres_url, query, table_name
+from support.processes import worker_pids
 
 from connectors.postgres import OFFSETS_TABLE
 
@@ -128,16 +129,21 @@ def test_exactly_once_into_postgres_under_kill_9(tmp_path: Path) -> None:
     try:
         kills: list[int] = []  # rows in the events table at each kill
         env = {"HEADWATER_TEST_POSTGRES": postgres_url(), "PG_CHAOS_CRASHES": str(crashes)}
-        with headwater_run(module, tmp_path / "data", workers=3, name="run", env=env) as runner:
+        with background(
+            ["run", module, "--workers", "3", "--data-dir", tmp_path / "data"],
+            cwd=module.parent,
+            name="run",
+            env=env,
+        ) as runner:
             for _ in range(KILLS):
                 before = kills[-1] if kills else 0
                 wait_until(
                     lambda before=before: (
                         query(count)[0][0] > before and len(worker_pids(runner.pid)) == 3
                     ),
-                    runner,
                     timeout=60,
                     what="new rows and three workers",
+                    watch=[runner],
                 )
                 kills.append(query(count)[0][0])
                 assert kills[-1] < N, f"the run was over after {len(kills) - 1} kills: slow it"

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import socket
 import subprocess
-import sys
 import textwrap
 import time
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,26 +33,20 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from cli_support import clean_env
-from helpers_connectors import STAMP, make_batch
 from pydantic import BaseModel
+from support.cli import Cli, background, wait_until
+from support.connectors import STAMP, sink_batch, started
+from support.network import free_port
+from support.values import sorted_json
 
 from connectors.base import SinkContext, SourceBatch, UnwritableValue
 from connectors.http import JSON, NDJSON, TOKEN_VARIABLE, HttpSource, WebhookSink
-from pipelines.batch import Batch
 from pipelines.errors import ConnectorError
-from pipelines.log.base import FetchedBatch, RawBatch
+
+CONTEXT = SinkContext("pipe", "sink.webhook", 0)
 
 WAIT = 10.0
 """Seconds a test waits for something that should take milliseconds."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (for a server in another process)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def ndjson(values: list[Any]) -> bytes:
@@ -552,44 +544,20 @@ async def post_all(url: str, records: list[dict[str, Any]]) -> None:
         await asyncio.gather(*(client(session) for _ in range(4)))
 
 
-def wait_for_health(port: int, process: subprocess.Popen[bytes], err: Path) -> None:
+def wait_for_health(port: int, run: Cli) -> None:
     """Wait until the runner's endpoint takes connections."""
-    deadline = time.monotonic() + 60
-    while True:
-        assert process.poll() is None, f"headwater run ended:\n{err.read_text()}"
-        assert time.monotonic() < deadline, f"the endpoint never answered:\n{err.read_text()}"
+
+    def answers() -> bool:
         try:
             with socket.create_connection(("127.0.0.1", port)):
-                return
+                return True
         except OSError:
-            time.sleep(0.1)
+            return False
+
+    wait_until(answers, timeout=60, what="the endpoint to answer", watch=[run])
 
 
-def canonical(value: Any) -> bytes:
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-
-
-@contextlib.contextmanager
-def headwater_run(directory: Path, module: str) -> Iterator[subprocess.Popen[bytes]]:
-    """``headwater run MODULE`` in the background, in its own session; killed with its workers
-    if still running after the block."""
-    with (directory / "run.stdout").open("wb") as out, (directory / "run.stderr").open("wb") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.cli", "run", module, "--no-progress"],
-            cwd=directory,
-            stdout=out,
-            stderr=err,
-            stdin=subprocess.DEVNULL,
-            env=clean_env(),
-            start_new_session=True,
-        )
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+INGEST = ["run", "ingest.py", "--no-progress"]
 
 
 @pytest.mark.slow
@@ -603,20 +571,18 @@ def test_headwater_run_writes_every_acknowledged_record(tmp_path: Path) -> None:
     records = [{"user": f"u{n % 17}", "n": n, "tag": "abcdefg"[: n % 8]} for n in range(RECORDS)]
     url = f"http://127.0.0.1:{port}/ingest"
     output = tmp_path / "out.jsonl"
-    with headwater_run(tmp_path, "ingest.py") as process:
-        wait_for_health(port, process, tmp_path / "run.stderr")
+    with background(INGEST, cwd=tmp_path, name="run") as run:
+        wait_for_health(port, run)
         asyncio.run(post_all(url, records))
         deadline = time.monotonic() + 60
         while not output.exists() or output.read_bytes().count(b"\n") < RECORDS:
-            assert process.poll() is None, (tmp_path / "run.stderr").read_text()
+            assert run.running(), run.stderr()
             assert time.monotonic() < deadline, "the output never got every record"
             time.sleep(0.1)
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 128 + signal.SIGINT, (
-            tmp_path / "run.stderr"
-        ).read_text()
-    written = Counter(canonical(orjson.loads(line)) for line in output.read_bytes().splitlines())
-    assert written == Counter(canonical(record) for record in records)
+        run.process.send_signal(signal.SIGINT)
+        assert run.wait(60) == 128 + signal.SIGINT, run.stderr()
+    written = Counter(sorted_json(orjson.loads(line)) for line in output.read_bytes().splitlines())
+    assert written == Counter(sorted_json(record) for record in records)
 
 
 async def post_until_stopped(
@@ -669,27 +635,25 @@ def test_a_run_stopped_while_clients_post_keeps_every_acknowledged_record(
     (tmp_path / "ingest.py").write_text(textwrap.dedent(PIPELINE.format(port=port)))
     url = f"http://127.0.0.1:{port}/ingest"
     output = tmp_path / "out.jsonl"
-    with headwater_run(tmp_path, "ingest.py") as process:
-        wait_for_health(port, process, tmp_path / "run.stderr")
-        posted, acknowledged = asyncio.run(post_until_stopped(url, process, 3000))
-        assert process.wait(timeout=60) == 128 + signal.SIGINT, (
-            tmp_path / "run.stderr"
-        ).read_text()
+    with background(INGEST, cwd=tmp_path, name="run") as run:
+        wait_for_health(port, run)
+        posted, acknowledged = asyncio.run(post_until_stopped(url, run.process, 3000))
+        assert run.wait(60) == 128 + signal.SIGINT, run.stderr()
     assert len(acknowledged) >= 3000
-    expected = Counter(canonical(record) for record in acknowledged)
-    with headwater_run(tmp_path, "ingest.py") as process:  # the rest of the log, if any
+    expected = Counter(sorted_json(record) for record in acknowledged)
+    with background(INGEST, cwd=tmp_path, name="run") as run:  # the rest of the log, if any
         deadline = time.monotonic() + 60
         while True:
             lines = output.read_bytes().splitlines() if output.exists() else []
-            written = Counter(canonical(orjson.loads(line)) for line in lines)
+            written = Counter(sorted_json(orjson.loads(line)) for line in lines)
             if not expected - written:
                 break
-            assert process.poll() is None, (tmp_path / "run.stderr").read_text()
+            assert run.running(), run.stderr()
             assert time.monotonic() < deadline, f"{sum((expected - written).values())} missing"
             time.sleep(0.2)
-        process.send_signal(signal.SIGINT)
-        process.wait(timeout=60)
-    assert set(written) <= {canonical(record) for record in posted}
+        run.process.send_signal(signal.SIGINT)
+        run.wait(60)
+    assert set(written) <= {sorted_json(record) for record in posted}
 
 
 # -- WebhookSink ------------------------------------------------------------------------------
@@ -759,27 +723,7 @@ async def receiver() -> AsyncIterator[Receiver]:
     await runner.cleanup()
 
 
-def ctx() -> SinkContext:
-    return SinkContext("pipe", "sink.webhook", 0)
-
-
-async def started(sink: WebhookSink) -> Any:
-    writer = sink.open(ctx())
-    await writer.start()
-    return writer
-
-
-def batch_at(values: list[Any], first: int, origins: list[int] | None = None) -> Batch:
-    """A batch read from topic ``t`` partition 0 at offsets ``first...``; ``origins`` maps each
-    value to the record it came from (-1: made on a timer), one each by default."""
-    origins = origins if origins is not None else list(range(len(values)))
-    count = max(origins, default=-1) + 1
-    raw = RawBatch([None] * count, [None] * count, [STAMP] * count)
-    fetched = FetchedBatch("t", 0, raw, list(range(first, first + count)), first + count)
-    return Batch([None] * len(values), values, [STAMP] * len(values), origins, fetched)
-
-
-class Click(BaseModel):
+class WebhookClick(BaseModel):
     user: str
     at: datetime
 
@@ -790,10 +734,10 @@ async def test_batched_posts_carry_json_arrays(receiver: Receiver) -> None:
     idempotency key naming the offsets of each array's records; pydantic models are encoded
     with their serializer."""
     sink = WebhookSink(receiver.url, max_batch=3, headers={"Authorization": "Bearer t"})
-    writer = await started(sink)
+    writer = await started(sink, CONTEXT)
     values: list[Any] = [{"n": n} for n in range(6)]
-    values.append(Click(user="ann", at=datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)))
-    writer.write(batch_at(values, 100))
+    values.append(WebhookClick(user="ann", at=datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)))
+    writer.write(sink_batch(values, first=100))
     assert receiver.requests == []
     await writer.flush()
     assert receiver.bodies == [
@@ -817,9 +761,11 @@ async def test_batched_posts_carry_json_arrays(receiver: Receiver) -> None:
 async def test_per_record_posts_carry_one_record_each(receiver: Receiver) -> None:
     """``batch=False`` POSTs each record alone; records that share an offset (a flat_map) get
     distinct keys, records made on a timer (no offset) get none."""
-    writer = await started(WebhookSink(receiver.url, batch=False, concurrency=1))
-    writer.write(batch_at([{"a": 1}, {"a": 2}, {"b": 1}, {"timer": 1}], 7, [0, 0, 1, -1]))
-    writer.write(make_batch(["text", 5]))
+    writer = await started(WebhookSink(receiver.url, batch=False, concurrency=1), CONTEXT)
+    writer.write(
+        sink_batch([{"a": 1}, {"a": 2}, {"b": 1}, {"timer": 1}], first=7, origins=[0, 0, 1, -1])
+    )
+    writer.write(sink_batch(["text", 5]))
     await writer.close()
     assert receiver.bodies == [{"a": 1}, {"a": 2}, {"b": 1}, {"timer": 1}, "text", 5]
     prefix = "pipe/sink.webhook/t/0/"
@@ -836,10 +782,10 @@ async def test_per_record_posts_carry_one_record_each(receiver: Receiver) -> Non
 async def test_a_value_json_cannot_hold_is_unwritable(receiver: Receiver) -> None:
     """``write`` refuses a batch holding a value JSON cannot encode (a set, bytes) with
     UnwritableValue, and buffers nothing of it."""
-    writer = await started(WebhookSink(receiver.url))
+    writer = await started(WebhookSink(receiver.url), CONTEXT)
     for bad in ({1, 2}, b"bytes"):
         with pytest.raises(UnwritableValue, match="cannot be sent as JSON"):
-            writer.write(make_batch([{"ok": 1}, bad]))
+            writer.write(sink_batch([{"ok": 1}, bad]))
     await writer.close()
     assert receiver.requests == []
 
@@ -848,8 +794,8 @@ async def test_503s_and_a_dropped_connection_are_retried(receiver: Receiver) -> 
     """Two 503s and a connection closed without an answer are retried, with backoff, until the
     POST succeeds; every attempt carries the same body and idempotency key."""
     receiver.script.extend([503, "drop", 503])
-    writer = await started(WebhookSink(receiver.url))
-    writer.write(make_batch([{"n": 1}, {"n": 2}]))
+    writer = await started(WebhookSink(receiver.url), CONTEXT)
+    writer.write(sink_batch([{"n": 1}, {"n": 2}]))
     await writer.flush()
     assert receiver.bodies == [[{"n": 1}, {"n": 2}]] * 4
     assert set(receiver.keys()) == {"pipe/sink.webhook/t/0/100-101"}
@@ -863,8 +809,8 @@ async def test_a_4xx_is_permanent_and_names_url_status_and_body(receiver: Receiv
     start of the answer, and keeps the records it did not deliver (only those): the next flush
     sends only them, under the same idempotency key."""
     receiver.script.extend([400])
-    writer = await started(WebhookSink(receiver.url, max_batch=2, concurrency=1))
-    writer.write(make_batch([1, 2, 3]))
+    writer = await started(WebhookSink(receiver.url, max_batch=2, concurrency=1), CONTEXT)
+    writer.write(sink_batch([1, 2, 3]))
     with pytest.raises(ConnectorError) as raised:
         await writer.flush()
     message = str(raised.value)
@@ -884,8 +830,8 @@ async def test_refusals_say_what_to_do(receiver: Receiver) -> None:
     receiver.script.extend([401, 404, (307, {"Location": "http://127.0.0.1:1/elsewhere"})])
     writers = []
     for hint in ("check the credentials given in headers=", "check the URL", "redirects to"):
-        writer = await started(WebhookSink(receiver.url))
-        writer.write(make_batch([1]))
+        writer = await started(WebhookSink(receiver.url), CONTEXT)
+        writer.write(sink_batch([1]))
         with pytest.raises(ConnectorError, match=hint):
             await writer.flush()
         writers.append(writer)
@@ -898,16 +844,16 @@ async def test_retry_after_is_honoured_up_to_the_cap(receiver: Receiver) -> None
     """A 429 with ``Retry-After: 1`` is retried after a second (not after the 0.1 s backoff);
     one asking for an hour is retried after ``max_retry_after``."""
     receiver.script.extend([(429, {"Retry-After": "1"}), (503, {"Retry-After": "3600"})])
-    writer = await started(WebhookSink(receiver.url, max_retry_after=0.3))
-    writer.write(make_batch([1]))
+    writer = await started(WebhookSink(receiver.url, max_retry_after=0.3), CONTEXT)
+    writer.write(sink_batch([1]))
     await writer.flush()
     first, second, third = receiver.times
     assert second - first >= 0.29  # capped at 0.3
     assert 0.29 <= third - second < 5
     receiver.script.extend([(429, {"Retry-After": "1"})])
     receiver.times.clear()
-    slow = await started(WebhookSink(receiver.url))
-    slow.write(make_batch([2]))
+    slow = await started(WebhookSink(receiver.url), CONTEXT)
+    slow.write(sink_batch([2]))
     await slow.flush()
     assert receiver.times[1] - receiver.times[0] >= 0.95
     await writer.close()
@@ -922,14 +868,14 @@ async def test_after_max_attempts_the_flush_fails_and_the_same_batch_keeps_its_k
     writer given the same batch (a replay after a restart), send it with the same
     idempotency key."""
     receiver.script.extend([500] * 3)
-    writer = await started(WebhookSink(receiver.url, max_attempts=3))
-    batch = make_batch([{"n": 1}, {"n": 2}])
+    writer = await started(WebhookSink(receiver.url, max_attempts=3), CONTEXT)
+    batch = sink_batch([{"n": 1}, {"n": 2}])
     writer.write(batch)
     with pytest.raises(ConnectorError, match=r"failed 3 times, the last with 500 .*answer 500"):
         await writer.flush()
     assert len(receiver.requests) == 3
     await writer.flush()
-    replay = await started(WebhookSink(receiver.url))
+    replay = await started(WebhookSink(receiver.url), CONTEXT)
     replay.write(batch)
     await replay.close()
     assert len(receiver.requests) == 5
@@ -941,8 +887,8 @@ async def test_a_request_that_times_out_is_retried(receiver: Receiver) -> None:
     """A receiver slower than ``timeout`` counts as a failed attempt, retried; the error after
     the last attempt says that no answer came in time."""
     receiver.delay = 1.0
-    writer = await started(WebhookSink(receiver.url, timeout=0.2, max_attempts=2))
-    writer.write(make_batch([1]))
+    writer = await started(WebhookSink(receiver.url, timeout=0.2, max_attempts=2), CONTEXT)
+    writer.write(sink_batch([1]))
     with pytest.raises(ConnectorError, match="failed 2 times, the last with no answer within"):
         await writer.flush()
     assert len(receiver.requests) == 2
@@ -954,8 +900,8 @@ async def test_a_request_that_times_out_is_retried(receiver: Receiver) -> None:
 async def test_concurrent_posts_are_limited(receiver: Receiver) -> None:
     """At most ``concurrency`` POSTs of a writer are in flight at once, and that many are."""
     receiver.delay = 0.05
-    writer = await started(WebhookSink(receiver.url, batch=False, concurrency=3))
-    writer.write(make_batch(list(range(20))))
+    writer = await started(WebhookSink(receiver.url, batch=False, concurrency=3), CONTEXT)
+    writer.write(sink_batch(list(range(20))))
     await writer.flush()
     assert receiver.most_active == 3
     assert sorted(receiver.bodies) == list(range(20))

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from helpers_connectors import STAMP, make_batch, read_all, values_of
+from support.connectors import STAMP, read_to_end, sink_batch, values_of
 
 from connectors import Collect, Iterable, SinkContext
 from pipelines.errors import ConnectorError
@@ -17,7 +17,7 @@ CTX = SinkContext("p", "sink.collect", 0)
 
 
 async def test_iterable_batches_and_positions() -> None:
-    batches = await read_all(Iterable(list(range(25)), batch_size=10))
+    batches = await read_to_end(Iterable(list(range(25)), batch_size=10))
     assert [b.values for b in batches] == [
         list(range(10)),
         list(range(10, 20)),
@@ -29,11 +29,11 @@ async def test_iterable_batches_and_positions() -> None:
 
 async def test_iterable_resumes_from_every_position() -> None:
     items = list(range(37))
-    batches = await read_all(Iterable(items, batch_size=5))
+    batches = await read_to_end(Iterable(items, batch_size=5))
     for index, batch in enumerate(batches):
-        resumed = values_of(await read_all(Iterable(items, batch_size=5), batch.position))
+        resumed = values_of(await read_to_end(Iterable(items, batch_size=5), batch.position))
         assert values_of(batches[: index + 1]) + resumed == items
-    assert await read_all(Iterable(items), 100) == []
+    assert await read_to_end(Iterable(items), 100) == []
 
 
 async def test_iterable_callable_is_recreated_on_each_read() -> None:
@@ -41,38 +41,40 @@ async def test_iterable_callable_is_recreated_on_each_read() -> None:
         yield from range(7)
 
     source = Iterable(numbers, batch_size=3)
-    assert values_of(await read_all(source)) == list(range(7))
-    assert values_of(await read_all(source, 3)) == [3, 4, 5, 6]
+    assert values_of(await read_to_end(source)) == list(range(7))
+    assert values_of(await read_to_end(source, 3)) == [3, 4, 5, 6]
 
 
 async def test_iterable_one_shot_generator_reads_once() -> None:
     source = Iterable((i * i for i in range(6)), batch_size=4)
-    assert values_of(await read_all(source, 2)) == [4, 9, 16, 25]  # skips from a fresh one
+    assert values_of(await read_to_end(source, 2)) == [4, 9, 16, 25]  # skips from a fresh one
     with pytest.raises(ConnectorError, match="zero-argument callable"):
-        await read_all(source)
+        await read_to_end(source)
 
 
 async def test_iterable_keys_and_timestamps() -> None:
     base = datetime(2024, 1, 1, tzinfo=UTC)
     items = [{"user": "a", "at": base}, {"user": "b", "at": base + timedelta(seconds=1)}]
-    batches = await read_all(Iterable(items, key=lambda v: v["user"], timestamp=lambda v: v["at"]))
+    batches = await read_to_end(
+        Iterable(items, key=lambda v: v["user"], timestamp=lambda v: v["at"])
+    )
     assert batches[0].keys == ["a", "b"]
     millis = int(base.timestamp() * 1000)
     assert batches[0].timestamps == [millis, millis + 1000]
-    batches = await read_all(Iterable([1, 2], timestamp=lambda v: v * 1000))
+    batches = await read_to_end(Iterable([1, 2], timestamp=lambda v: v * 1000))
     assert batches[0].timestamps == [1000, 2000]
 
 
 async def test_iterable_rejects_naive_timestamps() -> None:
     source = Iterable([1], timestamp=lambda v: datetime(2024, 1, 1))  # noqa: DTZ001
     with pytest.raises(ConnectorError, match="no time zone"):
-        await read_all(source)
+        await read_to_end(source)
 
 
 async def test_iterable_records_supply_key_value_and_timestamp() -> None:
     when = datetime(2024, 1, 1, 12, tzinfo=timezone(timedelta(hours=2)))
     items = [Record("k1", {"v": 1}, when), {"v": 2}]
-    batches = await read_all(Iterable(items, key=lambda v: "fn"))
+    batches = await read_to_end(Iterable(items, key=lambda v: "fn"))
     batch = batches[0]
     assert batch.values == [{"v": 1}, {"v": 2}]
     assert batch.keys == ["k1", "fn"]
@@ -86,10 +88,10 @@ async def test_iterable_async_iterable_and_resume() -> None:
             yield i
 
     source = Iterable(numbers, batch_size=10)
-    batches = await read_all(source)
+    batches = await read_to_end(source)
     assert [len(b.values) for b in batches] == [10, 10, 3]
     assert values_of(batches) == list(range(23))
-    assert values_of(await read_all(source, 20)) == [20, 21, 22]
+    assert values_of(await read_to_end(source, 20)) == [20, 21, 22]
 
 
 async def test_iterable_async_slow_feed_emits_partial_batches() -> None:
@@ -154,8 +156,8 @@ def test_iterable_rejects_what_it_cannot_read() -> None:
 async def test_collect_gathers_values_keys_and_records() -> None:
     sink = Collect()
     first, second = sink.open(CTX), sink.open(SinkContext("p", "sink.collect", 1))
-    first.write(make_batch([{"a": 1}, {"a": 2}], keys=["x", "y"]))
-    second.write(make_batch([{"a": 3}]))
+    first.write(sink_batch([{"a": 1}, {"a": 2}], keys=["x", "y"]))
+    second.write(sink_batch([{"a": 3}]))
     await first.flush()
     await second.close()
     assert sink.values == [{"a": 1}, {"a": 2}, {"a": 3}]
@@ -172,4 +174,4 @@ async def test_collect_gathers_values_keys_and_records() -> None:
 async def test_iterable_key_function_errors_become_connector_errors() -> None:
     source = Iterable([{"user": "a"}, {}], key=lambda v: v["user"])
     with pytest.raises(ConnectorError, match="KeyError"):
-        await read_all(source)
+        await read_to_end(source)

@@ -28,9 +28,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
-from cli_support import headwater
-from helpers_connectors import STAMP, make_batch, read_all, values_of
 from pydantic import BaseModel, Field
+from support.cli import headwater
+from support.connectors import STAMP, read_to_end, sink_batch, started, values_of
 
 import connectors.parquet as parquet_module
 from connectors.base import SinkContext, SinkWriter, UnwritableValue
@@ -38,24 +38,15 @@ from connectors.parquet import ParquetSink, ParquetSource
 from pipelines.batch import Batch
 from pipelines.errors import ConnectorError
 
+CONTEXT = SinkContext("p", "sink.parquet", 0)
+
 ROWS = [{"i": i, "name": f"row {i}", "score": i / 4} for i in range(200)]
-
-
-def ctx(worker: int = 0, step_id: str = "sink.parquet") -> SinkContext:
-    return SinkContext("p", step_id, worker)
-
-
-async def started(sink: ParquetSink, worker: int = 0) -> SinkWriter:
-    """A writer of ``sink`` for ``worker``, started as the runtime starts it."""
-    writer = sink.open(ctx(worker))
-    await writer.start()
-    return writer
 
 
 async def write_in_flushes(writer: SinkWriter, rows: list[Any], per_flush: int) -> None:
     """Write ``rows`` in batches of ``per_flush``, flushing after each."""
     for start in range(0, len(rows), per_flush):
-        writer.write(make_batch(rows[start : start + per_flush]))
+        writer.write(sink_batch(rows[start : start + per_flush]))
         await writer.flush()
 
 
@@ -98,7 +89,7 @@ async def test_round_trip_through_files_and_source(tmp_path: Path) -> None:
     """Dicts written in several flushes come back from the source equal and in order, and
     nothing is visible before the writer rolls or closes (flushes only fill the staging file)."""
     out = tmp_path / "deep" / "out"
-    writer = await started(ParquetSink(out))
+    writer = await started(ParquetSink(out), CONTEXT)
     assert out.is_dir()  # created by start
     await write_in_flushes(writer, ROWS, 30)
     assert parts(out) == []
@@ -108,7 +99,7 @@ async def test_round_trip_through_files_and_source(tmp_path: Path) -> None:
     [file] = parts(out)
     assert file.name.startswith("part-p-sink.parquet-") and file.name.endswith(".parquet")
     assert pq.read_table(file).to_pylist() == ROWS
-    batches = await read_all(ParquetSource(out, batch_size=64))
+    batches = await read_to_end(ParquetSource(out, batch_size=64))
     assert values_of(batches) == ROWS
     assert [len(b.values) for b in batches] == [64, 64, 64, 8]
     assert batches[-1].position == {"file": file.name, "row": 200}
@@ -179,8 +170,8 @@ async def test_a_model_with_every_supported_type(tmp_path: Path) -> None:
         ),
     ]
     out = tmp_path / "out"
-    writer = await started(ParquetSink(out, model=Everything, include_key=True))
-    writer.write(make_batch(values, keys=["k1", None]))
+    writer = await started(ParquetSink(out, model=Everything, include_key=True), CONTEXT)
+    writer.write(sink_batch(values, keys=["k1", None]))
     await writer.close()
     [file] = parts(out)
     schema = pq.read_schema(file)
@@ -227,7 +218,7 @@ async def test_a_model_with_every_supported_type(tmp_path: Path) -> None:
         None,
         "[]",
     )
-    [read] = await read_all(ParquetSource(out))
+    [read] = await read_to_end(ParquetSource(out))
     assert read.values[0]["price"] == "12.30"  # exact text: a JSON topic cannot hold a Decimal
     assert read.values[1]["ratio"] == "3"
 
@@ -243,13 +234,13 @@ async def test_an_explicit_schema_and_the_timestamp_column(tmp_path: Path) -> No
         ]
     )
     out = tmp_path / "out"
-    writer = await started(ParquetSink(out, schema=schema, include_timestamp=True))
+    writer = await started(ParquetSink(out, schema=schema, include_timestamp=True), CONTEXT)
     rows: list[dict[str, Any]] = [
         {"id": 1, "point": {"x": 1.0, "y": 2.0}, "labels": ["a"]},
         {"id": 2, "point": None, "labels": []},
     ]
-    writer.write(make_batch(rows))
-    [refused] = write_each(writer, make_batch([{"id": 2**40, "point": None, "labels": None}]))
+    writer.write(sink_batch(rows))
+    [refused] = write_each(writer, sink_batch([{"id": 2**40, "point": None, "labels": None}]))
     assert "field 'id' cannot be written as int32" in refused
     await writer.close()
     table = pq.read_table(parts(out)[0])
@@ -292,8 +283,8 @@ async def test_a_value_that_does_not_fit_is_refused_and_the_rest_written(
     """``write`` refuses the whole batch (buffering none of it) with a message naming the
     field; written again record by record, only the bad one is refused."""
     out = tmp_path / "out"
-    writer = await started(ParquetSink(out, model=Reading))
-    batch = make_batch([GOOD, bad, {**GOOD, "n": 3, "maybe": "m"}])
+    writer = await started(ParquetSink(out, model=Reading), CONTEXT)
+    batch = sink_batch([GOOD, bad, {**GOOD, "n": 3, "maybe": "m"}])
     with pytest.raises(UnwritableValue, match="ParquetSink") as refused:
         writer.write(batch)
     assert needle in refused.value.message
@@ -308,14 +299,14 @@ async def test_columns_inferred_from_the_first_batch_are_then_fixed(tmp_path: Pa
     """Without a model or schema the first batch decides (a field None throughout is a
     string, nested values JSON); later values must fit, a missing field is null."""
     out = tmp_path / "out"
-    writer = await started(ParquetSink(out))
+    writer = await started(ParquetSink(out), CONTEXT)
     first = [
         {"a": 1, "b": "x", "c": None, "d": {"k": [1]}, "e": datetime(2024, 1, 1, tzinfo=UTC)},
         {"a": 2, "b": "y", "c": None, "d": [], "e": None, "f": 1.5},
     ]
-    writer.write(make_batch(first))
+    writer.write(sink_batch(first))
     refused = write_each(
-        writer, make_batch([{"a": 3}, {"a": "three"}, {"a": 4, "new": 1}, {"f": 2, "c": "z"}])
+        writer, sink_batch([{"a": 3}, {"a": "three"}, {"a": 4, "new": 1}, {"f": 2, "c": "z"}])
     )
     assert len(refused) == 2
     assert "field 'a' is str 'three'" in refused[0]
@@ -343,9 +334,9 @@ async def test_models_as_values_give_the_columns_and_key_types_are_inferred(
     """Model values without model= give their class's columns; include_key takes the key's
     type from the first batch."""
     out = tmp_path / "out"
-    writer = await started(ParquetSink(out, include_key=True))
-    writer.write(make_batch([Reading(n=1, x=1, s="a")], keys=[10]))
-    assert write_each(writer, make_batch([Reading(n=2, x=2, s="b")], keys=["eleven"]))
+    writer = await started(ParquetSink(out, include_key=True), CONTEXT)
+    writer.write(sink_batch([Reading(n=1, x=1, s="a")], keys=[10]))
+    assert write_each(writer, sink_batch([Reading(n=2, x=2, s="b")], keys=["eleven"]))
     await writer.close()
     [file] = parts(out)
     assert [(f.name, str(f.type)) for f in pq.read_schema(file)] == [
@@ -374,7 +365,7 @@ def test_a_sink_refuses_options_that_cannot_work(tmp_path: Path) -> None:
 async def test_a_file_where_the_directory_should_be(tmp_path: Path) -> None:
     """start() says the path is a file, not a directory."""
     (tmp_path / "out").write_text("")
-    writer = ParquetSink(tmp_path / "out").open(ctx())
+    writer = ParquetSink(tmp_path / "out").open(CONTEXT)
     with pytest.raises(ConnectorError, match="is a file; give the sink the path of a directory"):
         await writer.start()
 
@@ -419,7 +410,7 @@ async def test_readers_never_see_a_partial_or_hidden_file(
 
     monkeypatch.setattr(parquet_module, "_write_all", half_then_probe)
     monkeypatch.setattr(os, "rename", probe_then_rename)
-    writer = await started(ParquetSink(out, roll_rows=50))
+    writer = await started(ParquetSink(out, roll_rows=50), CONTEXT)
     await write_in_flushes(writer, ROWS[:130], 20)
     await writer.close()
     assert probes.count(".staging") == 3 and probes.count("part") == 3
@@ -453,7 +444,7 @@ async def test_readers_in_another_thread_while_files_roll(tmp_path: Path) -> Non
     reader.start()
     try:
         assert await asyncio.to_thread(reading.wait, 30)
-        writer = await started(ParquetSink(out, roll_rows=10))
+        writer = await started(ParquetSink(out, roll_rows=10), CONTEXT)
         await write_in_flushes(writer, ROWS, 5)
         await writer.close()
     finally:
@@ -471,7 +462,7 @@ async def test_rolls_by_rows(tmp_path: Path) -> None:
     """A staging file becomes a Parquet file at the flush that takes it to roll_rows rows:
     files of whole flushes, whose union in name order is the input."""
     out = tmp_path / "out"
-    writer = await started(ParquetSink(out, roll_rows=64))
+    writer = await started(ParquetSink(out, roll_rows=64), CONTEXT)
     await write_in_flushes(writer, ROWS, 30)
     assert [pq.read_metadata(p).num_rows for p in parts(out)] == [90, 90]
     await writer.close()
@@ -487,7 +478,7 @@ async def test_rolls_by_rows(tmp_path: Path) -> None:
 async def test_rolls_by_bytes(tmp_path: Path) -> None:
     """roll_bytes counts the staged Arrow data."""
     out = tmp_path / "out"
-    writer = await started(ParquetSink(out, roll_bytes=4000))
+    writer = await started(ParquetSink(out, roll_bytes=4000), CONTEXT)
     await write_in_flushes(writer, ROWS, 50)
     await writer.close()
     assert len(parts(out)) > 1
@@ -502,23 +493,23 @@ async def test_rolls_by_age_even_without_new_rows(
     now = [1000.0]
     monkeypatch.setattr(parquet_module, "_clock", lambda: now[0])
     out = tmp_path / "out"
-    writer = await started(ParquetSink(out, roll_seconds=60))
-    writer.write(make_batch(ROWS[:10]))
+    writer = await started(ParquetSink(out, roll_seconds=60), CONTEXT)
+    writer.write(sink_batch(ROWS[:10]))
     await writer.flush()  # the staging file is created now
     now[0] += 59.9
-    writer.write(make_batch(ROWS[10:20]))
+    writer.write(sink_batch(ROWS[10:20]))
     await writer.flush()
     assert parts(out) == []
     now[0] += 0.1
     await writer.flush()  # nothing new: rolls all the same
     assert [pq.read_metadata(p).num_rows for p in parts(out)] == [20]
-    writer.write(make_batch(ROWS[20:30]))
+    writer.write(sink_batch(ROWS[20:30]))
     await writer.flush()
     now[0] += 60
-    writer.write(make_batch(ROWS[30:40]))
+    writer.write(sink_batch(ROWS[30:40]))
     await writer.flush()
     assert [pq.read_metadata(p).num_rows for p in parts(out)] == [20, 20]
-    writer.write(make_batch(ROWS[40:45]))
+    writer.write(sink_batch(ROWS[40:45]))
     await writer.close()
     assert [pq.read_metadata(p).num_rows for p in parts(out)] == [20, 20, 5]
     assert rows_in(out) == ROWS[:45]
@@ -530,7 +521,7 @@ async def test_a_failed_append_leaves_the_staging_file_as_it_was(
     """An append that fails half-way (a full disk) is cut back and its rows stay buffered: the
     flush raises, and a later one writes them once."""
     out = tmp_path / "out"
-    writer = await started(ParquetSink(out))
+    writer = await started(ParquetSink(out), CONTEXT)
     await write_in_flushes(writer, ROWS[:10], 10)
     [staging] = [out / name for name in hidden(out)]
     size = staging.stat().st_size
@@ -541,12 +532,12 @@ async def test_a_failed_append_leaves_the_staging_file_as_it_was(
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(parquet_module, "_write_all", full_disk)
-    writer.write(make_batch(ROWS[10:20]))
+    writer.write(sink_batch(ROWS[10:20]))
     with pytest.raises(ConnectorError, match=r"the file was left as it was\. Free space"):
         await writer.flush()
     assert staging.stat().st_size == size
     monkeypatch.setattr(parquet_module, "_write_all", real_write_all)
-    writer.write(make_batch(ROWS[20:30]))
+    writer.write(sink_batch(ROWS[20:30]))
     await writer.close()
     assert rows_in(out) == ROWS[:30]
 
@@ -559,9 +550,9 @@ def _flush_then_die(directory: str, worker: int, hold: Any = None, ready: Any = 
     without flushing, then die by SIGKILL (after ``ready`` and ``hold``, when given)."""
 
     async def run() -> None:
-        writer = await started(ParquetSink(directory), worker)
+        writer = await started(ParquetSink(directory), SinkContext("p", "sink.parquet", worker))
         await write_in_flushes(writer, ROWS[:50], 25)
-        writer.write(make_batch(ROWS[50:55]))  # never flushed: its offsets were never committed
+        writer.write(sink_batch(ROWS[50:55]))  # never flushed: its offsets were never committed
         if ready is not None:
             ready.set()
             hold.wait(60)
@@ -621,7 +612,7 @@ async def test_a_crashed_writers_staging_file_becomes_a_parquet_file(
     torn = TAILS[tail](staging)
     with staging.open("ab") as append:
         append.write(torn)
-    writer = await started(ParquetSink(out), worker=0)
+    writer = await started(ParquetSink(out), CONTEXT)
     assert hidden(out) == []
     [file] = parts(out)
     assert pq.read_table(file).to_pylist() == ROWS[:50]
@@ -637,13 +628,13 @@ async def test_a_crash_between_renaming_and_removing_writes_no_second_copy(
     """A staging file whose Parquet file exists already (the writer died right after the
     rename) is only removed."""
     out = tmp_path / "out"
-    writer = await started(ParquetSink(out))
+    writer = await started(ParquetSink(out), CONTEXT)
     await write_in_flushes(writer, ROWS[:20], 10)
     [name] = hidden(out)
     copy = (out / name).read_bytes()
     await writer.close()
     (out / name).write_bytes(copy)
-    await (await started(ParquetSink(out))).close()
+    await (await started(ParquetSink(out), CONTEXT)).close()
     assert hidden(out) == [] and len(parts(out)) == 1
     assert rows_in(out) == ROWS[:20]
 
@@ -653,7 +644,7 @@ async def test_a_live_writers_staging_file_is_left_alone(tmp_path: Path) -> None
     """Another writer's start leaves the staging file of a live writer (in this process or in
     another) alone; once that process is killed, the next start recovers it."""
     out = tmp_path / "out"
-    local = await started(ParquetSink(out), worker=1)
+    local = await started(ParquetSink(out), SinkContext("p", "sink.parquet", 1))
     await write_in_flushes(local, ROWS[100:110], 10)
     spawn = multiprocessing.get_context("spawn")
     hold, ready = spawn.Event(), spawn.Event()
@@ -663,13 +654,13 @@ async def test_a_live_writers_staging_file_is_left_alone(tmp_path: Path) -> None
         assert await asyncio.to_thread(ready.wait, 60), "the writer process did not flush"
         before = hidden(out)
         assert len(before) == 2
-        other = await started(ParquetSink(out), worker=0)
+        other = await started(ParquetSink(out), CONTEXT)
         assert hidden(out) == before and parts(out) == []
         await other.close()
     finally:
         hold.set()
         await asyncio.to_thread(killed, process)
-    after = await started(ParquetSink(out), worker=0)
+    after = await started(ParquetSink(out), CONTEXT)
     assert rows_in(out) == ROWS[:50]  # the dead writer's rows; the live one's stay staged
     await after.close()
     await local.close()
@@ -688,7 +679,7 @@ async def test_stale_temporary_files_are_removed(tmp_path: Path) -> None:
     young.write_bytes(b"half")
     an_hour_ago = time.time() - 3600
     os.utime(old, (an_hour_ago, an_hour_ago))
-    await (await started(ParquetSink(out))).close()
+    await (await started(ParquetSink(out), CONTEXT)).close()
     assert hidden(out) == [young.name]
 
 
@@ -698,7 +689,7 @@ async def test_earlier_output_and_output_files(tmp_path: Path) -> None:
     out = tmp_path / "out"
     sink = ParquetSink(out)
     assert await sink.earlier_output("p", "sink.parquet") is None  # no directory yet
-    writer = await started(sink)
+    writer = await started(sink, CONTEXT)
     await write_in_flushes(writer, ROWS[:10], 10)
     held = await sink.earlier_output("p", "sink.parquet")
     assert held == (
@@ -706,7 +697,7 @@ async def test_earlier_output_and_output_files(tmp_path: Path) -> None:
         "not finish (their rows become Parquet files when a writer starts)"
     )
     await writer.close()
-    other = sink.open(ctx(step_id="other"))
+    other = sink.open(SinkContext("p", "other", 0))
     await write_in_flushes(other, ROWS[:5], 5)
     await other.close()
     assert await sink.earlier_output("p", "sink.parquet") == (
@@ -729,7 +720,7 @@ def three_files(tmp_path: Path) -> Path:
     out = tmp_path / "out"
 
     async def write() -> None:
-        writer = await started(ParquetSink(out, roll_rows=64))
+        writer = await started(ParquetSink(out, roll_rows=64), CONTEXT)
         await write_in_flushes(writer, ROWS, 30)
         await writer.close()
 
@@ -746,12 +737,12 @@ async def test_source_resumes_from_every_position_without_repeating_or_skipping(
     """From the position after each batch the source reads exactly the rest, across files and
     row groups."""
     source = ParquetSource(three_files, batch_size=32)
-    batches = await read_all(source)
+    batches = await read_to_end(source)
     assert values_of(batches) == ROWS
     read = 0
     for batch in batches:
         read += len(batch.values)
-        assert values_of(await read_all(source, batch.position)) == ROWS[read:]
+        assert values_of(await read_to_end(source, batch.position)) == ROWS[read:]
     names = [p.name for p in parts(three_files)]
     assert batches[-1].position == {"file": names[-1], "row": 20}
     assert {"file": names[0], "row": 90} in [b.position for b in batches]
@@ -764,19 +755,19 @@ async def test_source_resumes_inside_a_row_group(tmp_path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(ROWS), out / "a.parquet", row_group_size=30)
     source = ParquetSource(out, batch_size=7)
     for row in (0, 1, 29, 30, 31, 95, 199, 200):
-        rest = values_of(await read_all(source, {"file": "a.parquet", "row": row}))
+        rest = values_of(await read_to_end(source, {"file": "a.parquet", "row": row}))
         assert rest == ROWS[row:]
 
 
 async def test_source_reads_files_added_later_on_a_later_run(three_files: Path) -> None:
     """Files a sink adds after a run (later names) are what the next run reads."""
     source = ParquetSource(three_files)
-    done = (await read_all(source))[-1].position
-    writer = await started(ParquetSink(three_files))
+    done = (await read_to_end(source))[-1].position
+    writer = await started(ParquetSink(three_files), CONTEXT)
     more = [{"i": 1000 + n, "name": "more", "score": 0.0} for n in range(5)]
     await write_in_flushes(writer, more, 5)
     await writer.close()
-    assert values_of(await read_all(source, done)) == more
+    assert values_of(await read_to_end(source, done)) == more
 
 
 async def test_source_refuses_a_position_it_cannot_resume_from(three_files: Path) -> None:
@@ -785,13 +776,13 @@ async def test_source_refuses_a_position_it_cannot_resume_from(three_files: Path
     source = ParquetSource(three_files)
     first = parts(three_files)[0].name
     with pytest.raises(ConnectorError, match="which is not there any more; put it back"):
-        await read_all(source, {"file": "part-gone.parquet", "row": 3})
+        await read_to_end(source, {"file": "part-gone.parquet", "row": 3})
     with pytest.raises(ConnectorError, match="but it has 90 rows: it was replaced"):
-        await read_all(source, {"file": first, "row": 91})
+        await read_to_end(source, {"file": first, "row": 91})
     with pytest.raises(ConnectorError, match="belongs to another kind of source"):
-        await read_all(source, 1234)
+        await read_to_end(source, 1234)
     with pytest.raises(ConnectorError, match="no such directory or file"):
-        await read_all(ParquetSource(three_files / "missing"))
+        await read_to_end(ParquetSource(three_files / "missing"))
 
 
 async def test_source_keys_timestamps_and_globs(tmp_path: Path) -> None:
@@ -815,7 +806,7 @@ async def test_source_keys_timestamps_and_globs(tmp_path: Path) -> None:
         tmp_path / "2024-*" / "*.parquet", key=lambda v: v["id"][-1], timestamp_field="at"
     )
     before = int(time.time() * 1000)
-    batches = await read_all(source)
+    batches = await read_to_end(source)
     assert [b.position for b in batches] == [
         {"file": "2024-01-01/data.parquet", "row": 3},
         {"file": "2024-01-02/data.parquet", "row": 3},
@@ -825,7 +816,7 @@ async def test_source_keys_timestamps_and_globs(tmp_path: Path) -> None:
     stamps = batches[0].timestamps
     assert stamps is not None and stamps[:2] == [base, base + 1000] and stamps[2] >= before
     with pytest.raises(ConnectorError, match="must name a timestamp column"):
-        await read_all(ParquetSource(tmp_path / "2024-01-01", timestamp_field="id"))
+        await read_to_end(ParquetSource(tmp_path / "2024-01-01", timestamp_field="id"))
 
 
 # -- fsspec filesystems -------------------------------------------------------------------------
@@ -846,22 +837,22 @@ async def test_memory_filesystem_one_file_per_flush(memory_url: str) -> None:
     (no staging), and the source reads them back through fsspec."""
     sink = ParquetSink(memory_url, roll_rows=10)
     assert sink.local_directory is None
-    writer = await started(sink)
+    writer = await started(sink, CONTEXT)
     await write_in_flushes(writer, ROWS[:75], 25)
     await writer.flush()  # nothing buffered: no file
     fs, root = fsspec.core.url_to_fs(memory_url)
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(root, detail=False))
     assert len(names) == 3 and all(n.startswith("part-p-sink.parquet-") for n in names)
-    writer.write(make_batch(ROWS[75:80]))
+    writer.write(sink_batch(ROWS[75:80]))
     await writer.close()
     assert len(fs.ls(root, detail=False)) == 4
     assert await sink.earlier_output("p", "sink.parquet") == (
         f"directory {memory_url!r} holds 4 Parquet files"
     )
-    batches = await read_all(ParquetSource(memory_url, batch_size=20))
+    batches = await read_to_end(ParquetSource(memory_url, batch_size=20))
     assert values_of(batches) == ROWS[:80]
     assert [len(b.values) for b in batches[:3]] == [20, 5, 20]  # batches end with files
-    resumed = await read_all(ParquetSource(memory_url), batches[2].position)
+    resumed = await read_to_end(ParquetSource(memory_url), batches[2].position)
     assert values_of(resumed) == ROWS[45:80]
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import asyncpg
 import pytest
-from cli_support import headwater
-from postgres_support import postgres_url, table_name
+from support.cli import headwater
+from support.postgres import postgres_url, table_name
 
 from connectors.base import SourceBatch
 from connectors.postgres import PostgresSource
@@ -26,29 +26,22 @@ from pipelines.errors import ConnectorError
 
 
 @pytest.fixture
-async def db() -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(postgres_url())
-    yield connection
-    await connection.close()
-
-
-@pytest.fixture
-async def slot(db: asyncpg.Connection) -> AsyncIterator[str]:
+async def slot(postgres: asyncpg.Connection) -> AsyncIterator[str]:
     """A slot name no other test uses; the slot is dropped afterwards (it holds the log)."""
     name = f"test_{uuid.uuid4().hex[:12]}"
     yield name
-    await db.execute(
+    await postgres.execute(
         "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
         name,
     )
 
 
 @pytest.fixture
-async def orders(db: asyncpg.Connection) -> AsyncIterator[str]:
+async def items_table(postgres: asyncpg.Connection) -> AsyncIterator[str]:
     name = table_name()
-    await db.execute(f"CREATE TABLE {name} (id serial PRIMARY KEY, item text, qty int)")
+    await postgres.execute(f"CREATE TABLE {name} (id serial PRIMARY KEY, item text, qty int)")
     yield name
-    await db.execute(f"DROP TABLE {name}")
+    await postgres.execute(f"DROP TABLE {name}")
 
 
 async def everything(source: PostgresChangesSource, position: Any = None) -> list[SourceBatch]:
@@ -60,17 +53,17 @@ def changes(batches: list[SourceBatch]) -> list[dict[str, Any]]:
 
 
 async def test_a_row_committed_after_a_higher_id_is_read_though_polling_misses_it(
-    db: asyncpg.Connection, slot: str, orders: str
+    postgres: asyncpg.Connection, slot: str, items_table: str
 ) -> None:
-    source = PostgresChangesSource(slot, tables=[orders], url=postgres_url(), follow=False)
+    source = PostgresChangesSource(slot, tables=[items_table], url=postgres_url(), follow=False)
     assert await everything(source) == []  # the slot starts here
     late = await asyncpg.connect(postgres_url())
     try:
         slow = late.transaction()
         await slow.start()
-        await late.execute(f"INSERT INTO {orders} (item, qty) VALUES ('slow', 1)")  # id 1
-        await db.execute(f"INSERT INTO {orders} (item, qty) VALUES ('fast', 2)")  # id 2
-        polling = PostgresSource(orders, url=postgres_url())
+        await late.execute(f"INSERT INTO {items_table} (item, qty) VALUES ('slow', 1)")  # id 1
+        await postgres.execute(f"INSERT INTO {items_table} (item, qty) VALUES ('fast', 2)")  # id 2
+        polling = PostgresSource(items_table, url=postgres_url())
         polled = [b async for b in polling.read(None)]
         assert [v["id"] for b in polled for v in b.values] == [2]
         first = await everything(source)
@@ -85,19 +78,19 @@ async def test_a_row_committed_after_a_higher_id_is_read_though_polling_misses_i
 
 
 async def test_inserts_updates_deletes_and_truncates_in_commit_order(
-    db: asyncpg.Connection, slot: str, orders: str
+    postgres: asyncpg.Connection, slot: str, items_table: str
 ) -> None:
     source = PostgresChangesSource(
         slot, url=postgres_url(), follow=False, key=lambda change: str(change["row"].get("id"))
     )
     await everything(source)
-    await db.execute(f"INSERT INTO {orders} (item, qty) VALUES ('a', 1), ('b', 2)")
-    await db.execute(f"UPDATE {orders} SET qty = 5, id = 10 WHERE id = 1")
-    await db.execute(f"DELETE FROM {orders} WHERE id = 2")
-    await db.execute(f"TRUNCATE {orders}")
+    await postgres.execute(f"INSERT INTO {items_table} (item, qty) VALUES ('a', 1), ('b', 2)")
+    await postgres.execute(f"UPDATE {items_table} SET qty = 5, id = 10 WHERE id = 1")
+    await postgres.execute(f"DELETE FROM {items_table} WHERE id = 2")
+    await postgres.execute(f"TRUNCATE {items_table}")
     batches = await everything(source)
     found = [(c["op"], c["table"], c["row"], c.get("old")) for c in changes(batches)]
-    table = f"public.{orders}"
+    table = f"public.{items_table}"
     assert found == [
         ("insert", table, {"id": 1, "item": "a", "qty": 1}, None),
         ("insert", table, {"id": 2, "item": "b", "qty": 2}, None),
@@ -114,14 +107,14 @@ async def test_inserts_updates_deletes_and_truncates_in_commit_order(
 
 
 async def test_a_restart_from_the_stored_position_repeats_nothing(
-    db: asyncpg.Connection, slot: str, orders: str
+    postgres: asyncpg.Connection, slot: str, items_table: str
 ) -> None:
     source = PostgresChangesSource(
-        slot, tables=[orders], url=postgres_url(), follow=False, batch_size=3
+        slot, tables=[items_table], url=postgres_url(), follow=False, batch_size=3
     )
     await everything(source)
     for n in range(5):  # five transactions of one row
-        await db.execute(f"INSERT INTO {orders} (item, qty) VALUES ('x', {n})")
+        await postgres.execute(f"INSERT INTO {items_table} (item, qty) VALUES ('x', {n})")
     reading = aiter(source.read(None))
     first = await anext(reading)  # crash: the slot was not advanced past it
     await reading.aclose()
@@ -130,8 +123,8 @@ async def test_a_restart_from_the_stored_position_repeats_nothing(
     assert qty == [0, 1, 2, 3, 4]
 
 
-async def test_a_slot_of_another_plugin_is_refused(db: asyncpg.Connection, slot: str) -> None:
-    await db.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot)
+async def test_a_slot_of_another_plugin_is_refused(postgres: asyncpg.Connection, slot: str) -> None:
+    await postgres.execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", slot)
     with pytest.raises(ConnectorError, match="give this source a slot of its own"):
         await everything(PostgresChangesSource(slot, url=postgres_url(), follow=False))
 
@@ -160,14 +153,14 @@ pipeline = (
 
 
 async def test_a_run_counts_the_changes_of_a_table_per_operation(
-    db: asyncpg.Connection, slot: str, orders: str, tmp_path: Path
+    postgres: asyncpg.Connection, slot: str, items_table: str, tmp_path: Path
 ) -> None:
-    await db.execute("SELECT pg_create_logical_replication_slot($1, 'test_decoding')", slot)
+    await postgres.execute("SELECT pg_create_logical_replication_slot($1, 'test_decoding')", slot)
     for n in range(30):
-        await db.execute(f"INSERT INTO {orders} (item, qty) VALUES ('x', {n})")
-    await db.execute(f"UPDATE {orders} SET qty = qty + 1 WHERE id % 3 = 0")  # 10 rows
-    await db.execute(f"DELETE FROM {orders} WHERE id % 5 = 0")  # 6 rows
-    (tmp_path / "changes.py").write_text(MODULE.format(slot=slot, table=orders))
+        await postgres.execute(f"INSERT INTO {items_table} (item, qty) VALUES ('x', {n})")
+    await postgres.execute(f"UPDATE {items_table} SET qty = qty + 1 WHERE id % 3 = 0")  # 10 rows
+    await postgres.execute(f"DELETE FROM {items_table} WHERE id % 5 = 0")  # 6 rows
+    (tmp_path / "changes.py").write_text(MODULE.format(slot=slot, table=items_table))
     env = {"HEADWATER_POSTGRES_URL": postgres_url()}
     done = headwater("run", "changes.py", cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_support import assert_user_error, headwater
-from postgres_support import execute, postgres_url, query, table_name
+from support.cli import assert_user_error, headwater
+from support.postgres import execute, postgres_url, query, table_name
 
 MODULE = """
 from connectors import JsonLines
@@ -51,7 +51,7 @@ def add_clicks(directory: Path, count: int, seed: int) -> list[str]:
 
 
 @pytest.fixture
-def table() -> str:
+def views_table() -> str:
     return table_name()
 
 
@@ -62,15 +62,15 @@ def forget_pages() -> None:
 
 
 @pytest.fixture
-def project(tmp_path: Path, table: str) -> Iterator[Path]:
-    (tmp_path / "pages.py").write_text(MODULE.format(table=table))
+def project(tmp_path: Path, views_table: str) -> Iterator[Path]:
+    (tmp_path / "pages.py").write_text(MODULE.format(table=views_table))
     forget_pages()
     yield tmp_path
-    execute(f"DROP TABLE IF EXISTS {table}")
+    execute(f"DROP TABLE IF EXISTS {views_table}")
     forget_pages()
 
 
-def run(project: Path, *args: str, url: str | None = None) -> None:
+def run_pages(project: Path, *args: str, url: str | None = None) -> None:
     done = headwater(
         "run", "pages.py", *args, cwd=project, env={"HEADWATER_POSTGRES_URL": url or postgres_url()}
     )
@@ -83,20 +83,22 @@ def views(table: str) -> Counter[str]:
 
 
 def test_a_keyed_count_lands_in_its_table_and_more_input_updates_it(
-    project: Path, table: str
+    project: Path, views_table: str
 ) -> None:
     pages = add_clicks(project, 3000, seed=1)
-    run(project, "--workers", "2")
-    assert views(table) == Counter(pages)
+    run_pages(project, "--workers", "2")
+    assert views(views_table) == Counter(pages)
     pages += add_clicks(project, 500, seed=2)
-    run(project)
-    assert views(table) == Counter(pages)
+    run_pages(project)
+    assert views(views_table) == Counter(pages)
 
 
-def test_after_a_reset_the_next_run_computes_the_table_again(project: Path, table: str) -> None:
+def test_after_a_reset_the_next_run_computes_the_table_again(
+    project: Path, views_table: str
+) -> None:
     pages = add_clicks(project, 2000, seed=3)
-    run(project)
-    execute(f"UPDATE {table} SET views = 0")  # what the next run must write again
+    run_pages(project)
+    execute(f"UPDATE {views_table} SET views = 0")  # what the next run must write again
     env = {"HEADWATER_POSTGRES_URL": postgres_url()}
     done = headwater("reset", "pages.py", "--yes", cwd=project, env=env)
     assert done.returncode == 0, done.stderr
@@ -104,13 +106,13 @@ def test_after_a_reset_the_next_run_computes_the_table_again(project: Path, tabl
         "removed what sink step 'to-db' keeps: 3 input offsets in table headwater_sink_offsets"
         in done.stdout
     )
-    run(project)
-    assert views(table) == Counter(pages)
+    run_pages(project)
+    assert views(views_table) == Counter(pages)
 
 
-def test_a_run_whose_log_was_deleted_by_hand_is_refused(project: Path, table: str) -> None:
+def test_a_run_whose_log_was_deleted_by_hand_is_refused(project: Path, views_table: str) -> None:
     add_clicks(project, 1000, seed=4)
-    run(project)
+    run_pages(project)
     (project / ".headwater").rename(project / "old-log")
     env = {"HEADWATER_POSTGRES_URL": postgres_url()}
     refused = headwater("run", "pages.py", cwd=project, env=env)

@@ -30,17 +30,18 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
-from cli_support import clean_env, headwater
-from helpers_connectors import STAMP, Follower, make_batch, read_all, values_of
 from pydantic import BaseModel
 from redis.typing import EncodableT, FieldT
+from support.cli import clean_env, headwater
+from support.connectors import STAMP, Follower, read_to_end, sink_batch, started, values_of
 
 from connectors import SinkContext
-from connectors.base import SinkWriter, SourceBatch, UnwritableValue
+from connectors.base import SourceBatch, UnwritableValue
 from connectors.redis import ID_FIELD, URL_VARIABLE, RedisStreamSink, RedisStreamSource
-from pipelines.batch import Batch
 from pipelines.errors import ConnectorError
-from pipelines.log.base import FetchedBatch, RawBatch
+
+CONTEXT = SinkContext("redis-tests", "sink.redis", 0)
+"""Where the writers of these tests run."""
 
 TEST_URL_VARIABLE = "HEADWATER_TEST_REDIS"
 GROUP = "tests"
@@ -87,7 +88,7 @@ async def stream(db: aioredis.Redis) -> AsyncIterator[str]:
     await db.delete(name)
 
 
-def text(data: Any) -> str:
+def as_text(data: Any) -> str:
     """An answer's bytes as text."""
     return data.decode() if isinstance(data, bytes) else str(data)
 
@@ -100,20 +101,23 @@ def redis_fields(entry: dict[str, str]) -> dict[FieldT, EncodableT]:
 def stream_entries(answer: Any) -> list[tuple[str, dict[str, str]]]:
     """An ``XRANGE`` answer: each entry's id and its fields, as text."""
     return [
-        (text(entry_id), {text(name): text(value) for name, value in (fields or {}).items()})
+        (
+            as_text(entry_id),
+            {as_text(name): as_text(value) for name, value in (fields or {}).items()},
+        )
         for entry_id, fields in answer or []
     ]
 
 
 async def add(db: aioredis.Redis, stream: str, *entries: dict[str, str]) -> list[str]:
     """Append ``entries``; their ids."""
-    return [text(await db.xadd(stream, redis_fields(entry))) for entry in entries]
+    return [as_text(await db.xadd(stream, redis_fields(entry))) for entry in entries]
 
 
 async def pending(db: aioredis.Redis, stream: str, group: str = GROUP) -> list[str]:
     """The ids of the group's pending entries (delivered, not acknowledged)."""
     rows = await db.xpending_range(stream, group, min="-", max="+", count=10_000)
-    return [text(row["message_id"]) for row in rows]
+    return [as_text(row["message_id"]) for row in rows]
 
 
 async def entries(db: aioredis.Redis, stream: str) -> list[dict[str, str]]:
@@ -137,18 +141,6 @@ def source(stream: str, **options: Any) -> RedisStreamSource:
     options.setdefault("url", redis_url())
     options.setdefault("follow", False)
     return RedisStreamSource(stream, group=GROUP, **options)
-
-
-def ctx(worker: int = 0) -> SinkContext:
-    """Where the writers of these tests run."""
-    return SinkContext("redis-tests", "sink.redis", worker)
-
-
-async def started(sink: RedisStreamSink) -> SinkWriter:
-    """A started writer of ``sink``."""
-    writer = sink.open(ctx())
-    await writer.start()
-    return writer
 
 
 class Proxy:
@@ -256,7 +248,7 @@ async def test_the_source_reads_entries_as_values_with_keys_and_event_times(
     await db.xadd(stream, {"user": "u2", "value": '"text"'}, id=f"{STAMP + 5}-0")
     await db.xadd(stream, {"value": "3", ID_FIELD: "t:0:7"}, id=f"{STAMP + 9}-0")
     await db.xadd(stream, {"value": "1", "other": "x"}, id=f"{STAMP + 9}-1")
-    batches = await read_all(source(stream, key_field="user", batch_size=2))
+    batches = await read_to_end(source(stream, key_field="user", batch_size=2))
     assert [len(b.values) for b in batches] == [2, 2, 1]
     assert values_of(batches) == [
         {"user": "u1", "page": "/a"},  # fields: a dict of text
@@ -278,11 +270,11 @@ async def test_value_field_none_makes_every_entry_a_dict_and_bad_json_is_passed_
     """A ``value`` field that is not JSON reaches the topic as bytes (the workers dead-letter
     it); ``value_field=None`` reads every entry as a dict."""
     await add(db, stream, {"value": "[1"}, {"value": "2"})
-    assert values_of(await read_all(source(stream))) == [b"[1", 2]
+    assert values_of(await read_to_end(source(stream))) == [b"[1", 2]
     again = RedisStreamSource(
         stream, group="other", url=redis_url(), follow=False, value_field=None
     )
-    assert values_of(await read_all(again)) == [{"value": "[1"}, {"value": "2"}]
+    assert values_of(await read_to_end(again)) == [{"value": "[1"}, {"value": "2"}]
 
 
 async def test_entries_are_acknowledged_only_when_the_next_batch_is_asked_for(
@@ -316,7 +308,7 @@ async def test_a_batch_never_asked_past_stays_pending_and_is_read_again(
     await reading.aclose()  # the run stops without asking for more
     assert await pending(db, stream) == ids[:3]
     await db.xdel(stream, ids[1])
-    batches = await read_all(source(stream, batch_size=3))
+    batches = await read_to_end(source(stream, batch_size=3))
     assert values_of(batches) == [crashed.values[0], crashed.values[2]] + [
         {"n": str(n)} for n in range(3, 6)
     ]
@@ -330,17 +322,17 @@ async def test_without_follow_the_source_ends_and_the_group_remembers_what_it_re
     """``follow=False`` ends when nothing is new; the next read goes on where the group is,
     whatever position it is given."""
     await add(db, stream, *({"n": str(n)} for n in range(3)))
-    assert len(values_of(await read_all(source(stream)))) == 3
-    assert await read_all(source(stream), f"{STAMP}-0") == []  # the position is not used
+    assert len(values_of(await read_to_end(source(stream)))) == 3
+    assert await read_to_end(source(stream), f"{STAMP}-0") == []  # the position is not used
     await add(db, stream, {"n": "3"})
-    assert values_of(await read_all(source(stream))) == [{"n": "3"}]
+    assert values_of(await read_to_end(source(stream))) == [{"n": "3"}]
 
 
 async def test_a_missing_stream_is_created_empty_with_its_group(
     db: aioredis.Redis, stream: str
 ) -> None:
     """Reading a stream that does not exist creates it with the group at its start."""
-    assert await read_all(source(stream)) == []
+    assert await read_to_end(source(stream)) == []
     groups = await db.xinfo_groups(stream)
     assert [(g["name"], g["last-delivered-id"]) for g in groups] == [(GROUP.encode(), b"0-0")]
 
@@ -400,7 +392,7 @@ async def test_entries_whose_answer_was_lost_with_the_connection_are_read_again(
         adding = db.pipeline(transaction=True)  # both at once: one answer holds both
         adding.xadd(stream, {"n": "0"})
         adding.xadd(stream, {"n": "1"})
-        ids = [text(entry_id) for entry_id in await adding.execute()]
+        ids = [as_text(entry_id) for entry_id in await adding.execute()]
         batch = await asyncio.wait_for(waiting, timeout=10)
         assert batch.values == [{"n": "0"}, {"n": "1"}]
         assert await pending(db, stream) == ids
@@ -419,7 +411,7 @@ async def test_the_source_names_a_key_that_is_not_a_stream(db: aioredis.Redis, s
     """A key of another type is an error that names it."""
     await db.set(stream, "x")
     with pytest.raises(ConnectorError, match=f"key '{stream}' holds a string, not a stream"):
-        await read_all(source(stream))
+        await read_to_end(source(stream))
 
 
 # -- connections ---------------------------------------------------------------------------------
@@ -429,26 +421,26 @@ async def test_a_wrong_password_is_an_error_that_does_not_show_it(stream: str) -
     """A wrong password, or none, is an error at once that says what to do, without the password."""
     url = with_port(redis_url(), urlsplit(redis_url()).port or 0, password="s3cret")
     with pytest.raises(ConnectorError, match="refused the password in the URL") as caught:
-        await read_all(source(stream, url=url))
+        await read_to_end(source(stream, url=url))
     assert "s3cret" not in str(caught.value) and ":***@" in str(caught.value)
     with pytest.raises(ConnectorError, match="refused the password in the URL") as caught:
-        await started(RedisStreamSink(stream, url=url))
+        await started(RedisStreamSink(stream, url=url), CONTEXT)
     assert "s3cret" not in str(caught.value)
     parts = urlsplit(redis_url())
     nothing = urlunsplit(parts._replace(netloc=f"{parts.hostname}:{parts.port}"))
     with pytest.raises(ConnectorError, match="the server needs a password; give it in the URL"):
-        await read_all(source(stream, url=nothing))
+        await read_to_end(source(stream, url=nothing))
 
 
 async def test_a_server_that_is_down_is_retried_then_named(stream: str) -> None:
     """A refused connection is retried for ``retry_for`` seconds, then named (password hidden)."""
     url = with_port(redis_url(), 9)  # the discard port: nothing listens there
     with pytest.raises(ConnectorError, match=r"retried for 0.5 s\); is the server up") as caught:
-        await read_all(source(stream, url=url, retry_for=0.5))
+        await read_to_end(source(stream, url=url, retry_for=0.5))
     message = str(caught.value)
     assert "127.0.0.1:9" in message and ":***@" in message and "headwater@" not in message
     with pytest.raises(ConnectorError, match=r"retried for 0.5 s\)"):
-        await started(RedisStreamSink(stream, url=url, retry_for=0.5))
+        await started(RedisStreamSink(stream, url=url, retry_for=0.5), CONTEXT)
 
 
 async def test_no_url_anywhere_says_where_to_put_one(
@@ -457,24 +449,24 @@ async def test_no_url_anywhere_says_where_to_put_one(
     """Without ``url=`` the environment variable is used; without either, the error names both."""
     monkeypatch.delenv(URL_VARIABLE, raising=False)
     with pytest.raises(ConnectorError, match=f"pass url= or set {URL_VARIABLE}="):
-        await read_all(RedisStreamSource(stream, group=GROUP, follow=False))
+        await read_to_end(RedisStreamSource(stream, group=GROUP, follow=False))
     with pytest.raises(ConnectorError, match=f"pass url= or set {URL_VARIABLE}="):
-        await started(RedisStreamSink(stream))
+        await started(RedisStreamSink(stream), CONTEXT)
     monkeypatch.setenv(URL_VARIABLE, redis_url())
-    assert await read_all(RedisStreamSource(stream, group=GROUP, follow=False)) == []
-    await (await started(RedisStreamSink(stream))).close()
+    assert await read_to_end(RedisStreamSource(stream, group=GROUP, follow=False)) == []
+    await (await started(RedisStreamSink(stream), CONTEXT)).close()
 
 
 async def test_an_url_of_another_kind_is_refused() -> None:
     """An URL of another scheme is an error that says what a Redis URL looks like."""
     with pytest.raises(ConnectorError, match="not a Redis URL"):
-        await started(RedisStreamSink("s", url="http://:pw@127.0.0.1:1/"))
+        await started(RedisStreamSink("s", url="http://:pw@127.0.0.1:1/"), CONTEXT)
 
 
 # -- RedisStreamSink -----------------------------------------------------------------------------
 
 
-class Order(BaseModel):
+class ItemOrder(BaseModel):
     """A value with its own serializer."""
 
     id: int
@@ -486,8 +478,8 @@ async def test_values_arrive_as_json_in_one_field_only_when_flushed(
 ) -> None:
     """Each value is one entry, its JSON in field ``value``, added by the flush; the source reads
     the values back."""
-    writer = await started(RedisStreamSink(stream, url=redis_url()))
-    writer.write(make_batch([{"a": 1}, [1, "2"], "x", None, Order(id=7, item="pen")]))
+    writer = await started(RedisStreamSink(stream, url=redis_url()), CONTEXT)
+    writer.write(sink_batch([{"a": 1}, [1, "2"], "x", None, ItemOrder(id=7, item="pen")]))
     assert await db.exists(stream) == 0  # write only buffers
     await writer.flush()
     assert await entries(db, stream) == [
@@ -498,7 +490,7 @@ async def test_values_arrive_as_json_in_one_field_only_when_flushed(
         {"value": '{"id":7,"item":"pen"}'},
     ]
     await writer.close()
-    assert values_of(await read_all(source(stream))) == [
+    assert values_of(await read_to_end(source(stream))) == [
         {"a": 1},
         [1, "2"],
         "x",
@@ -509,9 +501,9 @@ async def test_values_arrive_as_json_in_one_field_only_when_flushed(
 
 async def test_fields_true_writes_each_item_as_a_field(db: aioredis.Redis, stream: str) -> None:
     """``fields=True``: a dict's items (a model's fields) are the fields; None is left out."""
-    writer = await started(RedisStreamSink(stream, url=redis_url(), fields=True))
+    writer = await started(RedisStreamSink(stream, url=redis_url(), fields=True), CONTEXT)
     value = {"s": "x", "i": 3, "f": 0.5, "b": True, "n": None, "l": [1], "d": {"k": "v"}}
-    writer.write(make_batch([value, Order(id=1, item="ink")]))
+    writer.write(sink_batch([value, ItemOrder(id=1, item="ink")]))
     await writer.close()
     assert await entries(db, stream) == [
         {"s": "x", "i": "3", "f": "0.5", "b": "true", "l": "[1]", "d": '{"k":"v"}'},
@@ -519,23 +511,15 @@ async def test_fields_true_writes_each_item_as_a_field(db: aioredis.Redis, strea
     ]
 
 
-def batch_of(values: list[Any], offsets: list[int]) -> Batch:
-    """A batch read from topic ``orders`` partition 2 at ``offsets`` (-1: made on a timer)."""
-    count = len(values)
-    raw = RawBatch([None] * count, [None] * count, [STAMP] * count)
-    fetched = FetchedBatch("orders", 2, raw, [o for o in offsets if o >= 0], max(offsets) + 1)
-    origins, seen = [], 0
-    for offset in offsets:
-        origins.append(-1 if offset < 0 else seen)
-        seen += offset >= 0
-    return Batch([None] * count, values, [STAMP] * count, origins, fetched)
-
-
 async def test_add_id_names_the_input_record_of_each_entry(db: aioredis.Redis, stream: str) -> None:
     """``add_id=True``: each entry names its input record; repeats of an offset are numbered;
     records made on a timer get none."""
-    writer = await started(RedisStreamSink(stream, url=redis_url(), add_id=True))
-    writer.write(batch_of(["a", "b", "c", "d"], [10, 11, 11, -1]))  # a flat_map's two of 11
+    writer = await started(RedisStreamSink(stream, url=redis_url(), add_id=True), CONTEXT)
+    writer.write(
+        sink_batch(
+            ["a", "b", "c", "d"], first=10, origins=[0, 1, 1, -1], topic="orders", partition=2
+        )
+    )  # a flat_map's two of 11
     await writer.close()
     assert [e.get(ID_FIELD) for e in await entries(db, stream)] == [
         "orders:2:10",
@@ -547,9 +531,9 @@ async def test_add_id_names_the_input_record_of_each_entry(db: aioredis.Redis, s
 
 async def test_maxlen_trims_the_stream_to_about_that_many(db: aioredis.Redis, stream: str) -> None:
     """``maxlen`` trims approximately: at least ``maxlen`` entries stay, the newest."""
-    writer = await started(RedisStreamSink(stream, url=redis_url(), maxlen=100))
+    writer = await started(RedisStreamSink(stream, url=redis_url(), maxlen=100), CONTEXT)
     for start in range(0, 1000, 250):
-        writer.write(make_batch([{"n": n} for n in range(start, start + 250)]))
+        writer.write(sink_batch([{"n": n} for n in range(start, start + 250)]))
         await writer.flush()
     await writer.close()
     length = await db.xlen(stream)
@@ -572,10 +556,10 @@ async def test_a_value_the_sink_cannot_write_is_refused_and_nothing_of_its_batch
     db: aioredis.Redis, stream: str, options: dict[str, Any], value: Any, says: str
 ) -> None:
     """``write`` refuses a batch with a value it cannot encode, keeping none of it."""
-    writer = await started(RedisStreamSink(stream, url=redis_url(), **options))
+    writer = await started(RedisStreamSink(stream, url=redis_url(), **options), CONTEXT)
     with pytest.raises(UnwritableValue, match=says):
-        writer.write(make_batch([{"n": 1}, value]))
-    writer.write(make_batch([{"n": 2}]))
+        writer.write(sink_batch([{"n": 1}, value]))
+    writer.write(sink_batch([{"n": 2}]))
     await writer.close()
     assert len(await entries(db, stream)) == 1
     assert (await entries(db, stream))[0] in ({"value": '{"n":2}'}, {"n": "2"})
@@ -587,14 +571,14 @@ async def test_a_flush_cut_off_half_way_adds_nothing_and_keeps_its_entries(
     """A connection cut while the transaction is on its way, and a server that cannot be reached:
     the flush fails after its retries, nothing of it is in the stream, and the next flush
     writes every entry once."""
-    writer = await started(RedisStreamSink(stream, url=proxy.url, retry_for=0.5))
-    writer.write(make_batch([{"n": n} for n in range(100)]))
+    writer = await started(RedisStreamSink(stream, url=proxy.url, retry_for=0.5), CONTEXT)
+    writer.write(sink_batch([{"n": n} for n in range(100)]))
     proxy.cut_after(300)  # MULTI and a few XADDs reach the server, not the EXEC
     with pytest.raises(ConnectorError, match=r"retried for 0.5 s\); is the server up"):
         await writer.flush()
     assert await db.exists(stream) == 0  # the transaction was discarded as a whole
     await proxy.start()
-    writer.write(make_batch([{"n": 100}]))
+    writer.write(sink_batch([{"n": 100}]))
     await writer.close()
     values = [orjson.loads(e["value"])["n"] for e in await entries(db, stream)]
     assert values == list(range(101))
@@ -604,12 +588,12 @@ async def test_a_connection_lost_between_flushes_is_opened_again(
     db: aioredis.Redis, stream: str, proxy: Proxy
 ) -> None:
     """A connection closed between flushes is opened again by the next flush."""
-    writer = await started(RedisStreamSink(stream, url=proxy.url))
-    writer.write(make_batch([1]))
+    writer = await started(RedisStreamSink(stream, url=proxy.url), CONTEXT)
+    writer.write(sink_batch([1]))
     await writer.flush()
     proxy.stop()  # the writer's connection is closed...
     await proxy.start()  # ... and the server can be reached again
-    writer.write(make_batch([2]))
+    writer.write(sink_batch([2]))
     await writer.close()
     assert await entries(db, stream) == [{"value": "1"}, {"value": "2"}]
 
@@ -618,7 +602,7 @@ async def test_the_sink_names_a_key_that_is_not_a_stream(db: aioredis.Redis, str
     """A key of another type is an error at start that names it."""
     await db.set(stream, "x")
     with pytest.raises(ConnectorError, match=f"key '{stream}' holds a string, not a stream"):
-        await started(RedisStreamSink(stream, url=redis_url()))
+        await started(RedisStreamSink(stream, url=redis_url()), CONTEXT)
 
 
 async def test_a_flush_the_server_refuses_keeps_its_entries(
@@ -626,9 +610,9 @@ async def test_a_flush_the_server_refuses_keeps_its_entries(
 ) -> None:
     """A key replaced by a string: the flush fails saying so, and keeps its entries for the next
     flush."""
-    writer = await started(RedisStreamSink(stream, url=redis_url()))
+    writer = await started(RedisStreamSink(stream, url=redis_url()), CONTEXT)
     await db.set(stream, "x")  # replaced by a string after the writer started
-    writer.write(make_batch([{"secret": "s3cret"}]))
+    writer.write(sink_batch([{"secret": "s3cret"}]))
     with pytest.raises(ConnectorError, match=f"key '{stream}' is no longer a stream") as caught:
         await writer.flush()
     assert "s3cret" not in str(caught.value)  # the values of the command are not shown
@@ -682,7 +666,7 @@ def streams() -> Iterator[tuple[str, str]]:
     client.close()
 
 
-def orders(count: int, first: int = 0) -> list[dict[str, str]]:
+def order_fields(count: int, first: int = 0) -> list[dict[str, str]]:
     """``count`` orders as stream fields, ids from ``first``."""
     return [
         {"id": str(i), "customer": f"c{i % 13}", "qty": str(i % 5 + 1), "price": str(i % 7)}
@@ -705,7 +689,7 @@ def test_a_pipeline_reads_one_stream_and_writes_another_through_headwater_run(
     (tmp_path / "shop.py").write_text(MODULE.format(source=source_stream, sink=sink_stream))
     client = redis.Redis.from_url(redis_url())
     try:
-        given = orders(1500)
+        given = order_fields(1500)
         for order in given:
             client.xadd(source_stream, redis_fields(order))
         env = {URL_VARIABLE: redis_url()}
@@ -720,7 +704,7 @@ def test_a_pipeline_reads_one_stream_and_writes_another_through_headwater_run(
         assert all(re.fullmatch(r"orders:[0-2]:\d+", i) for i in ids), ids[:5]
         assert client.xpending(source_stream, "orders")["pending"] == 0
 
-        more = orders(200, first=1500)
+        more = order_fields(200, first=1500)
         for order in more:
             client.xadd(source_stream, redis_fields(order))
         again = headwater("run", "shop.py", cwd=tmp_path, env=env)
@@ -770,7 +754,7 @@ def test_ctrl_c_stops_a_run_that_follows_its_stream(
     module = MODULE.replace("follow=False", "follow=True, block_ms=100")
     (tmp_path / "shop.py").write_text(module.format(source=source_stream, sink=sink_stream))
     client = redis.Redis.from_url(redis_url())
-    given = orders(500)
+    given = order_fields(500)
     with (tmp_path / "run.stderr").open("wb") as stderr:
         run = subprocess.Popen(
             [sys.executable, "-m", "pipelines.cli", "run", "shop.py"],

@@ -25,7 +25,7 @@ def iso(millis: int) -> str:
     return (EPOCH + timedelta(milliseconds=millis)).isoformat()
 
 
-def millis(text: str) -> int:
+def iso_millis(text: str) -> int:
     return (datetime.fromisoformat(text) - EPOCH) // timedelta(milliseconds=1)
 
 
@@ -46,10 +46,11 @@ def disordered(
 
 
 def max_disorder(events: Iterable[dict[str, Any]]) -> int:
-    """How far (ms) the latest event is ahead of a later one, at worst: the bound that holds."""
+    """How far (ms) the latest event is ahead of a later one, at worst: the bound that holds
+    (``ts``: ISO-8601 or epoch milliseconds)."""
     worst, high = 0, None
     for event in events:
-        stamp = millis(event["ts"])
+        stamp = event["ts"] if isinstance(event["ts"], int) else iso_millis(event["ts"])
         if high is not None:
             worst = max(worst, high - stamp)
         high = stamp if high is None else max(high, stamp)
@@ -71,17 +72,17 @@ def window_counts(
     hopping/sliding windows."""
     counts: WindowCounts = defaultdict(int)
     for event in events:
-        for start, end in fixed_windows(millis(event["ts"]), size, advance or size):
+        for start, end in fixed_windows(iso_millis(event["ts"]), size, advance or size):
             counts[(event["user"], start, end)] += 1
     return dict(counts)
 
 
-def session_counts(events: Iterable[dict[str, Any]], *, gap: int) -> WindowCounts:
+def user_session_counts(events: Iterable[dict[str, Any]], *, gap: int) -> WindowCounts:
     """Events per (user, session start, session end): a user's events sorted by time, a new
     session whenever an event comes after the end of the last (last event + ``gap``)."""
     times: dict[str, list[int]] = defaultdict(list)
     for event in events:
-        times[event["user"]].append(millis(event["ts"]))
+        times[event["user"]].append(iso_millis(event["ts"]))
     counts: WindowCounts = {}
     for user, stamps in times.items():
         stamps.sort()

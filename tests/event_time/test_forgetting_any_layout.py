@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 
 import connectors
 from event_time.oracles import dedupe_passes, newest_before, ttl_counts
-from event_time.test_joins_and_dedupe_any_layout import run, with_copies
+from event_time.test_joins_and_dedupe_any_layout import run_layout, with_copies
 from event_time.test_windows_any_layout import topic_values
 from pipelines import Pipeline, Topic
 from pipelines.partitioner import partition_for
@@ -129,7 +129,7 @@ def run_phased(
     pipeline = step(
         Pipeline("forget").source(phased.source(batch), into=Topic("events", partitions=partitions))
     ).sink(phased.out, step_id="out")
-    log = run(pipeline, workers=workers, max_batch=max_batch)
+    log = run_layout(pipeline, workers=workers, max_batch=max_batch)
     assert topic_values(log, "forget.dead-letters") == []
 
 

@@ -35,7 +35,12 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import connectors
-from event_time.test_joins_and_dedupe_any_layout import join_reference, run, stream
+from event_time.test_joins_and_dedupe_any_layout import (
+    join_reference,
+    run_layout,
+    side_events,
+    timed_source,
+)
 from event_time.test_windows_any_layout import topic_values
 from pipelines import Pipeline, Topic
 
@@ -46,7 +51,7 @@ WAIT_S = 20.0  # for a left record to expire alone while the injecting side hold
 LATE = "join.pairs.late"
 
 
-class Injector:
+class LateLeftInjector:
     """One side's records as a source: the first half, then, once ``out`` has a left record
     emitted alone, a record at the time of each of up to ``late`` of them, then the rest."""
 
@@ -76,12 +81,6 @@ class Injector:
             yield event
         for event in self.side[half:]:
             yield event
-
-
-def source(items: Any, batch: int) -> connectors.Iterable:
-    return connectors.Iterable(
-        items, batch_size=batch, timestamp=lambda e: e["ts"], max_delay=0.001
-    )
 
 
 @settings(
@@ -125,21 +124,23 @@ def test_records_beyond_the_grace_go_late_and_only_they(
     :func:`~event_time.test_joins_and_dedupe_any_layout.join_reference` over the two streams
     without the injected records; the late-data topic holds the injected records, exactly."""
     rng = random.Random(seed)
-    left = stream(rng, "l", EVENTS, users=users, step=STEP, disorder=disorder)
-    right = stream(rng, "r", EVENTS, users=users, step=STEP, disorder=disorder)
+    left = side_events(rng, "l", EVENTS, users=users, step=STEP, disorder=disorder)
+    right = side_events(rng, "r", EVENTS, users=users, step=STEP, disorder=disorder)
     for event in [*left, *right]:
         event["ts"] += FUTURE_MS
     for event in left[::10]:
         event["user"] = "solo"
-    injector = Injector(left if injecting == "left" else right, left, late=late)
+    injector = LateLeftInjector(left if injecting == "left" else right, left, late=late)
     sides = {"left": left, "right": right}
     items = {name: injector.records if name == injecting else sides[name] for name in sides}
 
     lefts = Pipeline("join").source(
-        source(items["left"], batch), into=Topic("lefts", partitions=partitions)
+        timed_source(items["left"], batch, max_delay=0.001),
+        into=Topic("lefts", partitions=partitions),
     )
     rights = lefts.source(
-        source(items["right"], batch), into=Topic("rights", partitions=partitions)
+        timed_source(items["right"], batch, max_delay=0.001),
+        into=Topic("rights", partitions=partitions),
     )
     pipeline = (
         lefts.key_by("left-by-user", lambda e: e["user"])
@@ -153,7 +154,7 @@ def test_records_beyond_the_grace_go_late_and_only_they(
         )
         .sink(injector.out, step_id="out")
     )
-    log = run(pipeline, workers=workers, max_batch=max_batch)
+    log = run_layout(pipeline, workers=workers, max_batch=max_batch)
 
     assert injector.injected, "nothing was injected"
     went_late = Counter(orjson.loads(v or b"null")["id"] for v in topic_values(log, LATE))

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import connectors
-from event_time.oracles import BASE_MS
+from event_time.oracles import BASE_MS, max_disorder
 from event_time.test_windows_any_layout import topic_values
 from pipelines import Pipeline, Topic
 from pipelines.log.memory import MemoryLog
@@ -46,7 +46,7 @@ EXAMPLES = settings(
 )
 
 
-def stream(
+def side_events(
     rng: random.Random, side: str, count: int, *, users: int, step: int, disorder: int
 ) -> list[dict[str, Any]]:
     """``count`` events whose times advance ``step`` ms per event, each up to ``disorder`` ms
@@ -61,7 +61,7 @@ def stream(
     ]
 
 
-def run(pipeline: Pipeline, *, workers: int, max_batch: int) -> MemoryLog:
+def run_layout(pipeline: Pipeline, *, workers: int, max_batch: int) -> MemoryLog:
     log = MemoryLog()
     asyncio.run(
         run_in_process(
@@ -75,8 +75,12 @@ def run(pipeline: Pipeline, *, workers: int, max_batch: int) -> MemoryLog:
     return log
 
 
-def source(events: list[dict[str, Any]], batch: int) -> connectors.Iterable:
-    return connectors.Iterable(events, batch_size=batch, timestamp=lambda e: e["ts"])
+def timed_source(events: Any, batch: int, max_delay: float = 0.1) -> connectors.Iterable:
+    """``events`` (a list, or a callable giving an async iterator) in batches of ``batch``, each
+    at the time of its ``ts``."""
+    return connectors.Iterable(
+        events, batch_size=batch, timestamp=lambda e: e["ts"], max_delay=max_delay
+    )
 
 
 # -- the join --------------------------------------------------------------------------------------
@@ -123,11 +127,13 @@ def test_stream_join_equals_the_pairs_of_the_input(
     max_batch: int,
 ) -> None:
     rng = random.Random(seed)
-    left = stream(rng, "l", counts[0], users=users, step=step, disorder=disorder)
-    right = stream(rng, "r", counts[1], users=users, step=step, disorder=disorder)
+    left = side_events(rng, "l", counts[0], users=users, step=step, disorder=disorder)
+    right = side_events(rng, "r", counts[1], users=users, step=step, disorder=disorder)
     out = connectors.Collect()
-    lefts = Pipeline("join").source(source(left, batch), into=Topic("lefts", partitions=partitions))
-    rights = lefts.source(source(right, batch), into=Topic("rights", partitions=partitions))
+    lefts = Pipeline("join").source(
+        timed_source(left, batch), into=Topic("lefts", partitions=partitions)
+    )
+    rights = lefts.source(timed_source(right, batch), into=Topic("rights", partitions=partitions))
     pipeline = (
         lefts.key_by("left-by-user", lambda e: e["user"])
         .join_stream(
@@ -140,7 +146,7 @@ def test_stream_join_equals_the_pairs_of_the_input(
         )
         .sink(out, step_id="out")
     )
-    log = run(pipeline, workers=workers, max_batch=max_batch)
+    log = run_layout(pipeline, workers=workers, max_batch=max_batch)
 
     assert topic_values(log, "join.pairs.late") == []
     assert topic_values(log, "join.dead-letters") == []
@@ -171,16 +177,6 @@ def with_copies(
     return out
 
 
-def disorder_of(events: list[dict[str, Any]]) -> int:
-    """How far (ms) an event comes behind the latest before it, at worst."""
-    worst, high = 0, None
-    for event in events:
-        if high is not None:
-            worst = max(worst, high - event["ts"])
-        high = event["ts"] if high is None else max(high, event["ts"])
-    return worst
-
-
 @EXAMPLES
 @given(
     seed=st.integers(0, 2**32),
@@ -202,17 +198,17 @@ def test_dedupe_keeps_each_event_once(
     max_batch: int,
 ) -> None:
     rng = random.Random(seed)
-    events = stream(rng, "e", count, users=1, step=step, disorder=disorder)
+    events = side_events(rng, "e", count, users=1, step=step, disorder=disorder)
     copied = with_copies(rng, events, disorder)
-    assert disorder_of(copied) <= disorder
+    assert max_disorder(copied) <= disorder
     out = connectors.Collect()
     pipeline = (
         Pipeline("dedupe")
-        .source(source(copied, batch), into=Topic("events", partitions=partitions))
+        .source(timed_source(copied, batch), into=Topic("events", partitions=partitions))
         .dedupe("once", timedelta(milliseconds=disorder + slack), key=lambda e: e["id"])
         .sink(out, step_id="out")
     )
-    log = run(pipeline, workers=workers, max_batch=max_batch)
+    log = run_layout(pipeline, workers=workers, max_batch=max_batch)
 
     assert topic_values(log, "dedupe.dead-letters") == []
     assert Counter(v["id"] for v in out.values) == Counter(e["id"] for e in events)

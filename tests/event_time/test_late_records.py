@@ -25,8 +25,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import connectors
-from event_time.oracles import disordered, iso, max_disorder, millis
-from event_time.test_windows_any_layout import pipeline_for, reference, results_of, topic_values
+from event_time.oracles import disordered, iso, iso_millis, max_disorder
+from event_time.test_windows_any_layout import (
+    expected_counts,
+    pipeline_for,
+    results_of,
+    topic_values,
+)
 from operators.windowed import WindowResult
 from pipelines.log.memory import MemoryLog
 from pipelines.runtime.inprocess import run_in_process
@@ -37,7 +42,7 @@ WAIT_S = 20.0  # for the first windows to close while the source holds the rest 
 LATE = "event-time.count.late"
 
 
-class Injector:
+class LateWindowInjector:
     """The input as JSON lines: the first part, then, once windows have been emitted, one
     record for each of up to ``late`` of them, then the rest."""
 
@@ -69,7 +74,7 @@ class Injector:
             event = {
                 "id": len(self.events) + number,
                 "user": result.key,
-                "ts": iso(millis(result.start.isoformat())),
+                "ts": iso(iso_millis(result.start.isoformat())),
                 "amount": 0,
             }
             self.injected.append(event)
@@ -110,7 +115,7 @@ def test_records_beyond_the_bound_go_late_and_only_they(
     # 60 s of event time: windows close while the source holds the second half back
     events = disordered(seed, EVENTS, users=users, step_ms=50, disorder_ms=disorder)
     assert max_disorder(events) <= disorder
-    injector = Injector(events, late=late)
+    injector = LateWindowInjector(events, late=late)
     source = connectors.Iterable(injector.lines, batch_size=batch, max_delay=0.001)
     pipeline, injector.out = pipeline_for(
         source, kind=kind, size=size, partitions=partitions, lateness=disorder + slack
@@ -126,4 +131,4 @@ def test_records_beyond_the_bound_go_late_and_only_they(
     went_late = Counter(orjson.loads(v or b"null")["id"] for v in topic_values(log, LATE))
     assert went_late == Counter(e["id"] for e in injector.injected)
     assert topic_values(log, "event-time.dead-letters") == []
-    assert results_of(injector.out) == reference(kind, size, events)
+    assert results_of(injector.out) == expected_counts(kind, size, events)

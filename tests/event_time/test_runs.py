@@ -9,7 +9,6 @@ every window, where an idle timeout of a minute would otherwise hold them open.
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import textwrap
@@ -20,8 +19,15 @@ from typing import Any
 
 import orjson
 import pytest
+from support.kafka import KAFKA_BOOTSTRAP
 
-from event_time.oracles import disordered, max_disorder, millis, session_counts, window_counts
+from event_time.oracles import (
+    disordered,
+    iso_millis,
+    max_disorder,
+    user_session_counts,
+    window_counts,
+)
 from pipelines.log import open_log
 from pipelines.log.base import TopicPartition
 from pipelines.runtime.watermarks import split_markers
@@ -90,14 +96,14 @@ pipeline = chains[0].merge("all", *chains[1:])
 """
 
 
-def reference(kind: str, events: list[dict[str, Any]]) -> dict[Any, int]:
+def expected_window_counts(kind: str, events: list[dict[str, Any]]) -> dict[Any, int]:
     if kind == "tumbling":
         return window_counts(events, size=SIZE_MS)
     if kind == "hopping":
         return window_counts(events, size=2 * SIZE_MS, advance=SIZE_MS)
     if kind == "sliding":
         return window_counts(events, size=2 * SIZE_MS, advance=SIZE_MS // 2)
-    return session_counts(events, gap=GAP_MS)
+    return user_session_counts(events, gap=GAP_MS)
 
 
 def results(path: Path) -> dict[Any, int]:
@@ -105,7 +111,7 @@ def results(path: Path) -> dict[Any, int]:
     for line in path.read_bytes().splitlines():
         result = orjson.loads(line)
         assert result["final"] is True
-        window = (result["key"], millis(result["start"]), millis(result["end"]))
+        window = (result["key"], iso_millis(result["start"]), iso_millis(result["end"]))
         assert window not in found, f"window {window} emitted twice"
         found[window] = result["value"]
     return found
@@ -152,7 +158,7 @@ def test_windowed_counts_of_a_file_equal_the_batch_computation(
             kinds=kinds,
         )
     )
-    bootstrap = os.environ.get("HEADWATER_TEST_KAFKA", "127.0.0.1:9092")
+    bootstrap = KAFKA_BOOTSTRAP
     flags = ["--backend", backend]
     options: dict[str, Any] = {"data_dir": tmp_path / "data"}
     if backend == "kafka":
@@ -178,7 +184,7 @@ def test_windowed_counts_of_a_file_equal_the_batch_computation(
     bound = 2 if backend == "embedded" else 5
     for kind in KINDS:
         out = tmp_path / f"out-{kind}.jsonl"
-        assert results(out) == reference(kind, events), kind
+        assert results(out) == expected_window_counts(kind, events), kind
         assert time.time() - out.stat().st_mtime < bound + (time.monotonic() - finished)
         late = asyncio.run(_count_records(backend, options, f"{name}.count-{kind}.late"))
         assert late == 0, f"{late} records of {kind} windows went late"

@@ -28,7 +28,13 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 import connectors
-from event_time.oracles import disordered, max_disorder, millis, session_counts, window_counts
+from event_time.oracles import (
+    disordered,
+    iso_millis,
+    max_disorder,
+    user_session_counts,
+    window_counts,
+)
 from operators.windowed import WindowResult
 from operators.windows import Hopping, Session, Sliding, Tumbling, Windows
 from pipelines import Pipeline, Topic
@@ -41,7 +47,7 @@ from pipelines.runtime.watermarks import split_markers
 KINDS = ("tumbling", "hopping", "sliding", "session")
 
 
-class Click(BaseModel):
+class AmountClick(BaseModel):
     id: int
     user: str
     ts: datetime
@@ -59,14 +65,14 @@ def windows_of(kind: str, size: int) -> Windows:
     return Session(span)
 
 
-def reference(kind: str, size: int, events: list[dict[str, Any]]) -> dict[Any, int]:
+def expected_counts(kind: str, size: int, events: list[dict[str, Any]]) -> dict[Any, int]:
     if kind == "tumbling":
         return window_counts(events, size=size)
     if kind == "hopping":
         return window_counts(events, size=size, advance=size // 2)
     if kind == "sliding":
         return window_counts(events, size=size, advance=size // 4)
-    return session_counts(events, gap=size)
+    return user_session_counts(events, gap=size)
 
 
 def paced(events: list[dict[str, Any]], every: int) -> Callable[[], AsyncIterator[bytes]]:
@@ -87,7 +93,7 @@ def pipeline_for(
     out = connectors.Collect()
     pipeline = (
         Pipeline("event-time")
-        .source(source, into=Topic("clicks", partitions=partitions, value=Click))
+        .source(source, into=Topic("clicks", partitions=partitions, value=AmountClick))
         .key_by("by-user", lambda click: click.user)
         .window(
             "windows",
@@ -107,7 +113,11 @@ def results_of(out: connectors.Collect) -> dict[Any, int]:
     for result in out.values:
         assert isinstance(result, WindowResult)
         assert result.final
-        window = (result.key, millis(result.start.isoformat()), millis(result.end.isoformat()))
+        window = (
+            result.key,
+            iso_millis(result.start.isoformat()),
+            iso_millis(result.end.isoformat()),
+        )
         assert window not in found, f"window {window} emitted twice"
         found[window] = result.value
     return found
@@ -175,4 +185,4 @@ def test_windowed_counts_equal_the_batch_computation(
 
     assert topic_values(log, "event-time.count.late") == []
     assert topic_values(log, "event-time.dead-letters") == []
-    assert results_of(out) == reference(kind, size, events)
+    assert results_of(out) == expected_counts(kind, size, events)

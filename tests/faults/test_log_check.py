@@ -18,7 +18,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from cli_support import headwater
+from support.cli import headwater
 
 from pipelines.errors import CorruptLogError
 from pipelines.log._local import GroupConsumer

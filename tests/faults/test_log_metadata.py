@@ -19,13 +19,14 @@ import struct
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
-from runtime.test_processes import read_topic
-from test_cli import GOOD_MODULE, TIMEOUT, assert_user_error, headwater, write
+from support.cli import TIMEOUT, assert_user_error, headwater, write_module
+from support.logs import read_topic
+from test_cli import GOOD_MODULE
 
 DATA = ".headwater"
 PERMISSIONS = "Check the owner and permissions of that file"
@@ -46,27 +47,11 @@ def _bound_by_permissions() -> None:
             raise OSError(ctypes.get_errno(), "cannot drop root's override of permission bits")
 
 
-def headwater_limited(
-    prepare: Callable[[], None], *args: str, cwd: Path
-) -> subprocess.CompletedProcess[str]:
-    """``headwater ARGS`` in ``cwd`` (as test_cli.headwater), with ``prepare`` run in the child
-    before the interpreter starts (its limits hold for the worker processes too)."""
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-        preexec_fn=prepare,
-    )
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A directory where ``headwater run letters.py`` ran to the end."""
     directory = tmp_path_factory.mktemp("finished")
-    write(directory / "letters.py", GOOD_MODULE)
+    write_module(directory / "letters.py", GOOD_MODULE)
     result = headwater("run", "letters.py", "--no-progress", cwd=directory)
     assert result.returncode == 0, result.stderr
     return directory
@@ -147,7 +132,7 @@ def test_a_file_headwater_may_not_open(
     run_dir: Path, target: str, command: tuple[str, ...], message: str
 ) -> None:
     with unreadable(run_dir / DATA / target):
-        result = headwater_limited(_bound_by_permissions, *command, cwd=run_dir)
+        result = headwater(*command, cwd=run_dir, preexec_fn=_bound_by_permissions)
     assert_user_error(result, message, "Permission denied (EACCES)", PERMISSIONS)
     assert upper_values(run_dir) == UPPER  # nothing processed again
 
@@ -186,7 +171,7 @@ def test_pending_commits_in_a_directory_that_cannot_be_listed(tmp_path: Path) ->
 @pytest.mark.parametrize("target", ["groups/letters/offsets/letters.0", "groups/letters"])
 def test_topics_tail_reads_no_group_files(run_dir: Path, target: str) -> None:
     with unreadable(run_dir / DATA / target):
-        result = headwater_limited(_bound_by_permissions, *TAIL, cwd=run_dir)
+        result = headwater(*TAIL, cwd=run_dir, preexec_fn=_bound_by_permissions)
     assert result.returncode == 0, result.stderr
     assert {orjson.loads(line)["partition"] for line in result.stdout.splitlines()} == {0, 1, 2}
 
@@ -195,7 +180,7 @@ def test_a_partition_a_worker_may_not_open(run_dir: Path) -> None:
     """The error of a worker process (here: appending outputs) reaches the user alike."""
     shutil.rmtree(run_dir / DATA / "groups" / "letters")  # a fresh start: process it all again
     with unreadable(run_dir / DATA / "topics" / "upper" / "0.log"):
-        result = headwater_limited(_bound_by_permissions, *RUN, cwd=run_dir)
+        result = headwater(*RUN, cwd=run_dir, preexec_fn=_bound_by_permissions)
     assert_user_error(
         result,
         "worker 0 stopped: cannot open .headwater/topics/upper/0.log",
@@ -207,7 +192,7 @@ def test_a_partition_a_worker_may_not_open(run_dir: Path) -> None:
 @pytest.mark.parametrize("command", [RUN, TAIL], ids=["run", "tail"])
 def test_a_data_directory_headwater_may_not_open(run_dir: Path, command: tuple[str, ...]) -> None:
     with unreadable(run_dir / DATA):
-        result = headwater_limited(_bound_by_permissions, *command, cwd=run_dir)
+        result = headwater(*command, cwd=run_dir, preexec_fn=_bound_by_permissions)
     assert_user_error(result, ".headwater", "Permission denied", "permissions")
 
 
@@ -293,11 +278,11 @@ def _file_size_limited() -> None:
 
 
 def test_a_full_disk_stops_the_run_and_a_rerun_finishes(tmp_path: Path) -> None:
-    write(tmp_path / "counting.py", COUNTING)
+    write_module(tmp_path / "counting.py", COUNTING)
     partition = tmp_path / DATA / "topics" / "numbers" / "0.log"
 
     run = ("run", "counting.py", "--no-progress")
-    full = headwater_limited(_file_size_limited, *run, cwd=tmp_path)
+    full = headwater(*run, cwd=tmp_path, preexec_fn=_file_size_limited)
     assert_user_error(
         full,
         "cannot append to .headwater/topics/numbers/0.log: File too large (EFBIG)",

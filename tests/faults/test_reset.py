@@ -25,9 +25,8 @@ from pathlib import Path
 
 import orjson
 import pytest
-from cli_support import assert_user_error, headwater
-
-KAFKA_BOOTSTRAP = os.environ.get("HEADWATER_TEST_KAFKA", "127.0.0.1:9092")
+from support.cli import assert_user_error, headwater
+from support.kafka import KAFKA_BOOTSTRAP
 
 MODULE = """
 import connectors
@@ -67,7 +66,7 @@ def ran(result: subprocess.CompletedProcess[str]) -> str:
     return result.stderr
 
 
-def output(tmp_path: Path) -> Counter[tuple[object, object]]:
+def output_counts(tmp_path: Path) -> Counter[tuple[object, object]]:
     """Each (key, count) line of the output (its time is the time the run read the input)."""
     lines = map(orjson.loads, (tmp_path / "out.jsonl").read_bytes().splitlines())
     return Counter((line["key"], line["value"]) for line in lines)
@@ -78,7 +77,7 @@ def test_after_a_reset_a_run_processes_everything_again_with_one_copy_of_the_out
 ) -> None:
     path = module(tmp_path)
     assert "file: 30 in, 30 out" in ran(headwater("run", path, "--no-progress", cwd=tmp_path))
-    first = output(tmp_path)
+    first = output_counts(tmp_path)
     assert sum(first.values()) == 30
     assert "file: 0 in, 0 out" in ran(headwater("run", path, "--no-progress", cwd=tmp_path))
 
@@ -104,7 +103,7 @@ def test_after_a_reset_a_run_processes_everything_again_with_one_copy_of_the_out
     again = ran(headwater("run", path, "--no-progress", cwd=tmp_path))
     assert "source letters: 31 records written" in again
     assert "file: 30 in, 30 out" in again
-    assert output(tmp_path) == first  # one copy, counted from zero again
+    assert output_counts(tmp_path) == first  # one copy, counted from zero again
 
 
 def test_nothing_to_reset_creates_nothing(tmp_path: Path) -> None:
@@ -118,7 +117,7 @@ def test_keep_outputs_keeps_the_file_and_dead_letters_go_only_when_asked(tmp_pat
     path = module(tmp_path)
     ran(headwater("run", path, "--no-progress", cwd=tmp_path))
     before = (tmp_path / "out.jsonl").read_bytes()
-    first = output(tmp_path)
+    first = output_counts(tmp_path)
 
     kept = headwater("reset", path, "--yes", "--keep-outputs", cwd=tmp_path)
     assert kept.returncode == 0, kept.stderr
@@ -131,7 +130,7 @@ def test_keep_outputs_keeps_the_file_and_dead_letters_go_only_when_asked(tmp_pat
     assert_user_error(refused, "its sinks already hold output: file ('out.jsonl' holds")
     (tmp_path / "out.jsonl").rename(tmp_path / "kept.jsonl")
     ran(headwater("run", path, "--no-progress", cwd=tmp_path))
-    assert output(tmp_path) == first
+    assert output_counts(tmp_path) == first
 
     everything = headwater("reset", path, "--yes", "--dead-letters", cwd=tmp_path)
     assert everything.returncode == 0, everything.stderr
@@ -187,7 +186,7 @@ def test_reset_on_a_terminal_shows_the_list_and_asks(tmp_path: Path) -> None:
 
 
 @contextlib.contextmanager
-def running(path: Path, cwd: Path) -> Iterator[subprocess.Popen[str]]:
+def interrupted_run(path: Path, cwd: Path) -> Iterator[subprocess.Popen[str]]:
     """``headwater run`` in the background; stopped with SIGINT (then killed) afterwards."""
     process = subprocess.Popen(
         [sys.executable, "-m", "pipelines.cli", "run", str(path), "--no-progress"],
@@ -209,7 +208,9 @@ def running(path: Path, cwd: Path) -> Iterator[subprocess.Popen[str]]:
             process.communicate()
 
 
-def wait_for(condition: str, check: Callable[[], object], process: subprocess.Popen[str]) -> None:
+def wait_while_running(
+    condition: str, check: Callable[[], object], process: subprocess.Popen[str]
+) -> None:
     deadline = time.monotonic() + 60
     while not check():
         assert process.poll() is None, process.communicate()
@@ -222,8 +223,10 @@ def test_reset_is_refused_while_a_runner_runs_the_pipeline(tmp_path: Path) -> No
     path = tmp_path / "tail.py"
     path.write_text(textwrap.dedent(FOLLOWING))
     out = tmp_path / "out.jsonl"
-    with running(path, tmp_path) as runner:
-        wait_for("the run's first output", lambda: out.exists() and out.stat().st_size, runner)
+    with interrupted_run(path, tmp_path) as runner:
+        wait_while_running(
+            "the run's first output", lambda: out.exists() and out.stat().st_size, runner
+        )
         result = headwater("reset", path, "--yes", cwd=tmp_path)
         assert_user_error(
             result,
@@ -276,7 +279,7 @@ def test_kafka_reset_deletes_the_group_and_the_internal_topics(tmp_path: Path) -
     kafka = ["--backend", "kafka", "--bootstrap-servers", KAFKA_BOOTSTRAP]
     kafka_state(name, run)  # the broker answers
     ran(headwater("run", path, "--no-progress", *kafka, cwd=tmp_path))
-    first = output(tmp_path)
+    first = output_counts(tmp_path)
     topics, group = kafka_state(name, run)
     assert group
     assert {topic, f"{name}.source-positions", f"{name}.by-letter"} <= topics
@@ -291,7 +294,7 @@ def test_kafka_reset_deletes_the_group_and_the_internal_topics(tmp_path: Path) -
 
     again = ran(headwater("run", path, "--no-progress", *kafka, cwd=tmp_path))
     assert "file: 30 in, 30 out" in again
-    assert output(tmp_path) == first
+    assert output_counts(tmp_path) == first
     cleanup = headwater("reset", path, "--yes", "--dead-letters", *kafka, cwd=tmp_path)
     assert cleanup.returncode == 0, cleanup.stderr
     assert kafka_state(name, run) == (set(), False)
@@ -303,10 +306,10 @@ def test_a_fresh_start_over_earlier_output_is_refused(tmp_path: Path, backend: s
     nothing, the file sink holds the first run's output, and a second copy is refused."""
     module(tmp_path)
     ran(headwater("run", "letters.py", cwd=tmp_path))
-    first = output(tmp_path)
+    first = output_counts(tmp_path)
     # resumed from what the log remembers, the output already there is no reason to refuse
     ran(headwater("run", "letters.py", cwd=tmp_path))
-    assert output(tmp_path) == first
+    assert output_counts(tmp_path) == first
     subprocess.run(["rm", "-rf", str(tmp_path / ".headwater")], check=True)
     again = headwater("run", "letters.py", "--backend", backend, cwd=tmp_path)
     assert_user_error(
@@ -316,4 +319,4 @@ def test_a_fresh_start_over_earlier_output_is_refused(tmp_path: Path, backend: s
         "Running would add a second copy after it",
         "`headwater reset letters.py`",
     )
-    assert output(tmp_path) == first
+    assert output_counts(tmp_path) == first

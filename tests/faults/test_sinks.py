@@ -22,22 +22,21 @@ import io
 import os
 import resource
 import signal
-import subprocess
-import sys
-import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from support.cli import assert_user_error, headwater, write_module
+from support.connectors import sink_batch
 
 from connectors import JsonLinesSink, SinkContext
-from pipelines.batch import Batch
 from pipelines.errors import ConnectorError
 from pipelines.log import EmbeddedLog
-from pipelines.log.base import FetchedBatch, RawBatch, TopicPartition
+from pipelines.log.base import TopicPartition
 
 TIMEOUT = 90.0
 PAD = "x" * 4000
@@ -110,47 +109,19 @@ pipeline = (
 """
 
 
-def headwater(
-    *args: str | Path, cwd: Path, env: dict[str, str] | None = None, file_limit: int | None = None
-) -> subprocess.CompletedProcess[str]:
-    """``headwater ARGS`` in ``cwd``; with ``file_limit``, no process of the run (the runner
-    and its workers inherit it) may make a file larger than that many bytes."""
+# -- a full disk in the middle of a flush ------------------------------------------------------
+
+
+def files_up_to(limit: int) -> Callable[[], None]:
+    """For ``preexec_fn``: no process of the run (the runner and its workers inherit it) may
+    make a file larger than ``limit`` bytes."""
 
     def limit_files() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write fails with EFBIG instead
-        assert file_limit is not None
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, file_limit))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *map(str, args)],
-        cwd=cwd,
-        env={**os.environ, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=False,
-        preexec_fn=limit_files if file_limit is not None else None,
-    )
+    return limit_files
 
-
-def one_paragraph(result: subprocess.CompletedProcess[str], *needles: str) -> str:
-    """Status 2 and one paragraph on stderr holding ``needles``, joined into one line."""
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    text = result.stderr.strip()
-    assert "Traceback" not in text, text
-    assert text.startswith("headwater: ") and "\n\n" not in text, text
-    paragraph = " ".join(text.split())
-    for needle in needles:
-        assert needle in paragraph, f"{needle!r} not in:\n{text}"
-    return paragraph
-
-
-def write_module(path: Path, source: str) -> Path:
-    path.write_text(textwrap.dedent(source))
-    return path
-
-
-# -- a full disk in the middle of a flush ------------------------------------------------------
 
 SINKS = {
     "jsonlines": "connectors.JsonLinesSink(OUT)",
@@ -183,10 +154,15 @@ def test_disk_full_mid_flush_leaves_whole_lines_and_a_rerun_completes(
     )
 
     full = headwater(
-        "run", module, "--no-progress", cwd=tmp_path, env={"PACE_BY_FLUSHES": "1"},
-        file_limit=LIMIT,
-    )  # fmt: skip
-    one_paragraph(
+        "run",
+        module,
+        "--no-progress",
+        cwd=tmp_path,
+        env={"PACE_BY_FLUSHES": "1"},
+        preexec_fn=files_up_to(LIMIT),
+        timeout=TIMEOUT,
+    )
+    assert_user_error(
         full,
         f"{str(out)!r} failed: File too large",
         "the file was left as it was before",
@@ -199,7 +175,7 @@ def test_disk_full_mid_flush_leaves_whole_lines_and_a_rerun_completes(
     assert written, "no flush succeeded before the limit: the test proves less than it should"
     assert len({r["id"] for r in written}) < TOTAL
 
-    again = headwater("run", module, "--no-progress", cwd=tmp_path)
+    again = headwater("run", module, "--no-progress", cwd=tmp_path, timeout=TIMEOUT)
     assert again.returncode == 0, again.stderr
     records = whole_records(kind, out.read_bytes())
     assert {r["id"] for r in records} == set(range(TOTAL))  # at least once each
@@ -243,7 +219,9 @@ def sets_module(tmp_path: Path, policy: str, sink: str = "jsonlines") -> Path:
 def test_a_set_is_dead_lettered_naming_the_sink_step_and_the_rest_is_written(
     tmp_path: Path,
 ) -> None:
-    result = headwater("run", sets_module(tmp_path, "dead_letter"), "--no-progress", cwd=tmp_path)
+    result = headwater(
+        "run", sets_module(tmp_path, "dead_letter"), "--no-progress", cwd=tmp_path, timeout=TIMEOUT
+    )
     assert result.returncode == 0, result.stderr
     assert "file: 100 in, 90 out, 10 to dead letters" in result.stderr
     lines = (tmp_path / "out.jsonl").read_bytes().splitlines()
@@ -263,7 +241,11 @@ def test_a_set_is_dead_lettered_naming_the_sink_step_and_the_rest_is_written(
 
 def test_csv_cells_and_rows_it_cannot_write_are_dead_lettered(tmp_path: Path) -> None:
     result = headwater(
-        "run", sets_module(tmp_path, "dead_letter", sink="csv"), "--no-progress", cwd=tmp_path
+        "run",
+        sets_module(tmp_path, "dead_letter", sink="csv"),
+        "--no-progress",
+        cwd=tmp_path,
+        timeout=TIMEOUT,
     )
     assert result.returncode == 0, result.stderr
     assert "file: 100 in, 80 out, 20 to dead letters" in result.stderr
@@ -284,7 +266,9 @@ def test_csv_cells_and_rows_it_cannot_write_are_dead_lettered(tmp_path: Path) ->
 
 
 def test_skip_drops_values_the_sink_cannot_write_and_counts_them(tmp_path: Path) -> None:
-    result = headwater("run", sets_module(tmp_path, "skip"), "--no-progress", cwd=tmp_path)
+    result = headwater(
+        "run", sets_module(tmp_path, "skip"), "--no-progress", cwd=tmp_path, timeout=TIMEOUT
+    )
     assert result.returncode == 0, result.stderr
     assert "file: 100 in, 90 out, 10 skipped" in result.stderr
     assert len((tmp_path / "out.jsonl").read_bytes().splitlines()) == 90
@@ -292,8 +276,10 @@ def test_skip_drops_values_the_sink_cannot_write_and_counts_them(tmp_path: Path)
 
 
 def test_fail_stops_the_run_with_the_sinks_message(tmp_path: Path) -> None:
-    result = headwater("run", sets_module(tmp_path, "fail"), "--no-progress", cwd=tmp_path)
-    one_paragraph(
+    result = headwater(
+        "run", sets_module(tmp_path, "fail"), "--no-progress", cwd=tmp_path, timeout=TIMEOUT
+    )
+    assert_user_error(
         result,
         "JsonLinesSink 'out.jsonl': a value cannot be written as JSON",
         "Type is not JSON serializable: set",
@@ -303,13 +289,6 @@ def test_fail_stops_the_run_with_the_sinks_message(tmp_path: Path) -> None:
 
 
 # -- the flush itself ----------------------------------------------------------------------------
-
-
-def batch_of(values: list[Any]) -> Batch:
-    count = len(values)
-    raw = RawBatch([None] * count, [None] * count, [0] * count)
-    fetched = FetchedBatch("t", 0, raw, list(range(count)), count)
-    return Batch([None] * count, values, [0] * count, list(range(count)), fetched)
 
 
 def fail_writes_to(
@@ -337,7 +316,7 @@ async def test_a_failed_flush_is_cut_back_and_kept_for_a_retry(
     path = tmp_path / "out.jsonl"
     path.write_bytes(b'{"id":0}\n')
     writer = JsonLinesSink(path).open(SinkContext("p", "file", 0))
-    writer.write(batch_of([{"id": i} for i in range(1, 100)]))
+    writer.write(sink_batch([{"id": i} for i in range(1, 100)], first=0))
     with monkeypatch.context() as patch:
         fail_writes_to(patch, path, after=50)
         with pytest.raises(ConnectorError, match="No space left on device") as caught:
@@ -356,7 +335,7 @@ async def test_a_cut_that_fails_too_says_what_to_remove(
     path = tmp_path / "out.jsonl"
     path.write_bytes(b'{"id":0}\n')
     writer = JsonLinesSink(path).open(SinkContext("p", "file", 0))
-    writer.write(batch_of([{"id": i} for i in range(1, 100)]))
+    writer.write(sink_batch([{"id": i} for i in range(1, 100)], first=0))
 
     def refuse(fd: int, size: int) -> None:
         raise OSError(errno.EIO, os.strerror(errno.EIO))
@@ -391,8 +370,8 @@ async def test_a_cut_back_spares_the_lines_another_writer_appended(
     other = sink.open(SinkContext("p", "file", 1))
     mine = [{"w": "a", "i": i} for i in range(100)]
     theirs = [{"w": "b", "i": i} for i in range(100)]
-    failing.write(batch_of(mine))
-    other.write(batch_of(theirs))
+    failing.write(sink_batch(mine, first=0))
+    other.write(sink_batch(theirs, first=0))
 
     torn = threading.Event()  # the failing append's first bytes are in the file
     other_wrote = threading.Event()

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from runtime.test_processes import Runner, headwater_run, wait_until
-from test_cli import headwater, write
+from support.cli import Cli, background, headwater, wait_until, write_module
 
 from connectors.memory import Collect, Iterable
 from pipelines import Pipeline, Topic
@@ -60,22 +59,29 @@ def output_numbers(directory: Path) -> list[int]:
 
 
 @contextlib.contextmanager
-def hung_run(tmp_path: Path, hang: str, *, workers: int) -> Iterator[Runner]:
+def hung_run(tmp_path: Path, hang: str, *, workers: int) -> Iterator[Cli]:
     """``headwater run`` of HANGING with ``--stall-after 1``, once it has reported the stall."""
-    module = write(tmp_path / "stall.py", HANGING)
-    with headwater_run(
-        module,
-        tmp_path / ".headwater",
-        workers=workers,
+    module = write_module(tmp_path / "stall.py", HANGING)
+    with background(
+        [
+            "run",
+            module,
+            "--workers",
+            str(workers),
+            "--data-dir",
+            tmp_path / ".headwater",
+            "--stall-after",
+            "1",
+        ],
+        cwd=module.parent,
         name=hang,
         env={"HANG": hang},
-        extra=["--stall-after", "1"],
     ) as runner:
         wait_until(
             lambda: "has not returned" in runner.stderr(),
-            runner,
             timeout=30,
             what="the stall report",
+            watch=[runner],
         )
         yield runner
 
@@ -201,7 +207,7 @@ pipeline = (
 
 
 def test_timeout_in_a_worker_process(tmp_path: Path) -> None:
-    write(tmp_path / "timed.py", TIMED)
+    write_module(tmp_path / "timed.py", TIMED)
     started = time.monotonic()
     result = headwater("run", "timed.py", "--workers", "2", "--no-progress", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -258,7 +264,7 @@ pipeline = (
 
 
 def test_a_transient_log_error_restarts_the_worker(tmp_path: Path) -> None:
-    write(tmp_path / "transient.py", TRANSIENT)
+    write_module(tmp_path / "transient.py", TRANSIENT)
     (tmp_path / "failures").write_text("x")  # the first flush fails
     result = headwater("run", "transient.py", "--no-progress", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -272,7 +278,7 @@ def test_a_transient_log_error_restarts_the_worker(tmp_path: Path) -> None:
 
 
 def test_a_transient_error_ends_the_run_without_restarts(tmp_path: Path) -> None:
-    write(tmp_path / "transient.py", TRANSIENT)
+    write_module(tmp_path / "transient.py", TRANSIENT)
     (tmp_path / "failures").write_text("x")
     result = headwater("run", "transient.py", "--restart", "never", "--no-progress", cwd=tmp_path)
     assert result.returncode == 2, result.stderr

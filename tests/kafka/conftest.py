@@ -1,6 +1,6 @@
 """Fixtures for the tests that run pipelines against a real Kafka broker: restarting the
 broker for a test, and bringing it back after. The broker itself, and the ``kafka`` and
-``kafka_names`` fixtures, are tests/kafka_support.py's."""
+``kafka_names`` fixtures, are tests/support/kafka.py's."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from kafka_support import KAFKA_BOOTSTRAP, wait_for_broker
+from support.kafka import KAFKA_BOOTSTRAP, wait_for_broker
 
 KAFKA_SH = Path(__file__).resolve().parents[2] / "scripts" / "kafka.sh"
 

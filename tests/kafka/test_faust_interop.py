@@ -32,15 +32,8 @@ from typing import Any
 
 import pytest
 from aiokafka.partitioner import DefaultPartitioner
-from test_kafka_pipelines import (
-    Sent,
-    count_records,
-    create_topic,
-    kafka_flags,
-    produce,
-    read_records,
-    run_headwater,
-)
+from support.kafka import create_topic, end_offsets
+from test_kafka_pipelines import Sent, kafka_flags, produce_records, read_records, run_headwater
 
 Names = Callable[[str], str]
 
@@ -212,7 +205,7 @@ def make_orders(now: float) -> list[dict[str, Any]]:
     return made
 
 
-def reference(orders: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def expected_reports(orders: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """What the Faust agent must report for each order, from the orders alone."""
     counts = Counter(order["customer"] for order in orders)
     minutes: dict[str, Counter[float]] = defaultdict(Counter)
@@ -313,7 +306,7 @@ def test_a_faust_app_and_a_pipeline_read_each_others_records_and_tables(
     for topic in topics.values():
         create_topic(kafka, topic, PARTITIONS)
     orders = make_orders(time.time())
-    expected = reference(orders)
+    expected = expected_reports(orders)
     # The changelogs are partitioned by the customer's raw text, not by their JSON keys:
     # the join finds its rows only if Headwater knows that (here it would differ).
     moved = [c for c in CUSTOMERS if partition(c.encode()) != partition(json.dumps(c).encode())]
@@ -323,13 +316,13 @@ def test_a_faust_app_and_a_pipeline_read_each_others_records_and_tables(
     started = time.monotonic()
     with faust_worker(tmp_path, env) as worker:
         lines = [Sent(o["id"], json.dumps(o).encode(), ()) for o in orders]
-        produce(kafka, topics["RAW"], lines)
+        produce_records(kafka, topics["RAW"], lines)
 
         counts_topic = f"{app_id}-counts-changelog"
         minutes_topic = f"{app_id}-per-minute-changelog"
 
         def faust_counted_everything() -> bool:
-            if count_records(kafka, counts_topic, PARTITIONS) < len(CUSTOMERS):
+            if sum(end_offsets(kafka, counts_topic, PARTITIONS).values()) < len(CUSTOMERS):
                 return False
             latest = latest_values(kafka, counts_topic)
             return sum(json.loads(v) for v in latest.values() if v is not None) == ORDERS
@@ -370,7 +363,7 @@ def test_a_faust_app_and_a_pipeline_read_each_others_records_and_tables(
         assert all(r.value.endswith(b',"__faust":{"ns":"shop.Enriched"}}') for r in written)
 
         wait_for(
-            lambda: count_records(kafka, topics["RECEIPTS"], PARTITIONS) >= ORDERS,
+            lambda: sum(end_offsets(kafka, topics["RECEIPTS"], PARTITIONS).values()) >= ORDERS,
             "the Faust agent to read every record Headwater wrote",
             worker,
             tmp_path,

@@ -1,4 +1,4 @@
-"""Headwater pipelines on a real Kafka broker, end to end through the ``headwater`` command line.
+"""Headwater pipelines on a real Kafka broker, end to end through the ``background`` command line.
 
 Every test starts ``python -m pipelines.cli run|worker|topics ... --backend kafka`` as a
 subprocess (in its own session, so its worker processes can be killed with it), and checks the
@@ -21,7 +21,6 @@ is shared and keeps what earlier runs wrote.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import re
@@ -32,19 +31,27 @@ import sys
 import textwrap
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 from aiokafka.partitioner import DefaultPartitioner
 from aiokafka.structs import ConsumerRecord, RecordMetadata
-from test_example import check_report, counted, parse_report, reference, sink_rows
+from support.cli import background, clean_env, summary_counts, tail, wait_until
+from support.kafka import admin, committed_offsets, consumer, create_topic, end_offsets
+from support.processes import worker_pids
+from test_example import (
+    check_report,
+    clickstream_reference,
+    page_minute_counts,
+    parse_report,
+    sink_rows,
+)
 
 from pipelines.runtime.watermarks import END_OF_TIME, MARKER_PREFIX, is_marker
 
@@ -52,7 +59,7 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "clickstream"
 
 RUN_TIMEOUT = 90.0
-"""Seconds one ``headwater`` command may take before the test gives up on it (and kills it)."""
+"""Seconds one ``background`` command may take before the test gives up on it (and kills it)."""
 
 Names = Callable[[str], str]
 
@@ -60,86 +67,8 @@ Names = Callable[[str], str]
 # -- running headwater -------------------------------------------------------------------------
 
 
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This environment without HEADWATER_* settings of whoever runs the tests, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEADWATER_")}
-    return {**env, **(extra or {})}
-
-
 def kafka_flags(bootstrap: str, *more: str) -> list[str]:
     return ["--backend", "kafka", "--bootstrap-servers", bootstrap, *more]
-
-
-def _tail(text: str, lines: int = 40) -> str:
-    return "\n".join(text.splitlines()[-lines:])
-
-
-@dataclass
-class Cli:
-    """A ``headwater`` command running in the background, in its own session."""
-
-    process: subprocess.Popen[bytes]
-    name: str
-    stdout_path: Path
-    stderr_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def wait(self, timeout: float = RUN_TIMEOUT) -> int:
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill_all()
-            pytest.fail(
-                f"`headwater {self.name}` did not finish in {timeout:.0f}s:\n{_tail(self.stderr())}"
-            )
-
-    def terminate(self, timeout: float = 45.0) -> int:
-        """SIGTERM to the command (as a service manager stops it), then wait for it."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGTERM)
-        return self.wait(timeout)
-
-    def kill_all(self) -> None:
-        """SIGKILL the command's session: the command and its worker processes."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-
-@contextlib.contextmanager
-def headwater(
-    args: Sequence[str], *, cwd: Path, name: str, env: dict[str, str] | None = None
-) -> Iterator[Cli]:
-    """Start ``headwater ARGS`` in the background; never leave it running after the block."""
-    out, err = cwd / f"{name}.stdout", cwd / f"{name}.stderr"
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pipelines.cli", *args],
-            cwd=cwd,
-            stdout=stdout,
-            stderr=stderr,
-            stdin=subprocess.DEVNULL,
-            env=_env(env),
-            start_new_session=True,
-        )
-    cli = Cli(process, name, out, err)
-    try:
-        yield cli
-    finally:
-        if process.poll() is None:
-            cli.kill_all()
-        else:  # workers whose parent died must not outlive the test either
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
 
 
 @dataclass
@@ -160,64 +89,9 @@ def run_headwater(
 ) -> Finished:
     """``headwater ARGS`` to the end."""
     started = time.monotonic()
-    with headwater(args, cwd=cwd, name=name, env=env) as cli:
+    with background(args, cwd=cwd, name=name, env=env) as cli:
         code = cli.wait(timeout)
     return Finished(code, cli.stdout(), cli.stderr(), time.monotonic() - started)
-
-
-def _ppid(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def worker_pids(parent: int) -> list[int]:
-    """The live worker processes of a ``headwater run|worker`` process (spawned children)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or _ppid(int(entry.name)) != parent:
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if b"spawn_main" in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return sorted(found)
-
-
-def wait_until(
-    condition: Callable[[], bool],
-    *,
-    timeout: float,
-    what: str,
-    watch: Sequence[Cli] = (),
-    interval: float = 0.2,
-) -> None:
-    """Poll ``condition``; fail if it stays false for ``timeout`` s or a watched command ends."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        for cli in watch:
-            if cli.process.poll() is not None:
-                pytest.fail(
-                    f"`headwater {cli.name}` ended (status {cli.process.returncode}) before "
-                    f"{what}:\n{_tail(cli.stderr())}"
-                )
-        if time.monotonic() > deadline:
-            where = "".join(f"\n--- {c.name}:\n{_tail(c.stderr())}" for c in watch)
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{where}")
-        time.sleep(interval)
-
-
-def summary_counts(stderr: str) -> dict[str, tuple[int, int]]:
-    """Step id -> (records in, records out) from the summary ``headwater run|worker`` prints."""
-    found = {}
-    for match in re.finditer(r"^  (\S+): ([\d,]+) in, ([\d,]+) out", stderr, re.MULTILINE):
-        found[match[1]] = (int(match[2].replace(",", "")), int(match[3].replace(",", "")))
-    return found
 
 
 def paragraph(text: str) -> str:
@@ -228,54 +102,14 @@ def paragraph(text: str) -> str:
 # -- talking to Kafka as another client ----------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _admin(bootstrap: str) -> AsyncIterator[AIOKafkaAdminClient]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10_000)
-    await admin.start()
-    try:
-        yield admin
-    finally:
-        await admin.close()
-
-
-@contextlib.asynccontextmanager
-async def _consumer(bootstrap: str) -> AsyncIterator[AIOKafkaConsumer]:
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    await consumer.start()
-    try:
-        yield consumer
-    finally:
-        await consumer.stop()
-
-
-def create_topic(bootstrap: str, name: str, partitions: int) -> None:
-    async def create() -> None:
-        async with _admin(bootstrap) as admin:
-            await admin.create_topics([NewTopic(name, partitions, 1)])
-            for _ in range(100):
-                [found] = await admin.describe_topics([name])
-                ready = not found["error_code"] and len(found["partitions"]) == partitions
-                if ready:
-                    return
-                await asyncio.sleep(0.1)
-            raise AssertionError(f"topic {name} did not appear")
-
-    asyncio.run(create())
-
-
 def topic_partitions(bootstrap: str, name: str) -> int | None:
     """The partition count of topic ``name``, or None if it does not exist."""
 
     async def describe() -> int | None:
-        async with _admin(bootstrap) as admin:
-            if name not in await admin.list_topics():
+        async with admin(bootstrap) as client:
+            if name not in await client.list_topics():
                 return None
-            [found] = await admin.describe_topics([name])
+            [found] = await client.describe_topics([name])
             return len(found["partitions"])
 
     return asyncio.run(describe())
@@ -288,7 +122,7 @@ class Sent:
     headers: tuple[tuple[str, bytes], ...]
 
 
-def produce(bootstrap: str, topic: str, records: Sequence[Sent]) -> list[RecordMetadata]:
+def produce_records(bootstrap: str, topic: str, records: Sequence[Sent]) -> list[RecordMetadata]:
     """Write ``records`` in order with a plain aiokafka producer (partitioned by key, as Kafka's
     default partitioner does); return where each landed."""
 
@@ -319,7 +153,7 @@ def end_of_time_key(source: str) -> bytes:
 
 
 @dataclass
-class Contents:
+class KafkaContents:
     """What a topic holds: its data records, and apart from them its watermark markers."""
 
     records: list[ConsumerRecord[Any, Any]]
@@ -328,21 +162,21 @@ class Contents:
     """Partition -> its end offset (records and markers)."""
 
 
-def read_topic(bootstrap: str, name: str, partitions: int) -> Contents:
+def read_kafka_topic(bootstrap: str, name: str, partitions: int) -> KafkaContents:
     """Every record on topic ``name``, partition by partition, with a plain aiokafka consumer;
     the markers apart."""
 
-    async def read() -> Contents:
-        async with _consumer(bootstrap) as consumer:
+    async def read() -> KafkaContents:
+        async with consumer(bootstrap) as client:
             tps = [TopicPartition(name, p) for p in range(partitions)]
-            consumer.assign(tps)
-            ends = await consumer.end_offsets(tps)
-            await consumer.seek_to_beginning(*tps)
-            contents = Contents([], [], {tp.partition: ends[tp] for tp in tps})
+            client.assign(tps)
+            ends = await client.end_offsets(tps)
+            await client.seek_to_beginning(*tps)
+            contents = KafkaContents([], [], {tp.partition: ends[tp] for tp in tps})
             deadline = time.monotonic() + 60
             todo = [tp for tp in tps if ends[tp] > 0]
             while todo:
-                fetched = await consumer.getmany(*todo, timeout_ms=500, max_records=20_000)
+                fetched = await client.getmany(*todo, timeout_ms=500, max_records=20_000)
                 for tp, messages in fetched.items():
                     for message in messages:
                         if message.offset < ends[tp]:
@@ -352,7 +186,7 @@ def read_topic(bootstrap: str, name: str, partitions: int) -> Contents:
                                 else contents.records
                             )
                             found.append(message)
-                todo = [tp for tp in todo if await consumer.position(tp) < ends[tp]]
+                todo = [tp for tp in todo if await client.position(tp) < ends[tp]]
                 assert time.monotonic() < deadline, f"reading {name} took over 60s"
             return contents
 
@@ -362,60 +196,23 @@ def read_topic(bootstrap: str, name: str, partitions: int) -> Contents:
 def read_records(bootstrap: str, name: str, partitions: int) -> list[ConsumerRecord[Any, Any]]:
     """Every record on topic ``name``, which no marker goes to (only a source's topic and a
     ``key_by`` topic hold markers): one there fails the test."""
-    contents = read_topic(bootstrap, name, partitions)
+    contents = read_kafka_topic(bootstrap, name, partitions)
     assert not contents.markers, f"markers on {name}: {contents.markers[:3]}"
     return contents.records
 
 
-def end_offsets(bootstrap: str, name: str, partitions: int) -> dict[int, int]:
-    """Partition -> end offset of topic ``name``: its records and markers."""
-
-    async def fetch() -> dict[int, int]:
-        async with _consumer(bootstrap) as consumer:
-            tps = [TopicPartition(name, p) for p in range(partitions)]
-            ends = await consumer.end_offsets(tps)
-        return {tp.partition: ends[tp] for tp in tps}
-
-    return asyncio.run(fetch())
-
-
-def count_records(bootstrap: str, name: str, partitions: int) -> int:
-    """Records on topic ``name`` now (its end offsets added up; 0 while it does not exist)."""
-
-    async def count() -> int:
-        async with _consumer(bootstrap) as consumer:
-            if name not in await consumer.topics():
-                return 0
-            tps = [TopicPartition(name, p) for p in range(partitions)]
-            return sum((await consumer.end_offsets(tps)).values())
-
-    return asyncio.run(count())
-
-
-def committed(bootstrap: str, group: str, name: str, partitions: int) -> dict[int, int]:
-    """The offsets group ``group`` has committed on topic ``name`` (0 where none)."""
-
-    async def fetch() -> dict[int, int]:
-        async with _admin(bootstrap) as admin:
-            tps = [TopicPartition(name, p) for p in range(partitions)]
-            found = await admin.list_consumer_group_offsets(group, partitions=tps)
-        return {p: max(0, found[TopicPartition(name, p)].offset) for p in range(partitions)}
-
-    return asyncio.run(fetch())
-
-
 @dataclass(frozen=True)
-class Member:
+class GroupMember:
     client_id: str
     partitions: frozenset[int]
 
 
-def describe_group(bootstrap: str, group: str, topic: str) -> tuple[str, list[Member]]:
+def describe_group(bootstrap: str, group: str, topic: str) -> tuple[str, list[GroupMember]]:
     """The group's state and its members, each with the partitions of ``topic`` it owns."""
 
-    async def describe() -> tuple[str, list[Member]]:
-        async with _admin(bootstrap) as admin:
-            [response] = await admin.describe_consumer_groups([group])
+    async def describe() -> tuple[str, list[GroupMember]]:
+        async with admin(bootstrap) as client:
+            [response] = await client.describe_consumer_groups([group])
         group_info = response.to_object()["groups"][0]
         members = []
         for member in group_info["members"]:
@@ -423,13 +220,13 @@ def describe_group(bootstrap: str, group: str, topic: str) -> tuple[str, list[Me
             if member["member_assignment"]:
                 assignment = ConsumerProtocolMemberAssignment.decode(member["member_assignment"])
                 owned = frozenset(p for t, ps in assignment.assignment if t == topic for p in ps)
-            members.append(Member(member["client_id"], owned))
+            members.append(GroupMember(member["client_id"], owned))
         return group_info["state"], members
 
     return asyncio.run(describe())
 
 
-def splits_partitions(members: Sequence[Member], partitions: int) -> bool:
+def splits_partitions(members: Sequence[GroupMember], partitions: int) -> bool:
     """Whether the members own every partition, each exactly once."""
     owned = [p for m in members for p in m.partitions]
     return sorted(owned) == list(range(partitions))
@@ -492,7 +289,7 @@ def test_clickstream_example_gives_the_same_result_on_kafka_as_embedded(
         check=False,
     )
     assert generated.returncode == 0, generated.stderr
-    ref = reference(clicks)
+    ref = clickstream_reference(clicks)
     assert ref.bad, "the generated input has no bad line to dead-letter"
     assert ref.beyond, "the generated input has no click beyond the window's lateness"
 
@@ -544,7 +341,7 @@ def test_clickstream_example_gives_the_same_result_on_kafka_as_embedded(
     # a click beyond the lateness is late or counted, depending on timing) ...
     outputs = {}
     for run, name in ((embedded, "embedded"), (on_kafka, "kafka")):
-        minutes = counted(sink_rows(tmp_path / name / "page-minutes.jsonl"))
+        minutes = page_minute_counts(sink_rows(tmp_path / name / "page-minutes.jsonl"))
         ref.check_counts(minutes, _late(run.stderr))
         outputs[name] = minutes
     # ... and the same wherever no such click is
@@ -569,7 +366,7 @@ def test_clickstream_example_gives_the_same_result_on_kafka_as_embedded(
     # The group committed every partition of the input topic to its end, which is past the
     # CLICK_EVENTS records by the one end-of-time marker the source wrote to each partition.
     ends = end_offsets(kafka, topic_name, 6)
-    assert committed(kafka, group, topic_name, 6) == ends
+    assert committed_offsets(kafka, group, topic_name, 6) == ends
     assert sum(ends.values()) == CLICK_EVENTS + 6
 
     # The bad lines are in the dead-letter topic on Kafka, as they are on the embedded log, and
@@ -596,7 +393,7 @@ def test_clickstream_example_gives_the_same_result_on_kafka_as_embedded(
     printed = subprocess.run(
         [sys.executable, str(report), str(tmp_path / "kafka"), "--backend", "kafka"],
         cwd=tmp_path,
-        env=_env({"HEADWATER_BOOTSTRAP_SERVERS": kafka}),
+        env=clean_env({"HEADWATER_BOOTSTRAP_SERVERS": kafka}),
         capture_output=True,
         text=True,
         timeout=60,
@@ -701,7 +498,7 @@ def check_gated_output(kafka: str, gated: Gated) -> Counter[int]:
     """Every input record is in the input topic once, followed in each partition by the
     source's one end-of-time marker, every expected output is in the output topic at least once,
     and nothing else is; returns how many outputs each pid wrote."""
-    input_topic = read_topic(kafka, gated.input_topic, 6)
+    input_topic = read_kafka_topic(kafka, gated.input_topic, 6)
     inputs = input_topic.records
     assert Counter(r.value for r in inputs) == Counter(
         orjson.dumps({"n": n}) for n in range(GATED_N)
@@ -731,11 +528,11 @@ class Group:
     name: str
     topic: str
 
-    def members(self) -> list[Member]:
+    def members(self) -> list[GroupMember]:
         return describe_group(self.kafka, self.name, self.topic)[1]
 
     def committed(self) -> dict[int, int]:
-        return committed(self.kafka, self.name, self.topic, 6)
+        return committed_offsets(self.kafka, self.name, self.topic, 6)
 
     def stable_with(self, count: int) -> Callable[[], bool]:
         """A condition: ``count`` members that own the 6 partitions between them."""
@@ -766,16 +563,16 @@ def test_kill_9_of_a_worker_then_a_new_worker_joins_and_nothing_is_lost(
     group = Group(kafka, gated.name, gated.input_topic)
     late_client = kafka_names("late-worker")
     run_args = ["run", str(gated.module), "--workers", "3", "--no-progress", "--restart", "never"]
-    with headwater(run_args + kafka_flags(kafka), cwd=tmp_path, name="run") as runner:
+    with background(run_args + kafka_flags(kafka), cwd=tmp_path, name="run") as runner:
         wait_until(
             lambda: len(worker_pids(runner.pid)) == 3, timeout=30, what="3 workers", watch=[runner]
         )
         wait_until(group.stable_with(3), timeout=45, what="a group of 3", watch=[runner])
         # Some output since the group of 3 formed: the first worker in the group may have
         # written 3,000 outputs before the others had their partitions.
-        before = count_records(kafka, gated.output_topic, 3)
+        before = sum(end_offsets(kafka, gated.output_topic, 3).values())
         wait_until(
-            lambda: count_records(kafka, gated.output_topic, 3) >= before + 3000,
+            lambda: sum(end_offsets(kafka, gated.output_topic, 3).values()) >= before + 3000,
             timeout=30,
             what="some output from the group of 3",
             watch=[runner],
@@ -804,7 +601,7 @@ def test_kill_9_of_a_worker_then_a_new_worker_joins_and_nothing_is_lost(
         # A new worker joins the group from another process; partitions move to it, and they
         # make progress while it owns them.
         worker_args = ["worker", str(gated.module), "--no-progress", "--client-id", late_client]
-        with headwater(worker_args + kafka_flags(kafka), cwd=tmp_path, name="worker") as late:
+        with background(worker_args + kafka_flags(kafka), cwd=tmp_path, name="worker") as late:
             watch = [runner, late]
             wait_until(group.stable_with(3), timeout=45, what="the new worker in", watch=watch)
             [joined] = [m for m in group.members() if m.client_id == late_client]
@@ -821,9 +618,9 @@ def test_kill_9_of_a_worker_then_a_new_worker_joins_and_nothing_is_lost(
 
             gated.open_gate()
             code = runner.wait(RUN_TIMEOUT)
-            assert code == 0, _tail(runner.stderr())
+            assert code == 0, tail(runner.stderr())
             assert late.process.poll() is None, "the new worker stopped with the run"
-            late_code = late.terminate()
+            late_code = late.terminate(45)
 
     stderr, late_stderr = runner.stderr(), late.stderr()
     assert "Traceback" not in stderr
@@ -832,7 +629,7 @@ def test_kill_9_of_a_worker_then_a_new_worker_joins_and_nothing_is_lost(
     assert "lag: 0 records" in stderr
     # SIGTERM is how a `headwater worker` ends: cleanly, with 0 or (like an interrupted run)
     # 128 + SIGTERM
-    assert late_code in (0, 128 + signal.SIGTERM), _tail(late_stderr)
+    assert late_code in (0, 128 + signal.SIGTERM), tail(late_stderr)
     assert "Traceback" not in late_stderr
     # every partition committed to its end: the records and the source's end-of-time marker
     assert group.committed() == end_offsets(kafka, gated.input_topic, 6)
@@ -860,21 +657,21 @@ def test_pipeline_survives_a_broker_restart(
 ) -> None:
     gated = write_gated(tmp_path, kafka_names)
     run_args = ["run", str(gated.module), "--workers", "2", "--no-progress"]
-    with headwater(run_args + kafka_flags(kafka), cwd=tmp_path, name="run") as runner:
+    with background(run_args + kafka_flags(kafka), cwd=tmp_path, name="run") as runner:
         wait_until(
-            lambda: count_records(kafka, gated.output_topic, 3) >= 3000,
+            lambda: sum(end_offsets(kafka, gated.output_topic, 3).values()) >= 3000,
             timeout=45,
             what="some output",
             watch=[runner],
         )
         restarted = restart_broker()
         assert restarted.returncode == 0, restarted.stderr
-        assert runner.process.poll() is None, _tail(runner.stderr())
+        assert runner.process.poll() is None, tail(runner.stderr())
         assert not gated.gate.exists()  # mid-stream: the source is still reading
         # reconnected: the output grows again
-        mark = count_records(kafka, gated.output_topic, 3)
+        mark = sum(end_offsets(kafka, gated.output_topic, 3).values())
         wait_until(
-            lambda: count_records(kafka, gated.output_topic, 3) >= mark + 3000,
+            lambda: sum(end_offsets(kafka, gated.output_topic, 3).values()) >= mark + 3000,
             timeout=60,
             what="output after the restart",
             watch=[runner],
@@ -882,11 +679,11 @@ def test_pipeline_survives_a_broker_restart(
         gated.open_gate()
         code = runner.wait(RUN_TIMEOUT)
     stderr = runner.stderr()
-    assert code == 0, _tail(stderr)
+    assert code == 0, tail(stderr)
     assert "Traceback" not in stderr
     assert "lag: 0 records" in stderr
     # every partition committed to its end: the records and the source's end-of-time marker
-    assert committed(kafka, gated.name, gated.input_topic, 6) == end_offsets(
+    assert committed_offsets(kafka, gated.name, gated.input_topic, 6) == end_offsets(
         kafka, gated.input_topic, 6
     )
     check_gated_output(kafka, gated)
@@ -963,7 +760,7 @@ def test_bad_records_from_another_producer_go_to_dead_letters(
     records = [*good[:150], bad["malformed"], *good[150:300], bad["not-an-order"]]
     records += [*good[300:450], bad["no-customer"], *good[450:]]
     create_topic(kafka, input_topic, 3)
-    landed = dict(zip(records, produce(kafka, input_topic, records), strict=True))
+    landed = dict(zip(records, produce_records(kafka, input_topic, records), strict=True))
 
     result = run_headwater(
         ["run", str(module), "--workers", "2", "--no-progress", *kafka_flags(kafka)],
@@ -1052,7 +849,7 @@ def test_reads_a_topic_another_client_wrote_and_writes_one_it_can_read(
     ]
     sent.append(Sent(None, orjson.dumps(sale(300)), (("till", b"t-3"), ("seq", b"300"))))
     create_topic(kafka, input_topic, 2)
-    produce(kafka, input_topic, sent)
+    produce_records(kafka, input_topic, sent)
 
     result = run_headwater(
         ["run", str(module), "--no-progress", *kafka_flags(kafka)], cwd=tmp_path, name="run"
@@ -1178,7 +975,7 @@ def test_topic_with_another_partition_count_is_refused_by_name(
     assert f"topic '{input_topic}' exists on Kafka with 2 partitions, not 6" in message
     # refused, not "fixed": the topic is as it was
     assert topic_partitions(kafka, input_topic) == 2
-    assert count_records(kafka, input_topic, 2) == 0
+    assert sum(end_offsets(kafka, input_topic, 2).values()) == 0
 
 
 # -- 6. secrets ------------------------------------------------------------------------------------

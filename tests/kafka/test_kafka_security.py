@@ -39,7 +39,8 @@ import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.protocol.admin import CreateAclsRequest
-from cli_support import assert_user_error, headwater
+from support.cli import assert_user_error, headwater
+from support.kafka import probe
 
 SECURED_BOOTSTRAP = os.environ.get("HEADWATER_TEST_KAFKA_SECURED", "127.0.0.1:9192")
 SECURED_DIR = Path(
@@ -104,19 +105,6 @@ def _admin(secured: Secured) -> AIOKafkaAdminClient:
     )
 
 
-async def _probe(secured: Secured) -> None:
-    admin = _admin(secured)
-    try:
-        await admin.start()
-        cluster = await admin.describe_cluster()
-        if not cluster.get("brokers"):
-            raise RuntimeError("the cluster metadata lists no brokers")
-        await admin.find_coordinator("headwater-security-probe")
-    finally:
-        with contextlib.suppress(Exception):
-            await admin.close()
-
-
 @pytest.fixture(scope="module")
 def secured() -> Secured:
     """The secured broker, once its admin user gets an answer (the test fails otherwise)."""
@@ -143,7 +131,7 @@ def secured() -> Secured:
         untrusted_key=e["KAFKA_SECURED_UNTRUSTED_CLIENT_KEY"],
     )
     try:
-        asyncio.run(asyncio.wait_for(_probe(found), 30))
+        asyncio.run(asyncio.wait_for(probe(lambda: _admin(found), "headwater-security-probe"), 30))
     except Exception as error:
         pytest.fail(
             f"the secured Kafka broker at {SECURED_BOOTSTRAP} does not answer its admin "
@@ -273,7 +261,7 @@ def _mtls(
     return flags, env
 
 
-def _run(
+def _run_secured(
     module: Path, flags: list[str], env: dict[str, str], cwd: Path
 ) -> subprocess.CompletedProcess[str]:
     """``headwater run MODULE --no-progress FLAGS`` in ``cwd`` with ``env``."""
@@ -298,7 +286,7 @@ def test_exactly_once_count_over_sasl_ssl_as_a_scram_user_with_acls(
     asyncio.run(_grant(secured, f"User:{secured.pipeline_user}", prefix))
     module, expected = _pipeline(tmp_path, prefix)
     flags, env = _sasl(secured, secured.pipeline_user, secured.pipeline_password)
-    result = _run(module, flags, env, tmp_path)
+    result = _run_secured(module, flags, env, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert _final_counts(tmp_path) == dict(expected)
@@ -366,7 +354,9 @@ def test_the_acls_headwater_acls_prints_are_enough_to_run(
     asyncio.run(_grant_exactly(secured, principal, acls))
     flags, env = _sasl(secured, secured.pipeline_user, secured.pipeline_password)
     # purges of the repartition topic (DeleteRecords) as often as the run can: DELETE granted
-    result = _run(module, flags, {**env, "HEADWATER_HOUSEKEEPING_SECONDS": "0.05"}, tmp_path)
+    result = _run_secured(
+        module, flags, {**env, "HEADWATER_HOUSEKEEPING_SECONDS": "0.05"}, tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert _final_counts(tmp_path) == dict(expected)
     denied = [line for line in _broker_log() if f"{principal} is Denied" in line and prefix in line]
@@ -387,7 +377,7 @@ def test_exactly_once_count_over_mutual_tls_as_the_certificate_principal(
     flags, env = _mtls(
         secured, secured.client_cert, secured.client_key, secured.client_key_password
     )
-    result = _run(module, flags, env, tmp_path)
+    result = _run_secured(module, flags, env, tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert _final_counts(tmp_path) == dict(expected)
@@ -409,7 +399,7 @@ def test_a_wrong_password_or_unknown_user_is_one_paragraph(
     asyncio.run(_grant(secured, f"User:{user}", prefix))
     module, _ = _pipeline(tmp_path, prefix)
     flags, env = _sasl(secured, user, WRONG_PASSWORD)
-    result = _run(module, flags, env, tmp_path)
+    result = _run_secured(module, flags, env, tmp_path)
     message = assert_user_error(
         result, f"refused the SASL credentials of user '{user}'", "HEADWATER_SASL_PASSWORD"
     )
@@ -427,7 +417,7 @@ def test_a_broker_certificate_from_an_untrusted_ca_is_one_paragraph(
     flags, env = _sasl(
         secured, secured.pipeline_user, secured.pipeline_password, ca=secured.untrusted_ca
     )
-    result = _run(module, flags, env, tmp_path)
+    result = _run_secured(module, flags, env, tmp_path)
     assert_user_error(
         result, "presented a TLS certificate this client does not trust", "--ssl-cafile"
     )
@@ -442,7 +432,7 @@ def test_no_client_certificate_on_the_mutual_tls_listener_is_one_paragraph(
     paragraph saying so and naming --ssl-certfile."""
     module, _ = _pipeline(tmp_path, prefix)
     flags, env = _mtls(secured, None, None, None)
-    result = _run(module, flags, env, tmp_path)
+    result = _run_secured(module, flags, env, tmp_path)
     assert_user_error(result, "requires a client certificate", "--ssl-certfile")
     _assert_no_secret(secured, result.stdout, result.stderr)
 
@@ -457,7 +447,7 @@ def test_a_client_certificate_from_an_untrusted_ca_is_one_paragraph(
     asyncio.run(_grant(secured, secured.client_principal, prefix))
     module, _ = _pipeline(tmp_path, prefix)
     flags, env = _mtls(secured, secured.untrusted_cert, secured.untrusted_key, None)
-    result = _run(module, flags, env, tmp_path)
+    result = _run_secured(module, flags, env, tmp_path)
     assert_user_error(
         result, f"refused the client certificate {secured.untrusted_cert}", "--ssl-certfile"
     )
@@ -480,7 +470,7 @@ def test_no_acls_granted_is_one_paragraph(
             secured, secured.client_cert, secured.client_key, secured.client_key_password
         )
         who = "the subject of the client certificate"
-    result = _run(module, flags, env, tmp_path)
+    result = _run_secured(module, flags, env, tmp_path)
     assert_user_error(result, f"denied {who}", "ACLs", "grant")
     _assert_no_secret(secured, result.stdout, result.stderr)
     principal = (
@@ -506,6 +496,6 @@ def test_a_missing_acl_names_what_to_grant(
     asyncio.run(_grant(secured, f"User:{secured.pipeline_user}", prefix, granted))
     module, _ = _pipeline(tmp_path, prefix)
     flags, env = _sasl(secured, secured.pipeline_user, secured.pipeline_password)
-    result = _run(module, flags, env, tmp_path)
+    result = _run_secured(module, flags, env, tmp_path)
     assert_user_error(result, f"denied user '{secured.pipeline_user}'", needle)
     _assert_no_secret(secured, result.stdout, result.stderr)

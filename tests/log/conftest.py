@@ -8,12 +8,12 @@ broker); every contract test then runs on it too. Tests take their topic and gro
 from __future__ import annotations
 
 import itertools
-import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from support.kafka import KAFKA_BOOTSTRAP
 
 from pipelines.log.base import LogBackend
 from pipelines.log.embedded import EmbeddedLog
@@ -22,10 +22,6 @@ from pipelines.log.memory import MemoryLog
 from pipelines.settings import KafkaSettings
 
 BackendFactory = Callable[[Path], Awaitable[LogBackend]]
-
-KAFKA_BOOTSTRAP = os.environ.get("HEADWATER_TEST_KAFKA", "127.0.0.1:9092")
-"""The test broker (``bash scripts/kafka.sh start``; scripts/test.sh starts it). Kafka tests fail
-rather than skip when it is down: a skipped Kafka test would hide a broken backend."""
 
 
 async def _memory(_tmp_path: Path) -> LogBackend:

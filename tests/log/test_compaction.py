@@ -12,7 +12,7 @@ import signal
 import time
 from pathlib import Path
 
-from cli_support import headwater
+from support.cli import headwater
 
 from pipelines.log._compaction import compact
 from pipelines.log._partition_file import PartitionFile, segment_paths

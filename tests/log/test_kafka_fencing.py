@@ -12,13 +12,12 @@ from collections.abc import Callable
 
 import orjson
 import pytest
+from support.kafka import KAFKA_BOOTSTRAP
 
 from pipelines.errors import FencedError
 from pipelines.log.base import RawBatch, TopicPartition, TopicSpec
 from pipelines.log.kafka import KafkaLog
 from pipelines.settings import KafkaSettings
-
-from .conftest import KAFKA_BOOTSTRAP
 
 
 def _batch(*values: bytes) -> RawBatch:

@@ -15,28 +15,22 @@ from typing import Any
 
 import orjson
 import pytest
-from cli_support import headwater
+from support.cli import headwater
+from support.values import from_values
 
-from connectors.memory import Collect, Iterable
+from connectors.memory import Collect
 from operators.concurrent import Concurrent
 from operators.stateless import Map
 from operators.steploop import THREAD_NAME, step_loop
-from pipelines import Pipeline, Topic
-from pipelines.batch import Batch
-from pipelines.errors import ErrorPolicy, PipelineDefinitionError, RecordError, StepError
+from pipelines.errors import ErrorPolicy, PipelineDefinitionError, StepError
 from pipelines.log.memory import MemoryLog
 from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.topology import compile_pipeline
 from pipelines.runtime.watchdog import StepTimeout
 from pipelines.serde import Json
-from pipelines.testing import run_pipeline
+from pipelines.testing import OperatorHarness, run_pipeline
 
 VALUES = list(range(250))
-
-
-def from_values(values: list[Any], *, error_policy: ErrorPolicy | None = None) -> Pipeline:
-    pipeline = Pipeline("p", error_policy=error_policy or ErrorPolicy.DEAD_LETTER)
-    return pipeline.source(Iterable(values), into=Topic("in"))
 
 
 async def jitter() -> None:
@@ -141,24 +135,6 @@ class InFlight:
             self.now -= 1
 
 
-class Context:
-    """A step context that keeps what is rejected."""
-
-    step_id = "step"
-    partition = 0
-
-    def __init__(self) -> None:
-        self.rejected: list[tuple[int, RecordError]] = []
-
-    def reject(self, batch: Batch, index: int, error: RecordError) -> None:
-        self.rejected.append((index, error))
-
-
-def batch_of(values: list[Any]) -> Batch:
-    size = len(values)
-    return Batch([None] * size, values, [0] * size, list(range(size)), None)  # type: ignore[arg-type]
-
-
 @pytest.fixture
 def held_loop() -> Iterator[None]:
     """The step loop, held as a worker holds it."""
@@ -171,10 +147,9 @@ def held_loop() -> Iterator[None]:
 @pytest.mark.parametrize("limit", [1, 7, 100])
 def test_calls_in_flight_never_exceed_the_bound_and_reach_it(limit: int) -> None:
     calls = InFlight()
-    operator = Map("m", calls, concurrent=Concurrent(limit))
-    operator.open(Context())  # type: ignore[arg-type]
+    harness = OperatorHarness(Map("m", calls, concurrent=Concurrent(limit)))
     values = list(range(limit * 3 + 1))
-    assert operator.process(batch_of(values)).values == values
+    assert harness.send(values).values == values
     assert calls.most == limit
 
 
@@ -184,10 +159,9 @@ def test_calls_overlap() -> None:
         await asyncio.sleep(0.05)
         return n
 
-    operator = Map("m", slow, concurrent=Concurrent(100))
-    operator.open(Context())  # type: ignore[arg-type]
+    harness = OperatorHarness(Map("m", slow, concurrent=Concurrent(100)))
     started = time.monotonic()
-    assert operator.process(batch_of(list(range(100)))).values == list(range(100))
+    assert harness.send(range(100)).values == list(range(100))
     assert time.monotonic() - started < 1.0  # 100 x 50 ms one after the other: 5 s
 
 

@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
 
 import pytest
+from support.values import from_values
 
 from connectors.memory import Collect, Iterable
 from pipelines import Pipeline, Topic
 from pipelines.serde import Json
 from pipelines.testing import run_pipeline
-
-
-def from_values(values: list[Any], *, partitions: int = 1, topic: str = "in") -> Pipeline:
-    return Pipeline("p").source(Iterable(values), into=Topic(topic, partitions=partitions))
-
 
 # -- branch ----------------------------------------------------------------------------------------
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import orjson
 import pytest
-from cli_support import headwater
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.cli import headwater
 
 import connectors
 from operators.aggregations import Aggregation, Collect, Count, Mean, Sum
@@ -42,7 +42,7 @@ AGGREGATIONS: dict[str, Callable[[], Aggregation | dict[str, Aggregation]]] = {
 }
 
 
-def reference(orders: list[Order], kind: str) -> dict[str, Any]:
+def expected_results(orders: list[Order], kind: str) -> dict[str, Any]:
     """Each customer's result, computed from the input alone."""
     amounts: dict[str, list[int]] = defaultdict(list)
     for order in orders:
@@ -60,7 +60,7 @@ def reference(orders: list[Order], kind: str) -> dict[str, Any]:
     }
 
 
-def totals(orders: list[Order], kind: str, salt: int | None, workers: int) -> dict[str, Any]:
+def last_results(orders: list[Order], kind: str, salt: int | None, workers: int) -> dict[str, Any]:
     """The last result of each customer as the pipeline emits it."""
     pipeline = (
         Pipeline("salted")
@@ -98,9 +98,9 @@ orders_strategy = st.lists(
 def test_a_salted_aggregation_ends_with_the_unsalted_result(
     orders: list[Order], kind: str, salt: int, workers: int
 ) -> None:
-    expected = reference(orders, kind)
-    assert totals(orders, kind, None, workers) == expected
-    assert totals(orders, kind, salt, workers) == expected
+    expected = expected_results(orders, kind)
+    assert last_results(orders, kind, None, workers) == expected
+    assert last_results(orders, kind, salt, workers) == expected
 
 
 def test_the_partial_step_emits_once_per_sub_key_and_batch() -> None:
@@ -132,7 +132,7 @@ def test_a_salted_key_keeps_its_key_bytes_then_the_salt() -> None:
     assert serde.deserialize(b"c1\x03") == ("c1", 3)
 
 
-def keyed(salt: object = 4) -> Pipeline:
+def salted_by_customer(salt: object = 4) -> Pipeline:
     return (
         Pipeline("refused")
         .source(connectors.Iterable([]), into=Topic("orders", partitions=2))
@@ -162,20 +162,22 @@ def test_what_cannot_merge_partials_is_refused_after_salt(
     build: Callable[[Pipeline], Pipeline], needles: list[str]
 ) -> None:
     with pytest.raises(PipelineDefinitionError) as raised:
-        build(keyed())
+        build(salted_by_customer())
     for needle in [*needles, "salt"]:
         assert needle in str(raised.value)
 
 
 def test_a_fold_with_a_merge_may_follow_salt() -> None:
-    chain = keyed().aggregate("f", initial=0, fold=lambda a, v: a + 1, merge=lambda a, b: a + b)
+    chain = salted_by_customer().aggregate(
+        "f", initial=0, fold=lambda a, v: a + 1, merge=lambda a, b: a + b
+    )
     assert [s.step_id for s in chain.steps][-3:] == ["f.partials", "f.by-key", "f"]
 
 
 @pytest.mark.parametrize("salt", [0, 1, 257, 2.5, True])
 def test_a_salt_must_be_a_number_of_sub_keys(salt: object) -> None:
     with pytest.raises(PipelineDefinitionError, match="salt must be a whole number"):
-        keyed(salt)
+        salted_by_customer(salt)
 
 
 MODULE = """

@@ -9,25 +9,15 @@ import sys
 from collections import Counter, defaultdict
 from typing import Any
 
-import orjson
 import pytest
+from support.values import from_values, sorted_json
 
-from connectors.memory import Collect, Iterable
-from pipelines import Pipeline, Topic
+from connectors.memory import Collect
+from pipelines import Pipeline
 from pipelines.errors import PipelineDefinitionError
 from pipelines.partitioner import partition_for
 from pipelines.serde import Json
 from pipelines.testing import run_pipeline
-
-
-def from_values(values: list[Any], *, partitions: int = 1, **source: Any) -> Pipeline:
-    return Pipeline("p").source(Iterable(values, **source), into=Topic("in", partitions=partitions))
-
-
-def canonical(value: Any) -> bytes:
-    """A hashable, order-independent form of a JSON value, to compare multisets."""
-    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
-
 
 # -- map / filter / flat_map --------------------------------------------------------------------
 
@@ -119,7 +109,7 @@ def test_peek_calls_its_function_once_per_record_and_passes_records_unchanged() 
         from_values(values, partitions=3).peek("spy", seen.append).sink(Collect(), step_id="out")
     )
     result = run_pipeline(pipeline)
-    assert Counter(canonical(v) for v in seen) == Counter(canonical(v) for v in values)
+    assert Counter(sorted_json(v) for v in seen) == Counter(sorted_json(v) for v in values)
     assert sorted(result.values("out"), key=lambda v: v["n"]) == values
 
 
@@ -252,8 +242,8 @@ def test_three_workers_give_the_same_multiset_of_outputs_as_one() -> None:
             continue
         copies = [click, {**click, "copy": True}] if click["seq"] % 3 == 0 else [click]
         expected += [{**c, "len": len(c["user"])} for c in copies]
-    assert Counter(map(canonical, one)) == Counter(map(canonical, expected))
-    assert Counter(map(canonical, three)) == Counter(map(canonical, one))
+    assert Counter(map(sorted_json, one)) == Counter(map(sorted_json, expected))
+    assert Counter(map(sorted_json, three)) == Counter(map(sorted_json, one))
 
 
 # -- the package itself ----------------------------------------------------------------------------
@@ -292,7 +282,7 @@ def test_a_dead_letter_names_the_function_where_it_is_defined_and_the_line_that_
     ), error
 
 
-async def enrich(order: dict[str, Any]) -> dict[str, Any]:
+async def enrich_order(order: dict[str, Any]) -> dict[str, Any]:
     return order
 
 
@@ -308,8 +298,8 @@ async def split(order: dict[str, Any]) -> Any:
 @pytest.mark.parametrize(
     ("fn", "named"),
     [
-        (enrich, "enrich ("),
-        (functools.partial(enrich), "partial(enrich ("),
+        (enrich_order, "enrich_order ("),
+        (functools.partial(enrich_order), "partial(enrich_order ("),
         (AsyncCallable(), "AsyncCallable object"),
         (split, "split ("),
     ],

@@ -4,7 +4,6 @@ processed, and every order is in the output exactly once (the reference is the i
 
 from __future__ import annotations
 
-import os
 import subprocess
 import textwrap
 import uuid
@@ -13,10 +12,10 @@ from pathlib import Path
 
 import orjson
 import pytest
-from cli_support import assert_user_error, headwater
+from support.cli import assert_user_error, headwater
+from support.kafka import KAFKA_BOOTSTRAP
 
 ORDERS = 200
-KAFKA = os.environ.get("HEADWATER_TEST_KAFKA", "127.0.0.1:9092")
 
 MODULE = """
 from pathlib import Path
@@ -48,7 +47,7 @@ def ok(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return done
 
 
-def totals(tmp_path: Path) -> Counter[int]:
+def total_ids(tmp_path: Path) -> Counter[int]:
     lines = (tmp_path / "totals.jsonl").read_bytes().splitlines()
     return Counter(orjson.loads(line)["id"] for line in lines)
 
@@ -64,12 +63,12 @@ def test_fix_the_step_replay_its_dead_letters_and_every_record_is_processed_once
         b"".join(orjson.dumps({"id": i, "price": i / 10}) + b"\n" for i in range(ORDERS))
     )
     log = ["--backend", backend]
-    log += ["--bootstrap-servers", KAFKA] if backend == "kafka" else ["--data-dir", "log"]
+    log += ["--bootstrap-servers", KAFKA_BOOTSTRAP] if backend == "kafka" else ["--data-dir", "log"]
     bad = Counter(range(0, ORDERS, 10))
     good = Counter(range(ORDERS)) - bad
 
     ok(tmp_path, "run", "orders.py", "--workers", "2", "--no-progress", *log)
-    assert totals(tmp_path) == good
+    assert total_ids(tmp_path) == good
 
     listed = ok(tmp_path, "dlq", "list", "orders.py", *log).stdout
     (line,) = listed.splitlines()
@@ -92,7 +91,7 @@ def test_fix_the_step_replay_its_dead_letters_and_every_record_is_processed_once
     assert again.splitlines() == ["total: 0 dead letters replayed"]  # each one once
 
     ok(tmp_path, "run", "orders.py", "--no-progress", *log)
-    assert totals(tmp_path) == Counter(range(ORDERS))  # every order once
+    assert total_ids(tmp_path) == Counter(range(ORDERS))  # every order once
     listed = ok(tmp_path, "dlq", "list", "orders.py", *log).stdout
     assert listed.split("\t")[3] == "20 replayed"
 

@@ -21,7 +21,7 @@ from pipelines.serde import Json
 from pipelines.testing import TestResult, run_pipeline
 
 
-class Click(BaseModel):
+class CountedClick(BaseModel):
     user: str
     n: int
 
@@ -37,7 +37,7 @@ INPUT: list[Any] = [
 ]
 
 
-def headers_of(record: Record) -> dict[str, str]:
+def header_texts(record: Record) -> dict[str, str]:
     headers = dict(record.headers)
     assert len(headers) == len(record.headers), "a header appears twice"
     return {name: value.decode() for name, value in headers.items()}
@@ -76,7 +76,7 @@ def test_malformed_json_is_dead_lettered_with_its_original_bytes() -> None:
     assert len(malformed) == 1
     dead = malformed[0]
     assert dead.key is None
-    headers = headers_of(dead)
+    headers = header_texts(dead)
     assert headers["headwater.error"].startswith("malformed JSON")
     assert headers["headwater.error.type"] in {"JSONDecodeError", "InvalidRecord"}
     assert headers["headwater.step"] == "in"  # the source step that read it
@@ -93,7 +93,7 @@ def test_user_function_that_raises_is_dead_lettered_with_its_original_bytes() ->
     dead = failed[0]
     assert dead.value == Json().serialize(INPUT[3])  # the bytes on the input topic
     assert dead.value == result.topic("in")[3].value
-    headers = headers_of(dead)
+    headers = header_texts(dead)
     assert "ZeroDivisionError" in headers["headwater.error"]
     assert "inverse" in headers["headwater.error"]  # names the user function
     assert headers["headwater.error.type"] == "ZeroDivisionError"
@@ -128,17 +128,17 @@ def test_record_failing_its_model_is_dead_lettered_and_the_rest_validate() -> No
     values: list[Any] = [{"user": "ann", "n": 1}, bad, {"user": "cid", "n": 3}, b'{"n": 4}']
     pipeline = (
         Pipeline("p")
-        .source(Iterable(values), into=Topic("clicks", value=Click))
+        .source(Iterable(values), into=Topic("clicks", value=CountedClick))
         .sink(Collect(), step_id="out")
     )
     result = run_pipeline(pipeline)
 
-    assert result.values("out") == [Click(user="ann", n=1), Click(user="cid", n=3)]
+    assert result.values("out") == [CountedClick(user="ann", n=1), CountedClick(user="cid", n=3)]
     assert [r.offset for r in result.records("out")] == [0, 2]
     dead = result.dead_letters
     assert [r.value for r in dead] == [bad, b'{"n": 4}']
-    first, second = (headers_of(r) for r in dead)
-    assert first["headwater.error"].startswith("does not validate as Click")
+    first, second = (header_texts(r) for r in dead)
+    assert first["headwater.error"].startswith("does not validate as CountedClick")
     assert "n:" in first["headwater.error"]
     assert "user" not in first["headwater.error"]
     assert "user: Field required" in second["headwater.error"]
@@ -169,11 +169,11 @@ def test_many_failures_in_one_batch_leave_every_other_record_in_order() -> None:
     assert [r.offset for r in records] == good
     assert [r.value for r in records] == [inverse(values[i]) for i in good]
     dead_offsets = sorted(
-        int(headers_of(r)["headwater.source.offset"]) for r in result.dead_letters
+        int(header_texts(r)["headwater.source.offset"]) for r in result.dead_letters
     )
     assert dead_offsets == sorted(set(range(300)) - set(good))
     for dead in result.dead_letters:
-        offset = int(headers_of(dead)["headwater.source.offset"])
+        offset = int(header_texts(dead)["headwater.source.offset"])
         assert dead.value == result.topic("in")[offset].value
 
 
@@ -190,7 +190,7 @@ def test_failure_after_key_by_points_at_the_repartition_topic() -> None:
 
     assert sorted(r.value["user"] for r in result.records("out")) == ["ann", "bob", "cid"]
     (dead,) = result.dead_letters
-    headers = headers_of(dead)
+    headers = header_texts(dead)
     assert headers["headwater.step"] == "inverse"
     assert headers["headwater.source.topic"] == "p.by-user"
     partition = int(headers["headwater.source.partition"])
@@ -218,7 +218,7 @@ def test_key_function_returning_a_non_str_is_dead_lettered_with_a_hint() -> None
     assert sorted((r.key, r.value["id"]) for r in result.records("out")) == [("a", "a"), ("b", "b")]
     (dead,) = result.dead_letters
     assert dead.value == Json().serialize({"id": 7})
-    headers = headers_of(dead)
+    headers = header_texts(dead)
     assert headers["headwater.step"] == "by-id"
     assert headers["headwater.error.type"] == "TypeError"
     assert "return a str" in headers["headwater.error"]
@@ -308,7 +308,7 @@ def test_on_error_dead_letter_overrides_a_fail_pipeline() -> None:
     result = run_pipeline(pipeline)
     assert [r.offset for r in result.records("out")] == [0, 2]
     (dead,) = result.dead_letters
-    assert headers_of(dead)["headwater.step"] == "inverse"
+    assert header_texts(dead)["headwater.step"] == "inverse"
 
 
 def test_on_error_skip_overrides_a_dead_letter_pipeline_for_that_step_only() -> None:

@@ -4,16 +4,15 @@ real multi-process run goes on, and the counters equal what the input holds."""
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 import textwrap
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from cli_support import clean_env
 from prometheus_client.parser import text_string_to_metric_families
+from support.cli import Cli, start
+from support.network import free_port
 
 ORDERS = 2000
 BAD_EVERY = 10
@@ -51,10 +50,11 @@ pipeline = (
 """
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def start_shop(tmp_path: Path, port: int) -> Cli:
+    """``headwater run shop.py --workers 2`` serving its metrics on ``port``."""
+    (tmp_path / "shop.py").write_text(textwrap.dedent(MODULE))
+    args = ["run", "shop.py", "--workers", "2", "--no-progress", "--metrics-port", str(port)]
+    return start(args, cwd=tmp_path, name="run")
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -70,37 +70,14 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return found
 
 
-def start(tmp_path: Path, port: int) -> subprocess.Popen[str]:
-    (tmp_path / "shop.py").write_text(textwrap.dedent(MODULE))
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipelines.cli",
-            "run",
-            "shop.py",
-            "--workers",
-            "2",
-            "--no-progress",
-            "--metrics-port",
-            str(port),
-        ],
-        cwd=tmp_path,
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 @pytest.mark.slow
 def test_metrics_count_what_the_input_holds_during_a_run(tmp_path: Path) -> None:
     port = free_port()
-    runner = start(tmp_path, port)
+    runner = start_shop(tmp_path, port)
     try:
         deadline = time.monotonic() + 60
         while True:
-            assert runner.poll() is None, runner.communicate()[1]
+            assert runner.running(), runner.stderr()
             try:
                 found = scrape(port)
             except OSError:
@@ -126,8 +103,8 @@ def test_metrics_count_what_the_input_holds_during_a_run(tmp_path: Path) -> None
         assert found[("headwater_records_read_total", ())] >= ORDERS
     finally:
         (tmp_path / "gate").touch()
-        _, stderr = runner.communicate(timeout=60)
-    assert runner.returncode == 0, stderr
+        code = runner.wait(60)
+    assert code == 0, runner.stderr()
     with pytest.raises(OSError):  # the endpoint goes with the run
         scrape(port)
 
@@ -136,9 +113,10 @@ def test_a_metrics_port_in_use_is_a_user_error(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        runner = start(tmp_path, int(taken.getsockname()[1]))
-        _, stderr = runner.communicate(timeout=60)
-    assert runner.returncode == 2, stderr
+        runner = start_shop(tmp_path, int(taken.getsockname()[1]))
+        code = runner.wait(60)
+    stderr = runner.stderr()
+    assert code == 2, stderr
     assert stderr.startswith("headwater: cannot serve metrics on 127.0.0.1:"), stderr
     assert "choose another --metrics-port" in " ".join(stderr.split())
     assert "Traceback" not in stderr

@@ -9,30 +9,25 @@ log record by record against a reference computed here in plain Python.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from support.cli import Cli, background, wait_until
+from support.logs import read_topic
+from support.processes import alive, worker_pids
 
 from pipelines.log import EmbeddedLog
 from pipelines.log.base import TopicPartition
-from pipelines.runtime.watermarks import END_OF_TIME, split_markers
-
-RUN_TIMEOUT = 60.0
-"""Seconds any one ``headwater run`` may take before the test gives up (and kills it)."""
+from pipelines.runtime.watermarks import END_OF_TIME
 
 N = 100_000
 """Input records."""
@@ -108,7 +103,7 @@ def expected_output() -> Counter[bytes]:
     )
 
 
-def write_module(directory: Path, *, work_pause: float) -> Path:
+def write_numbers_module(directory: Path, *, work_pause: float) -> Path:
     path = directory / "numbers_pipeline.py"
     path.write_text(
         textwrap.dedent(
@@ -124,172 +119,7 @@ def write_module(directory: Path, *, work_pause: float) -> Path:
     return path
 
 
-# -- running headwater -------------------------------------------------------------------------
-
-
-@dataclass
-class Runner:
-    """A ``headwater run`` subprocess in its own session (its workers are in its group)."""
-
-    process: subprocess.Popen[bytes]
-    stdout_path: Path
-    stderr_path: Path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def wait(self, timeout: float = RUN_TIMEOUT) -> int:
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill_all()
-            pytest.fail(f"headwater run did not finish in {timeout:.0f}s:\n{self.stderr()}")
-
-    def kill_all(self) -> None:
-        """SIGKILL the runner's process group (the runner and its workers)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=10)
-
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-
-@contextlib.contextmanager
-def headwater_run(
-    module: Path,
-    data_dir: Path,
-    *,
-    workers: int,
-    name: str,
-    env: dict[str, str] | None = None,
-    extra: Sequence[str] = (),
-) -> Iterator[Runner]:
-    """Start ``headwater run`` in the background; never leave it running after the block."""
-    out = module.parent / f"{name}.stdout"
-    err = module.parent / f"{name}.stderr"
-    with out.open("wb") as stdout, err.open("wb") as stderr:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "pipelines.cli",
-                "run",
-                str(module),
-                "--workers",
-                str(workers),
-                "--data-dir",
-                str(data_dir),
-                *extra,
-            ],
-            cwd=module.parent,
-            stdout=stdout,
-            stderr=stderr,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
-            start_new_session=True,
-        )
-    runner = Runner(process, out, err)
-    try:
-        yield runner
-    finally:
-        if process.poll() is None:
-            runner.kill_all()
-
-
-def _ppid(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def worker_pids(runner_pid: int) -> list[int]:
-    """The live worker processes of a runner: its spawned multiprocessing children."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or _ppid(int(entry.name)) != runner_pid:
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if b"spawn_main" in cmdline and state != "Z":
-            found.append(int(entry.name))
-    return sorted(found)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def wait_until(condition: Callable[[], bool], runner: Runner, *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if runner.process.poll() is not None:
-            pytest.fail(
-                f"headwater run ended (status {runner.process.returncode}) before {what}:\n"
-                + runner.stderr()
-            )
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}:\n{runner.stderr()}")
-        time.sleep(0.02)
-
-
 # -- reading the log -------------------------------------------------------------------------
-
-
-KeyValue = tuple[bytes | None, bytes | None]
-
-
-@dataclass
-class Contents:
-    """What a topic holds: its data records, and apart from them its watermark markers."""
-
-    records: list[KeyValue]
-    markers: dict[int, list[tuple[int, str, int]]]
-    """Partition -> the (offset, writer, mark) of each marker on it, in order."""
-    ends: dict[int, int]
-    """Partition -> its end offset (records and markers)."""
-
-
-async def _read_topic(data_dir: Path, name: str) -> Contents:
-    log = EmbeddedLog(data_dir)
-    try:
-        spec = (await log.describe_topics())[name]
-        tps = [TopicPartition(name, p) for p in range(spec.partitions)]
-        ends = await log.end_offsets(tps)
-        contents = Contents([], {}, {tp.partition: ends[tp] for tp in tps})
-        for tp in tps:
-            markers = contents.markers.setdefault(tp.partition, [])
-            offset = 0
-            while offset < ends[tp]:
-                fetched = await log.read(tp, offset, 50_000)
-                assert len(fetched.records), f"{tp} ends at {ends[tp]}, not {offset}"
-                data, found = split_markers(fetched)
-                contents.records += zip(data.records.keys, data.records.values, strict=True)
-                at = sorted(set(fetched.offsets) - set(data.offsets))
-                markers += [(o, w, m) for o, (w, m) in zip(at, found, strict=True)]
-                offset = fetched.next_offset
-        return contents
-    finally:
-        await log.close()
-
-
-def read_topic(data_dir: Path, name: str) -> Contents:
-    """Every (key, value) on topic ``name``, partition by partition, and its markers apart
-    (they are not records: no step or sink sees them)."""
-    return asyncio.run(_read_topic(data_dir, name))
 
 
 async def _count(data_dir: Path, name: str) -> int:
@@ -365,16 +195,20 @@ def check_input(data_dir: Path) -> None:
 @pytest.mark.slow
 def test_kill_9_of_a_worker_loses_nothing(tmp_path: Path) -> None:
     """At-least-once: a worker killed mid-stream costs duplicates at most, never a record."""
-    module = write_module(tmp_path, work_pause=0.003)
+    module = write_numbers_module(tmp_path, work_pause=0.003)
     data_dir = tmp_path / "log"
     total = sum(expected_output().values())
-    with headwater_run(module, data_dir, workers=3, name="run") as runner:
-        wait_until(lambda: len(worker_pids(runner.pid)) == 3, runner, timeout=20, what="3 workers")
+    with background(
+        ["run", module, "--workers", "3", "--data-dir", data_dir], cwd=module.parent, name="run"
+    ) as runner:
+        wait_until(
+            lambda: len(worker_pids(runner.pid)) == 3, timeout=20, what="3 workers", watch=[runner]
+        )
         wait_until(
             lambda: count_records(data_dir, OUTPUT_TOPIC) >= total // 10,
-            runner,
             timeout=30,
             what="some output",
+            watch=[runner],
         )
         victims = worker_pids(runner.pid)
         os.kill(victims[0], signal.SIGKILL)
@@ -382,9 +216,9 @@ def test_kill_9_of_a_worker_loses_nothing(tmp_path: Path) -> None:
         assert written_at_kill < total * 0.7, "the run was almost over: make the workers slower"
         wait_until(
             lambda: victims[0] not in worker_pids(runner.pid),
-            runner,
             timeout=10,
             what="the killed worker to go",
+            watch=[runner],
         )
         assert worker_pids(runner.pid) == victims[1:]
         code = runner.wait()
@@ -400,7 +234,7 @@ def test_kill_9_of_a_worker_loses_nothing(tmp_path: Path) -> None:
     assert sum(found.values()) >= total
 
 
-def _interrupt(runner: Runner, signum: int) -> None:
+def _interrupt(runner: Cli, signum: int) -> None:
     if signum == signal.SIGINT:
         os.killpg(runner.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
     else:
@@ -412,21 +246,28 @@ def _interrupt(runner: Runner, signum: int) -> None:
 def test_stop_mid_stream_then_resume(tmp_path: Path, signum: int) -> None:
     """A stopped run stops cleanly and soon; the same command then resumes where it stopped,
     without re-emitting input."""
-    module = write_module(tmp_path, work_pause=0.003)
+    module = write_numbers_module(tmp_path, work_pause=0.003)
     data_dir = tmp_path / "log"
 
     # First run: the input trickles after FAST_UNTIL records, and the workers are far behind.
     trickle = {"NUMBERS_TRICKLE": "0.25"}
-    with headwater_run(module, data_dir, workers=3, name="first", env=trickle) as runner:
-        wait_until(lambda: len(worker_pids(runner.pid)) == 3, runner, timeout=20, what="3 workers")
+    with background(
+        ["run", module, "--workers", "3", "--data-dir", data_dir],
+        cwd=module.parent,
+        name="first",
+        env=trickle,
+    ) as runner:
+        wait_until(
+            lambda: len(worker_pids(runner.pid)) == 3, timeout=20, what="3 workers", watch=[runner]
+        )
         wait_until(
             lambda: (
                 count_records(data_dir, INPUT_TOPIC) > FAST_UNTIL
                 and count_records(data_dir, OUTPUT_TOPIC) > 0
             ),
-            runner,
             timeout=30,
             what="the run to get going",
+            watch=[runner],
         )
         backlog = input_lag(data_dir)
         assert backlog > N // 4, "the workers are not behind: make them slower"
@@ -435,7 +276,7 @@ def test_stop_mid_stream_then_resume(tmp_path: Path, signum: int) -> None:
         stopped_at = time.monotonic()
         code = runner.wait(timeout=40)
         stop_seconds = time.monotonic() - stopped_at
-        assert not [pid for pid in workers if _alive(pid)], "workers outlived the runner"
+        assert not [pid for pid in workers if alive(pid)], "workers outlived the runner"
     stderr = runner.stderr()
     # Documented (runner module): on Ctrl-C/SIGTERM the runner stops the workers cleanly, each
     # finishes its batch, commits and leaves; the runner then exits normally after its summary.
@@ -456,7 +297,9 @@ def test_stop_mid_stream_then_resume(tmp_path: Path, signum: int) -> None:
     )
     assert stop_seconds < 5.0
 
-    with headwater_run(module, data_dir, workers=3, name="second") as runner:
+    with background(
+        ["run", module, "--workers", "3", "--data-dir", data_dir], cwd=module.parent, name="second"
+    ) as runner:
         code = runner.wait()
     stderr = runner.stderr()
     assert code == 0, stderr
@@ -495,7 +338,9 @@ def test_a_finished_run_run_again_writes_no_markers_again(tmp_path: Path) -> Non
     module = tmp_path / "counts.py"
     module.write_text(textwrap.dedent(WINDOWED_MODULE))
     data_dir = tmp_path / "log"
-    with headwater_run(module, data_dir, workers=2, name="first") as runner:
+    with background(
+        ["run", module, "--workers", "2", "--data-dir", data_dir], cwd=module.parent, name="first"
+    ) as runner:
         assert runner.wait() == 0, runner.stderr()
     first = read_topic(data_dir, "counts.by-user")
     # each of the 2 tasks that write the topic ended with an end-of-time marker on every
@@ -506,7 +351,9 @@ def test_a_finished_run_run_again_writes_no_markers_again(tmp_path: Path) -> Non
     ), first.markers
     assert len(first.records) == 60
 
-    with headwater_run(module, data_dir, workers=2, name="second") as runner:
+    with background(
+        ["run", module, "--workers", "2", "--data-dir", data_dir], cwd=module.parent, name="second"
+    ) as runner:
         assert runner.wait() == 0, runner.stderr()
     stderr = runner.stderr()
     assert "source events: nothing new since the last run" in stderr, stderr
@@ -582,12 +429,16 @@ def test_a_finished_run_given_newer_input_carries_on(tmp_path: Path, keyed_by: s
             found[(result["key"], round(start * 1000))] += result["value"]
         return found
 
-    with headwater_run(module, data_dir, workers=2, name="first") as runner:
+    with background(
+        ["run", module, "--workers", "2", "--data-dir", data_dir], cwd=module.parent, name="first"
+    ) as runner:
         assert runner.wait() == 0, runner.stderr()
     assert counted() == minute_counts(first)
 
     (tmp_path / "events.json").write_bytes(orjson.dumps(first + later))
-    with headwater_run(module, data_dir, workers=2, name="second") as runner:
+    with background(
+        ["run", module, "--workers", "2", "--data-dir", data_dir], cwd=module.parent, name="second"
+    ) as runner:
         assert runner.wait() == 0, runner.stderr()
     stderr = runner.stderr()
     assert f"source events: {len(later)} records written" in stderr, stderr

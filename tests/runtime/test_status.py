@@ -15,10 +15,10 @@ from pathlib import Path
 
 import orjson
 import pytest
-from cli_support import clean_env, headwater
+from support.cli import clean_env, headwater
+from support.kafka import KAFKA_BOOTSTRAP
 
 ORDERS = 1000
-KAFKA = os.environ.get("HEADWATER_TEST_KAFKA", "127.0.0.1:9092")
 
 MODULE = """
 import asyncio
@@ -60,7 +60,7 @@ def test_status_of_a_running_a_killed_and_a_finished_run(tmp_path: Path, backend
     name = f"shop-{uuid.uuid4().hex[:8]}"
     (tmp_path / "shop.py").write_text(textwrap.dedent(MODULE.format(orders=ORDERS, name=name)))
     log = ["--backend", backend]
-    log += ["--bootstrap-servers", KAFKA] if backend == "kafka" else []
+    log += ["--bootstrap-servers", KAFKA_BOOTSTRAP] if backend == "kafka" else []
     assert status(tmp_path, log)["outcome"] == "never run here"
 
     def start() -> subprocess.Popen[str]:

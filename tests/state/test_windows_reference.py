@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import pytest
 from event_time.oracles import iso, max_disorder, window_counts
-from event_time.oracles import session_counts as session_counts_of
+from event_time.oracles import user_session_counts as session_counts_of
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 

@@ -1,15 +1,19 @@
-"""The PostgreSQL server the connector tests run against, and a fresh table per test."""
+"""The PostgreSQL server the tests run against: its URL, queries from synchronous code, fresh
+table names, and the ``postgres`` fixture (a connection of the test's own; tests/conftest.py
+registers this module as a plugin)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
+
+__all__ = ["execute", "postgres", "postgres_url", "query", "table_name"]
 
 URL_VARIABLE = "HEADWATER_TEST_POSTGRES"
 
@@ -23,6 +27,14 @@ def postgres_url() -> str:
             f"it prints as {URL_VARIABLE} (bash scripts/test.sh does both)"
         )
     return url
+
+
+@pytest.fixture
+async def postgres() -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the test server, for the test's own statements."""
+    connection = await asyncpg.connect(postgres_url())
+    yield connection
+    await connection.close()
 
 
 def query(sql: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -54,13 +66,3 @@ def execute(sql: str) -> None:
 def table_name() -> str:
     """A table name no other test uses."""
     return f"t_{uuid.uuid4().hex[:12]}"
-
-
-def fresh_table(ddl: str) -> Iterator[str]:
-    """Create a table from ``ddl`` (``{table}`` is its name); drop it afterwards."""
-    name = table_name()
-    execute(ddl.format(table=name))
-    try:
-        yield name
-    finally:
-        execute(f"DROP TABLE IF EXISTS {name}")

@@ -1,4 +1,5 @@
-"""Shared helpers for the connector tests (a module, not a conftest)."""
+"""Driving a connector by hand, as the runtime drives it: batches as a sink writer receives
+them, writers started as the runtime starts them, and what a source reads."""
 
 from __future__ import annotations
 
@@ -7,33 +8,55 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from connectors.base import Source, SourceBatch
+from connectors.base import Sink, SinkContext, SinkWriter, Source, SourceBatch
 from pipelines.batch import Batch
 from pipelines.log.base import FetchedBatch, RawBatch
 
+__all__ = ["STAMP", "Follower", "read_to_end", "sink_batch", "started", "values_of"]
+
 STAMP = 1_700_000_000_000
+"""The event time of every record of :func:`sink_batch`."""
 
 
-def make_batch(values: Sequence[Any], keys: Sequence[Any] | None = None) -> Batch:
-    """A batch as a sink writer receives it, as if read from topic ``t`` partition 0."""
-    count = len(values)
+def sink_batch(
+    values: Sequence[Any],
+    keys: Sequence[Any] | None = None,
+    *,
+    first: int = 100,
+    origins: Sequence[int] | None = None,
+    topic: str = "t",
+    partition: int = 0,
+) -> Batch:
+    """A batch as a sink writer receives it, read from ``topic`` ``partition`` at offsets
+    ``first...``. ``origins`` maps each value to the record it came from (several values of one
+    record: a flat_map; -1: made on a timer), one record each by default."""
+    origins = list(origins) if origins is not None else list(range(len(values)))
+    count = max(origins, default=-1) + 1
     raw = RawBatch([None] * count, [None] * count, [STAMP] * count)
-    fetched = FetchedBatch("t", 0, raw, list(range(100, 100 + count)), 100 + count)
+    fetched = FetchedBatch(topic, partition, raw, list(range(first, first + count)), first + count)
     return Batch(
-        list(keys) if keys is not None else [None] * count,
+        list(keys) if keys is not None else [None] * len(values),
         list(values),
-        [STAMP] * count,
-        list(range(count)),
+        [STAMP] * len(values),
+        origins,
         fetched,
     )
 
 
-async def read_all(source: Source, position: Any = None) -> list[SourceBatch]:
+async def started(sink: Sink, context: SinkContext) -> SinkWriter:
+    """A writer of ``sink`` in ``context``, started as the runtime starts it."""
+    writer = sink.open(context)
+    await writer.start()
+    return writer
+
+
+async def read_to_end(source: Source, position: Any = None) -> list[SourceBatch]:
     """Every batch of a source that ends."""
     return [batch async for batch in source.read(position)]
 
 
 def values_of(batches: Sequence[SourceBatch]) -> list[Any]:
+    """The values of ``batches``, in order."""
     return [value for batch in batches for value in batch.values]
 
 
