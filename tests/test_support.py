@@ -4,12 +4,9 @@ the others import it (shared helpers live in ``tests/support/``, shared fixtures
 ``conftest.py``). A name defined in two files fails, naming them: make it one helper, or give
 the two different things different names.
 
-Two lists allow a name in several files, each entry for a reason:
-
-- :data:`OVERRIDES`: a fixture a test file defines again on purpose, overriding a conftest's;
-- :data:`NOT_YET_MERGED`: helpers still defined in several files that were being changed
-  elsewhere when tests/support/ was made. An entry goes once those files import the one copy;
-  the test fails while an entry allows what is no longer there.
+One list allows a name in several files, each entry for a reason: :data:`OVERRIDES`, a
+fixture a test file defines again on purpose, overriding a conftest's. The test fails while an
+entry allows what is no longer there.
 """
 
 from __future__ import annotations
@@ -22,68 +19,6 @@ TESTS = Path(__file__).resolve().parent
 
 OVERRIDES: dict[str, str] = {}
 """Fixture name -> why a test file overrides the conftest fixture of that name."""
-
-_STATE = "tests/state/"
-NOT_YET_MERGED: dict[str, frozenset[str]] = {
-    name: frozenset(files)
-    for name, files in {
-        # a step context made by hand: pipelines.testing.OperatorHarness replaces them
-        "FakeContext": [
-            f"{_STATE}test_boundaries.py",
-            f"{_STATE}test_dedupe.py",
-            f"{_STATE}test_joins.py",
-            f"{_STATE}test_store.py",
-            f"{_STATE}test_windows_reference.py",
-        ],
-        # batches for an operator: OperatorHarness.send
-        "make_batch": [
-            f"{_STATE}test_boundaries.py",
-            f"{_STATE}test_dedupe.py",
-            f"{_STATE}test_store.py",
-            f"{_STATE}test_windows_reference.py",
-        ],
-        # records that say their offset: support.logs.numbered
-        "numbered": [
-            "tests/support/logs.py",
-            "tests/kafka/test_kafka_purge.py",
-            "tests/log/test_segments.py",
-            "tests/runtime/test_housekeeping.py",
-        ],
-        "_append": [
-            f"{_STATE}test_aggregations.py",
-            f"{_STATE}test_joins.py",
-            f"{_STATE}test_restore.py",
-        ],
-        "_run": [f"{_STATE}test_aggregations.py", f"{_STATE}test_restore.py"],
-        "exact_millis": [
-            f"{_STATE}test_windows_assignment.py",
-            f"{_STATE}test_windows_reference.py",
-        ],
-        "generate": [
-            f"{_STATE}test_aggregations.py",
-            f"{_STATE}test_joins.py",
-            f"{_STATE}test_windows_reference.py",
-        ],
-        "keyed": [f"{_STATE}test_aggregations.py", f"{_STATE}test_joins.py"],
-        "latest": ["tests/log/test_compaction.py", f"{_STATE}test_joins.py"],
-        "ms": [
-            f"{_STATE}test_dedupe.py",
-            f"{_STATE}test_windows_assignment.py",
-            f"{_STATE}test_windows_reference.py",
-        ],
-        "read_all": ["tests/log/test_compaction.py", "tests/log/test_segments.py"],
-        "reference": [
-            "tests/kafka/test_kafka_soak.py",
-            "tests/log/test_compaction.py",
-            f"{_STATE}test_changelog_restore.py",
-            f"{_STATE}test_dedupe.py",
-            f"{_STATE}test_joins.py",
-        ],
-        "session_counts": [f"{_STATE}test_boundaries.py", f"{_STATE}test_windows_reference.py"],
-        "windowed": [f"{_STATE}test_boundaries.py", f"{_STATE}test_windows_reference.py"],
-    }.items()
-}
-"""Helper name -> the files still allowed to define it (see the module docstring)."""
 
 
 def definitions(root: Path) -> dict[str, list[str]]:
@@ -117,22 +52,16 @@ def fixtures(root: Path) -> dict[str, list[str]]:
     return found
 
 
-def duplicates(
-    root: Path,
-    overrides: dict[str, str],
-    not_yet_merged: dict[str, frozenset[str]],
-) -> list[str]:
-    """One line per helper name defined in more than one file under ``root`` that the lists do
-    not allow, and per entry of the lists that allows what is not there."""
+def duplicates(root: Path, overrides: dict[str, str]) -> list[str]:
+    """One line per helper name defined in more than one file under ``root`` that
+    ``overrides`` does not allow, and per entry of it that allows what is not there."""
     defined = definitions(root)
     fixture_files = fixtures(root)
     problems = []
     for name, files in sorted(defined.items()):
-        allowed = not_yet_merged.get(name, frozenset())
-        if name in overrides:
-            conftests = [f for f in files if f.endswith("/conftest.py")]
-            allowed = frozenset(files) if conftests and files == fixture_files[name] else allowed
-        if len(files) > 1 and not set(files) <= allowed:
+        conftests = [f for f in files if f.endswith("/conftest.py")]
+        allowed = name in overrides and bool(conftests) and files == fixture_files[name]
+        if len(files) > 1 and not allowed:
             problems.append(f"{name} is defined in {len(files)} files: {', '.join(files)}")
     for name, reason in sorted(overrides.items()):
         files = fixture_files.get(name, [])
@@ -141,17 +70,11 @@ def duplicates(
                 f"OVERRIDES lists {name} ({reason}), but no test file overrides a conftest "
                 f"fixture of that name (fixtures of that name: {', '.join(files) or 'none'})"
             )
-    for name in sorted(not_yet_merged):
-        if len(defined.get(name, [])) < 2:
-            problems.append(
-                f"NOT_YET_MERGED lists {name}, now defined only in "
-                f"{', '.join(defined.get(name, [])) or 'no file'}: take it off the list"
-            )
     return problems
 
 
 def test_no_helper_is_defined_in_two_test_files() -> None:
-    problems = duplicates(TESTS, OVERRIDES, NOT_YET_MERGED)
+    problems = duplicates(TESTS, OVERRIDES)
     assert not problems, "\n".join(problems)
 
 
@@ -170,17 +93,11 @@ def test_a_helper_in_two_files_fails_naming_both(tmp_path: Path) -> None:
         "def helper():\n    pass\n\n\ndef test_x():\n    pass\n"
     )
     (root / "test_two.py").write_text("class helper:\n    pass\n\n\ndef test_x():\n    pass\n")
-    assert duplicates(root, {}, {}) == [
+    assert duplicates(root, {}) == [
         "helper is defined in 2 files: tests/a/test_one.py, tests/test_two.py"
     ]
-    assert (
-        duplicates(root, {}, {"helper": frozenset({"tests/a/test_one.py", "tests/test_two.py"})})
-        == []
-    )
     (root / "test_three.py").write_text("async def helper():\n    pass\n")
-    [problem] = duplicates(
-        root, {}, {"helper": frozenset({"tests/a/test_one.py", "tests/test_two.py"})}
-    )
+    [problem] = duplicates(root, {})
     assert problem.startswith("helper is defined in 3 files")
 
 
@@ -190,20 +107,19 @@ def test_an_override_of_a_conftest_fixture_passes_only_when_listed(tmp_path: Pat
     fixture = "import pytest\n\n\n@pytest.fixture\ndef names():\n    return 1\n"
     (root / "conftest.py").write_text(fixture)
     (root / "test_override.py").write_text(fixture)
-    assert duplicates(root, {}, {}) == [
+    assert duplicates(root, {}) == [
         "names is defined in 2 files: tests/conftest.py, tests/test_override.py"
     ]
-    assert duplicates(root, {"names": "this module's names are shorter"}, {}) == []
+    assert duplicates(root, {"names": "this module's names are shorter"}) == []
     (root / "test_override.py").write_text("def names():\n    return 2\n")  # not a fixture
-    assert len(duplicates(root, {"names": "this module's names are shorter"}, {})) == 2
+    assert len(duplicates(root, {"names": "this module's names are shorter"})) == 2
 
 
-def test_a_list_entry_allowing_what_is_not_there_fails(tmp_path: Path) -> None:
+def test_an_override_allowing_what_is_not_there_fails(tmp_path: Path) -> None:
     root = tmp_path / "tests"
     root.mkdir()
     (root / "test_one.py").write_text("def helper():\n    pass\n")
-    assert duplicates(root, {"helper": "why"}, {"helper": frozenset({"tests/test_one.py"})}) == [
+    assert duplicates(root, {"helper": "why"}) == [
         "OVERRIDES lists helper (why), but no test file overrides a conftest fixture of that "
-        "name (fixtures of that name: none)",
-        "NOT_YET_MERGED lists helper, now defined only in tests/test_one.py: take it off the list",
+        "name (fixtures of that name: none)"
     ]

@@ -77,7 +77,7 @@ def write_clicks(path: Path, seconds: float, rate: int) -> None:
             time.sleep(0.05)
 
 
-def reference(path: Path) -> Counter[tuple[str, int]]:
+def reference_counts(path: Path) -> Counter[tuple[str, int]]:
     counts: Counter[tuple[str, int]] = Counter()
     for line in path.read_bytes().splitlines():
         click = orjson.loads(line)
@@ -171,7 +171,7 @@ def test_a_windowed_run_keeps_kafka_topics_bounded(
             starts = asyncio.run(watch(kafka, name, writer, run))
         finally:
             writer.join()
-        expected = reference(tmp_path / "clicks.jsonl")
+        expected = reference_counts(tmp_path / "clicks.jsonl")
         deadline = time.monotonic() + 60
         while emitted(tmp_path / "counts.jsonl") != expected and time.monotonic() < deadline:
             time.sleep(1)

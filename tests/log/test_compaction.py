@@ -43,7 +43,7 @@ def write(partition: PartitionFile, total: int) -> None:
         partition.append(versions(start, 25))
 
 
-def read_all(partition: PartitionFile, start: int = 0) -> list[tuple[int, bytes, bytes | None]]:
+def read_entries(partition: PartitionFile, start: int = 0) -> list[tuple[int, bytes, bytes | None]]:
     """(offset, key, value) of every record from ``start`` on, offsets strictly increasing."""
     found: list[tuple[int, bytes, bytes | None]] = []
     offset, end = start, partition.end_offset()
@@ -60,7 +60,7 @@ def read_all(partition: PartitionFile, start: int = 0) -> list[tuple[int, bytes,
     return found
 
 
-def latest(records: list[tuple[int, bytes, bytes | None]]) -> dict[bytes, bytes | None]:
+def final_values(records: list[tuple[int, bytes, bytes | None]]) -> dict[bytes, bytes | None]:
     """The value each key ends with (None: deleted), from the records in offset order."""
     state: dict[bytes, bytes | None] = {}
     for _, key, value in records:
@@ -68,9 +68,9 @@ def latest(records: list[tuple[int, bytes, bytes | None]]) -> dict[bytes, bytes 
     return state
 
 
-def reference(total: int) -> dict[bytes, bytes | None]:
+def expected_final(total: int) -> dict[bytes, bytes | None]:
     """What the input alone says each key ends with."""
-    return latest(
+    return final_values(
         [(n, b"k%d" % (n % KEYS), None if n % 7 == 6 else b"%d" % n) for n in range(total)]
     )
 
@@ -79,13 +79,13 @@ def test_the_last_record_of_each_key_stays_at_its_offset(tmp_path: Path) -> None
     path = tmp_path / "0.log"
     partition = PartitionFile(path, segment_bytes=SMALL)
     write(partition, 3000)
-    before = read_all(partition)
+    before = read_entries(partition)
     segments_before = len(segment_paths(path))
     active = partition.segments()[-1]
     dropped = compact(partition, segment_bytes=SMALL, now_ms=0, force=True)  # tombstones young
-    after = read_all(PartitionFile(path, segment_bytes=SMALL))
+    after = read_entries(PartitionFile(path, segment_bytes=SMALL))
     assert dropped == len(before) - len(after) > 2000
-    assert latest(after) == latest(before) == reference(3000)
+    assert final_values(after) == final_values(before) == expected_final(3000)
     assert set(after) <= set(before)  # same records at the same offsets, fewer of them
     sealed_end = active[0]
     keys_in_sealed = [key for at, key, _ in after if at < sealed_end]
@@ -101,10 +101,10 @@ def test_old_tombstones_go_with_what_they_delete(tmp_path: Path) -> None:
     write(partition, 3000)
     partition.roll()  # everything sealed
     compact(partition, segment_bytes=SMALL, now_ms=10**15, force=True)  # every tombstone old
-    after = read_all(partition)
+    after = read_entries(partition)
     assert all(value is not None for _, _, value in after)
-    expected = {key: value for key, value in reference(3000).items() if value is not None}
-    assert latest(after) == expected
+    expected = {key: value for key, value in expected_final(3000).items() if value is not None}
+    assert final_values(after) == expected
 
 
 def test_a_reader_across_compaction_reads_each_record_once(tmp_path: Path) -> None:
@@ -120,9 +120,9 @@ def test_a_reader_across_compaction_reads_each_record_once(tmp_path: Path) -> No
             (at, b"k%d" % (at % KEYS), v) for at, v in zip(offsets, records.values, strict=True)
         ]
     compact(partition, segment_bytes=SMALL, now_ms=0, force=True)
-    rest = read_all(reader, start=middle)
+    rest = read_entries(reader, start=middle)
     assert all(at >= middle for at, _, _ in rest)
-    assert latest(first + rest) == reference(2000)
+    assert final_values(first + rest) == expected_final(2000)
 
 
 async def test_the_embedded_log_reads_a_compacted_partition_with_its_offsets(
@@ -163,11 +163,13 @@ def test_a_crash_between_the_rename_and_the_removals_loses_and_repeats_nothing(
             shutil.copy2(copy, path.parent / copy.name)
     (path.parent / "0-00000000000000000025.log.compacting").write_bytes(b"half a file")
     crashed = PartitionFile(path, segment_bytes=SMALL)
-    assert latest(read_all(crashed)) == reference(3000)  # each offset once, either copy
+    assert final_values(read_entries(crashed)) == expected_final(
+        3000
+    )  # each offset once, either copy
     compact(crashed, segment_bytes=1 << 30, now_ms=0, force=True)
     assert len(segment_paths(path)) == 2
     assert not list(path.parent.glob("*.compacting"))
-    assert latest(read_all(PartitionFile(path))) == reference(3000)
+    assert final_values(read_entries(PartitionFile(path))) == expected_final(3000)
 
 
 def test_compaction_waits_for_enough_dirty_segments(tmp_path: Path) -> None:
@@ -215,7 +217,7 @@ def test_kill_9_while_compacting_loses_and_repeats_nothing(tmp_path: Path) -> No
         partition = PartitionFile(path, segment_bytes=SMALL)
         end = partition.end_offset()
         assert end % 25 == 0  # whole batches only
-        assert latest(read_all(partition)) == reference(end)
+        assert final_values(read_entries(partition)) == expected_final(end)
         partition.close()
     assert not check_log_of(path).damaged
 

@@ -10,13 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
+from support.logs import numbered
 
 from pipelines.log._partition_file import (
     OffsetOutOfRange,
     PartitionFile,
     segment_paths,
 )
-from pipelines.log.base import RawBatch, TopicPartition, TopicSpec
+from pipelines.log.base import TopicPartition, TopicSpec
 from pipelines.log.check import check_log
 from pipelines.log.embedded import EmbeddedLog
 
@@ -50,13 +51,7 @@ asyncio.run(main())
 )
 
 
-def numbered(start: int, count: int) -> RawBatch:
-    """Records whose key, value and timestamp say their offset."""
-    numbers = range(start, start + count)
-    return RawBatch([b"k%d" % n for n in numbers], [b"%d" % n for n in numbers], list(numbers))
-
-
-def read_all(partition: PartitionFile, start: int = 0) -> list[int]:
+def read_offsets(partition: PartitionFile, start: int = 0) -> list[int]:
     """The values of every record from ``start`` to the end, as offsets, checking each record's
     value is its offset."""
     found: list[int] = []
@@ -87,9 +82,9 @@ def test_a_partition_rolls_into_sealed_segments_and_reads_across_them(tmp_path: 
     assert segments[0] == (0, path)
     assert [base for base, _ in segments] == sorted(base for base, _ in segments)
     assert reader.end_offset() == end
-    assert read_all(reader) == list(range(end))
-    assert read_all(PartitionFile(path, segment_bytes=SMALL)) == list(range(end))
-    assert read_all(reader, start=777) == list(range(777, end))
+    assert read_offsets(reader) == list(range(end))
+    assert read_offsets(PartitionFile(path, segment_bytes=SMALL)) == list(range(end))
+    assert read_offsets(reader, start=777) == list(range(777, end))
     for base, end_of, _ in writer.segments()[:-1]:
         seal = writer.seal_of(base)
         assert seal is not None
@@ -104,7 +99,7 @@ def test_a_writer_with_a_stale_segment_follows_the_seal(tmp_path: Path) -> None:
     other = PartitionFile(path, segment_bytes=SMALL)
     end = fill(other, 30)
     early.append(numbered(end, 5))  # its segment was sealed meanwhile: goes to the newest
-    assert read_all(other) == list(range(end + 5))
+    assert read_offsets(other) == list(range(end + 5))
     assert len(segment_paths(path)) > 3
 
 
@@ -117,11 +112,11 @@ def test_a_roll_cut_short_after_the_seal_is_finished_by_the_next_writer(tmp_path
     assert segment_paths(path) == [(0, path)]
     reader = PartitionFile(path)
     assert reader.end_offset() == 10
-    assert read_all(reader) == list(range(10))
+    assert read_offsets(reader) == list(range(10))
     writer = PartitionFile(path)
     writer.append(numbered(10, 5))
     assert [base for base, _ in segment_paths(path)] == [0, 10]
-    assert read_all(reader) == list(range(15))
+    assert read_offsets(reader) == list(range(15))
 
 
 def test_a_transaction_is_applied_once_across_rolls(tmp_path: Path) -> None:
@@ -141,14 +136,14 @@ def test_sealed_segments_are_removed_oldest_first_and_reads_below_fail(tmp_path:
     partition = PartitionFile(path, segment_bytes=SMALL)
     reader = PartitionFile(path, segment_bytes=SMALL)
     end = fill(partition, 40)
-    assert read_all(reader)[:1] == [0]  # the reader has the first segments open
+    assert read_offsets(reader)[:1] == [0]  # the reader has the first segments open
     segments = partition.segments()
     cut = segments[3][1]  # the end of the fourth segment
     removed = partition.drop(below=cut + 1)
     assert removed == [p for _, _, p in segments[:4]]
     assert not any(p.exists() or p.with_suffix(".end").exists() for p in removed)
     assert partition.log_start() == cut
-    assert read_all(partition, start=cut) == list(range(cut, end))
+    assert read_offsets(partition, start=cut) == list(range(cut, end))
     with pytest.raises(OffsetOutOfRange, match="no longer on the log") as caught:
         PartitionFile(path).read(0, 10)
     assert caught.value.log_start == cut
@@ -156,7 +151,7 @@ def test_sealed_segments_are_removed_oldest_first_and_reads_below_fail(tmp_path:
     assert partition.segments()[0][2] == segments[-1][2]  # the active segment stays
     start = partition.log_start()
     assert start == segments[-1][0]
-    assert read_all(partition, start=start) == list(range(start, end))
+    assert read_offsets(partition, start=start) == list(range(start, end))
 
 
 async def test_the_embedded_log_names_the_topic_of_a_read_below_its_start(tmp_path: Path) -> None:
@@ -212,7 +207,7 @@ def test_kill_9_while_rolling_loses_no_acknowledged_record(tmp_path: Path) -> No
     for number in range(3):
         path = tmp_path / "topics" / "t" / f"{number}.log"
         assert len(segment_paths(path)) > 2
-        values = read_all(PartitionFile(path))
+        values = read_offsets(PartitionFile(path))
         assert values == list(range(len(values)))
         assert len(values) > acknowledged[number]
 
@@ -232,7 +227,7 @@ def test_a_writer_whose_segment_was_sealed_and_purged_goes_on_in_the_newest(
     other.drop(below=end)
     assert early.end_offset() == end  # follows past the purged segments
     early.append(numbered(end, 5))
-    assert read_all(other, start=other.log_start())[-5:] == list(range(end, end + 5))
+    assert read_offsets(other, start=other.log_start())[-5:] == list(range(end, end + 5))
 
 
 def fill_from(partition: PartitionFile, start: int, batches: int) -> int:

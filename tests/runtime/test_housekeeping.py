@@ -11,6 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 from support.cli import headwater
+from support.logs import numbered
 
 from connectors.memory import Collect, Iterable
 from pipelines.errors import PipelineDefinitionError
@@ -27,11 +28,6 @@ from pipelines.state.table import TableStore
 from pipelines.topic import Topic
 
 SMALL = 4096
-
-
-def numbered(start: int, count: int, stamp: int) -> RawBatch:
-    numbers = range(start, start + count)
-    return RawBatch([b"k%d" % n for n in numbers], [b"%d" % n for n in numbers], [stamp] * count)
 
 
 PIPELINE = """

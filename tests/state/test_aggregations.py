@@ -24,12 +24,12 @@ from pipelines.testing import TestResult, run_pipeline
 USERS = [f"u{n}" for n in range(13)]
 
 
-def generate(seed: int, count: int) -> list[dict[str, Any]]:
+def user_events(seed: int, count: int) -> list[dict[str, Any]]:
     rng = random.Random(seed)
     return [{"i": i, "user": rng.choice(USERS), "x": rng.randint(-500, 500)} for i in range(count)]
 
 
-def keyed(events: list[dict[str, Any]], partitions: int = 3) -> Pipeline:
+def keyed_by_user(events: list[dict[str, Any]], partitions: int = 3) -> Pipeline:
     source = connectors.Iterable(events, key=lambda v: v["user"])
     return Pipeline("aggs").source(source, into=Topic("events", partitions=partitions))
 
@@ -100,14 +100,14 @@ CASES: dict[str, tuple[Callable[[Pipeline], Pipeline], Callable[[list[dict[str, 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_each_record_emits_its_keys_running_result(case: str) -> None:
     build, reference = CASES[case]
-    events = generate(seed=len(case), count=3000)
-    result = run_pipeline(build(keyed(events)).sink(connectors.Collect(), step_id="out"))
+    events = user_events(seed=len(case), count=3000)
+    result = run_pipeline(build(keyed_by_user(events)).sink(connectors.Collect(), step_id="out"))
     assert per_key(result) == running(events, reference)
     assert result.dead_letters == []
 
 
 def test_a_key_by_before_the_aggregation_and_two_workers_give_the_same_totals() -> None:
-    events = generate(seed=99, count=4000)
+    events = user_events(seed=99, count=4000)
 
     def pipeline() -> Pipeline:
         return (
@@ -138,7 +138,7 @@ def _group(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 
 def test_records_without_a_key_go_to_the_dead_letters() -> None:
-    events = generate(seed=4, count=500)
+    events = user_events(seed=4, count=500)
     for event in events[::7]:
         del event["user"]
     source = connectors.Iterable(events, key=lambda v: v.get("user"))
@@ -161,11 +161,11 @@ def test_records_without_a_key_go_to_the_dead_letters() -> None:
 
 
 def test_a_fold_that_raises_sends_the_record_to_the_dead_letters_naming_the_step() -> None:
-    events = generate(seed=5, count=600)
+    events = user_events(seed=5, count=600)
     for event in events[3::10]:
         event["x"] = "not a number"
     pipeline = (
-        keyed(events)
+        keyed_by_user(events)
         .aggregate("totals", initial=0, fold=lambda acc, v: acc + v["x"])
         .sink(connectors.Collect(), step_id="out")
     )
@@ -188,7 +188,7 @@ def test_a_fold_that_raises_sends_the_record_to_the_dead_letters_naming_the_step
 # -- state survives a restart --------------------------------------------------------------------
 
 
-def _append(path: Path, events: list[dict[str, Any]]) -> None:
+def _append_events(path: Path, events: list[dict[str, Any]]) -> None:
     with path.open("ab") as lines:
         for event in events:
             lines.write(orjson.dumps(event) + b"\n")
@@ -204,7 +204,7 @@ def _restartable(path: Path, sink: connectors.Collect) -> Pipeline:
     )
 
 
-async def _run(data_dir: Path, path: Path) -> dict[str, list[Any]]:
+async def _run_embedded(data_dir: Path, path: Path) -> dict[str, list[Any]]:
     sink = connectors.Collect()
     log = EmbeddedLog(data_dir)
     try:
@@ -218,19 +218,19 @@ async def _run(data_dir: Path, path: Path) -> dict[str, list[Any]]:
 
 
 async def test_a_second_run_on_the_same_log_continues_the_aggregates(tmp_path: Path) -> None:
-    events = generate(seed=8, count=5000)
+    events = user_events(seed=8, count=5000)
     first, second = events[:3000], events[3000:]
     path = tmp_path / "input.jsonl"
     data_dir = tmp_path / "data"
 
-    _append(path, first)
-    before = await _run(data_dir, path)
+    _append_events(path, first)
+    before = await _run_embedded(data_dir, path)
     totals = {u: {"n": len(rs), "total": sum(xs(rs))} for u, rs in _group(first).items()}
     assert {user: values[-1] for user, values in before.items()} == totals
     assert sum(len(values) for values in before.values()) == len(first)
 
-    _append(path, second)
-    after = await _run(data_dir, path)
+    _append_events(path, second)
+    after = await _run_embedded(data_dir, path)
     # only the new lines are read again, and each key's count goes on from where it stopped
     assert sum(len(values) for values in after.values()) == len(second)
     everything = {u: {"n": len(rs), "total": sum(xs(rs))} for u, rs in _group(events).items()}

@@ -9,74 +9,35 @@ new owner of the task, and records without a key or without an event time.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from operators._timing import END_OF_TIME, watermark
+from support.operators import Keyed, rejected_values, send_keyed
+from support.times import exact_millis
+
+from operators._timing import watermark
 from operators.aggregations import Count
 from operators.stateful import Aggregate, Dedupe, EventTime
 from operators.windowed import EmitMode, WindowedAggregate, WindowResult
 from operators.windows import Session, Tumbling, Windows
-from pipelines.batch import Batch
-from pipelines.errors import RecordError, StepError
-from pipelines.log.base import FetchedBatch, RawBatch
 from pipelines.state.store import KeyValueStore
-
-Record = tuple[Any, int, Any]  # (key, event time in ms, value)
-
-
-class FakeContext:
-    """Just enough of a step context to drive an operator by hand: it keeps what it is told."""
-
-    partition = 0
-
-    def __init__(self, step_id: str, store: KeyValueStore | None = None) -> None:
-        self.step_id = step_id
-        self.store = store if store is not None else KeyValueStore(step_id, 0)
-        self.late_values: list[Any] = []
-        self.rejected: list[tuple[Any, RecordError]] = []
-
-    def reject(self, batch: Batch, index: int, error: RecordError) -> None:
-        assert isinstance(error, StepError)
-        assert error.step == self.step_id
-        assert error.source == batch.source_of(index)
-        self.rejected.append((batch.values[index], error))
-
-    def late(self, batch: Batch, index: int) -> None:
-        self.late_values.append(batch.values[index])
-
-    def observe(self, batch: Batch) -> None:
-        pass
+from pipelines.testing import OperatorHarness
 
 
-def make_batch(records: list[Record]) -> Batch:
-    n = len(records)
-    raw = RawBatch([None] * n, [None] * n, [t for _, t, _ in records])
-    fetched = FetchedBatch("events", 0, raw, list(range(100, 100 + n)), 100 + n)
-    return Batch(
-        [k for k, _, _ in records],
-        [v for _, _, v in records],
-        [t for _, t, _ in records],
-        list(range(n)),
-        fetched,
+def window_operator(
+    windows: Windows,
+    *,
+    grace: int = 0,
+    emit: EmitMode = "close",
+    store: KeyValueStore | None = None,
+) -> OperatorHarness:
+    """A count of step ``agg`` over ``windows`` driven by hand (on ``store``, if given)."""
+    return OperatorHarness(
+        lambda: WindowedAggregate(
+            "agg", windows, Count(), emit=emit, grace_ms=grace, lateness_ms=0
+        ),
+        store=store,
     )
-
-
-EMPTY = make_batch([])
-
-
-def millis(when: datetime) -> int:
-    return (when - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
-
-
-def windowed(
-    windows: Windows, ctx: FakeContext, *, grace: int = 0, emit: EmitMode = "close"
-) -> WindowedAggregate:
-    operator = WindowedAggregate(
-        ctx.step_id, windows, Count(), emit=emit, grace_ms=grace, lateness_ms=0
-    )
-    operator.open(ctx)
-    return operator
 
 
 def finals(results: list[Any]) -> set[tuple[Any, int, int, int]]:
@@ -84,11 +45,11 @@ def finals(results: list[Any]) -> set[tuple[Any, int, int, int]]:
     for result in results:
         assert isinstance(result, WindowResult)
         assert result.final is True
-        out.add((result.key, millis(result.start), millis(result.end), result.value))
+        out.add((result.key, exact_millis(result.start), exact_millis(result.end), result.value))
     return out
 
 
-def tumbling_counts(records: list[Record], size: int) -> set[tuple[Any, int, int, int]]:
+def tumbling_counts(records: list[Keyed], size: int) -> set[tuple[Any, int, int, int]]:
     """The reference: (key, start, end, count) of every tumbling window of ``records``."""
     counts: dict[tuple[Any, int, int], int] = {}
     for key, t, _ in records:
@@ -97,7 +58,7 @@ def tumbling_counts(records: list[Record], size: int) -> set[tuple[Any, int, int
     return {(k, s, e, n) for (k, s, e), n in counts.items()}
 
 
-def session_counts(records: list[Record], gap: int) -> set[tuple[Any, int, int, int]]:
+def session_reference(records: list[Keyed], gap: int) -> set[tuple[Any, int, int, int]]:
     """The reference: (key, start, end, count) of every session of ``records`` (each record
     opens ``[t, t + gap)``; windows that overlap or touch merge)."""
     out = set()
@@ -131,14 +92,13 @@ def test_a_window_closes_when_the_watermark_reaches_exactly_its_end_plus_grace()
     """Final results emitted as the mark reaches each ``end + grace``, compared with the
     tumbling counts of the records whose windows end at or before that."""
     size, grace = 100, 20
-    records: list[Record] = [("a", 10, 1), ("a", 99, 2), ("b", 150, 3)]
-    ctx = FakeContext("agg")
-    operator = windowed(Tumbling(timedelta(milliseconds=size)), ctx, grace=grace)
-    assert operator.process(make_batch(records)).values == []
+    records: list[Keyed] = [("a", 10, 1), ("a", 99, 2), ("b", 150, 3)]
+    operator = window_operator(Tumbling(timedelta(milliseconds=size)), grace=grace)
+    assert send_keyed(operator, records).values == []
     expected = tumbling_counts(records, size)
     emitted: set[tuple[Any, int, int, int]] = set()
     for mark in (size + grace - 1, size + grace, 2 * size + grace - 1, 2 * size + grace):
-        emitted |= finals(operator.on_watermark(mark, EMPTY).values)
+        emitted |= finals(operator.advance(mark).values)
         assert emitted == {c for c in expected if c[2] + grace <= mark}, mark
     assert operator.pending == 0
 
@@ -148,24 +108,24 @@ def test_after_the_end_of_time_exactly_the_closed_windows_are_late() -> None:
     later run's record in a closed window goes late, one in a new window counts. Compared with
     the windows of the records and ``end + grace``."""
     size, grace = 100, 20
-    first: list[Record] = [("a", 50, 1)]
-    ctx = FakeContext("agg")
-    operator = windowed(Tumbling(timedelta(milliseconds=size)), ctx, grace=grace)
-    operator.process(make_batch(first))
-    assert finals(operator.on_watermark(END_OF_TIME, EMPTY).values) == tumbling_counts(first, size)
+    first: list[Keyed] = [("a", 50, 1)]
+    operator = window_operator(Tumbling(timedelta(milliseconds=size)), grace=grace)
+    send_keyed(operator, first)
+    assert finals(operator.finish().values) == tumbling_counts(first, size)
     closed_until = max(t - t % size + size + grace for _, t, _ in first)
-    assert watermark(ctx.store) == closed_until
+    assert watermark(operator.store) == closed_until
 
-    # a later run goes on with newer input: the sources resumed
-    again: list[Record] = [("a", 60, 2), ("a", 150, 3)]
+    # a later run goes on with newer input: the sources resumed; its step keeps the store
+    later = window_operator(
+        Tumbling(timedelta(milliseconds=size)), grace=grace, store=operator.store
+    )
+    again: list[Keyed] = [("a", 60, 2), ("a", 150, 3)]
     late = [v for _, t, v in again if t - t % size + size + grace <= closed_until]
     counted = [r for r in again if r[2] not in late]
     assert late == [2]
-    operator.process(make_batch(again))
-    assert ctx.late_values == late
-    assert finals(operator.on_watermark(END_OF_TIME, EMPTY).values) == tumbling_counts(
-        counted, size
-    )
+    send_keyed(later, again)
+    assert [r.value for r in later.late] == late
+    assert finals(later.finish().values) == tumbling_counts(counted, size)
 
 
 def test_a_new_owner_closes_the_fixed_windows_it_restored() -> None:
@@ -173,17 +133,17 @@ def test_a_new_owner_closes_the_fixed_windows_it_restored() -> None:
     crash or a rebalance) close when the new one's watermark passes them: compared with the
     tumbling counts of the records."""
     size = 100
-    records: list[Record] = [("a", 10, 1), ("b", 20, 2), ("a", 130, 3)]
+    records: list[Keyed] = [("a", 10, 1), ("b", 20, 2), ("a", 130, 3)]
     store = KeyValueStore("agg", 0)
-    before = windowed(Tumbling(timedelta(milliseconds=size)), FakeContext("agg", store))
-    before.on_watermark(0, EMPTY)  # the watermark entry comes first in the store
-    before.process(make_batch(records))
+    before = window_operator(Tumbling(timedelta(milliseconds=size)), store=store)
+    before.advance(0)  # the watermark entry comes first in the store
+    send_keyed(before, records)
 
-    after = windowed(Tumbling(timedelta(milliseconds=size)), FakeContext("agg", store))
+    after = window_operator(Tumbling(timedelta(milliseconds=size)), store=store)
     assert after.pending == len(tumbling_counts(records, size))
-    got = finals(after.on_watermark(size, EMPTY).values)
+    got = finals(after.advance(size).values)
     assert got == {c for c in tumbling_counts(records, size) if c[2] <= size}
-    got |= finals(after.on_watermark(END_OF_TIME, EMPTY).values)
+    got |= finals(after.finish().values)
     assert got == tumbling_counts(records, size)
 
 
@@ -191,31 +151,29 @@ def test_a_new_owner_merges_a_record_into_the_session_it_restored() -> None:
     """A record that touches a restored session joins it: the final sessions compared with
     the sessions plain Python computes over all the records."""
     gap = 100
-    first: list[Record] = [("a", 0, 1), ("a", 50, 2), ("b", 1000, 3)]
-    then: list[Record] = [("a", 120, 4), ("b", 1100, 5)]
+    first: list[Keyed] = [("a", 0, 1), ("a", 50, 2), ("b", 1000, 3)]
+    then: list[Keyed] = [("a", 120, 4), ("b", 1100, 5)]
     store = KeyValueStore("agg", 0)
-    before = windowed(Session(timedelta(milliseconds=gap)), FakeContext("agg", store))
-    before.on_watermark(0, EMPTY)
-    before.process(make_batch(first))
+    before = window_operator(Session(timedelta(milliseconds=gap)), store=store)
+    before.advance(0)
+    send_keyed(before, first)
 
-    ctx = FakeContext("agg", store)
-    after = windowed(Session(timedelta(milliseconds=gap)), ctx)
-    after.process(make_batch(then))
-    got = finals(after.on_watermark(END_OF_TIME, EMPTY).values)
-    assert got == session_counts(first + then, gap)
-    assert ctx.late_values == []
+    after = window_operator(Session(timedelta(milliseconds=gap)), store=store)
+    send_keyed(after, then)
+    got = finals(after.finish().values)
+    assert got == session_reference(first + then, gap)
+    assert after.late == []
 
 
 def test_a_record_without_a_key_is_rejected_and_the_rest_of_its_batch_counts() -> None:
     """The keyless record is rejected (naming the step and its record); the counts are those
     of the keyed records only."""
     size = 100
-    records: list[Record] = [("a", 10, 1), (None, 20, 2), ("a", 30, 3), ("b", 40, 4)]
-    ctx = FakeContext("agg")
-    operator = windowed(Tumbling(timedelta(milliseconds=size)), ctx)
-    operator.process(make_batch(records))
-    assert [value for value, _ in ctx.rejected] == [v for k, _, v in records if k is None]
-    got = finals(operator.on_watermark(END_OF_TIME, EMPTY).values)
+    records: list[Keyed] = [("a", 10, 1), (None, 20, 2), ("a", 30, 3), ("b", 40, 4)]
+    operator = window_operator(Tumbling(timedelta(milliseconds=size)))
+    send_keyed(operator, records)
+    assert rejected_values(operator) == [v for k, _, v in records if k is None]
+    got = finals(operator.finish().values)
     assert got == tumbling_counts([r for r in records if r[0] is not None], size)
 
 
@@ -223,9 +181,9 @@ def test_updates_are_keyed_by_the_record_key_and_not_final() -> None:
     """``emit="update"``: one update per record, keyed and timestamped like its window, its
     value the count so far; compared with a running count over the records."""
     size = 100
-    records: list[Record] = [("a", 10, 1), ("b", 20, 2), ("a", 30, 3)]
-    operator = windowed(Tumbling(timedelta(milliseconds=size)), FakeContext("agg"), emit="update")
-    out = operator.process(make_batch(records))
+    records: list[Keyed] = [("a", 10, 1), ("b", 20, 2), ("a", 30, 3)]
+    operator = window_operator(Tumbling(timedelta(milliseconds=size)), emit="update")
+    out = send_keyed(operator, records)
     so_far: dict[Any, int] = {}
     expected = []
     for key, t, _ in records:
@@ -245,26 +203,24 @@ def test_a_restored_dedupe_forgets_on_a_watermark_that_comes_before_any_batch() 
     """A new owner told a mark before its first batch forgets every passed record the mark is
     a horizon beyond: a repeat of a forgotten one passes, of a remembered one does not."""
     horizon = 1000
-    first: list[Record] = [("a", 0, 1), ("b", 500, 2)]
+    first: list[Keyed] = [("a", 0, 1), ("b", 500, 2)]
     store = KeyValueStore("dedupe", 0)
-    before = Dedupe("dedupe", horizon)
-    before.open(FakeContext("dedupe", store))
-    assert before.process(make_batch(first)).values == [1, 2]
+    before = OperatorHarness(Dedupe("dedupe", horizon), store=store)
+    assert send_keyed(before, first).values == [1, 2]
 
     mark = 1000
-    after = Dedupe("dedupe", horizon)
-    after.open(FakeContext("dedupe", store))
-    assert len(after.on_watermark(mark, EMPTY)) == 0
+    after = OperatorHarness(Dedupe("dedupe", horizon), store=store)
+    assert len(after.advance(mark)) == 0
     remembered = [(k, t) for k, t, _ in first if mark < t + horizon]
     assert {k for k, _ in store.items()} == {k for k, _ in remembered}
-    repeats: list[Record] = [("a", 400, 3), ("b", 900, 4)]
+    repeats: list[Keyed] = [("a", 400, 3), ("b", 900, 4)]
     passed = [
         v for k, t, v in repeats if all(abs(t - s) >= horizon for j, s in remembered if j == k)
     ]
-    assert after.process(make_batch(repeats)).values == passed == [3]
+    assert send_keyed(after, repeats).values == passed == [3]
 
 
-def _ttl_counts(records: list[Record], ttl: int, marks: dict[int, int]) -> list[int]:
+def _ttl_counts(records: list[Keyed], ttl: int, marks: dict[int, int]) -> list[int]:
     """The reference counts: a key's count restarts once a mark (given before the record at
     that position) has passed its latest record by ``ttl``."""
     latest: dict[Any, int] = {}
@@ -285,24 +241,23 @@ def test_a_restored_ttl_aggregate_goes_on_counting_and_forgets_on_a_first_waterm
     before its first batch: compared with a running count that restarts a key once the mark
     has passed its latest record by the ttl."""
     ttl = 1000
-    records: list[Record] = [("a", 0, 1), ("b", 500, 2), ("a", 100, 3), ("a", 1200, 4)]
+    records: list[Keyed] = [("a", 0, 1), ("b", 500, 2), ("a", 100, 3), ("a", 1200, 4)]
     records += [("b", 1300, 5)]
     mark_before = {3: 1100}  # after the handover, before the record at position 3
     expected = _ttl_counts(records, ttl, mark_before)
 
     store = KeyValueStore("count", 0)
-    owner = Aggregate("count", Count(), ttl_ms=ttl)
-    owner.open(FakeContext("count", store))
-    got = owner.process(make_batch(records[:2])).values
+    owner = OperatorHarness(Aggregate("count", Count(), ttl_ms=ttl), store=store)
+    got = send_keyed(owner, records[:2]).values
 
-    owner = Aggregate("count", Count(), ttl_ms=ttl)  # a restore: the store, nothing else
-    owner.open(FakeContext("count", store))
-    got += owner.process(make_batch(records[2:3])).values
+    # a restore: the store, nothing else
+    owner = OperatorHarness(Aggregate("count", Count(), ttl_ms=ttl), store=store)
+    got += send_keyed(owner, records[2:3]).values
 
-    owner = Aggregate("count", Count(), ttl_ms=ttl)  # a second handover, a mark first
-    owner.open(FakeContext("count", store))
-    assert len(owner.on_watermark(mark_before[3], EMPTY)) == 0
-    got += owner.process(make_batch(records[3:])).values
+    # a second handover, a mark first
+    owner = OperatorHarness(Aggregate("count", Count(), ttl_ms=ttl), store=store)
+    assert len(owner.advance(mark_before[3])) == 0
+    got += send_keyed(owner, records[3:]).values
     assert got == expected == [1, 1, 2, 1, 2]
 
 
@@ -313,10 +268,8 @@ def test_records_whose_event_time_fails_are_rejected_and_the_others_keep_theirs(
     """The records whose ``time`` function raises are rejected (naming the step), the others
     pass with the event time the function gives: compared with the function over the values."""
     values: list[dict[str, int]] = [{"t": 5}, {}, {"t": 7}, {"u": 1}]
-    ctx = FakeContext("time")
-    step = EventTime("time", lambda value: value["t"])
-    step.open(ctx)
-    out = step.process(make_batch([("k", 0, v) for v in values]))
+    step = OperatorHarness(EventTime("time", lambda value: value["t"]))
+    out = send_keyed(step, [("k", 0, v) for v in values])
     assert out.values == [v for v in values if "t" in v]
     assert out.timestamps == [v["t"] for v in values if "t" in v]
-    assert [value for value, _ in ctx.rejected] == [v for v in values if "t" not in v]
+    assert rejected_values(step) == [v for v in values if "t" not in v]

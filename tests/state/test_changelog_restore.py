@@ -53,7 +53,7 @@ def write_changes(store: KeyValueStore, rng: random.Random, batches: int) -> Cha
     return changelog
 
 
-def reference(changelog: Changelog, committed: dict[TopicPartition, int]) -> dict[Any, Any]:
+def committed_state(changelog: Changelog, committed: dict[TopicPartition, int]) -> dict[Any, Any]:
     """Record by record: one whose positions are all committed sets its key (or deletes it)."""
     state: dict[bytes, bytes] = {}
     for positions, batch in changelog:
@@ -97,7 +97,7 @@ def test_apply_keeps_the_last_committed_value_of_each_key(seed: int, shared: boo
     applied = sum(
         store.apply(chunk, by_name(committed)) for chunk in as_read(changelog, rng, shared=shared)
     )
-    expected = reference(changelog, committed)
+    expected = committed_state(changelog, committed)
     assert dict(store.items()) == expected
     assert len(store) == len(expected)
     kept = [b for p, b in changelog if all(o <= committed[tp] for tp, o in p.items())]
@@ -186,7 +186,7 @@ async def test_a_restore_with_local_copies_equals_the_committed_changelog(
     copy alone (nothing to replay); from the copy and a tail of the changelog."""
     await restores.write(60)
     committed = {tp: 60 for tp in INPUTS}
-    expected = reference(restores.changelog, committed)
+    expected = committed_state(restores.changelog, committed)
     assert len(expected) > 0
 
     into_memory = await restores.restored(committed, copy=False)
@@ -205,7 +205,7 @@ async def test_a_restore_with_local_copies_equals_the_committed_changelog(
     await restores.write(30)
     tail = await restores.restored(committed, copy=True)
     assert 0 < tail.restored < sum(len(b) for _, b in restores.changelog)
-    assert dict(tail.stores["count"].items()) == reference(restores.changelog, committed)
+    assert dict(tail.stores["count"].items()) == committed_state(restores.changelog, committed)
     tail.close()
 
 
@@ -225,7 +225,7 @@ async def test_checkpoints_after_a_snapshot_keep_the_copy_exact(
     await restores.write(60)
     committed = {tp: 60 for tp in INPUTS}
     owner = await restores.restored(committed, copy=True)
-    assert snapshots == [len(reference(restores.changelog, committed))]  # (the marks: empty)
+    assert snapshots == [len(committed_state(restores.changelog, committed))]  # (the marks: empty)
     store = owner.stores["count"]
     for round_ in range(10):
         for key in restores.rng.sample(KEYS, 10):

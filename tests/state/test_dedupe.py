@@ -16,22 +16,18 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support.operators import send_keyed
+from support.times import ms
 
 import connectors
 from operators.stateful import Dedupe
 from pipelines import Pipeline, Topic
-from pipelines.batch import Batch
-from pipelines.log.base import FetchedBatch, RawBatch
+from pipelines.errors import ErrorPolicy
 from pipelines.runtime.watermarks import END_OF_TIME as END
-from pipelines.state.store import KeyValueStore
-from pipelines.testing import TestResult, run_pipeline
+from pipelines.testing import OperatorHarness, TestResult, run_pipeline
 
 HORIZON = 1000
 DELAY = 300  # the most a record arrives after its event time (less than the horizon)
-
-
-def ms(millis: int) -> timedelta:
-    return timedelta(milliseconds=millis)
 
 
 def distinct_events(seed: int, keys: list[str], per_key: int) -> list[tuple[str, int]]:
@@ -217,41 +213,17 @@ def test_records_without_a_key_go_to_the_dead_letters() -> None:
 # -- the operator, batch by batch ----------------------------------------------------------------
 
 
-class FakeContext:
-    step_id = "dedupe"
-    partition = 0
-
-    def __init__(self) -> None:
-        self.store = KeyValueStore("dedupe", 0)
-
-    def reject(self, batch: Batch, index: int, error: Exception) -> None:
-        raise AssertionError(error)
-
-    def late(self, batch: Batch, index: int) -> None:
-        raise AssertionError("dedupe has no late records")
+def operator(horizon: int) -> OperatorHarness:
+    """A dedupe of step ``dedupe`` driven by hand; a record it rejects fails the test."""
+    return OperatorHarness(lambda: Dedupe("dedupe", horizon), error_policy=ErrorPolicy.FAIL)
 
 
-def make_batch(records: list[tuple[str, int]]) -> Batch:
-    n = len(records)
-    raw = RawBatch([k.encode() for k, _ in records], [None] * n, [t for _, t in records])
-    fetched = FetchedBatch("events", 0, raw, list(range(n)), n)
-    return Batch(
-        [k for k, _ in records],
-        [(k, t) for k, t in records],
-        [t for _, t in records],
-        list(range(n)),
-        fetched,
-    )
-
-
-EMPTY = make_batch([])
-
-
-def operator(horizon: int) -> tuple[Dedupe, FakeContext]:
-    dedupe = Dedupe("dedupe", horizon)
-    ctx = FakeContext()
-    dedupe.open(ctx)  # type: ignore[arg-type]
-    return dedupe, ctx
+def send_pairs(harness: OperatorHarness, records: list[tuple[str, int]]) -> list[Any]:
+    """What passes of ``records`` ((key, event time), each its own value) sent as one batch;
+    dedupe has no late records."""
+    passed = send_keyed(harness, [(k, t, (k, t)) for k, t in records]).values
+    assert harness.late == []
+    return passed
 
 
 def dedupe(
@@ -259,36 +231,36 @@ def dedupe(
 ) -> list[tuple[str, int]]:
     """What passes when ``chunks`` come as batches; with ``marks``, the operator is told after
     each batch the mark the runtime would (the largest event time so far)."""
-    op, _ = operator(horizon)
+    op = operator(horizon)
     passed: list[tuple[str, int]] = []
     mark: int | None = None
     for chunk in chunks:
-        passed += op.process(make_batch(chunk)).values
+        passed += send_pairs(op, chunk)
         if marks and chunk:
             mark = max([t for _, t in chunk] + ([] if mark is None else [mark]))
-            assert len(op.on_watermark(mark, EMPTY)) == 0
+            assert len(op.advance(mark)) == 0
     return passed
 
 
 def test_passed_records_are_forgotten_when_the_mark_is_a_horizon_past_them() -> None:
-    op, ctx = operator(1000)
-    assert op.process(make_batch([("a", 0), ("a", 1500), ("b", 10)])).values == [
+    op = operator(1000)
+    assert send_pairs(op, [("a", 0), ("a", 1500), ("b", 10)]) == [
         ("a", 0),
         ("a", 1500),
         ("b", 10),
     ]
-    assert ctx.store.get("a") == [0, 1500]  # the passed event times of each key
-    op.on_watermark(999, EMPTY)
-    assert op.process(make_batch([("a", 400)])).values == []  # 0 is remembered
-    op.on_watermark(1000, EMPTY)  # 0 + the horizon
-    assert ctx.store.get("a") == [1500]
-    assert ctx.store.get("b") == [10]  # 10 + 1000 is still ahead of the mark
+    assert op.store.get("a") == [0, 1500]  # the passed event times of each key
+    op.advance(999)
+    assert send_pairs(op, [("a", 400)]) == []  # 0 is remembered
+    op.advance(1000)  # 0 + the horizon
+    assert op.store.get("a") == [1500]
+    assert op.store.get("b") == [10]  # 10 + 1000 is still ahead of the mark
     # a record that far behind the mark finds nothing to meet but 1500, 1100 away
-    assert op.process(make_batch([("a", 400)])).values == [("a", 400)]
-    op.on_watermark(1010, EMPTY)
-    assert ctx.store.get("b") is None
-    op.on_watermark(END, EMPTY)
-    assert len(ctx.store) == 0
+    assert send_pairs(op, [("a", 400)]) == [("a", 400)]
+    op.advance(1010)
+    assert op.store.get("b") is None
+    op.advance(END)
+    assert len(op.store) == 0
 
 
 def test_only_the_mark_forgets_never_the_event_times_of_a_batch() -> None:

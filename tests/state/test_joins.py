@@ -17,12 +17,10 @@ from pydantic import BaseModel
 from connectors.base import SinkContext
 from connectors.memory import Collect, Iterable
 from connectors.topic import LogTopic
-from operators._timing import END_OF_TIME
 from operators.joins import StreamJoin
 from pipelines import Pipeline, PipelineDefinitionError, Topic
-from pipelines.batch import Batch
 from pipelines.log import EmbeddedLog, MemoryLog
-from pipelines.log.base import FetchedBatch, LogBackend, RawBatch, TopicPartition
+from pipelines.log.base import LogBackend, RawBatch, TopicPartition
 from pipelines.record import Record, from_millis
 from pipelines.runtime.engine import prepare_topics
 from pipelines.runtime.inprocess import run_in_process
@@ -30,8 +28,7 @@ from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.task import Task
 from pipelines.runtime.topology import compile_pipeline
 from pipelines.runtime.worker import WorkerReport
-from pipelines.state.store import KeyValueStore
-from pipelines.testing import TestResult, run_pipeline
+from pipelines.testing import Checkpoint, OperatorHarness, TestResult, run_pipeline
 
 T0 = 1_700_000_000_000  # event times in the past, so an idle partition's watermark passes them
 
@@ -66,7 +63,7 @@ def table_history(seed: int) -> list[Record]:
     return [Record(key=k, value=v, timestamp=from_millis(T0)) for k, v in history]
 
 
-def latest(history: list[Record]) -> dict[str, Any]:
+def table_after(history: list[Record]) -> dict[str, Any]:
     table: dict[str, Any] = {}
     for record in history:
         if record.value is None:
@@ -98,7 +95,7 @@ def shop(users: Topic, how: str, out: Collect, items: list[dict[str, Any]]) -> P
     )
 
 
-def reference(items: list[dict[str, Any]], table: dict[str, Any], how: str) -> list[Any]:
+def enriched_reference(items: list[dict[str, Any]], table: dict[str, Any], how: str) -> list[Any]:
     return [
         enrich(order, table.get(order["user"]))
         for order in items
@@ -118,13 +115,13 @@ async def test_stream_table_join_equals_the_reference(how: str, workers: int) ->
     out = Collect()
     await run(shop(users, how, out, items), log, workers=workers)
 
-    expected = reference(items, latest(history), how)
+    expected = enriched_reference(items, table_after(history), how)
     assert canonical(out.values) == canonical(expected)
     # one key is one task: each user's results keep the stream's order, key and timestamps
     for user in USERS:
         mine = [r for r in out.records if r.key == user]
         assert [r.value for r in mine] == [v for v in expected if v["user"] == user]
-        joined = how == "left" or user in latest(history)
+        joined = how == "left" or user in table_after(history)
         stamps = [o["at"] for o in items if o["user"] == user and joined]
         assert [int(r.timestamp.timestamp() * 1000) for r in mine] == stamps
 
@@ -159,7 +156,7 @@ def test_a_table_join_dead_letters_records_without_a_key() -> None:
     assert b"key_by" in dict(dead.headers)["headwater.error"]
 
 
-def _append(log: MemoryLog, tp: TopicPartition, rows: list[tuple[str, Any]]) -> None:
+def _append_rows(log: MemoryLog, tp: TopicPartition, rows: list[tuple[str, Any]]) -> None:
     log.append(
         tp,
         RawBatch(
@@ -186,8 +183,8 @@ async def test_table_records_arriving_as_input_apply_in_order_after_the_bootstra
     log = MemoryLog()
     await prepare_topics(log, topology)
     table_tp, orders_tp = TopicPartition("users", 0), TopicPartition("orders", 0)
-    _append(log, table_tp, [("ann", {"tier": "gold"}), ("ann", {"tier": "silver"})])
-    _append(log, table_tp, [("bob", {"tier": "bronze"})])
+    _append_rows(log, table_tp, [("ann", {"tier": "gold"}), ("ann", {"tier": "silver"})])
+    _append_rows(log, table_tp, [("bob", {"tier": "bronze"})])
 
     sub = topology.by_topic["orders"]
     writers = {"out": out.open(SinkContext("shop", "out", 0))}
@@ -201,7 +198,7 @@ async def test_table_records_arriving_as_input_apply_in_order_after_the_bootstra
     def ask(*who: str) -> list[Any]:
         out.clear()
         start = len(log.read_now(orders_tp, 0, 1 << 30).records)
-        _append(log, orders_tp, [(name, {"user": name}) for name in who])
+        _append_rows(log, orders_tp, [(name, {"user": name}) for name in who])
         feed(orders_tp, start, len(who))
         return list(out.values)
 
@@ -209,12 +206,12 @@ async def test_table_records_arriving_as_input_apply_in_order_after_the_bootstra
     feed(table_tp, 0, 1)  # ann=gold again, as input: the bootstrap applied it already
     assert ask("ann") == [["ann", "silver"]]
     feed(table_tp, 1, 2)
-    _append(log, table_tp, [("cy", {"tier": "iron"}), ("ann", None), ("bob", {"tier": "tin"})])
+    _append_rows(log, table_tp, [("cy", {"tier": "iron"}), ("ann", None), ("bob", {"tier": "tin"})])
     feed(table_tp, 3, 1)  # cy appears
     assert ask("ann", "bob", "cy") == [["ann", "silver"], ["bob", "bronze"], ["cy", "iron"]]
     feed(table_tp, 4, 2)  # ann deleted, bob updated
     assert ask("ann", "bob", "cy") == [["ann", None], ["bob", "tin"], ["cy", "iron"]]
-    _append(log, table_tp, [("ann", {"tier": "back"})])
+    _append_rows(log, table_tp, [("ann", {"tier": "back"})])
     feed(table_tp, 6, 1)
     assert ask("ann") == [["ann", "back"]]
     assert task.state.tables["enrich"].bootstrapped_to == 3
@@ -232,7 +229,9 @@ async def test_stream_table_join_continues_after_a_restart_on_the_embedded_log(
     await write_table(log, users, history[:30], "load-users")
     out = Collect()
     await run(shop(users, "left", out, first), log, workers=2)
-    assert canonical(out.values) == canonical(reference(first, latest(history[:30]), "left"))
+    assert canonical(out.values) == canonical(
+        enriched_reference(first, table_after(history[:30]), "left")
+    )
     await log.close()
 
     log = EmbeddedLog(tmp_path)  # a new run: more table rows, more orders
@@ -240,13 +239,15 @@ async def test_stream_table_join_continues_after_a_restart_on_the_embedded_log(
     out = Collect()
     await run(shop(users, "left", out, second), log, workers=2)
     await log.close()
-    assert canonical(out.values) == canonical(reference(items[150:], latest(history), "left"))
+    assert canonical(out.values) == canonical(
+        enriched_reference(items[150:], table_after(history), "left")
+    )
 
 
 # -- declaration checks -----------------------------------------------------------------------
 
 
-def keyed(name: str, partitions: int, **key_by: Any) -> Pipeline:
+def rekeyed(name: str, partitions: int, **key_by: Any) -> Pipeline:
     return (
         Pipeline("p")
         .source(Iterable([]), into=Topic(name, partitions=1))
@@ -255,7 +256,7 @@ def keyed(name: str, partitions: int, **key_by: Any) -> Pipeline:
 
 
 def test_a_table_join_of_differently_partitioned_topics_is_refused() -> None:
-    stream = keyed("orders", 4)
+    stream = rekeyed("orders", 4)
     with pytest.raises(PipelineDefinitionError) as caught:
         stream.join_table("enrich", Topic("users", partitions=2), enrich)
     message = str(caught.value)
@@ -267,7 +268,7 @@ def test_a_table_join_of_differently_partitioned_topics_is_refused() -> None:
 
 
 def test_a_stream_join_of_differently_partitioned_streams_is_refused() -> None:
-    clicks = keyed("clicks", 3)
+    clicks = rekeyed("clicks", 3)
     views = clicks.source(Iterable([]), into=Topic("views", partitions=2))
     with pytest.raises(PipelineDefinitionError) as caught:
         clicks.join_stream("pair", views, timedelta(seconds=1), lambda a, b: a)
@@ -279,7 +280,7 @@ def test_a_stream_join_of_differently_partitioned_streams_is_refused() -> None:
 
 
 def test_joins_refuse_keys_serialised_differently_on_two_sides() -> None:
-    stream = keyed("orders", 2, key=dict)
+    stream = rekeyed("orders", 2, key=dict)
     with pytest.raises(PipelineDefinitionError, match="keyed alike") as caught:
         stream.join_table("enrich", Topic("users", partitions=2), enrich)
     assert "Json()" in str(caught.value)
@@ -287,7 +288,7 @@ def test_joins_refuse_keys_serialised_differently_on_two_sides() -> None:
 
 
 def test_other_join_declaration_mistakes_are_refused() -> None:
-    clicks = keyed("clicks", 2)
+    clicks = rekeyed("clicks", 2)
     views = clicks.source(Iterable([]), into=Topic("views", partitions=1)).key_by(
         "views-by-key", lambda v: v["k"], partitions=2
     )
@@ -308,13 +309,13 @@ def test_other_join_declaration_mistakes_are_refused() -> None:
 
 def test_a_join_compiles_into_one_sub_topology_with_its_table_or_other_stream() -> None:
     users = Topic("users", partitions=2)
-    enriched = keyed("orders", 2).join_table("enrich", users, enrich)
+    enriched = rekeyed("orders", 2).join_table("enrich", users, enrich)
     topology = compile_pipeline(enriched)
     sub = topology.by_topic["users"]
     assert sub is topology.by_topic["p.orders-by-key"]
     assert "enrich" not in topology.changelogs  # the table topic is its own changelog
 
-    clicks = keyed("clicks", 2)
+    clicks = rekeyed("clicks", 2)
     views = clicks.source(Iterable([]), into=Topic("views")).key_by(
         "views-by-key", lambda v: v["k"], partitions=2
     )
@@ -327,26 +328,10 @@ def test_a_join_compiles_into_one_sub_topology_with_its_table_or_other_stream() 
 # -- stream-stream: the operator, batch by batch ----------------------------------------------
 
 
-class FakeContext:
-    step_id = "pair"
-    partition = 0
-
-    def __init__(self, store: KeyValueStore) -> None:
-        self.store = store
-        self.late_values: list[Any] = []
-        self.rejected: list[Any] = []
-
-    def reject(self, batch: Batch, index: int, error: Exception) -> None:
-        self.rejected.append((batch.values[index], error))
-
-    def late(self, batch: Batch, index: int) -> None:
-        self.late_values.append(batch.values[index])
-
-
 Event = tuple[int, str, int, dict[str, Any]]  # side, key, time, value
 
 
-def generate(seed: int, count: int, *, disorder: int, stragglers: float) -> list[Event]:
+def join_events(seed: int, count: int, *, disorder: int, stragglers: float) -> list[Event]:
     """Events of both sides on a few keys, out of order by up to ``disorder`` ms, with some
     records far behind (late)."""
     rng = random.Random(seed)
@@ -407,51 +392,33 @@ def as_chunks(events: list[Event], rng: random.Random) -> list[list[Event]]:
     return chunks
 
 
-def as_batch(chunk: list[Event]) -> tuple[int, Batch]:
-    """The side of ``chunk`` (one side's records) and the batch it arrives in."""
-    n = len(chunk)
-    raw = RawBatch([b"k"] * n, [b"{}"] * n, [e[2] for e in chunk])
-    fetched = FetchedBatch(f"side{chunk[0][0]}", 0, raw, range(n), n)
-    batch = Batch(
-        [e[1] for e in chunk], [e[3] for e in chunk], raw.timestamps, list(range(n)), fetched
-    )
-    return chunk[0][0], batch
-
-
-EMPTY = Batch([], [], [], [], FetchedBatch("side0", 0, RawBatch([], [], []), [], -1))
-
-
 class Feeder:
-    """Feeds chunks to a join as the runtime would: after each, the mark (the largest event
-    time so far) through ``on_watermark``."""
+    """Feeds chunks to a join as the runtime would: each chunk (one side's records) as a batch
+    on its side's input, and after each, the mark (the largest event time so far)."""
 
     def __init__(self) -> None:
         self.mark: int | None = None
 
-    def feed(self, join: StreamJoin, chunk: list[Event]) -> tuple[list[Any], list[Any]]:
+    def feed(self, join: OperatorHarness, chunk: list[Event]) -> tuple[list[Any], list[Any]]:
         """(what processing the chunk emitted, what the mark moving after it emitted)."""
-        side, batch = as_batch(chunk)
-        processed = join.process_ports(side, batch)[0].values
+        processed = join.send(
+            [e[3] for e in chunk],
+            keys=[e[1] for e in chunk],
+            timestamps=[e[2] for e in chunk],
+            input=chunk[0][0],
+        ).values
         self.mark = max([e[2] for e in chunk] + ([] if self.mark is None else [self.mark]))
-        return processed, join.on_watermark(self.mark, EMPTY).values
+        return processed, join.advance(self.mark).values
 
 
 def stream_join(
-    how: str, within: int, grace: int, store: KeyValueStore
-) -> tuple[StreamJoin, FakeContext]:
-    join = StreamJoin("pair", pair, how=how, within_ms=within, grace_ms=grace)  # type: ignore[arg-type]
-    ctx = FakeContext(store)
-    join.open(ctx)  # type: ignore[arg-type]
-    return join, ctx
-
-
-def restored(store: KeyValueStore) -> KeyValueStore:
-    """A new store restored from ``store``'s changelog (everything committed)."""
-    changes = store.changes({TopicPartition("side0", 0): 1}, now_ms=0)
-    fresh = KeyValueStore("pair", 0)
-    if changes is not None:
-        fresh.apply(changes, {"side0/0": 1})
-    return fresh
+    how: str, within: int, grace: int, checkpoint: Checkpoint | None = None
+) -> OperatorHarness:
+    """A stream join of step ``pair`` (restored from ``checkpoint``, if given)."""
+    return OperatorHarness(
+        lambda: StreamJoin("pair", pair, how=how, within_ms=within, grace_ms=grace),  # type: ignore[arg-type]
+        checkpoint=checkpoint,
+    )
 
 
 @pytest.mark.parametrize("how", ["inner", "left"])
@@ -459,31 +426,29 @@ def restored(store: KeyValueStore) -> KeyValueStore:
 @pytest.mark.parametrize("restart", [False, True])
 def test_stream_join_equals_a_brute_force_reference(how: str, seed: int, restart: bool) -> None:
     within, grace = 60, 40
-    events = generate(seed, 400, disorder=30, stragglers=0.05)
+    events = join_events(seed, 400, disorder=30, stragglers=0.05)
     chunks = as_chunks(events, random.Random(seed))
     expected, expected_late = brute_force(chunks, within, grace, how)
 
-    store = KeyValueStore("pair", 0)
-    join, ctx = stream_join(how, within, grace, store)
+    join = stream_join(how, within, grace)
     feeder = Feeder()
     results: list[Any] = []
     late: list[Any] = []
     for number, chunk in enumerate(chunks):
         if restart and number == len(chunks) // 2:  # a crash: a new operator, a restored store
-            late += ctx.late_values
-            join, ctx = stream_join(how, within, grace, restored(store))
-            store = ctx.store
+            late += [r.value for r in join.late]
+            join = stream_join(how, within, grace, join.checkpoint())
         processed, expired = feeder.feed(join, chunk)
         results += processed + expired
-        assert len(store) <= 60  # records expire as the watermark passes them
-    results += join.on_watermark(END_OF_TIME, EMPTY).values  # the end of input
-    late += ctx.late_values
+        assert len(join.store) <= 60  # records expire as the watermark passes them
+    results += join.finish().values  # the end of input
+    late += [r.value for r in join.late]
 
     assert expected_late and late == expected_late
     assert sorted(results, key=str) == sorted(expected, key=str)
-    assert ctx.rejected == []
+    assert join.rejected == []
     assert join.pending == 0
-    assert [k for k, _ in store.items()] == [("watermark",)]
+    assert [k for k, _ in join.store.items()] == [("watermark",)]
 
 
 def test_the_brute_force_judges_a_chunk_against_the_watermark_before_it() -> None:
@@ -497,7 +462,7 @@ def test_the_brute_force_judges_a_chunk_against_the_watermark_before_it() -> Non
 
 
 def test_stream_join_emits_pairs_once_whichever_side_comes_first() -> None:
-    join, _ = stream_join("left", 100, 0, KeyValueStore("pair", 0))
+    join = stream_join("left", 100, 0)
     events: list[Event] = [
         (0, "a", T0, {"id": "L1"}),
         (1, "a", T0 + 50, {"id": "R1"}),  # joins L1, which came first
@@ -516,7 +481,7 @@ def test_stream_join_emits_pairs_once_whichever_side_comes_first() -> None:
 
 
 def test_stream_join_bounds_are_inclusive_on_both_sides() -> None:
-    join, ctx = stream_join("inner", 100, 100, KeyValueStore("pair", 0))
+    join = stream_join("inner", 100, 100)
     events: list[Event] = [
         (0, "a", T0 + 100, {"id": "L1"}),
         (1, "a", T0, {"id": "R1"}),  # 100 ms before L1 (within the grace): joins
@@ -531,7 +496,7 @@ def test_stream_join_bounds_are_inclusive_on_both_sides() -> None:
         processed, expired = feeder.feed(join, [event])
         results += processed + expired
     assert results == [["L1", "R1"], ["L1", "R2"], ["L2", "R2"], ["L2", "R3"]]
-    assert ctx.late_values == [{"id": "R4"}]
+    assert [r.value for r in join.late] == [{"id": "R4"}]
     assert brute_force([[e] for e in events], 100, 100, "inner") == (results, [{"id": "R4"}])
 
 
@@ -547,23 +512,20 @@ def test_stream_join_gives_merge_models_on_a_model_typed_side_also_after_a_resto
         seen.append((type(click), type(view)))
         return f"{click.page}/{view['page']}"
 
-    def operator(store: KeyValueStore) -> StreamJoin:
-        join = StreamJoin(
+    def operator() -> StreamJoin:
+        return StreamJoin(
             "pair", merge, how="inner", within_ms=10, grace_ms=0, models=(Click, None)
         )
-        join.open(FakeContext(store))  # type: ignore[arg-type]
-        return join
 
-    def batch(value: Any, stamp: int) -> Batch:
-        raw = RawBatch([b"ann"], [b"{}"], [stamp])
-        return Batch(["ann"], [value], [stamp], [0], FetchedBatch("t", 0, raw, [0], 1))
-
-    store = KeyValueStore("pair", 0)
-    join = operator(store)
-    assert join.process_ports(0, batch(Click(user="ann", page="/a"), T0))[0].values == []
-    assert join.process_ports(1, batch({"page": "/b"}, T0 + 5))[0].values == ["/a//b"]
-    join = operator(restored(store))  # the click comes back as a Click
-    assert join.process_ports(1, batch({"page": "/c"}, T0 + 8))[0].values == ["/a//c"]
+    join = OperatorHarness(operator)
+    assert join.send([Click(user="ann", page="/a")], keys=["ann"], timestamps=[T0]).values == []
+    assert join.send([{"page": "/b"}], keys=["ann"], timestamps=[T0 + 5], input=1).values == [
+        "/a//b"
+    ]
+    join = OperatorHarness(operator, checkpoint=join.checkpoint())  # the click: a Click again
+    assert join.send([{"page": "/c"}], keys=["ann"], timestamps=[T0 + 8], input=1).values == [
+        "/a//c"
+    ]
     assert seen == [(Click, dict), (Click, dict)]
 
 
@@ -612,7 +574,7 @@ def two_streams(
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_stream_join_pipeline_equals_a_brute_force_reference(how: str, workers: int) -> None:
     # two topics are polled in any order, so the grace covers the whole input: nothing late
-    events = generate(31, 500, disorder=60, stragglers=0)
+    events = join_events(31, 500, disorder=60, stragglers=0)
     expected, late = brute_force([events], 45, 1 << 40, how)
     assert late == []
     out = Collect()
@@ -693,7 +655,7 @@ async def test_records_behind_the_watermark_by_more_than_the_grace_go_to_the_lat
 
 
 async def test_stream_join_state_survives_a_restart_on_the_embedded_log(tmp_path: Path) -> None:
-    events = generate(41, 300, disorder=40, stragglers=0)
+    events = join_events(41, 300, disorder=40, stragglers=0)
     within = timedelta(milliseconds=50)
     expected, _ = brute_force([events], 50, 1 << 40, "inner")
     assert expected

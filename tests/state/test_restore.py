@@ -26,13 +26,13 @@ pipeline = (
 """
 
 
-def _append(path: Path, start: int, stop: int) -> None:
+def _append_users(path: Path, start: int, stop: int) -> None:
     with path.open("ab") as lines:
         for n in range(start, stop):
             lines.write(orjson.dumps({"user": f"u{n % 13}", "n": n}) + b"\n")
 
 
-def _run(cwd: Path) -> None:
+def _run_cli(cwd: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pipelines.cli", "run", "job.py", "--workers", "2", "--no-progress"],
         cwd=cwd,
@@ -59,13 +59,13 @@ async def _latest_totals(data_dir: Path) -> dict[str, int]:
 @pytest.mark.slow
 async def test_a_restart_continues_from_the_committed_state(tmp_path: Path) -> None:
     (tmp_path / "job.py").write_text(MODULE)
-    _append(tmp_path / "input.jsonl", 0, 20_000)
-    _run(tmp_path)
+    _append_users(tmp_path / "input.jsonl", 0, 20_000)
+    _run_cli(tmp_path)
     first = await _latest_totals(tmp_path / ".headwater")
     assert first == Counter(f"u{n % 13}" for n in range(20_000))
 
-    _append(tmp_path / "input.jsonl", 20_000, 50_000)
-    _run(tmp_path)
+    _append_users(tmp_path / "input.jsonl", 20_000, 50_000)
+    _run_cli(tmp_path)
     assert await _latest_totals(tmp_path / ".headwater") == Counter(
         f"u{n % 13}" for n in range(50_000)
     )

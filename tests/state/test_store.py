@@ -9,15 +9,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from support.operators import send_keyed
+
 import connectors
 from operators.aggregations import Count
 from operators.stateful import Aggregate
 from pipelines import Pipeline, Topic
-from pipelines.batch import Batch
-from pipelines.log.base import FetchedBatch, RawBatch, TopicPartition
+from pipelines.errors import ErrorPolicy
+from pipelines.log.base import RawBatch, TopicPartition
 from pipelines.state.local import LocalStore
 from pipelines.state.store import KeyValueStore
-from pipelines.testing import TestResult
+from pipelines.testing import OperatorHarness, TestResult
 
 INPUT = TopicPartition("orders", 0)
 
@@ -174,46 +176,26 @@ class ScanCountingStore(KeyValueStore):
         return super().items()
 
 
-class FakeContext:
-    step_id = "n"
-    partition = 0
-
-    def __init__(self) -> None:
-        self.store = ScanCountingStore("n", 0)
-
-    def reject(self, batch: Batch, index: int, error: Exception) -> None:
-        raise AssertionError(error)
-
-    def late(self, batch: Batch, index: int) -> None:
-        raise AssertionError("an aggregation has no late records")
-
-
-def make_batch(records: list[tuple[str, int]]) -> Batch:
-    n = len(records)
-    raw = RawBatch([k.encode() for k, _ in records], [None] * n, [t for _, t in records])
-    fetched = FetchedBatch("events", 0, raw, list(range(n)), n)
-    return Batch(
-        [k for k, _ in records], [None] * n, [t for _, t in records], list(range(n)), fetched
-    )
-
-
 def counted(
     batches: list[list[tuple[str, int]]], ttl: int
-) -> tuple[list[tuple[str, int]], Aggregate, FakeContext]:
-    """The counts an ``Aggregate`` with ``ttl`` emits for ``batches``, told after each the
-    mark the runtime would (the largest event time so far)."""
-    operator = Aggregate("n", Count(), ttl)
-    ctx = FakeContext()
-    operator.open(ctx)  # type: ignore[arg-type]
+) -> tuple[list[tuple[str, int]], OperatorHarness, ScanCountingStore]:
+    """The counts an ``Aggregate`` with ``ttl`` (a rejection fails the test) emits for
+    ``batches``, told after each the mark the runtime would (the largest event time so far);
+    the harness and its store."""
+    store = ScanCountingStore("n", 0)
+    harness = OperatorHarness(
+        lambda: Aggregate("n", Count(), ttl), error_policy=ErrorPolicy.FAIL, store=store
+    )
     emitted: list[tuple[str, int]] = []
     mark: int | None = None
     for records in batches:
-        out = operator.process(make_batch(records))
+        out = send_keyed(harness, [(k, t, None) for k, t in records])
         emitted += zip(out.keys, out.values, strict=True)
         if records:
             mark = max([t for _, t in records] + ([] if mark is None else [mark]))
-            assert not operator.on_watermark(mark, make_batch([]))
-    return emitted, operator, ctx
+            assert not harness.advance(mark)
+    assert harness.late == []  # an aggregation has no late records
+    return emitted, harness, store
 
 
 def test_an_aggregate_with_a_ttl_forgets_when_the_mark_passes_without_a_scan() -> None:
@@ -229,18 +211,18 @@ def test_an_aggregate_with_a_ttl_forgets_when_the_mark_passes_without_a_scan() -
     ]
     results = []
     for batches in batchings:
-        emitted, _, ctx = counted(batches, TTL)
+        emitted, _, store = counted(batches, TTL)
         assert emitted == ttl_reference(batches, TTL)
-        assert ctx.store.scans <= 1  # loading the (empty) store at the start, never again
+        assert store.scans <= 1  # loading the (empty) store at the start, never again
         results.append(emitted)
     assert results[1] != results[0]  # the batches decide what was forgotten in between
 
-    emitted, operator, ctx = counted([[e] for e in EVENTS], TTL)
-    assert dict(ctx.store.items()) == {"a": [2, 2_100], "b": [2, 1_500]}  # [count, latest]
-    operator.on_watermark(2_499, make_batch([]))
-    assert sorted(ctx.store.items()) == [("a", [2, 2_100]), ("b", [2, 1_500])]
-    operator.on_watermark(2_500, make_batch([]))  # b's 1500 + ttl
-    assert dict(ctx.store.items()) == {"a": [2, 2_100]}
-    operator.on_watermark(3_100, make_batch([]))
-    assert len(ctx.store) == 0
-    assert operator.process(make_batch([("a", 3_000)])).values == [1]
+    emitted, harness, store = counted([[e] for e in EVENTS], TTL)
+    assert dict(store.items()) == {"a": [2, 2_100], "b": [2, 1_500]}  # [count, latest]
+    harness.advance(2_499)
+    assert sorted(store.items()) == [("a", [2, 2_100]), ("b", [2, 1_500])]
+    harness.advance(2_500)  # b's 1500 + ttl
+    assert dict(store.items()) == {"a": [2, 2_100]}
+    harness.advance(3_100)
+    assert len(store) == 0
+    assert harness.send([None], keys=["a"], timestamps=[3_000]).values == [1]

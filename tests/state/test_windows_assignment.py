@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import orjson
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from support.times import exact_millis, ms
 
 import connectors
 from operators.windows import Hopping, Session, Sliding, Tumbling, Window, Windows
@@ -24,18 +25,8 @@ from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.topology import compile_pipeline
 from pipelines.testing import TestResult
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
 stamps = st.integers(min_value=-(10**13), max_value=10**13)
 spans = st.integers(min_value=1, max_value=10**7)
-
-
-def ms(millis: int) -> timedelta:
-    return timedelta(milliseconds=millis)
-
-
-def exact_millis(when: datetime) -> int:
-    return (when - EPOCH) // timedelta(milliseconds=1)
 
 
 def reference_windows(timestamp: int, size: int, advance: int) -> list[Window]:

@@ -27,20 +27,17 @@ from event_time.oracles import iso, max_disorder, window_counts
 from event_time.oracles import user_session_counts as session_counts_of
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from support.operators import send_keyed
+from support.times import exact_millis, ms
 
 import connectors
-from operators._timing import END_OF_TIME
 from operators.aggregations import Aggregation, Collect, Count, Fold, Max, Mean, Min, Sum
 from operators.windowed import WindowedAggregate, WindowResult
 from operators.windows import Hopping, Session, Sliding, Tumbling, Window, Windows
 from pipelines import Pipeline, PipelineDefinitionError, Topic
-from pipelines.batch import Batch
-from pipelines.log.base import FetchedBatch, RawBatch
 from pipelines.partitioner import partition_for
-from pipelines.state.store import KeyValueStore
-from pipelines.testing import TestResult, run_pipeline, run_pipeline_async
+from pipelines.testing import OperatorHarness, TestResult, run_pipeline, run_pipeline_async
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 KEYS = [f"k{n}" for n in range(7)]
 LATENESS = 200
 GRACE = 100
@@ -50,14 +47,6 @@ SMALL_IDLE = timedelta(seconds=0.2)  # for a handful of records, read at once
 
 WindowKey = tuple[str, int, int]
 Run = Callable[..., TestResult]  # the run_one_by_one fixture (conftest.py)
-
-
-def ms(millis: int) -> timedelta:
-    return timedelta(milliseconds=millis)
-
-
-def exact_millis(when: datetime) -> int:
-    return (when - EPOCH) // timedelta(milliseconds=1)
 
 
 # -- generated streams ---------------------------------------------------------------------------
@@ -544,65 +533,31 @@ def test_a_fold_that_raises_on_a_session_record_dead_letters_that_record_only() 
 # -- the watermark moves between batches ----------------------------------------------------------
 
 
-class FakeContext:
-    """Just enough of a step context to drive an operator by hand."""
-
-    step_id = "agg"
-    partition = 0
-
-    def __init__(self) -> None:
-        self.store = KeyValueStore("agg", 0)
-        self.late_values: list[Any] = []
-        self.rejected: list[Any] = []
-
-    def reject(self, batch: Batch, index: int, error: Exception) -> None:
-        self.rejected.append(batch.values[index])
-
-    def late(self, batch: Batch, index: int) -> None:
-        self.late_values.append(batch.values[index])
-
-
-def make_batch(records: list[tuple[str, int, Any]]) -> Batch:
-    n = len(records)
-    raw = RawBatch([k.encode() for k, _, _ in records], [None] * n, [t for _, t, _ in records])
-    fetched = FetchedBatch("events", 0, raw, list(range(n)), n)
-    return Batch(
-        [k for k, _, _ in records],
-        [v for _, _, v in records],
-        [t for _, t, _ in records],
-        list(range(n)),
-        fetched,
-    )
-
-
-EMPTY = make_batch([])
-
-
 def drive(
     windows: Windows, chunks: list[list[tuple[str, int, Any]]], lateness: int, grace: int
 ) -> tuple[list[tuple[str, int, int, int]], list[Any]]:
     """Feed ``chunks`` as batches, telling the operator after each the mark the runtime would
     (the largest event time so far), then the end of time; (every final result, the late
     values)."""
-    operator = WindowedAggregate(
-        "agg", windows, Count(), emit="close", grace_ms=grace, lateness_ms=lateness
+    operator = OperatorHarness(
+        lambda: WindowedAggregate(
+            "agg", windows, Count(), emit="close", grace_ms=grace, lateness_ms=lateness
+        )
     )
-    ctx = FakeContext()
-    operator.open(ctx)  # type: ignore[arg-type]
     results: list[WindowResult] = []
     mark: int | None = None
     for chunk in chunks:
-        results += operator.process(make_batch(chunk)).values
+        results += send_keyed(operator, chunk).values
         if chunk:
             mark = max([t for _, t, _ in chunk] + ([] if mark is None else [mark]))
-            results += operator.on_watermark(mark, EMPTY).values
-    results += operator.on_watermark(END_OF_TIME, EMPTY).values
+            results += operator.advance(mark).values
+    results += operator.finish().values
     assert operator.pending == 0
     assert all(r.final for r in results)
     emitted = [(r.key, exact_millis(r.start), exact_millis(r.end), r.value) for r in results]
     assert len({e[:3] for e in emitted}) == len(emitted), "a window was emitted more than once"
-    assert ctx.rejected == []
-    return sorted(emitted), sorted(ctx.late_values)
+    assert operator.rejected == []
+    return sorted(emitted), sorted(r.value for r in operator.late)
 
 
 def expected_drive(

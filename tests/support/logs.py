@@ -29,11 +29,12 @@ Entry = tuple[int, bytes | None, bytes | None]
 _T = TypeVar("_T")
 
 
-def numbered(start: int, count: int) -> RawBatch:
+def numbered(start: int, count: int, stamp: int | None = None) -> RawBatch:
     """Records whose key, value and timestamp say their offset when written from offset
-    ``start`` on: ``k<n>``, ``<n>`` and ``n``."""
+    ``start`` on: ``k<n>``, ``<n>`` and ``n`` (or all timestamp ``stamp`` when given)."""
     numbers = range(start, start + count)
-    return RawBatch([b"k%d" % n for n in numbers], [b"%d" % n for n in numbers], list(numbers))
+    stamps = list(numbers) if stamp is None else [stamp] * count
+    return RawBatch([b"k%d" % n for n in numbers], [b"%d" % n for n in numbers], stamps)
 
 
 class LogView(ABC):
