@@ -49,6 +49,7 @@ SMOKE_TESTED = {
     "kafka/compare.py",
     "kafka/run_headwater.py",  # the Headwater workers compare.py starts
     "kafka/profile_worker.py",
+    "kafka/read_path.py",
 }
 MODULES = {
     "workload.py",
@@ -158,6 +159,13 @@ def test_hot_keys(tmp_path: Path) -> None:
             out, arm + r", {n} records: {n} records/s \({n} s\), hottest key {n}% of its partition$"
         )
     finite(out, r"salted / unsalted: {n}x$")
+
+
+def test_kafka_read_path(tmp_path: Path) -> None:
+    out = bench("kafka/read_path.py", "--records", "2000", "--repeat", "1", cwd=tmp_path)
+    for path in ("ConsumerRecords", "record batches"):
+        for crc in ("on", "off"):
+            finite(out, rf"{path}\s+CRC {crc}\s*:\s+{{n}} ns/record, {{n}} collections$")
 
 
 def test_micro_floor(tmp_path: Path) -> None:

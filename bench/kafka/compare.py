@@ -64,8 +64,8 @@ from clicks import clicks_below
 HERE = Path(__file__).resolve().parent
 STOP_GRACE = 30.0
 BROKER_WAIT = 60.0
-TARGET_PER_WORKER = 200_000
-TARGET_VS = {"quix": 3.0, "faust": 10.0}
+TARGET_PER_WORKER = 450_000
+TARGET_VS = {"quix": 4.0, "faust": 10.0}
 
 
 @dataclass(frozen=True, slots=True)

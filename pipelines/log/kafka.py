@@ -11,6 +11,9 @@
   same partition number of co-partitioned topics lands on the same member (aiokafka implements
   only the eager rebalance protocol). Rebalance callbacks come from aiokafka's coordinator task;
   the worker serialises them with its loop (see :mod:`pipelines.runtime.worker`).
+- Fetched records become columnar batches straight from aiokafka's record batches, with no
+  ``ConsumerRecord`` per record (:mod:`pipelines.log._kafka_records`), in the consumers and in
+  :meth:`KafkaLog.read` alike.
 
 Connection problems surface as :class:`~pipelines.errors.LogError` within
 ``KafkaSettings.connect_timeout`` seconds, naming the bootstrap servers, never a secret. When
@@ -48,6 +51,7 @@ from aiokafka.errors import (
 from aiokafka.structs import OffsetAndMetadata
 
 from pipelines.errors import FencedError, LogError, TopicError
+from pipelines.log._kafka_records import ColumnReader
 from pipelines.log.base import (
     Consumer,
     FetchedBatch,
@@ -59,13 +63,13 @@ from pipelines.log.base import (
     TopicSpec,
     TransactionalProducer,
 )
-from pipelines.record import Headers
 from pipelines.settings import KafkaSettings
 
 __all__ = ["KafkaConsumer", "KafkaLog", "KafkaProducer"]
 
 T = TypeVar("T")
-_READ_POLL_MS = 200
+_READ_POLL = 0.2
+"""Seconds :meth:`KafkaLog.read` waits for records before it looks at the position."""
 _TOPIC_CONFIG = 1  # DescribeConfigs config_source: set on the topic itself
 _RETRY_BACKOFF = 0.25
 """Seconds between two tries of an admin request that failed with a retriable error."""
@@ -264,21 +268,6 @@ def _partitions(tps: Sequence[TopicPartition]) -> list[KafkaPartition]:
     return [KafkaPartition(tp.topic, tp.partition) for tp in tps]
 
 
-def _fetched(tp: KafkaPartition, messages: Sequence[Any]) -> FetchedBatch:
-    """aiokafka's ConsumerRecords of one partition as one columnar batch."""
-    headers: list[Headers] | None = None
-    if any(m.headers for m in messages):
-        headers = [tuple((k, v or b"") for k, v in m.headers) for m in messages]
-    batch = RawBatch(
-        [m.key for m in messages],
-        [m.value for m in messages],
-        [m.timestamp for m in messages],
-        headers,
-    )
-    offsets = [m.offset for m in messages]
-    return FetchedBatch(tp.topic, tp.partition, batch, offsets, offsets[-1] + 1)
-
-
 async def _started_producer(
     settings: KafkaSettings, transactional_id: str | None = None
 ) -> AIOKafkaProducer:
@@ -471,6 +460,7 @@ class KafkaConsumer(Consumer):
             heartbeat_interval_ms=2_000,
         )
         self._listener: _Listener | None = None
+        self._columns: ColumnReader | None = None  # once started
         self.owned: frozenset[TopicPartition] = frozenset()
         self._returned: dict[TopicPartition, int] = {}  # offset after what poll returned
 
@@ -480,14 +470,14 @@ class KafkaConsumer(Consumer):
         if missing:
             raise TopicError(f"cannot subscribe to missing topic(s) {', '.join(missing)}")
         await _reach(self._settings, "join the consumer group", self._consumer.start())
+        self._columns = ColumnReader(self._consumer)
         self._listener = _Listener(listener, self)
         self._consumer.subscribe(list(topics), listener=self._listener)
 
     async def poll(self, max_records: int, timeout: float) -> list[FetchedBatch]:
-        if self._listener is None:
+        if self._columns is None:
             raise LogError("poll() before subscribe()")
-        data = await self._consumer.getmany(timeout_ms=int(timeout * 1000), max_records=max_records)
-        batches = [_fetched(tp, messages) for tp, messages in data.items() if messages]
+        batches = await self._columns.fetch((), timeout, max_records)
         for batch in batches:
             self._returned[batch.topic_partition] = batch.next_offset
         if not batches:
@@ -555,7 +545,7 @@ class KafkaLog(LogBackend):
     def __init__(self, settings: KafkaSettings | None = None) -> None:
         self.settings = settings or KafkaSettings()
         self._admin: AIOKafkaAdminClient | None = None
-        self._reader: AIOKafkaConsumer | None = None
+        self._reader: ColumnReader | None = None
 
     async def _admin_client(self) -> AIOKafkaAdminClient:
         if self._admin is None:
@@ -564,7 +554,7 @@ class KafkaLog(LogBackend):
             self._admin = admin
         return self._admin
 
-    async def _reader_client(self) -> AIOKafkaConsumer:
+    async def _reader_client(self) -> ColumnReader:
         if self._reader is None:
             reader = AIOKafkaConsumer(
                 **self.settings.client_options(),
@@ -573,7 +563,7 @@ class KafkaLog(LogBackend):
                 isolation_level="read_committed",
             )
             await _reach(self.settings, "connect", reader.start())
-            self._reader = reader
+            self._reader = ColumnReader(reader)
         return self._reader
 
     async def create_topics(self, specs: Sequence[TopicSpec]) -> None:
@@ -654,7 +644,7 @@ class KafkaLog(LogBackend):
         return specs
 
     async def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        reader = await self._reader_client()
+        reader = (await self._reader_client()).consumer
         ends = await _reach(
             self.settings, "read end offsets", lambda: reader.end_offsets(_partitions(partitions))
         )
@@ -663,7 +653,7 @@ class KafkaLog(LogBackend):
     async def start_offsets(
         self, partitions: Sequence[TopicPartition]
     ) -> dict[TopicPartition, int]:
-        reader = await self._reader_client()
+        reader = (await self._reader_client()).consumer
         starts = await _reach(
             self.settings,
             "read start offsets",
@@ -700,7 +690,8 @@ class KafkaLog(LogBackend):
         }
 
     async def read(self, tp: TopicPartition, offset: int, max_records: int) -> FetchedBatch:
-        reader = await self._reader_client()
+        columns = await self._reader_client()
+        reader = columns.consumer
         kafka_tp = KafkaPartition(tp.topic, tp.partition)
         end = (await self.end_offsets([tp]))[tp]
         if offset >= end:
@@ -709,10 +700,9 @@ class KafkaLog(LogBackend):
         reader.seek(kafka_tp, offset)
         deadline = asyncio.get_running_loop().time() + self.settings.connect_timeout
         while True:
-            data = await reader.getmany(kafka_tp, timeout_ms=_READ_POLL_MS, max_records=max_records)
-            messages = data.get(kafka_tp, [])
-            if messages:
-                return _fetched(kafka_tp, messages)
+            fetched = await columns.fetch([kafka_tp], _READ_POLL, max_records)
+            if fetched:
+                return fetched[0]
             # nothing: either only transaction markers are left before the end, or the broker
             # is slow; a restore must tell the two apart, never stop early
             position = await reader.position(kafka_tp)
@@ -736,7 +726,7 @@ class KafkaLog(LogBackend):
 
     async def close(self) -> None:
         if self._reader is not None:
-            await self._reader.stop()
+            await self._reader.consumer.stop()
             self._reader = None
         if self._admin is not None:
             await self._admin.close()
