@@ -352,7 +352,8 @@ def test_kafka_profile_worker(tmp_path: Path) -> None:
     )
     *_, produced, expected = finite(
         out,
-        r"{n} records in {n} s: {n} rec/s \({n} µs/record\) under cProfile; "
+        r"{n} records in {n} s: {n} rec/s \({n} µs/record\), CPU {n} s \({n} µs/record\) "
+        r"under cProfile; "
         r"output {n} \(expected {n}\)$",
     )
     assert produced == expected == 10_000
