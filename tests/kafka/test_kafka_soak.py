@@ -122,12 +122,15 @@ async def set_cleaner(bootstrap: str, topic: str) -> None:
 
 async def roll(bootstrap: str, changelog: str) -> None:
     """Append a tombstone of a key no step uses to each partition, so the segment holding the
-    run's records is no longer the active one (only those are cleaned)."""
+    run's records is no longer the active one (only those are cleaned). It is stamped now: the
+    broker rolls by the time between the segment's first record and the new one."""
     log = KafkaLog(KafkaSettings(bootstrap_servers=bootstrap))
     try:
         producer = log.producer()
         for partition in range(2):
-            await producer.send(changelog, partition, RawBatch([b'["rolled"]'], [None], [0]))
+            await producer.send(
+                changelog, partition, RawBatch([b'["rolled"]'], [None], [int(time.time() * 1000)])
+            )
         await producer.flush()
         await producer.close()
     finally:
