@@ -21,10 +21,14 @@ latency
     end, which stops its worker processes cleanly) while a producer
     appends at a steady ``--rate`` in small batches every ``--tick-ms``, each record's timestamp
     set to the wall-clock ms when its batch is appended, and a reader tails the output topic.
+    The events are encoded before the run (a pool of ``EVENT_POOL``, cycled): encoding them as
+    they are sent would cost the producer ~2 µs each, which at hundreds of thousands of
+    records/s holds up the reader in the same process (and takes a core the workers need).
     Timestamps travel with records, so latency = time read - record timestamp. Records sent
     during the ``--warmup`` seconds (workers starting, joining the group) are not measured.
     ``--poll-ms`` (an experiment) overrides the embedded log's idle poll interval in the
-    workers (through ``bench/stateless_pipeline.py``, which they import).
+    workers (through ``bench/stateless_pipeline.py``, which they import): the interval of the
+    polling fallback, which workers use only where they cannot be woken (no inotify).
 
 This is a benchmark, not a test: it prints numbers, and checks only that every record came out.
 """
@@ -63,6 +67,9 @@ OUTPUT_TOPIC = "bench-out"
 GROUP = "bench"
 PREFILL_BATCH = 1000
 SAMPLE_SECONDS = 0.005
+EVENT_POOL = 100_000
+"""Events the latency phase's producer encodes beforehand and cycles through (an even number:
+event ``i`` of the pool is a click as event ``i`` of the stream is)."""
 READ_BATCH = 10_000
 DRAIN_GRACE = 10.0
 """Seconds the latency reader waits for the last records after the producer stops."""
@@ -169,7 +176,8 @@ def parse_args(argv: Sequence[str]) -> Config:
         "--poll-ms",
         type=float,
         default=None,
-        help="experiment: override the embedded log's idle poll interval in the workers",
+        help="experiment: override the embedded log's idle poll interval in the workers "
+        "(its polling fallback, used only where inotify is unavailable)",
     )
     args = parser.parse_args(argv)
     return Config(
@@ -509,14 +517,15 @@ def stop_runner(process: BaseProcess) -> None:
 async def produce(log: EmbeddedLog, config: Config) -> int:
     """Append at ``config.rate`` for warm-up + measured seconds; returns the records sent."""
     producer = log.producer()
+    pool = encoded_events(0, EVENT_POOL, now_ms())
     start = time.monotonic()
     end = start + config.warmup + config.seconds
     sent = rotation = 0
     while (now := time.monotonic()) < end:
         due = int((now - start) * config.rate) - sent
         if due > 0:
-            values = encoded_events(sent, due, now_ms())
-            stamp = now_ms()  # after encoding: the moment the batch is appended
+            values = cycled(pool, sent, due)
+            stamp = now_ms()  # the moment the batch is appended
             batch = RawBatch([None] * due, values, [stamp] * due)
             await producer.send(INPUT_TOPIC, rotation % config.partitions, batch)
             rotation += 1
@@ -524,6 +533,18 @@ async def produce(log: EmbeddedLog, config: Config) -> int:
         await asyncio.sleep(config.tick_ms / 1000)
     await producer.close()
     return sent
+
+
+def cycled(pool: list[bytes], start: int, count: int) -> list[bytes]:
+    """``count`` items of ``pool`` from index ``start`` on, going round it as often as needed."""
+    items: list[bytes] = []
+    while count:
+        at = start % len(pool)
+        piece = pool[at : at + count]
+        items += piece
+        start += len(piece)
+        count -= len(piece)
+    return items
 
 
 async def tail(

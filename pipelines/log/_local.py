@@ -16,7 +16,7 @@ import hashlib
 import itertools
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 from pipelines.errors import CorruptLogError, LogError, TopicError
 from pipelines.log.base import (
@@ -30,7 +30,7 @@ from pipelines.log.base import (
     TransactionalProducer,
 )
 
-__all__ = ["GroupConsumer", "LocalLog", "Membership", "range_assignment"]
+__all__ = ["AppendWaiter", "GroupConsumer", "LocalLog", "Membership", "range_assignment"]
 
 REBALANCE_CHECK_SECONDS = 0.2
 _member_ids = itertools.count()
@@ -118,6 +118,10 @@ class LocalLog(LogBackend):
     def recover_transactions(self, group: str) -> None:
         """Finish the commits of ``group`` that a crash interrupted (before reading offsets)."""
 
+    def append_waiter(self) -> AppendWaiter:
+        """What a consumer of this log waits on while it has nothing to read (one each)."""
+        return AppendWaiter(self)
+
     def transactional_producer(self, transactional_id: str) -> TransactionalProducer:
         return LocalTransaction(self, transactional_id)
 
@@ -129,6 +133,28 @@ class LocalLog(LogBackend):
 
     def consumer(self, group: str) -> Consumer:
         return GroupConsumer(self, group)
+
+
+class AppendWaiter:
+    """How a :class:`GroupConsumer` waits for records appended to the partitions it owns. This
+    one waits on :meth:`LocalLog.wait_for_append`, whatever the partitions; a backend whose
+    writers are other processes does better (see :mod:`pipelines.log._wakeup`)."""
+
+    def __init__(self, log: LocalLog) -> None:
+        self._log = log
+
+    def follow(self, partitions: Collection[TopicPartition]) -> None:
+        """Wait for appends to ``partitions`` (the consumer's assignment) from now on: called
+        when the assignment changes, before the consumer reads the partitions it got, so that
+        whatever is appended to them after that read ends the next :meth:`wait`."""
+
+    async def wait(self, timeout: float) -> None:
+        """Return soon after something is appended to the partitions followed (at once if it
+        was since the consumer last read them), or after ``timeout`` seconds."""
+        await self._log.wait_for_append(timeout)
+
+    def close(self) -> None:
+        """Let go of what the waiter holds."""
 
 
 class LocalProducer(Producer):
@@ -201,6 +227,7 @@ class GroupConsumer(Consumer):
         self._positions: dict[TopicPartition, int] = {}
         self._next_check = 0.0
         self._rotation = 0
+        self._waiter = log.append_waiter()
 
     @property
     def member_id(self) -> str:
@@ -226,10 +253,11 @@ class GroupConsumer(Consumer):
         while True:
             await self._check_membership()
             batches = self._fetch(max_records)
-            remaining = deadline - time.monotonic()
-            if batches or remaining <= 0:
+            now = time.monotonic()
+            if batches or now >= deadline:
                 return batches
-            await self._log.wait_for_append(min(remaining, REBALANCE_CHECK_SECONDS))
+            # until the next membership check at the latest: it may bring partitions
+            await self._waiter.wait(min(deadline, self._next_check) - now)
 
     def _fetch(self, max_records: int) -> list[FetchedBatch]:
         owned = sorted(self._positions)
@@ -265,6 +293,7 @@ class GroupConsumer(Consumer):
             for tp in revoked:
                 del self._positions[tp]
                 membership.release(tp)
+            self._waiter.follow(self._positions.keys())
         claimed = [tp for tp in sorted(target - self._positions.keys()) if membership.try_claim(tp)]
         if claimed:
             self._log.recover_transactions(self._group)
@@ -273,6 +302,7 @@ class GroupConsumer(Consumer):
             starts = await self._log.start_offsets(claimed)
             for tp in claimed:  # nothing committed: from the first record still on the log
                 self._positions[tp] = committed.get(tp, starts[tp])
+            self._waiter.follow(self._positions.keys())  # before the first read of the claimed
             await listener.on_assigned(frozenset(claimed))
         if len(self._positions) < len(target):
             self._next_check = now + REBALANCE_CHECK_SECONDS / 4  # a claim is still held elsewhere
@@ -289,6 +319,7 @@ class GroupConsumer(Consumer):
         self._log.store_offsets(self._group, offsets)
 
     async def close(self) -> None:
+        self._waiter.close()
         if self._membership is None:
             return
         if self._positions and self._listener is not None:

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -45,7 +46,13 @@ from pipelines.log._commits import (
     write_commit,
 )
 from pipelines.log._compaction import TOMBSTONE_MS, compact
-from pipelines.log._local import LocalLog, LocalTransaction, Membership, new_member_id
+from pipelines.log._local import (
+    AppendWaiter,
+    LocalLog,
+    LocalTransaction,
+    Membership,
+    new_member_id,
+)
 from pipelines.log._locks import locked
 from pipelines.log._partition_file import (
     DEFAULT_SEGMENT_BYTES,
@@ -53,6 +60,7 @@ from pipelines.log._partition_file import (
     PartitionFile,
     disk_error,
 )
+from pipelines.log._wakeup import TopicWatch
 from pipelines.log.base import FetchedBatch, RawBatch, TopicPartition, TopicSpec
 
 __all__ = ["DEFAULT_DATA_DIR", "EmbeddedLog"]
@@ -355,6 +363,7 @@ class EmbeddedLog(LocalLog):
         self._files: dict[TopicPartition, PartitionFile] = {}
         # (group, partition) known to have their committed/ marker: checked once per process
         self._marked: set[tuple[str, TopicPartition]] = set()
+        self._waiters: weakref.WeakSet[TopicWatch] = weakref.WeakSet()  # closed with the log
 
     async def create_topics(self, specs: Sequence[TopicSpec]) -> None:
         lock = self._topics_dir / ".lock"
@@ -669,10 +678,20 @@ class EmbeddedLog(LocalLog):
         except OSError as error:
             raise disk_error(clean, "read", error) from error
 
+    def append_waiter(self) -> AppendWaiter:
+        """Wakes a consumer as soon as a file of a topic it reads changes (inotify on Linux),
+        or polls through :meth:`wait_for_append`: see :mod:`pipelines.log._wakeup`."""
+        waiter = TopicWatch(self, self._topics_dir)
+        self._waiters.add(waiter)
+        return waiter
+
     async def wait_for_append(self, timeout: float) -> None:
+        """Look again shortly: the poll of consumers that cannot be woken (no inotify)."""
         await asyncio.sleep(min(timeout, _POLL_SECONDS))
 
     async def close(self) -> None:
+        for waiter in list(self._waiters):
+            waiter.close()
         for file in self._files.values():
             file.close()
         self._files.clear()
