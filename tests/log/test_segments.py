@@ -92,6 +92,25 @@ def test_a_partition_rolls_into_sealed_segments_and_reads_across_them(tmp_path: 
         assert seal.end == end_of
 
 
+def test_a_seal_records_the_newest_timestamp_whoever_appended_it(tmp_path: Path) -> None:
+    """A writer keeps the newest timestamp of its own appends as it goes; the frames of another
+    writer, and those there before it opened the segment, count too."""
+    path = tmp_path / "0.log"
+    writer, other = PartitionFile(path), PartitionFile(path)
+    writer.append(numbered(0, 5, stamp=10))
+    other.append(numbered(5, 5, stamp=99))  # the newest, in the middle
+    writer.append(numbered(10, 5, stamp=20))
+    writer.roll()
+    seal = writer.seal_of(0)
+    assert seal is not None and seal.newest == 99
+    writer.append(numbered(15, 3, stamp=5))  # the next segment starts afresh
+    writer.append(numbered(18, 3, stamp=3))
+    writer.roll()
+    (_, (base, _, _), _) = writer.segments()
+    seal = writer.seal_of(base)
+    assert seal is not None and seal.newest == 5
+
+
 def test_a_writer_with_a_stale_segment_follows_the_seal(tmp_path: Path) -> None:
     path = tmp_path / "0.log"
     early = PartitionFile(path, segment_bytes=1 << 30)  # never rolls by itself
