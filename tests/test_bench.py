@@ -46,6 +46,7 @@ SMOKE_TESTED = {
     "parquet.py",
     "hot_keys.py",
     "disk_soak.py",
+    "failover.py",
     "kafka/compare.py",
     "kafka/run_headwater.py",  # the Headwater workers compare.py starts
     "kafka/profile_worker.py",
@@ -150,6 +151,17 @@ def test_disk_soak(tmp_path: Path) -> None:
     assert max(at_half, at_end) <= bound
     finite(out, r"windows counted as the input says: {n} of {n}$")
     assert "bounded and exact" in out
+
+
+def test_failover(tmp_path: Path) -> None:
+    out = bench("failover.py", "--smoke", cwd=tmp_path)
+    failover, hand_back, normal, output, produced = finite(
+        out,
+        r"run 1: failover gap {n} ms \(partitions \[[\d, ]+\]\), hand-back gap {n} ms, normal "
+        r"silence {n} ms; output {n} for {n} input records",
+    )
+    assert 0 < failover < 30_000 and 0 <= hand_back < 30_000 and 0 < normal
+    assert output >= produced > 0
 
 
 def test_hot_keys(tmp_path: Path) -> None:
