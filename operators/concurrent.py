@@ -21,7 +21,7 @@ from typing import Any
 from operators.base import StepContext, reject_call
 from operators.steploop import step_loop
 from pipelines.batch import Batch
-from pipelines.runtime.watchdog import overran
+from pipelines.errors import StepTimeout
 
 __all__ = ["DEFAULT_CONCURRENCY", "Concurrent", "listed"]
 
@@ -33,7 +33,7 @@ DEFAULT_CONCURRENCY = 100
 class Concurrent:
     """How an async step function is called: at most ``limit`` calls at once within a batch,
     each cancelled after ``timeout`` seconds (if given) and failed with
-    :class:`~pipelines.runtime.watchdog.StepTimeout`."""
+    :class:`~pipelines.errors.StepTimeout`."""
 
     limit: int = DEFAULT_CONCURRENCY
     timeout: float | None = None
@@ -82,7 +82,7 @@ class Concurrent:
         except TimeoutError:
             if not scope.expired():
                 raise  # the function's own (a client's timeout): its error, not the step's
-            raise overran(self.timeout) from None
+            raise StepTimeout(self.timeout) from None
 
 
 async def listed(fn: Callable[[Any], Any], value: Any) -> list[Any]:

@@ -20,18 +20,22 @@ without a cycle:
    (:mod:`pipelines.batch`), errors, serdes, topics, the log interfaces
    (:mod:`pipelines.log.base`) and the state stores (:mod:`pipelines.state`);
 2. the operators (``operators``) and the connectors (``connectors``);
-3. the DSL (:mod:`pipelines.pipeline`), which makes steps of operators and connectors;
+3. the DSL (:mod:`pipelines.pipeline`), which makes steps (:mod:`pipelines.steps`) of
+   operators and connectors;
 4. the runtime (:mod:`pipelines.runtime`), which compiles and runs the DSL's pipelines, and the
    command line, notebook and test helpers on it. One runtime module is used lower down:
-   :mod:`pipelines.runtime.watchdog` bounds the calls of a step function (``timeout=``), for
-   the DSL and the async operators, and imports only the log interfaces.
+   :mod:`pipelines.runtime.watchdog` bounds the calls of a step function (``timeout=``) for
+   the DSL, and imports only the base layer. The operators and connectors import nothing from
+   the runtime: what an operator shares with it, such as the error of a call that overran its
+   timeout, is in the base layer.
 
 Importing a module of a package runs the package's ``__init__`` first: this one imports only
 the base layer, so that the operators and connectors can import it at module level. The DSL's
 ``Pipeline`` is imported on first use, by the module ``__getattr__`` below (PEP 562):
 ``from pipelines import Pipeline`` and ``pipelines.Pipeline`` work as for any other name, and
 type checkers see it through the ``TYPE_CHECKING`` import. ``tests/test_layers.py`` checks the
-layers: no import cycle, and a base layer that imports nothing above it.
+layers: no import cycle, a base layer that imports nothing above it, and operators and
+connectors that import nothing from the DSL or the runtime.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -50,6 +54,7 @@ from pipelines.errors import (
     RecordError,
     RecordSource,
     StepError,
+    StepTimeout,
     TopicError,
 )
 from pipelines.record import Headers, Record
@@ -79,6 +84,7 @@ __all__ = [
     "RecordSource",
     "Serde",
     "StepError",
+    "StepTimeout",
     "Str",
     "Topic",
     "TopicError",

@@ -17,6 +17,11 @@ The tree::
 ``RecordError`` subclasses never stop a worker unless the step's policy is ``FAIL``: under
 ``DEAD_LETTER`` (the default) they end up in the pipeline's dead-letter topic with the original
 bytes and these attributes in the headers.
+
+Outside the tree, :class:`StepTimeout` is raised *inside* a call of a user function that ran
+longer than its step's ``timeout``, so that the step takes it for the function's own error (the
+``__cause__`` of a ``StepError``). It lives here, with the other errors, because both the
+operators (async calls) and the runtime's timer (plain calls) raise it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ __all__ = [
     "RecordError",
     "RecordSource",
     "StepError",
+    "StepTimeout",
     "TopicError",
 ]
 
@@ -141,3 +147,17 @@ class InvalidRecord(RecordError):
 
 class StepError(RecordError):
     """A user function raised while processing a record; the original error is ``__cause__``."""
+
+
+class StepTimeout(Exception):
+    """A call of a user function ran longer than its step's ``timeout`` of ``seconds``.
+
+    Not a :class:`PipelineError`: it is raised in the call, as the function's error (see the
+    module docstring)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(seconds)
+        self.seconds = seconds
+
+    def __str__(self) -> str:
+        return f"did not return within {self.seconds:g} s"

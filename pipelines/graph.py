@@ -14,8 +14,22 @@ from dataclasses import dataclass, field
 from html import escape
 
 from pipelines.errors import PipelineDefinitionError
-from pipelines.pipeline import Pipeline, Port, Step
+from pipelines.pipeline import Pipeline
 from pipelines.runtime.topology import Topology, compile_pipeline
+from pipelines.steps import (
+    KeyByStep,
+    Port,
+    ReadStep,
+    SinkStep,
+    SourceStep,
+    StatefulStep,
+    Step,
+    StreamJoinStep,
+    TableJoinStep,
+    WindowedAggregateStep,
+    WriteStep,
+)
+from pipelines.topic import Topic
 
 __all__ = ["Graph", "graph_of", "svg"]
 
@@ -25,7 +39,6 @@ _HEIGHT = 38.0
 _ROW = 58.0
 _GAP = 46.0
 _MARGIN = 16.0
-_WRITES_TOPIC = ("source", "key_by")
 
 
 @dataclass(slots=True)
@@ -65,13 +78,21 @@ class Graph:
 
 
 def _detail(step: Step) -> str:
-    connector = step.source if step.source is not None else step.sink
-    if connector is not None:
-        return f"{step.kind}: {type(connector).__name__}"
-    flags = [f for f, on in (("stateful", step.stateful), ("windowed", step.windowed)) if on]
-    if step.join is not None:
-        flags.append(f"{step.join} join")
-    return ", ".join([step.kind, *flags])
+    """The step's kind, and its connector or what else its class says about it."""
+    match step:
+        case SourceStep(source=connector) | SinkStep(sink=connector):
+            return f"{step.kind}: {type(connector).__name__}"
+        case StatefulStep():
+            traits: tuple[str, ...] = ("stateful",)
+        case WindowedAggregateStep():
+            traits = ("stateful", "windowed")
+        case TableJoinStep():
+            traits = ("table join",)
+        case StreamJoinStep():
+            traits = ("stateful", "stream join")
+        case _:
+            traits = ()
+    return ", ".join([step.kind, *traits])
 
 
 def graph_of(topology: Topology) -> Graph:
@@ -82,28 +103,26 @@ def graph_of(topology: Topology) -> Graph:
         if sub.topics:
             graph.partitions[sub.index] = sub.partitions
 
-    def topic_node(step: Step) -> str:
-        assert step.topic is not None
-        topic = step.topic
+    def topic_node(topic: Topic) -> str:
         return graph.add(
             Node(f"topic:{topic.name}", topic.name, f"{topic.partitions} partitions", "topic")
         )
 
     def output_of(port: Port) -> str:
         upstream = topology.pipeline.step(port[0])
-        if upstream.kind in _WRITES_TOPIC and upstream.topic is not None:
-            return topic_node(upstream)
+        if isinstance(upstream, SourceStep | KeyByStep):  # read downstream from their topic
+            return topic_node(upstream.topic)
         return f"step:{upstream.step_id}"
 
     for step in topology.pipeline.steps:
-        task = None if step.kind == "source" else home.get(step.step_id)  # sources: runner
+        task = None if isinstance(step, SourceStep) else home.get(step.step_id)  # the runner's
         key = graph.add(Node(f"step:{step.step_id}", step.step_id, _detail(step), step.kind, task))
-        if step.kind == "read" and step.topic is not None:
-            graph.link(topic_node(step), key)
+        if isinstance(step, ReadStep):
+            graph.link(topic_node(step.topic), key)
         for port in step.inputs:
             graph.link(output_of(port), key)
-        if step.topic is not None and step.kind in (*_WRITES_TOPIC, "sink"):
-            graph.link(key, topic_node(step))
+        if isinstance(step, SourceStep | KeyByStep | WriteStep):
+            graph.link(key, topic_node(step.topic))
     _layout(graph)
     return graph
 

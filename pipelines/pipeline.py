@@ -22,7 +22,8 @@ compiled).
 A step's outputs are the ones its operator declares (:class:`operators.base.Ports`): ``"out"``
 for most, ``"matched"`` and ``"rest"`` for a branch, the declared names for an operator of
 one's own run with :meth:`Pipeline.apply`, whose other outputs, like a branch's matched records,
-go down the chains ``then=`` builds.
+go down the chains ``then=`` builds. The steps are the immutable classes of
+:mod:`pipelines.steps`, one per kind, each with only the fields its kind uses.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import html
 import inspect
 import re
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -69,69 +69,35 @@ from operators.windows import Windows
 from pipelines.errors import ErrorPolicy, PipelineDefinitionError
 from pipelines.runtime.watchdog import with_timeout
 from pipelines.serde import Json, Model, Serde, Str, serde_for
+from pipelines.steps import (
+    BranchStep,
+    EntryStep,
+    KeyByStep,
+    MergeStep,
+    Port,
+    ReadStep,
+    SinkStep,
+    SourceStep,
+    StatefulStep,
+    StatelessStep,
+    Step,
+    StreamJoinStep,
+    TableJoinStep,
+    WindowedAggregateStep,
+    WindowSpec,
+    WindowStep,
+    WriteStep,
+    topic_of,
+)
 from pipelines.topic import Topic
 
-__all__ = ["OUT", "Pipeline", "Port", "Step"]
-
-StepKind = Literal["source", "read", "operator", "key_by", "branch", "merge", "sink", "window"]
-Port = tuple[str, str]
-"""An output of a step: (step id, output name), a name its operator declares (most have
-``OUT``; branches have "matched" and "rest")."""
+__all__ = ["OUT", "Pipeline"]
 
 Guarantee = Literal["at_least_once", "exactly_once"]
 """``at_least_once`` (the default): a crash replays, never loses. ``exactly_once``: outputs to
 the log, state changes and consumed offsets commit in one transaction per task."""
 
 _STEP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-
-
-@dataclass(frozen=True, slots=True, eq=False)
-class Step:
-    """One node of the graph."""
-
-    step_id: str
-    kind: StepKind
-    inputs: tuple[Port, ...] = ()
-    outputs: tuple[str, ...] = (OUT,)
-    """The names of the step's outputs, as its operator declares them (``ports.outputs``)."""
-    operator: Callable[[], Operator] | None = None
-    topic: Topic | None = None
-    source: Source | None = None
-    sink: Sink | None = None
-    error_policy: ErrorPolicy | None = None
-    transforms: bool = False
-    """Whether the step replaces values (map, flat_map), so they may no longer fit the serde
-    of the topic they were read from."""
-    stateful: bool = False
-    """Whether the step keeps keyed state (a store with a changelog topic)."""
-    window: WindowSpec | None = None
-    """For a ``window`` step: the windows the next ``aggregate`` folds into."""
-    windowed: bool = False
-    """Whether the step aggregates per window (it then has a late-data topic)."""
-    join: Literal["table", "stream"] | None = None
-    """For a join step: ``"table"`` (``topic`` is the table it looks keys up in) or
-    ``"stream"`` (a join of two streams within a time bound; it has a late-data topic)."""
-    idle_ms: int | None = None
-    """For a step that waits on event time (a window, a stream join): how long an input may be
-    quiet before its mark follows the wall clock."""
-    salt: int | None = None
-    """For a ``key_by`` with ``salt=``, and the partial aggregation that must follow it: the
-    sub-keys each key is spread over (see :mod:`operators.salted`)."""
-
-
-@dataclass(frozen=True, slots=True)
-class WindowSpec:
-    """How a ``window`` step cuts event time, for the ``aggregate`` that follows it."""
-
-    windows: Windows
-    lateness_ms: int
-    grace_ms: int
-    emit: EmitMode
-    time: Callable[[Any], Any] | None = None
-    """The event time of a value, evaluated once where the records get it (``stamp_at``)."""
-    stamp_at: str | None = None
-    """The ``key_by`` step whose task stamps the records with ``time`` before writing them,
-    or ``None`` when the window's own task does."""
 
 
 class Pipeline:
@@ -196,11 +162,15 @@ class Pipeline:
 
         rows = []
         for step in self.steps:
-            connector = step.source if step.source is not None else step.sink
-            what = step.kind if connector is None else connector
-            topic = f"{step.topic.name} ({step.topic.partitions})" if step.topic else ""
+            match step:
+                case SourceStep(source=connector) | SinkStep(sink=connector):
+                    what = str(connector)
+                case _:
+                    what = step.kind
+            topic = topic_of(step)
+            shown = f"{topic.name} ({topic.partitions})" if topic is not None else ""
             inputs = ", ".join(name for name, _ in step.inputs)
-            cells = (step.step_id, step.kind, str(what), inputs, topic)
+            cells = (step.step_id, step.kind, what, inputs, shown)
             rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
         head = "".join(f"<th>{h}</th>" for h in ("step", "kind", "what", "from", "topic"))
         return (
@@ -231,15 +201,18 @@ class Pipeline:
 
     # -- building ---------------------------------------------------------------------------
 
-    def _with(self, step: Step, tail: Port | None = None) -> Pipeline:
+    def _with(self, step: Step, tail: Port | None = None, *, unsalts: bool = False) -> Pipeline:
+        """This chain with ``step`` added, its tail at ``tail`` (default: the step's first
+        output). ``unsalts``: the step is the partial aggregation of a salted ``key_by``, the
+        one step other than an aggregation that may follow it."""
         pending = self._pending_window()
-        if pending is not None and not step.windowed:
+        if pending is not None and not isinstance(step, WindowedAggregateStep):
             raise PipelineDefinitionError(
                 f"window {pending.step_id!r} must be followed by an aggregation "
                 "(aggregate, count, sum, ...)",
                 step=step.step_id,
             )
-        if step.salt is None:
+        if not unsalts:
             self._refuse_after_salt(self._tail, step.kind, step.step_id)
         if not _STEP_ID.fullmatch(step.step_id):
             raise PipelineDefinitionError(
@@ -267,19 +240,19 @@ class Pipeline:
             _tail=tail,
         )
 
-    def _pending_window(self) -> Step | None:
+    def _pending_window(self) -> WindowStep | None:
         """The window step at the tail, which only an aggregation may follow."""
         if self._tail is None:
             return None
         step = self.step(self._tail[0])
-        return step if step.kind == "window" else None
+        return step if isinstance(step, WindowStep) else None
 
-    def _salted_at(self, port: Port | None) -> Step | None:
+    def _salted_at(self, port: Port | None) -> KeyByStep | None:
         """The salted ``key_by`` at ``port``, which only a mergeable aggregation may follow."""
         if port is None:
             return None
         step = self.step(port[0])
-        return step if step.kind == "key_by" and step.salt is not None else None
+        return step if isinstance(step, KeyByStep) and step.salt is not None else None
 
     def _refuse_after_salt(self, port: Port | None, kind: str, step_id: str) -> None:
         """Refuse a step other than an aggregation after a salted ``key_by``: nothing else
@@ -316,7 +289,7 @@ class Pipeline:
                     "a LogTopic source reads its own topic; leave out into=",
                     step=step_id or source.topic.name,
                 )
-            return self._with(Step(step_id or source.topic.name, "read", topic=source.topic))
+            return self._with(ReadStep(step_id or source.topic.name, source.topic))
         if not isinstance(source, Source):
             raise PipelineDefinitionError(
                 f"source() needs a connectors Source, got {type(source).__name__}",
@@ -328,30 +301,20 @@ class Pipeline:
                 "source(..., into=Topic('name', partitions=N))",
                 step=step_id,
             )
-        return self._with(Step(step_id or into.name, "source", topic=into, source=source))
+        return self._with(SourceStep(step_id or into.name, into, source))
 
     def _operator(
         self,
+        kind: type[StatelessStep | StatefulStep],
         step_id: str,
         build: Callable[[], Operator],
         policy: ErrorPolicy | None,
         *,
         transforms: bool = False,
-        stateful: bool = False,
-        windowed: bool = False,
     ) -> Pipeline:
+        """This chain with a step of ``kind`` running what ``build`` makes on its tail."""
         tail = self._require_tail(step_id)
-        step = Step(
-            step_id,
-            "operator",
-            inputs=(tail,),
-            operator=build,
-            error_policy=policy,
-            transforms=transforms,
-            stateful=stateful,
-            windowed=windowed,
-        )
-        return self._with(step)
+        return self._with(kind(step_id, build, transforms, inputs=(tail,), error_policy=policy))
 
     def map(
         self,
@@ -363,7 +326,7 @@ class Pipeline:
         concurrency: int | None = None,
     ) -> Pipeline:
         """Replace each value with ``fn(value)``. ``timeout``: seconds one call may take
-        before it fails with :class:`~pipelines.runtime.watchdog.StepTimeout`, routed by the
+        before it fails with :class:`~pipelines.errors.StepTimeout`, routed by the
         error policy (see :func:`~pipelines.runtime.watchdog.with_timeout`).
 
         ``fn`` may be an ``async def``: the calls of a batch then run concurrently, at most
@@ -371,7 +334,11 @@ class Pipeline:
         async step shares for the whole run (see :mod:`operators.concurrent`)."""
         fn, concurrent = _step_function(step_id, fn, timeout, concurrency)
         return self._operator(
-            step_id, lambda: Map(step_id, fn, concurrent=concurrent), on_error, transforms=True
+            StatelessStep,
+            step_id,
+            lambda: Map(step_id, fn, concurrent=concurrent),
+            on_error,
+            transforms=True,
         )
 
     def filter(
@@ -387,7 +354,10 @@ class Pipeline:
         ``predicate`` and ``concurrency`` as for :meth:`map`)."""
         predicate, concurrent = _step_function(step_id, predicate, timeout, concurrency)
         return self._operator(
-            step_id, lambda: Filter(step_id, predicate, concurrent=concurrent), on_error
+            StatelessStep,
+            step_id,
+            lambda: Filter(step_id, predicate, concurrent=concurrent),
+            on_error,
         )
 
     def flat_map(
@@ -405,7 +375,11 @@ class Pipeline:
         function; its ``timeout`` bounds the call and the iteration."""
         fn, concurrent = _step_function(step_id, fn, timeout, concurrency, generators=True)
         return self._operator(
-            step_id, lambda: FlatMap(step_id, fn, concurrent=concurrent), on_error, transforms=True
+            StatelessStep,
+            step_id,
+            lambda: FlatMap(step_id, fn, concurrent=concurrent),
+            on_error,
+            transforms=True,
         )
 
     def peek(
@@ -420,7 +394,9 @@ class Pipeline:
         """Call ``fn(value)`` for its side effect; records pass unchanged (``timeout``, an
         async ``fn`` and ``concurrency`` as for :meth:`map`)."""
         fn, concurrent = _step_function(step_id, fn, timeout, concurrency)
-        return self._operator(step_id, lambda: Peek(step_id, fn, concurrent=concurrent), on_error)
+        return self._operator(
+            StatelessStep, step_id, lambda: Peek(step_id, fn, concurrent=concurrent), on_error
+        )
 
     def key_by(
         self,
@@ -464,15 +440,7 @@ class Pipeline:
             key=key,
         )
         return self._with(
-            Step(
-                step_id,
-                "key_by",
-                inputs=(tail,),
-                operator=build,
-                topic=topic,
-                error_policy=on_error,
-                salt=salt,
-            )
+            KeyByStep(step_id, build, topic, salt=salt, inputs=(tail,), error_policy=on_error)
         )
 
     # -- stateful steps ---------------------------------------------------------------------
@@ -516,14 +484,13 @@ class Pipeline:
         ttl_ms = None if ttl is None else _span_ms(step_id, "ttl", ttl)
         if window is None:
             return self._operator(
+                StatefulStep,
                 step_id,
                 lambda: Aggregate(step_id, chosen, ttl_ms),
                 on_error,
                 transforms=True,
-                stateful=True,
             )
         spec = window.window
-        assert spec is not None
         if ttl is not None:
             raise PipelineDefinitionError(
                 "a windowed aggregation forgets each window when it closes: leave out ttl=",
@@ -546,14 +513,15 @@ class Pipeline:
                 lateness_ms=spec.lateness_ms,
             )
 
-        return self._operator(
-            step_id, build, on_error, transforms=True, stateful=True, windowed=True
+        tail = self._require_tail(step_id)
+        return self._with(
+            WindowedAggregateStep(step_id, build, inputs=(tail,), error_policy=on_error)
         )
 
     def _salted_aggregate(
         self,
         step_id: str,
-        salted: Step,
+        salted: KeyByStep,
         aggregation: Aggregation,
         ttl: timedelta | None,
         on_error: ErrorPolicy | None,
@@ -576,38 +544,35 @@ class Pipeline:
             )
         partial_id, by_key_id = f"{step_id}.partials", f"{step_id}.by-key"
         partials = self._with(
-            Step(
+            StatefulStep(
                 partial_id,
-                "operator",
-                inputs=(self._require_tail(step_id),),
-                operator=lambda: PartialAggregate(partial_id, aggregation),
-                error_policy=on_error,
+                lambda: PartialAggregate(partial_id, aggregation),
                 transforms=True,
-                stateful=True,
-                salt=salted.salt,
-            )
+                inputs=(self._require_tail(step_id),),
+                error_policy=on_error,
+            ),
+            unsalts=True,
         )
-        assert salted.topic is not None and isinstance(salted.topic.key_serde, SaltedKey)
+        assert isinstance(salted.topic.key_serde, SaltedKey)
         by_key = partials._with(
-            Step(
+            KeyByStep(
                 by_key_id,
-                "key_by",
-                inputs=((partial_id, OUT),),
-                operator=lambda: Unsalt(by_key_id),
-                topic=Topic(
+                lambda: Unsalt(by_key_id),
+                Topic(
                     f"{self.internal_prefix}{by_key_id}",
                     partitions=salted.topic.partitions,
                     key=salted.topic.key_serde.inner,
                 ),
+                inputs=((partial_id, OUT),),
                 error_policy=on_error,
             )
         )
         return by_key._operator(
+            StatefulStep,
             step_id,
             lambda: MergePartials(step_id, aggregation),
             on_error,
             transforms=True,
-            stateful=True,
         )
 
     def count(self, step_id: str, *, ttl: timedelta | None = None) -> Pipeline:
@@ -693,13 +658,12 @@ class Pipeline:
         )
         in_task = time if stamp_at is None else None
         return self._with(
-            Step(
+            WindowStep(
                 step_id,
-                "window",
+                lambda: EventTime(step_id, in_task),
+                spec,
+                _span_ms(step_id, "idle", idle),
                 inputs=(tail,),
-                operator=lambda: EventTime(step_id, in_task),
-                window=spec,
-                idle_ms=_span_ms(step_id, "idle", idle),
             )
         )
 
@@ -711,12 +675,12 @@ class Pipeline:
         port, first_key_by = tail, None
         while True:
             step = self.step(port[0])
-            if step.kind == "key_by":
+            if isinstance(step, KeyByStep):
                 first_key_by = step
             elif not _keeps_values(step):
                 break
             port = step.inputs[0]
-        internal = {s.topic.name: s for s in self.steps if s.kind == "key_by" and s.topic}
+        internal = {s.topic.name: s for s in self.steps if isinstance(s, KeyByStep)}
         for topic in self._read_from(port):
             if topic.time is not None:
                 raise PipelineDefinitionError(
@@ -737,9 +701,10 @@ class Pipeline:
         if first_key_by is None:
             return None
         for other in self.steps:
+            if not isinstance(other, WindowStep):
+                continue
             spec = other.window
-            spec_here = spec is not None and spec.stamp_at == first_key_by.step_id
-            if spec_here and spec is not None and spec.time is not time:
+            if spec.stamp_at == first_key_by.step_id and spec.time is not time:
                 raise PipelineDefinitionError(
                     f"key_by {first_key_by.step_id!r} already carries the event time of window "
                     f"{other.step_id!r}; both windows need the same time= function",
@@ -762,7 +727,7 @@ class Pipeline:
         horizon = within // timedelta(milliseconds=1)
         if horizon <= 0:
             raise PipelineDefinitionError("dedupe needs a positive horizon", step=step_id)
-        return chain._operator(step_id, lambda: Dedupe(step_id, horizon), None, stateful=True)
+        return chain._operator(StatefulStep, step_id, lambda: Dedupe(step_id, horizon), None)
 
     # -- joins --------------------------------------------------------------------------------
 
@@ -811,19 +776,16 @@ class Pipeline:
             f"join, or give topic {table.name!r} the stream's number of partitions",
         )
         if table_port is None:
-            reader = Step(f"{step_id}.table", "read", topic=table)
+            reader = ReadStep(f"{step_id}.table", table)
             chain = self._with(reader, tail=tail)
             table_port = (reader.step_id, OUT)
         return chain._with(
-            Step(
+            TableJoinStep(
                 step_id,
-                "operator",
+                lambda: TableJoin(step_id, merge, how),
+                table,
                 inputs=(tail, table_port),
-                operator=lambda: TableJoin(step_id, merge, how),
-                topic=table,
                 error_policy=on_error,
-                transforms=True,
-                join="table",
             )
         )
 
@@ -891,17 +853,7 @@ class Pipeline:
             )
 
         return joined._with(
-            Step(
-                step_id,
-                "operator",
-                inputs=(left, right),
-                operator=build,
-                error_policy=on_error,
-                transforms=True,
-                stateful=True,
-                join="stream",
-                idle_ms=idle_ms,
-            )
+            StreamJoinStep(step_id, build, idle_ms, inputs=(left, right), error_policy=on_error)
         )
 
     def _input_tail(self, step_id: str, kind: str) -> Port:
@@ -957,9 +909,7 @@ class Pipeline:
         """The port that already reads ``table`` in this chain (a source, a LogTopic or a
         key_by topic) and the topic as declared there, or ``None`` and ``table``."""
         for step in self.steps:
-            if step.kind not in ("source", "read", "key_by") or step.topic is None:
-                continue
-            if step.topic.name != table.name:
+            if not isinstance(step, EntryStep) or step.topic.name != table.name:
                 continue
             known = step.topic
             if (known.partitions, repr(known.key_serde), repr(known.value_serde)) != (
@@ -989,12 +939,11 @@ class Pipeline:
         tail = self._require_tail(step_id)
         matched, rest = Branch.ports.outputs
         split = self._with(
-            Step(
+            BranchStep(
                 step_id,
-                "branch",
+                lambda: Branch(step_id, predicate),
                 inputs=(tail,),
                 outputs=Branch.ports.outputs,
-                operator=lambda: Branch(step_id, predicate),
                 error_policy=on_error,
             )
         )
@@ -1060,16 +1009,15 @@ class Pipeline:
             )
         joined = self._absorb(step_id, others, "apply")
         tails = tuple(chain._input_tail(step_id, "apply") for chain in chains)
+        kind = StatefulStep if stateful else StatelessStep
         chain = joined._with(
-            Step(
+            kind(
                 step_id,
-                "operator",
+                lambda: operator(step_id),
+                transforms=True,
                 inputs=tails,
                 outputs=ports.outputs,
-                operator=lambda: operator(step_id),
                 error_policy=on_error,
-                transforms=True,
-                stateful=stateful,
             )
         )
         for name, build in (then or {}).items():
@@ -1085,7 +1033,7 @@ class Pipeline:
             other._refuse_after_salt(other.tail, "merge", step_id)
         self._refuse_after_salt(self._tail, "merge", step_id)
         return merged._derive(merged.steps, None)._with(
-            Step(step_id, "merge", inputs=tuple(tails), operator=lambda: Merge(step_id))
+            MergeStep(step_id, lambda: Merge(step_id), inputs=tuple(tails))
         )
 
     def sink(self, sink: Sink | LogTopic, *, step_id: str | None = None) -> Pipeline:
@@ -1096,7 +1044,7 @@ class Pipeline:
         if isinstance(sink, LogTopic):
             step_id = step_id or f"to.{sink.topic.name}"
             tail = self._require_tail(step_id)
-            return self._with(Step(step_id, "sink", inputs=(tail,), topic=sink.topic), tail=tail)
+            return self._with(WriteStep(step_id, sink.topic, inputs=(tail,)), tail=tail)
         step_id = step_id or f"sink.{getattr(sink, 'name', 'sink')}"
         if not isinstance(sink, Sink):
             raise PipelineDefinitionError(
@@ -1104,14 +1052,14 @@ class Pipeline:
                 step=step_id,
             )
         tail = self._require_tail(step_id)
-        return self._with(Step(step_id, "sink", inputs=(tail,), sink=sink), tail=tail)
+        return self._with(SinkStep(step_id, sink, inputs=(tail,)), tail=tail)
 
     # -- graph facts --------------------------------------------------------------------------
 
     def _read_from(self, port: Port) -> list[Topic]:
         """The topics the records at ``port`` were last read from."""
         step = self.step(port[0])
-        if step.kind in ("source", "read", "key_by") and step.topic is not None:
+        if isinstance(step, EntryStep):
             return [step.topic]
         return [topic for p in step.inputs for topic in self._read_from(p)]
 
@@ -1122,9 +1070,9 @@ class Pipeline:
         """The serde that fits the values at ``port``: the serde of the topic they were read
         from, unless a step has replaced them since (then JSON)."""
         step = self.step(port[0])
-        if step.kind in ("source", "read", "key_by") and step.topic is not None:
+        if isinstance(step, EntryStep):
             return step.topic.value_serde
-        if step.transforms:
+        if _replaces_values(step):
             return Json()
         found = {id(serde): serde for serde in (self._value_serde_at(p) for p in step.inputs)}
         return next(iter(found.values())) if len(found) == 1 else Json()
@@ -1191,16 +1139,21 @@ def _span_ms(step_id: str, what: str, span: timedelta) -> int:
     return millis
 
 
+def _replaces_values(step: Step) -> bool:
+    """Whether ``step`` replaces the values it gets, so they may no longer fit the serde of the
+    topic they were read from."""
+    match step:
+        case StatelessStep(transforms=transforms) | StatefulStep(transforms=transforms):
+            return transforms
+        case WindowedAggregateStep() | TableJoinStep() | StreamJoinStep():
+            return True
+    return False
+
+
 def _keeps_values(step: Step) -> bool:
     """Whether ``step`` passes the values it gets on unchanged and in one stream (filter,
     peek): an event time computed before it is the one computed after it."""
-    return (
-        step.kind == "operator"
-        and not step.transforms
-        and not step.stateful
-        and step.join is None
-        and len(step.inputs) == 1
-    )
+    return isinstance(step, StatelessStep) and not step.transforms and len(step.inputs) == 1
 
 
 def _step_function(

@@ -57,7 +57,7 @@ from pipelines.errors import ErrorPolicy, PipelineDefinitionError, RecordError
 from pipelines.log.base import FetchedBatch, RawBatch, TopicPartition
 from pipelines.log.memory import MemoryLog
 from pipelines.partitioner import partition_for
-from pipelines.pipeline import OUT, Pipeline, Port, Step
+from pipelines.pipeline import OUT, Pipeline
 from pipelines.record import Record, from_millis, to_millis
 from pipelines.runtime.deadletters import Group, summary
 from pipelines.runtime.engine import prepare_topics
@@ -66,6 +66,7 @@ from pipelines.runtime.topology import Topology, compile_pipeline
 from pipelines.runtime.watermarks import END_OF_TIME, split_markers
 from pipelines.state.store import KeyValueStore
 from pipelines.state.table import TableStore
+from pipelines.steps import Port, SinkStep, SourceStep, Step, WriteStep
 from pipelines.topic import Topic
 
 __all__ = [
@@ -295,11 +296,11 @@ async def _prefill(
             log.append(TopicPartition(name, partition), batch)
 
 
-def _taps(pipeline: Pipeline, inspect: Iterable[str] | bool) -> dict[Port, Step]:
+def _taps(pipeline: Pipeline, inspect: Iterable[str] | bool) -> dict[Port, SinkStep]:
     """A collecting sink step on each output of each inspected step."""
     ids = {s.step_id: s for s in pipeline.steps}
     wanted = (
-        [s.step_id for s in pipeline.steps if s.kind != "sink"]
+        [s.step_id for s in pipeline.steps if not isinstance(s, SinkStep | WriteStep)]
         if inspect is True
         else list(inspect or ())
     )
@@ -308,17 +309,17 @@ def _taps(pipeline: Pipeline, inspect: Iterable[str] | bool) -> dict[Port, Step]
         raise PipelineDefinitionError(
             f"inspect names no step: {unknown}; the steps are {sorted(ids)}"
         )
-    taps: dict[Port, Step] = {}
+    taps: dict[Port, SinkStep] = {}
     for name in wanted:
         step = ids[name]
-        if step.kind == "sink":
+        if isinstance(step, SinkStep | WriteStep):
             raise PipelineDefinitionError(
                 f"step {name!r} is a sink: result.values({name!r}) has what it received",
                 step=name,
             )
         for port in step.outputs:
-            taps[(name, port)] = Step(
-                f"{name}.inspect.{port}", "sink", inputs=((name, port),), sink=Collect()
+            taps[(name, port)] = SinkStep(
+                f"{name}.inspect.{port}", Collect(), inputs=((name, port),)
             )
     return taps
 
@@ -326,7 +327,7 @@ def _taps(pipeline: Pipeline, inspect: Iterable[str] | bool) -> dict[Port, Step]
 def _prepared(
     pipeline: Pipeline, inputs: Mapping[str, Iterable[Any]]
 ) -> tuple[Pipeline, dict[str, Collect]]:
-    sources = {s.step_id for s in pipeline.steps if s.kind == "source"}
+    sources = {s.step_id for s in pipeline.steps if isinstance(s, SourceStep)}
     unknown = sorted(set(inputs) - sources)
     if unknown:
         raise PipelineDefinitionError(
@@ -336,14 +337,14 @@ def _prepared(
     steps: list[Step] = []
     for declared in pipeline.steps:
         step = declared
-        if step.step_id in inputs:
+        if isinstance(step, SourceStep) and step.step_id in inputs:
             source = IterableSource(
                 list(inputs[step.step_id]),
                 key=_as_replaced(step.source, "key"),
                 timestamp=_as_replaced(step.source, "timestamp"),
             )
             step = replace(step, source=source)
-        elif step.kind == "sink" and step.sink is not None:
+        elif isinstance(step, SinkStep):
             sinks[step.step_id] = Collect()
             step = replace(step, sink=sinks[step.step_id])
         steps.append(step)

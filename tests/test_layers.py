@@ -1,6 +1,7 @@
 """The import layers of ``pipelines``, ``operators`` and ``connectors`` (see the docstring of
-``pipelines/__init__.py``): no import cycle, a base layer that imports nothing above it, and no
-import deferred into a function without a reason.
+``pipelines/__init__.py``): no import cycle, a base layer that imports nothing above it,
+operators and connectors that import nothing from the DSL or the runtime, and no import
+deferred into a function without a reason.
 
 The graph is read from the source with :mod:`ast`: one node per module, one edge per import at
 module level (one inside a function, or under ``if TYPE_CHECKING:``, runs later or never, and is
@@ -40,6 +41,11 @@ BASE_LAYER = (
 interfaces, the state store)."""
 ABOVE_BASE = ("operators", "connectors", "pipelines.pipeline", "pipelines.runtime")
 """Modules (and packages) the base layer must not import, directly or through another module."""
+LIBRARIES = ("operators", "connectors")
+"""The second layer: the operators and connectors, on the base layer."""
+ABOVE_LIBRARIES = ("pipelines.pipeline", "pipelines.steps", "pipelines.runtime")
+"""What the operators and connectors must not import, directly or through another module: the
+DSL and the runtime, which build and run them."""
 
 DEFERRED = {
     ("pipelines/__init__.py", "pipelines.pipeline"): "Pipeline, imported on first use",
@@ -220,10 +226,9 @@ def test_no_import_cycle() -> None:
     )
 
 
-def test_the_base_layer_imports_nothing_above_it() -> None:
-    modules = _graph()
-    # importing a base module runs its packages' __init__ too (pipelines/__init__.py)
-    start = sorted({*BASE_LAYER, *(a for m in BASE_LAYER for a in _ancestors(m))})
+def _crossings(modules: dict[str, Module], start: list[str], above: tuple[str, ...]) -> list[str]:
+    """Each import chain from a module of ``start`` to one of ``above`` (modules and packages),
+    up to the first module above: what the modules above import in turn does not matter."""
     came_from: dict[str, str | None] = dict.fromkeys(start)
     todo = list(start)
     while todo:
@@ -234,23 +239,43 @@ def test_the_base_layer_imports_nothing_above_it() -> None:
                 todo.append(edge.target)
 
     def is_above(name: str | None) -> bool:
-        return name is not None and any(name == a or name.startswith(f"{a}.") for a in ABOVE_BASE)
+        return name is not None and any(name == a or name.startswith(f"{a}.") for a in above)
 
-    # where the imports cross the line (what the modules above import in turn does not matter)
-    above = sorted(m for m, previous in came_from.items() if is_above(m) and not is_above(previous))
+    crossed = sorted(m for m, prev in came_from.items() if is_above(m) and not is_above(prev))
     chains = []
-    for name in above:
+    for name in crossed:
         chain = [name]
         while (previous := came_from[chain[-1]]) is not None:
             chain.append(previous)
         chains.append(" -> ".join(reversed(chain)))
-    assert not above, (
+    return chains
+
+
+def test_the_base_layer_imports_nothing_above_it() -> None:
+    modules = _graph()
+    # importing a base module runs its packages' __init__ too (pipelines/__init__.py)
+    start = sorted({*BASE_LAYER, *(a for m in BASE_LAYER for a in _ancestors(m))})
+    chains = _crossings(modules, start, ABOVE_BASE)
+    assert not chains, (
         "the base layer imports a layer above it:\n  "
         + "\n  ".join(chains)
         + f"\nThe base layer ({', '.join(BASE_LAYER)}, and the __init__ of their packages) "
         f"must not import {', '.join(ABOVE_BASE)}: move the code that needs the higher module up "
         "a layer, or what both need down into the base layer; a package __init__ can export a "
         "higher layer's name on first use (module __getattr__)"
+    )
+
+
+def test_operators_and_connectors_import_nothing_from_the_dsl_or_the_runtime() -> None:
+    modules = _graph()
+    start = sorted(m for m in modules if m.partition(".")[0] in LIBRARIES)
+    chains = _crossings(modules, start, ABOVE_LIBRARIES)
+    assert not chains, (
+        "an operator or connector imports the layers that build and run it:\n  "
+        + "\n  ".join(chains)
+        + f"\nThe operators and connectors must not import {', '.join(ABOVE_LIBRARIES)}: move "
+        "what they share with the runtime down into the base layer (as pipelines.errors holds "
+        "StepTimeout, which async operators and the runtime's timers raise)"
     )
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from support.values import PageClick, from_values
+from support.values import PageClick, from_values, repartition_topic
 
 from connectors.memory import Collect, Iterable
 from connectors.topic import LogTopic
@@ -14,6 +14,7 @@ from pipelines import Pipeline, Topic
 from pipelines.errors import ErrorPolicy, PipelineDefinitionError
 from pipelines.runtime.topology import compile_pipeline
 from pipelines.serde import Bytes, Json, Model, Str
+from pipelines.steps import ReadStep, WriteStep
 
 
 def _identity(value: Any) -> Any:
@@ -90,8 +91,9 @@ def test_a_sink_does_not_move_the_tail_so_a_stream_can_feed_several_sinks() -> N
 def test_sink_step_ids_default_to_the_connector_or_topic_name() -> None:
     pipeline = from_values().sink(Collect()).sink(LogTopic(Topic("out")))
     assert [s.step_id for s in pipeline.steps] == ["in", "sink.collect", "to.out"]
-    assert pipeline.step("to.out").topic is not None
-    assert pipeline.step("to.out").topic.name == "out"
+    written = pipeline.step("to.out")
+    assert isinstance(written, WriteStep)
+    assert written.topic.name == "out"
 
 
 def test_step_lookup_of_an_unknown_id_raises_key_error() -> None:
@@ -234,9 +236,9 @@ def test_log_topic_source_reads_its_own_topic() -> None:
     topic = Topic("events", partitions=3)
     pipeline = Pipeline("p").source(LogTopic(topic))
     step = pipeline.step("events")
+    assert isinstance(step, ReadStep)
     assert step.kind == "read"
     assert step.topic is topic
-    assert step.source is None
     assert pipeline.tail == ("events", "out")
 
 
@@ -314,8 +316,7 @@ def test_key_by_creates_the_repartition_topic_named_after_pipeline_and_step() ->
         .source(Iterable([]), into=Topic("raw", partitions=4, value=PageClick))
         .key_by("by-user", lambda c: c.user)
     )
-    topic = pipeline.step("by-user").topic
-    assert topic is not None
+    topic = repartition_topic(pipeline, "by-user")
     assert topic.name == "clicks.by-user"
     assert topic.partitions == 4
     assert isinstance(topic.value_serde, Model)
@@ -325,8 +326,7 @@ def test_key_by_creates_the_repartition_topic_named_after_pipeline_and_step() ->
 
 def test_key_by_partitions_and_key_serde_can_be_given() -> None:
     pipeline = from_values(partitions=4).key_by("k", _identity, partitions=7, key=bytes)
-    topic = pipeline.step("k").topic
-    assert topic is not None
+    topic = repartition_topic(pipeline, "k")
     assert topic.partitions == 7
     assert isinstance(topic.key_serde, Bytes)
     assert isinstance(topic.value_serde, Json)
@@ -336,9 +336,7 @@ def test_key_by_defaults_to_the_largest_topic_feeding_a_merge() -> None:
     small = from_values(partitions=2, topic="small")
     large = small.source(Iterable([]), into=Topic("large", partitions=6))
     merged = small.merge("mg", large).key_by("k", str)  # declared only: not compiled
-    topic = merged.step("k").topic
-    assert topic is not None
-    assert topic.partitions == 6
+    assert repartition_topic(merged, "k").partitions == 6
 
 
 def _independent_chains() -> Pipeline:
@@ -359,9 +357,7 @@ def test_key_by_default_partitions_come_from_its_own_input_topic(
     """The stream reaching ``k`` is read from a 2-partition topic; an 8-partition topic that
     this stream is not read from (another chain's, or one before an earlier key_by) must not
     decide the partition count of ``k``'s repartition topic."""
-    topic = build().step("k").topic
-    assert topic is not None
-    assert topic.partitions == 2
+    assert repartition_topic(build(), "k").partitions == 2
 
 
 # -- compile_pipeline ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from pipelines.runtime.topology import Topology
+from pipelines.steps import KeyByStep, ReadStep, WriteStep
 
 __all__ = ["Acl", "kafka_acls_commands", "pipeline_acls"]
 
@@ -50,9 +51,9 @@ class Acl:
 def pipeline_acls(topology: Topology) -> list[Acl]:
     """The ACLs a run of ``topology`` needs (see the module docstring)."""
     steps = topology.pipeline.steps
-    read = {s.topic.name for s in steps if s.kind == "read" and s.topic is not None}
-    written = {s.topic.name for s in steps if s.kind == "sink" and s.topic is not None}
-    repartitioned = {s.topic.name for s in steps if s.kind == "key_by" and s.topic is not None}
+    read = {s.topic.name for s in steps if isinstance(s, ReadStep)}
+    written = {s.topic.name for s in steps if isinstance(s, WriteStep)}
+    repartitioned = {s.topic.name for s in steps if isinstance(s, KeyByStep)}
     acls: list[Acl] = []
     for topic in [*topology.topics, topology.positions_topic]:
         name = topic.name

@@ -26,8 +26,7 @@ async def refuse_a_second_copy(log: LogBackend, topology: Topology, spec: str) -
     held = [
         f"{step.step_id} ({found})"
         for step in topology.sink_steps
-        if step.sink is not None
-        and (found := await step.sink.earlier_output(topology.pipeline.name, step.step_id))
+        if (found := await step.sink.earlier_output(topology.pipeline.name, step.step_id))
         is not None
     ]
     if not held or await load_positions(log, topology.positions_topic):

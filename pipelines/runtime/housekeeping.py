@@ -29,6 +29,7 @@ import time
 from pipelines.errors import PipelineDefinitionError
 from pipelines.log.base import LogBackend, TopicPartition
 from pipelines.runtime.topology import Topology
+from pipelines.steps import KeyByStep
 
 __all__ = ["Housekeeping", "housekeeping_seconds"]
 
@@ -73,9 +74,7 @@ class Housekeeping:
         compact, now."""
         topology = self._topology
         purged = [
-            step.topic.spec
-            for step in topology.pipeline.steps
-            if step.kind == "key_by" and step.topic is not None
+            step.topic.spec for step in topology.pipeline.steps if isinstance(step, KeyByStep)
         ]
         kept = [
             t.spec

@@ -54,6 +54,7 @@ from pipelines.log._locks import held, locked
 from pipelines.runtime.runlock import AlreadyRunning, run_lock
 from pipelines.runtime.topology import Topology, compile_pipeline
 from pipelines.settings import KafkaSettings
+from pipelines.steps import KeyByStep, WriteStep
 
 __all__ = ["ResetOptions", "ResetPlan", "plan_reset", "reset", "reset_pipeline"]
 
@@ -328,12 +329,11 @@ def _internal_topics(topology: Topology) -> list[tuple[str, str]]:
     topics += [
         (s.topic.name, f"what source {s.step_id!r} wrote; its next run writes it again")
         for s in topology.source_steps
-        if s.topic is not None
     ]
     topics += [
         (s.topic.name, f"repartition topic of key_by {s.step_id!r}")
         for s in pipeline.steps
-        if s.kind == "key_by" and s.topic is not None
+        if isinstance(s, KeyByStep)
     ]
     topics += [
         (t.name, f"state changelog of step {step_id!r}")
@@ -359,7 +359,6 @@ def _output_files(topology: Topology) -> list[tuple[Path, str]]:
     return [
         (path, f"output of {type(step.sink).__name__} step {step.step_id!r}")
         for step in topology.sink_steps
-        if step.sink is not None
         for path in step.sink.output_files(topology.pipeline.name, step.step_id)
     ]
 
@@ -376,8 +375,8 @@ def _topic_items(
             remove.setdefault(name, Item("topic", name, why))
         elif name in existing:
             keep.append(Item("topic", name, f"{why} (--dead-letters removes it too)"))
-    for step in topology.sink_steps:
-        if step.topic is not None and step.topic.name in existing:
+    for step in topology.pipeline.steps:
+        if isinstance(step, WriteStep) and step.topic.name in existing:
             why = f"written by sink step {step.step_id!r}, which appends to it again next run"
             keep.append(Item("topic", step.topic.name, why))
     found = [item for name, item in remove.items() if name in existing]
@@ -419,10 +418,9 @@ async def _sink_items(topology: Topology) -> list[Item]:
     """What sinks outside the log keep of the pipeline's runs (a database sink's offsets)."""
     items = []
     for step in topology.sink_steps:
-        if step.sink is not None:
-            found = await step.sink.remembered(topology.pipeline.name, step.step_id)
-            if found is not None:
-                items.append(Item("sink", step.step_id, found))
+        found = await step.sink.remembered(topology.pipeline.name, step.step_id)
+        if found is not None:
+            items.append(Item("sink", step.step_id, found))
     return items
 
 
@@ -455,7 +453,6 @@ async def _apply(plan: ResetPlan, topology: Topology, store: _Store) -> list[str
             Path(item.name).unlink(missing_ok=True)
         elif item.kind == "sink":
             sink = next(s.sink for s in topology.sink_steps if s.step_id == item.name)
-            assert sink is not None
             await sink.forget(topology.pipeline.name, item.name)
     return [f"removed {item}" for item in plan.remove]
 

@@ -23,10 +23,10 @@ from connectors.base import Source, SourceBatch
 from connectors.files import Csv, JsonLines
 from pipelines.errors import ConnectorError, PipelineError
 from pipelines.log.base import LogBackend, Producer, RawBatch, TopicPartition
-from pipelines.pipeline import Step
 from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.topology import Topology
 from pipelines.runtime.watermarks import END_OF_TIME, marker_batch
+from pipelines.steps import SourceStep
 from pipelines.topic import Topic
 
 __all__ = ["SourceProgress", "describe_position", "load_positions", "run_source"]
@@ -82,7 +82,7 @@ def _values(topic: Topic, values: list[Any]) -> list[bytes | None]:
     return [v if v is None or isinstance(v, bytes) else serialize(v) for v in values]
 
 
-def _serialise(step: Step, topic: Topic, batch: SourceBatch) -> RawBatch:
+def _serialise(step: SourceStep, topic: Topic, batch: SourceBatch) -> RawBatch:
     count = len(batch.values)
     now = int(time.time() * 1000)
     timestamps = batch.timestamps if batch.timestamps is not None else [now] * count
@@ -103,7 +103,7 @@ def _serialise(step: Step, topic: Topic, batch: SourceBatch) -> RawBatch:
 
 async def run_source(
     topology: Topology,
-    step: Step,
+    step: SourceStep,
     log: LogBackend,
     producer: Producer,
     progress: SourceProgress,
@@ -111,7 +111,6 @@ async def run_source(
 ) -> None:
     """Feed one source step's topic from ``start`` (a stored position, or None) to the end."""
     topic, source = step.topic, step.source
-    assert topic is not None and source is not None
     progress.resumed_at = None if start is None else describe_position(source, start)
     positions = topology.positions_topic
     outbox = Outbox(producer)

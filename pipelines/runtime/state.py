@@ -30,6 +30,7 @@ from pipelines.runtime.watermarks import MARKS_STORE
 from pipelines.state.local import LocalStore
 from pipelines.state.store import KeyValueStore
 from pipelines.state.table import TableStore
+from pipelines.steps import HasStore, TableJoinStep
 
 __all__ = ["TaskState"]
 
@@ -53,9 +54,9 @@ class TaskState:
         """The table of each ``join_table`` step, bootstrapped from its topic in restore."""
         changelogs = {MARKS_STORE: topology.marks_changelogs[sub.index]}
         for step in sub.steps:
-            if step.join == "table" and step.topic is not None:
-                self.tables[step.step_id] = TableStore(step.topic, partition)
-            if step.stateful:
+            if isinstance(step, TableJoinStep):
+                self.tables[step.step_id] = TableStore(step.table, partition)
+            if isinstance(step, HasStore):
                 changelogs[step.step_id] = topology.changelog_topic(step.step_id)
         for name, topic in changelogs.items():
             self.stores[name] = KeyValueStore(name, partition)

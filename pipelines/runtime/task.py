@@ -33,7 +33,6 @@ from operators.stateful import stamped
 from pipelines.batch import Batch
 from pipelines.errors import ErrorPolicy, RecordError, RecordSource
 from pipelines.log.base import FetchedBatch, LogBackend, RawBatch, TopicPartition
-from pipelines.pipeline import Port, Step
 from pipelines.record import Headers
 from pipelines.runtime.hotkeys import KeySampler
 from pipelines.runtime.outbox import Outbox
@@ -53,6 +52,7 @@ from pipelines.runtime.watermarks import (
 )
 from pipelines.state.store import KeyValueStore
 from pipelines.state.table import TableStore
+from pipelines.steps import EntryStep, KeyByStep, OperatorStep, Port, Step, WriteStep
 from pipelines.topic import Topic
 
 __all__ = ["StepStats", "Task", "error_headers"]
@@ -238,11 +238,11 @@ class Task:
             node = self._nodes[step.step_id] = _Node(
                 step, _StepContext(self, step, stats[step.step_id])
             )
-            if step.operator is not None:
+            if isinstance(step, OperatorStep):
                 node.operator = step.operator()
                 node.single = node.operator.ports.single
                 node.operator.open(node.ctx)
-        borrowed = [*sub.entries.values()]  # a key_by read here, run upstream
+        borrowed: list[Step] = [*sub.entries.values()]  # a key_by read here, run upstream
         borrowed += [
             topology.stamps[s.step_id][1] for s in sub.steps if s.step_id in topology.stamps
         ]
@@ -390,24 +390,24 @@ class Task:
         self.samplers[tp].sample(fetched.records.keys)
         node = self._entries[fetched.topic]
         entry, ctx = node.step, node.ctx
+        assert isinstance(entry, EntryStep)
         batch = self._decode(ctx, entry, fetched)
-        if entry.kind != "key_by":
+        if not isinstance(entry, KeyByStep):
             ctx.stats.records_in += len(fetched.records)
-        time = entry.topic.time if entry.topic is not None else None
+        time = entry.topic.time
         if time is not None:
             batch = stamped(ctx, time, batch)
         if not self._stamped:
             self.marks.observe(tp, batch.timestamps)
-        if entry.kind != "key_by":
+        if not isinstance(entry, KeyByStep):
             ctx.stats.records_out += len(batch)
         try:
             self._emit(node.outputs[0], batch)
         finally:
             activity.idle()
 
-    def _decode(self, ctx: _StepContext, entry: Step, fetched: FetchedBatch) -> Batch:
+    def _decode(self, ctx: _StepContext, entry: EntryStep, fetched: FetchedBatch) -> Batch:
         topic = entry.topic
-        assert topic is not None
         raw = fetched.records
         count = len(raw)
         batch = Batch([None] * count, [None] * count, raw.timestamps, list(range(count)), fetched)
@@ -441,7 +441,7 @@ class Task:
         stats.records_in += len(batch)
         operator = node.operator
         if operator is None:  # a sink: the one step without an operator that a stream feeds
-            if step.topic is not None:
+            if isinstance(step, WriteStep):
                 self._write_topic(step, step.topic, batch)
                 stats.records_out += len(batch)
             else:
@@ -461,8 +461,7 @@ class Task:
             return
         out = operator.process(batch)
         stats.records_out += len(out)
-        if step.kind == "key_by":
-            assert step.topic is not None
+        if isinstance(step, KeyByStep):
             stamp = self.topology.stamps.get(step.step_id)
             if stamp is not None:  # a window downstream reads its event time from here
                 time, window = stamp

@@ -14,13 +14,27 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from operators.base import OUT
 from pipelines.errors import PipelineDefinitionError
-from pipelines.pipeline import OUT, Pipeline, Port, Step
+from pipelines.pipeline import Pipeline
+from pipelines.steps import (
+    EntryStep,
+    HasLateData,
+    HasStore,
+    KeyByStep,
+    Port,
+    ReadStep,
+    SinkStep,
+    SourceStep,
+    Step,
+    StreamJoinStep,
+    TableJoinStep,
+    WindowStep,
+    topic_of,
+)
 from pipelines.topic import Topic
 
 __all__ = ["SubTopology", "Topology", "compile_pipeline"]
-
-_ENTRY_KINDS = ("source", "read", "key_by")
 
 
 @dataclass(slots=True)
@@ -29,7 +43,7 @@ class SubTopology:
 
     index: int
     topics: list[Topic] = field(default_factory=list)
-    entries: dict[str, Step] = field(default_factory=dict)  # topic name -> step that reads it
+    entries: dict[str, EntryStep] = field(default_factory=dict)  # topic name -> its reader
     steps: list[Step] = field(default_factory=list)
 
     @property
@@ -66,7 +80,7 @@ class Topology:
     end-of-time markers end a partition of an external topic."""
     marked: dict[int, list[Topic]] = field(default_factory=dict)
     """Per sub-topology: the internal topics its tasks write markers to."""
-    stamps: dict[str, tuple[Callable[[Any], Any], Step]] = field(default_factory=dict)
+    stamps: dict[str, tuple[Callable[[Any], Any], WindowStep]] = field(default_factory=dict)
     """Per ``key_by`` step that sets the event time of a window downstream: the window's
     ``time`` function and the window step (whose error policy applies)."""
     stamped: frozenset[int] = frozenset()
@@ -82,12 +96,14 @@ class Topology:
         return self.late_topics[step_id]
 
     @property
-    def source_steps(self) -> list[Step]:
-        return [s for s in self.pipeline.steps if s.kind == "source"]
+    def source_steps(self) -> list[SourceStep]:
+        """The steps whose connector sources the runner reads."""
+        return [s for s in self.pipeline.steps if isinstance(s, SourceStep)]
 
     @property
-    def sink_steps(self) -> list[Step]:
-        return [s for s in self.pipeline.steps if s.kind == "sink"]
+    def sink_steps(self) -> list[SinkStep]:
+        """The steps that hand records to a connector sink (not those writing a topic)."""
+        return [s for s in self.pipeline.steps if isinstance(s, SinkStep)]
 
     @property
     def positions_topic(self) -> Topic:
@@ -98,7 +114,7 @@ class Topology:
 def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topology:
     """Check ``pipeline`` as a whole and cut it into sub-topologies."""
     steps = pipeline.steps
-    if not any(s.kind in ("source", "read") for s in steps):
+    if not any(isinstance(s, SourceStep | ReadStep) for s in steps):
         raise PipelineDefinitionError(f"pipeline {pipeline.name!r} has no source")
     _check_given_topics(pipeline)
     children: dict[Port, list[Step]] = defaultdict(list)
@@ -108,7 +124,7 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
 
     # Union-find over the topic-reading steps: each starts a sub-topology; a step that takes
     # streams of several of them (merge) joins theirs into one.
-    parent = {s.step_id: s.step_id for s in steps if s.kind in _ENTRY_KINDS}
+    parent = {s.step_id: s.step_id for s in steps if isinstance(s, EntryStep)}
 
     def find(key: str) -> str:
         while parent[key] != key:
@@ -123,7 +139,7 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
         return step_id if step_id in parent else anchor[step_id]
 
     for step in steps:
-        if step.kind in ("source", "read"):
+        if isinstance(step, SourceStep | ReadStep):
             anchor[step.step_id] = step.step_id
             continue
         homes = [produced_in(upstream_id) for upstream_id, _ in step.inputs]
@@ -137,7 +153,7 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
         subs.setdefault(find(root), SubTopology(len(subs)))
     for step in steps:
         subs[find(anchor[step.step_id])].steps.append(step)
-        if step.kind in _ENTRY_KINDS and step.topic is not None:
+        if isinstance(step, EntryStep):
             entry_sub = subs[find(step.step_id)]
             entry_sub.topics.append(step.topic)
             entry_sub.entries[step.topic.name] = step
@@ -156,18 +172,18 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
         step.step_id: _changelog(f"{pipeline.internal_prefix}{step.step_id}", sub)
         for sub in subs.values()
         for step in sub.steps
-        if step.stateful and sub.topics
+        if isinstance(step, HasStore) and sub.topics
     }
     writers, marked = _writers(pipeline, subs, find, anchor)
     stamps, stamped = _stamps(pipeline, subs, find, anchor)
     _check_stamped([s for s in subs.values() if s.index in stamped], writers, stamps)
-    idles = [s.idle_ms for s in steps if s.idle_ms is not None]
+    idles = [s.idle_ms for s in steps if isinstance(s, WindowStep | StreamJoinStep)]
     late_topics = {
         step.step_id: Topic(
             f"{pipeline.internal_prefix}{step.step_id}.late", key=bytes, value=bytes
         )
         for step in steps
-        if step.windowed or step.join == "stream"
+        if isinstance(step, HasLateData)
     }
     marks_changelogs = {
         sub.index: _changelog(f"{pipeline.internal_prefix}marks-{sub.index}", sub)
@@ -180,7 +196,7 @@ def compile_pipeline(pipeline: Pipeline, *, group: str | None = None) -> Topolog
         *marks_changelogs.values(),
         *late_topics.values(),
     ]
-    input_topics = [s.topic for s in steps if s.kind in _ENTRY_KINDS and s.topic is not None]
+    input_topics = [s.topic for s in steps if isinstance(s, EntryStep)]
     ordered = sorted(subs.values(), key=lambda s: s.index)
     return Topology(
         pipeline=pipeline,
@@ -226,22 +242,25 @@ def _given_topics(pipeline: Pipeline) -> list[tuple[Step, Topic]]:
     a ``LogTopic`` read or written, a ``join_table`` table. The reader a join adds for its
     table is left to the join, and a table that is one of the pipeline's ``key_by`` topics
     (the join then reads it where the ``key_by`` writes it) is no given topic."""
-    tables = [(s.step_id, s.inputs[1][0]) for s in pipeline.steps if s.join == "table"]
+    tables = [(s.step_id, s.inputs[1][0]) for s in pipeline.steps if isinstance(s, TableJoinStep)]
     readers = {reader for join, reader in tables if reader == f"{join}.table"}
-    given = []
+    given: list[tuple[Step, Topic]] = []
     for step in pipeline.steps:
-        if step.topic is None or step.kind == "key_by" or step.step_id in readers:
+        topic = topic_of(step)
+        if topic is None or isinstance(step, KeyByStep) or step.step_id in readers:
             continue
-        if step.join == "table" and pipeline.step(step.inputs[1][0]).kind == "key_by":
+        if isinstance(step, TableJoinStep) and isinstance(
+            pipeline.step(step.inputs[1][0]), KeyByStep
+        ):
             continue
-        given.append((step, step.topic))
+        given.append((step, topic))
     return given
 
 
 def _internal_use(pipeline: Pipeline, suffix: str) -> str:
     """What the topic ``<pipeline>.<suffix>`` is to the pipeline, as far as its name says."""
     name = pipeline.name
-    if any(s.kind == "key_by" and s.step_id == suffix for s in pipeline.steps):
+    if any(isinstance(s, KeyByStep) and s.step_id == suffix for s in pipeline.steps):
         return f"is the topic key_by {suffix!r} of pipeline {name!r} repartitions through"
     if suffix == "dead-letters":
         return f"is the dead-letter topic of pipeline {name!r}"
@@ -272,10 +291,10 @@ def _writers(
     writers: dict[str, tuple[bool, frozenset[str]]] = {}
     marked: dict[int, list[Topic]] = defaultdict(list)
     for step in pipeline.steps:
-        topic = step.topic
-        if topic is None or step.kind not in _ENTRY_KINDS:
+        if not isinstance(step, EntryStep):
             continue
-        if step.kind == "key_by":
+        topic = step.topic
+        if isinstance(step, KeyByStep):
             upstream = subs[find(anchor[step.step_id])]
             tasks = frozenset(f"{upstream.index}.{p}" for p in range(upstream.partitions))
             writers[topic.name] = (True, tasks)
@@ -284,7 +303,7 @@ def _writers(
         sources = frozenset(
             s.step_id
             for s in pipeline.steps
-            if s.kind == "source" and s.topic is not None and s.topic.name == topic.name
+            if isinstance(s, SourceStep) and s.topic.name == topic.name
         )
         writers.setdefault(topic.name, (False, sources))
     return writers, dict(marked)
@@ -293,7 +312,7 @@ def _writers(
 def _check_stamped(
     stamped: list[SubTopology],
     writers: dict[str, tuple[bool, frozenset[str]]],
-    stamps: dict[str, tuple[Callable[[Any], Any], Step]],
+    stamps: dict[str, tuple[Callable[[Any], Any], WindowStep]],
 ) -> None:
     """Refuse a sub-topology that sets the event time and also reads a repartitioned topic,
     whose marks speak of the event time set upstream."""
@@ -301,7 +320,7 @@ def _check_stamped(
         internal = [t.name for t in sub.topics if writers[t.name][0]]
         if not internal:
             continue
-        at = next(s for s in sub.steps if s.window is not None or s.step_id in stamps)
+        at = next(s for s in sub.steps if isinstance(s, WindowStep) or s.step_id in stamps)
         raise PipelineDefinitionError(
             f"the event time is set in a task that also reads the repartitioned topics "
             f"{internal}, whose watermarks speak of the event time set upstream; set it "
@@ -315,14 +334,16 @@ def _stamps(
     subs: dict[str, SubTopology],
     find: Callable[[str], str],
     anchor: dict[str, str],
-) -> tuple[dict[str, tuple[Callable[[Any], Any], Step]], set[int]]:
+) -> tuple[dict[str, tuple[Callable[[Any], Any], WindowStep]], set[int]]:
     """The ``key_by`` steps that set a window's event time, and the sub-topologies where a step
     sets the event time."""
-    stamps: dict[str, tuple[Callable[[Any], Any], Step]] = {}
+    stamps: dict[str, tuple[Callable[[Any], Any], WindowStep]] = {}
     stamped: set[int] = set()
     for step in pipeline.steps:
+        if not isinstance(step, WindowStep):
+            continue
         spec = step.window
-        if spec is None or spec.time is None:
+        if spec.time is None:
             continue
         at = spec.stamp_at or step.step_id
         stamped.add(subs[find(anchor[at])].index)
@@ -339,7 +360,7 @@ def entry_port(step: Step) -> Port:
 def _declared_topics(pipeline: Pipeline) -> list[Topic]:
     """Every topic of the pipeline once, refusing one name declared with two partition counts."""
     topics: dict[str, Topic] = {}
-    declared = [s.topic for s in pipeline.steps if s.topic is not None]
+    declared = [topic for s in pipeline.steps if (topic := topic_of(s)) is not None]
     for topic in [*declared, pipeline.dead_letter_topic]:
         known = topics.setdefault(topic.name, topic)
         if known.partitions != topic.partitions:

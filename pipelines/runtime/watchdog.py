@@ -14,11 +14,11 @@ that visible and bounded:
   it again, as after a crash) and the worker leaves at once instead of after a grace period.
 - ``timeout=`` on ``map``, ``filter``, ``flat_map`` and ``peek`` (:func:`with_timeout`) bounds
   each call of the user function with a real-time interval timer; a call that runs over raises
-  :class:`StepTimeout` inside it, and the step's error policy routes that record like any other
-  error. Timers are signals, which only the main thread receives: elsewhere (a pipeline run
-  from a thread) the calls go unbounded, with a warning. An ``async def`` step function needs
-  no timer: each of its calls is cancelled on its loop once it runs over, and fails with the
-  same error (:mod:`operators.concurrent`).
+  :class:`~pipelines.errors.StepTimeout` inside it, and the step's error policy routes that
+  record like any other error. Timers are signals, which only the main thread receives:
+  elsewhere (a pipeline run from a thread) the calls go unbounded, with a warning. An
+  ``async def`` step function needs no timer: each of its calls is cancelled on its loop once
+  it runs over, and fails with the same error (:mod:`operators.concurrent`).
 
 Interrupting works for Python code and for the blocking calls Python retries on a signal
 (sleeps, socket and file I/O); a C extension that never checks for signals cannot be interrupted
@@ -39,17 +39,16 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from pipelines.errors import StepTimeout
 from pipelines.log.base import TopicPartition
 
 __all__ = [
     "STALL_AFTER",
     "Abandoned",
     "Activity",
-    "StepTimeout",
     "Watchdog",
     "WorkerNote",
     "activity",
-    "overran",
     "with_timeout",
 ]
 
@@ -68,10 +67,6 @@ class Abandoned(BaseException):
 
     A ``BaseException``, so that the ``except Exception`` of a user function or of the error
     policy does not take it for a record's failure."""
-
-
-class StepTimeout(Exception):
-    """A user function ran longer than its step's ``timeout``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,12 +226,7 @@ def with_timeout(fn: Callable[[Any], Any], seconds: float) -> Callable[[Any], An
 
 
 def _time_out(signum: int, frame: FrameType | None) -> None:
-    raise overran(_Timers.bound)
-
-
-def overran(seconds: float) -> StepTimeout:
-    """The error of a call of a user function that ran longer than its step's ``timeout``."""
-    return StepTimeout(f"did not return within {seconds:g} s")
+    raise StepTimeout(_Timers.bound)
 
 
 def _warn_unbounded(fn: Callable[[Any], Any]) -> None:

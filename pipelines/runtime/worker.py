@@ -129,10 +129,9 @@ class Worker:
         """Consume until :attr:`stop` is set; then checkpoint and leave the group."""
         pipeline = self.topology.pipeline
         for step in self.topology.sink_steps:
-            if step.sink is not None:
-                ctx = SinkContext(pipeline.name, step.step_id, self.index)
-                self._writers[step.step_id] = writer = step.sink.open(ctx)
-                await writer.start()
+            ctx = SinkContext(pipeline.name, step.step_id, self.index)
+            self._writers[step.step_id] = writer = step.sink.open(ctx)
+            await writer.start()
         await self._consumer.subscribe([t.name for t in self.topology.input_topics], self)
         next_checkpoint = time.monotonic() + self._commit_interval
         next_report = next_tick = 0.0

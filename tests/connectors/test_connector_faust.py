@@ -33,6 +33,7 @@ from pipelines.log.base import RawBatch
 from pipelines.log.memory import MemoryLog
 from pipelines.serde import Json, Str
 from pipelines.state.table import TableStore
+from pipelines.steps import TableJoinStep
 
 # -- the Faust side ----------------------------------------------------------------------------
 
@@ -315,7 +316,8 @@ def test_a_faust_table_is_co_partitioned_with_a_stream_keyed_by_text() -> None:
     orders = Pipeline("p").source(LogTopic(Topic("orders", partitions=4, value=Order)))
     by_customer = orders.key_by("by-customer", lambda order: order.customer)
     joined = by_customer.join_table("with-count", counts, lambda order, count: (order, count))
-    assert joined.step("with-count").topic is counts
+    join = joined.step("with-count")
+    assert isinstance(join, TableJoinStep) and join.table is counts
     by_json = orders.key_by("by-json", lambda order: order.customer, key=Json())
     with pytest.raises(PipelineDefinitionError, match="keyed alike"):
         by_json.join_table("with-count", counts, lambda order, count: (order, count))

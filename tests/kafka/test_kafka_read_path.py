@@ -22,13 +22,12 @@ from typing import Any
 import aiokafka
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import NewTopic
 from aiokafka.consumer.fetcher import READ_COMMITTED, PartitionRecords
 from aiokafka.errors import KafkaError
 from aiokafka.record.legacy_records import LegacyRecordBatchBuilder
 from aiokafka.record.memory_records import MemoryRecords
 from aiokafka.structs import TopicPartition as KafkaPartition
-from support.kafka import admin, consumer
+from support.kafka import consumer, create_topic_async
 
 from pipelines.log._kafka_records import ColumnReader, _Chunks, fetched_batch
 from pipelines.log.base import FetchedBatch, RawBatch, TopicPartition
@@ -69,19 +68,6 @@ async def two_logs(bootstrap: str) -> AsyncIterator[tuple[KafkaLog, KafkaLog]]:
     finally:
         await direct.close()
         await public.close()
-
-
-async def create_configured_topic(
-    bootstrap: str, name: str, partitions: int, **configs: str
-) -> None:
-    async with admin(bootstrap) as client:
-        await client.create_topics([NewTopic(name, partitions, 1, topic_configs=configs)])
-        for _ in range(100):
-            [found] = await client.describe_topics([name])
-            if not found["error_code"] and len(found["partitions"]) == partitions:
-                return
-            await asyncio.sleep(0.1)
-    raise AssertionError(f"topic {name} did not appear")
 
 
 @contextlib.asynccontextmanager
@@ -233,7 +219,7 @@ async def test_headers_nulls_and_gzip_come_out_as_from_consumer_records(
     kafka: str, kafka_names: Callable[[str], str]
 ) -> None:
     topic = kafka_names("read-mixed")
-    await create_configured_topic(kafka, topic, 2)
+    await create_topic_async(kafka, topic, 2)
     async with producer(kafka, linger_ms=0) as single:
         for key, value, headers in mixed(40, "single"):
             # send() wants a key or a value (a batch does not)
@@ -275,7 +261,7 @@ async def test_aborted_and_interleaved_transactions_are_skipped_alike(
     kafka: str, kafka_names: Callable[[str], str]
 ) -> None:
     topic = kafka_names("read-txn")
-    await create_configured_topic(kafka, topic, 2)
+    await create_topic_async(kafka, topic, 2)
     async with (
         producer(kafka, transactional_id=kafka_names("txn-a")) as first,
         producer(kafka, transactional_id=kafka_names("txn-b")) as second,
@@ -322,7 +308,7 @@ async def test_a_compacted_topic_with_gaps_reads_alike(
         "min.cleanable.dirty.ratio": "0.01",
         "min.compaction.lag.ms": "0",
     }
-    await create_configured_topic(kafka, topic, 1, **cleaner)
+    await create_topic_async(kafka, topic, 1, **cleaner)
     async with producer(kafka, max_batch_size=4096) as client:
         for round_ in range(4):
             records: list[tuple[bytes | None, bytes | None, list[Any]]] = [

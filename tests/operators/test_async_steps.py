@@ -22,12 +22,12 @@ from connectors.memory import Collect
 from operators.concurrent import Concurrent
 from operators.stateless import Map
 from operators.steploop import THREAD_NAME, step_loop
-from pipelines.errors import ErrorPolicy, PipelineDefinitionError, StepError
+from pipelines.errors import ErrorPolicy, PipelineDefinitionError, StepError, StepTimeout
 from pipelines.log.memory import MemoryLog
 from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.topology import compile_pipeline
-from pipelines.runtime.watchdog import StepTimeout
 from pipelines.serde import Json
+from pipelines.steps import SinkStep
 from pipelines.testing import OperatorHarness, run_pipeline
 
 VALUES = list(range(250))
@@ -324,8 +324,9 @@ async def test_a_client_created_in_the_first_call_serves_every_later_batch() -> 
         .filter("again", fetched_again)
         .sink(Collect(), step_id="out")
     )
-    sink = pipeline.step("out").sink
-    assert isinstance(sink, Collect)
+    step = pipeline.step("out")
+    assert isinstance(step, SinkStep) and isinstance(step.sink, Collect)
+    sink = step.sink
     run = await run_in_process(compile_pipeline(pipeline), MemoryLog(), max_batch=7)
     assert [v["n"] for v in sink.values] == VALUES
     assert {v["thread"] for v in sink.values} == {THREAD_NAME}

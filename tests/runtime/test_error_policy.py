@@ -18,6 +18,7 @@ from pipelines.record import Record
 from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.topology import compile_pipeline
 from pipelines.serde import Json
+from pipelines.steps import SinkStep
 from pipelines.testing import TestResult, run_pipeline
 
 
@@ -236,8 +237,9 @@ async def test_skip_drops_bad_records_and_counts_them_per_step() -> None:
     log = MemoryLog()
     run = await run_in_process(topology, log)
 
-    sink = pipeline.step("out").sink
-    assert isinstance(sink, Collect)
+    step = pipeline.step("out")
+    assert isinstance(step, SinkStep) and isinstance(step.sink, Collect)
+    sink = step.sink
     assert [r.offset for r in sink.records] == [0, 1, 4]
     assert sink.values == [inverse(INPUT[i]) for i in (0, 1, 4)]
     (report,) = run.reports.values()

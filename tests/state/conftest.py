@@ -20,6 +20,7 @@ from pipelines import Pipeline
 from pipelines.log.memory import MemoryLog
 from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.topology import compile_pipeline
+from pipelines.steps import SinkStep
 from pipelines.testing import TestResult
 
 
@@ -30,7 +31,7 @@ def _run_one_by_one(pipeline: Pipeline, *, workers: int = 1) -> TestResult:
     sinks = {
         step.step_id: step.sink
         for step in pipeline.steps
-        if step.kind == "sink" and isinstance(step.sink, Collect)
+        if isinstance(step, SinkStep) and isinstance(step.sink, Collect)
     }
     log = MemoryLog()
     asyncio.run(run_in_process(compile_pipeline(pipeline), log, workers=workers, max_batch=1))

@@ -23,6 +23,7 @@ from pipelines.log.memory import MemoryLog
 from pipelines.partitioner import partition_for
 from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.topology import compile_pipeline
+from pipelines.steps import SinkStep
 from pipelines.testing import TestResult
 
 stamps = st.integers(min_value=-(10**13), max_value=10**13)
@@ -260,8 +261,9 @@ async def run_case(case: dict[str, Any]) -> None:
     pipeline = windowed_count(
         events, windows, lateness, grace, partitions=partitions, idle=timedelta(seconds=30)
     )
-    out = pipeline.steps[-1].sink
-    assert isinstance(out, connectors.Collect)
+    last = pipeline.steps[-1]
+    assert isinstance(last, SinkStep) and isinstance(last.sink, connectors.Collect)
+    out = last.sink
     log = MemoryLog()
     await run_in_process(compile_pipeline(pipeline), log, workers=case["workers"], max_batch=1)
     result = TestResult(sinks={"out": out}, log=log, pipeline=pipeline)

@@ -12,7 +12,8 @@ module as a plugin: its fixtures ``kafka`` and ``kafka_names`` and the hook that
 test are every directory's.
 
 The clients (:func:`admin`, :func:`consumer` and the functions built on them) look at topics and
-groups as any other Kafka user would, from synchronous test code.
+groups as any other Kafka user would, from synchronous test code; :func:`create_topic_async` is
+the one a test already on an event loop awaits.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ __all__ = [
     "committed_offsets",
     "consumer",
     "create_topic",
+    "create_topic_async",
     "delete_topics_of",
     "end_offsets",
     "kafka",
@@ -177,20 +179,22 @@ async def consumer(
         await client.stop()
 
 
-def create_topic(bootstrap: str, name: str, partitions: int) -> None:
-    """Create topic ``name``; return once the broker describes it with its partitions."""
+async def create_topic_async(bootstrap: str, name: str, partitions: int, **configs: str) -> None:
+    """Create topic ``name`` with the topic ``configs`` (``**{"cleanup.policy": "compact"}``);
+    return once the broker describes it with its partitions."""
+    async with admin(bootstrap) as client:
+        await client.create_topics([NewTopic(name, partitions, 1, topic_configs=configs)])
+        for _ in range(100):
+            [found] = await client.describe_topics([name])
+            if not found["error_code"] and len(found["partitions"]) == partitions:
+                return
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"topic {name} did not appear")
 
-    async def create() -> None:
-        async with admin(bootstrap) as client:
-            await client.create_topics([NewTopic(name, partitions, 1)])
-            for _ in range(100):
-                [found] = await client.describe_topics([name])
-                if not found["error_code"] and len(found["partitions"]) == partitions:
-                    return
-                await asyncio.sleep(0.1)
-            raise AssertionError(f"topic {name} did not appear")
 
-    asyncio.run(create())
+def create_topic(bootstrap: str, name: str, partitions: int, **configs: str) -> None:
+    """:func:`create_topic_async`, from synchronous test code."""
+    asyncio.run(create_topic_async(bootstrap, name, partitions, **configs))
 
 
 def end_offsets(

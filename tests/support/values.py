@@ -1,5 +1,5 @@
-"""Pipelines of given values, a model of such values, and values in a form to compare as
-multisets."""
+"""Pipelines of given values, a model of such values, the topic a ``key_by`` of a pipeline
+repartitions through, and values in a form to compare as multisets."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pydantic import BaseModel
 from connectors.memory import Iterable as IterableSource
 from pipelines import Pipeline, Topic
 from pipelines.errors import ErrorPolicy
+from pipelines.steps import KeyByStep
 
-__all__ = ["PageClick", "from_values", "sorted_json"]
+__all__ = ["PageClick", "from_values", "repartition_topic", "sorted_json"]
 
 
 class PageClick(BaseModel):
@@ -40,6 +41,13 @@ def from_values(
         into=Topic(topic, partitions=partitions),
         step_id=step_id,
     )
+
+
+def repartition_topic(pipeline: Pipeline, step_id: str) -> Topic:
+    """The topic ``key_by`` step ``step_id`` of ``pipeline`` repartitions through."""
+    step = pipeline.step(step_id)
+    assert isinstance(step, KeyByStep), f"step {step_id!r} is no key_by: {step!r}"
+    return step.topic
 
 
 def sorted_json(value: Any) -> bytes:
