@@ -121,7 +121,7 @@ STOP_GRACE = 30.0
 TARGET_COUNT = 200_000
 TARGET_WINDOW = 150_000
 TARGET_RESTORE = 1_000_000
-TARGET_EOS_COST = 0.15
+TARGET_EOS_COST = 0.10
 
 Backend = Literal["embedded", "kafka"]
 Guarantee = Literal["at_least_once", "exactly_once"]
@@ -1095,14 +1095,14 @@ PROBES: list[Probe] = [
     (2, "pipelines.runtime.outbox", "Outbox.add", "Outbox.add (partition by key)"),
     (0, "pipelines.runtime.task", "Task.advance", "Task.advance (watermarks)"),
     (0, "pipelines.runtime.outbox", "Outbox.send", "Outbox.send (incl. in checkpoints)"),
-    (1, "pipelines.log._local", "LocalTransaction.send", "LocalTransaction.send (buffer)"),
+    (1, "pipelines.log._transactions", "EmbeddedTransaction.send", "EmbeddedTransaction.send"),
     (1, "pipelines.log._partition_file", "PartitionFile.append", "PartitionFile.append (all)"),
     (0, "pipelines.runtime.worker", "Worker._checkpoint", "Worker._checkpoint"),
     (1, "pipelines.runtime.state", "TaskState.flush", "TaskState.flush"),
     (2, "pipelines.state.store", "KeyValueStore.changes", "KeyValueStore.changes"),
-    (1, "pipelines.log._local", "LocalTransaction.commit", "LocalTransaction.commit"),
-    (2, "pipelines.log.embedded", "write_commit", "write_commit (file + fsync)"),
-    (2, "pipelines.log.embedded", "EmbeddedLog._apply", "EmbeddedLog._apply"),
+    (1, "pipelines.log._transactions", "EmbeddedTransaction.commit", "EmbeddedTransaction.commit"),
+    (2, "pipelines.log._transactions", "Transactions.write", "Transactions.write (commit record)"),
+    (2, "pipelines.log._partition_file", "PartitionFile.mark", "PartitionFile.mark (markers)"),
     (1, "pipelines.log._local", "GroupConsumer.commit", "GroupConsumer.commit"),
     (0, "pipelines.runtime.state", "TaskState.restore", "TaskState.restore"),
     (1, "pipelines.log.embedded", "EmbeddedLog.read_now", "EmbeddedLog.read_now (all)"),

@@ -7,6 +7,10 @@ are never in the way. Records keep their offsets (committed offsets and restore 
 point at them): a compacted segment holds *sparse* frames, each record with its own offset (see
 :func:`~pipelines.log._partition_file.encode_frame`).
 
+**Transactions.** Only sealed segments below the partition's last stable offset are compacted,
+so every transaction with frames there is decided: records of committed ones are kept as any
+other (plain frames: the marks and markers go), records of aborted ones are dropped.
+
 **Tombstones** (``None`` values: a key deleted, a window closed) go too, once they are the last
 record of their key and their segment was sealed more than ``tombstone_ms`` ago (an hour by
 default). The delay is for a reader in the middle of the partition while a compaction runs: it
@@ -75,7 +79,8 @@ def compact(
     """Compact ``partition``'s sealed segments if they are dirty enough (or ``force``); how
     many records were dropped."""
     _remove_leftovers(partition)
-    sealed = partition.segments()[:-1]
+    stable = partition.stable_end()  # below it, every transaction's frames are decided
+    sealed = [segment for segment in partition.segments()[:-1] if segment[1] <= stable]
     if not sealed:
         return 0
     clean_path = partition.path.with_suffix(".clean")
@@ -139,13 +144,13 @@ def _remove_leftovers(partition: PartitionFile) -> None:
 
 
 def _records(partition: PartitionFile, base: int) -> list[tuple[RawBatch, list[int]]]:
-    """Every record of the sealed segment at ``base``, a read at a time, with its offsets."""
-    segment = partition.sealed_segment(base)
-    end = segment.end_offset()
+    """Every record of the sealed segment at ``base``, a read at a time, with its offsets (not
+    those of aborted transactions: they go)."""
+    end = partition.sealed_segment(base).end_offset()
     reads: list[tuple[RawBatch, list[int]]] = []
     offset = base
     while offset < end:
-        records, offsets, following = segment.read(offset, _READ)
+        records, offsets, following = partition.read(offset, _READ)
         reads.append((records, list(offsets)))
         if following <= offset:
             break
@@ -205,8 +210,10 @@ def _goes(
 
 
 def _merged(first: Seal, later: Seal) -> Seal:
-    """The seal of a run of segments: the last one's end, transactions and time."""
-    return Seal(later.end, max(first.newest, later.newest), later.transactions, later.sealed_at)
+    """The seal of a run of segments: the last one's end, transactions, time and open
+    transactions (decided by now: a run ends at or below the last stable offset)."""
+    newest = max(first.newest, later.newest)
+    return Seal(later.end, newest, later.transactions, later.sealed_at, later.open)
 
 
 def _write(partition: PartitionFile, run: _Kept) -> None:

@@ -12,7 +12,6 @@ its partitions up at their next membership check.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import itertools
 import time
 from abc import ABC, abstractmethod
@@ -27,7 +26,6 @@ from pipelines.log.base import (
     RawBatch,
     RebalanceListener,
     TopicPartition,
-    TransactionalProducer,
 )
 
 __all__ = ["AppendWaiter", "GroupConsumer", "LocalLog", "Membership", "range_assignment"]
@@ -105,25 +103,12 @@ class LocalLog(LogBackend):
     async def wait_for_append(self, timeout: float) -> None:
         """Return when something may have been appended, or after ``timeout`` seconds."""
 
-    @abstractmethod
-    def commit_transaction(
-        self,
-        transaction: LocalTransaction,
-        batches: Sequence[tuple[TopicPartition, RawBatch]],
-        offsets: Mapping[TopicPartition, int],
-        group: str,
-    ) -> None:
-        """Append ``batches`` and commit ``offsets`` atomically."""
-
     def recover_transactions(self, group: str) -> None:
         """Finish the commits of ``group`` that a crash interrupted (before reading offsets)."""
 
     def append_waiter(self) -> AppendWaiter:
         """What a consumer of this log waits on while it has nothing to read (one each)."""
         return AppendWaiter(self)
-
-    def transactional_producer(self, transactional_id: str) -> TransactionalProducer:
-        return LocalTransaction(self, transactional_id)
 
     async def read(self, tp: TopicPartition, offset: int, max_records: int) -> FetchedBatch:
         return self.read_now(tp, offset, max_records)
@@ -172,47 +157,6 @@ class LocalProducer(Producer):
 
     async def close(self) -> None:
         return None
-
-
-class LocalTransaction(TransactionalProducer):
-    """Buffers a task's batches until :meth:`commit` hands them to the log in one piece."""
-
-    def __init__(self, log: LocalLog, transactional_id: str) -> None:
-        self._log = log
-        self.transactional_id = transactional_id
-        self.identity = int.from_bytes(
-            hashlib.blake2b(transactional_id.encode(), digest_size=8).digest(), "little"
-        )
-        self._sequence = 0
-        self._pending: dict[TopicPartition, RawBatch] = {}
-
-    def next_sequence(self) -> int:
-        """Increasing across commits and restarts (a clock, never behind the last one)."""
-        self._sequence = max(self._sequence + 1, time.time_ns())
-        return self._sequence
-
-    async def send(self, topic: str, partition: int, batch: RawBatch) -> None:
-        """Add ``batch``; batches for one partition join, so a commit holds one per partition
-        (the idempotent re-apply of a commit tells frames apart by partition)."""
-        if not len(batch):
-            return
-        tp = TopicPartition(topic, partition)
-        pending = self._pending.get(tp)
-        if pending is None:
-            self._pending[tp] = batch.copy()
-        else:
-            pending.extend(batch)
-
-    async def commit(self, offsets: Mapping[TopicPartition, int], group: str) -> None:
-        pending, self._pending = self._pending, {}
-        if pending or offsets:
-            self._log.commit_transaction(self, list(pending.items()), offsets, group)
-
-    async def abort(self) -> None:
-        self._pending.clear()
-
-    async def close(self) -> None:
-        self._pending.clear()
 
 
 class GroupConsumer(Consumer):

@@ -17,6 +17,23 @@ A frame::
              keys, then values, concatenated
              headers as orjson (only with flag HEADERS)
 
+Transactions (exactly-once, see :mod:`pipelines.log._transactions`): a transaction appends its
+batches as it sends them, as frames flagged TXN and PENDING. They stay invisible until a
+*marker* of their (transaction, sequence) follows in the partition: a frame flagged TXN and
+COMMIT (its pending frames become visible) or TXN and ABORT (they are void), with no records
+and no offset of its own (its base is the next offset). A read stops before the first pending
+frame that no marker has decided yet -- Kafka's last stable offset, which is also the end
+offset readers are told -- so nothing is read out of order past a transaction still open, and
+passes over aborted frames (their offsets are skipped). A transaction still open when a segment
+is sealed is listed in the seal (with its first offset), so readers of the next segments stop
+before it too; its pending frames in the sealed segment are decided by the marker found in a
+later one. Frames flagged TXN without PENDING were appended by the commit files of earlier
+versions after their commit point: committed records, read as any other; a marker-less
+directory of an earlier version therefore reads back unchanged. (A reader of an earlier version
+does not know PENDING and would show pending records: going back to one means an empty data
+directory.) The cost on the read path is nil without transactions and a dict lookup per frame
+with them.
+
 Concurrency and crashes: appends are one ``write()`` of a whole frame under an exclusive
 ``flock`` on the file, so writers in different processes never interleave. A writer killed in
 the middle of ``write()`` can leave a short (torn) frame at the tail; readers never index a frame
@@ -58,7 +75,7 @@ import time
 import zlib
 from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import accumulate, pairwise
 from pathlib import Path
@@ -69,7 +86,7 @@ from pipelines.errors import CorruptLogError, LogError
 from pipelines.log.base import RawBatch
 from pipelines.record import Headers
 
-__all__ = ["PartitionFile"]
+__all__ = ["PartitionFile", "TxnKey"]
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +99,14 @@ _HOLE = 8  # offsets lost to damage, moved out by `headwater log check --repair`
 _SEAL = 16  # the segment's last frame: the partition goes on in the next (no records)
 _SHARED = 64  # with HEADERS: one header set, shared by every record
 _SPARSE = 32  # offsets not consecutive (a compacted segment): count x <I offset - base> follow
+_PENDING = 128  # with TXN: visible once a COMMIT marker of its transaction follows (see above)
+_COMMIT = 256  # with TXN: the marker that makes the transaction's pending frames visible
+_ABORT = 512  # with TXN: the marker that makes the transaction's pending frames void
 _SEAL_INFO = struct.Struct("<q")  # a seal's payload: the newest timestamp, then transactions
 _TXN_MARK = struct.Struct("<QQ")
 _END = struct.Struct("<Q")  # the acknowledged end, in <p>.end
+TxnKey = tuple[int, int]
+"""A transaction on the log: (transaction, sequence), as frames are marked with it."""
 _REPAIR = (
     "`headwater log check` shows what is damaged; `headwater log check --repair` (with nothing "
     "running on the data directory) moves the damaged bytes to a quarantine file and keeps every "
@@ -124,15 +146,18 @@ def encode_frame(
     batch: RawBatch,
     txn: tuple[int, int] | None = None,
     offsets: Sequence[int] | None = None,
+    *,
+    pending: bool = False,
 ) -> bytes:
     """One frame holding ``batch`` at ``base_offset``, marked with ``txn`` (transaction,
-    sequence) when a transaction wrote it; with ``offsets`` (increasing, none below
-    ``base_offset``), each record at its own offset instead of one after the other."""
+    sequence) when a transaction wrote it (``pending``: visible only once the transaction
+    commits); with ``offsets`` (increasing, none below ``base_offset``), each record at its own
+    offset instead of one after the other."""
     count = len(batch)
     flags = 0
     parts = []
     if txn is not None:
-        flags |= _TXN
+        flags |= _TXN | (_PENDING if pending else 0)
         parts.append(_TXN_MARK.pack(*txn))
     if offsets is not None:
         flags |= _SPARSE
@@ -207,6 +232,16 @@ def _span(frame: bytes) -> int:
     return int(struct.unpack_from("<I", frame, at)[0]) + 1
 
 
+def marker_frame(base_offset: int, txn: tuple[int, int], *, committed: bool) -> bytes:
+    """The marker that decides transaction ``txn``'s pending frames before it: visible
+    (``committed``) or void. It takes no offset (``base_offset`` is the next one)."""
+    flags = _TXN | (_COMMIT if committed else _ABORT)
+    payload = _TXN_MARK.pack(*txn)
+    head = _HEADER.pack(len(payload), 0, base_offset, 0, flags)
+    crc = zlib.crc32(payload, zlib.crc32(head[_CRC_FROM:]))
+    return _HEADER.pack(len(payload), crc, base_offset, 0, flags) + payload
+
+
 def hole_header(base_offset: int, count: int, padding: int) -> bytes:
     """The header of a hole frame: ``count`` offsets from ``base_offset`` on whose records were
     lost, followed by ``padding`` zero bytes (written by the caller) and no records. The padding
@@ -233,11 +268,20 @@ class Seal:
     next segment's writers still refuse a transaction's frame a second time."""
     sealed_at: int
     """When the segment was sealed, in ms since the epoch (the age of its tombstones)."""
+    open: dict[tuple[int, int], int] = field(default_factory=dict)
+    """The transactions (transaction, sequence) with pending frames in this segment or an
+    earlier one and no marker yet, each with the offset of its first pending frame: where
+    readers of the next segments must stop until its marker comes."""
 
 
 def seal_frame(seal: Seal) -> bytes:
     """The frame that ends a segment (see :class:`Seal`)."""
-    listed = {"t": {str(t): q for t, q in seal.transactions.items()}, "at": seal.sealed_at}
+    listed: dict[str, object] = {
+        "t": {str(t): q for t, q in seal.transactions.items()},
+        "at": seal.sealed_at,
+    }
+    if seal.open:
+        listed["o"] = [[t, q, o] for (t, q), o in seal.open.items()]
     payload = _SEAL_INFO.pack(seal.newest) + orjson.dumps(listed)
     head = _HEADER.pack(len(payload), 0, seal.end, 0, _SEAL)
     crc = zlib.crc32(payload, zlib.crc32(head[_CRC_FROM:]))
@@ -249,7 +293,8 @@ def _seal_of(frame: bytes) -> Seal:
     newest: int = _SEAL_INFO.unpack_from(frame, _HEADER.size)[0]
     listed = orjson.loads(frame[_HEADER.size + _SEAL_INFO.size :])
     transactions = {int(t): int(q) for t, q in listed["t"].items()}
-    return Seal(end, newest, transactions, int(listed["at"]))
+    still_open = {(int(t), int(q)): int(o) for t, q, o in listed.get("o", ())}
+    return Seal(end, newest, transactions, int(listed["at"]), still_open)
 
 
 def _checksum_ok(frame: bytes) -> bool:
@@ -344,6 +389,13 @@ class _Segment:
         self._cached: tuple[int, int, RawBatch, list[int] | None] | None = None
         self._transactions = {} if transactions is None else transactions
         self._holes: dict[int, int] = {}  # file position -> offsets lost, of each hole frame
+        # transactions (see the module docstring): pending frames with no marker yet, by file
+        # position (in order) -> (transaction, sequence), base offset; the same by transaction;
+        # the markers in this segment; and the positions of the frames aborted
+        self._pending: dict[int, tuple[TxnKey, int]] = {}
+        self._by_key: dict[TxnKey, list[int]] = {}
+        self.markers: dict[TxnKey, bool] = {}
+        self._aborted: set[int] = set()
         # the newest record timestamp of the first _newest_of frames (what a seal records),
         # kept up to date by this writer's appends so that sealing a large segment does not
         # read every frame's timestamps back (~20 ms for 64 MiB, inside an append)
@@ -432,7 +484,14 @@ class _Segment:
                 return  # incomplete (being written, or torn until the next writer cuts it)
             _, _, base, count, flags = _HEADER.unpack_from(frame)
             if flags & _TXN:
-                self._note_transaction(*_TXN_MARK.unpack_from(frame, _HEADER.size))
+                mark: TxnKey = _TXN_MARK.unpack_from(frame, _HEADER.size)
+                if flags & _PENDING:
+                    self._add_pending(self._indexed_end, mark, base)
+                elif flags & (_COMMIT | _ABORT):
+                    self.markers[mark] = bool(flags & _COMMIT)
+                    self.decide(mark, committed=bool(flags & _COMMIT))
+                else:
+                    self._note_transaction(*mark)
             if flags & _HOLE and count:
                 self._holes[self._indexed_end] = count
             self._bases.append(base)
@@ -450,6 +509,33 @@ class _Segment:
         self._index_new_frames()
         return self._next_offset
 
+    def _add_pending(self, position: int, key: TxnKey, base: int) -> None:
+        self._pending[position] = (key, base)
+        self._by_key.setdefault(key, []).append(position)
+
+    def decide(self, key: TxnKey, *, committed: bool) -> None:
+        """Settle the pending frames of transaction ``key``: visible, or void."""
+        for position in self._by_key.pop(key, ()):
+            del self._pending[position]
+            if not committed:
+                self._aborted.add(position)
+
+    def undecided(self) -> dict[TxnKey, int]:
+        """The transactions with pending frames here and no marker seen yet, each with the base
+        offset of its first pending frame, in offset order."""
+        found: dict[TxnKey, int] = {}
+        for key, base in self._pending.values():
+            found.setdefault(key, base)
+        return found
+
+    def stable_end(self) -> int:
+        """The offset before which every record is decided: the first undecided pending
+        frame's, or the end (Kafka's last stable offset, within this segment)."""
+        self._index_new_frames()
+        if self._pending:
+            return next(iter(self._pending.values()))[1]
+        return self._next_offset
+
     def read(self, offset: int, max_records: int) -> tuple[RawBatch, Sequence[int], int]:
         """Records from ``offset`` on (at most ``max_records``), their offsets and the offset
         after them.
@@ -457,18 +543,25 @@ class _Segment:
         Offsets run one after the other except in a compacted segment, whose records keep
         the offsets they were written at. A read stops before a hole (offsets whose records
         were lost, see :func:`hole_header`), and a read that starts in one returns no records
-        and the offset after it.
+        and the offset after it. A read stops before the first pending frame of a transaction
+        not decided yet, and passes over aborted frames (their offsets are not returned).
         """
-        if offset + max_records > self._next_offset:
-            self._index_new_frames()
+        if self._pending or offset + max_records > self._next_offset:
+            self._index_new_frames()  # (a marker may have come for what blocks the read)
         out = RawBatch([], [], [], None)
         first = offset
-        offsets: list[int] | None = None  # only once a sparse frame was read
-        while len(out) < max_records and offset < self._next_offset:
+        offsets: list[int] | None = None  # only once a sparse frame or a gap was read
+        stop_at = next(iter(self._pending.values()))[1] if self._pending else self._next_offset
+        while len(out) < max_records and offset < stop_at:
             if self._holes and (past := self._past_holes(offset)) > offset:
                 if len(out):
                     break
                 return out, range(past, past), past
+            if self._aborted and (past := self._past_aborted(offset)) > offset:
+                if offsets is None:
+                    offsets = list(range(first, offset))
+                offset = past
+                continue
             records, base, deltas, following = self._frame_containing(offset)
             if deltas is None:
                 start = offset - base
@@ -498,6 +591,15 @@ class _Segment:
             offset = end
         return offset
 
+    def _past_aborted(self, offset: int) -> int:
+        """The first offset from ``offset`` on that no aborted frame holds."""
+        while offset < self._next_offset:
+            index = bisect_right(self._bases, offset) - 1
+            if index < 0 or self._positions[index] not in self._aborted:
+                break
+            offset = self._bases[index + 1] if index + 1 < len(self._bases) else self._next_offset
+        return offset
+
     def _frame_containing(self, offset: int) -> tuple[RawBatch, int, list[int] | None, int]:
         """The records of the frame holding ``offset``, its base, its records' offsets minus
         the base (sparse frames only) and the base of the frame after it."""
@@ -525,20 +627,23 @@ class _Segment:
         if sequence > self._transactions.get(transaction, -1):
             self._transactions[transaction] = sequence
 
-    def append(self, batch: RawBatch, txn: tuple[int, int] | None = None) -> int | None:
+    def append(
+        self, batch: RawBatch, txn: tuple[int, int] | None = None, *, pending: bool = False
+    ) -> int | None:
         """Append ``batch`` as one frame; returns its base offset. Durable on return.
 
-        With ``txn`` (transaction, sequence), the append is idempotent: a frame of that
-        transaction with this sequence or a later one already in the file means it is applied,
-        and nothing is written (None is returned). Recovering a commit that a crash interrupted
-        relies on this.
+        With ``pending``, the frame belongs to the open transaction ``txn`` (transaction,
+        sequence) and stays invisible until a marker decides it (:meth:`mark`). Without it,
+        ``txn`` makes the append idempotent: a frame of that transaction with this sequence or a
+        later one already in the file means it is applied, and nothing is written (None is
+        returned). Finishing a commit file of an earlier version relies on this.
 
         A failure to write (a full disk, a file size limit, lost permissions) raises
         :class:`LogError`; the bytes of the frame written by then lie past the acknowledged end,
         which stays where it was, so the next append cuts them off as a torn write.
         """
         try:
-            return self._append(batch, txn)
+            return self._append(batch, txn, pending)
         except OSError as error:
             raise disk_error(
                 self.path,
@@ -548,20 +653,23 @@ class _Segment:
                 "partition is next written",
             ) from error
 
-    def _append(self, batch: RawBatch, txn: tuple[int, int] | None) -> int | None:
+    def _append(self, batch: RawBatch, txn: tuple[int, int] | None, pending: bool) -> int | None:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
             if self._sealed_since():
                 raise _Sealed
             self._recover_tail()
-            if txn is not None and self._transactions.get(txn[0], -1) >= txn[1]:
+            if txn is not None and not pending and self._transactions.get(txn[0], -1) >= txn[1]:
                 return None
             base = self._next_offset
-            self._write_frame(encode_frame(base, batch, txn), base, len(batch))
+            frame = encode_frame(base, batch, txn, pending=pending)
+            self._write_frame(frame, base, len(batch))
             if self._newest_of == len(self._positions) - 1:  # every frame before is counted
                 self._newest = max(self._newest, max(batch.timestamps, default=-1))
                 self._newest_of += 1
-            if txn is not None:
+            if txn is not None and pending:
+                self._add_pending(self._positions[-1], txn, base)
+            elif txn is not None:
                 self._note_transaction(*txn)
             # cache a copy: the caller may reuse (clear, refill) its batch once we return
             self._cached = (self._positions[-1], base, batch.copy(), None)
@@ -597,20 +705,47 @@ class _Segment:
         self._indexed_end += len(frame)
         self._next_offset = base + count
 
-    def seal(self) -> None:
+    def mark(self, key: TxnKey, *, committed: bool) -> None:
+        """Append the marker that decides transaction ``key`` (see :func:`marker_frame`)."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                if self._sealed_since():
+                    raise _Sealed
+                self._recover_tail()
+                base = self._next_offset
+                self._write_frame(marker_frame(base, key, committed=committed), base, 0)
+                self.markers[key] = committed
+                self.decide(key, committed=committed)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except OSError as error:
+            raise disk_error(self.path, "append a transaction marker to", error) from error
+
+    def seal(self, carried: dict[TxnKey, int] | None = None) -> None:
         """End the segment with a seal frame (see :func:`seal_frame`), unless another writer
-        has; appends then go to the next segment, which starts at this one's end offset."""
+        has; appends then go to the next segment, which starts at this one's end offset.
+        ``carried``: the transactions left undecided by the segments before (see
+        :attr:`Seal.open`)."""
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
                 if not self._sealed_since():
                     self._recover_tail()
                 if not self.sealed:
+                    still_open = {
+                        key: offset
+                        for key, offset in (carried or {}).items()
+                        if key not in self.markers
+                    }
+                    for key, offset in self.undecided().items():
+                        still_open.setdefault(key, offset)
                     seal = Seal(
                         self._next_offset,
                         self._newest_timestamp(),
                         dict(self._transactions),
                         int(time.time() * 1000),
+                        still_open,
                     )
                     self._write_frame(seal_frame(seal), self._next_offset, 0)
                     self.sealed_as = seal
@@ -750,6 +885,10 @@ class PartitionFile:
         self._seals_read = len(self._bases) == 1
         """Whether the transactions of earlier segments are known (read from the last seal
         when a transaction first appends)."""
+        self._carried_for = -1
+        self._carried_open: dict[TxnKey, int] = {}
+        """The transactions the seal before the active segment (at ``_carried_for``) left
+        undecided, less those decided since (see :meth:`_carried`)."""
 
     def close(self) -> None:
         for segment in (*self._sealed.values(), self._active):
@@ -826,21 +965,85 @@ class PartitionFile:
             end = self._active.end_offset()
         return end
 
+    def stable_end(self) -> int:
+        """The offset before which every record is decided (Kafka's last stable offset): the
+        first pending frame of a transaction with no marker yet, or the end. Reads stop there."""
+        end = self._active.stable_end()
+        if self._active.sealed:
+            self._move_on(create=False)
+            end = self._active.stable_end()
+        carried = self._carried()
+        return min(end, *carried.values()) if carried else end
+
+    def is_open(self, key: TxnKey) -> bool:
+        """Whether transaction ``key`` has pending frames here that no marker decided yet."""
+        self.stable_end()
+        return key in self._active.undecided() or key in self._carried()
+
+    def _carried(self) -> dict[TxnKey, int]:
+        """The transactions with pending frames before the active segment and no marker yet:
+        those the last seal lists open (:attr:`Seal.open`) less those the active segment's
+        markers decided."""
+        if self._carried_for != self._active.base:
+            before = [base for base in self._bases if base < self._active.base]
+            seal = self.seal_of(before[-1]) if before else None
+            self._carried_open = dict(seal.open) if seal is not None else {}
+            self._carried_for = self._active.base
+        if self._carried_open:
+            markers = self._active.markers
+            for key in [key for key in self._carried_open if key in markers]:
+                del self._carried_open[key]
+        return self._carried_open
+
     def read(self, offset: int, max_records: int) -> tuple[RawBatch, Sequence[int], int]:
         """Records from ``offset`` on (at most ``max_records``, all from one segment), their
         offsets and the offset after them (see :meth:`_Segment.read`)."""
         if offset >= self._active.base:
-            found = self._active.read(offset, max_records)
-            if not found[0] and self._active.sealed and offset >= self._active._next_offset:
-                self._move_on(create=False)
-                if offset >= self._active.base and not self._active.sealed:
-                    return self._active.read(offset, max_records)
-            return found
+            active = self._active
+            found = active.read(offset, max_records)
+            if len(found[0]) or not active.sealed:
+                return found
+            self._move_on(create=False)
+            if self._active is active:
+                return found  # sealed, and the next segment not created yet
+            if offset >= active._next_offset:  # (sealed: its end is final; it may be closed)
+                return self.read(offset, max_records)
+            # stopped at a pending frame of the segment sealed since: decided in the next ones
         try:
             segment = self._sealed_segment(self._base_of(offset))
         except FileNotFoundError:
             segment = self._sealed_segment(self._base_of(offset, rescan=True))
+        segment.end_offset()  # (indexes a segment just opened)
+        if segment.undecided():
+            try:
+                segment = self._settle(segment.base)
+            except FileNotFoundError:  # removed meanwhile: read again says what to do
+                return self.read(offset, max_records)
         return segment.read(offset, max_records)
+
+    def _settle(self, sealed: int) -> _Segment:
+        """The sealed segment at ``sealed``, with the pending frames whose markers came in
+        later segments decided (a transaction open while the segment was sealed)."""
+        self.end_offset()  # (follows seals to the active segment, which may close sealed ones)
+        segment = self._sealed_segment(sealed)
+        segment.end_offset()
+        undecided = segment.undecided()
+        for base in [base for base in self._bases if base > segment.base]:
+            if not undecided:
+                break
+            if base == self._active.base:
+                later = self._active
+            else:
+                try:
+                    later = self._sealed_segment(base)
+                except FileNotFoundError:
+                    continue
+                self._keep_sealed(segment)
+            later.end_offset()
+            for key in [key for key in undecided if key in later.markers]:
+                segment.decide(key, committed=later.markers[key])
+                del undecided[key]
+        return segment
 
     def _base_of(self, offset: int, *, rescan: bool = False) -> int:
         """The base of the sealed segment holding ``offset``."""
@@ -856,14 +1059,16 @@ class PartitionFile:
 
     # -- appending ---------------------------------------------------------------------------
 
-    def append(self, batch: RawBatch, txn: tuple[int, int] | None = None) -> int | None:
+    def append(
+        self, batch: RawBatch, txn: tuple[int, int] | None = None, *, pending: bool = False
+    ) -> int | None:
         """Append ``batch`` as one frame to the active segment (see :meth:`_Segment.append`),
         then seal it if it is full."""
-        if txn is not None and not self._seals_read:
+        if txn is not None and not pending and not self._seals_read:
             self._read_last_seal()
         while True:
             try:
-                base = self._active.append(batch, txn)
+                base = self._active.append(batch, txn, pending=pending)
             except _Sealed:
                 self._move_on(create=True)
                 continue
@@ -871,6 +1076,17 @@ class PartitionFile:
         if self._active.size >= self._segment_bytes:
             self.roll()
         return base
+
+    def mark(self, key: TxnKey, *, committed: bool) -> None:
+        """Decide transaction ``key``'s pending frames with a marker in the active segment:
+        visible if ``committed``, void otherwise."""
+        while True:
+            try:
+                self._active.mark(key, committed=committed)
+            except _Sealed:
+                self._move_on(create=True)
+                continue
+            return
 
     def _read_last_seal(self) -> None:
         """Learn the transactions written to earlier segments from the newest seal."""
@@ -886,7 +1102,7 @@ class PartitionFile:
             return
         if not self._seals_read:  # the seal carries every transaction written so far
             self._read_last_seal()
-        self._active.seal()
+        self._active.seal(self._carried())
         self._move_on(create=True)
 
     # -- removing ----------------------------------------------------------------------------

@@ -55,13 +55,17 @@ import orjson
 from pipelines.errors import LogError, PipelineError
 from pipelines.log._locks import held
 from pipelines.log._partition_file import (
+    _ABORT,
+    _COMMIT,
     _CRC_FROM,
     _END,
     _HEADER,
     _HEADERS,
     _HOLE,
     _NO_KEYS,
+    _PENDING,
     _SEAL,
+    _SHARED,
     _SPARSE,
     _TXN,
     _TXN_MARK,
@@ -71,7 +75,9 @@ from pipelines.log._partition_file import (
 
 __all__ = ["Damage", "LogCheck", "PartitionCheck", "check_log", "users"]
 
-_KNOWN_FLAGS = _NO_KEYS | _HEADERS | _TXN | _HOLE | _SEAL | _SPARSE
+_KNOWN_FLAGS = (
+    _NO_KEYS | _HEADERS | _TXN | _HOLE | _SEAL | _SPARSE | _SHARED | _PENDING | _COMMIT | _ABORT
+)
 _MAX_COUNT = 0xFFFFFFFF  # the count field of a frame header
 _CHUNK = 1 << 24  # bytes copied at a time
 

@@ -9,7 +9,9 @@ its worker processes). The layout under the data directory::
     groups/<group>/claims/<t>.<p>      flock-ed by the member that owns partition p of t
     groups/<group>/offsets/<t>.<p>     the committed offset, replaced atomically
     groups/<group>/committed/<t>.<p>   empty: the group has committed on partition p of t
-    groups/<group>/commits/*.commit    exactly-once commits not yet applied (see ._commits)
+    groups/<group>/commits/*.commit    exactly-once commits an earlier version left (see ._commits)
+    transactions/<id>.state            an exactly-once transaction's commit record (._transactions)
+    transactions/<id>.owner            flock-ed by the owner of that transactional id
 
 Liveness and ownership are ``flock`` locks, so the kernel releases them the moment a process
 dies, even under ``kill -9``: survivors see the dead member gone at their next membership check
@@ -38,18 +40,11 @@ from pathlib import Path
 import orjson
 
 from pipelines.errors import CorruptLogError, LogError, PipelineDefinitionError, TopicError
-from pipelines.log._commits import (
-    CommitRecord,
-    fsync_directory,
-    pending_commits,
-    read_commit,
-    write_commit,
-)
+from pipelines.log._commits import CommitRecord, pending_commits, read_commit
 from pipelines.log._compaction import TOMBSTONE_MS, compact
 from pipelines.log._local import (
     AppendWaiter,
     LocalLog,
-    LocalTransaction,
     Membership,
     new_member_id,
 )
@@ -60,8 +55,15 @@ from pipelines.log._partition_file import (
     PartitionFile,
     disk_error,
 )
+from pipelines.log._transactions import EmbeddedTransaction, Transactions, fsync_directory
 from pipelines.log._wakeup import TopicWatch
-from pipelines.log.base import FetchedBatch, RawBatch, TopicPartition, TopicSpec
+from pipelines.log.base import (
+    FetchedBatch,
+    RawBatch,
+    TopicPartition,
+    TopicSpec,
+    TransactionalProducer,
+)
 
 __all__ = ["DEFAULT_DATA_DIR", "EmbeddedLog"]
 
@@ -143,7 +145,10 @@ def _expired(file: PartitionFile, spec: TopicSpec, now_ms: int) -> int:
     sizes = [_size(path) for _, _, path in segments]
     left = sum(sizes)
     expired = 0
+    stable = file.stable_end()  # (never past a transaction still open)
     for (base, end, _), size in zip(segments[:-1], sizes, strict=False):
+        if end > stable:
+            break
         too_old = False
         if spec.retention_ms is not None:
             seal = file.seal_of(base)
@@ -364,6 +369,12 @@ class EmbeddedLog(LocalLog):
         # (group, partition) known to have their committed/ marker: checked once per process
         self._marked: set[tuple[str, TopicPartition]] = set()
         self._waiters: weakref.WeakSet[TopicWatch] = weakref.WeakSet()  # closed with the log
+        self._transactions = Transactions(
+            self.data_dir / "transactions",
+            file=self._file,
+            store_offsets=self.store_offsets,
+            fsync=fsync,
+        )
 
     async def create_topics(self, specs: Sequence[TopicSpec]) -> None:
         lock = self._topics_dir / ".lock"
@@ -421,7 +432,9 @@ class EmbeddedLog(LocalLog):
         return found
 
     async def end_offsets(self, partitions: Sequence[TopicPartition]) -> dict[TopicPartition, int]:
-        return {tp: self._file(tp).end_offset() for tp in partitions}
+        """Each partition's last stable offset: records of transactions not decided yet and
+        what follows them are not counted (as Kafka's ``read_committed`` consumers see it)."""
+        return {tp: self._file(tp).stable_end() for tp in partitions}
 
     def _offsets_dir(self, group: str) -> Path:
         return self._groups_dir / group / "offsets"
@@ -527,43 +540,33 @@ class EmbeddedLog(LocalLog):
     def membership(self, group: str) -> Membership:
         return _FileMembership(self._groups_dir / group)
 
-    def commit_transaction(
-        self,
-        transaction: LocalTransaction,
-        batches: Sequence[tuple[TopicPartition, RawBatch]],
-        offsets: Mapping[TopicPartition, int],
-        group: str,
-    ) -> None:
-        record = CommitRecord(
-            transaction.identity,
-            transaction.next_sequence(),
-            group,
-            dict(offsets),
-            list(batches),
-        )
-        commits = self._groups_dir / group / "commits"
-        with _on_disk(commits, "write a commit to"):
-            fd, path = write_commit(commits, record)
-        try:
-            self._apply(record)
-            with _on_disk(path, "remove the applied commit"):
-                path.unlink()
-        finally:
-            os.close(fd)
-
-    def _apply(self, record: CommitRecord) -> None:
-        mark = (record.transaction, record.sequence)
-        for tp, batch in record.batches:
-            self._file(tp).append(batch, mark)
-        self.store_offsets(record.group, record.offsets)
+    def transactional_producer(self, transactional_id: str) -> TransactionalProducer:
+        return EmbeddedTransaction(self._transactions, transactional_id)
 
     def recover_transactions(self, group: str) -> None:
+        """Finish the commits (and abort the open transactions) of every transactional id whose
+        owner is gone (see :mod:`._transactions`), and the commit files of ``group`` that an
+        earlier version left."""
+        self._transactions.recover_all()
         commits = self._groups_dir / group / "commits"
         with _on_disk(commits, "read the pending commits in"):
             pending = pending_commits(commits)
         for path in pending:
             with _on_disk(path, "recover the commit"):
                 self._recover(path)
+
+    def forget_transactions(self, group: str) -> None:
+        """Forget the transaction states whose last commit was for ``group`` (``headwater
+        reset``: they must not store the group's old offsets again)."""
+        self._transactions.forget_group(group)
+
+    def _apply(self, record: CommitRecord) -> None:
+        """Apply a commit file of an earlier version: its frames (each once, by their marks)
+        and its offsets."""
+        mark = (record.transaction, record.sequence)
+        for tp, batch in record.batches:
+            self._file(tp).append(batch, mark)
+        self.store_offsets(record.group, record.offsets)
 
     def _recover(self, path: Path) -> None:
         try:

@@ -14,12 +14,17 @@ from dataclasses import dataclass, field
 from pipelines.errors import TopicError
 from pipelines.log._local import (
     LocalLog,
-    LocalTransaction,
     Membership,
     new_member_id,
     sleep_until_appended,
 )
-from pipelines.log.base import FetchedBatch, RawBatch, TopicPartition, TopicSpec
+from pipelines.log.base import (
+    FetchedBatch,
+    RawBatch,
+    TopicPartition,
+    TopicSpec,
+    TransactionalProducer,
+)
 from pipelines.record import Headers
 
 __all__ = ["MemoryLog"]
@@ -150,14 +155,17 @@ class MemoryLog(LocalLog):
     def store_offsets(self, group: str, offsets: Mapping[TopicPartition, int]) -> None:
         self._groups.setdefault(group, _Group()).offsets.update(offsets)
 
+    def transactional_producer(self, transactional_id: str) -> TransactionalProducer:
+        return _MemoryTransaction(self)
+
     def commit_transaction(
         self,
-        transaction: LocalTransaction,
         batches: Sequence[tuple[TopicPartition, RawBatch]],
         offsets: Mapping[TopicPartition, int],
         group: str,
     ) -> None:
-        """In one process with no await in between: nothing can see half of it."""
+        """Append ``batches`` and commit ``offsets``: in one process with no await in between,
+        so nothing can see half of it."""
         for tp in [*offsets, *(tp for tp, _ in batches)]:
             self._partition(tp)  # an unknown partition fails before anything changes
         for tp, batch in batches:
@@ -174,3 +182,33 @@ class MemoryLog(LocalLog):
 
     async def close(self) -> None:
         return None
+
+
+class _MemoryTransaction(TransactionalProducer):
+    """Buffers a task's batches until :meth:`commit` hands them to the log in one piece (in
+    memory there is no crash to survive: a transaction is all or nothing by construction)."""
+
+    def __init__(self, log: MemoryLog) -> None:
+        self._log = log
+        self._pending: dict[TopicPartition, RawBatch] = {}
+
+    async def send(self, topic: str, partition: int, batch: RawBatch) -> None:
+        if not len(batch):
+            return
+        tp = TopicPartition(topic, partition)
+        pending = self._pending.get(tp)
+        if pending is None:
+            self._pending[tp] = batch.copy()
+        else:
+            pending.extend(batch)
+
+    async def commit(self, offsets: Mapping[TopicPartition, int], group: str) -> None:
+        pending, self._pending = self._pending, {}
+        if pending or offsets:
+            self._log.commit_transaction(list(pending.items()), offsets, group)
+
+    async def abort(self) -> None:
+        self._pending.clear()
+
+    async def close(self) -> None:
+        self._pending.clear()

@@ -6,8 +6,9 @@ deleting the data directory by hand makes file sinks append a second copy of the
 reset removes exactly what makes a run resume, and what it would duplicate:
 
 - the committed offsets of the pipeline's consumer group (on the embedded log the whole
-  ``groups/<group>/`` directory, which also holds its members, claims and pending exactly-once
-  commits; on Kafka the group itself, through the DeleteGroups request);
+  ``groups/<group>/`` directory, which also holds its members and claims, and the states of
+  the group's exactly-once transactions; on Kafka the group itself, through the DeleteGroups
+  request);
 - its source-position topic, and its internal topics: ``key_by`` repartition topics, state
   changelogs and event-time mark changelogs;
 - the topics its sources write into: its own copy of its input, which its sources write again
@@ -51,6 +52,7 @@ from typing import Any, Literal, TypeVar
 from pipelines.errors import LogError, PipelineError
 from pipelines.loader import load_pipeline
 from pipelines.log._locks import held, locked
+from pipelines.log.embedded import EmbeddedLog
 from pipelines.runtime.runlock import AlreadyRunning, run_lock
 from pipelines.runtime.topology import Topology, compile_pipeline
 from pipelines.settings import KafkaSettings
@@ -206,6 +208,13 @@ class _EmbeddedStore(_Store):
             )
 
     async def remove_group(self, group: str) -> None:
+        # first the group's exactly-once transaction states: a recovery must not store the
+        # offsets of their last commits into the group's next run
+        log = EmbeddedLog(self._data_dir)
+        try:
+            log.forget_transactions(group)
+        finally:
+            await log.close()
         shutil.rmtree(self._groups / group, ignore_errors=False)
 
     async def remove_topics(self, names: Sequence[str]) -> None:

@@ -101,8 +101,6 @@ class Chaos:
     seed: int | None = None
     """The seed of the random choices, when the test chose it."""
     seconds: float = 0.0
-    commits_left: int = 0
-    """Kills that left a commit file behind (the worker died past its commit point)."""
 
     def describe(self) -> str:
         seed = "" if self.seed is None else f", random seed {self.seed}"

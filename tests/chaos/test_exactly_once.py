@@ -1,6 +1,7 @@
 """Exactly-once under ``kill -9``: a keyed running count is right to the record while workers
-are killed mid-stream and replaced, on the embedded log and on Kafka; and the embedded log's
-commit files finish a transaction whose writer died between its commit point and its end.
+are killed mid-stream and replaced, on the embedded log and on Kafka; and on the embedded log a
+transaction whose writer is killed at any step of its commit is aborted or finished whole, once,
+by the next member to claim its partitions.
 
 The pipeline under test (:data:`JOB`) reads a JSON Lines file of numbered events
 ``{"n", "key"}`` (no record key) into a 6-partition topic, passes them through a map that
@@ -20,9 +21,8 @@ the file ``paused`` exists it writes nothing: the test pauses it while a killed 
 partitions move, so however slow the machine, the input outlasts the kills. Every ``kill -9``
 is followed by a replacement ``headwater worker`` that joins the group. A kill aims at the
 worker reading the batch the source just wrote (its trace grows: :mod:`chaos.inflight`), and
-every run proves its kills caught events read and not committed; some kills on the embedded
-log aim instead at a worker caught with a commit file in hand (between the transaction's
-commit point and the end of applying it), found through ``/proc/locks``.
+every run proves its kills caught events read and not committed (on the embedded log: frames of
+an open transaction appended, its commit record not yet written).
 """
 
 from __future__ import annotations
@@ -65,9 +65,8 @@ from chaos.jobs import (
 from support.cli import Cli, Sessions, tail, wait_until
 from support.kafka import delete_topics_of
 from support.logs import EmbeddedView, KafkaView, LogView
-from support.processes import alive, stat_fields, worker_pids
+from support.processes import alive, worker_pids
 
-from pipelines.log._commits import CommitRecord, pending_commits, read_commit, write_commit
 from pipelines.log._local import GroupConsumer
 from pipelines.log.base import RawBatch, TopicPartition, TopicSpec
 from pipelines.log.embedded import EmbeddedLog
@@ -343,52 +342,6 @@ def check_counts_at_least_once(
 # -- chaos: kill -9 workers mid-stream, each time start a replacement ------------------------------
 
 
-def _flock_holders() -> dict[int, int]:
-    """inode -> pid of every exclusive flock held now (from /proc/locks)."""
-    holders = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/locks").read_text().splitlines():
-            parts = line.split()
-            if len(parts) < 6 or parts[1] != "FLOCK" or parts[3] != "WRITE":
-                continue  # a waiter's line has "->" in second place
-            with contextlib.suppress(ValueError):
-                holders[int(parts[5].rsplit(":", 1)[1])] = int(parts[4])
-    return holders
-
-
-def _stopped_or_gone(pid: int) -> bool:
-    fields = stat_fields(pid)
-    return fields is None or fields[0] in ("T", "t", "Z", "X")
-
-
-def kill_a_worker_with_a_commit_in_hand(
-    commits_dir: Path, candidates: set[int], *, within: float
-) -> tuple[int, str] | None:
-    """SIGKILL a worker among ``candidates`` caught holding a renamed commit file: past the
-    commit point, with the commit not yet applied and deleted. The worker is frozen first
-    (SIGSTOP) to see that the file is still there, then killed; a worker that got through
-    its commit before it froze goes on (SIGCONT). Its pid and the file's name, or None."""
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        with contextlib.suppress(FileNotFoundError):
-            files = {
-                e.inode(): e.path for e in os.scandir(commits_dir) if e.name.endswith(".commit")
-            }
-            for inode, pid in _flock_holders().items() if files else ():
-                if inode not in files or pid not in candidates:
-                    continue
-                os.kill(pid, signal.SIGSTOP)
-                stopping = time.monotonic() + 5
-                while not _stopped_or_gone(pid) and time.monotonic() < stopping:
-                    time.sleep(0.0002)
-                if os.path.exists(files[inode]):
-                    os.kill(pid, signal.SIGKILL)
-                    return pid, Path(files[inode]).name
-                os.kill(pid, signal.SIGCONT)
-        time.sleep(0.0005)
-    return None
-
-
 def kill_busy_workers(
     *,
     runner: Cli,
@@ -401,15 +354,12 @@ def kill_busy_workers(
     pause: tuple[float, float],
     delay: tuple[float, float],
     takeover_timeout: float,
-    commits_dir: Path | None = None,
 ) -> Chaos:
     """``kills`` times: kill -9 a worker (never the runner's last one: the runner stops when
     all its own workers are gone), start a replacement ``headwater worker``, and wait until
     every partition makes progress again; then more kills, up to :data:`EXTRA_KILLS`, until
     one has caught work in flight. A kill aims at the worker reading the batch the source just
-    wrote, ``delay`` seconds after it started; every other kill on the embedded log aims at a
-    worker with a commit in hand (``commits_dir``) instead, if one is caught within a
-    second."""
+    wrote, ``delay`` seconds after it started."""
     chaos = Chaos()
     started = time.monotonic()
     round_ = -1
@@ -430,19 +380,13 @@ def kill_busy_workers(
             whose.update({pid: replacement.name for pid in worker_pids(replacement.pid)})
         assert whose, "no worker left to kill"
         since = committed_now(view, job)
-        caught = None
-        if commits_dir is not None and round_ % 2 == 0:
-            caught = kill_a_worker_with_a_commit_in_hand(commits_dir, set(whose), within=1.0)
-        if caught is None:
-            # the source writes each batch to one partition (its events have no key): aim at
-            # the worker that reads it, a random delay after it started
-            wait_for_a_fresh_batch(job.quiet)
-            busy = a_busy_worker(job.directory, sorted(whose), within=1.0)
-            time.sleep(rng.uniform(*delay))
-            victim = busy if busy is not None else rng.choice(sorted(whose))
-            os.kill(victim, signal.SIGKILL)
-        else:
-            victim = caught[0]
+        # the source writes each batch to one partition (its events have no key): aim at the
+        # worker that reads it, a random delay after it started
+        wait_for_a_fresh_batch(job.quiet)
+        busy = a_busy_worker(job.directory, sorted(whose), within=1.0)
+        time.sleep(rng.uniform(*delay))
+        victim = busy if busy is not None else rng.choice(sorted(whose))
+        os.kill(victim, signal.SIGKILL)
         job.paused.touch()  # no new input until every partition has an owner again
         wait_until(
             lambda v=victim: not alive(v),
@@ -452,11 +396,7 @@ def kill_busy_workers(
         )
         after = view.committed(job.group, job.input_topic, INPUT_PARTITIONS)
         chaos.kills.append(Kill((victim,), since[job.input_topic], after))
-        how = "at random"
-        if caught is not None:
-            how = f"caught past the commit point of {caught[1]}, before its end"
-            chaos.commits_left += 1
-        chaos.killed.append((victim, whose[victim], how))
+        chaos.killed.append((victim, whose[victim], "at random"))
 
         name = f"worker-{round_ + 1}"
         replacement = sessions.start(worker_args, cwd=job.directory, name=name)
@@ -516,7 +456,6 @@ def _embedded_chaos(
 ) -> tuple[Job, EmbeddedView, Chaos]:
     # while the gate is closed the source writes 1,000 events every 0.25 s (25 s for all)
     job = write_count_job(tmp_path, guarantee=guarantee, pace=0.25)
-    exactly_once = guarantee == "exactly_once"
     data_dir = tmp_path / "log"
     view = EmbeddedView(data_dir)
     flags = ["--no-progress", "--data-dir", str(data_dir)]
@@ -543,7 +482,6 @@ def _embedded_chaos(
         pause=(0.3, 1.0),
         delay=(0.01, 0.06),
         takeover_timeout=20,
-        commits_dir=data_dir / "groups" / job.group / "commits" if exactly_once else None,
     )
     finish_counting(runner, job, view, chaos, sessions)
     return job, view, chaos
@@ -556,12 +494,8 @@ def test_exactly_once_embedded_under_kill_9(tmp_path: Path, sessions: Sessions) 
     copies = repartition_copies(view, job)
     check_counts_exactly_once(emitted_counts(view, job), copies, job, chaos)
     check_repartition(copies, job, exactly_once=True)
-    # Catching a worker between a commit point and the end of its apply depends on timing (it
-    # usually happens: see chaos.commits_left); the crash at each such point is proven
-    # deterministically by test_a_crash_between_commit_and_apply_is_recovered.
-    commits_dir = tmp_path / "log" / "groups" / job.group / "commits"
-    left = [p.name for p in pending_commits(commits_dir)]
-    assert not left, f"commit files never applied (a later claim would apply them late): {left}"
+    # a kill at each step of a commit is proven deterministically by
+    # test_a_crash_at_each_step_of_a_commit_is_recovered
     check_in_flight(view, job, chaos)
     print(chaos.describe())
 
@@ -653,7 +587,7 @@ def test_exactly_once_kafka_under_kill_9(tmp_path: Path, sessions: Sessions, kaf
         asyncio.run(delete_topics_of(kafka, run))
 
 
-# -- 4. a commit whose writer died before it was applied -------------------------------------------
+# -- 4. a transaction whose writer is killed at each step of its commit ---------------------------
 
 GROUP = "g"
 IN = "in"
@@ -665,42 +599,39 @@ CRASHING_WRITER = """
 import asyncio, os, signal, sys
 
 from pipelines.log._partition_file import PartitionFile
+from pipelines.log._transactions import EmbeddedTransaction
 from pipelines.log.base import RawBatch, TopicPartition
 from pipelines.log.embedded import EmbeddedLog
-from pipelines.runtime.watermarks import is_marker
 
-data_dir, crash = sys.argv[1], sys.argv[2]
+data_dir, crash, transactional_id = sys.argv[1:4]
 
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-if crash == "before-apply":
-    EmbeddedLog._apply = die
-elif crash == "after-one-partition":
-    append = PartitionFile.append
+if crash == "before-the-commit-record":
+    EmbeddedTransaction.commit = die
+elif crash == "after-the-commit-record":
+    PartitionFile.mark = die
+elif crash == "after-one-marker":
+    mark = PartitionFile.mark
 
-    def append_then_die(self, batch, txn=None):
-        result = append(self, batch, txn)
-        if txn is not None:
-            die()
-        return result
+    def mark_then_die(self, key, *, committed):
+        mark(self, key, committed=committed)
+        die()
 
-    PartitionFile.append = append_then_die
-elif crash == "before-offsets":
+    PartitionFile.mark = mark_then_die
+elif crash == "before-the-offsets":
     EmbeddedLog.store_offsets = die
-elif crash == "before-delete":
-    from pathlib import Path
-
-    Path.unlink = die
 
 
 async def main():
     log = EmbeddedLog(data_dir)
-    transaction = log.transactional_producer(sys.argv[3])
-    await transaction.send("out", 0, RawBatch([b"a", b"b"], [b"1", b"2"], [1, 2]))
+    transaction = log.transactional_producer(transactional_id)
+    await transaction.send("out", 0, RawBatch([b"a"], [b"1"], [1]))
     await transaction.send("out", 1, RawBatch([b"c"], [b"3"], [3]))
+    await transaction.send("out", 0, RawBatch([b"b"], [b"2"], [2]))
     await transaction.send("g.count.changelog", 0, RawBatch([b"a"], [b"7"], [4]))
     offsets = {TopicPartition("in", 0): 5, TopicPartition("in", 1): 7}
     await transaction.commit(offsets, "g")
@@ -769,20 +700,21 @@ async def _claim_and_read(data_dir: Path) -> dict[str, Any]:
         await log.close()
 
 
-EXPECTED_LOG = {
+COMMITTED_LOG = {
     "out-0": [(b"z", b"0"), (b"a", b"1"), (b"b", b"2")],
     "out-1": [(b"c", b"3")],
     f"{CHANGELOG}-0": [(b"a", b"7")],
 }
+ABORTED_LOG = {"out-0": [(b"z", b"0")], "out-1": [], f"{CHANGELOG}-0": []}
 
-
-BEFORE_RECOVERY = {
-    "before-apply": ({"out-0": 1, "out-1": 0, f"{CHANGELOG}-0": 0}, {}),
-    "after-one-partition": ({"out-0": 3, "out-1": 0, f"{CHANGELOG}-0": 0}, {}),
-    "before-offsets": ({"out-0": 3, "out-1": 1, f"{CHANGELOG}-0": 1}, {}),
-    "before-delete": ({"out-0": 3, "out-1": 1, f"{CHANGELOG}-0": 1}, {"in-0": 5, "in-1": 7}),
+CRASHES = {
+    # where the crash leaves what readers see (records per partition, committed offsets),
+    # and whether the transaction is then committed
+    "before-the-commit-record": (({"out-0": 1, "out-1": 0, f"{CHANGELOG}-0": 0}, {}), False),
+    "after-the-commit-record": (({"out-0": 1, "out-1": 0, f"{CHANGELOG}-0": 0}, {}), True),
+    "after-one-marker": (({"out-0": 3, "out-1": 0, f"{CHANGELOG}-0": 0}, {}), True),
+    "before-the-offsets": (({"out-0": 3, "out-1": 1, f"{CHANGELOG}-0": 1}, {}), True),
 }
-"""Where each crash point leaves the log: records per partition, committed offsets."""
 
 
 def _state(data_dir: Path) -> tuple[dict[str, int], dict[str, int]]:
@@ -793,18 +725,7 @@ def _state(data_dir: Path) -> tuple[dict[str, int], dict[str, int]]:
     return sizes, committed
 
 
-@pytest.mark.parametrize("crash", list(BEFORE_RECOVERY))
-def test_a_crash_between_commit_and_apply_is_recovered(tmp_path: Path, crash: str) -> None:
-    """A writer killed after its commit point (the commit file renamed into place): before
-    applying anything, after one partition's frame, before storing the offsets, or before
-    deleting the file. The next member to claim a partition of the group finishes the commit
-    exactly once before reading its offsets; recovering again, even from a copy of the file
-    put back, changes nothing."""
-    data_dir = tmp_path / "log"
-    asyncio.run(_prepare(data_dir))
-    commits_dir = data_dir / "groups" / GROUP / "commits"
-
-    # the writer dies (kill -9) after its commit point (the commit file renamed into place)
+def _crash_writer(data_dir: Path, crash: str) -> None:
     writer = subprocess.run(
         [sys.executable, "-c", CRASHING_WRITER, str(data_dir), crash, TRANSACTIONAL_ID],
         capture_output=True,
@@ -814,66 +735,75 @@ def test_a_crash_between_commit_and_apply_is_recovered(tmp_path: Path, crash: st
         check=False,
     )
     assert writer.returncode == -signal.SIGKILL, (writer.returncode, writer.stdout, writer.stderr)
-    left = pending_commits(commits_dir)
-    assert len(left) == 1, f"the crashed writer should leave its commit file: {left}"
-    stale = left[0].read_bytes()
-    record = read_commit(left[0])
-    assert record.group == GROUP
-    assert len(record.batches) == 3
-    assert _state(data_dir) == BEFORE_RECOVERY[crash], "the crash came at another point"
 
-    # a new member claiming a partition of the group applies it before reading offsets
+
+async def _commit_again(data_dir: Path) -> None:
+    """The next owner of the task does the work again and commits it."""
+    log = EmbeddedLog(data_dir)
+    try:
+        transaction = log.transactional_producer(TRANSACTIONAL_ID)
+        await transaction.send(OUT, 0, RawBatch([b"a", b"b"], [b"1", b"2"], [1, 2]))
+        await transaction.send(OUT, 1, RawBatch([b"c"], [b"3"], [3]))
+        await transaction.send(CHANGELOG, 0, RawBatch([b"a"], [b"7"], [4]))
+        await transaction.commit({TopicPartition(IN, 0): 5, TopicPartition(IN, 1): 7}, GROUP)
+        await transaction.close()
+    finally:
+        await log.close()
+
+
+@pytest.mark.parametrize("crash", list(CRASHES))
+def test_a_crash_at_each_step_of_a_commit_is_recovered(tmp_path: Path, crash: str) -> None:
+    """A writer killed with its records appended (pending) and: its commit record not written
+    yet, written but no marker, one marker, or every marker but not the offsets. The next
+    member to claim a partition of the group aborts the transaction (no commit record) or
+    finishes it (markers and offsets) before reading its offsets; the records are then on the
+    log once either way, also after the work is done again, and recovering again changes
+    nothing."""
+    data_dir = tmp_path / "log"
+    asyncio.run(_prepare(data_dir))
+    _crash_writer(data_dir, crash)
+    before, committed = CRASHES[crash]
+    assert _state(data_dir) == before, "the crash came at another point"
+
     seen = asyncio.run(_claim_and_read(data_dir))
     problem = f"after a crash {crash}: {seen}"
     assert seen["assigned"] == [f"{IN}-0", f"{IN}-1"], problem
-    assert seen["committed"] == {f"{IN}-0": 5, f"{IN}-1": 7}, problem
-    assert seen["first_offsets"] == {f"{IN}-0": 5, f"{IN}-1": 7}, problem
-    assert seen["logged"] == EXPECTED_LOG, problem
-    assert not pending_commits(commits_dir), "the recovered commit file is still there"
+    if committed:
+        assert seen["committed"] == {f"{IN}-0": 5, f"{IN}-1": 7}, problem
+        assert seen["first_offsets"] == {f"{IN}-0": 5, f"{IN}-1": 7}, problem
+        assert seen["logged"] == COMMITTED_LOG, problem
+    else:
+        assert seen["committed"] == {}, problem
+        assert seen["first_offsets"] == {f"{IN}-0": 0, f"{IN}-1": 0}, problem
+        assert seen["logged"] == ABORTED_LOG, problem
+        asyncio.run(_commit_again(data_dir))  # a re-run does not double anything
 
-    # applying it again changes nothing: recover with nothing left, then with a copy of the
-    # file back in place (as a recoverer killed before deleting it would leave it)
-    log = EmbeddedLog(data_dir)
-    log.recover_transactions(GROUP)
-    asyncio.run(log.close())
-    left[0].write_bytes(stale)
     again = asyncio.run(_claim_and_read(data_dir))
-    assert again["logged"] == seen["logged"], "re-applying a commit duplicated its batches"
-    assert again["committed"] == seen["committed"]
-    assert not pending_commits(commits_dir)
+    assert again["logged"] == COMMITTED_LOG, f"after a crash {crash}: {again}"
+    assert again["committed"] == {f"{IN}-0": 5, f"{IN}-1": 7}
 
 
-def test_a_commit_is_not_recovered_while_its_writer_holds_it(tmp_path: Path) -> None:
-    """A commit file whose writer is alive (its flock held) is the writer's to apply; once the
-    writer is gone (the descriptor closed, as the kernel does on kill -9) the next claim
-    applies it, exactly once."""
+def test_a_transaction_is_not_recovered_while_its_owner_lives(tmp_path: Path) -> None:
+    """An open transaction whose owner is alive (its owner lock held) is the owner's: a member
+    claiming partitions of the group leaves it open, and its commit then counts."""
     data_dir = tmp_path / "log"
     asyncio.run(_prepare(data_dir))
-    commits_dir = data_dir / "groups" / GROUP / "commits"
-    record = CommitRecord(
-        transaction=0x5EED,
-        sequence=time.time_ns(),
-        group=GROUP,
-        offsets={TopicPartition(IN, 0): 4, TopicPartition(IN, 1): 2},
-        batches=[
-            (TopicPartition(OUT, 0), RawBatch([b"a", b"b"], [b"1", b"2"], [1, 2])),
-            (TopicPartition(OUT, 1), RawBatch([b"c"], [b"3"], [3])),
-            (TopicPartition(CHANGELOG, 0), RawBatch([b"a"], [b"7"], [4])),
-        ],
-    )
-    fd, path = write_commit(commits_dir, record)
-    try:
-        held = asyncio.run(_claim_and_read(data_dir))
-        assert held["committed"] == {}, "a commit held by a live writer was applied by another"
-        assert held["logged"]["out-0"] == [(b"z", b"0")]
-        assert path.exists()
-    finally:
-        os.close(fd)
+    log = EmbeddedLog(data_dir)
+    transaction = log.transactional_producer(TRANSACTIONAL_ID)
+    asyncio.run(transaction.send(OUT, 0, RawBatch([b"a", b"b"], [b"1", b"2"], [1, 2])))
+    asyncio.run(transaction.send(OUT, 1, RawBatch([b"c"], [b"3"], [3])))
+    asyncio.run(transaction.send(CHANGELOG, 0, RawBatch([b"a"], [b"7"], [4])))
+    held = asyncio.run(_claim_and_read(data_dir))
+    assert held["committed"] == {}
+    assert held["logged"] == ABORTED_LOG, "an open transaction's records were visible"
+    offsets = {TopicPartition(IN, 0): 4, TopicPartition(IN, 1): 2}
+    asyncio.run(transaction.commit(offsets, GROUP))
+    asyncio.run(transaction.close())
+    asyncio.run(log.close())
     seen = asyncio.run(_claim_and_read(data_dir))
     assert seen["committed"] == {f"{IN}-0": 4, f"{IN}-1": 2}
     assert seen["first_offsets"] == {f"{IN}-0": 4, f"{IN}-1": 2}
-    assert seen["logged"] == EXPECTED_LOG
-    assert not path.exists()
+    assert seen["logged"] == COMMITTED_LOG
 
 
 def test_a_transaction_sending_twice_to_one_partition_commits_both(tmp_path: Path) -> None:
