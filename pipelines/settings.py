@@ -1,4 +1,5 @@
-"""Connection settings for Apache Kafka, from CLI flags or ``HEADWATER_*`` environment variables.
+"""Settings from CLI flags or ``HEADWATER_*`` environment variables: how to reach Apache Kafka,
+and how much state a worker keeps in memory.
 
 Secrets are :class:`~pydantic.SecretStr`: they print as ``**********`` in logs, errors and
 reprs, and are revealed only when handed to the Kafka client.
@@ -10,12 +11,12 @@ import ssl
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.errors import LogError
 
-__all__ = ["KafkaSettings"]
+__all__ = ["KafkaSettings", "StateSettings"]
 
 
 class KafkaSettings(BaseSettings):
@@ -102,6 +103,23 @@ class KafkaSettings(BaseSettings):
                 "HEADWATER_SSL_KEY_PASSWORD if the key is encrypted"
             ) from None
         return context
+
+
+class StateSettings(BaseSettings):
+    """How each stateful step's store uses memory and its local copy (see
+    :mod:`pipelines.state.store` and :mod:`pipelines.runtime.state`). Every field reads
+    ``HEADWATER_STATE_<FIELD>``, e.g. ``HEADWATER_STATE_CACHE_KEYS=200000``."""
+
+    model_config = SettingsConfigDict(env_prefix="HEADWATER_STATE_", extra="ignore")
+
+    cache_keys: int = Field(default=500_000, ge=1)
+    """Entries a store (one step on one partition) keeps in memory; the rest stay in its local
+    copy on disk. A worker's state takes about ``cache_keys`` x its stores x ~150 bytes (a
+    short key and a number; more for larger values), plus the keys changed between two
+    checkpoints. Runs without a state directory (in process, tests) keep everything."""
+    copy_interval: float = Field(default=10.0, ge=0)
+    """Seconds between two writes of the local copies of a store that fits in memory: a crash
+    replays the changelog written since the last one."""
 
 
 def _reason(error: OSError | ssl.SSLError) -> str:

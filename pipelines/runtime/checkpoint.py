@@ -15,9 +15,9 @@ place the order is stated; everything else links here):
      commits the task's outputs, changelog records and offsets in one transaction: a crash
      replays only what no transaction committed, and nothing written twice is ever visible.
 
-4. each task copies its committed state to local disk (:meth:`TaskState.persist
-   <pipelines.runtime.state.TaskState.persist>`): the copy never holds state whose input was
-   not committed.
+4. each task copies its committed state to local disk where that is due (:meth:`TaskState.persist
+   <pipelines.runtime.state.TaskState.persist>`: always when its partitions are handed over):
+   the copy never holds state whose input was not committed.
 
 A task whose transaction a newer owner fenced is reported back to the worker, which drops it
 (see :meth:`Worker._drop_fenced <pipelines.runtime.worker.Worker._drop_fenced>`).
@@ -86,7 +86,7 @@ class Checkpoint(ABC):
         gone = {key for key, _ in fenced}
         for key, task in tasks.items():
             if key not in gone:
-                await task.state.persist(self._log)
+                await task.state.persist(self._log, final=partitions is not None)
         return fenced
 
     async def release(self, key: TaskKey) -> None:

@@ -868,7 +868,7 @@ def test_restart_after_killing_everything(
     committed = sum(committed_at.values())
     assert 0 < written < total, "the source was not killed mid-stream"
     assert committed_input > 0 and committed > 0, "nothing was committed before the kill"
-    copies = sorted((data_dir / "state").rglob("*.sqlite"))
+    copies = sorted((data_dir / "state").rglob("*.lmdb"))
     assert copies, f"no local state copy under {data_dir / 'state'}"
 
     job.open_gate()

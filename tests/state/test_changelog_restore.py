@@ -1,6 +1,7 @@
 """Restoring from the changelog: the last committed value of each key, whatever the runs of
-headers, tombstones and uncommitted updates, chunk boundaries and local copies; and a local
-copy that a kill -9 interrupted while it was being written is not trusted."""
+headers, tombstones and uncommitted updates, chunk boundaries, local copies and a cache smaller
+than the state; and a local copy that a kill -9 interrupted while it was being written is not
+trusted."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,6 @@ from pipelines.runtime.engine import prepare_topics
 from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.state import TaskState
 from pipelines.runtime.topology import compile_pipeline
-from pipelines.state import local as local_module
 from pipelines.state.local import LocalStore
 from pipelines.state.store import KeyValueStore, encode_key
 
@@ -163,13 +163,16 @@ class Restores:
         return state
 
 
-@pytest.fixture
-async def restores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Restores]:
-    """Small restore chunks, snapshot parts and fold threshold, so that a few hundred records
-    cross every boundary."""
+@pytest.fixture(params=[None, 7], ids=["cache-all", "cache-7"])
+async def restores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> AsyncIterator[Restores]:
+    """Small restore chunks, so that a few hundred records cross every boundary; a cache that
+    holds every key, or 7 of the 40 (the replay and the copy then go to disk chunk by chunk)."""
     monkeypatch.setattr(task_state, "_RESTORE_CHUNK", 37)
-    monkeypatch.setattr(local_module, "_PART", 7)
-    monkeypatch.setattr(local_module, "_FOLD_AT", 12)
+    if request.param is not None:
+        monkeypatch.setenv("HEADWATER_STATE_CACHE_KEYS", str(request.param))
+    monkeypatch.setenv("HEADWATER_STATE_COPY_INTERVAL", "0")
     log = EmbeddedLog(tmp_path / "log")
     made = Restores(tmp_path, log)
     await prepare_topics(log, made.topology)
@@ -209,23 +212,12 @@ async def test_a_restore_with_local_copies_equals_the_committed_changelog(
     tail.close()
 
 
-async def test_checkpoints_after_a_snapshot_keep_the_copy_exact(
-    restores: Restores, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Checkpoints of the owner that wrote the snapshot: its deletes become tombstones, and
-    enough of them fold into a new snapshot; the next owner restores the same state."""
-    snapshots: list[int] = []
-    write_snapshot = LocalStore._write_snapshot
-
-    def counted(local: LocalStore, entries: Mapping[bytes, bytes]) -> None:
-        snapshots.append(len(entries))
-        write_snapshot(local, entries)
-
-    monkeypatch.setattr(LocalStore, "_write_snapshot", counted)
+async def test_checkpoints_keep_the_copy_exact(restores: Restores) -> None:
+    """Checkpoints of the owner that wrote the copy, setting and deleting keys (beyond its
+    cache, with one of 7 keys); the next owner restores the same state from the copy alone."""
     await restores.write(60)
     committed = {tp: 60 for tp in INPUTS}
     owner = await restores.restored(committed, copy=True)
-    assert snapshots == [len(committed_state(restores.changelog, committed))]  # (the marks: empty)
     store = owner.stores["count"]
     for round_ in range(10):
         for key in restores.rng.sample(KEYS, 10):
@@ -237,8 +229,8 @@ async def test_checkpoints_after_a_snapshot_keep_the_copy_exact(
         await restores.outbox.send()
         await owner.persist(restores.log)
     expected = dict(store.items())
+    assert len(store) == len(expected)
     owner.close()
-    assert len(snapshots) > 1  # folded
     following = await restores.restored(committed, copy=True)
     assert following.restored == 0
     assert dict(following.stores["count"].items()) == expected
@@ -248,140 +240,90 @@ async def test_checkpoints_after_a_snapshot_keep_the_copy_exact(
 # -- the local copy ----------------------------------------------------------------------------
 
 
-def test_a_snapshot_with_rows_and_tombstones_on_top_round_trips(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(local_module, "_PART", 3)
-    monkeypatch.setattr(local_module, "_FOLD_AT", 6)
-    path = tmp_path / "s" / "0.sqlite"
+def test_a_copy_round_trips_long_keys_and_deletes(tmp_path: Path) -> None:
+    """Keys longer than LMDB's 511 bytes are kept under a digest, and read back as they were."""
+    path = tmp_path / "s" / "0.lmdb"
     local = LocalStore(path)
     assert local.load() == ({}, 0)
-    state = {encode_key(f"k{n}"): b"%d" % n for n in range(6)}
+    assert local.offset() is None
+    long_key = encode_key("x" * 600)
+    state = {encode_key(f"k{n}"): b"%d" % n for n in range(6)} | {long_key: b"7"}
     local.replace(state, 4)
     assert local.load() == (state, 4)
-
-    def save(changes: list[tuple[bytes, bytes | None]], offset: int) -> None:
-        keys, values = [k for k, _ in changes], [v for _, v in changes]
-        local.save(RawBatch(list(keys), values, [0] * len(keys)), offset)
-        for key, value in changes:
-            if value is None:
-                state.pop(key, None)
-            else:
-                state[key] = value
-
-    # a key deleted then set again (two checkpoints accumulated): the last change counts
-    save([(b'"k1"', None), (b'"k2"', b"22"), (b'"k1"', b"11"), (b'"k3"', None)], 5)
-    save([(b'"new"', b"1"), (b'"k4"', None), (b'"k5"', None)], 6)
+    local.save(
+        RawBatch([b'"k1"', long_key, b'"new"', b'"k1"'], [None, b"8", b"1", b"11"], [0] * 4), 5
+    )
+    state |= {b'"k1"': b"11", long_key: b"8", b'"new"': b"1"}
+    local.save(RawBatch([b'"k2"', b'"absent"'], [None, None], [0, 0]), 6)
+    del state[b'"k2"']
     local.close()
     local = LocalStore(path)
     assert local.load() == (state, 6)
-    rows = local._db.execute("select count(*) from changed").fetchone()[0]
-    assert rows == 6  # k1, k2, new set; k3, k4, k5 tombstones over the snapshot
-    save([(b'"k0"', None), (b'"new"', None), (b'"k2"', None)], 7)  # 6 tombstones: a fold
-    assert local._db.execute("select count(*) from changed").fetchone()[0] == 0
-    assert local.load() == (state, 7)
+    assert local.count() == len(state)
+    assert local.get(long_key) == b"8"
+    assert local.get(b'"k2"') is None
+    assert dict(local.items()) == state
     local.close()
 
 
-def test_without_a_snapshot_a_delete_removes_the_row(tmp_path: Path) -> None:
-    local = LocalStore(tmp_path / "0.sqlite")
-    local.save(RawBatch([b'"a"', b'"b"'], [b"1", b"2"], [0, 0]), 2)
-    local.save(RawBatch([b'"a"'], [None], [0]), 3)
-    assert local.load() == ({b'"b"': b"2"}, 3)
-    assert local._db.execute("select count(*) from changed").fetchone()[0] == 1
-    local.close()
-
-
-_KILLED_WHILE_REPLACING = """
+_KILLED_WHILE_SAVING = """
 import os, signal, sys
 from pathlib import Path
+from pipelines.log.base import RawBatch
 from pipelines.state import local
 
 copy = local.LocalStore(Path(sys.argv[1]))
 if sys.argv[2] == "old":
     copy.replace({b'"old"': b"1"}, 5)
-local._PART = 100
-packed = local._pack
+ordered = local.LocalStore._sorted
 
-def dying(entries):
-    for number, part in enumerate(packed(entries)):
-        if number == 300:  # ~3 MB of parts written, more than SQLite's page cache holds
+def dying(self, entries):
+    for number, entry in enumerate(ordered(self, entries)):
+        if number == 40_000:  # inside the write transaction, 40,000 entries in
             os.kill(os.getpid(), signal.SIGKILL)
-        yield part
+        yield entry
 
-local._pack = dying
-copy.replace({b'"k%d"' % n: b"x" * 100 for n in range(50_000)}, 9)
+local.LocalStore._sorted = dying
+keys = [b'"k%d"' % n for n in range(50_000)]
+copy.save(RawBatch(keys, [b"x" * 100] * len(keys), [0] * len(keys)), 9)
 """
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("before", ["old", "fresh"])
-def test_a_copy_killed_while_being_replaced_is_not_trusted(tmp_path: Path, before: str) -> None:
-    path = tmp_path / "0.sqlite"
+def test_a_copy_killed_while_being_written_is_as_before(tmp_path: Path, before: str) -> None:
+    path = tmp_path / "0.lmdb"
     child = subprocess.run(
-        [sys.executable, "-c", _KILLED_WHILE_REPLACING, str(path), before],
+        [sys.executable, "-c", _KILLED_WHILE_SAVING, str(path), before],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert child.returncode == -signal.SIGKILL, child.stderr
-    wal = path.with_name(path.name + "-wal")
-    assert wal.stat().st_size > 1 << 20  # the unfinished snapshot reached the file
     local = LocalStore(path)
     expected = ({b'"old"': b"1"}, 5) if before == "old" else ({}, 0)
     assert local.load() == expected
     local.close()
 
 
-# -- copies of older versions (a row per entry in ``kv``, the offset as ``changelog``) ---------
-
-_OLDER_SCHEMA = """
-create table if not exists kv (k blob primary key, v blob not null) without rowid;
-create table if not exists meta (name text primary key, value integer not null);
-"""
+# -- copies of older versions (SQLite, ``<partition>.sqlite``) ----------------------------------
 
 
-def older_version_writes(path: Path, entries: dict[bytes, bytes], offset: int) -> None:
-    """What an older version's restore leaves: every entry a row, and the offset."""
-    db = sqlite3.connect(path, isolation_level=None)
-    db.executescript(_OLDER_SCHEMA)
-    db.execute("begin")
-    db.executemany("insert or replace into kv values (?, ?)", entries.items())
-    db.execute("insert or replace into meta values ('changelog', ?)", (offset,))
-    db.execute("commit")
+async def test_an_older_versions_copy_is_removed_and_the_changelog_replayed(
+    restores: Restores,
+) -> None:
+    await restores.write(30)
+    committed = {tp: 60 for tp in INPUTS}
+    older = restores.state_dir / restores.topology.group / "count" / "0.sqlite"
+    older.parent.mkdir(parents=True)
+    db = sqlite3.connect(older)
+    db.execute("create table kv (k blob primary key, v blob not null) without rowid")
+    db.execute("insert into kv values (?, ?)", (b'"k1"', b"12345"))
+    db.commit()
     db.close()
-
-
-def older_version_loads(path: Path) -> tuple[dict[bytes, bytes], int]:
-    db = sqlite3.connect(path, isolation_level=None)
-    db.executescript(_OLDER_SCHEMA)
-    row = db.execute("select value from meta where name = 'changelog'").fetchone()
-    loaded = ({}, 0) if row is None else (dict(db.execute("select k, v from kv")), int(row[0]))
-    db.close()
-    return loaded
-
-
-def test_a_copy_of_an_older_version_is_taken_over(tmp_path: Path) -> None:
-    path = tmp_path / "0.sqlite"
-    older_version_writes(path, {b'"a"': b"1", b'"b"': b"2"}, 7)
-    local = LocalStore(path)
-    assert local.load() == ({b'"a"': b"1", b'"b"': b"2"}, 7)
-    local.save(RawBatch([b'"a"'], [None], [0]), 8)
-    assert local.load() == ({b'"b"': b"2"}, 8)
-    local.close()
-
-
-def test_an_older_version_does_not_trust_a_copy_of_this_one_and_back(tmp_path: Path) -> None:
-    """A downgrade restores from the changelog and writes its own rows; the upgrade after it
-    takes those, not the snapshot from before."""
-    path = tmp_path / "0.sqlite"
-    local = LocalStore(path)
-    local.replace({b'"a"': b"1", b'"b"': b"2"}, 7)
-    local.save(RawBatch([b'"b"', b'"c"'], [None, b"3"], [0, 0]), 8)
-    local.close()
-    assert older_version_loads(path) == ({}, 0)
-    older_version_writes(path, {b'"a"': b"5"}, 9)  # (the older version's restore)
-    local = LocalStore(path)
-    assert local.load() == ({b'"a"': b"5"}, 9)
-    local.close()
+    restored = await restores.restored(committed, copy=True)
+    assert not older.exists()
+    assert restored.restored > 0
+    assert dict(restored.stores["count"].items()) == committed_state(restores.changelog, committed)
+    restored.close()

@@ -9,6 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from support.operators import send_keyed
 
 import connectors
@@ -71,7 +72,7 @@ def test_a_tombstone_deletes_on_restore() -> None:
 
 
 def test_local_copy_round_trip(tmp_path: Path) -> None:
-    local = LocalStore(tmp_path / "s" / "0.sqlite")
+    local = LocalStore(tmp_path / "s" / "0.lmdb")
     assert local.load() == ({}, 0)
     store = KeyValueStore("count", 0)
     store.put("ann", 3)
@@ -80,12 +81,48 @@ def test_local_copy_round_trip(tmp_path: Path) -> None:
     store.delete("bob")
     local.save(_changes(store, 8), changelog_offset=3)
     local.close()
-    reopened = LocalStore(tmp_path / "s" / "0.sqlite")
+    reopened = LocalStore(tmp_path / "s" / "0.lmdb")
     entries, offset = reopened.load()
     assert offset == 3
     restored = KeyValueStore("count", 0)
     restored.load(entries)
     assert dict(restored.items()) == {"ann": 3}
+
+
+def test_many_copies_open_in_one_process(tmp_path: Path) -> None:
+    """A worker may own hundreds of stores (steps x partitions); each copy reserves address
+    space for its file, and that must not run out long before memory does."""
+    copies = [LocalStore(tmp_path / f"{n}.lmdb") for n in range(300)]
+    for n, local in enumerate(copies):
+        local.save(RawBatch([b"k"], [b"%d" % n], [0]), changelog_offset=n + 1)
+    assert [local.load() for local in copies] == [({b"k": b"%d" % n}, n + 1) for n in range(300)]
+    for local in copies:
+        local.close()
+
+
+def test_a_copy_grows_past_its_first_reservation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pipelines.state.local._MAP_START", 1 << 20)
+    path = tmp_path / "0.lmdb"
+    local = LocalStore(path)
+    expected: dict[bytes, bytes] = {}
+    rng = random.Random(7)
+    long_key = b"x" * 2_000  # over LMDB's key limit: stored under its hash
+    for offset in range(1, 9):
+        keys = [b"%d" % rng.randrange(20_000) for _ in range(5_000)] + [long_key]
+        values = [rng.randbytes(100) for _ in keys]
+        gone = [b"%d" % rng.randrange(20_000) for _ in range(500)]
+        local.save(RawBatch(keys + gone, [*values, *[None] * len(gone)], [0] * 5_501), offset)
+        expected.update(zip(keys, values, strict=True))
+        for key in gone:
+            expected.pop(key, None)
+    assert path.stat().st_size > 4 << 20
+    local.close()
+    reopened = LocalStore(path)
+    assert reopened.load() == (expected, 8)
+    assert reopened.get(long_key) == expected[long_key]
+    reopened.close()
 
 
 # -- a count with a ttl ------------------------------------------------------------------------
