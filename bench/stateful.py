@@ -41,7 +41,11 @@ commits every 5 s, so Quix runs (and, for comparison, the Headwater Kafka runs) 
 on the output topic's high watermarks (``output-sampled``: records appended, inside open
 transactions too), from the first output seen to the whole output appended. ``start->done`` is
 records over the time from calling ``run`` (or starting the Quix process) to the end. Worker
-CPU is the user + system time of the worker process, its start-up included; ``others`` is how
+CPU is the user + system time of the worker process, its start-up included; ``RSS MiB`` is
+the most memory the worker processes held at once (``VmRSS`` summed over this process's
+children, every ``RSS_SECONDS``), and the report line adds how much of it was anonymous
+memory (``RssAnon``: the Python heap, not the mapped pages of the local state copies, which
+the kernel can drop); ``others`` is how
 many cores the rest of the machine (the Kafka broker too) kept busy meanwhile: a run that had
 to share the 2 cores is slower for it. Runs are interleaved over ``--repeat`` rounds and the
 best is shown, with every run's rate.
@@ -109,9 +113,12 @@ WINDOW_MS = 60_000
 EVENT_MS = 1
 """Event time between consecutive records: 1000 events/s of event time."""
 PREFILL_BATCH = 1000
+MIB = 1 << 20
 KAFKA_FLUSH_EVERY = 50
 """Prefill batches sent to Kafka between two producer flushes."""
 SAMPLE_SECONDS = {"embedded": 0.005, "kafka": 0.05}
+RSS_SECONDS = 0.25
+"""How often the sampler reads the workers' memory from ``/proc`` (a scan of every process)."""
 QUIET_CORES = 0.5
 """Before a run, wait (up to ``--quiet-wait`` s) until the rest of the machine keeps fewer
 cores than this busy."""
@@ -203,6 +210,10 @@ class Samples:
     output: list[tuple[float, int]] = field(default_factory=list)
     done: float | None = None
     timed_out: bool = False
+    peak_rss: int = 0
+    """The most bytes the worker processes held resident at once."""
+    peak_anon: int = 0
+    """Of that (its peak, sampled with it), anonymous memory: heaps, not mapped files."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -535,10 +546,14 @@ class Sampler(threading.Thread):
         log = open_log(self._config, watch.backend, self._data_dir)
         appended = AppendedRecords(self._config.bootstrap, watch.outputs)
         pause = SAMPLE_SECONDS[watch.backend]
+        next_rss = 0.0
         try:
             await appended.start()
             while not self._halt.is_set() and self.samples.done is None:
                 await self._sample(log, appended)
+                if time.monotonic() >= next_rss:
+                    self._sample_memory()
+                    next_rss = time.monotonic() + RSS_SECONDS
                 if time.time() > watch.deadline and self.samples.done is None:
                     self.samples.timed_out = True
                     watch.on_timeout()
@@ -547,6 +562,11 @@ class Sampler(threading.Thread):
         finally:
             await appended.close()
             await log.close()
+
+    def _sample_memory(self) -> None:
+        resident, anonymous = children_memory(os.getpid())
+        if resident > self.samples.peak_rss:
+            self.samples.peak_rss, self.samples.peak_anon = resident, anonymous
 
     async def _sample(self, log: LogBackend, appended: AppendedRecords) -> None:
         watch = self._watch
@@ -561,6 +581,24 @@ class Sampler(threading.Thread):
                 finished = output >= watch.expected_output
         if finished:
             self.samples.done = self.samples.output[-1][0] if watch.done_on_output else now
+
+
+def children_memory(parent: int) -> tuple[int, int]:
+    """Resident and anonymous bytes of ``parent``'s child processes, summed (``/proc``; a
+    process that ends while it is read counts as nothing)."""
+    resident = anonymous = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_bytes().rsplit(b")", 1)[1].split()
+            if int(fields[1]) != parent:  # the fields after the name: state, ppid, ...
+                continue
+            status = (stat.parent / "status").read_text()
+        except (OSError, IndexError, ValueError):
+            continue
+        sizes = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        resident += int(sizes.get("VmRSS", "0 kB").split()[0]) * 1024
+        anonymous += int(sizes.get("RssAnon", "0 kB").split()[0]) * 1024
+    return resident, anonymous
 
 
 class AppendedRecords:
@@ -882,6 +920,8 @@ def report_run(result: RunResult, busy_before: float) -> None:
     parts += [
         f"worker CPU {result.cpu.workers:.2f} s ({result.cpu_per_record:.2f} µs/record)",
         f"others {result.cpu.other_cores:.2f} cores (before: {busy_before:.2f})",
+        f"peak worker RSS {result.samples.peak_rss / MIB:,.0f} MiB "
+        f"(anonymous {result.samples.peak_anon / MIB:,.0f})",
     ]
     print(", ".join(parts), flush=True)
     expected = spec.workload.expected_output()
@@ -955,6 +995,7 @@ COLUMNS = (
     ("1st commit s", 12),
     ("CPU µs/rec", 10),
     ("others", 6),
+    ("RSS MiB", 7),
 )
 
 
@@ -976,6 +1017,7 @@ def row(result: RunResult) -> list[str]:
         num(result.first_commit, ".2f"),
         num(result.cpu_per_record, ".2f"),
         num(result.cpu.other_cores, ".2f"),
+        f"{result.samples.peak_rss / MIB:,.0f}",
     ]
 
 

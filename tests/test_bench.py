@@ -257,8 +257,13 @@ def stateful_run(out: str, test: str, keys: int, backend: str, guarantee: str) -
         out,
         rf"headwater {test} \({keys:,} keys\), {backend}, {guarantee}: {{n}} rec/s, "
         r"start->done {n} rec/s, first commit after {n} s, (?:output-sampled {n} rec/s, )?"
-        r"worker CPU {n} s \({n} µs/record\), others {n} cores \(before: {n}\)$",
+        r"worker CPU {n} s \({n} µs/record\), others {n} cores \(before: {n}\), "
+        r"peak worker RSS {n} MiB \(anonymous {n}\)$",
     )
+    (rss,) = numbers(
+        out, rf"headwater {test} \({keys:,} keys\), {backend}, .* peak worker RSS {{n}} MiB"
+    )
+    assert rss > 10, f"the workers' memory was not sampled: {rss} MiB"
     finite(
         out,
         rf"headwater {test} \({keys:,} keys\), {backend}, {guarantee}: .*"
