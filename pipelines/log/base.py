@@ -230,7 +230,10 @@ class LogBackend(ABC):
 
     @abstractmethod
     async def read(self, tp: TopicPartition, offset: int, max_records: int) -> FetchedBatch:
-        """Read outside any group, from ``offset``; an empty batch at the end of the log."""
+        """Read outside any group, from ``offset``, up to the last stable offset (the first
+        record of a transaction still open). A batch may be empty before that: records of
+        aborted transactions, commit markers and holes are passed over, and ``next_offset``
+        moves on; read on from it. At the end, ``next_offset == offset``."""
 
     @abstractmethod
     def producer(self) -> Producer:

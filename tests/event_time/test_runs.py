@@ -128,7 +128,7 @@ async def _count_records(backend: str, options: dict[str, Any], name: str) -> in
             offset = 0
             while offset < end:
                 fetched = await log.read(tp, offset, 10_000)
-                if not len(fetched.records):
+                if fetched.next_offset <= offset:
                     break
                 total += len(split_markers(fetched)[0].records)
                 offset = fetched.next_offset

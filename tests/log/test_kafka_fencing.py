@@ -57,7 +57,7 @@ async def test_a_fenced_owner_fails_its_commit_with_fenced_error(
         offset = 0
         while offset < end:
             fetched = await log.read(tp, offset, 100)
-            if not len(fetched.records):
+            if fetched.next_offset <= offset:
                 break
             values += fetched.records.values
             offset = fetched.next_offset
@@ -80,7 +80,7 @@ async def _values(log: KafkaLog, tp: TopicPartition) -> list[object]:
     offset, end = 0, (await log.end_offsets([tp]))[tp]
     while offset < end:
         fetched = await log.read(tp, offset, 100)
-        if not len(fetched.records):
+        if fetched.next_offset <= offset:
             break
         values += [orjson.loads(v or b"") for v in fetched.records.values]
         offset = fetched.next_offset

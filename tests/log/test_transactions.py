@@ -14,6 +14,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from support.logs import EmbeddedView
 
 from pipelines.errors import FencedError
 from pipelines.log._commits import CommitRecord, pending_commits
@@ -115,6 +116,31 @@ async def test_aborted_records_are_passed_over_and_never_counted(tmp_path: Path)
         assert (await fresh.end_offsets([OUT]))[OUT] == 5
     finally:
         await fresh.close()
+
+
+async def test_the_shared_log_view_reads_on_past_a_segment_of_aborted_records(
+    tmp_path: Path,
+) -> None:
+    """A read that starts in a segment holding only aborted records returns none but moves
+    on; whoever reads to the end (here the tests' own view of a data directory) must go on
+    from ``next_offset`` rather than stop at the first empty batch."""
+    log = await opened(tmp_path, segment_bytes=400)
+    try:
+        transaction = log.transactional_producer("g.1.0")
+        for n in range(12):
+            await transaction.send("out", 0, values_batch(b"x%02d" % n + b"." * 60))
+        await transaction.abort()
+        await transaction.send("out", 0, values_batch(b"kept"))
+        await transaction.commit({}, "g")
+        await transaction.close()
+        first = await log.read(OUT, 0, 100)
+        assert (len(first.records), first.next_offset > 0) == (0, True)
+        expected = await visible(log)
+    finally:
+        await log.close()
+    assert [value for _, value in expected] == [b"kept"]
+    view = EmbeddedView(tmp_path)  # synchronous: it runs a loop of its own
+    assert await asyncio.to_thread(view.values, "out", 1) == [[b"kept"]]
 
 
 async def test_a_transaction_across_segment_rolls(tmp_path: Path) -> None:

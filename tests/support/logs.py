@@ -126,7 +126,7 @@ class EmbeddedView(LogView):
                 offset, entries = (since or {}).get(partition, 0), []
                 while True:
                     fetched = await log.read(tp, offset, 50_000)
-                    if not len(fetched.records):
+                    if fetched.next_offset <= offset:  # the end (aborted records move it on)
                         break
                     raw = fetched.records
                     entries += [
