@@ -17,8 +17,10 @@ order. Several streams may feed one input (``merge`` has one input fed by every 
 merges); with several inputs, each is fed by one stream, in the order the pipeline declares
 them. Whatever an operator has to emit as event time passes (``on_watermark``) leaves by its
 first output. State that the runtime prepares for a step comes through its context, not the
-operator's class: the keyed store (``ctx.store``) and, for a ``join_table``, the table
-(``ctx.table``).
+operator's class: the step's keyed state, one :class:`~pipelines.state.api.State` per namespace
+(``ctx.state()`` for the default one, ``ctx.state("windows")`` for another: see
+:mod:`pipelines.state.api`), and, for a ``join_table``, the table (``ctx.table``). How state is
+restored, written to its changelog and copied to disk is the runtime's, not the operator's.
 
 An operator never decides what happens to a record whose user function raised: it reports it
 with :meth:`StepContext.reject` and the runtime applies the step's error policy (fail, skip, or
@@ -41,7 +43,7 @@ from typing import Any, ClassVar, Protocol
 
 from pipelines.batch import Batch
 from pipelines.errors import RecordError, StepError
-from pipelines.state.store import KeyValueStore
+from pipelines.state.api import DEFAULT_NAMESPACE, State
 from pipelines.state.table import TableStore
 
 __all__ = [
@@ -100,9 +102,15 @@ class StepContext(Protocol):
     @property
     def partition(self) -> int: ...
 
+    def state(self, name: str = DEFAULT_NAMESPACE) -> State:
+        """Namespace ``name`` of the step's keyed state on this partition (stateful steps
+        only); each name is a keyspace of its own, and the same name gives the same view."""
+        ...
+
     @property
-    def store(self) -> KeyValueStore:
-        """The step's keyed state on this partition (stateful steps only)."""
+    def store(self) -> State:
+        """The default namespace of the step's keyed state, as ``state()`` (the name operators
+        written before namespaces use)."""
         ...
 
     @property

@@ -17,17 +17,19 @@ stream record's key and timestamp. Table records are applied in the order they a
 stream record sees the table as of the table records processed before it (no synchronisation
 by timestamp between the two topics).
 
-**Stream-stream.** Records of the two sides join when their keys are equal and their event
-times (record timestamps) differ by at most ``within``. Each side's records wait in the step's
-store, one entry per record, until the partition's watermark (the event-time mark of the task's
-inputs, the smaller of the two sides; see :mod:`pipelines.runtime.watermarks`) passes their
-time + ``within`` + ``grace``; then they expire. Every matching pair
-is emitted once, by whichever of the two records arrives second, as ``merge(left, right)`` with
-the later of the two timestamps. With ``how="left"`` a left record that expires without having
-met a right record emits ``merge(left, None)`` then, at its own timestamp. A record whose time
-plus ``grace`` is behind the watermark is *late* (partners it could meet may have expired): it
-goes to the late-data topic ``<pipeline>.<step>.late`` and joins nothing. When both inputs are
-exhausted, or idle (see the runtime), waiting left records are emitted without new data.
+**Stream-stream.** Records of the two sides join when their keys are equal and their event times
+(record timestamps) differ by at most ``within``. Each side's records wait in the step's state, one
+entry per record under ``(side, key, time, seq)`` in the namespace :data:`JOINED` (the watermark is
+in :data:`~operators._timing.TIME`; state written before namespaces is moved there as it is first
+read: :mod:`operators._legacy`), until the partition's watermark (the event-time mark of the task's
+inputs, the smaller of the two sides; see :mod:`pipelines.runtime.watermarks`) passes their time +
+``within`` + ``grace``; then they expire. Every matching pair is emitted once, by whichever of the
+two records arrives second, as ``merge(left, right)`` with the later of the two timestamps. With
+``how="left"`` a left record that expires without having met a right record emits
+``merge(left, None)`` then, at its own timestamp. A record whose time plus ``grace`` is behind the
+watermark is *late* (partners it could meet may have expired): it goes to the late-data topic
+``<pipeline>.<step>.late`` and joins nothing. When both inputs are exhausted, or idle (see the
+runtime), waiting left records are emitted without new data.
 
 Stored values are JSON: a record's value is kept as its JSON form (a pydantic model as
 ``model_dump(mode="json")``; a value that is not JSON-serialisable is rejected by the step's
@@ -48,14 +50,19 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from operators._timing import END_OF_TIME, Emitted, advance, close_at, watermark
-from operators.base import Operator, Ports, reject_call
+from operators._legacy import migrate
+from operators._timing import END_OF_TIME, TIME, Emitted, advance, close_at, watermark
+from operators.base import Operator, Ports, StepContext, reject_call
 from operators.stateful import missing_key_error
 from pipelines.batch import Batch
 from pipelines.errors import StepError
+from pipelines.state.api import State
 from pipelines.state.store import decode_key, encode_key
 
-__all__ = ["JoinHow", "StreamJoin", "TableJoin"]
+__all__ = ["JOINED", "JoinHow", "StreamJoin", "TableJoin"]
+
+JOINED = "joined"
+"""The namespace of the records a stream join holds, by ``(side, key, time, seq)``."""
 
 JoinHow = Literal["inner", "left"]
 LEFT, RIGHT = 0, 1
@@ -189,28 +196,44 @@ class StreamJoin(Operator):
         self._expiry: list[tuple[int, int]] = []  # heap of (time + within + grace, seq)
         self._unmatched = 0  # left records that will emit merge(left, None) unless matched
         self._next_seq = 0
+        self._joined: State | None = None
+        self._time: State | None = None
 
     # -- state ---------------------------------------------------------------------------------
 
+    def open(self, ctx: StepContext) -> None:
+        super().open(ctx)
+        self._joined, self._time = ctx.state(JOINED), ctx.state(TIME)
+
     @property
     def watermark(self) -> int:
-        return watermark(self.ctx.store)
+        return watermark(self._clock())
 
     @property
     def pending(self) -> int:
         if self.how != "left":
             return 0
         if self._entries is None:  # not processing yet (maybe restoring): an upper bound
-            return len(self.ctx.store)
+            # (a default namespace holds only state from before namespaces)
+            return len(self.ctx.state(JOINED)) + len(self.ctx.state())
         return self._unmatched
 
+    def _state(self) -> State:
+        """The waiting records (namespace :data:`JOINED`)."""
+        assert self._joined is not None, "used before open()"
+        return self._joined
+
+    def _clock(self) -> State:
+        """The watermark's namespace (:data:`~operators._timing.TIME`)."""
+        assert self._time is not None, "used before open()"
+        return self._time
+
     def _index(self) -> dict[int, _Entry]:
-        """The waiting records, indexed once from the store (after a restore)."""
+        """The waiting records, indexed once from the state (after a restore)."""
         if self._entries is None:
+            migrate(self.ctx, JOINED, 4)
             self._entries = {}
-            for state_key, (stored, matched) in (
-                (k, v) for k, v in self.ctx.store.items() if len(k) == 4
-            ):
+            for state_key, (stored, matched) in self._state().items():
                 side, key, stamp, seq = state_key
                 entry = _Entry(
                     side, key, stamp, seq, stored, self._codecs[side].decode(stored), matched
@@ -235,7 +258,7 @@ class StreamJoin(Operator):
         del times[bisect.bisect_left(times, (entry.time, entry.seq))]
         if not times:
             del self._by_key[(entry.side, entry.key)]
-        self.ctx.store.delete(entry.state_key)
+        self._state().delete(entry.state_key)
         if entry.side == LEFT and self.how == "left" and not entry.matched:
             self._unmatched -= 1
 
@@ -255,7 +278,7 @@ class StreamJoin(Operator):
     def process_ports(self, side: int, batch: Batch) -> tuple[Batch]:
         """What the step emits for ``batch`` arriving on ``side``: the pairs it completes."""
         self._index()
-        ctx, store, merge = self.ctx, self.ctx.store, self.merge
+        ctx, state, merge = self.ctx, self._state(), self.merge
         codec = self._codecs[side]
         watermark = self.watermark
         grace = self.grace_ms
@@ -289,7 +312,7 @@ class StreamJoin(Operator):
                 if tracks_matches and side == RIGHT and not partner.matched:
                     partner.matched = True
                     self._unmatched -= 1
-                    store.put(partner.state_key, [partner.stored, True])
+                    state.put(partner.state_key, [partner.stored, True])
                 try:
                     joined = merge(*pair)
                 except Exception as error:  # a user function failed: routed by the policy
@@ -298,7 +321,7 @@ class StreamJoin(Operator):
                 emitted.add(key, joined, max(stamp, partner.time), index)
             entry = _Entry(side, state_key, stamp, self._next_seq, stored, live, bool(partners))
             self._next_seq += 1
-            store.put(entry.state_key, [stored, entry.matched])
+            state.put(entry.state_key, [stored, entry.matched])
             self._add(entry)
         return (emitted.batch(batch),)
 
@@ -332,9 +355,9 @@ class StreamJoin(Operator):
         """Move the watermark to ``mark``; expire (and, for a left join, emit) what it passes."""
         self._index()
         emitted = Emitted()
-        moved = advance(self.ctx.store, mark)
+        moved = advance(self._clock(), mark)
         if moved is not None:
             needed = self._expire(batch, emitted, moved)
             if moved == END_OF_TIME:
-                close_at(self.ctx.store, needed)
+                close_at(self._clock(), needed)
         return emitted.batch(batch)

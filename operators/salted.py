@@ -102,7 +102,7 @@ class PartialAggregate(Operator):
 
     def process(self, batch: Batch) -> Batch:
         ctx, aggregation = self.ctx, self.aggregation
-        store = ctx.store
+        state = ctx.state()
         accs: dict[Any, Any] = {}
         last: dict[Any, int] = {}  # sub-key -> the index of its last record in the batch
         for index, (key, value) in enumerate(zip(batch.keys, batch.values, strict=True)):
@@ -111,7 +111,7 @@ class PartialAggregate(Operator):
                 continue
             acc = accs.get(key, _MISSING)
             if acc is _MISSING:
-                acc = store.get(key, _MISSING)
+                acc = state.get(key, _MISSING)
             try:
                 if acc is _MISSING:
                     acc = aggregation.initial()
@@ -121,7 +121,7 @@ class PartialAggregate(Operator):
                 continue
             last[key] = index
         for key, acc in accs.items():
-            store.put(key, acc)
+            state.put(key, acc)
         out = batch.take(sorted(last.values()))
         return out.with_values([[key[1], accs[key]] for key in out.keys])
 
@@ -144,17 +144,17 @@ class MergePartials(Operator):
 
     def process(self, batch: Batch) -> Batch:
         ctx, aggregation = self.ctx, self.aggregation
-        store = ctx.store
+        state = ctx.state()
         results: list[Any] = []
         kept: list[int] = []
         for index, (key, (salt, acc)) in enumerate(zip(batch.keys, batch.values, strict=True)):
-            partials = {**store.get(key, {}), str(salt): acc}  # JSON state: string keys
+            partials = {**state.get(key, {}), str(salt): acc}  # JSON state: string keys
             try:
                 result = aggregation.result(reduce(aggregation.merge, partials.values()))
             except Exception as error:  # a user merge failed: routed by the policy
                 reject_call(ctx, type(aggregation), error, batch, index)
                 continue
-            store.put(key, partials)
+            state.put(key, partials)
             results.append(result)
             kept.append(index)
         out = batch if len(kept) == len(batch) else batch.take(kept)

@@ -1,6 +1,7 @@
 """Keyed stateful operators: ``aggregate`` (and the ``count``/``sum``/... shorthands) and
-``dedupe``. Their state lives in the step's store, which the runtime restores after a crash or a
-rebalance; see :mod:`pipelines.state.store`."""
+``dedupe``. Their state is one entry per record key in the default namespace of the step's
+keyed state (``ctx.state()``), which the runtime restores after a crash or a rebalance; see
+:mod:`pipelines.state.api` and :mod:`pipelines.state.store`."""
 
 from __future__ import annotations
 
@@ -42,17 +43,18 @@ class Aggregate(Operator):
         self._expiry = None if ttl_ms is None else Expiry(ttl_ms)
 
     def _forget(self, key: Any, stamp: int) -> None:
-        entry = self.ctx.store.get(key)
+        state = self.ctx.state()
+        entry = state.get(key)
         if entry is not None and entry[1] == stamp:
-            self.ctx.store.delete(key)
+            state.delete(key)
 
     def process(self, batch: Batch) -> Batch:
         ctx = self.ctx
-        store = ctx.store
+        state = ctx.state()
         aggregation = self.aggregation
         expiry = self._expiry
         if expiry is not None and not expiry.loaded:
-            expiry.load((key, entry[1]) for key, entry in store.items())
+            expiry.load((key, entry[1]) for key, entry in state.items())
         results: list[Any] = []
         kept: list[int] = []
         for index, (key, value, stamp) in enumerate(
@@ -61,7 +63,7 @@ class Aggregate(Operator):
             if key is None:
                 ctx.reject(batch, index, missing_key_error(self.step_id, batch, index))
                 continue
-            acc = store.get(key, _MISSING)
+            acc = state.get(key, _MISSING)
             latest = stamp
             if expiry is not None and acc is not _MISSING:
                 acc, latest = acc[0], max(stamp, acc[1])
@@ -74,9 +76,9 @@ class Aggregate(Operator):
                 reject_call(ctx, type(aggregation), error, batch, index)
                 continue
             if expiry is None:
-                store.put(key, acc)
+                state.put(key, acc)
             else:
-                store.put(key, [acc, latest])
+                state.put(key, [acc, latest])
                 expiry.stamp(key, latest)
             results.append(result)
             kept.append(index)
@@ -88,7 +90,7 @@ class Aggregate(Operator):
         expiry = self._expiry
         if expiry is not None:
             if not expiry.loaded:
-                expiry.load((key, entry[1]) for key, entry in self.ctx.store.items())
+                expiry.load((key, entry[1]) for key, entry in self.ctx.state().items())
             expiry.advance(mark, self._forget)
         return batch
 
@@ -109,23 +111,24 @@ class Dedupe(Operator):
         self._expiry = Expiry(horizon_ms)
 
     def _forget(self, key: Any, stamp: int) -> None:
-        passed = self.ctx.store.get(key)
+        state = self.ctx.state()
+        passed = state.get(key)
         if passed is None or stamp not in passed:
             return
         left = [s for s in passed if s != stamp]
         if left:
-            self.ctx.store.put(key, left)
+            state.put(key, left)
         else:
-            self.ctx.store.delete(key)
+            state.delete(key)
 
     def _load(self) -> None:
         self._expiry.load(
-            (key, stamp) for key, passed in self.ctx.store.items() for stamp in passed
+            (key, stamp) for key, passed in self.ctx.state().items() for stamp in passed
         )
 
     def process(self, batch: Batch) -> Batch:
         ctx = self.ctx
-        store = ctx.store
+        state = ctx.state()
         expiry, horizon = self._expiry, self.horizon_ms
         if not expiry.loaded:
             self._load()
@@ -134,10 +137,10 @@ class Dedupe(Operator):
             if key is None:
                 ctx.reject(batch, index, missing_key_error(self.step_id, batch, index))
                 continue
-            passed = store.get(key)
+            passed = state.get(key)
             if passed is not None and any(abs(stamp - s) < horizon for s in passed):
                 continue
-            store.put(key, [stamp] if passed is None else [*passed, stamp])
+            state.put(key, [stamp] if passed is None else [*passed, stamp])
             expiry.stamp(key, stamp)
             kept.append(index)
         return batch if len(kept) == len(batch) else batch.take(kept)

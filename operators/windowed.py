@@ -1,7 +1,9 @@
 """Windowed aggregation on event time.
 
-State, in the step's store: one entry per (key, window) holding the accumulator, and the
-partition's watermark. The watermark is the mark the runtime reports for the task's inputs
+State, in the step's keyed state: one entry per ``(key, start, end)`` holding the accumulator,
+in the namespace :data:`WINDOWS`, and the partition's watermark in
+:data:`~operators._timing.TIME` (state written before namespaces is moved there as it is first
+read: :mod:`operators._legacy`). The watermark is the mark the runtime reports for the task's inputs
 (the smallest over every upstream writer; see :mod:`pipelines.runtime.watermarks`) minus the
 allowed lateness. Records of a batch are judged against the watermark before it; when the mark
 moves, every window whose ``end + grace`` the watermark has reached closes (a session once the
@@ -11,9 +13,10 @@ also emits every change before), and its state is deleted.
 A record whose every window is already closed is *late*: it goes to the late-data topic
 ``<pipeline>.<step>.late`` (original bytes) and is counted, never folded in.
 
-Open windows are found for expiry through a heap of their ends, built once from the store after
-a restore, so closing windows never scans the store. Results are :class:`WindowResult` values
-keyed by the record key, timestamped with the window's end.
+Open windows are found for expiry through a heap of their ends, built once from the state after
+a restore, so closing windows never scans the state (the heap also counts them, ``pending``).
+Results are :class:`WindowResult` values keyed by the record key, timestamped with the window's
+end.
 """
 
 from __future__ import annotations
@@ -24,15 +27,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from operators._timing import END_OF_TIME, WATERMARK_KEY, Emitted, advance, close_at, watermark
+from operators._legacy import migrate
+from operators._timing import END_OF_TIME, TIME, Emitted, advance, close_at, watermark
 from operators.aggregations import Aggregation
-from operators.base import Operator, reject_call
+from operators.base import Operator, StepContext, reject_call
 from operators.stateful import missing_key_error
 from operators.windows import Window, Windows
 from pipelines.batch import Batch
 from pipelines.record import from_millis
+from pipelines.state.api import State
 
-__all__ = ["EmitMode", "WindowResult", "WindowedAggregate"]
+__all__ = ["WINDOWS", "EmitMode", "WindowResult", "WindowedAggregate"]
+
+WINDOWS = "windows"
+"""The namespace of the open windows' accumulators, by ``(key, start, end)``."""
 
 EmitMode = Literal["close", "update"]
 _MISSING = object()
@@ -73,25 +81,44 @@ class WindowedAggregate(Operator):
         self._ends: list[tuple[int, int, Any]] | None = None  # (end, tiebreak, state key)
         self._sessions: dict[Any, list[Window]] = {}
         self._tiebreak = itertools.count()
+        self._windows: State | None = None
+        self._time: State | None = None
 
     # -- state helpers -------------------------------------------------------------------------
 
+    def open(self, ctx: StepContext) -> None:
+        super().open(ctx)
+        self._windows, self._time = ctx.state(WINDOWS), ctx.state(TIME)
+
     @property
     def pending(self) -> int:
-        store = self.ctx.store
-        return len(store) - (store.get(WATERMARK_KEY) is not None)
+        if self._ends is None:  # not indexed yet (maybe restoring): read nothing into memory
+            # (an upper bound: a default namespace holds only state from before namespaces)
+            return len(self.ctx.state(WINDOWS)) + len(self.ctx.state())
+        if self.windows.merging:
+            return sum(map(len, self._sessions.values()))
+        return len(self._ends)  # (a fixed window is pushed once, when first stored)
 
     @property
     def watermark(self) -> int:
-        return watermark(self.ctx.store)
+        return watermark(self._clock())
+
+    def _state(self) -> State:
+        """The open windows' accumulators (namespace :data:`WINDOWS`)."""
+        assert self._windows is not None, "used before open()"
+        return self._windows
+
+    def _clock(self) -> State:
+        """The watermark's namespace (:data:`~operators._timing.TIME`)."""
+        assert self._time is not None, "used before open()"
+        return self._time
 
     def _index(self) -> list[tuple[int, int, Any]]:
         """The heap of open windows' ends (and, for sessions, each key's windows)."""
         if self._ends is None:
+            migrate(self.ctx, WINDOWS, 3)
             self._ends = []
-            for state_key, _ in self.ctx.store.items():
-                if len(state_key) != 3:
-                    continue
+            for state_key, _ in self._state().items():
                 key, start, end = state_key
                 self._ends.append((end, next(self._tiebreak), state_key))
                 if self.windows.merging:
@@ -134,23 +161,26 @@ class WindowedAggregate(Operator):
     ) -> tuple[Window, Any] | None:
         """Fold ``value`` into its window (for sessions, the session it grows or joins), or
         reject the record when the aggregation raises; the state changes only on success."""
-        store, aggregation = self.ctx.store, self.aggregation
+        state, aggregation = self._state(), self.aggregation
         absorbed: list[Window] = []
+        opened = False
         try:
             if self.windows.merging:
                 window, acc, absorbed = self._session_for(key, window, watermark)
             else:
-                acc = store.get((key, window.start, window.end), _MISSING)
-                if acc is _MISSING:
+                acc = state.get((key, window.start, window.end), _MISSING)
+                opened = acc is _MISSING
+                if opened:
                     acc = aggregation.initial()
-                    self._open(key, window)
             acc = aggregation.fold(acc, value)
         except Exception as error:  # a user function failed: routed by the policy
             reject_call(self.ctx, type(aggregation), error, batch, index)
             return None
         if self.windows.merging:
             self._replace_sessions(key, absorbed, window)
-        store.put((key, window.start, window.end), acc)
+        elif opened:
+            self._open(key, window)
+        state.put((key, window.start, window.end), acc)
         return window, acc
 
     def _session_for(
@@ -158,7 +188,7 @@ class WindowedAggregate(Operator):
     ) -> tuple[Window, Any, list[Window]]:
         """The session ``window`` grows into, its merged accumulator, and the open sessions of
         the key it absorbs (a session the watermark has closed is not joined any more)."""
-        store, aggregation = self.ctx.store, self.aggregation
+        state, aggregation = self._state(), self.aggregation
         open_from = watermark - self.grace_ms  # a session ending there is still open
         touching = [
             s
@@ -168,14 +198,15 @@ class WindowedAggregate(Operator):
         acc = aggregation.initial()
         start, end = window.start, window.end
         for session in touching:
-            acc = aggregation.merge(acc, store.get((key, session.start, session.end)))
+            acc = aggregation.merge(acc, state.get((key, session.start, session.end)))
             start, end = min(start, session.start), max(end, session.end)
         return Window(start, end), acc, touching
 
     def _replace_sessions(self, key: Any, absorbed: list[Window], merged: Window) -> None:
         sessions = self._sessions.setdefault(key, [])
+        state = self._state()
         for session in absorbed:
-            self.ctx.store.delete((key, session.start, session.end))
+            state.delete((key, session.start, session.end))
             sessions.remove(session)
         sessions.append(merged)
         self._open(key, merged)
@@ -184,7 +215,7 @@ class WindowedAggregate(Operator):
         """Emit the final result of, and forget, every window ``watermark`` has passed (in
         ``emit="update"`` mode too: the last record of a window says ``final=True``); returns
         the watermark that closes all of them."""
-        ends, store = self._index(), self.ctx.store
+        ends, state = self._index(), self._state()
         # a fixed window [start, end) is done when the watermark reaches its end; a session,
         # which a record at its end still joins, when the watermark is past it
         past = 1 if self.windows.merging else 0
@@ -193,11 +224,11 @@ class WindowedAggregate(Operator):
         origin = len(batch) - 1
         while ends and ends[0][0] <= limit:
             _, _, state_key = heapq.heappop(ends)
-            acc = store.get(state_key, _MISSING)
+            acc = state.get(state_key, _MISSING)
             if acc is _MISSING:
                 continue  # merged into a larger session, or closed already
             key, start, end = state_key
-            store.delete(state_key)
+            state.delete(state_key)
             if self.windows.merging:
                 self._sessions[key].remove(Window(start, end))
                 if not self._sessions[key]:
@@ -219,9 +250,9 @@ class WindowedAggregate(Operator):
         """Move the watermark to ``mark`` minus the allowed lateness; close what it passes."""
         self._index()
         emitted = Emitted()
-        moved = advance(self.ctx.store, mark, self.lateness_ms)
+        moved = advance(self._clock(), mark, self.lateness_ms)
         if moved is not None:
             needed = self._close_windows(batch, emitted, moved)
             if moved == END_OF_TIME:
-                close_at(self.ctx.store, needed)
+                close_at(self._clock(), needed)
         return emitted.batch(batch)

@@ -64,6 +64,7 @@ from pipelines.runtime.engine import prepare_topics
 from pipelines.runtime.inprocess import run_in_process
 from pipelines.runtime.topology import Topology, compile_pipeline
 from pipelines.runtime.watermarks import END_OF_TIME, split_markers
+from pipelines.state.api import DEFAULT_NAMESPACE, State
 from pipelines.state.store import KeyValueStore
 from pipelines.state.table import TableStore
 from pipelines.steps import Port, SinkStep, SourceStep, Step, WriteStep
@@ -513,7 +514,7 @@ class _HarnessContext:
     """The :class:`~operators.base.StepContext` an :class:`OperatorHarness` gives its operator:
     it keeps what the operator rejects, sends late and observes."""
 
-    __slots__ = ("_harness", "partition", "step_id", "store")
+    __slots__ = ("_harness", "_store", "partition", "step_id")
 
     def __init__(
         self, harness: OperatorHarness, step_id: str, partition: int, store: KeyValueStore
@@ -521,7 +522,14 @@ class _HarnessContext:
         self._harness = harness
         self.step_id = step_id
         self.partition = partition
-        self.store = store
+        self._store = store
+
+    def state(self, name: str = DEFAULT_NAMESPACE) -> State:
+        return self._store.namespace(name)
+
+    @property
+    def store(self) -> State:
+        return self._store
 
     @property
     def table(self) -> TableStore:
@@ -543,7 +551,8 @@ class _HarnessContext:
 
 class OperatorHarness:
     """One operator (a subclass of :class:`operators.Operator`) driven by hand, in a step
-    context as the runtime gives it for one partition: keyed state (:attr:`store`), records it
+    context as the runtime gives it for one partition: keyed state (:meth:`state`, each
+    namespace as the operator's ``ctx.state(name)`` gives it, over :attr:`store`), records it
     rejects and late records kept for the test (:attr:`rejected`, :attr:`late`), and what it
     emits kept in order (:attr:`emitted`)::
 
@@ -598,6 +607,7 @@ class OperatorHarness:
         self._outputs: dict[str, list[Record]] = {n: [] for n in self.operator.ports.outputs}
         step_id = self.operator.step_id
         store = KeyValueStore(step_id, partition) if store is None else store
+        self._store = store
         self._ctx = _HarnessContext(self, step_id, partition, store)
         self._positions: dict[TopicPartition, int] = {}
         self._changelog: list[RawBatch] = []
@@ -608,15 +618,20 @@ class OperatorHarness:
             self._positions = dict(checkpoint.positions)
             committed = {f"{tp.topic}/{tp.partition}": o for tp, o in self._positions.items()}
             for changes in self._changelog:
-                self._ctx.store.apply(changes, committed)
+                self._store.apply(changes, committed)
         self.operator.open(self._ctx)
         if checkpoint is not None and checkpoint.watermark is not None:
             self.advance(checkpoint.watermark)  # as a restored task tells its steps
 
     @property
     def store(self) -> KeyValueStore:
-        """The operator's keyed state on this partition."""
-        return self._ctx.store
+        """The operator's keyed state on this partition: the store of all its namespaces,
+        which is itself the default one."""
+        return self._store
+
+    def state(self, name: str = DEFAULT_NAMESPACE) -> State:
+        """Namespace ``name`` of the operator's keyed state, as ``ctx.state(name)``."""
+        return self._ctx.state(name)
 
     @property
     def pending(self) -> int:

@@ -11,7 +11,8 @@ never by its class: it wires each step once, when the task starts, to the steps 
 outputs feeds and to the input of theirs it feeds. An operator with one input and one output
 gets ``process(batch)`` and its batch goes on by its one output; any other gets
 ``process_ports(input, batch)`` and each batch it returns goes on by its output. What a step
-needs prepared comes through its context (:class:`_StepContext`): its store, a join's table.
+needs prepared comes through its context (:class:`_StepContext`): its keyed state, as a view
+per namespace of its store (``state(name)``), and a join's table.
 
 Event time: the task keeps what it knows of its inputs' progress
 (:class:`~pipelines.runtime.watermarks.InputMarks`), fed by the markers it reads and by the
@@ -50,6 +51,7 @@ from pipelines.runtime.watermarks import (
     marker_batch,
     split_markers,
 )
+from pipelines.state.api import DEFAULT_NAMESPACE, State
 from pipelines.state.store import KeyValueStore
 from pipelines.state.table import TableStore
 from pipelines.steps import EntryStep, KeyByStep, OperatorStep, Port, Step, WriteStep
@@ -113,8 +115,14 @@ class _StepContext:
         self._store = task.state.stores.get(step.step_id)
         self._table = task.state.tables.get(step.step_id)
 
+    def state(self, name: str = DEFAULT_NAMESPACE) -> State:
+        return self._keyed().namespace(name)
+
     @property
-    def store(self) -> KeyValueStore:
+    def store(self) -> State:
+        return self._keyed()
+
+    def _keyed(self) -> KeyValueStore:
         if self._store is None:
             raise RuntimeError(f"step {self.step_id!r} is not stateful: it has no store")
         return self._store

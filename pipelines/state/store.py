@@ -42,6 +42,27 @@ The rules that keep an evicted value from being lost or coming back stale:
 
 A crash (``kill -9``) at any point loses only memory; the copy is as of some committed
 checkpoint, and the restore replays the changelog after it.
+
+**Namespaces.** An operator sees its state as :class:`~pipelines.state.api.State` views, one
+per namespace (:meth:`KeyValueStore.namespace`, which the step context's ``state(name)`` calls),
+all over this one store, its one changelog and its one copy. The store is itself the view of
+the default namespace (:data:`~pipelines.state.api.DEFAULT_NAMESPACE`), so a keyed aggregation
+calls the store's own ``get`` and ``put``: nothing stands between a record and the dict. Any
+other namespace is a :class:`Namespace`, whose entry for ``key`` the store holds under the
+in-memory key ``(namespace, key)``: a tuple whose first item is the :class:`Namespace` object
+(hashed by identity), which no key of the default namespace can be, as those are JSON.
+
+In the changelog and the copy, a key of the default namespace is the JSON of the key, as it
+always was, and a key of namespace ``N`` is ``\x00`` + ``N`` (UTF-8) + ``\x00`` + the JSON
+of the key. JSON never starts with (nor holds) a NUL byte, as orjson escapes control
+characters, and a name holds none, so the two never meet and the name ends at the second NUL;
+the copy's own entries for long keys start with ``\x01`` (:mod:`pipelines.state.local`),
+which neither starts with. A store decodes a key's namespace as it reads the key back.
+
+State written before namespaces keeps every entry in the default namespace: an operator that
+now keeps some of them in a namespace of their own moves them there the first time it reads
+its state (:mod:`operators._legacy`); each move is a change like any other, so the next
+checkpoint writes the changelog in the new layout.
 """
 
 from __future__ import annotations
@@ -54,30 +75,76 @@ import orjson
 
 from pipelines.log.base import RawBatch, TopicPartition
 from pipelines.record import Headers
+from pipelines.state.api import DEFAULT_NAMESPACE, State
 
 if TYPE_CHECKING:
     from pipelines.state.local import LocalStore
 
-__all__ = ["POSITIONS_HEADER", "KeyValueStore", "decode_key", "encode_key", "positions_header"]
+__all__ = [
+    "POSITIONS_HEADER",
+    "KeyValueStore",
+    "Namespace",
+    "decode_key",
+    "encode_key",
+    "positions_header",
+    "split_key",
+]
 
 POSITIONS_HEADER = "headwater.input"
 _MISSING = object()
+_NUL = b"\x00"
+"""Starts a namespaced key's bytes and ends its namespace's name (see the module docstring)."""
 
 
-def encode_key(key: Any) -> bytes:
-    """The changelog bytes of a state key (JSON; tuples become arrays)."""
-    return orjson.dumps(key)
+def encode_key(key: Any, namespace: str = DEFAULT_NAMESPACE) -> bytes:
+    """The changelog bytes of a state key of ``namespace`` (JSON, tuples as arrays, after the
+    namespace's prefix: see the module docstring)."""
+    encoded = orjson.dumps(key)
+    return encoded if namespace == DEFAULT_NAMESPACE else _prefix(namespace) + encoded
 
 
 def decode_key(data: bytes) -> Any:
-    """A state key from its changelog bytes (arrays come back as tuples, to stay hashable)."""
+    """A state key of the default namespace from its changelog bytes (arrays come back as
+    tuples, to stay hashable)."""
     return _hashable(orjson.loads(data))
+
+
+def split_key(data: bytes) -> tuple[str, Any]:
+    """The namespace and the state key of changelog bytes, in any namespace."""
+    if not data.startswith(_NUL):
+        return DEFAULT_NAMESPACE, decode_key(data)
+    _, name, key = data.split(_NUL, 2)
+    return name.decode(), decode_key(key)
+
+
+def _prefix(namespace: str) -> bytes:
+    """What the changelog bytes of a key of ``namespace`` (not the default) start with."""
+    return _NUL + namespace.encode() + _NUL
 
 
 def _hashable(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(_hashable(v) for v in value)
     return value
+
+
+def _space_of(key: Any) -> Namespace | None:
+    """The namespace of an in-memory key (None: the default namespace)."""
+    if key.__class__ is tuple and len(key) == 2 and key[0].__class__ is Namespace:
+        space: Namespace = key[0]
+        return space
+    return None
+
+
+def _encoded(key: Any) -> bytes:
+    """The changelog bytes of an in-memory key, in any namespace."""
+    space = _space_of(key)
+    return orjson.dumps(key) if space is None else space.prefix + orjson.dumps(key[1])
+
+
+def _within(encoded: bytes, space: Namespace | None) -> bool:
+    """Whether the changelog bytes ``encoded`` are of a key of ``space`` (None: default)."""
+    return not encoded.startswith(_NUL) if space is None else encoded.startswith(space.prefix)
 
 
 def positions_header(positions: Mapping[TopicPartition, int]) -> Headers:
@@ -87,7 +154,9 @@ def positions_header(positions: Mapping[TopicPartition, int]) -> Headers:
 
 
 class KeyValueStore:
-    """One step's state on one partition (see the module docstring)."""
+    """One step's state on one partition (see the module docstring): the runtime's side
+    (changes, restores, the copy) and the :class:`~pipelines.state.api.State` of the default
+    namespace."""
 
     def __init__(
         self,
@@ -108,17 +177,42 @@ class KeyValueStore:
         self._raw: dict[bytes, bytes] = {}  # restored, not decoded yet
         self._dirty: set[Any] = set()
         self._unsaved: dict[bytes, bytes | None] = {}  # newer than the copy (with a backing)
+        self._spaces: dict[str, Namespace] = {}
+
+    def namespace(self, name: str = DEFAULT_NAMESPACE) -> State:
+        """The view of namespace ``name``: the store itself for the default one."""
+        return self if name == DEFAULT_NAMESPACE else self._space(name)
+
+    def _space(self, name: str) -> Namespace:
+        space = self._spaces.get(name)
+        if space is None:
+            if not isinstance(name, str) or "\x00" in name or name == DEFAULT_NAMESPACE:
+                raise ValueError(f"a namespace is a name without NUL characters, not {name!r}")
+            space = self._spaces[name] = Namespace(self, name)
+        return space
 
     def __len__(self) -> int:
-        if self.complete:
-            return len(self._values) + len(self._raw)
+        """How many entries the default namespace holds."""
+        return self._count(None)
+
+    def _count(self, space: Namespace | None) -> int:
+        """How many entries ``space`` (None: the default namespace) holds, reading nothing into
+        memory: no cost while memory holds every entry and they are all in the default
+        namespace, else a scan of the keys (and, for a store larger than memory, its copy)."""
+        raw = self._raw
+        if self.complete:  # (namespaced keys sort first: a glance at the least restored one)
+            if space is None and not self._spaces and not (raw and min(raw).startswith(_NUL)):
+                return len(self._values) + len(raw)
+            held = sum(1 for key in self._values if _space_of(key) is space)
+            return held + sum(1 for encoded in raw if _within(encoded, space))
         backing = self._backing
         assert backing is not None
         pending: dict[bytes, bool] = {k: v is not None for k, v in self._unsaved.items()}
-        pending.update((encode_key(k), k in self._values) for k in self._dirty)
-        count = backing.count()
+        pending.update((_encoded(k), k in self._values) for k in self._dirty)
+        count = sum(1 for encoded, _ in backing.items() if _within(encoded, space))
         for key, present in pending.items():
-            count += present - (backing.get(key) is not None)
+            if _within(key, space):
+                count += present - (backing.get(key) is not None)
         return count
 
     @property
@@ -144,7 +238,7 @@ class KeyValueStore:
     def _miss(self, key: Any, default: Any) -> Any:
         """``key`` is not decoded in memory: a restored entry, a change the copy does not have
         yet, or the copy (see the module docstring)."""
-        encoded = encode_key(key)
+        encoded = _encoded(key)
         raw = self._raw.pop(encoded, None) if self._raw else None
         if raw is None:
             if self.complete or key in self._dirty:  # (a key changed and not in memory: gone)
@@ -166,18 +260,25 @@ class KeyValueStore:
     def delete(self, key: Any) -> None:
         """Remove ``key``."""
         if self._raw:
-            self._raw.pop(encode_key(key), None)
+            self._raw.pop(_encoded(key), None)
         self._values.pop(key, None)
         self._dirty.add(key)
 
     def items(self) -> Iterator[tuple[Any, Any]]:
-        """Every (key, value), decoding restored entries on the way; a store larger than
-        memory reads the rest from its copy (as of its last write, under what memory holds)."""
+        """Every (key, value) of the default namespace (see :meth:`_scan`)."""
+        return self._scan(None)
+
+    def _scan(self, space: Namespace | None) -> Iterator[tuple[Any, Any]]:
+        """Every (in-memory key, value) of ``space`` (None: the default namespace), decoding
+        restored entries on the way; a store larger than memory reads the rest from its copy
+        (as of its last write, under what memory holds)."""
         if self._raw:
             raw, self._raw = self._raw, {}
             for key, value in raw.items():
-                self._values.setdefault(decode_key(key), orjson.loads(value))
+                self._values.setdefault(self._decoded(key), orjson.loads(value))
         held = list(self._values.items())
+        if self._spaces:
+            held = [(key, value) for key, value in held if _space_of(key) is space]
         if self.complete:
             return iter(held)
         assert self._backing is not None
@@ -186,9 +287,18 @@ class KeyValueStore:
         rest = (
             (key, orjson.loads(value))
             for encoded, value in self._backing.items()
-            if encoded not in newer and (key := decode_key(encoded)) not in shadowed
+            if _within(encoded, space)
+            and encoded not in newer
+            and (key := self._decoded(encoded)) not in shadowed
         )
         return chain(held, rest)
+
+    def _decoded(self, encoded: bytes) -> Any:
+        """The in-memory key of the changelog bytes ``encoded``, in any namespace."""
+        if not encoded.startswith(_NUL):
+            return decode_key(encoded)
+        name, key = split_key(encoded)
+        return (self._space(name), key)
 
     # -- checkpoints and restores --------------------------------------------------------------
 
@@ -200,7 +310,7 @@ class KeyValueStore:
             return None
         header = positions_header(positions)
         dumps = orjson.dumps
-        keys: list[bytes | None] = list(map(dumps, dirty))
+        keys: list[bytes | None] = list(map(_encoded if self._spaces else dumps, dirty))
         found = list(map(self._values.get, dirty, repeat(_MISSING)))
         values: list[bytes | None] = [None if v is _MISSING else dumps(v) for v in found]
         if self._backing is not None:
@@ -316,3 +426,40 @@ def _compact(blobs: list[bytes | None]) -> list[bytes | None]:
 def _reflects_committed(header: Headers, committed: Mapping[str, int]) -> bool:
     reflected = orjson.loads(dict(header).get(POSITIONS_HEADER, b"{}"))
     return all(offset <= committed.get(tp, 0) for tp, offset in reflected.items())
+
+
+class Namespace:
+    """A namespace other than the default of a :class:`KeyValueStore` (see the module
+    docstring): a :class:`~pipelines.state.api.State` over the store's entries under
+    ``(self, key)``. The store makes one per name (:meth:`KeyValueStore.namespace`)."""
+
+    __slots__ = ("_store", "name", "prefix")
+
+    def __init__(self, store: KeyValueStore, name: str) -> None:
+        self._store = store
+        self.name = name
+        self.prefix = _prefix(name)
+        """What the changelog bytes of each of its keys start with."""
+
+    def __repr__(self) -> str:
+        return f"<namespace {self.name!r} of {self._store.step_id!r}>"
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """The value of ``key``, or ``default``."""
+        return self._store.get((self, key), default)
+
+    def put(self, key: Any, value: Any) -> None:
+        """Set ``key`` to ``value`` (JSON-serialisable)."""
+        self._store.put((self, key), value)
+
+    def delete(self, key: Any) -> None:
+        """Remove ``key``."""
+        self._store.delete((self, key))
+
+    def items(self) -> Iterator[tuple[Any, Any]]:
+        """Every (key, value) of the namespace."""
+        return ((named[1], value) for named, value in self._store._scan(self))
+
+    def __len__(self) -> int:
+        """How many entries the namespace holds (a scan of the store's keys)."""
+        return self._store._count(self)

@@ -20,10 +20,11 @@ from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from support.cli import Cli, background
 from support.kafka import admin, consumer
 
+from operators.windowed import WINDOWS
 from pipelines.log.base import RawBatch, TopicPartition
 from pipelines.log.kafka import KafkaLog
 from pipelines.settings import KafkaSettings
-from pipelines.state.store import decode_key
+from pipelines.state.store import split_key
 
 WINDOW_MS = 2000
 
@@ -108,7 +109,7 @@ async def window_values(bootstrap: str, changelog: str) -> tuple[int, int]:
                 values += sum(
                     1
                     for r in records
-                    if r.key is not None and r.value is not None and len(decode_key(r.key)) > 1
+                    if r.key is not None and r.value is not None and split_key(r.key)[0] == WINDOWS
                 )
     return read, values
 

@@ -15,7 +15,7 @@ from typing import Any
 from support.operators import Keyed, rejected_values, send_keyed
 from support.times import exact_millis
 
-from operators._timing import watermark
+from operators._timing import TIME, watermark
 from operators.aggregations import Count
 from operators.stateful import Aggregate, Dedupe, EventTime
 from operators.windowed import EmitMode, WindowedAggregate, WindowResult
@@ -113,7 +113,7 @@ def test_after_the_end_of_time_exactly_the_closed_windows_are_late() -> None:
     send_keyed(operator, first)
     assert finals(operator.finish().values) == tumbling_counts(first, size)
     closed_until = max(t - t % size + size + grace for _, t, _ in first)
-    assert watermark(operator.store) == closed_until
+    assert watermark(operator.state(TIME)) == closed_until
 
     # a later run goes on with newer input: the sources resumed; its step keeps the store
     later = window_operator(

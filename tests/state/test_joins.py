@@ -17,7 +17,8 @@ from pydantic import BaseModel
 from connectors.base import SinkContext
 from connectors.memory import Collect, Iterable
 from connectors.topic import LogTopic
-from operators.joins import StreamJoin
+from operators._timing import TIME, WATERMARK
+from operators.joins import JOINED, StreamJoin
 from pipelines import Pipeline, PipelineDefinitionError, Topic
 from pipelines.log import EmbeddedLog, MemoryLog
 from pipelines.log.base import LogBackend, RawBatch, TopicPartition
@@ -28,6 +29,7 @@ from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.task import Task
 from pipelines.runtime.topology import compile_pipeline
 from pipelines.runtime.worker import WorkerReport
+from pipelines.state.store import encode_key
 from pipelines.testing import Checkpoint, OperatorHarness, TestResult, run_pipeline
 
 T0 = 1_700_000_000_000  # event times in the past, so an idle partition's watermark passes them
@@ -440,7 +442,7 @@ def test_stream_join_equals_a_brute_force_reference(how: str, seed: int, restart
             join = stream_join(how, within, grace, join.checkpoint())
         processed, expired = feeder.feed(join, chunk)
         results += processed + expired
-        assert len(join.store) <= 60  # records expire as the watermark passes them
+        assert len(join.state(JOINED)) <= 60  # records expire as the watermark passes them
     results += join.finish().values  # the end of input
     late += [r.value for r in join.late]
 
@@ -448,7 +450,7 @@ def test_stream_join_equals_a_brute_force_reference(how: str, seed: int, restart
     assert sorted(results, key=str) == sorted(expected, key=str)
     assert join.rejected == []
     assert join.pending == 0
-    assert [k for k, _ in join.store.items()] == [("watermark",)]
+    assert list(join.state(JOINED).items()) == [] and list(join.store.items()) == []
 
 
 def test_the_brute_force_judges_a_chunk_against_the_watermark_before_it() -> None:
@@ -590,13 +592,16 @@ async def test_stream_join_pipeline_equals_a_brute_force_reference(how: str, wor
         assert int(record.timestamp.timestamp() * 1000) == at
 
 
+WATERMARK_BYTES = encode_key(WATERMARK, TIME)
+
+
 def changelog_watermark(log: MemoryLog, changelog: str) -> int | None:
     """The watermark a step last committed to its changelog (None before it has one)."""
     watermark = None
     for partition in range(log.spec(changelog).partitions):
         raw = log.read_now(TopicPartition(changelog, partition), 0, 1 << 30).records
         for key, value in zip(raw.keys, raw.values, strict=True):
-            if key == b'["watermark"]' and value is not None:
+            if key == WATERMARK_BYTES and value is not None:
                 watermark = orjson.loads(value)
     return watermark
 
