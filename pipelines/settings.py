@@ -48,6 +48,14 @@ class KafkaSettings(BaseSettings):
     up to 3 (so a topic on a cluster of 3 or more survives the loss of a broker)."""
     connect_timeout: float = 15.0
     """Seconds to wait for the cluster before failing with a clear error."""
+    producer_linger_ms: float = Field(default=0.0, ge=0)
+    """Milliseconds a producer waits, once records are queued for a partition whose queue was
+    empty, before it hands them to the client: fewer, bigger produce requests at low rates,
+    for that much latency. Under load the queue batches anyway: what is sent while the
+    previous batch of a partition waits for the broker goes in its next batch."""
+    producer_batch_bytes: int = Field(default=1 << 20, ge=1 << 10)
+    """The largest Kafka record batch a producer builds, in bytes: at most the topics'
+    ``max.message.bytes`` (1 MiB by default). Queued records that need more go as several."""
 
     def client_options(self) -> dict[str, Any]:
         """Keyword arguments shared by aiokafka's producer, consumer and admin client."""

@@ -6,19 +6,25 @@
   opened once every worker is in the group;
 * the throughput watch: polls the group's membership and the output topic's end offsets (never
   reads the records, which would take CPU from the framework under test), then reads the
-  broker's append time of the first and the last output record;
+  broker's append time of the first and the last output record; it also samples the CPU time
+  of the framework's processes, of the broker and of the whole machine (:class:`CpuSample`)
+  when the gate opens and when the output is complete;
 * the latency phase: a producer at a steady rate that stamps each event's ``ts`` with the
-  wall-clock ms it is sent, and a reader of the output topic that takes ``now - ts``;
+  wall-clock ms it is sent (aiokafka's, with no linger, so that the load is the same whatever
+  Headwater's producer does), and a reader of the output topic that takes ``now - ts``;
 * :func:`prefill`: plain input for ``profile_worker.py``, with Headwater's batch producer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -140,6 +146,113 @@ async def prefill(bootstrap: str, topic: str, partitions: int, records: int) -> 
         await log.close()
 
 
+# -- CPU ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CpuSample:
+    """CPU seconds (user + system) used so far by the framework's processes (those launched
+    and every process under them), by the broker, by this process and by the whole machine;
+    NaN where ``/proc`` is missing. Differences of two samples say who used the CPU between
+    them."""
+
+    at: float
+    framework: float
+    broker: float
+    own: float
+    machine: float
+
+    @classmethod
+    def take(cls, roots: Sequence[int], broker: int | None) -> CpuSample:
+        """A sample of the processes ``roots`` and those under them, and of ``broker``."""
+        stats = _process_stats()
+        children: dict[int, list[int]] = {}
+        for pid, (parent, _) in stats.items():
+            children.setdefault(parent, []).append(pid)
+        tree, todo = set(), [pid for pid in roots if pid in stats]
+        while todo:
+            pid = todo.pop()
+            tree.add(pid)
+            todo += children.get(pid, [])
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return cls(
+            at=time.monotonic(),
+            framework=sum(stats[pid][1] for pid in tree) if stats else float("nan"),
+            broker=stats[broker][1] if broker in stats else float("nan"),
+            own=own.ru_utime + own.ru_stime,
+            machine=_machine_busy(),
+        )
+
+    def minus(self, before: CpuSample) -> CpuSample:
+        return CpuSample(
+            at=self.at - before.at,
+            framework=self.framework - before.framework,
+            broker=self.broker - before.broker,
+            own=self.own - before.own,
+            machine=self.machine - before.machine,
+        )
+
+    @property
+    def other_cores(self) -> float:
+        """Cores the rest of the machine kept busy on average (of a difference of samples):
+        neither the framework, nor the broker, nor this benchmark."""
+        rest = self.machine - self.framework - self.broker - self.own
+        return rest / self.at if self.at > 0 else float("nan")
+
+
+def _process_stats() -> dict[int, tuple[int, float]]:
+    """Every process's parent and CPU seconds (empty without ``/proc``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in Path("/proc").iterdir() if Path("/proc/stat").exists() else ():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        # after the name: state ppid ... utime (14th field of the line) stime (15th)
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    return stats
+
+
+def broker_process(bootstrap: str) -> int | None:
+    """The process listening on the port of ``bootstrap`` on this machine (the broker), if
+    ``/proc`` tells."""
+    port = f"{int(bootstrap.rsplit(':', 1)[1]):04X}"
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            local, state, inode = (row.split()[i] for i in (1, 3, 9))
+            if local.endswith(f":{port}") and state == "0A":  # 0A: listening
+                inodes.add(f"socket:[{inode}]")
+    for entry in Path("/proc").iterdir() if inodes else ():
+        if entry.name.isdigit() and _holds(entry, inodes):
+            return int(entry.name)
+    return None
+
+
+def _holds(process: Path, sockets: set[str]) -> bool:
+    try:
+        return any(os.readlink(fd) in sockets for fd in (process / "fd").iterdir())
+    except OSError:
+        return False  # gone, or not ours to look at
+
+
+def _machine_busy() -> float:
+    """CPU seconds all cores have spent busy since boot (NaN without ``/proc/stat``)."""
+    try:
+        ticks = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return float("nan")
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 # -- throughput -----------------------------------------------------------------------------
 
 
@@ -214,7 +327,17 @@ class Watch:
     first_append: float | None = None
     last_append: float | None = None
     """The broker's append time of the first and the last output record."""
+    cpu: CpuSample | None = None
+    """Who used the CPU from the gate opening to the output found complete."""
     error: str | None = None
+
+
+class Workers(Protocol):
+    """The framework's processes, as the watch sees them."""
+
+    def running(self) -> bool: ...
+
+    def pids(self) -> list[int]: ...
 
 
 async def group_members(admin: AIOKafkaAdminClient, group: str) -> int:
@@ -263,7 +386,7 @@ class Watcher:
     target: WatchTarget
     log: KafkaLog
     admin: AIOKafkaAdminClient
-    running: Callable[[], bool]
+    workers: Workers
     watch: Watch
     deadline: float = field(init=False)
 
@@ -273,7 +396,7 @@ class Watcher:
     def failed(self, count: int) -> bool:
         """Note why the run cannot finish, if it cannot."""
         expected = self.target.expected
-        if not self.running():
+        if not self.workers.running():
             self.watch.error = f"the processes exited after {count:,} of {expected:,} records"
         elif time.monotonic() > self.deadline:
             self.watch.error = f"timed out after {count:,} of {expected:,} output records"
@@ -291,13 +414,16 @@ class Watcher:
         self.watch.ready = time.time()
         return True
 
-    async def until_done(self) -> None:
+    async def until_done(self, opened: CpuSample, broker: int | None) -> None:
         """Wait until every output record is on the topic, and has stayed put for a moment
-        (duplicates would add more)."""
+        (duplicates would add more); note the CPU used from ``opened`` until the first."""
         reached: float | None = None
         while True:
             count = await self.count()
             if count >= self.target.expected:
+                if self.watch.cpu is None:
+                    done = CpuSample.take(self.workers.pids(), broker)
+                    self.watch.cpu = done.minus(opened)
                 if count != self.watch.output:
                     reached = time.monotonic()
                 elif reached is not None and time.monotonic() - reached >= SETTLE_SECONDS:
@@ -309,21 +435,24 @@ class Watcher:
 
 
 async def watch_throughput(
-    bootstrap: str, target: WatchTarget, gate: Gate, launch: Callable[[], Callable[[], bool]]
+    bootstrap: str, target: WatchTarget, gate: Gate, launch: Callable[[], Workers]
 ) -> Watch:
-    """Start the workers with ``launch`` (which returns whether they still run), open the gate
-    once they are all in the group, and watch until the output is complete."""
+    """Start the workers with ``launch``, open the gate once they are all in the group, and
+    watch until the output is complete."""
     log = kafka_log(bootstrap)
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, client_id="headwater-bench")
     await admin.start()
     watch = Watch(time.time())
     try:
-        watcher = Watcher(target, log, admin, launch(), watch)
+        workers = launch()
+        watcher = Watcher(target, log, admin, workers, watch)
+        broker = broker_process(bootstrap)
         if await watcher.until_ready():
+            opened = CpuSample.take(workers.pids(), broker)
             await gate.open()
             watch.opened = time.time()
             watch.output_at_open = await watcher.count()
-            await watcher.until_done()
+            await watcher.until_done(opened, broker)
         if watch.output:
             watch.first_append, watch.last_append = await append_times(
                 log, target.topic, target.partitions
@@ -386,9 +515,16 @@ async def steady_producer(
     bootstrap: str, topic: str, partitions: int, rate: int, tick: float, clock: Clock
 ) -> int:
     """Send ``rate`` events/s in small batches every ``tick`` seconds, each batch stamped with
-    the wall-clock ms it is sent, round-robin over the partitions; returns the events sent."""
-    log = kafka_log(bootstrap)
-    producer = log.producer()
+    the wall-clock ms it is sent, round-robin over the partitions, each acknowledged before the
+    next; returns the events sent."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id="headwater-bench",
+        acks="all",
+        linger_ms=0,
+        max_batch_size=1 << 20,
+    )
+    await producer.start()
     start = time.monotonic()
     sent = rotation = 0
     try:
@@ -396,16 +532,16 @@ async def steady_producer(
             due = int((time.monotonic() - start) * rate) - sent
             if due > 0:
                 stamp = now_ms()
-                values: list[bytes | None] = list(encode_events(sent, due, stamp))
-                batch = RawBatch([None] * due, values, [stamp] * due)
-                await producer.send(topic, rotation % partitions, batch)
-                await producer.flush()
+                builder = producer.create_batch()
+                for value in encode_events(sent, due, stamp):
+                    builder.append(key=None, value=value, timestamp=stamp)
+                builder.close()  # complete: sent at once, no linger
+                await (await producer.send_batch(builder, topic, partition=rotation % partitions))
                 rotation += 1
                 sent += due
             await asyncio.sleep(tick)
     finally:
-        await producer.close()
-        await log.close()
+        await producer.stop()
     return sent
 
 

@@ -21,6 +21,12 @@ latency
     in batches every ``--tick-ms``, each event stamped with the wall-clock ms it was sent, and
     a reader takes ``now - stamp`` for every output record. Measured: the records stamped from
     ``--warmup`` seconds after the first output record and a stable group, for ``--seconds``.
+    ``--latency-repeat`` runs of each, interleaved; the table's percentiles are over all of
+    their measured records.
+
+Each throughput attempt also reports who used the CPU from the gate opening to the output
+complete: the framework's processes (µs per input record), the broker, and the rest of the
+machine (``others``: cores other work kept busy, which the run had to share).
 
 Throughput runs are interleaved (framework by framework, attempt by attempt); the best and the
 median attempt are shown, and drift over time hits every framework alike.
@@ -110,6 +116,7 @@ class Config:
     warmup: float
     tick_ms: float
     repeat: int
+    latency_repeat: int
     phase: str
     timeout: float
     keep_topics: bool
@@ -149,6 +156,28 @@ class ThroughputRun:
         ready = self.watch.ready
         return float("nan") if ready is None else ready - self.watch.launched
 
+    @property
+    def cpu_per_record(self) -> float:
+        """µs of the framework's CPU per input record processed after the gate opened."""
+        cpu = self.watch.cpu
+        counted = self.records * (1 - self.early)
+        return float("nan") if cpu is None or not counted else cpu.framework / counted * 1e6
+
+    @property
+    def framework_cores(self) -> float:
+        cpu = self.watch.cpu
+        return float("nan") if cpu is None or cpu.at <= 0 else cpu.framework / cpu.at
+
+    @property
+    def broker_cores(self) -> float:
+        cpu = self.watch.cpu
+        return float("nan") if cpu is None or cpu.at <= 0 else cpu.broker / cpu.at
+
+    @property
+    def other_cores(self) -> float:
+        cpu = self.watch.cpu
+        return float("nan") if cpu is None else cpu.other_cores
+
 
 @dataclass(frozen=True, slots=True)
 class LatencyRun:
@@ -181,6 +210,12 @@ def parse_args(argv: Sequence[str]) -> Config:
     parser.add_argument("--warmup", type=float, default=3.0, help="latency phase, not measured")
     parser.add_argument("--tick-ms", type=float, default=5.0, help="latency phase, send period")
     parser.add_argument("--repeat", type=int, default=1, help="throughput runs of each; best shown")
+    parser.add_argument(
+        "--latency-repeat",
+        type=int,
+        default=1,
+        help="latency runs of each, interleaved; percentiles over all their records",
+    )
     parser.add_argument("--phase", choices=["all", "throughput", "latency"], default="all")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run, at most")
     parser.add_argument("--keep-topics", action="store_true", help="do not delete the topics")
@@ -196,6 +231,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         warmup=args.warmup,
         tick_ms=args.tick_ms,
         repeat=args.repeat,
+        latency_repeat=args.latency_repeat,
         phase=args.phase,
         timeout=args.timeout,
         keep_topics=args.keep_topics,
@@ -225,6 +261,9 @@ class Launched:
 
     def running(self) -> bool:
         return any(p.poll() is None for p in self.processes)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
 
     def stop(self) -> None:
         for process in self.processes:
@@ -310,9 +349,9 @@ def throughput_run(
     )
     started: list[Launched] = []
 
-    def start() -> Callable[[], bool]:
+    def start() -> Launched:
         started.append(launch(framework, app_args(config, group), workers, scratch, group))
-        return started[0].running
+        return started[0]
 
     try:
         watch = asyncio.run(gated_run(config, target, start))
@@ -326,9 +365,7 @@ def throughput_run(
     return result
 
 
-async def gated_run(
-    config: Config, target: WatchTarget, start: Callable[[], Callable[[], bool]]
-) -> Watch:
+async def gated_run(config: Config, target: WatchTarget, start: Callable[[], Launched]) -> Watch:
     """Fill the run's input behind the gate, start the workers, open the gate, watch."""
     gate = Gate(config.bootstrap, f"{target.group}-in", config.partitions)
     try:
@@ -353,6 +390,13 @@ def report_throughput(result: ThroughputRun, started: list[Launched]) -> None:
             print(launched.tail())
     elif watch.output != result.expected:
         print(f"    WARNING: {watch.output:,} output records, expected {result.expected:,}")
+    if watch.cpu is not None:
+        print(
+            f"    CPU from the gate opening to the output complete: {result.framework} "
+            f"{result.cpu_per_record:.2f} µs/record ({result.framework_cores:.2f} cores), broker "
+            f"{result.broker_cores:.2f} cores, "
+            f"others {result.other_cores:.2f} cores (the rest of the machine)"
+        )
 
 
 def throughput_phase(
@@ -394,9 +438,9 @@ async def drive_latency(
 
 
 def latency_run(
-    config: Config, names: Names, framework: Framework, workers: int, scratch: Path
+    config: Config, names: Names, framework: Framework, workers: int, scratch: Path, attempt: int
 ) -> LatencyRun:
-    group = names.run("lat", framework.name, workers)
+    group = names.run("lat", framework.name, workers, attempt)
     source, sink = f"{group}-in", f"{group}-out"
     asyncio.run(create_topics(config.bootstrap, [source, sink], config.partitions))
     launched = launch(framework, app_args(config, group), workers, scratch, group)
@@ -428,8 +472,9 @@ def latency_phase(
 ) -> list[LatencyRun]:
     print("latency:", flush=True)
     return [
-        latency_run(config, names, framework, workers, scratch)
+        latency_run(config, names, framework, workers, scratch, attempt)
         for workers in config.workers
+        for attempt in range(config.latency_repeat)
         for framework in frameworks
     ]
 
@@ -449,7 +494,24 @@ def median_rate(runs: list[ThroughputRun], framework: str, workers: int) -> floa
 
 
 def latency_of(runs: list[LatencyRun], framework: str, workers: int) -> LatencyRun | None:
-    return next((r for r in runs if r.framework == framework and r.workers == workers), None)
+    """The latency runs of ``framework`` with ``workers`` as one: every measured record."""
+    mine = [r for r in runs if r.framework == framework and r.workers == workers]
+    if not mine:
+        return None
+    return LatencyRun(
+        framework,
+        workers,
+        sum(r.sent for r in mine),
+        sum(r.received for r in mine),
+        statistics.mean(r.rate for r in mine),
+        sorted(latency for r in mine for latency in r.latencies_ms),
+    )
+
+
+def median_of(runs: list[ThroughputRun], framework: str, workers: int, what: str) -> float:
+    """The median of a :class:`ThroughputRun` property over the attempts (NaN if none)."""
+    values = [getattr(r, what) for r in runs if r.framework == framework and r.workers == workers]
+    return statistics.median(values) if values else float("nan")
 
 
 def cells(run: ThroughputRun | None, median: float | None, lat: LatencyRun | None) -> str:
@@ -490,8 +552,29 @@ def print_table(
             median = median_rate(throughput, framework.name, workers)
             print(f"{framework.name:<10} {workers:>7}  {cells(run, median, lat)}")
     print()
+    if throughput:
+        print_cpu(config, frameworks, throughput)
     for workers in config.workers:
         print_ratios(workers, frameworks, throughput, latency)
+
+
+def print_cpu(config: Config, frameworks: list[Framework], throughput: list[ThroughputRun]) -> None:
+    """Who used the CPU while the throughput attempts ran (medians over the attempts)."""
+    print(
+        f"{'framework':<10} {'workers':>7}  {'µs CPU/record':>13}  {'broker cores':>12}  "
+        f"{'others cores':>12}"
+    )
+    for workers in config.workers:
+        for framework in frameworks:
+            row = [
+                median_of(throughput, framework.name, workers, what)
+                for what in ("cpu_per_record", "broker_cores", "other_cores")
+            ]
+            print(
+                f"{framework.name:<10} {workers:>7}  {row[0]:>13.2f}  {row[1]:>12.2f}  "
+                f"{row[2]:>12.2f}"
+            )
+    print()
 
 
 def print_ratios(

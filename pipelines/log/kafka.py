@@ -5,8 +5,11 @@
   replicas, by default one per broker up to 3; a topic that exists with another partition
   count is refused with a message that says so.
 - Producers are idempotent with ``acks=all`` and append whole batches through aiokafka's batch
-  API (one ``BatchBuilder`` per partition and send: about ten times cheaper per record than
-  ``send()``); :meth:`KafkaProducer.flush` waits for the broker's acknowledgements.
+  API (closed ``BatchBuilder``s: about ten times cheaper per record than ``send()``, and sent
+  without lingering). A send only queues its batch; a task per partition hands the queue to
+  aiokafka in the background, so the worker does not wait for the broker between polls
+  (:mod:`pipelines.log._kafka_sends`). :meth:`KafkaProducer.flush` and a transaction's commit
+  wait until everything queued is handed over and acknowledged.
 - Consumers use manual commits, ``read_committed`` isolation and Kafka's range assignor, so the
   same partition number of co-partitioned topics lands on the same member (aiokafka implements
   only the eager rebalance protocol). Rebalance callbacks come from aiokafka's coordinator task;
@@ -26,9 +29,10 @@ the broker denying an operation by its ACLs names the principal and what to gran
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
 from aiokafka import TopicPartition as KafkaPartition
@@ -52,6 +56,7 @@ from aiokafka.structs import OffsetAndMetadata
 
 from pipelines.errors import FencedError, LogError, TopicError
 from pipelines.log._kafka_records import ColumnReader
+from pipelines.log._kafka_sends import Sends
 from pipelines.log.base import (
     Consumer,
     FetchedBatch,
@@ -271,15 +276,14 @@ def _partitions(tps: Sequence[TopicPartition]) -> list[KafkaPartition]:
 async def _started_producer(
     settings: KafkaSettings, transactional_id: str | None = None
 ) -> AIOKafkaProducer:
-    """An idempotent producer with acks=all and batch-friendly sizes, started."""
+    """An idempotent producer with acks=all and the settings' batch size, started."""
     client = AIOKafkaProducer(
         **settings.client_options(),
         acks="all",
         enable_idempotence=True,
         transactional_id=transactional_id,
-        linger_ms=5,
-        max_batch_size=1 << 20,
-        max_request_size=4 << 20,
+        max_batch_size=settings.producer_batch_bytes,
+        max_request_size=max(4 << 20, settings.producer_batch_bytes),
     )
     try:
         await _reach(settings, "start a producer", client.start())
@@ -289,53 +293,39 @@ async def _started_producer(
     return client
 
 
-async def _send_batches(
-    producer: AIOKafkaProducer, topic: str, partition: int, batch: RawBatch
-) -> list[asyncio.Future[Any]]:
-    """Hand ``batch`` to ``producer`` as few Kafka record batches as fit; their futures."""
-    futures = []
-    builder = producer.create_batch()
-    headers = batch.headers
-    no_headers: list[tuple[str, bytes]] = []  # shared: the client only reads it
-    for i, (key, value, stamp) in enumerate(
-        zip(batch.keys, batch.values, batch.timestamps, strict=True)
-    ):
-        record_headers = no_headers if headers is None else list(headers[i])
-        if builder.append(key=key, value=value, timestamp=stamp, headers=record_headers):
-            continue
-        futures.append(await producer.send_batch(builder, topic, partition=partition))
-        builder = producer.create_batch()
-        if builder.append(key=key, value=value, timestamp=stamp, headers=record_headers) is None:
-            raise LogError(f"a record of {len(value or b'')} bytes does not fit a Kafka batch")
-    futures.append(await producer.send_batch(builder, topic, partition=partition))
-    return futures
+def _sends(settings: KafkaSettings, client: AIOKafkaProducer, *, acks: bool) -> Sends:
+    return Sends(client, linger=settings.producer_linger_ms / 1000, acks=acks)
 
 
 class KafkaProducer(Producer):
-    """An idempotent aiokafka producer that sends batches (see the module docstring)."""
+    """An idempotent aiokafka producer that queues batches per partition and hands them over
+    in the background (see :mod:`pipelines.log._kafka_sends`)."""
 
     def __init__(self, settings: KafkaSettings) -> None:
         self._settings = settings
         self._client: AIOKafkaProducer | None = None  # created on first send
-        self._pending: list[asyncio.Future[Any]] = []
+        self._sends: Sends | None = None
 
-    async def _start(self) -> AIOKafkaProducer:
-        if self._client is None:
+    async def _started(self) -> Sends:
+        if self._sends is None:
             self._client = await _started_producer(self._settings)
-        return self._client
+            self._sends = _sends(self._settings, self._client, acks=True)
+        return self._sends
 
     async def send(self, topic: str, partition: int, batch: RawBatch) -> None:
         if not len(batch):
             return
-        producer = await self._start()
-        self._pending += await _send_batches(producer, topic, partition, batch)
+        sends = await self._started()
+        try:
+            await sends.send(topic, partition, batch)
+        except KafkaError as error:
+            raise LogError(f"Kafka did not take a batch: {error}", retriable=True) from error
 
     async def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if not pending:
+        if self._sends is None:
             return
         try:
-            await asyncio.gather(*pending)
+            await asyncio.gather(*await self._sends.drain())
         except KafkaError as error:
             raise LogError(f"Kafka did not acknowledge a batch: {error}", retriable=True) from error
 
@@ -345,20 +335,23 @@ class KafkaProducer(Producer):
                 await self.flush()
             finally:
                 await self._client.stop()
-                self._client = None
+                self._client = self._sends = None
 
 
 class KafkaTransaction(TransactionalProducer):
     """A transactional aiokafka producer: batches and consumed offsets commit together.
 
     ``transactional_id`` is stable per task (group, sub-topology, partition), so when a task
-    moves, the new owner's producer fences the old one: a zombie can no longer commit.
+    moves, the new owner's producer fences the old one: a zombie can no longer commit. Batches
+    are queued and handed over in the background as :class:`KafkaProducer` does; a commit
+    first waits until every one of them is in the transaction.
     """
 
     def __init__(self, settings: KafkaSettings, transactional_id: str) -> None:
         self._settings = settings
         self._id = transactional_id
         self._client: AIOKafkaProducer | None = None
+        self._sends: Sends | None = None
         self._open = False  # a transaction has begun and not ended
 
     def _fenced(self, cause: BaseException | None = None) -> FencedError:
@@ -373,26 +366,48 @@ class KafkaTransaction(TransactionalProducer):
         if producer._txn_manager.is_fatal_error():
             raise self._fenced()
 
-    async def _begun(self) -> AIOKafkaProducer:
-        if self._client is None:
+    async def _begun(self) -> tuple[AIOKafkaProducer, Sends]:
+        if self._client is None or self._sends is None:
             self._client = await _started_producer(self._settings, transactional_id=self._id)
+            self._sends = _sends(self._settings, self._client, acks=False)
         self._check(self._client)
         if not self._open:
             await self._client.begin_transaction()
             self._open = True
-        return self._client
+        return self._client, self._sends
 
     async def send(self, topic: str, partition: int, batch: RawBatch) -> None:
         if not len(batch):
             return
-        producer = await self._begun()
-        await _send_batches(producer, topic, partition, batch)
+        _, sends = await self._begun()
+        with self._failures("adding batches to"):
+            await sends.send(topic, partition, batch)
+
+    @contextlib.contextmanager
+    def _failures(self, what: str) -> Iterator[None]:
+        """Raise :class:`FencedError` for a failure of ``what`` once the client knows it was
+        fenced (it then fails calls with an assertion of its own), a retriable LogError for
+        any other failure of the client."""
+        try:
+            yield
+        except LogError:
+            raise
+        except Exception as error:
+            fatal = self._client is not None and self._client._txn_manager.is_fatal_error()
+            if isinstance(error, ProducerFenced) or fatal:
+                raise self._fenced(error) from error
+            if isinstance(error, KafkaError):
+                raise LogError(
+                    f"{what} transaction {self._id!r} failed: {error}", retriable=True
+                ) from error
+            raise
 
     async def commit(self, offsets: Mapping[TopicPartition, int], group: str) -> None:
         if self._client is None and not offsets:
             return
-        producer = await self._begun()
-        try:
+        producer, sends = await self._begun()
+        with self._failures("committing"):
+            await sends.drain()  # every batch in the transaction before it ends
             if offsets:
                 await producer.send_offsets_to_transaction(
                     {KafkaPartition(tp.topic, tp.partition): o for tp, o in offsets.items()},
@@ -401,14 +416,10 @@ class KafkaTransaction(TransactionalProducer):
             self._check(producer)
             await producer.commit_transaction()
             self._open = False
-        except ProducerFenced as error:
-            raise self._fenced(error) from error
-        except KafkaError as error:
-            raise LogError(
-                f"committing transaction {self._id!r} failed: {error}", retriable=True
-            ) from error
 
     async def abort(self) -> None:
+        if self._sends is not None:
+            await self._sends.cancel()
         if self._client is not None and self._open:
             self._open = False
             if not self._client._txn_manager.is_fatal_error():  # a fenced one has nothing open
@@ -420,7 +431,7 @@ class KafkaTransaction(TransactionalProducer):
                 await self.abort()
             finally:
                 await self._client.stop()
-                self._client = None
+                self._client = self._sends = None
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
