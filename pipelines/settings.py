@@ -125,9 +125,13 @@ class StateSettings(BaseSettings):
     copy on disk. A worker's state takes about ``cache_keys`` x its stores x ~150 bytes (a
     short key and a number; more for larger values), plus the keys changed between two
     checkpoints. Runs without a state directory (in process, tests) keep everything."""
-    copy_interval: float = Field(default=10.0, ge=0)
-    """Seconds between two writes of the local copies of a store that fits in memory: a crash
-    replays the changelog written since the last one."""
+    copy_interval: float = Field(default=0.0, ge=0)
+    """Seconds between two writes of the local copies of a store that fits in memory (0: at
+    every checkpoint, the default); a crash replays the changelog written since the last one.
+    Experimental above 0: with 10 s, exactly-once chaos runs on Kafka under heavy load
+    (``tests/chaos/test_exactly_once.py``) ended with a task's restored state and its
+    committed offsets disagreeing in about one run in three; at 0 they did not. Not yet
+    understood."""
 
 
 def _reason(error: OSError | ssl.SSLError) -> str:

@@ -24,11 +24,13 @@ each chunk written with the offset after it.
 
 The copy is written at a checkpoint (``persist``) when the store is over its cache (it must be,
 before it evicts), when the task's partitions are handed over (a rebalance, a stop), and at
-least every ``HEADWATER_STATE_COPY_INTERVAL`` seconds (10) otherwise; a crash replays the
-changelog written since. Each write holds the latest value of every key changed since the last
-one: at 1M keys, where each record changes another key, writing the copy at every checkpoint
-(0.5 s) cost ~1.4 µs a record in LMDB (~3 µs in SQLite before it), most of the CPU a record
-may take, while a key changed many times between two writes is written once.
+least every ``HEADWATER_STATE_COPY_INTERVAL`` seconds otherwise: 0 by default, so at every
+checkpoint (see :class:`~pipelines.settings.StateSettings` for why longer intervals are
+experimental); a crash replays the changelog written since. Each write holds the latest value
+of every key changed since the last one: at 1M keys, where each record changes another key,
+writing the copy at every checkpoint (0.5 s) cost ~1.4 µs a record in LMDB (~3 µs in SQLite
+before it), most of the CPU a record may take, while a key changed many times between two
+writes is written once.
 """
 
 from __future__ import annotations
