@@ -1,17 +1,17 @@
 """How long a killed worker's partitions stand still: the failover gap on the embedded log.
 
-    python bench/failover.py [--keys 500000] [--rate 20000] [--workers 2] [--repeat 3]
+    python bench/failover.py [--keys 500000] [--rate 20000] [--workers 2] [--repeat 3] [--standby]
 
 A keyed count (``bench/stateful_pipeline.py``, ``BENCH_KIND=count``) runs under
 ``pipelines.runtime.runner.run`` with ``--workers`` worker processes, as ``headwater worker``
 runs it (``sources=False``: it never stops on drain). First the input gets one record for each of
 ``--keys`` users, so every task holds a large state, and the benchmark waits until all of it is
-committed. Then a producer in this process appends ``--rate`` records/s over the same users
-(every 5 ms, each record stamped with the time it is appended), a sampler in this process looks
-at the end offsets of the output partitions every ms, and after ``--warmup`` seconds the
-benchmark kills one worker with SIGKILL. The runner starts a new one after its back-off; the
-group moves partitions twice: to the survivors when the dead worker's claims go, and back when
-the new worker joins.
+committed and every worker owns partitions. Then a producer in this process appends ``--rate``
+records/s over the same users (every 5 ms, each record stamped with the time it is appended), a
+sampler in this process looks at the end offsets of the output partitions every ms, and after
+``--warmup`` seconds the benchmark kills the owner of partition 0 with SIGKILL. The runner
+starts a new one after its back-off; the group moves partitions twice: to the survivors when
+the dead worker's claims go, and back when the new worker joins.
 
 Reported, per run: the **failover gap**, the longest time an output partition got nothing from
 the kill on, counted from the kill (the killed worker's partitions: detecting the death,
@@ -23,6 +23,10 @@ measured between two samples that saw an output partition grow, so it is exact t
 period (1 ms) plus the producer's tick (5 ms). ``--smoke`` runs one short round in seconds (as
 the test suite does).
 
+``--standby`` declares the pipeline with ``standby_replicas=1``: each worker keeps a warm copy of
+the other's tasks (:mod:`pipelines.runtime.standby`), and the survivor takes the killed
+worker's tasks over from it; the runner's line for each task taken over so is printed.
+
 This is a benchmark, not a test: it prints numbers, and checks only that the output has at
 least one record per input record (at-least-once: the records processed again after the kill
 are counted twice).
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import logging
 import multiprocessing
 import os
 import signal
@@ -54,6 +59,7 @@ from workload import event
 from pipelines.log import EmbeddedLog
 from pipelines.log.base import RawBatch, TopicPartition
 from pipelines.partitioner import partition_for
+from pipelines.runtime.logs import LOGGER
 from pipelines.runtime.runner import RunOptions, run
 
 INPUT_TOPIC = "failover-in"
@@ -78,6 +84,7 @@ class Config:
     after: float
     repeat: int
     guarantee: str
+    standby: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +111,7 @@ def parse_args(argv: Sequence[str]) -> Config:
     parser.add_argument(
         "--guarantee", choices=["at_least_once", "exactly_once"], default="at_least_once"
     )
+    parser.add_argument("--standby", action="store_true", help="standby_replicas=1")
     parser.add_argument("--smoke", action="store_true", help="one short round (seconds)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -119,6 +127,7 @@ def parse_args(argv: Sequence[str]) -> Config:
         args.after,
         args.repeat,
         args.guarantee,
+        args.standby,
     )
 
 
@@ -131,11 +140,25 @@ def pipeline_env(config: Config) -> dict[str, str]:
         "BENCH_INPUT_TOPIC": INPUT_TOPIC,
         "BENCH_OUTPUT_TOPIC": OUTPUT_TOPIC,
         "BENCH_PARTITIONS": str(config.partitions),
+        "BENCH_STANDBY_REPLICAS": "1" if config.standby else "0",
     }
 
 
+class Takeovers(logging.Filter):
+    """The runner's lines about tasks taken over from a standby (not those of standbys warm)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "from its standby" in record.getMessage()
+
+
 def runner_main(data_dir: str, workers: int) -> None:
-    """The runner process: SIGTERM stops it, and it stops its workers cleanly."""
+    """The runner process: SIGTERM stops it, and it stops its workers cleanly. It prints its
+    lines about tasks taken over from a standby."""
+    shown = logging.StreamHandler(sys.stdout)
+    shown.setFormatter(logging.Formatter("  %(message)s"))
+    shown.addFilter(Takeovers())
+    LOGGER.addHandler(shown)
+    LOGGER.setLevel(logging.INFO)
     run(
         RunOptions(
             spec=str(PIPELINE),
@@ -187,6 +210,33 @@ async def committed(data_dir: Path, group: str, partitions: list[TopicPartition]
         await log.close()
 
 
+def claim_holders(data_dir: Path, group: str) -> dict[int, int]:
+    """The process holding each input partition's claim on the embedded log (a claim is an
+    ``flock`` of ``groups/<group>/claims/<topic>.<partition>``, which /proc/locks lists with
+    its holder): partition -> pid."""
+    claims = data_dir / "groups" / group / "claims"
+    if not claims.is_dir():
+        return {}
+    inodes = {
+        path.stat().st_ino: int(path.name.rsplit(".", 1)[1])
+        for path in claims.iterdir()
+        if path.name.startswith(f"{INPUT_TOPIC}.")
+    }
+    holders = {}
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()  # "1: FLOCK ADVISORY WRITE <pid> <major>:<minor>:<inode> ..."
+        if fields[1] == "FLOCK" and (inode := int(fields[5].rsplit(":", 1)[1])) in inodes:
+            holders[inodes[inode]] = int(fields[4])
+    return holders
+
+
+def every_worker_owns(data_dir: Path, group: str, runner: int, config: Config) -> bool:
+    """Whether every worker of ``runner`` holds partitions, and every partition is held."""
+    holders = claim_holders(data_dir, group)
+    pids = worker_pids(runner)
+    return len(holders) == config.partitions and set(holders.values()) == set(pids)
+
+
 def wait_until(what: str, done: Callable[[], bool]) -> None:
     """Look every 50 ms until ``done()``; give up after ``SETTLE_TIMEOUT``."""
     deadline = time.monotonic() + SETTLE_TIMEOUT
@@ -229,9 +279,15 @@ class Sampler(threading.Thread):
             await log.close()
 
 
-def produce(data_dir: Path, config: Config, seconds: float) -> int:
-    """Append ``config.rate`` records/s over the users for ``seconds``; the records sent."""
-    places = {n: partition_for(b"u%d" % n, config.partitions) for n in range(config.keys)}
+def user_partitions(config: Config) -> list[int]:
+    """The input partition of each user (pure-Python murmur2: ~3 s for 2M users, so computed
+    before the clock of a run starts)."""
+    return [partition_for(b"u%d" % n, config.partitions) for n in range(config.keys)]
+
+
+def produce(data_dir: Path, config: Config, seconds: float, places: list[int]) -> int:
+    """Append ``config.rate`` records/s over the users (``places``: the partition of each) for
+    ``seconds``; the records sent."""
 
     async def main() -> int:
         log = EmbeddedLog(data_dir)
@@ -295,6 +351,7 @@ def one_run(config: Config, scratch: Path, attempt: int) -> Gaps:
     inputs = partitions_of(INPUT_TOPIC, config.partitions)
     outputs = partitions_of(OUTPUT_TOPIC, config.partitions)
     workload = Workload("failover", "count", config.keys, config.keys)
+    places = user_partitions(config)
     log = EmbeddedLog(data_dir)
     asyncio.run(prefill(log, INPUT_TOPIC, workload, config.partitions))
     asyncio.run(log.close())
@@ -304,18 +361,23 @@ def one_run(config: Config, scratch: Path, attempt: int) -> Gaps:
             "the prefilled state",
             lambda: asyncio.run(committed(data_dir, topology.group, inputs)) >= config.keys,
         )
+        # every worker owns partitions before the kill (on a busy machine one may join late)
+        wait_until(
+            "every worker to own partitions",
+            lambda: every_worker_owns(data_dir, topology.group, runner.pid or 0, config),
+        )
         sampler = Sampler(data_dir, outputs)
         sampler.start()
         victims: list[float] = []
 
         def kill() -> None:
-            pid = worker_pids(runner.pid or 0)[0]
+            pid = claim_holders(data_dir, topology.group)[0]  # the owner of partition 0
             victims.append(time.monotonic())
             os.kill(pid, signal.SIGKILL)
 
         killer = threading.Timer(config.warmup, kill)
         killer.start()
-        produced = produce(data_dir, config, config.warmup + config.after)
+        produced = produce(data_dir, config, config.warmup + config.after, places)
         killer.join()
         total = config.keys + produced
         wait_until("the output", lambda: sum(asyncio.run(ends(data_dir, outputs))) >= total)
@@ -358,7 +420,8 @@ def main(argv: Sequence[str]) -> None:
         f"\nfailover gap over {len(results)} runs: median "
         f"{statistics.median(r.failover for r in results) * 1000:,.0f} ms, worst "
         f"{max(r.failover for r in results) * 1000:,.0f} ms ({config.keys:,} keys, "
-        f"{config.rate:,} records/s, {config.workers} workers, {config.guarantee})"
+        f"{config.rate:,} records/s, {config.workers} workers, {config.guarantee}"
+        f"{', standby_replicas=1' if config.standby else ''})"
     )
     print("command: python bench/failover.py " + " ".join(argv))
 

@@ -11,6 +11,8 @@ the variant and names its topics through the environment, which the workers inhe
     the pipeline's name, so its consumer group and changelog topic (fresh ones per run on Kafka).
 ``BENCH_GUARANTEE``
     ``at_least_once`` or ``exactly_once``.
+``BENCH_STANDBY_REPLICAS``
+    the pipeline's ``standby_replicas`` (default 0).
 
 The input is already keyed (no ``key_by``): a ``LogTopic`` read straight into the count.
 """
@@ -34,13 +36,14 @@ INPUT_TOPIC = os.environ.get("BENCH_INPUT_TOPIC", "bench-in")
 OUTPUT_TOPIC = os.environ.get("BENCH_OUTPUT_TOPIC", "bench-out")
 PARTITIONS = int(os.environ.get("BENCH_PARTITIONS", "4"))
 IDLE_MS = int(os.environ.get("BENCH_IDLE_MS", "1000"))
+STANDBY_REPLICAS = int(os.environ.get("BENCH_STANDBY_REPLICAS", "0"))
 
 
 def build() -> Pipeline:
     """The variant the environment asks for."""
-    chain = Pipeline(NAME, processing_guarantee=GUARANTEE).source(
-        LogTopic(Topic(INPUT_TOPIC, partitions=PARTITIONS))
-    )
+    chain = Pipeline(
+        NAME, processing_guarantee=GUARANTEE, standby_replicas=STANDBY_REPLICAS
+    ).source(LogTopic(Topic(INPUT_TOPIC, partitions=PARTITIONS)))
     if KIND == "window":
         chain = chain.window(
             "per-minute", Tumbling(minutes=1), idle=timedelta(milliseconds=IDLE_MS)

@@ -106,7 +106,9 @@ class Pipeline:
     ``error_policy`` says what happens to a record a step cannot process (dead letter, skip,
     fail); ``max_dead_letter_ratio`` is the share of a step's records it may reject before
     ``headwater run`` fails the run (judged once the step has had 100 records): a typo in a
-    function then stops the run instead of dead-lettering everything."""
+    function then stops the run instead of dead-lettering everything. ``standby_replicas=1``
+    has another worker keep a warm copy of each task's state, which takes the task over when
+    its owner dies (see :mod:`pipelines.runtime.standby`; the embedded log only, for now)."""
 
     __slots__ = (
         "_tail",
@@ -114,6 +116,7 @@ class Pipeline:
         "max_dead_letter_ratio",
         "name",
         "processing_guarantee",
+        "standby_replicas",
         "steps",
     )
 
@@ -124,6 +127,7 @@ class Pipeline:
         error_policy: ErrorPolicy = ErrorPolicy.DEAD_LETTER,
         processing_guarantee: Guarantee = "at_least_once",
         max_dead_letter_ratio: float = 0.5,
+        standby_replicas: int = 0,
         _steps: tuple[Step, ...] = (),
         _tail: Port | None = None,
     ) -> None:
@@ -144,6 +148,12 @@ class Pipeline:
                 f"max_dead_letter_ratio must be a number from 0 to 1 (the share of a step's "
                 f"records it may reject), not {max_dead_letter_ratio!r}"
             )
+        if isinstance(standby_replicas, bool) or standby_replicas not in (0, 1):
+            raise PipelineDefinitionError(
+                f"standby_replicas must be 0 or 1 (a warm copy of each task's state on one "
+                f"other worker), not {standby_replicas!r}"
+            )
+        self.standby_replicas = standby_replicas
         self.name = name
         self.error_policy = ErrorPolicy(error_policy)
         self.max_dead_letter_ratio = float(max_dead_letter_ratio)
@@ -236,6 +246,7 @@ class Pipeline:
             error_policy=self.error_policy,
             processing_guarantee=self.processing_guarantee,
             max_dead_letter_ratio=self.max_dead_letter_ratio,
+            standby_replicas=self.standby_replicas,
             _steps=steps,
             _tail=tail,
         )

@@ -164,6 +164,17 @@ def test_failover(tmp_path: Path) -> None:
     assert output >= produced > 0
 
 
+def test_failover_with_standbys(tmp_path: Path) -> None:
+    out = bench("failover.py", "--smoke", "--standby", cwd=tmp_path)
+    failover, _, _, output, produced = finite(
+        out,
+        r"run 1: failover gap {n} ms \(partitions \[[\d, ]+\]\), hand-back gap {n} ms, normal "
+        r"silence {n} ms; output {n} for {n} input records",
+    )
+    assert 0 < failover < 30_000 and output >= produced > 0
+    assert re.search(r"took over task \d+\.\d+ from its standby in [\d,]+ ms: [\d,]+ ", out)
+
+
 def test_hot_keys(tmp_path: Path) -> None:
     out = bench("hot_keys.py", "--smoke", "--data-root", str(tmp_path), cwd=tmp_path)
     for arm in ("unsalted", "salt=8"):

@@ -7,6 +7,13 @@ partition only once it holds the partition's claim, and the previous owner relea
 after its ``on_revoked`` callback has committed. A dead member's claims are released by the
 storage (the kernel drops the file locks of a killed process on ``embedded``), so survivors pick
 its partitions up at their next membership check.
+
+Standby replicas (a pipeline's ``standby_replicas``): from the same member list and assignment,
+each member also computes which partitions it keeps a warm standby copy of the state for
+(:func:`standby_assignment`): those of the next member down the sorted list, so every member's
+tasks have a standby on another member once there are two. While a member waits for partitions
+assigned to it (their owner is still handing them over), :meth:`GroupConsumer.unclaimed` says
+which, so that it keeps their standbys warm until it takes them over.
 """
 
 from __future__ import annotations
@@ -28,7 +35,14 @@ from pipelines.log.base import (
     TopicPartition,
 )
 
-__all__ = ["AppendWaiter", "GroupConsumer", "LocalLog", "Membership", "range_assignment"]
+__all__ = [
+    "AppendWaiter",
+    "GroupConsumer",
+    "LocalLog",
+    "Membership",
+    "range_assignment",
+    "standby_assignment",
+]
 
 REBALANCE_CHECK_SECONDS = 0.2
 _member_ids = itertools.count()
@@ -73,6 +87,21 @@ def range_assignment(
             result[member].update(TopicPartition(topic, p) for p in range(start, start + size))
             start += size
     return result
+
+
+def standby_assignment(
+    members: Sequence[str], assignment: Mapping[str, set[TopicPartition]]
+) -> dict[str, set[TopicPartition]]:
+    """Which partitions each member keeps a standby of: member ``i`` of the sorted members
+    stands by those ``assignment`` gives member ``i - 1`` (the last one stands by the first's),
+    so a member's partitions have their standby on another member; with one member, none."""
+    ordered = sorted(members)
+    if len(ordered) < 2:
+        return {m: set() for m in ordered}
+    return {
+        member: set(assignment.get(ordered[index - 1], set()))
+        for index, member in enumerate(ordered)
+    }
 
 
 def new_member_id() -> str:
@@ -169,6 +198,8 @@ class GroupConsumer(Consumer):
         self._listener: RebalanceListener | None = None
         self._partition_counts: dict[str, int] = {}
         self._positions: dict[TopicPartition, int] = {}
+        self._standby: frozenset[TopicPartition] = frozenset()
+        self._unclaimed: frozenset[TopicPartition] = frozenset()
         self._next_check = 0.0
         self._rotation = 0
         self._waiter = log.append_waiter()
@@ -191,6 +222,16 @@ class GroupConsumer(Consumer):
 
     def assignment(self) -> frozenset[TopicPartition]:
         return frozenset(self._positions)
+
+    def standby_partitions(self) -> frozenset[TopicPartition]:
+        """The partitions this member keeps a standby of (:func:`standby_assignment`), as of
+        its last membership check."""
+        return self._standby
+
+    def unclaimed(self) -> frozenset[TopicPartition]:
+        """The partitions assigned to this member at its last membership check that it has
+        not claimed yet (their owner is handing them over)."""
+        return self._unclaimed
 
     async def poll(self, max_records: int, timeout: float) -> list[FetchedBatch]:
         deadline = time.monotonic() + timeout
@@ -228,9 +269,10 @@ class GroupConsumer(Consumer):
             return
         self._next_check = now + REBALANCE_CHECK_SECONDS
         membership, listener = self._require_subscribed()
-        target = range_assignment(membership.live_members(), self._partition_counts).get(
-            membership.member_id, set()
-        )
+        members = membership.live_members()
+        assignment = range_assignment(members, self._partition_counts)
+        target = assignment.get(membership.member_id, set())
+        standby = standby_assignment(members, assignment).get(membership.member_id, set())
         revoked = frozenset(tp for tp in self._positions if tp not in target)
         if revoked:
             await listener.on_revoked(revoked)
@@ -248,6 +290,8 @@ class GroupConsumer(Consumer):
                 self._positions[tp] = committed.get(tp, starts[tp])
             self._waiter.follow(self._positions.keys())  # before the first read of the claimed
             await listener.on_assigned(frozenset(claimed))
+        self._standby = frozenset(standby)
+        self._unclaimed = frozenset(target - self._positions.keys())
         if len(self._positions) < len(target):
             self._next_check = now + REBALANCE_CHECK_SECONDS / 4  # a claim is still held elsewhere
 

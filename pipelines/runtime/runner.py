@@ -467,6 +467,12 @@ class _Restarts:
         return started
 
 
+def _note_standbys(report: WorkerReport, last: WorkerReport | None, progress: Progress) -> None:
+    """Show what the worker's standbys did since its last report."""
+    for message in report.standby_events[len(last.standby_events) if last is not None else 0 :]:
+        progress.note(message)
+
+
 def _collect_reports(
     workers: list[_WorkerProcess], state: RunState, progress: Progress, *, restart: bool = False
 ) -> None:
@@ -477,6 +483,7 @@ def _collect_reports(
                 if isinstance(report, WorkerNote):
                     progress.note(report.message, logging.WARNING)
                     continue
+                _note_standbys(report, state.reports.get(report.worker), progress)
                 if report.error is not None and report.worker in state.reports:
                     # a worker's last words carry no counts: keep those it reported before
                     last = state.reports[report.worker]

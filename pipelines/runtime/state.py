@@ -31,12 +31,20 @@ of every key changed since the last one: at 1M keys, where each record changes a
 writing the copy at every checkpoint (0.5 s) cost ~1.4 µs a record in LMDB (~3 µs in SQLite
 before it), most of the CPU a record may take, while a key changed many times between two
 writes is written once.
+
+A task taken over from a standby (:mod:`pipelines.runtime.standby`) is given a
+:class:`WarmStart` per store before its restore (:meth:`TaskState.warm_start`): the whole state
+(when it fits in the cache; else the copy is read as asked), read from the changelog to its end,
+and the changes the local copy lacks. The store takes those over as its unsaved changes, so the
+next write of the copy (at its usual time, not in the takeover) writes them with everything
+since, and the restore reads nothing.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines.log.base import LogBackend, RawBatch, TopicPartition
@@ -49,9 +57,24 @@ from pipelines.state.store import KeyValueStore
 from pipelines.state.table import TableStore
 from pipelines.steps import HasStore, TableJoinStep
 
-__all__ = ["TaskState"]
+__all__ = ["TaskState", "WarmStart"]
 
 _RESTORE_CHUNK = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class WarmStart:
+    """One store as a standby kept it, handed to the task that takes the store over."""
+
+    entries: dict[bytes, bytes] | None
+    """The whole state as raw changelog bytes (None: larger than the cache, so the store reads
+    its local copy as asked, with ``changes`` over it)."""
+    changes: RawBatch
+    """The last change of each key changed since ``base`` (None values delete)."""
+    base: int
+    """A changelog offset at or below the local copy's: the copy lacks at most ``changes``."""
+    position: int
+    """The changelog offset the state reflects."""
 
 
 class TaskState:
@@ -70,6 +93,7 @@ class TaskState:
         self._copy_interval = settings.copy_interval
         self._next_copy = 0.0  # (monotonic) when the copies are written at the latest
         self.restored = 0
+        self._warm: dict[str, WarmStart] = {}
         self.tables: dict[str, TableStore] = {}
         """The table of each ``join_table`` step, bootstrapped from its topic in restore."""
         changelogs = {MARKS_STORE: topology.marks_changelogs[sub.index]}
@@ -102,6 +126,8 @@ class TaskState:
         for step_id, store in self.stores.items():
             tp = self._changelogs[step_id]
             local = self._local.get(step_id)
+            if self._adopt(step_id, store, ends[tp]):
+                continue
             offset = 0 if local is None else self._open_copy(local, store, ends[tp])
             copied = offset
             applied = 0
@@ -124,6 +150,54 @@ class TaskState:
                 local.replace(store.restored(), offset)
             else:  # nothing applied (uncommitted updates only): the copy just moves past them
                 local.save(RawBatch([], [], []), offset)
+
+    @property
+    def changelogs(self) -> Mapping[str, TopicPartition]:
+        """The changelog partition of each store."""
+        return self._changelogs
+
+    @property
+    def copies(self) -> Mapping[str, LocalStore]:
+        """The local copy of each store (none without a state directory)."""
+        return self._local
+
+    @property
+    def cache_keys(self) -> int:
+        """At most this many entries of a store stay in memory."""
+        return self._cache_keys
+
+    def warm_start(self, stores: Mapping[str, WarmStart]) -> None:
+        """Start these stores from a standby's at the next :meth:`restore`."""
+        self._warm = dict(stores)
+
+    def _adopt(self, step_id: str, store: KeyValueStore, end: int) -> bool:
+        """Start ``store`` from its :class:`WarmStart`, if it has one that reflects the whole
+        changelog (``end``) and changes that cover what its copy lacks; whether it did."""
+        warm = self._warm.pop(step_id, None)
+        local = self._local.get(step_id)
+        if warm is None or local is None or warm.position != end:
+            return False
+        copied = local.offset()
+        if copied is None:
+            local.reset()  # nothing trusted: the changes are the whole state
+            copied = 0
+        if not warm.base <= copied <= end:
+            return False
+        if warm.entries is None:
+            self._open_copy(local, store, end)
+        # the changes become the store's unsaved ones (an incomplete store takes what it
+        # applies as such, and drops them from its restored entries), then the entries come in
+        complete, store.complete = store.complete, False
+        store.apply(warm.changes, {})
+        store.complete = complete
+        if warm.entries is not None:
+            store.load(warm.entries)
+        elif complete:
+            changed = zip(warm.changes.keys, warm.changes.values, strict=True)
+            store.load({k: v for k, v in changed if k is not None and v is not None})
+        # the copy is due when it would have been for the owner, not in the takeover
+        self._next_copy = time.monotonic() + self._copy_interval
+        return True
 
     def _open_copy(self, local: LocalStore, store: KeyValueStore, end: int) -> int:
         """Start ``store`` from its copy: all of it, if it fits in the cache, else none (read

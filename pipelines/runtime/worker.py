@@ -30,6 +30,12 @@ Rebalance callbacks run inside ``poll`` on the local backends but in aiokafka's 
 on Kafka, so a lock makes a callback wait until the batch in hand is processed, sent and
 checkpointed; batches of a partition revoked in the meantime are dropped unprocessed (their
 offsets were not committed, so the partition's next owner reads them).
+
+A pipeline with ``standby_replicas`` has the worker also keep warm copies of the state of tasks
+it stands by (:mod:`pipelines.runtime.standby`), between batches; a task assigned to it that it
+stood by starts from its standby's stores. The worker says in its reports when a standby task
+is warm (read to the end of its changelogs once) and when it took a task over from one
+(:attr:`WorkerReport.standby_events`).
 """
 
 from __future__ import annotations
@@ -43,10 +49,11 @@ from pathlib import Path
 
 from connectors.base import SinkContext, SinkWriter
 from operators.steploop import step_loop
-from pipelines.errors import FencedError
+from pipelines.errors import FencedError, PipelineError
 from pipelines.log.base import FetchedBatch, LogBackend, TopicPartition
 from pipelines.runtime.checkpoint import Checkpoint, Fenced, TaskKey, checkpoint_for
 from pipelines.runtime.hotkeys import PartitionKeys
+from pipelines.runtime.standby import STANDBY_INTERVAL, Handoff, Standbys, standbys_for
 from pipelines.runtime.task import StepStats, Task
 from pipelines.runtime.topology import Topology
 from pipelines.runtime.watchdog import Abandoned
@@ -83,6 +90,9 @@ class WorkerReport:
     """Per step that rejected records: what went wrong with the first."""
     hot_keys: list[PartitionKeys] = field(default_factory=list)
     """Per input partition of this worker's tasks: its top keys and their shares."""
+    standby_events: list[str] = field(default_factory=list)
+    """What its standbys did, as sentences, in order: each standby task once warm, each task
+    taken over from its standby."""
     at: float = field(default_factory=time.time)
 
 
@@ -120,6 +130,8 @@ class Worker:
         self._positions: dict[TopicPartition, int] = {}  # processed, not yet committed
         self._fenced: set[TopicPartition] = set()  # of dropped zombie tasks, until a rebalance
         self._records = 0
+        self._standbys: Standbys | None = None  # (in run: it may refuse the log)
+        self._standby_events: list[str] = []
         self._lock = asyncio.Lock()
         self.abandoned: str | None = None
         """Why the worker left without its last checkpoint (told to stop while a step was
@@ -128,13 +140,18 @@ class Worker:
     async def run(self) -> None:
         """Consume until :attr:`stop` is set; then checkpoint and leave the group."""
         pipeline = self.topology.pipeline
+        try:
+            self._standbys = standbys_for(self.topology, self._log, self._consumer, self._state_dir)
+        except PipelineError:
+            await self._consumer.close()  # (not subscribed: nothing to revoke)
+            raise
         for step in self.topology.sink_steps:
             ctx = SinkContext(pipeline.name, step.step_id, self.index)
             self._writers[step.step_id] = writer = step.sink.open(ctx)
             await writer.start()
         await self._consumer.subscribe([t.name for t in self.topology.input_topics], self)
         next_checkpoint = time.monotonic() + self._commit_interval
-        next_report = next_tick = 0.0
+        next_report = next_tick = next_standby = 0.0
         step_loop.hold()  # the loop of async steps lives as long as a worker of the process
         try:
             while not self.stop.is_set():
@@ -159,6 +176,16 @@ class Worker:
                 if now >= next_report:
                     self._send_report()
                     next_report = now + REPORT_INTERVAL
+                if self._standbys is not None and now >= next_standby:
+                    async with self._lock:
+                        # a worker catching up (a full batch) opens no standby task
+                        busy = sum(len(b.records) for b in fetched) >= self._max_batch
+                        warm = await self._standbys.step(self._tasks, open_one=not busy)
+                    for key in warm:
+                        self._standby_event(
+                            f"worker {self.index} keeps a warm standby of task {key[0]}.{key[1]}"
+                        )
+                    next_standby = now + STANDBY_INTERVAL
                 # a local poll that finds data never suspends: yield once per batch so signal
                 # handlers, other workers and sources on this loop, and client heartbeats run
                 await asyncio.sleep(0)
@@ -201,6 +228,8 @@ class Worker:
             if self.abandoned is None:
                 for writer in self._writers.values():
                     await writer.close()
+            if self._standbys is not None:
+                self._standbys.close()
             await self._checkpoints.close()
             self._send_report(done=True, hot_keys=loads)
 
@@ -240,30 +269,57 @@ class Worker:
             await self._open_tasks(partitions)
 
     async def _open_tasks(self, partitions: frozenset[TopicPartition]) -> None:
-        """Build the tasks of newly assigned partitions and restore their state."""
-        opened = []
-        for tp in partitions:
-            sub = self.topology.by_topic[tp.topic]
-            key = (sub.index, tp.partition)
-            if key not in self._tasks:
-                task = Task(
-                    self.topology,
-                    sub,
-                    tp.partition,
-                    self._checkpoints.outbox(key),
-                    self._writers,
-                    self._stats,
-                    self._state_dir,
-                    clock=self._clock,
-                )
-                self._tasks[key] = task
-                opened.append(task)
-        if not opened:
+        """Build the tasks of newly assigned partitions and restore their state (from their
+        standbys, for those this worker stood by)."""
+        started = time.monotonic()
+        keys = sorted(
+            {(self.topology.by_topic[tp.topic].index, tp.partition) for tp in partitions}
+            - self._tasks.keys()
+        )
+        if not keys:
             return
-        inputs = [tp for task in opened for tp in task.partitions]
+        subs = self.topology.subtopologies
+        inputs = [TopicPartition(t.name, p) for i, p in keys for t in subs[i].topics]
         committed = await self._log.committed_offsets(self.topology.group, inputs)
+        # before the tasks open their local copies: the standbys close theirs
+        handoffs = {} if self._standbys is None else await self._standbys.take(keys, committed)
+        opened = []
+        for key in keys:
+            task = Task(
+                self.topology,
+                subs[key[0]],
+                key[1],
+                self._checkpoints.outbox(key),
+                self._writers,
+                self._stats,
+                self._state_dir,
+                clock=self._clock,
+            )
+            self._tasks[key] = task
+            opened.append(task)
+            if key in handoffs:
+                task.state.warm_start(handoffs[key].warm)
         for task in opened:
             await task.restore(self._log, committed)
+        for key, handoff in handoffs.items():
+            self._took_over(key, handoff, time.monotonic() - started)
+
+    def _took_over(self, key: TaskKey, handoff: Handoff, seconds: float) -> None:
+        """Say that the task ``key`` started from its standby, how long the tasks opened with it
+        took to start, how many changelog records its takeover read, and how many its restore
+        did (none, when every store was warm)."""
+        restored = self._tasks[key].state.restored
+        message = (
+            f"worker {self.index} took over task {key[0]}.{key[1]} from its standby in "
+            f"{seconds * 1000:,.0f} ms: "
+            f"{handoff.replayed:,} changelog records read at the takeover, "
+            f"{restored:,} restored from the local copy and changelog"
+        )
+        self._standby_event(message)
+
+    def _standby_event(self, message: str) -> None:
+        _log.info(message)
+        self._standby_events.append(message)
 
     async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
         async with self._lock:
@@ -308,5 +364,6 @@ class Worker:
                     if s.first_error is not None
                 },
                 hot_keys=self._hot_keys() if hot_keys is None else hot_keys,
+                standby_events=list(self._standby_events),
             )
         )
