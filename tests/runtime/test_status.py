@@ -91,7 +91,17 @@ def test_status_of_a_running_a_killed_and_a_finished_run(tmp_path: Path, backend
             now = status(tmp_path, log)
             steps = now.get("steps", {})
             assert isinstance(steps, dict)
-            if steps.get("odd", {}).get("in") == ORDERS and not sum(now["lag"].values()):
+            workers = now.get("workers", {})
+            assert isinstance(workers, dict)
+            # each worker reports every second: right after a rebalance one may still list
+            # partitions it has since handed over
+            owned = [p for w in workers.values() if not w["done"] for p in w["partitions"]]
+            settled = sorted(owned) == sorted(f"{name}[{p}]" for p in range(4))
+            if (
+                steps.get("odd", {}).get("in") == ORDERS
+                and not sum(now["lag"].values())
+                and settled
+            ):
                 break
             assert runner.poll() is None, runner.communicate()[1]
             assert time.monotonic() < deadline, f"status never showed the whole input: {now}"
