@@ -93,7 +93,7 @@ def test_status_of_a_running_a_killed_and_a_finished_run(tmp_path: Path, backend
             assert isinstance(steps, dict)
             workers = now.get("workers", {})
             assert isinstance(workers, dict)
-            # each worker reports every second: right after a rebalance one may still list
+            # each worker reports twice a second: right after a rebalance one may still list
             # partitions it has since handed over
             owned = [p for w in workers.values() if not w["done"] for p in w["partitions"]]
             settled = sorted(owned) == sorted(f"{name}[{p}]" for p in range(4))
