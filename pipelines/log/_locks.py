@@ -1,5 +1,6 @@
-"""The two ``flock`` idioms the embedded log's tools share: hold a lock file for a block, and
-ask whether a live process holds one (the kernel drops a dead holder's lock at once)."""
+"""The ``flock`` idioms the embedded log's tools share: hold a lock file for a block, take one
+if it is free, and ask whether a live process holds one (the kernel drops a dead holder's lock
+at once)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["held", "locked"]
+__all__ = ["held", "locked", "try_lock"]
 
 
 @contextlib.contextmanager
@@ -21,6 +22,18 @@ def locked(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def try_lock(path: Path, *, create: bool = True) -> int | None:
+    """An fd holding an exclusive lock on ``path`` (created if missing and ``create``, else
+    :class:`FileNotFoundError`), or None if another holder has it."""
+    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def held(path: Path) -> bool:

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -65,7 +64,7 @@ from pathlib import Path
 import orjson
 
 from pipelines.errors import FencedError, LogError, TopicError
-from pipelines.log._locks import locked
+from pipelines.log._locks import locked, try_lock
 from pipelines.log._partition_file import PartitionFile, _write_all, disk_error
 from pipelines.log.base import RawBatch, TopicPartition, TransactionalProducer
 
@@ -234,13 +233,7 @@ class Transactions:
                 pass
         path = self._path(number, ".owner")
         with self._on_disk(path, "lock"):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return None
-        return fd
+            return try_lock(path)
 
     def recover(self, number: int, transactional_id: str) -> _State:
         """With the owner lock of transaction ``number`` held: finish its last commit unless it

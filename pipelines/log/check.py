@@ -72,6 +72,7 @@ from pipelines.log._partition_file import (
     hole_header,
     segment_paths,
 )
+from pipelines.log._transactions import fsync_directory
 
 __all__ = ["Damage", "LogCheck", "PartitionCheck", "check_log", "users"]
 
@@ -561,7 +562,7 @@ def _quarantine(view: Buffer, found: PartitionCheck) -> Path:
     with path.with_name(path.name + ".json").open("xb") as sidecar:
         sidecar.write(orjson.dumps(about, option=orjson.OPT_INDENT_2) + b"\n")
         _sync(sidecar)
-    _sync_dir(path.parent)
+    fsync_directory(path.parent)
     return path
 
 
@@ -595,7 +596,7 @@ def _rewrite(view: Buffer, found: PartitionCheck) -> None:
         size = out.tell()
     _verify(temporary, found)
     os.replace(temporary, found.path)
-    _sync_dir(found.path.parent)
+    fsync_directory(found.path.parent)
     end_fd = os.open(found.path.with_suffix(".end"), os.O_RDWR | os.O_CREAT, 0o644)
     try:
         os.pwrite(end_fd, _END.pack(size), 0)
@@ -644,11 +645,3 @@ def _copy(view: Buffer, start: int, end: int, out: BinaryIO) -> None:
 def _sync(file: BinaryIO) -> None:
     file.flush()
     os.fsync(file.fileno())
-
-
-def _sync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,7 +47,7 @@ from pipelines.log._local import (
     Membership,
     new_member_id,
 )
-from pipelines.log._locks import locked
+from pipelines.log._locks import locked, try_lock
 from pipelines.log._partition_file import (
     DEFAULT_SEGMENT_BYTES,
     OffsetOutOfRange,
@@ -174,18 +173,6 @@ def _file_name(tp: TopicPartition) -> str:
     return f"{tp.topic}.{tp.partition}"
 
 
-def _try_lock(path: Path, *, create: bool = True) -> int | None:
-    """An fd holding an exclusive lock on ``path`` (created if missing and ``create``, else
-    :class:`FileNotFoundError`), or None if another holder has it."""
-    fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
 _TOPIC_FIELDS = ("partitions", "compacted", "retention_ms")
 
 
@@ -278,7 +265,7 @@ class _FileMembership(Membership):
             self._claims_dir.mkdir(parents=True, exist_ok=True)
             # lock under a temporary name, then rename: nobody ever sees our file unlocked
             temporary = self._members / f".{self.member_id}.joining"
-            fd = _try_lock(temporary)
+            fd = try_lock(temporary)
             if fd is None:
                 raise LogError(f"cannot lock member file {temporary}")
             self._member_fd = fd
@@ -299,7 +286,7 @@ class _FileMembership(Membership):
                 alive.append(name)
                 continue
             try:
-                fd = _try_lock(path)
+                fd = try_lock(path)
             except FileNotFoundError:
                 continue
             if fd is None:
@@ -315,7 +302,7 @@ class _FileMembership(Membership):
             return True
         path = self._claims_dir / _file_name(tp)
         with _on_disk(path, "claim the partition with"):
-            fd = _try_lock(path)
+            fd = try_lock(path)
         if fd is None:
             return False
         self._claims[tp] = fd
@@ -570,7 +557,7 @@ class EmbeddedLog(LocalLog):
 
     def _recover(self, path: Path) -> None:
         try:
-            fd = _try_lock(path, create=False)  # (creating it would leave an empty commit)
+            fd = try_lock(path, create=False)  # (creating it would leave an empty commit)
         except FileNotFoundError:
             return  # its writer just finished
         if fd is None:
@@ -613,7 +600,7 @@ class EmbeddedLog(LocalLog):
         event loop meanwhile), unless another process is compacting it."""
         path = self._file(tp).path
         with _on_disk(path, "compact"):
-            fd = _try_lock(path.with_suffix(".compacting.lock"))
+            fd = try_lock(path.with_suffix(".compacting.lock"))
         if fd is None:
             return
         file = PartitionFile(path, fsync=self._fsync, segment_bytes=self._segment_bytes)
