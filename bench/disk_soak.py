@@ -29,9 +29,14 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from datetime import datetime
 from pathlib import Path
 
 import orjson
+
+from pipelines.log._compaction import compact
+from pipelines.log.base import TopicPartition
+from pipelines.log.embedded import EmbeddedLog
 
 PIPELINE = """
 from datetime import datetime, timedelta, timezone
@@ -110,10 +115,6 @@ def changelog_restore(data_dir: Path, segment_bytes: int, tombstone_ms: int) -> 
     """Bytes of the window's changelog that a fresh worker's restore reads, and what is left of
     them once a copy of the changelog is compacted whole (every segment, the active one too):
     the state and the tombstones compaction must still keep."""
-    from pipelines.log._compaction import compact
-    from pipelines.log.base import TopicPartition
-    from pipelines.log.embedded import EmbeddedLog
-
     topic = "soak.count.changelog"
     copy = Path(tempfile.mkdtemp(prefix="headwater-changelog-"))
     try:
@@ -165,8 +166,6 @@ def reference(path: Path) -> Counter[tuple[str, int]]:
 
 def emitted(path: Path) -> Counter[tuple[str, int]]:
     """The count the run wrote for each (user, window start)."""
-    from datetime import datetime
-
     counts: Counter[tuple[str, int]] = Counter()
     for line in path.read_bytes().splitlines():
         row = orjson.loads(line)

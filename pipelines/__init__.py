@@ -95,7 +95,7 @@ def __getattr__(name: str) -> Any:
     """``Pipeline``, imported on first use (then kept here, as any other name)."""
     if name != "Pipeline":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from pipelines.pipeline import Pipeline
+    from pipelines.pipeline import Pipeline  # noqa: PLC0415 (the DSL is a layer above: first use)
 
     globals()[name] = Pipeline
     return Pipeline

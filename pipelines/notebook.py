@@ -65,7 +65,7 @@ class Watched:
 
     def to_pandas(self) -> Any:
         """The samples as a DataFrame: ``elapsed``, ``records``, ``rate``, ``lag``."""
-        import pandas as pd
+        import pandas as pd  # noqa: PLC0415 (pandas, an optional dependency)
 
         return pd.DataFrame([asdict(s) for s in self.samples], columns=list(Sample.__slots__))
 

@@ -122,7 +122,7 @@ class TestResult:
         value's fields as columns when values are dicts or models (else ``value``), and the
         ``topic``, ``partition`` and ``offset`` each was read from."""
         try:
-            import pandas as pd
+            import pandas as pd  # noqa: PLC0415 (pandas, an optional dependency)
         except ImportError:
             raise ImportError("to_pandas needs pandas: pip install 'headwater[notebook]'") from None
         if name in self.sinks:

@@ -15,7 +15,7 @@ import pytest
 
 from connectors.files import JsonLines, JsonLinesSink
 from pipelines import Pipeline, Topic
-from pipelines.notebook import Watched, chart, render, watch
+from pipelines.notebook import Sample, Watched, chart, render, watch
 
 
 def doubled(source: Path, out: Path, *, follow: bool = False) -> Pipeline:
@@ -116,8 +116,6 @@ def test_outside_a_notebook_each_frame_is_a_line(
 
 
 def test_the_chart_draws_rate_and_lag_scaled_to_their_maximum() -> None:
-    from pipelines.notebook import Sample
-
     samples = [Sample(0.0, 0, 0.0, 100), Sample(1.0, 500, 500.0, 50), Sample(2.0, 900, 400.0, 0)]
     svg = chart(samples)
     assert "records/s (max 500)" in svg

@@ -52,7 +52,7 @@ def open_log(
     if backend == "embedded":
         return EmbeddedLog(data_dir)
     if backend == "kafka":
-        from pipelines.log.kafka import KafkaLog
+        from pipelines.log.kafka import KafkaLog  # noqa: PLC0415 (aiokafka only when Kafka is used)
 
         return KafkaLog(kafka)
     raise PipelineDefinitionError(

@@ -237,8 +237,8 @@ class _KafkaStore(_Store):
 
     async def _call(self, what: str, action: Callable[[Any], Awaitable[T]]) -> T:
         """``action(admin)``, or a clear error when the cluster does not answer in time."""
-        from aiokafka.admin import AIOKafkaAdminClient
-        from aiokafka.errors import KafkaError
+        from aiokafka.admin import AIOKafkaAdminClient  # noqa: PLC0415 (optional aiokafka)
+        from aiokafka.errors import KafkaError  # noqa: PLC0415 (optional aiokafka)
 
         settings = self._settings
         try:
@@ -264,7 +264,7 @@ class _KafkaStore(_Store):
         return "the group on the cluster" if any(found[0] == group for found in groups) else None
 
     async def remove_group(self, group: str) -> None:
-        from aiokafka.protocol.admin import DeleteGroupsRequest
+        from aiokafka.protocol.admin import DeleteGroupsRequest  # noqa: PLC0415 (optional aiokafka)
 
         async def delete(admin: Any) -> int:
             coordinator = await admin.find_coordinator(group)

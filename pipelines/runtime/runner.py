@@ -307,7 +307,7 @@ def _serve_metrics(options: RunOptions, state: RunState) -> MetricsServer | None
     if options.metrics_port is None:
         return None
     try:
-        from pipelines.runtime.metrics import MetricsServer
+        from pipelines.runtime.metrics import MetricsServer  # noqa: PLC0415 (optional Prometheus)
     except ImportError:
         raise PipelineError(
             "--metrics-port needs the Prometheus client: pip install 'headwater[metrics]'"

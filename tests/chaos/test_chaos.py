@@ -69,7 +69,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -97,8 +97,18 @@ from support.cli import Cli, Sessions, summary_counts, tail, wait_until
 from support.logs import EmbeddedView, KafkaView, LogView
 from support.processes import alive, worker_pids
 
+from connectors import JsonLines, LogTopic
+from operators.windows import Tumbling
+from pipelines import Pipeline, Topic
 from pipelines.log import EmbeddedLog
 from pipelines.log.base import TopicPartition
+from pipelines.log.kafka import KafkaLog
+from pipelines.runtime.engine import prepare_topics
+from pipelines.runtime.outbox import Outbox
+from pipelines.runtime.state import TaskState
+from pipelines.runtime.task import Task
+from pipelines.runtime.topology import compile_pipeline
+from pipelines.settings import KafkaSettings
 
 # -- the data --------------------------------------------------------------------------------------
 
@@ -1016,14 +1026,6 @@ async def test_a_restore_keeps_the_committed_changes_it_read_from_the_changelog(
     copy again. Owner B restores: the local copy, then the committed changelog records after it
     (the deletion and the update). B commits a checkpoint of its own and saves the local copy.
     Owner C restores from that copy: A's committed changes must still be there."""
-    from connectors import JsonLines, LogTopic
-    from operators.windows import Tumbling
-    from pipelines import Pipeline, Topic
-    from pipelines.runtime.engine import prepare_topics
-    from pipelines.runtime.outbox import Outbox
-    from pipelines.runtime.state import TaskState
-    from pipelines.runtime.topology import compile_pipeline
-
     pipeline = (
         Pipeline("local-copy")
         .source(JsonLines(tmp_path / "events.jsonl"), into=Topic("events", partitions=1))
@@ -1095,18 +1097,6 @@ async def test_a_partition_is_not_idle_right_after_its_restore(
     may). The partition has not been idle: it was restoring. That must close nothing; if it
     moves the watermark to the wall clock instead, the restored windows close with what they
     had counted so far and every later record of the partition is late."""
-    from datetime import timedelta
-
-    from connectors import JsonLines, LogTopic
-    from operators.windows import Tumbling
-    from pipelines import Pipeline, Topic
-    from pipelines.log.kafka import KafkaLog
-    from pipelines.runtime.engine import prepare_topics
-    from pipelines.runtime.outbox import Outbox
-    from pipelines.runtime.task import Task
-    from pipelines.runtime.topology import compile_pipeline
-    from pipelines.settings import KafkaSettings
-
     name = kafka_names("idle")
     pipeline = (
         Pipeline(name, processing_guarantee="exactly_once")

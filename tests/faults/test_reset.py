@@ -25,6 +25,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 from support.cli import assert_user_error, headwater
 from support.kafka import KAFKA_BOOTSTRAP
 
@@ -248,8 +249,6 @@ def test_reset_is_refused_while_a_runner_runs_the_pipeline(tmp_path: Path) -> No
 
 async def _kafka_state(group: str, run: str) -> tuple[set[str], bool]:
     """The topics whose name holds ``run``, and whether ``group`` exists, on the test broker."""
-    from aiokafka.admin import AIOKafkaAdminClient
-
     admin = AIOKafkaAdminClient(bootstrap_servers=KAFKA_BOOTSTRAP, request_timeout_ms=10_000)
     try:
         await asyncio.wait_for(admin.start(), 30)

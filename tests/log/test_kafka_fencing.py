@@ -14,9 +14,14 @@ import orjson
 import pytest
 from support.kafka import KAFKA_BOOTSTRAP
 
+import connectors
+from pipelines import Pipeline, Topic
 from pipelines.errors import FencedError
 from pipelines.log.base import RawBatch, TopicPartition, TopicSpec
 from pipelines.log.kafka import KafkaLog
+from pipelines.runtime.engine import prepare_topics
+from pipelines.runtime.topology import compile_pipeline
+from pipelines.runtime.worker import Worker
 from pipelines.settings import KafkaSettings
 
 
@@ -94,12 +99,6 @@ async def test_a_fenced_task_is_dropped_and_its_worker_goes_on(
     transactional id over (its next owner, in a rebalance this worker has not seen). The worker
     drops the task with a warning when its next transaction is refused, and runs on until it is
     told to stop; only the first batch's results are on the output."""
-    import connectors
-    from pipelines import Pipeline, Topic
-    from pipelines.runtime.engine import prepare_topics
-    from pipelines.runtime.topology import compile_pipeline
-    from pipelines.runtime.worker import Worker
-
     source, output = names("fence-in"), names("fence-out")
     pipeline = (
         Pipeline(names("fence"), processing_guarantee="exactly_once")

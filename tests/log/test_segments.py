@@ -4,6 +4,7 @@ whole sealed segments are removed from the oldest on (what retention and purges 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -189,8 +190,6 @@ async def test_the_embedded_log_names_the_topic_of_a_read_below_its_start(tmp_pa
 
 def test_log_check_reads_every_segment(tmp_path: Path) -> None:
     log = EmbeddedLog(tmp_path, segment_bytes=SMALL)
-    import asyncio
-
     asyncio.run(log.create_topics([TopicSpec("numbers", 1)]))
     for start in range(0, 2000, 50):
         log.append(TopicPartition("numbers", 0), numbered(start, 50))
@@ -205,8 +204,6 @@ def test_kill_9_while_rolling_loses_no_acknowledged_record(tmp_path: Path) -> No
     """An appender rolling every few batches is killed five times; every record it said was
     acknowledged is there, at its offset, and the offsets run on without a gap or a repeat."""
     asyncio_log = EmbeddedLog(tmp_path)
-    import asyncio
-
     asyncio.run(asyncio_log.create_topics([TopicSpec("t", 3)]))
     acknowledged = [-1, -1, -1]
     os.environ["HEADWATER_SEGMENT_BYTES"] = str(SMALL)

@@ -4,6 +4,9 @@ segments at a time; and the pipeline's output stays what the input alone says.""
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -54,9 +57,6 @@ async def test_a_round_purges_repartition_topics_below_the_committed_offsets(
 ) -> None:
     module = tmp_path / "kept.py"
     module.write_text(PIPELINE)
-    import importlib.util
-    import os
-
     os.environ["RETENTION_MS"] = "60000"
     try:
         spec = importlib.util.spec_from_file_location("kept_pipeline", module)
@@ -163,8 +163,6 @@ def test_a_run_keeps_its_topics_bounded_and_its_counts_exact(
 
 def test_records_appended_while_purging_are_kept(tmp_path: Path) -> None:
     log = EmbeddedLog(tmp_path, segment_bytes=SMALL)
-    import asyncio
-
     asyncio.run(log.create_topics([TopicSpec("t", 1)]))
     tp = TopicPartition("t", 0)
     for start in range(0, 1000, 50):
