@@ -24,6 +24,7 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
+from support.source import parse
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("pipelines", "operators", "connectors")
@@ -123,7 +124,7 @@ def _modules() -> dict[str, Module]:
             parts = path.relative_to(ROOT).with_suffix("").parts
             is_package = parts[-1] == "__init__"
             name = ".".join(parts[:-1] if is_package else parts)
-            tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+            tree = parse(path)
             modules[name] = Module(name, path, is_package, tree)
     return modules
 

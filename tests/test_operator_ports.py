@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.source import parse
 from support.values import from_values
 
 from connectors.memory import Collect
@@ -35,7 +36,7 @@ RUNTIME = Path(__file__).resolve().parent.parent / "pipelines" / "runtime"
 def class_checks(source: str) -> list[str]:
     """The ``isinstance``/``issubclass`` calls of ``source`` whose classes name something it
     imports from the ``operators`` package, as ``line: call``."""
-    tree = ast.parse(source)
+    tree = parse(source)
     imported: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:

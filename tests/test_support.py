@@ -15,6 +15,8 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
+from support.source import parse
+
 TESTS = Path(__file__).resolve().parent
 
 OVERRIDES: dict[str, str] = {}
@@ -26,7 +28,7 @@ def definitions(root: Path) -> dict[str, list[str]]:
     to ``root``'s parent, as ``tests/...``); test functions and classes left out."""
     found: dict[str, list[str]] = defaultdict(list)
     for path in sorted(root.rglob("*.py")):
-        tree = ast.parse(path.read_text(), filename=str(path))
+        tree = parse(path)
         for node in tree.body:
             if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
                 continue
@@ -45,7 +47,7 @@ def fixtures(root: Path) -> dict[str, list[str]]:
     """Fixture name -> the files under ``root`` that define it (as :func:`definitions`)."""
     found: dict[str, list[str]] = defaultdict(list)
     for path in sorted(root.rglob("*.py")):
-        for node in ast.parse(path.read_text(), filename=str(path)).body:
+        for node in parse(path).body:
             if _is_fixture(node):
                 assert isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
                 found[node.name].append(path.relative_to(root.parent).as_posix())

@@ -118,6 +118,9 @@ class Sends:
                 futures = await send_batches(self._producer, *tp, batches)
                 if self._keep_acks:
                     self._acks += futures
+                else:  # the commit says how they went: their own errors are not wanted
+                    for future in futures:
+                        future.add_done_callback(_ignore_error)
         except Exception as error:  # kept for the next send or drain
             self._fail(error)
 
@@ -157,3 +160,10 @@ class Sends:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._acks = []
         self._error = None
+
+
+def _ignore_error(future: asyncio.Future[Any]) -> None:
+    """Mark a batch's error as seen (a fenced producer fails every batch it holds): else asyncio
+    logs "Future exception was never retrieved" when the future is collected."""
+    if not future.cancelled():
+        future.exception()

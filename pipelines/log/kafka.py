@@ -364,6 +364,7 @@ class KafkaTransaction(TransactionalProducer):
         """Raise :class:`FencedError` if the client has learnt, in its background sender,
         that it was fenced: it then refuses every transactional call (with an assertion)."""
         if producer._txn_manager.is_fatal_error():
+            _retrieve_fatal_error(producer)
             raise self._fenced()
 
     async def _begun(self) -> tuple[AIOKafkaProducer, Sends]:
@@ -431,7 +432,21 @@ class KafkaTransaction(TransactionalProducer):
                 await self.abort()
             finally:
                 await self._client.stop()
+                _retrieve_fatal_error(self._client)  # (the sender may learn it as it stops)
                 self._client = self._sends = None
+
+
+def _retrieve_fatal_error(producer: AIOKafkaProducer) -> None:
+    """Take the error of a fenced producer off the future aiokafka sets it on and nothing
+    awaits; else asyncio logs "Future exception was never retrieved" with its traceback when
+    the future is collected, wherever the program is then (in CPython 3.11, inside an
+    ``ast.parse`` that such a log breaks)."""
+    manager = producer._txn_manager
+    waiter = getattr(manager, "_transaction_waiter", None)
+    if manager is None or not manager.is_fatal_error() or waiter is None:
+        return
+    if waiter.done() and not waiter.cancelled():
+        waiter.exception()
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

@@ -8,6 +8,8 @@ import ast
 import re
 from pathlib import Path
 
+from support.source import parse
+
 ROOT = Path(__file__).resolve().parents[2]
 CATALOGUE = ROOT / "docs" / "reliability.md"
 REFERENCE = re.compile(r"`(tests/[\w/]+\.py)::(\w+)`")
@@ -18,7 +20,7 @@ def _references() -> list[tuple[str, str]]:
 
 
 def _tests_in(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+    tree = parse(path)
     return {
         node.name
         for node in tree.body
