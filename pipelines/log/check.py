@@ -54,6 +54,7 @@ import orjson
 
 from pipelines.errors import LogError, PipelineError
 from pipelines.log._locks import held
+from pipelines.log._offsets_file import parse as parse_offset
 from pipelines.log._partition_file import (
     _ABORT,
     _COMMIT,
@@ -334,8 +335,9 @@ def _committed(data_dir: Path, topic: str, partition: int) -> int:
     """The highest offset a consumer group committed on the partition (0 if none did)."""
     highest = 0
     for path in data_dir.glob(f"groups/*/offsets/{topic}.{partition}"):
-        with contextlib.suppress(OSError, ValueError):
-            highest = max(highest, int(path.read_bytes()))
+        with contextlib.suppress(OSError):
+            offset = parse_offset(path.read_bytes())
+            highest = max(highest, offset or 0)
     return highest
 
 

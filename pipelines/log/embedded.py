@@ -7,7 +7,7 @@ its worker processes). The layout under the data directory::
     topics/<topic>/<partition>.log     the partition (see :mod:`._partition_file`)
     groups/<group>/members/<id>        one file per live member, flock-ed while it lives
     groups/<group>/claims/<t>.<p>      flock-ed by the member that owns partition p of t
-    groups/<group>/offsets/<t>.<p>     the committed offset, replaced atomically
+    groups/<group>/offsets/<t>.<p>     the committed offset (see ._offsets_file)
     groups/<group>/committed/<t>.<p>   empty: the group has committed on partition p of t
     groups/<group>/commits/*.commit    exactly-once commits an earlier version left (see ._commits)
     transactions/<id>.state            an exactly-once transaction's commit record (._transactions)
@@ -15,16 +15,18 @@ its worker processes). The layout under the data directory::
 
 Liveness and ownership are ``flock`` locks, so the kernel releases them the moment a process
 dies, even under ``kill -9``: survivors see the dead member gone at their next membership check
-(every 0.2 s) and claim its partitions. A committed offset is written to a temporary file and
-renamed over the old one, so it is either the old or the new value after any crash.
+(every 0.2 s) and claim its partitions.
 
 An offsets file that is missing where ``committed/`` says the group has committed was deleted:
 reading the partition again from its start would process its records twice, so the log stops
 with :class:`~pipelines.errors.CorruptLogError` instead (deleting the whole ``groups/<group>/``
 is a fresh start). The marker is created right after a partition's first committed offset, so
 a crash between the two leaves no marker (the group never committed there, as far as anyone
-knows) rather than a marker without its offset. A file that cannot be read or written (its
-permissions, a full disk) raises :class:`~pipelines.errors.LogError` naming it and the fix.
+knows) rather than a marker without its offset. A commit overwrites the offsets file in place
+(one small write, with a checksum); a process's first commit on a partition writes a temporary
+file and renames it over the old one, so it is either the old or the new file after any crash
+(see :mod:`._offsets_file`). A file that cannot be read or written (its permissions, a full
+disk) raises :class:`~pipelines.errors.LogError` naming it and the fix.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pathlib import Path
 import orjson
 
 from pipelines.errors import CorruptLogError, LogError, PipelineDefinitionError, TopicError
+from pipelines.log import _offsets_file
 from pipelines.log._commits import CommitRecord, pending_commits, read_commit
 from pipelines.log._compaction import TOMBSTONE_MS, compact
 from pipelines.log._local import (
@@ -441,30 +444,28 @@ class EmbeddedLog(LocalLog):
 
     def _committed_offset(self, group: str, tp: TopicPartition) -> int | None:
         path = self._offsets_dir(group) / _file_name(tp)
-        text = self._read_offset(path)
-        if text is None:
+        found = self._read_offset(path)
+        if found is None:
             if not _exists(self._marker(group, tp)):
                 return None  # never committed
             # the marker follows the first offsets file: look again, it may be just written
-            text = self._read_offset(path)
-            if text is None:
+            found = self._read_offset(path)
+            if found is None:
                 raise self._deleted_offset(group, tp, path)
-        try:
-            return int(text)
-        except ValueError:
+        offset, raw = found
+        if offset is None:
             raise CorruptLogError(
                 f"the committed offset of group {group!r} on {tp} is damaged: {path} holds "
-                f"{text[:40]!r}, not a number. Headwater stops rather than guess where to "
+                f"{raw[:40]!r}, not a number. Headwater stops rather than guess where to "
                 "go on; write the offset to resume from into that file (0 to read the "
                 "partition again from its start)"
-            ) from None
+            )
+        return offset
 
     @staticmethod
-    def _read_offset(path: Path) -> bytes | None:
+    def _read_offset(path: Path) -> tuple[int | None, bytes] | None:
         try:
-            return path.read_bytes()
-        except FileNotFoundError:
-            return None
+            return _offsets_file.read(path)
         except OSError as error:
             raise disk_error(path, "read the committed offset in", error) from error
 
@@ -504,8 +505,10 @@ class EmbeddedLog(LocalLog):
             first = (group, tp) not in self._marked
             path = offsets_dir / _file_name(tp)
             try:
-                # the first one durably (with fsync): its marker must never outlive it
-                _write_atomically(path, b"%d" % offset, fsync=self._fsync and first)
+                # a process's first one whole, durably (with fsync): its marker must never
+                # outlive it; then in place
+                if first or not _offsets_file.write_in_place(path, offset):
+                    _write_atomically(path, _offsets_file.record(offset), fsync=self._fsync)
             except OSError as error:
                 doing = f"write the committed offset of group {group!r} on {tp} to"
                 raise disk_error(path, doing, error) from error
