@@ -35,6 +35,7 @@ NUM = r"(-?\d[\d,]*(?:\.\d+)?|nan)"
 """A number as the scripts print them: ``1,026,092``, ``0.27``, ``-9.8``, or ``nan``."""
 
 SMOKE_TESTED = {
+    "commit_cost.py",
     "micro_floor.py",
     "stateless.py",
     "profile_stateless.py",
@@ -189,6 +190,11 @@ def test_kafka_read_path(tmp_path: Path) -> None:
     for path in ("ConsumerRecords", "record batches"):
         for crc in ("on", "off"):
             finite(out, rf"{path}\s+CRC {crc}\s*:\s+{{n}} ns/record, {{n}} collections$")
+
+
+def test_commit_cost(tmp_path: Path) -> None:
+    out = bench("commit_cost.py", "--commits", "50", "--data-root", str(tmp_path), cwd=tmp_path)
+    finite(out, r"^commit of 4 partitions \(50 commits\): median {n} µs, p99 {n} µs, max {n} µs")
 
 
 def test_micro_floor(tmp_path: Path) -> None:
