@@ -25,12 +25,13 @@ each chunk written with the offset after it.
 The copy is written at a checkpoint (``persist``) when the store is over its cache (it must be,
 before it evicts), when the task's partitions are handed over (a rebalance, a stop), and at
 least every ``HEADWATER_STATE_COPY_INTERVAL`` seconds otherwise: 0 by default, so at every
-checkpoint (see :class:`~pipelines.settings.StateSettings` for why longer intervals are
-experimental); a crash replays the changelog written since. Each write holds the latest value
-of every key changed since the last one: at 1M keys, where each record changes another key,
-writing the copy at every checkpoint (0.5 s) cost ~1.4 µs a record in LMDB (~3 µs in SQLite
-before it), most of the CPU a record may take, while a key changed many times between two
-writes is written once.
+checkpoint (see :class:`~pipelines.settings.StateSettings`); a crash replays the changelog
+written since. A copy claims the changelog offset read right after the checkpoint that last
+committed the store's changes, whenever it is written (see :meth:`TaskState.persist`). Each
+write holds the latest value of every key changed since the last one: at 1M keys, where each
+record changes another key, writing the copy at every checkpoint (0.5 s) cost ~1.4 µs a record
+in LMDB (~3 µs in SQLite before it), most of the CPU a record may take, while a key changed
+many times between two writes is written once.
 
 A task taken over from a standby (:mod:`pipelines.runtime.standby`) is given a
 :class:`WarmStart` per store before its restore (:meth:`TaskState.warm_start`): the whole state
@@ -92,6 +93,12 @@ class TaskState:
         self._cache_keys = settings.cache_keys
         self._copy_interval = settings.copy_interval
         self._next_copy = 0.0  # (monotonic) when the copies are written at the latest
+        self._flushed: set[str] = set()
+        """The stores whose changes went into the checkpoint under way (:meth:`flush`)."""
+        self._copy_offset: dict[str, int] = {}
+        """The changelog offset each store's unsaved changes reach: its changelog's end read
+        right after the last checkpoint that committed changes of the store (see
+        :meth:`persist`)."""
         self.restored = 0
         self._warm: dict[str, WarmStart] = {}
         self.tables: dict[str, TableStore] = {}
@@ -197,6 +204,7 @@ class TaskState:
             store.load({k: v for k, v in changed if k is not None and v is not None})
         # the copy is due when it would have been for the owner, not in the takeover
         self._next_copy = time.monotonic() + self._copy_interval
+        self._copy_offset[step_id] = end  # what the changes taken over reach
         return True
 
     def _open_copy(self, local: LocalStore, store: KeyValueStore, end: int) -> int:
@@ -223,10 +231,24 @@ class TaskState:
                 continue
             tp = self._changelogs[step_id]
             outbox.add_to_partition(tp.topic, tp.partition, changes)
+            self._flushed.add(step_id)
 
     async def persist(self, log: LogBackend, *, final: bool = False) -> None:
         """Copy what the last checkpoint committed to local disk, where it is due (see the
-        module docstring; ``final``: the task's partitions are being handed over)."""
+        module docstring; ``final``: the task's partitions are being handed over).
+
+        A copy claims the changelog offset its changes reach: the changelog's end read right
+        after the checkpoint that last committed changes of the store, never the end when the
+        copy is written. A checkpoint with nothing new commits nothing, so even a task whose
+        partitions went to a newer owner (a zombie, on Kafka) gets through it; by then that
+        owner may have written to the changelog, and a copy claiming the end would hide its
+        records from the next restore. (With copies written a while after the commit, ``kill
+        -9`` chaos runs under exactly-once failed that way: counts rolled back.)"""
+        flushed, self._flushed = self._flushed & self._local.keys(), set()
+        if flushed:
+            ends = await log.end_offsets([self._changelogs[s] for s in flushed])
+            for step_id in flushed:
+                self._copy_offset[step_id] = ends[self._changelogs[step_id]]
         now = time.monotonic()
         periodic = now >= self._next_copy
         due = [
@@ -238,12 +260,9 @@ class TaskState:
         ]
         if periodic:
             self._next_copy = now + self._copy_interval
-        if not due:
-            return
-        ends = await log.end_offsets([self._changelogs[s] for s in due])
         for step_id in due:
             store = self.stores[step_id]
-            self._local[step_id].save(store.unsaved(), ends[self._changelogs[step_id]])
+            self._local[step_id].save(store.unsaved(), self._copy_offset[step_id])
             store.saved()
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from pipelines.errors import PipelineError
 from pipelines.log import EmbeddedLog
 from pipelines.log.base import TopicPartition
 from pipelines.runtime.engine import prepare_topics
+from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.standby import Standbys, WarmStore, standbys_for
 from pipelines.runtime.state import TaskState
 from pipelines.runtime.topology import Topology, compile_pipeline
@@ -57,6 +58,8 @@ class Owner:
         self.topology, self.log = topology, log
         self.state = TaskState(topology, topology.subtopologies[0], 0, state_dir)
         self.store = self.state.stores["n"]
+        self.producer = log.producer()
+        self.outbox = Outbox(self.producer)
 
     async def checkpoint(self, position: int, changes: dict[str, Any], *, commit: bool) -> None:
         """Change the store as if input up to ``position`` was processed; write the changelog;
@@ -66,10 +69,9 @@ class Owner:
                 self.store.delete(key)
             else:
                 self.store.put(key, value)
-        batch = self.store.changes({INPUT: position}, 0)
-        assert batch is not None
-        changelog = self.state.changelogs["n"]
-        self.log.append(changelog, batch)
+        self.state.flush(self.outbox, {INPUT: position})
+        await self.outbox.send()
+        await self.producer.flush()
         if commit:
             self.log.store_offsets(self.topology.group, {INPUT: position})
 

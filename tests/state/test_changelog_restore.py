@@ -237,6 +237,35 @@ async def test_checkpoints_keep_the_copy_exact(restores: Restores) -> None:
     following.close()
 
 
+async def test_a_late_copy_claims_only_what_its_owner_committed(
+    restores: Restores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copies written a while after their commits (an interval): the owner's last checkpoint,
+    at the hand-over, commits nothing new, and a newer owner has written to the changelog by
+    then. The copy that checkpoint writes claims what the owner committed, not the changelog's
+    end, so the next restore still reads the newer owner's records."""
+    monkeypatch.setenv("HEADWATER_STATE_COPY_INTERVAL", "3600")
+    await restores.write(20)
+    committed = {tp: 100 for tp in INPUTS}  # every record's input committed
+    owner = await restores.restored(committed, copy=True)
+    store = owner.stores["count"]
+    for value in (1000, 2000):  # the first copy is written at once, the second is not due
+        store.put(f"k{value}", value)
+        owner.flush(restores.outbox, committed)
+        await restores.outbox.send()
+        await owner.persist(restores.log)
+    await restores.write(5)  # the newer owner
+    await owner.persist(restores.log, final=True)
+    owner.close()
+
+    following = await restores.restored(committed, copy=True)
+    whole = await restores.restored(committed, copy=False)  # the changelog alone
+    assert dict(following.stores["count"].items()) == dict(whole.stores["count"].items())
+    assert following.stores["count"].get("k2000") == 2000
+    following.close()
+    whole.close()
+
+
 # -- the local copy ----------------------------------------------------------------------------
 
 
