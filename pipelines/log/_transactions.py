@@ -371,6 +371,9 @@ class EmbeddedTransaction(TransactionalProducer):
             raise
         self._epoch, self._sequence = state.epoch, state.sequence
 
+    async def fence(self) -> None:
+        await self._begin()
+
     def _fenced(self) -> FencedError:
         return FencedError(
             f"transactional id {self.transactional_id!r} was taken over by a newer owner (the "

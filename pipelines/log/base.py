@@ -160,6 +160,14 @@ class TransactionalProducer(ABC):
     """
 
     @abstractmethod
+    async def fence(self) -> None:
+        """Become the owner of the transactional id now (sending and committing do it too, if
+        not done): an earlier owner can no longer commit, and a commit it had begun is finished
+        (or aborted) first. A new owner of a task calls it before it reads the offsets to
+        resume from and restores the task's state, so that an earlier owner still running (a
+        zombie, on Kafka) cannot commit past them meanwhile."""
+
+    @abstractmethod
     async def send(self, topic: str, partition: int, batch: RawBatch) -> None:
         """Add ``batch`` to the open transaction."""
 

@@ -367,15 +367,24 @@ class KafkaTransaction(TransactionalProducer):
             _retrieve_fatal_error(producer)
             raise self._fenced()
 
-    async def _begun(self) -> tuple[AIOKafkaProducer, Sends]:
+    async def fence(self) -> None:
+        """Start the client: its ``InitProducerId`` bumps the id's epoch, which fences an
+        earlier producer, and the coordinator first completes a transaction it left open."""
+        await self._started()
+
+    async def _started(self) -> tuple[AIOKafkaProducer, Sends]:
         if self._client is None or self._sends is None:
             self._client = await _started_producer(self._settings, transactional_id=self._id)
             self._sends = _sends(self._settings, self._client, acks=False)
-        self._check(self._client)
-        if not self._open:
-            await self._client.begin_transaction()
-            self._open = True
         return self._client, self._sends
+
+    async def _begun(self) -> tuple[AIOKafkaProducer, Sends]:
+        client, sends = await self._started()
+        self._check(client)
+        if not self._open:
+            await client.begin_transaction()
+            self._open = True
+        return client, sends
 
     async def send(self, topic: str, partition: int, batch: RawBatch) -> None:
         if not len(batch):

@@ -192,6 +192,9 @@ class _MemoryTransaction(TransactionalProducer):
         self._log = log
         self._pending: dict[TopicPartition, RawBatch] = {}
 
+    async def fence(self) -> None:
+        """Nothing to fence: one process, no earlier owner."""
+
     async def send(self, topic: str, partition: int, batch: RawBatch) -> None:
         if not len(batch):
             return

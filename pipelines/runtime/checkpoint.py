@@ -20,7 +20,9 @@ place the order is stated; everything else links here):
    the copy never holds state whose input was not committed.
 
 A task whose transaction a newer owner fenced is reported back to the worker, which drops it
-(see :meth:`Worker._drop_fenced <pipelines.runtime.worker.Worker._drop_fenced>`).
+(see :meth:`Worker._drop_fenced <pipelines.runtime.worker.Worker._drop_fenced>`). A task's new
+owner fences the earlier one before it reads the offsets it resumes from and restores its state
+(:meth:`Checkpoint.fence`), so that nothing commits past them meanwhile.
 """
 
 from __future__ import annotations
@@ -47,6 +49,13 @@ class Checkpoint(ABC):
 
     def __init__(self, log: LogBackend) -> None:
         self._log = log
+
+    async def fence(self, keys: Iterable[TaskKey]) -> None:
+        """Before the tasks ``keys`` read the offsets they resume from and restore their state:
+        make sure no earlier owner can commit for them any more (see
+        :meth:`~pipelines.log.base.TransactionalProducer.fence`). At-least-once has nothing to
+        fence: a replayed record may be written twice anyway."""
+        del keys
 
     @abstractmethod
     def outbox(self, key: TaskKey) -> Outbox:
@@ -144,10 +153,20 @@ class ExactlyOnce(Checkpoint):
         self._group = group
         self._transactions: dict[TaskKey, TransactionalProducer] = {}
 
+    async def fence(self, keys: Iterable[TaskKey]) -> None:
+        for key in keys:
+            await self._transaction(key).fence()
+
     def outbox(self, key: TaskKey) -> Outbox:
-        producer = self._log.transactional_producer(f"{self._group}.{key[0]}.{key[1]}")
-        self._transactions[key] = producer
-        return Outbox(producer)
+        return Outbox(self._transaction(key))
+
+    def _transaction(self, key: TaskKey) -> TransactionalProducer:
+        """The task's transactional producer (made the first time it is asked for)."""
+        producer = self._transactions.get(key)
+        if producer is None:
+            producer = self._log.transactional_producer(f"{self._group}.{key[0]}.{key[1]}")
+            self._transactions[key] = producer
+        return producer
 
     async def send(self, tasks: Mapping[TaskKey, Task]) -> Fenced:
         fenced: Fenced = []

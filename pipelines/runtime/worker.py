@@ -280,6 +280,7 @@ class Worker:
             return
         subs = self.topology.subtopologies
         inputs = [TopicPartition(t.name, p) for i, p in keys for t in subs[i].topics]
+        await self._checkpoints.fence(keys)  # no earlier owner commits past what is read next
         committed = await self._log.committed_offsets(self.topology.group, inputs)
         # before the tasks open their local copies: the standbys close theirs
         handoffs = {} if self._standbys is None else await self._standbys.take(keys, committed)

@@ -72,6 +72,31 @@ async def test_a_fenced_owner_fails_its_commit_with_fenced_error(
         await log.close()
 
 
+async def test_fencing_alone_stops_the_earlier_owner(names: Callable[[str], str]) -> None:
+    """What a task's new owner does before it reads the offsets it resumes from: ``fence()``,
+    with nothing sent yet, makes the earlier owner's commit fail, so the offsets read next are
+    final."""
+    log = KafkaLog(KafkaSettings(bootstrap_servers=KAFKA_BOOTSTRAP))
+    topic, group, task = names("fenced-first"), names("group"), names("task")
+    tp = TopicPartition(topic, 0)
+    try:
+        await log.create_topics([TopicSpec(topic, 1)])
+        old = log.transactional_producer(task)
+        await old.send(topic, 0, _batch(b"old-1"))
+        new = log.transactional_producer(task)
+        await new.fence()
+        with pytest.raises(FencedError, match=task):
+            await old.send(topic, 0, _batch(b"old-2"))
+            await old.commit({tp: 2}, group)
+        await old.close()
+        assert await log.committed_offsets(group, [tp]) == {}
+        await new.commit({tp: 1}, group)
+        await new.close()
+        assert await log.committed_offsets(group, [tp]) == {tp: 1}
+    finally:
+        await log.close()
+
+
 async def _committed(log: KafkaLog, group: str, tp: TopicPartition, offset: int) -> None:
     deadline = time.monotonic() + 30
     while (await log.committed_offsets(group, [tp])).get(tp) != offset:

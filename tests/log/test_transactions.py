@@ -178,6 +178,29 @@ async def test_a_transaction_across_segment_rolls(tmp_path: Path) -> None:
         await fresh.close()
 
 
+async def test_fencing_alone_stops_the_earlier_owner(tmp_path: Path) -> None:
+    """What a task's new owner does before it reads the offsets it resumes from: ``fence()``,
+    with nothing sent yet, makes the earlier owner's commit fail (and returns once that owner
+    let go), so the offsets read next are final."""
+    log = await opened(tmp_path)
+    try:
+        old = log.transactional_producer("g.1.0")
+        await old.send("out", 0, values_batch(b"old"))
+        new = log.transactional_producer("g.1.0")
+        fencing = asyncio.create_task(new.fence())
+        await asyncio.sleep(0.1)
+        assert not fencing.done(), "the new owner took the id while the old one held it"
+        with pytest.raises(FencedError):
+            await old.commit({IN: 9}, "g")
+        await old.close()
+        await asyncio.wait_for(fencing, 5)
+        assert await log.committed_offsets("g", [IN]) == {}
+        await new.close()
+        assert await visible(log) == []
+    finally:
+        await log.close()
+
+
 async def test_a_zombies_frames_never_become_visible(tmp_path: Path) -> None:
     """The next owner of a transactional id fences the one still open: the old owner's next
     commit fails, and what it sent, before and after, is aborted when it closes; the new owner
