@@ -126,8 +126,9 @@ class RebalanceListener(Protocol):
     On the local backends (memory, embedded) both callbacks run inside :meth:`Consumer.poll`,
     between batches. On Kafka they run in aiokafka's group coordinator task, concurrently with
     the consumer's owner, whenever the group rebalances: a listener that touches what the
-    poll loop touches must serialise with it (the worker holds a lock around each batch).
-    ``on_revoked`` is the last chance to flush and commit: the partition is handed over when it
+    poll loop touches must serialise with it (the worker holds a lock around each batch); what
+    ``on_assigned`` raises there, the next :meth:`Consumer.poll` raises. ``on_revoked`` is the
+    last chance to flush and commit: the partition is handed over when it
     returns.
     """
 

@@ -472,8 +472,12 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Sequence[KafkaPartition]) -> None:
         new = frozenset(TopicPartition(tp.topic, tp.partition) for tp in assigned)
         self._consumer.owned |= new
-        if new:
+        if not new:
+            return
+        try:
             await self._listener.on_assigned(new)
+        except Exception as error:  # (aiokafka would only log it)
+            self._consumer.fail(error)
 
 
 class KafkaConsumer(Consumer):
@@ -498,6 +502,10 @@ class KafkaConsumer(Consumer):
         self._columns: ColumnReader | None = None  # once started
         self.owned: frozenset[TopicPartition] = frozenset()
         self._returned: dict[TopicPartition, int] = {}  # offset after what poll returned
+        self._failure: Exception | None = None
+        """What taking assigned partitions on raised, for the next :meth:`poll` to raise:
+        aiokafka runs the rebalance callbacks in its own task and only logs their errors, and
+        the worker would go on polling without the tasks of those partitions."""
 
     async def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
         existing = await self._log.describe_topics()
@@ -509,10 +517,22 @@ class KafkaConsumer(Consumer):
         self._listener = _Listener(listener, self)
         self._consumer.subscribe(list(topics), listener=self._listener)
 
+    def fail(self, error: Exception) -> None:
+        """Raise ``error`` from the next :meth:`poll` (the first one, if several)."""
+        if self._failure is None:
+            self._failure = error
+
+    def _raise_failure(self) -> None:
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
     async def poll(self, max_records: int, timeout: float) -> list[FetchedBatch]:
         if self._columns is None:
             raise LogError("poll() before subscribe()")
+        self._raise_failure()
         batches = await self._columns.fetch((), timeout, max_records)
+        self._raise_failure()  # (a rebalance during the fetch: no records of its partitions)
         for batch in batches:
             self._returned[batch.topic_partition] = batch.next_offset
         if not batches:

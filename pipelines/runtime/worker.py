@@ -210,7 +210,10 @@ class Worker:
             if tp not in owned or tp in self._fenced:
                 continue  # revoked while this batch was on its way, or taken over
             key = (self.topology.by_topic[batch.topic].index, batch.partition)
-            task = touched[key] = self._tasks[key]
+            task = self._tasks.get(key)
+            if task is None:  # its task failed to open (on Kafka, meanwhile): poll raises why
+                continue
+            touched[key] = task
             task.process(batch)
             self._positions[tp] = batch.next_offset
             self._records += len(batch.records)
