@@ -2,7 +2,7 @@
 ``groups/<group>/offsets/<topic>.<partition>``.
 
 What Headwater writes is 30 bytes: the offset in 20 digits, a space, the CRC-32 of those digits
-in 8 hex digits, a newline (``00000000000000004950 5e3c2a1b``). A commit overwrites it in place,
+in 8 hex digits, a newline (``00000000000000004950 39411abe``). A commit overwrites it in place,
 in one ``pwrite`` at the start of the file: a write of 30 bytes within one disk sector is never
 torn by a crash, and a reader that catches it half done sees a checksum that does not match and
 reads again. Renaming a new file over the old one at every commit, as before, made the file
