@@ -137,7 +137,7 @@ class StateSettings(BaseSettings):
     still commit meanwhile (:meth:`~pipelines.runtime.checkpoint.Checkpoint.fence`). With
     both, 4 runs of 4 passed at 10 s on a loaded machine (one failed of four with the first
     alone): too few to make it the default. Since a checkpoint's changes stopped taking fresh
-    heap (:func:`~pipelines.state.store.KeyValueStore.changes`), a copy at every checkpoint
+    heap (:meth:`~pipelines.state.store.KeyValueStore.changes`), a copy at every checkpoint
     costs about 10% of a keyed count over 1M keys (it cost 20%): see
     docs/benchmarks-stateful.md."""
 
