@@ -368,6 +368,7 @@ async def _supervise(
     housekeeping = Housekeeping(log, topology)
     state.sources = sources.progress
     finished_once = False  # the end is confirmed by two checks in a row (a report in flight)
+    outage = _Outage(progress)
     limit = _dead_letter_limit(options, topology)
     try:
         if options.sources:
@@ -381,17 +382,12 @@ async def _supervise(
             if all(w.process.exitcode is not None for w in workers) and not restarts.pending:
                 raise RunFailed("every worker has stopped before the input was processed")
             sources.raise_failure()
-            await housekeeping.run_due()
-            state.lag = await lag(log, topology)
+            ended = options.sources and sources.done
+            drained = await _look_after(log, topology, state, housekeeping, outage, ended=ended)
             progress.refresh()
             if status is not None:
                 status.update()
-            finished = (
-                options.sources
-                and sources.done
-                and await is_drained(log, topology)
-                and _settled(workers, state)
-            )
+            finished = drained and _settled(workers, state)
             if finished and finished_once:
                 break
             finished_once = bool(finished)
@@ -424,6 +420,56 @@ def _spawn(options: RunOptions, index: int) -> _WorkerProcess:
     process.start()
     sender.close()
     return _WorkerProcess(index, process, receiver)
+
+
+async def _look_after(
+    log: LogBackend,
+    topology: Topology,
+    state: RunState,
+    housekeeping: Housekeeping,
+    outage: _Outage,
+    *,
+    ended: bool,
+) -> bool:
+    """Housekeeping and the lag, then whether the input is drained (only once the sources
+    ``ended``). A log error a retry may help goes to ``outage`` and counts as not drained: the
+    workers go on, or stop and are restarted, on their own."""
+    try:
+        await housekeeping.run_due()
+        state.lag = await lag(log, topology)
+        drained = ended and await is_drained(log, topology)
+    except LogError as error:
+        if not error.retriable:
+            raise
+        outage.lost(error)
+        return False
+    outage.back()
+    return drained
+
+
+class _Outage:
+    """Whether the runner's own calls to the log (lag, the end of the input, housekeeping)
+    fail with an error a retry may help, such as a broker restarting: said once when they start
+    failing and once when they answer again; meanwhile the run goes on."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._since: float | None = None
+
+    def lost(self, error: LogError) -> None:
+        if self._since is None:
+            self._since = time.monotonic()
+            self._progress.note(
+                f"the runner cannot reach the log: {error}; the run goes on, and the runner "
+                "tries again",
+                logging.WARNING,
+            )
+
+    def back(self) -> None:
+        if self._since is not None:
+            seconds = time.monotonic() - self._since
+            self._progress.note(f"the runner reaches the log again, after {seconds:.0f} s")
+            self._since = None
 
 
 class _Restarts:
