@@ -13,14 +13,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from itertools import accumulate
+from typing import Any, Generic, TypeVar, cast
 
 import orjson
 from pydantic import BaseModel, ValidationError
 
 from pipelines.errors import InvalidRecord, PipelineDefinitionError
 
-__all__ = ["Bytes", "Json", "Model", "Serde", "Str", "serde_for"]
+__all__ = ["Bytes", "Json", "Model", "Serde", "Str", "compacted", "serde_for"]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -179,3 +180,19 @@ def serde_for(spec: Serde | type[Any] | None, *, default: Serde) -> Serde:
     raise PipelineDefinitionError(
         f"no serde for {spec!r}: use a pydantic model, bytes, str, dict or a Serde instance"
     )
+
+
+def compacted(blobs: list[bytes | None]) -> list[bytes | None]:
+    """Copies of ``blobs`` at their size (None stays None), for encoded records held a while.
+
+    orjson 3.12 and 3.13 give each result of ``dumps`` a buffer of ~4 KiB however short the
+    JSON (1 KiB in 3.10 and 3.11; tracemalloc: 311 MB for 80,000 short keys and values), so
+    what is kept (a store's unsaved changes, records queued for a slow broker) is copied. One
+    join and one slice per blob: ~0.1 µs each."""
+    present = cast("list[bytes]", [b for b in blobs if b is not None])
+    joined = b"".join(present)
+    sizes = list(map(len, present))
+    copies = map(joined.__getitem__, map(slice, accumulate(sizes, initial=0), accumulate(sizes)))
+    if len(present) == len(blobs):
+        return list(copies)
+    return [None if b is None else next(copies) for b in blobs]

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+import tracemalloc
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from pipelines.errors import InvalidRecord, PipelineDefinitionError
-from pipelines.serde import Bytes, Json, Model, Serde, Str, serde_for
+from pipelines.serde import Bytes, Json, Model, Serde, Str, compacted, serde_for
 
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 FINITE = st.floats(allow_nan=False, allow_infinity=False)
@@ -272,3 +274,18 @@ def test_serde_for_none_is_the_default_and_a_serde_is_itself() -> None:
 def test_serde_for_anything_else_is_a_definition_error(spec: Any) -> None:
     with pytest.raises(PipelineDefinitionError, match="no serde for"):
         serde_for(spec, default=Json())
+
+
+def test_compacted_copies_hold_only_their_bytes() -> None:
+    blobs: list[bytes | None] = [orjson.dumps({"n": n}) if n % 3 else None for n in range(3000)]
+    tracemalloc.start()
+    try:
+        copies = compacted(blobs)
+        held = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert copies == blobs
+    assert all(c is None or c is not b for c, b in zip(copies, blobs, strict=True))
+    assert held < 300_000  # the 2,000 results of dumps hold ~4 KiB each: ~8 MB
+    assert compacted([]) == []
+    assert compacted([None, None]) == [None, None]

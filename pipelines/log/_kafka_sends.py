@@ -32,12 +32,18 @@ from typing import Any
 from aiokafka import AIOKafkaProducer
 
 from pipelines.log.base import RawBatch
+from pipelines.serde import compacted
 
-__all__ = ["MAX_QUEUED", "Sends", "send_batches"]
+__all__ = ["COMPACT_FROM", "MAX_QUEUED", "Sends", "send_batches"]
 
 MAX_QUEUED = 200_000
 """Records queued for one partition, at most, before a send waits for them to be handed over
 (about 3-4 record batches of a megabyte of small records)."""
+COMPACT_FROM = 20_000
+"""Records queued for a partition from which a batch sent is queued as copies of its keys and
+values at their size (:func:`~pipelines.serde.compacted`, ~0.1 µs a record): the buffers of
+``orjson.dumps`` results are ~4 KiB each, so a full queue of them would hold ~800 MB a partition.
+A queue that the broker keeps short pays nothing."""
 
 _Partition = tuple[str, int]
 
@@ -98,6 +104,10 @@ class Sends:
         if not len(batch):
             return
         tp = (topic, partition)
+        if self._counts.get(tp, 0) >= COMPACT_FROM:  # a slow broker: it will wait a while
+            batch = RawBatch(
+                compacted(batch.keys), compacted(batch.values), batch.timestamps, batch.headers
+            )
         self._queued.setdefault(tp, deque()).append(batch)
         self._counts[tp] = self._counts.get(tp, 0) + len(batch)
         task = self._tasks.get(tp)

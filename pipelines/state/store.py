@@ -68,13 +68,14 @@ checkpoint writes the changelog in the new layout.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from itertools import accumulate, chain, groupby, islice, repeat
+from itertools import chain, groupby, islice, repeat
 from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 
 from pipelines.log.base import RawBatch, TopicPartition
 from pipelines.record import Headers
+from pipelines.serde import compacted
 from pipelines.state.api import DEFAULT_NAMESPACE, State
 
 if TYPE_CHECKING:
@@ -92,7 +93,12 @@ __all__ = [
 
 POSITIONS_HEADER = "headwater.input"
 _ENCODE_CHUNK = 1024
-"""Changes encoded (and their buffers held) at a time at a checkpoint: see :func:`_compact`."""
+"""Changes encoded at a time at a checkpoint, then copied at their size before the next ones
+are (:func:`~pipelines.serde.compacted`): the buffers of ``orjson.dumps`` results are ~4 KiB
+each, and a checkpoint that held all of its changes' buffers at once (~75,000 changed keys and
+values at 1M keys: ~600 MB) took fresh heap that glibc gave back to the system once freed, two
+page faults a changed key (3.4 s of system CPU per 1M records). Chunk by chunk, each reuses the
+buffers the one before freed."""
 _MISSING = object()
 _NUL = b"\x00"
 """Starts a namespaced key's bytes and ends its namespace's name (see the module docstring)."""
@@ -317,10 +323,10 @@ class KeyValueStore:
         found = list(map(self._values.get, changed, repeat(_MISSING)))
         keys: list[bytes | None] = []
         values: list[bytes | None] = []
-        for start in range(0, len(changed), _ENCODE_CHUNK):  # see _compact
+        for start in range(0, len(changed), _ENCODE_CHUNK):
             end = start + _ENCODE_CHUNK
-            keys += _compact(list(map(encode, changed[start:end])))
-            values += _compact([None if v is _MISSING else dumps(v) for v in found[start:end]])
+            keys += compacted(list(map(encode, changed[start:end])))
+            values += compacted([None if v is _MISSING else dumps(v) for v in found[start:end]])
         if self._backing is not None:
             self._unsaved.update(zip(cast("list[bytes]", keys), values, strict=True))
             if not self.complete:  # written keys get a second chance against eviction
@@ -412,26 +418,6 @@ class KeyValueStore:
         read or written): what a local copy of the store holds."""
         assert not self._values and not self._dirty, "the store was used since its restore"
         return self._raw
-
-
-def _compact(blobs: list[bytes | None]) -> list[bytes | None]:
-    """Copies of ``blobs`` at their size (None stays None). orjson (3.12, 3.13) gives each
-    result of ``dumps`` a buffer of ~4 KiB however short the JSON (1 KiB in 3.10 and 3.11), so
-    the changes of a checkpoint are encoded and copied :data:`_ENCODE_CHUNK` at a time: each
-    chunk's buffers are freed before the next is encoded, and reused by it. Holding them all
-    (tracemalloc: 311 MB for 80,000 changed keys and values) cost more than the memory: at 1M
-    keys each checkpoint took ~600 MB of fresh heap that glibc gave back to the system once it
-    was freed, two page faults a changed key (3.4 s of system CPU per 1M records). One join and
-    one slice per blob: ~0.1 µs each."""
-    present = cast("list[bytes]", [b for b in blobs if b is not None])
-    joined = b"".join(present)
-    compact = map(
-        joined.__getitem__,
-        map(slice, accumulate(map(len, present), initial=0), accumulate(map(len, present))),
-    )
-    if len(present) == len(blobs):
-        return list(compact)
-    return [None if b is None else next(compact) for b in blobs]
 
 
 def _reflects_committed(header: Headers, committed: Mapping[str, int]) -> bool:

@@ -6,8 +6,10 @@ flush, and a transaction's commit holds every batch sent before it (an abort non
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import AsyncIterator, Callable
 
+import orjson
 import pytest
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaTimeoutError
@@ -100,6 +102,45 @@ async def test_a_full_queue_makes_the_sender_wait_and_keeps_the_order(
     assert len(record_batches) > 1
     assert max(records for *_, records in record_batches) <= 30
     assert await values_on(kafka_log, TopicPartition(topic, 0)) == unkeyed(0, 300).values
+
+
+async def test_a_long_queue_holds_its_records_at_their_size(
+    kafka_log: KafkaLog,
+    kafka_names: Callable[[str], str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """orjson gives each ``dumps`` result a buffer of ~4 KiB: 5,000 of them queued as sent
+    would hold ~20 MB; queued past ``COMPACT_FROM`` they are copied at their size."""
+    monkeypatch.setattr(_kafka_sends, "COMPACT_FROM", 100)
+    topic = kafka_names("compact")
+    await kafka_log.create_topics([TopicSpec(topic, 1)])
+    producer = kafka_log.producer()
+    try:
+        await producer.send(topic, 0, unkeyed(0, 1))  # starts the client
+        await producer.flush()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            for start in range(0, 5_000, 100):  # nothing lets the hand-over run in between
+                await producer.send(topic, 0, dumped(start, 100))
+            held = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        await producer.flush()
+    finally:
+        await producer.close()
+    assert held < 4_000_000, f"{held:,} bytes held for 5,000 queued records"
+    tp = TopicPartition(topic, 0)
+    assert await values_on(kafka_log, tp) == [b"0", *dumped(0, 5_000).values]
+
+
+def dumped(start: int, count: int) -> RawBatch:
+    """Records whose keys and values come straight from ``orjson.dumps``; every tenth value
+    None."""
+    numbers = range(start, start + count)
+    keys: list[bytes | None] = [orjson.dumps(f"k{i % 7}") for i in numbers]
+    values = [None if i % 10 == 0 else orjson.dumps({"n": i}) for i in numbers]
+    return RawBatch(keys, values, [1_700_000_000_000] * count)
 
 
 async def test_linger_gathers_what_is_sent_meanwhile(

@@ -52,7 +52,7 @@ def failing_lag(failures: int, *, retriable: bool) -> object:
     return lag
 
 
-def run_module(tmp_path: Path) -> Sequence[str]:
+def run_outage_module(tmp_path: Path) -> Sequence[str]:
     module = tmp_path / "outage.py"
     module.write_text(textwrap.dedent(MODULE))
     options = RunOptions(spec=str(module), progress=False, data_dir=tmp_path / ".headwater")
@@ -63,7 +63,7 @@ def test_the_run_goes_on_while_the_runner_cannot_reach_the_log(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(runner, "lag", failing_lag(20, retriable=True))
-    notes = run_module(tmp_path)
+    notes = run_outage_module(tmp_path)
     lost = [n for n in notes if n.startswith("the runner cannot reach the log")]
     back = [n for n in notes if n.startswith("the runner reaches the log again")]
     assert len(lost) == 1, notes
@@ -80,4 +80,4 @@ def test_a_log_error_no_retry_helps_stops_the_run(
 ) -> None:
     monkeypatch.setattr(runner, "lag", failing_lag(1, retriable=False))
     with pytest.raises(LogError, match="the broker is away"):
-        run_module(tmp_path)
+        run_outage_module(tmp_path)
