@@ -18,12 +18,13 @@ throughput
 latency
     the runner runs the pipeline without sources (``RunOptions(sources=False)``, as ``headwater
     worker`` does, so it does not stop when the input is drained; stopped with SIGTERM at the
-    end, which stops its worker processes cleanly) while a producer
+    end, which stops its worker processes cleanly) while a producer process of its own
     appends at a steady ``--rate`` in small batches every ``--tick-ms``, each record's timestamp
     set to the wall-clock ms when its batch is appended, and a reader tails the output topic.
-    The events are encoded before the run (a pool of ``EVENT_POOL``, cycled): encoding them as
-    they are sent would cost the producer ~2 µs each, which at hundreds of thousands of
-    records/s holds up the reader in the same process (and takes a core the workers need).
+    (Until 2026-12-07 the producer shared the reader's process and event loop: each append held
+    the reader up, and the wait counted as latency.) The events are encoded before the run (a
+    pool of ``EVENT_POOL``, cycled): encoding them as they are sent would cost the producer
+    ~2 µs each, a core the workers need at hundreds of thousands of records/s.
     Timestamps travel with records, so latency = time read - record timestamp. Records sent
     during the ``--warmup`` seconds (workers starting, joining the group) are not measured.
     ``--poll-ms`` (an experiment) overrides the embedded log's idle poll interval in the
@@ -49,6 +50,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import pairwise
+from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -548,7 +550,7 @@ def cycled(pool: list[bytes], start: int, count: int) -> list[bytes]:
 
 
 async def tail(
-    log: EmbeddedLog, config: Config, producing: asyncio.Task[int], measure_from: int
+    log: EmbeddedLog, config: Config, producer: Producing, measure_from: int
 ) -> tuple[int, list[float]]:
     """Read the output topic until every record the producer sent is out (or a grace period
     after it stopped); the latency of each record stamped at or after ``measure_from``."""
@@ -567,8 +569,8 @@ async def tail(
                 offsets[tp] = fetched.next_offset
                 got += len(stamps)
         received += got
-        if producing.done():
-            if received >= clicks_below(producing.result()):
+        if producer.sent() is not None:
+            if received >= clicks_below(producer.total):
                 return received, latencies
             deadline = deadline or time.monotonic() + DRAIN_GRACE
             if time.monotonic() > deadline:
@@ -576,20 +578,57 @@ async def tail(
         await asyncio.sleep(0 if got else 0.001)
 
 
+class Producing:
+    """The producer, in a process of its own: in the reader's process it held the reader up
+    while it appended (the two took turns on one event loop and one GIL), and that wait
+    counted as latency."""
+
+    def __init__(self, config: Config, data_dir: Path) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._receiver, sender = context.Pipe(duplex=False)
+        self._process = context.Process(
+            target=produce_main, args=(config, data_dir, sender), daemon=True
+        )
+        self._process.start()
+        sender.close()
+        self.total = 0
+
+    def sent(self) -> int | None:
+        """The records it sent, once it is done."""
+        if self._process.is_alive() and not self._receiver.poll():
+            return None
+        if not self.total:
+            self.total = self._receiver.recv()
+            self._process.join()
+        return self.total
+
+
+def produce_main(config: Config, data_dir: Path, sent: Connection) -> None:
+    """The producer process: :func:`produce`, then how many it sent."""
+
+    async def go() -> int:
+        log = EmbeddedLog(data_dir)
+        try:
+            return await produce(log, config)
+        finally:
+            await log.close()
+
+    sent.send(asyncio.run(go()))
+
+
 async def drive(config: Config, data_dir: Path, workers: int) -> LatencyRun:
     log = EmbeddedLog(data_dir)
     try:
         measure_from = now_ms() + int(config.warmup * 1000)
-        producing = asyncio.create_task(produce(log, config))
-        received, latencies = await tail(log, config, producing, measure_from)
-        sent = producing.result()
+        producer = Producing(config, data_dir)
+        received, latencies = await tail(log, config, producer, measure_from)
         latencies.sort()
         return LatencyRun(
             workers=workers,
-            sent=sent,
+            sent=producer.total,
             received=received,
-            expected=clicks_below(sent),
-            rate=sent / (config.warmup + config.seconds),
+            expected=clicks_below(producer.total),
+            rate=producer.total / (config.warmup + config.seconds),
             latencies_ms=latencies,
         )
     finally:
