@@ -6,9 +6,11 @@ Kafka producer would partition it: a key always lands on the same partition, and
 join or aggregate by key can rely on co-partitioning with topics written by other clients.
 Records without a key are spread round-robin.
 
-:func:`murmur2` is pure Python and costs a few microseconds per key, which matters in a loop
-that partitions every record, so :class:`KeyPartitioner` remembers the partition of the keys it
-has seen (real key spaces repeat a lot) in a bounded dict.
+:func:`murmur2` is pure Python and costs ~0.9 µs per short key, which matters in a loop that
+partitions every record, so :class:`KeyPartitioner` remembers the partition of the keys it has
+seen (real key spaces repeat a lot) in a bounded dict, and hashes the keys of a batch it has
+not seen together (:func:`murmur2_many`, ~0.16 µs a key): over a key space larger than the
+cache, a batch of 2,000 new keys took 0.45 µs a key where one call per key took 1.16.
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from functools import lru_cache
+from itertools import islice
+from typing import cast
 
 __all__ = [
     "DEFAULT_CACHE_SIZE",
     "KeyPartitioner",
     "murmur2",
+    "murmur2_many",
     "partition_batch",
     "partition_for",
 ]
@@ -73,6 +78,59 @@ def murmur2(data: bytes) -> int:
     return h - 0x1_0000_0000 if h & _SIGN32 else h
 
 
+def murmur2_many(keys: Sequence[bytes]) -> list[int]:
+    """:func:`murmur2` of each of ``keys``, as unsigned 32-bit values (``murmur2(k) &
+    0xFFFFFFFF``), ~6x faster than one call per key for a few thousand short keys.
+
+    Keys of one length are hashed together, each in a 64-bit lane of one Python integer: the
+    bytes of their ``j``-th words are gathered with strided slices, and each step of the hash
+    (a multiply, a mask, a shift and xor) is one operation on the whole integer. A lane holds
+    32 significant bits, so a product by the 32-bit constant fits in its 64 bits and carries
+    nothing into the next lane; what a right shift brings down from the next lane lands above
+    bit 32 and is masked off before the next multiply."""
+    hashes = [0] * len(keys)
+    by_length: dict[int, list[int]] = {}
+    for index, key in enumerate(keys):
+        by_length.setdefault(len(key), []).append(index)
+    for length, indexes in by_length.items():
+        lanes = _lanes(length, [keys[i] for i in indexes])
+        for index, value in zip(indexes, lanes, strict=True):
+            hashes[index] = value
+    return hashes
+
+
+def _lanes(length: int, keys: list[bytes]) -> tuple[int, ...]:
+    """The hashes of ``keys``, all of ``length`` bytes (see :func:`murmur2_many`)."""
+    count = len(keys)
+    joined = b"".join(keys)
+    mask = int.from_bytes(b"\xff\xff\xff\xff\0\0\0\0" * count, "little")
+    h = ((_SEED ^ length) & _MASK32) * int.from_bytes(b"\1\0\0\0\0\0\0\0" * count, "little")
+    for word in range(length >> 2):
+        k = _gather(joined, length, 4 * word, 4, count)
+        k = (k * _M) & mask
+        k ^= (k >> _R) & mask
+        k = (k * _M) & mask
+        h = ((h * _M) & mask) ^ k
+    tail = length & 3
+    if tail:
+        h ^= _gather(joined, length, length - tail, tail, count)
+        h = (h * _M) & mask
+    h ^= (h >> 13) & mask
+    h = (h * _M) & mask
+    h ^= (h >> 15) & mask
+    unpacked: tuple[int, ...] = struct.unpack(f"<{count}Q", h.to_bytes(8 * count, "little"))
+    return unpacked
+
+
+def _gather(joined: bytes, length: int, at: int, size: int, count: int) -> int:
+    """Bytes ``at`` to ``at + size`` of each key of ``joined`` (``count`` keys of ``length``
+    bytes), little-endian in the low bytes of a 64-bit lane each, as one integer."""
+    lanes = bytearray(8 * count)
+    for byte in range(size):
+        lanes[byte::8] = joined[at + byte :: length]
+    return int.from_bytes(lanes, "little")
+
+
 def partition_for(key: bytes, partitions: int) -> int:
     """The partition of ``key`` on a topic of ``partitions`` partitions, as Kafka places it."""
     if partitions < 1:
@@ -123,24 +181,46 @@ class KeyPartitioner:
 
         The ``i``-th ``None`` key (counting from 0) goes to ``(start + i) % partitions``; pass
         ``start`` advanced by the number of ``None`` keys of the previous batch to continue the
-        rotation across batches.
+        rotation across batches. Keys not in the cache are hashed together
+        (:func:`murmur2_many`).
         """
+        cache = cast("dict[bytes | None, int]", self._cache)  # (None is never in it)
+        found: list[int | None] = list(map(cache.get, keys))  # None: a miss, or no key
+        if None not in found:
+            return cast("list[int]", found)
+        computed = self._hash_missing(keys, found)
         partitions = self.partitions
-        cache = self._cache
-        result: list[int] = []
-        append = result.append
         rotation = start
-        for key in keys:
-            if key is None:
-                append(rotation % partitions)
-                rotation += 1
+        for index, (key, partition) in enumerate(zip(keys, found, strict=True)):
+            if partition is not None:
                 continue
-            found = cache.get(key)
-            if found is None:
-                found = (murmur2(key) & _POSITIVE) % partitions
-                self._remember(key, found)
-            append(found)
-        return result
+            if key is None:
+                found[index] = rotation % partitions
+                rotation += 1
+            else:
+                found[index] = computed[key]
+        return cast("list[int]", found)
+
+    def _hash_missing(
+        self, keys: Sequence[bytes | None], found: list[int | None]
+    ) -> dict[bytes, int]:
+        """The partitions of the keys not found, remembered."""
+        missing = list(
+            {
+                key: None
+                for key, hit in zip(keys, found, strict=True)
+                if hit is None and key is not None
+            }
+        )
+        partitions = self.partitions
+        computed = {
+            key: (hashed & _POSITIVE) % partitions
+            for key, hashed in zip(missing, murmur2_many(missing), strict=True)
+        }
+        if len(self._cache) + len(computed) > self.cache_size:
+            self._cache.clear()
+        self._cache.update(islice(computed.items(), self.cache_size))
+        return computed
 
 
 _shared: dict[int, KeyPartitioner] = {}

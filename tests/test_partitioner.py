@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from pipelines.partitioner import (
     KeyPartitioner,
     murmur2,
+    murmur2_many,
     partition_batch,
     partition_for,
 )
@@ -116,6 +117,17 @@ def test_property_partition_batch(keys: list[bytes | None], partitions: int, sta
             unkeyed += 1
         else:
             assert partition == aiokafka_partition(key, partitions)
+
+
+@given(st.lists(st.binary(max_size=40), max_size=200))
+def test_property_murmur2_many_hashes_as_one_at_a_time(keys: list[bytes]) -> None:
+    assert murmur2_many(keys) == [murmur2(key) & 0xFFFFFFFF for key in keys]
+
+
+def test_murmur2_many_on_a_batch_of_many_lengths() -> None:
+    rng = random.Random(7)
+    keys = [rng.randbytes(rng.randrange(64)) for _ in range(5_000)]
+    assert murmur2_many(keys) == [aiokafka_murmur2(key) for key in keys]
 
 
 def test_partition_batch_round_robin() -> None:
