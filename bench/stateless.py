@@ -20,9 +20,10 @@ latency
     worker`` does, so it does not stop when the input is drained; stopped with SIGTERM at the
     end, which stops its worker processes cleanly) while a producer process of its own
     appends at a steady ``--rate`` in small batches every ``--tick-ms``, each record's timestamp
-    set to the wall-clock ms when its batch is appended, and a reader tails the output topic.
-    (Until 2026-12-07 the producer shared the reader's process and event loop: each append held
-    the reader up, and the wait counted as latency.) The events are encoded before the run (a
+    set to the wall-clock ms when its batch is appended, and a reader tails the output topic,
+    woken by the log's appends as the workers are. (Until 2026-12-07 the producer shared the
+    reader's process and event loop, each append holding the reader up, and the reader slept
+    1 ms whenever it found nothing: both waits counted as latency.) The events are encoded before the run (a
     pool of ``EVENT_POOL``, cycled): encoding them as they are sent would cost the producer
     ~2 µs each, a core the workers need at hundreds of thousands of records/s.
     Timestamps travel with records, so latency = time read - record timestamp. Records sent
@@ -58,6 +59,7 @@ from workload import clicks_below, encoded_events
 
 from pipelines.loader import load_pipeline
 from pipelines.log import EmbeddedLog
+from pipelines.log._local import AppendWaiter
 from pipelines.log.base import RawBatch, TopicPartition
 from pipelines.runtime.engine import prepare_topics
 from pipelines.runtime.runner import RunOptions, run
@@ -554,7 +556,24 @@ async def tail(
 ) -> tuple[int, list[float]]:
     """Read the output topic until every record the producer sent is out (or a grace period
     after it stopped); the latency of each record stamped at or after ``measure_from``."""
-    offsets = dict.fromkeys(partitions_of(OUTPUT_TOPIC, config.partitions), 0)
+    partitions = partitions_of(OUTPUT_TOPIC, config.partitions)
+    waiter = log.append_waiter()  # woken as the workers are (inotify), not by a 1 ms poll
+    waiter.follow(partitions)
+    try:
+        return await _read_all(log, waiter, partitions, producer, measure_from)
+    finally:
+        waiter.close()
+
+
+async def _read_all(
+    log: EmbeddedLog,
+    waiter: AppendWaiter,
+    partitions: list[TopicPartition],
+    producer: Producing,
+    measure_from: int,
+) -> tuple[int, list[float]]:
+    """:func:`tail`'s loop: read what is there, else wait for an append."""
+    offsets = dict.fromkeys(partitions, 0)
     latencies: list[float] = []
     received = 0
     deadline: float | None = None
@@ -575,7 +594,10 @@ async def tail(
             deadline = deadline or time.monotonic() + DRAIN_GRACE
             if time.monotonic() > deadline:
                 return received, latencies
-        await asyncio.sleep(0 if got else 0.001)
+        if got:
+            await asyncio.sleep(0)
+        else:
+            await waiter.wait(0.01)
 
 
 class Producing:
