@@ -289,3 +289,6 @@ def test_compacted_copies_hold_only_their_bytes() -> None:
     assert held < 300_000  # the 2,000 results of dumps hold ~4 KiB each: ~8 MB
     assert compacted([]) == []
     assert compacted([None, None]) == [None, None]
+    one = orjson.dumps({"n": 1})
+    [copy] = compacted([None, one, None])[1:2]
+    assert copy == one and copy is not one
