@@ -39,6 +39,9 @@ _R = 24
 _MASK32 = 0xFFFFFFFF
 _SIGN32 = 0x80000000
 _POSITIVE = 0x7FFFFFFF
+_LANES_FROM = 16
+"""Keys of one length :func:`murmur2_many` hashes together, at least; fewer are hashed one by
+one (a key of 1,000 bytes alone took ~0.3 ms in lanes against ~0.05 ms by itself)."""
 
 
 @lru_cache(maxsize=128)
@@ -93,7 +96,10 @@ def murmur2_many(keys: Sequence[bytes]) -> list[int]:
     for index, key in enumerate(keys):
         by_length.setdefault(len(key), []).append(index)
     for length, indexes in by_length.items():
-        lanes = _lanes(length, [keys[i] for i in indexes])
+        if len(indexes) < _LANES_FROM:  # a few keys: each step costs about as much as a call
+            lanes: Sequence[int] = [murmur2(keys[i]) & _MASK32 for i in indexes]
+        else:
+            lanes = _lanes(length, [keys[i] for i in indexes])
         for index, value in zip(indexes, lanes, strict=True):
             hashes[index] = value
     return hashes
