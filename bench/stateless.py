@@ -23,9 +23,10 @@ latency
     set to the wall-clock ms when its batch is appended, and a reader tails the output topic,
     woken by the log's appends as the workers are. (Until 2026-12-07 the producer shared the
     reader's process and event loop, each append holding the reader up, and the reader slept
-    1 ms whenever it found nothing: both waits counted as latency.) The events are encoded before the run (a
-    pool of ``EVENT_POOL``, cycled): encoding them as they are sent would cost the producer
-    ~2 µs each, a core the workers need at hundreds of thousands of records/s.
+    1 ms whenever it found nothing: both waits counted as latency.) The events are encoded
+    before the run (a pool of ``EVENT_POOL``, cycled): encoding them as they are sent would
+    cost the producer ~2 µs each, a core the workers need at hundreds of thousands of
+    records/s.
     Timestamps travel with records, so latency = time read - record timestamp. Records sent
     during the ``--warmup`` seconds (workers starting, joining the group) are not measured.
     ``--poll-ms`` (an experiment) overrides the embedded log's idle poll interval in the
