@@ -371,6 +371,11 @@ def one_run(config: Config, scratch: Path, attempt: int) -> Gaps:
         victims: list[float] = []
 
         def kill() -> None:
+            # a silence is measured between two growths: output must flow everywhere first
+            wait_until(
+                "output on every partition",
+                lambda: all(silences(sampler.grew, p) for p in range(config.partitions)),
+            )
             pid = claim_holders(data_dir, topology.group)[0]  # the owner of partition 0
             victims.append(time.monotonic())
             os.kill(pid, signal.SIGKILL)
