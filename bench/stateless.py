@@ -20,7 +20,8 @@ latency
     worker`` does, so it does not stop when the input is drained; stopped with SIGTERM at the
     end, which stops its worker processes cleanly) while a producer process of its own
     appends at a steady ``--rate`` in small batches every ``--tick-ms``, each record's timestamp
-    set to the wall-clock ms when its batch is appended, and a reader tails the output topic,
+    the wall-clock ms at which its batch is due (the batches are appended on the tick: see
+    :func:`produce`), and a reader tails the output topic,
     woken by the log's appends as the workers are. (Until 2026-12-07 the producer shared the
     reader's process and event loop, each append holding the reader up, and the reader slept
     1 ms whenever it found nothing: both waits counted as latency.) The events are encoded
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import multiprocessing
 import os
 import resource
@@ -49,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from itertools import pairwise
@@ -520,24 +523,39 @@ def stop_runner(process: BaseProcess) -> None:
 
 
 async def produce(log: EmbeddedLog, config: Config) -> int:
-    """Append at ``config.rate`` for warm-up + measured seconds; returns the records sent."""
+    """Append at ``config.rate`` for warm-up + measured seconds; returns the records sent.
+
+    A batch is appended at a multiple of ``--tick-ms`` on the wall clock and stamped with that
+    moment. Record timestamps are whole milliseconds: a stamp taken at any moment within a
+    millisecond is up to 1 ms (0.5 on average) older than the append, and every latency
+    measured would carry that. The wait is ``time.sleep``, which wakes within a fraction of a
+    millisecond; the event loop's timers round up to the next one (this process runs nothing
+    else on its loop)."""
     producer = log.producer()
     pool = encoded_events(0, EVENT_POOL, now_ms())
     start = time.monotonic()
     end = start + config.warmup + config.seconds
     sent = rotation = 0
-    while (now := time.monotonic()) < end:
+    while True:
+        tick = next_tick(config.tick_ms)
+        time.sleep(max(0.0, tick / 1000 - time.time()))
+        if (now := time.monotonic()) >= end:
+            break
         due = int((now - start) * config.rate) - sent
         if due > 0:
             values = cycled(pool, sent, due)
-            stamp = now_ms()  # the moment the batch is appended
+            stamp = int(tick)  # at or before the append: a late wake-up counts as latency
             batch = RawBatch([None] * due, values, [stamp] * due)
             await producer.send(INPUT_TOPIC, rotation % config.partitions, batch)
             rotation += 1
             sent += due
-        await asyncio.sleep(config.tick_ms / 1000)
     await producer.close()
     return sent
+
+
+def next_tick(period_ms: float) -> float:
+    """The next multiple of ``period_ms`` on the wall clock, in ms since the epoch."""
+    return (math.floor(time.time() * 1000 / period_ms) + 1) * period_ms
 
 
 def cycled(pool: list[bytes], start: int, count: int) -> list[bytes]:
@@ -554,7 +572,7 @@ def cycled(pool: list[bytes], start: int, count: int) -> list[bytes]:
 
 async def tail(
     log: EmbeddedLog, config: Config, producer: Producing, measure_from: int
-) -> tuple[int, list[float]]:
+) -> tuple[int, array[float]]:
     """Read the output topic until every record the producer sent is out (or a grace period
     after it stopped); the latency of each record stamped at or after ``measure_from``."""
     partitions = partitions_of(OUTPUT_TOPIC, config.partitions)
@@ -572,10 +590,14 @@ async def _read_all(
     partitions: list[TopicPartition],
     producer: Producing,
     measure_from: int,
-) -> tuple[int, list[float]]:
-    """:func:`tail`'s loop: read what is there, else wait for an append."""
+) -> tuple[int, array[float]]:
+    """:func:`tail`'s loop: read what is there, else wait for an append.
+
+    The latencies go to an array of doubles, not a list of floats: millions of float objects
+    are memory the reader allocates and faults in as it reads, time it spends away from the
+    output it times."""
     offsets = dict.fromkeys(partitions, 0)
-    latencies: list[float] = []
+    latencies = array("d")
     received = 0
     deadline: float | None = None
     while True:
@@ -645,14 +667,13 @@ async def drive(config: Config, data_dir: Path, workers: int) -> LatencyRun:
         measure_from = now_ms() + int(config.warmup * 1000)
         producer = Producing(config, data_dir)
         received, latencies = await tail(log, config, producer, measure_from)
-        latencies.sort()
         return LatencyRun(
             workers=workers,
             sent=producer.total,
             received=received,
             expected=clicks_below(producer.total),
             rate=producer.total / (config.warmup + config.seconds),
-            latencies_ms=latencies,
+            latencies_ms=sorted(latencies),
         )
     finally:
         await log.close()
