@@ -526,6 +526,8 @@ def test_a_reader_racing_the_cut_of_a_torn_tail_sees_no_corruption(
 
 
 async def test_a_corrupt_frame_inside_the_log_raises(tmp_path: Path) -> None:
+    """A reader takes the end offset from the acknowledged frames' headers, which are intact
+    here; reading the records checks each frame, and the damaged one raises."""
     tp = TopicPartition("t", 0)
     log = EmbeddedLog(tmp_path)
     await log.create_topics([TopicSpec("t", 1)])
@@ -540,10 +542,10 @@ async def test_a_corrupt_frame_inside_the_log_raises(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
 
     reopened = EmbeddedLog(tmp_path)
-    with pytest.raises(CorruptLogError):
-        await reopened.end_offsets([tp])
-    with pytest.raises(CorruptLogError):
-        await reopened.read(tp, 0, 100)
+    assert await reopened.end_offsets([tp]) == {tp: 12}
+    assert len((await reopened.read(tp, 0, 3)).records) == 3  # the first frame is intact
+    with pytest.raises(CorruptLogError, match="fails its checksum"):
+        await reopened.read(tp, 3, 100)
     await reopened.close()
 
 
@@ -581,7 +583,7 @@ async def test_damage_below_the_acknowledged_end_is_never_cut(tmp_path: Path, da
 
     reader = EmbeddedLog(tmp_path)
     with pytest.raises(CorruptLogError):  # not a shorter partition that looks fine
-        await reader.end_offsets([tp])
+        await reader.read(tp, 0, 100)
     await reader.close()
     writer = EmbeddedLog(tmp_path)
     with pytest.raises(CorruptLogError) as caught:
@@ -590,6 +592,46 @@ async def test_damage_below_the_acknowledged_end_is_never_cut(tmp_path: Path, da
     assert str(path) in str(caught.value)
     assert "Nothing is cut" in str(caught.value)
     assert path.read_bytes() == damaged
+
+
+HEADER_DAMAGE = {
+    # (where, in a frame of three: the middle or the last; the header field's byte), and
+    # whether the end offset can still be told (from the frames after the damage)
+    "the middle frame's base": ((1, 8), False),
+    "the middle frame's count": ((1, 16), True),
+    "the middle frame's length": ((1, 0), False),
+    "the last frame's count": ((2, 16), False),
+    "the last frame's base": ((2, 8), False),
+}
+
+
+@pytest.mark.parametrize("damage", HEADER_DAMAGE)
+async def test_a_damaged_header_never_moves_the_end_offset(tmp_path: Path, damage: str) -> None:
+    """A reader indexes acknowledged frames from their headers alone, except the last: each
+    header's base must follow the frame before it, and the last frame is checked whole. So a
+    damaged header either raises or leaves the end offset right; its records never read."""
+    tp = TopicPartition("t", 0)
+    log = EmbeddedLog(tmp_path)
+    await log.create_topics([TopicSpec("t", 1)])
+    producer = log.producer()
+    batches = ((0, 3), (3, 4), (7, 5))
+    for start, count in batches:
+        await producer.send("t", 0, numbered(start, count))
+    await log.close()
+    path = tmp_path / "topics" / "t" / "0.log"
+    frames = list(itertools.accumulate(len(encode_frame(s, numbered(s, n))) for s, n in batches))
+    (frame, field), end_is_known = HEADER_DAMAGE[damage]
+    path.write_bytes(_flip(path.read_bytes(), [0, *frames][frame] + field))
+
+    reader = EmbeddedLog(tmp_path)
+    if end_is_known:
+        assert await reader.end_offsets([tp]) == {tp: 12}
+    else:
+        with pytest.raises(CorruptLogError):
+            await reader.end_offsets([tp])
+    with pytest.raises(CorruptLogError):
+        await reader.read(tp, 0, 100)
+    await reader.close()
 
 
 async def test_a_commit_applied_between_listing_and_locking_is_left_alone(
