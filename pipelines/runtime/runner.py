@@ -150,14 +150,28 @@ def quiet_clients() -> None:
 
 
 class _ClientLeftovers(logging.Filter):
-    """Drops asyncio's report of an exception nobody retrieved when it is the Kafka client's
-    (a send of a producer fenced while its worker was stopping with an error of its own): the
-    user hears of what went wrong from Headwater, in one paragraph, not as a traceback after
-    it."""
+    """Drops asyncio's report of an exception nobody retrieved when it is the Kafka client's (a
+    send of a producer fenced while its worker was stopping with an error of its own; the TLS
+    alert a connection's read task got from a broker that refused the client's certificate):
+    the user hears of what went wrong from Headwater, in one paragraph, not as a traceback
+    after it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        return error is None or not type(error).__module__.startswith("aiokafka")
+        return error is None or not _from_client(error)
+
+
+def _from_client(error: BaseException) -> bool:
+    """Whether ``error`` is one of the Kafka client's own, or was raised in its code (an
+    ``ssl.SSLError`` is raised through aiokafka's connection)."""
+    if type(error).__module__.startswith("aiokafka"):
+        return True
+    trace = error.__traceback__
+    while trace is not None:
+        if str(trace.tb_frame.f_globals.get("__name__", "")).startswith("aiokafka."):
+            return True
+        trace = trace.tb_next
+    return False
 
 
 def worker_main(options: RunOptions, index: int, channel: Connection, parent: int) -> None:

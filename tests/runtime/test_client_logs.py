@@ -9,6 +9,9 @@ import asyncio
 import gc
 import io
 import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import cast
 
 from aiokafka.errors import ProducerFenced
 
@@ -30,7 +33,11 @@ def test_only_the_kafka_clients_unretrieved_exceptions_are_dropped() -> None:
         async def ours() -> None:
             raise ValueError("a bug of ours")
 
-        tasks = [asyncio.ensure_future(fenced()), asyncio.ensure_future(ours())]
+        tasks = [
+            asyncio.ensure_future(fenced()),
+            asyncio.ensure_future(ours()),
+            asyncio.ensure_future(_read_of_a_refused_connection()),
+        ]
         await asyncio.sleep(0.01)
         del tasks
         gc.collect()
@@ -40,5 +47,20 @@ def test_only_the_kafka_clients_unretrieved_exceptions_are_dropped() -> None:
     finally:
         asyncio_log.removeHandler(handler)
     assert "ProducerFenced" not in printed.getvalue()
+    assert "bad certificate" not in printed.getvalue()
     assert "a bug of ours" in printed.getvalue()
     assert len(asyncio_log.filters) == 1
+
+
+def _client_read() -> Callable[[], Awaitable[None]]:
+    """A coroutine function defined in the client's module, as its connection's read task is:
+    the TLS alert of a broker that refused the client's certificate is raised there as an
+    ``ssl.SSLError``, an exception type that is not the client's own."""
+    namespace: dict[str, object] = {}
+    code = "async def read():\n    raise ssl.SSLError(1, 'sslv3 alert bad certificate')\n"
+    exec(code, {"__name__": "aiokafka.conn", "ssl": ssl}, namespace)
+    return cast("Callable[[], Awaitable[None]]", namespace["read"])
+
+
+async def _read_of_a_refused_connection() -> None:
+    await _client_read()()
