@@ -39,9 +39,8 @@ Concurrency and crashes: appends are one ``write()`` of a whole frame under an e
 the middle of ``write()`` can leave a short (torn) frame at the tail; readers never index a frame
 past the acknowledged end (below) that is incomplete or fails its checksum, and the next writer
 to take the lock validates every frame written since it last looked and cuts a torn tail off
-before appending. Acknowledged
-frames are in the page cache when ``append`` returns, so they survive ``kill -9`` of any
-process; ``fsync=True`` also makes them survive a machine crash.
+before appending. Acknowledged frames are in the page cache when ``append`` returns, so they
+survive ``kill -9`` of any process; ``fsync=True`` also makes them survive a machine crash.
 
 Torn or damaged: after each append the writer records the byte end of the acknowledged frames
 in a small file next to the partition (``<p>.end``). Bytes past that end that do not form whole,

@@ -26,14 +26,14 @@ The copy is written at a checkpoint (``persist``) when the store is over its cac
 before it evicts), when the task's partitions are handed over (a rebalance, a stop), and at
 least every ``HEADWATER_STATE_COPY_INTERVAL`` seconds otherwise: 0 by default, so at every
 checkpoint (see :class:`~pipelines.settings.StateSettings`); a crash replays the changelog
-written since. The marks store is copied at least every ``_MARKS_COPY_INTERVAL`` (10 s)
-instead, whatever the setting: its copy at every checkpoint was the larger part of a stateless
-worker's checkpoint. A copy claims the changelog offset read right after the checkpoint that last
-committed the store's changes, whenever it is written (see :meth:`TaskState.persist`). Each
-write holds the latest value of every key changed since the last one: at 1M keys, where each
-record changes another key, writing the copy at every checkpoint (0.5 s) cost ~1.4 µs a record
-in LMDB (~3 µs in SQLite before it), most of the CPU a record may take, while a key changed
-many times between two writes is written once.
+written since. The marks store is copied every ``_MARKS_COPY_INTERVAL`` (10 s) instead,
+whatever the setting: its copy at every checkpoint was half of a stateless worker's checkpoint.
+A copy claims the changelog offset read right after the checkpoint that last committed the
+store's changes, whenever it is written (see :meth:`TaskState.persist`). Each write holds the
+latest value of every key changed since the last one: at 1M keys, where each record changes
+another key, writing the copy at every checkpoint (0.5 s) cost ~1.4 µs a record in LMDB (~3 µs
+in SQLite before it), most of the CPU a record may take, while a key changed many times between
+two writes is written once.
 
 A task taken over from a standby (:mod:`pipelines.runtime.standby`) is given a
 :class:`WarmStart` per store before its restore (:meth:`TaskState.warm_start`): the whole state
