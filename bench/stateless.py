@@ -21,15 +21,14 @@ latency
     end, which stops its worker processes cleanly) while a producer process of its own
     appends at a steady ``--rate`` in small batches every ``--tick-ms``, each record's timestamp
     the wall-clock ms at which its batch is due (the batches are appended on the tick: see
-    :func:`produce`), and a reader tails the output topic,
-    woken by the log's appends as the workers are. (Until 2026-12-07 the producer shared the
-    reader's process and event loop, each append holding the reader up, and the reader slept
-    1 ms whenever it found nothing: both waits counted as latency.) The events are encoded
-    before the run (a pool of ``EVENT_POOL``, cycled): encoding them as they are sent would
-    cost the producer ~2 µs each, a core the workers need at hundreds of thousands of
-    records/s.
-    Timestamps travel with records, so latency = time read - record timestamp. Records sent
-    during the ``--warmup`` seconds (workers starting, joining the group) are not measured.
+    :func:`produce`), and a reader tails the output topic, woken by the log's appends as the
+    workers are. (Until 2026-12-07 the producer shared the reader's process and event loop,
+    each append holding the reader up, and the reader slept 1 ms whenever it found nothing:
+    both waits counted as latency.) The events are encoded before the run (a pool of
+    ``EVENT_POOL``, cycled): encoding them as they are sent would cost the producer ~2 µs each,
+    a core the workers need at hundreds of thousands of records/s. Timestamps travel with
+    records, so latency = time read - record timestamp. Records sent during the ``--warmup``
+    seconds (workers starting, joining the group) are not measured.
     ``--poll-ms`` (an experiment) overrides the embedded log's idle poll interval in the
     workers (through ``bench/stateless_pipeline.py``, which they import): the interval of the
     polling fallback, which workers use only where they cannot be woken (no inotify).
