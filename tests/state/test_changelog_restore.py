@@ -26,6 +26,7 @@ from pipelines.runtime.engine import prepare_topics
 from pipelines.runtime.outbox import Outbox
 from pipelines.runtime.state import TaskState
 from pipelines.runtime.topology import compile_pipeline
+from pipelines.runtime.watermarks import MARKS_STORE
 from pipelines.state.local import LocalStore
 from pipelines.state.store import KeyValueStore, encode_key
 
@@ -263,6 +264,55 @@ async def test_a_late_copy_claims_only_what_its_owner_committed(
     expected = committed_state(restores.changelog, committed) | {"k1000": 1000, "k2000": 2000}
     assert dict(following.stores["count"].items()) == expected
     following.close()
+
+
+async def test_the_marks_copy_is_written_now_and_then_and_the_changelog_fills_the_gap(
+    restores: Restores, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The marks store's copy costs an ``fdatasync`` a task, so it is written at the first
+    checkpoint and then every ``_MARKS_COPY_INTERVAL`` or at a hand-over, whatever the copy
+    interval (0 here: the count's copy is written at every checkpoint). A new owner between two
+    of its copies replays the marks changelog written since, and ends with the last marks."""
+    committed = {tp: 60 for tp in INPUTS}
+    owner = await restores.restored(committed, copy=True)
+    marks, count = owner.stores[MARKS_STORE], owner.stores["count"]
+    marks_copy = (
+        restores.state_dir
+        / restores.topology.group
+        / restores.topology.marks_changelogs[restores.sub.index].name
+        / "0.lmdb"
+    )
+
+    async def checkpoint(value: int, *, final: bool = False) -> None:
+        marks.put("mark", value)
+        count.put("k0", value)
+        owner.flush(restores.outbox, committed)
+        await restores.outbox.send()
+        await owner.persist(restores.log, final=final)
+
+    def copied() -> tuple[dict[bytes, bytes], int]:
+        local = LocalStore(marks_copy)  # (LMDB: not while the owner has it open)
+        try:
+            return local.load()
+        finally:
+            local.close()
+
+    for value in (1, 2, 3):
+        await checkpoint(value)
+    owner.close()
+    assert copied() == ({encode_key("mark"): b"1"}, 1)  # the first checkpoint's only
+
+    following = await restores.restored(committed, copy=True)
+    assert following.stores[MARKS_STORE].get("mark") == 3
+    assert following.stores["count"].get("k0") == 3
+    assert following.restored == 2  # the marks of the two later checkpoints; the count's none
+    owner = following
+    marks, count = owner.stores[MARKS_STORE], owner.stores["count"]
+    monkeypatch.setattr(task_state, "_MARKS_COPY_INTERVAL", 0.0)
+    await checkpoint(4)  # due now
+    await checkpoint(5, final=True)  # a hand-over
+    owner.close()
+    assert copied() == ({encode_key("mark"): b"5"}, 5)
 
 
 # -- the local copy ----------------------------------------------------------------------------
