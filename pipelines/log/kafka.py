@@ -531,7 +531,10 @@ class KafkaConsumer(Consumer):
         if self._columns is None:
             raise LogError("poll() before subscribe()")
         self._raise_failure()
-        batches = await self._columns.fetch((), timeout, max_records)
+        try:
+            batches = await self._columns.fetch((), timeout, max_records)
+        except _DENIED as error:  # (the group's join, refused, is raised from the fetch)
+            raise denied(self._settings, "consume in its consumer group", error) from error
         self._raise_failure()  # (a rebalance during the fetch: no records of its partitions)
         for batch in batches:
             self._returned[batch.topic_partition] = batch.next_offset

@@ -39,8 +39,14 @@ import orjson
 import pytest
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.protocol.admin import CreateAclsRequest
+from pydantic import SecretStr
 from support.cli import assert_user_error, headwater
 from support.kafka import probe
+
+from pipelines.errors import LogError
+from pipelines.log.base import TopicPartition, TopicSpec
+from pipelines.log.kafka import KafkaLog
+from pipelines.settings import KafkaSettings
 
 SECURED_BOOTSTRAP = os.environ.get("HEADWATER_TEST_KAFKA_SECURED", "127.0.0.1:9192")
 SECURED_DIR = Path(
@@ -499,3 +505,41 @@ def test_a_missing_acl_names_what_to_grant(
     result = _run_secured(module, flags, env, tmp_path)
     assert_user_error(result, f"denied user '{secured.pipeline_user}'", needle)
     _assert_no_secret(secured, result.stdout, result.stderr)
+
+
+class _NoRebalanceWork:
+    async def on_assigned(self, partitions: frozenset[TopicPartition]) -> None:
+        del partitions
+
+    async def on_revoked(self, partitions: frozenset[TopicPartition]) -> None:
+        del partitions
+
+
+@pytest.mark.timeout(120)
+async def test_a_refused_group_join_is_a_log_error_from_poll(secured: Secured, prefix: str) -> None:
+    """A principal that may use the topics but not the consumer group: aiokafka raises the
+    group join's refusal from the fetch, and poll says it as Headwater's error. (A worker that
+    let it through died with a traceback, printed after the runner's paragraph.)"""
+    await _grant(secured, f"User:{secured.pipeline_user}", prefix, [_TOPIC])
+    log = KafkaLog(
+        KafkaSettings(
+            bootstrap_servers=secured.sasl_bootstrap,
+            security_protocol="SASL_SSL",
+            sasl_mechanism="SCRAM-SHA-512",
+            sasl_username=secured.pipeline_user,
+            sasl_password=SecretStr(secured.pipeline_password),
+            ssl_cafile=Path(secured.ca),
+            connect_timeout=10,
+        )
+    )
+    topic = f"{prefix}-in"
+    consumer = log.consumer(f"{prefix}-group")
+    try:
+        await log.create_topics([TopicSpec(topic, 1)])
+        await consumer.subscribe([topic], _NoRebalanceWork())
+        with pytest.raises(LogError, match=r"denied user .*on its consumer group"):
+            for _ in range(100):
+                await consumer.poll(100, 0.1)
+    finally:
+        await consumer.close()
+        await log.close()
